@@ -1,0 +1,108 @@
+"""MinHash LSH dedup against brute-force exact Jaccard; URL dedup; image URL frequency."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import numpy as np
+
+from interleaf.corpus import dedup
+from interleaf.corpus.dedup import MinHashConfig, MinHasher
+
+
+def _synthetic_corpus(seed: int = 0):
+    """Random base documents plus near-duplicates of known similarity, and unrelated documents."""
+    rng = random.Random(seed)
+    vocab = [f"w{i}" for i in range(3000)]
+    docs: list[str] = []
+    for _ in range(60):
+        base = [rng.choice(vocab) for _ in range(rng.randint(150, 300))]
+        docs.append(" ".join(base))
+        for _ in range(rng.randint(0, 3)):
+            edited = list(base)
+            # 0..2% of words substituted: well above 0.8 Jaccard; 8..12%: well below
+            frac = rng.choice([0.0, 0.01, 0.02, 0.1, 0.12])
+            for i in rng.sample(range(len(edited)), int(frac * len(edited))):
+                edited[i] = rng.choice(vocab)
+            docs.append(" ".join(edited))
+    rng.shuffle(docs)
+    return docs
+
+
+def _brute_force_survivors(docs, threshold=0.8):
+    sets = [dedup.shingle_set(d) for d in docs]
+    uf = dedup.UnionFind(len(docs))
+    for i, j in itertools.combinations(range(len(docs)), 2):
+        if dedup.exact_jaccard(sets[i], sets[j]) >= threshold:
+            uf.union(i, j)
+    return dedup.pick_survivors(uf.labels(), [None] * len(docs))
+
+
+def test_minhash_matches_brute_force_dedup_rate():
+    docs = _synthetic_corpus()
+    bf = _brute_force_survivors(docs)
+    mh = MinHasher()
+    sigs = mh.signatures(docs)
+    keys = mh.band_keys(sigs)
+    got = dedup.minhash_duplicates(keys, sigs, [None] * len(docs))
+    bf_removed = {i for i in range(len(docs)) if bf[i] != i}
+    mh_removed = {i for i in range(len(docs)) if got[i] != i}
+    assert len(bf_removed) > 20  # the set has real near-duplicates
+    rate_bf, rate_mh = len(bf_removed) / len(docs), len(mh_removed) / len(docs)
+    assert abs(rate_bf - rate_mh) <= 0.02, (rate_bf, rate_mh)
+    inter = len(bf_removed & mh_removed)
+    assert inter / len(bf_removed) >= 0.95 and inter / len(mh_removed) >= 0.95
+
+
+def test_signatures_batched_equal_single_and_estimate_jaccard():
+    docs = _synthetic_corpus(1)[:20]
+    mh = MinHasher(MinHashConfig(num_bands=20, rows_per_band=10))
+    batch = mh.signatures(docs, chunk=500)
+    for i, d in enumerate(docs[:5]):
+        np.testing.assert_array_equal(batch[i], mh.signature(d))
+    sets = [dedup.shingle_set(d) for d in docs]
+    errs = [
+        abs(dedup.estimated_jaccard(batch[i], batch[j]) - dedup.exact_jaccard(sets[i], sets[j]))
+        for i, j in itertools.combinations(range(20), 2)
+    ]
+    assert np.mean(errs) < 0.03
+    # an empty text has no shingles and never matches anything
+    assert not dedup.has_shingles(mh.signatures(["", "  ..."])).any()
+
+
+def test_edges_merged_across_shards_equal_single_pass():
+    docs = _synthetic_corpus(2)
+    mh = MinHasher()
+    whole = mh.signatures(docs)
+    # signatures computed per shard (as workers do) then concatenated in input order
+    parts = [mh.signatures(docs[i : i + 37]) for i in range(0, len(docs), 37)]
+    sigs = np.concatenate(parts)
+    np.testing.assert_array_equal(sigs, whole)
+    keys = mh.band_keys(sigs)
+    dates = [f"2024-01-{(i % 28) + 1:02d}" for i in range(len(docs))]
+    ref = dedup.minhash_duplicates(keys, sigs, dates)
+    edges = [dedup.band_edges(keys[:, j], sigs, 0.8) for j in range(mh.config.num_bands)]
+    got = dedup.minhash_duplicates(keys, sigs, dates, edges=edges[::-1])
+    np.testing.assert_array_equal(ref, got)
+    # the survivor of each cluster has the latest crawl date of its cluster
+    for i, s in enumerate(ref.tolist()):
+        assert dates[s] >= dates[i]
+
+
+def test_url_dedup_keeps_latest_then_first():
+    urls = ["http://a", "http://b", "http://a", "http://a", None, "http://b"]
+    dates = ["2020", "2021", "2023", "2023", "2020", "2019"]
+    got = dedup.url_duplicates(urls, dates).tolist()
+    assert got == [2, 1, 2, 2, 4, 1]
+
+
+def test_frequent_image_urls_threshold():
+    lists = [["x", "y"]] * 10 + [["x"]]
+    assert dedup.frequent_image_urls(lists, 10) == {"x"}
+    assert dedup.frequent_image_urls(lists, 11) == set()
+
+
+def test_s_curve_documented_values():
+    assert abs(dedup.s_curve(0.8, 16, 7) - 0.977) < 0.001
+    assert dedup.s_curve(0.5, 16, 7) < 0.12
