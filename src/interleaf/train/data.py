@@ -1,0 +1,707 @@
+"""Training data: InternVL's fine-tuning format and interleaved corpora, tokenised with loss masks.
+
+Conversation data (InternVL ``internvl_chat_finetune.py`` format)
+    A meta JSON ``{name: {"root", "annotation" (.jsonl), "repeat_time", "max_dynamic_patch", ...}}``
+    names JSONL files of samples ``{"id", "image": str | [str] | absent, "video": str,
+    "conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}``.
+    ``<image>`` placeholders must match the images; when a sample has images but no placeholder, one
+    ``<image>\\n`` per image is put in front of the first human turn (upstream's auto-prepend;
+    several images get the ``Image-i: <image>`` form). ``<video>`` becomes ``Frame-i: <image>`` lines,
+    one tile per frame (the training form upstream uses). Each ``<image>`` expands to ``<img>`` +
+    ``<IMG_CONTEXT>`` x (tokens per tile x tiles) + ``</img>``.
+
+Loss masks (labels = -100 except what the model must learn), per template as upstream:
+    * ``Hermes-2``, ``phi3-chat``, ``internlm2-chat``: the whole conversation is tokenised in one go;
+      the loss covers each assistant reply plus its separator (``<|im_end|>`` / ``<|end|>``).
+      ``internlm2-chat`` strips message values, its BOS is ignored.
+    * ``internvl2_5``: each turn block is tokenised on its own and concatenated (BOS once, first);
+      the loss covers the reply plus ``<|im_end|>``, not the ``<|im_start|>assistant\\n`` header and
+      not the trailing ``\\n``.
+    Masks are computed from character offsets of the tokens, so they are exact for any tokenizer.
+
+Interleaved documents (OmniCorpus/OBELICS ``texts``/``images``/``metadata`` rows) and image-text pairs
+train with next-token loss on the text; images sit in place and carry no loss.
+
+Bad samples never crash a run: they raise :class:`SkipSample` with a reason, and the dataset counts
+them in a :class:`SkipLog` (reason -> count, plus a JSONL record per skipped sample).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from interleaf.errors import ConfigError, InputError
+
+IGNORE_INDEX = -100
+IMG_START_TOKEN = "<img>"
+IMG_END_TOKEN = "</img>"
+IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
+IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
+
+
+class SkipSample(Exception):
+    """A sample that cannot be trained on; ``reason`` is a short code for the counts."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class SkipLog:
+    """Counts skipped samples by reason and records each one (dataset, index, id, reason, detail)."""
+
+    def __init__(self, path: str | Path | None = None, echo=None) -> None:
+        self.counts: Counter[str] = Counter()
+        self.records: list[dict[str, Any]] = []
+        self.path = Path(path) if path else None
+        self.echo = echo  # callable(str) for a log line, or None
+        self._seen: set[tuple[str, int]] = set()
+
+    def add(self, dataset: str, index: int, sample_id: Any, exc: SkipSample) -> None:
+        key = (dataset, index)
+        if key in self._seen:  # the same sample skipped again in a later epoch: counted once
+            return
+        self._seen.add(key)
+        self.counts[exc.reason] += 1
+        record = {
+            "dataset": dataset,
+            "index": index,
+            "id": sample_id,
+            "reason": exc.reason,
+            "detail": exc.detail,
+        }
+        self.records.append(record)
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        if self.echo is not None:
+            self.echo(f"skipped sample {dataset}[{index}] (id={sample_id}): {exc}")
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        if not self.counts:
+            return "no samples skipped"
+        parts = ", ".join(f"{reason}={n}" for reason, n in sorted(self.counts.items()))
+        return f"{self.total} samples skipped ({parts})"
+
+
+@dataclass
+class Sample:
+    """One tokenised training sample.
+
+    input_ids: long [S]; labels: long [S] (-100 = no loss); pixel_values: float [N_tiles, 3, H, W] or
+    None; num_tiles: tiles per image, in order.
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    pixel_values: torch.Tensor | None = None
+    num_tiles: list[int] = field(default_factory=list)
+    key: str = ""
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    @property
+    def num_images(self) -> int:
+        return 0 if self.pixel_values is None else int(self.pixel_values.shape[0])
+
+    @property
+    def num_supervised(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+
+# ---------------------------------------------------------------------------------------------------
+# tokenisation helpers
+
+
+def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids and character offsets of ``text`` (a transformers fast tokenizer or a ``tokenizers.Tokenizer``)."""
+    if hasattr(tokenizer, "encode_batch") and not hasattr(tokenizer, "convert_tokens_to_ids"):
+        enc = tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return list(enc.ids), [tuple(o) for o in enc.offsets]
+    enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+
+def token_id(tokenizer: Any, token: str) -> int:
+    """The id of a special token; CheckpointError-like ConfigError if the tokenizer lacks it."""
+    if hasattr(tokenizer, "convert_tokens_to_ids"):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        unk = getattr(tokenizer, "unk_token_id", None)
+        if tid is None or (unk is not None and tid == unk and token != getattr(tokenizer, "unk_token", None)):
+            tid = None
+    else:
+        tid = tokenizer.token_to_id(token)
+    if tid is None:
+        raise ConfigError(f"tokenizer: special token {token!r} is missing")
+    return int(tid)
+
+
+def encode_with_mask(
+    tokenizer: Any, segments: list[tuple[str, bool]], add_special_tokens: bool
+) -> tuple[list[int], list[bool]]:
+    """Tokenise the concatenation of ``segments`` in one go; a token is trained iff its characters
+    lie inside a segment marked True. Added tokens with no characters (BOS/EOS) are never trained."""
+    text = "".join(s for s, _ in segments)
+    spans, pos = [], 0
+    for s, train in segments:
+        if train and s:
+            spans.append((pos, pos + len(s)))
+        pos += len(s)
+    ids, offsets = _encode(tokenizer, text, add_special_tokens)
+    mask = []
+    for start, end in offsets:
+        mask.append(end > start and any(a <= start and end <= b for a, b in spans))
+    return ids, mask
+
+
+# ---------------------------------------------------------------------------------------------------
+# conversations -> token ids + labels
+
+
+def _template(name: str, system_message: str | None):
+    from interleaf.processing.templates import get_template
+
+    return get_template(name, system_message)
+
+
+def conversation_segments(
+    template_name: str, conversations: list[dict], system_message: str | None = None
+) -> list[list[tuple[str, bool]]]:
+    """Render a conversation as blocks of ``(text, trained)`` segments following upstream's masking.
+
+    One block for the whole-string templates (Hermes-2, internlm2-chat, phi3-chat); one block per
+    turn for ``internvl2_5``, whose turns upstream tokenises separately.
+    """
+    template = _template(template_name, system_message)
+    strip = template_name in ("internlm2-chat", "internvl2_5")
+    msgs = []
+    for i, turn in enumerate(conversations):
+        role, value = turn.get("from"), turn.get("value")
+        if not isinstance(value, str):
+            raise SkipSample("bad_conversation", f"turn {i} has no text value")
+        if role == "system" and i != 0:
+            raise SkipSample("bad_conversation", f"turn {i}: a system message may only come first")
+        msgs.append({"from": role, "value": value.strip() if strip else value})
+    try:
+        parts = template.parts(msgs)
+    except InputError as exc:
+        raise SkipSample("bad_conversation", str(exc)) from None
+    per_block = template_name == "internvl2_5"
+    blocks: list[list[tuple[str, bool]]] = [[]]
+    for p in parts:
+        if per_block and p.kind == "header" and p.role != "system":
+            blocks.append([])
+        if p.role == "assistant" and p.kind == "content":
+            blocks[-1].append((p.text, True))
+        elif p.role == "assistant" and p.kind == "sep":
+            # The end token is learned; a trailing newline (internvl2_5) is not.
+            core = p.text.rstrip("\n")
+            blocks[-1].append((core, True))
+            if p.text[len(core) :]:
+                blocks[-1].append((p.text[len(core) :], False))
+        else:
+            blocks[-1].append((p.text, False))
+    return [b for b in blocks if b]
+
+
+def tokenize_conversation(
+    tokenizer: Any,
+    template_name: str,
+    conversations: list[dict],
+    image_token_counts: list[int],
+    system_message: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and labels of a conversation whose ``<image>`` placeholders are already in place.
+
+    Each ``<image>`` becomes ``<img><IMG_CONTEXT>*n</img>`` with n = ``image_token_counts[i]``.
+    Returns (input_ids long [S], labels long [S]).
+    """
+    context_id = token_id(tokenizer, IMG_CONTEXT_TOKEN)
+    marker = f"{IMG_START_TOKEN}{IMG_CONTEXT_TOKEN}{IMG_END_TOKEN}"
+    ids: list[int] = []
+    mask: list[bool] = []
+    for b, block in enumerate(conversation_segments(template_name, conversations, system_message)):
+        block = [(text.replace(IMAGE_PLACEHOLDER, marker), train) for text, train in block]
+        block_ids, block_mask = encode_with_mask(tokenizer, block, add_special_tokens=(b == 0))
+        ids += block_ids
+        mask += block_mask
+    return _expand_images(ids, mask, context_id, image_token_counts)
+
+
+def _expand_images(
+    ids: list[int], mask: list[bool], context_id: int, counts: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace the i-th single ``<IMG_CONTEXT>`` id by ``counts[i]`` copies (never trained)."""
+    found = sum(1 for t in ids if t == context_id)
+    if found != len(counts):
+        raise SkipSample("image_count_mismatch", f"{found} image slots in the text for {len(counts)} images")
+    out_ids: list[int] = []
+    out_labels: list[int] = []
+    k = 0
+    for t, m in zip(ids, mask):
+        if t == context_id:
+            out_ids += [context_id] * counts[k]
+            out_labels += [IGNORE_INDEX] * counts[k]
+            k += 1
+        else:
+            out_ids.append(t)
+            out_labels.append(t if m else IGNORE_INDEX)
+    return torch.tensor(out_ids, dtype=torch.long), torch.tensor(out_labels, dtype=torch.long)
+
+
+def truncate(
+    input_ids: torch.Tensor, labels: torch.Tensor, max_len: int, img_end_id: int, n_images: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut to ``max_len`` tokens; a cut that would fall inside (or drop) an image skips the sample."""
+    if input_ids.numel() <= max_len:
+        return input_ids, labels
+    kept_ends = int((input_ids[:max_len] == img_end_id).sum())
+    if kept_ends < n_images:
+        raise SkipSample(
+            "too_long",
+            f"{input_ids.numel()} tokens > max_seq_length {max_len} and the cut would fall inside an image",
+        )
+    return input_ids[:max_len], labels[:max_len]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the meta JSON and its datasets
+
+
+@dataclass
+class DatasetSpec:
+    """One entry of the meta JSON."""
+
+    name: str
+    root: str
+    annotation: str
+    repeat_time: float = 1.0
+    max_dynamic_patch: int | None = None
+    data_augment: bool = False
+
+
+_META_KEYS = {"root", "annotation", "repeat_time", "max_dynamic_patch", "data_augment", "length"}
+
+
+def read_meta(path: str | Path) -> list[DatasetSpec]:
+    """Parse a meta JSON; relative roots and annotations resolve against its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: meta file not found")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or not meta:
+        raise ConfigError(f"{path}: expected an object of datasets")
+    specs = []
+    for name, entry in meta.items():
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{path}: dataset '{name}' must be an object")
+        unknown = set(entry) - _META_KEYS
+        if unknown:
+            raise ConfigError(f"{path}: dataset '{name}': unknown key '{sorted(unknown)[0]}'")
+        if "annotation" not in entry:
+            raise ConfigError(f"{path}: dataset '{name}': missing key 'annotation'")
+        annotation = Path(entry["annotation"])
+        if not annotation.is_absolute():
+            annotation = path.parent / annotation
+        if not annotation.is_file():
+            raise ConfigError(f"{path}: dataset '{name}': annotation file not found: {annotation}")
+        root = Path(entry.get("root", "") or ".")
+        if not root.is_absolute():
+            root = path.parent / root
+        repeat = entry.get("repeat_time", 1)
+        if not isinstance(repeat, (int, float)) or repeat <= 0:
+            raise ConfigError(f"{path}: dataset '{name}': repeat_time must be a positive number")
+        specs.append(
+            DatasetSpec(
+                name,
+                str(root),
+                str(annotation),
+                float(repeat),
+                entry.get("max_dynamic_patch"),
+                bool(entry.get("data_augment", False)),
+            )
+        )
+    return specs
+
+
+@dataclass
+class DataArgs:
+    """What the dataset needs to know about the model and the run."""
+
+    template: str
+    num_image_token: int = 256
+    image_size: int = 448
+    max_seq_length: int = 4096
+    max_dynamic_patch: int = 6
+    min_dynamic_patch: int = 1
+    use_thumbnail: bool = True
+    dynamic_image_size: bool = True
+    min_num_frame: int = 8
+    max_num_frame: int = 32
+    system_message: str | None = None
+    seed: int = 42
+
+
+class ConversationDataset:
+    """All samples of a meta JSON, as (dataset, line) references; ``get(i, epoch)`` builds one.
+
+    ``repeat_time`` < 1 keeps that fraction of a file (prefix, as upstream); > 1 repeats it.
+    Lines that are not valid JSON are kept as references and skipped (with a reason) when built.
+    """
+
+    def __init__(
+        self, meta_path: str | Path, tokenizer: Any, args: DataArgs, skip_log: SkipLog | None = None
+    ):
+        self.specs = read_meta(meta_path)
+        self.tokenizer = tokenizer
+        self.args = args
+        self.skip_log = skip_log or SkipLog()
+        self.lines: list[list[str]] = []
+        self.index: list[tuple[int, int]] = []  # (dataset, line)
+        for d, spec in enumerate(self.specs):
+            with open(spec.annotation, encoding="utf-8") as fh:
+                lines = [ln for ln in fh.read().splitlines() if ln.strip()]
+            self.lines.append(lines)
+            n = len(lines)
+            if spec.repeat_time < 1:
+                refs = list(range(int(n * spec.repeat_time)))
+            else:
+                whole, frac = int(spec.repeat_time), spec.repeat_time - int(spec.repeat_time)
+                refs = list(range(n)) * whole + list(range(int(n * frac)))
+            self.index += [(d, i) for i in refs]
+        self.img_end_id = token_id(tokenizer, IMG_END_TOKEN)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def describe(self, i: int) -> tuple[str, int]:
+        d, line = self.index[i]
+        return self.specs[d].name, line
+
+    def get(self, i: int, epoch: int = 0) -> Sample | None:
+        """Build sample ``i``; a bad one is counted in the skip log and None returned."""
+        d, line = self.index[i]
+        spec = self.specs[d]
+        raw = self.lines[d][line]
+        sample_id: Any = line
+        try:
+            try:
+                record = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise SkipSample("bad_json", f"line {line + 1}: {exc.msg}") from None
+            if not isinstance(record, dict):
+                raise SkipSample("bad_json", f"line {line + 1}: not an object")
+            sample_id = record.get("id", line)
+            rng = random.Random(f"{self.args.seed}-{epoch}-{d}-{line}")
+            sample = self.build(record, spec, rng)
+            sample.key = f"{spec.name}:{line}"
+            return sample
+        except SkipSample as exc:
+            self.skip_log.add(spec.name, line, sample_id, exc)
+            return None
+
+    # -- building one sample --------------------------------------------------------------------
+    def build(self, record: dict, spec: DatasetSpec, rng: random.Random) -> Sample:
+        conversations = record.get("conversations")
+        if not isinstance(conversations, list) or not conversations:
+            raise SkipSample("empty_conversation", "no 'conversations' list")
+        conversations = [dict(t) if isinstance(t, dict) else {} for t in conversations]
+        if not any(t.get("from") == "gpt" and str(t.get("value", "")).strip() for t in conversations):
+            raise SkipSample("empty_conversation", "no assistant reply to learn")
+        for t in conversations:
+            if t.get("from") not in ("system", "human", "gpt"):
+                raise SkipSample("bad_conversation", f"unknown role {t.get('from')!r}")
+        args = self.args
+        max_patch = spec.max_dynamic_patch or args.max_dynamic_patch
+        images = record.get("image")
+        video = record.get("video")
+        pixel_values: torch.Tensor | None = None
+        num_tiles: list[int] = []
+        if video:
+            frames = self._video_frames(video, spec.root, rng)
+            conversations = _expand_video(conversations, len(frames))
+            pixel_values = _frames_pixels(frames, args.image_size)
+            num_tiles = [1] * len(frames)
+        elif images:
+            paths = [images] if isinstance(images, str) else list(images)
+            if not all(isinstance(p, str) for p in paths):
+                raise SkipSample("bad_image", "'image' must be a path or a list of paths")
+            conversations = _ensure_placeholders(conversations, len(paths))
+            per_image = max_patch if len(paths) == 1 else max(1, max_patch // len(paths))
+            tensors = []
+            for p in paths:
+                tensors.append(self._load_image(os.path.join(spec.root, p), per_image))
+            num_tiles = [t.shape[0] for t in tensors]
+            pixel_values = torch.cat(tensors, dim=0)
+        else:
+            n = sum(str(t.get("value", "")).count(IMAGE_PLACEHOLDER) for t in conversations)
+            if n:
+                raise SkipSample("image_count_mismatch", f"{n} <image> placeholders but no image")
+        counts = [n * args.num_image_token for n in num_tiles]
+        ids, labels = tokenize_conversation(
+            self.tokenizer, args.template, conversations, counts, args.system_message
+        )
+        ids, labels = truncate(ids, labels, args.max_seq_length, self.img_end_id, len(num_tiles))
+        if not (labels != IGNORE_INDEX).any():
+            raise SkipSample("no_supervised_tokens", "nothing left to learn after truncation")
+        return Sample(ids, labels, pixel_values, num_tiles)
+
+    def _load_image(self, path: str, max_num: int) -> torch.Tensor:
+        from interleaf.processing.image import preprocess_image
+
+        a = self.args
+        try:
+            return preprocess_image(
+                path,
+                max_num,
+                min(a.min_dynamic_patch, max_num),
+                a.image_size,
+                a.use_thumbnail,
+                a.dynamic_image_size,
+            )
+        except InputError as exc:
+            reason = "missing_image" if "not found" in str(exc) else "bad_image"
+            raise SkipSample(reason, str(exc)) from None
+
+    def _video_frames(self, video: str, root: str, rng: random.Random) -> list:
+        """Frames of a video file or a folder of frame images (random count and 'rand' sampling)."""
+        from PIL import Image
+
+        path = os.path.join(root, video)
+        n_frames = rng.randint(self.args.min_num_frame, self.args.max_num_frame)
+        if os.path.isdir(path):
+            files = sorted(
+                f for f in os.listdir(path) if f.lower().endswith((".jpg", ".jpeg", ".png", ".bmp", ".webp"))
+            )
+            if not files:
+                raise SkipSample("bad_video", f"no frame images in {path}")
+            picks = _rand_segments(len(files), n_frames, rng)
+            try:
+                return [Image.open(os.path.join(path, files[k])).convert("RGB") for k in picks]
+            except OSError as exc:
+                raise SkipSample("bad_video", f"{path}: {exc}") from None
+        if not os.path.exists(path):
+            raise SkipSample("missing_video", f"video not found: {path}")
+        from interleaf.processing.video import read_video_frames, video_info
+
+        try:
+            total, _ = video_info(path)
+            n_frames = min(n_frames, total)
+            frames = read_video_frames(path, num_segments=total)  # every frame, then pick segments
+            picks = _rand_segments(len(frames), n_frames, rng)
+            return [frames[k] for k in picks]
+        except InputError as exc:
+            raise SkipSample("bad_video", str(exc)) from None
+
+
+def _rand_segments(total: int, n: int, rng: random.Random) -> list[int]:
+    """Upstream's ``sample='rand'``: n uniform segments over the frames, a random frame from each."""
+    n = max(1, min(n, total))
+    edges = [round(k * total / n) for k in range(n + 1)]
+    return [rng.randrange(edges[k], max(edges[k] + 1, edges[k + 1])) for k in range(n)]
+
+
+def _frames_pixels(frames: list, image_size: int) -> torch.Tensor:
+    from interleaf.processing.video import frames_to_pixels
+
+    return frames_to_pixels(frames, image_size)
+
+
+def _ensure_placeholders(conversations: list[dict], n_images: int) -> list[dict]:
+    """Check the ``<image>`` count; auto-prepend to the first human turn when there is none."""
+    found = sum(str(t.get("value", "")).count(IMAGE_PLACEHOLDER) for t in conversations)
+    if found == n_images:
+        return conversations
+    if found:
+        raise SkipSample("image_count_mismatch", f"{found} <image> placeholders for {n_images} images")
+    first = next((i for i, t in enumerate(conversations) if t.get("from") == "human"), None)
+    if first is None:
+        raise SkipSample("bad_conversation", "no human turn to put the image in")
+    if n_images == 1:
+        prefix = IMAGE_PLACEHOLDER + "\n"
+    else:
+        prefix = "".join(f"Image-{i + 1}: {IMAGE_PLACEHOLDER}\n" for i in range(n_images))
+    out = [dict(t) for t in conversations]
+    out[first]["value"] = prefix + out[first]["value"]
+    return out
+
+
+def _expand_video(conversations: list[dict], n_frames: int) -> list[dict]:
+    """``<video>\\n`` -> ``Frame-1: <image>\\nFrame-2: <image>...\\n`` (training form, with hyphen)."""
+    frames = "\n".join(f"Frame-{i + 1}: {IMAGE_PLACEHOLDER}" for i in range(n_frames)) + "\n"
+    out = [dict(t) for t in conversations]
+    found = sum(str(t.get("value", "")).count(VIDEO_PLACEHOLDER) for t in out)
+    if found > 1:
+        raise SkipSample("image_count_mismatch", f"{found} <video> placeholders for one video")
+    if found == 0:
+        first = next((i for i, t in enumerate(out) if t.get("from") == "human"), None)
+        if first is None:
+            raise SkipSample("bad_conversation", "no human turn to put the video in")
+        out[first]["value"] = VIDEO_PLACEHOLDER + "\n" + out[first]["value"]
+    for t in out:
+        v = str(t.get("value", ""))
+        if VIDEO_PLACEHOLDER in v:
+            if IMAGE_PLACEHOLDER in v:
+                raise SkipSample("image_count_mismatch", "<image> placeholders in a video sample")
+            t["value"] = re.sub(re.escape(VIDEO_PLACEHOLDER) + r"\n?", frames, v, count=1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# interleaved documents and image-text pairs (pretraining)
+
+
+class CorpusDataset:
+    """Interleaved documents (``texts``/``images``/``metadata`` rows, JSONL or Parquet) and image-text
+    pairs (``{"image", "text"}`` or ``{"image", "caption"}``): next-token loss on text, images in place.
+
+    Image nodes resolve to local files: ``metadata[i]["bytes_path"]`` when the corpus engine fetched
+    them, else the node itself when it is a local path or ``file://`` URL (relative to the file).
+    """
+
+    def __init__(self, paths: list[str], tokenizer: Any, args: DataArgs, skip_log: SkipLog | None = None):
+        self.tokenizer = tokenizer
+        self.args = args
+        self.skip_log = skip_log or SkipLog()
+        self.rows: list[tuple[str, Any]] = []  # (file, row: dict or raw line)
+        for p in paths:
+            path = Path(p)
+            if not path.exists():
+                raise ConfigError(f"corpus_paths: file not found: {path}")
+            files = (
+                sorted(path.rglob("*.jsonl")) + sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+            )
+            for f in files:
+                if f.suffix == ".parquet":
+                    import pyarrow.parquet as pq
+
+                    self.rows += [(str(f), r) for r in pq.read_table(f).to_pylist()]
+                else:
+                    with open(f, encoding="utf-8") as fh:
+                        self.rows += [(str(f), ln) for ln in fh.read().splitlines() if ln.strip()]
+        self.context_id = token_id(tokenizer, IMG_CONTEXT_TOKEN)
+        self.img_end_id = token_id(tokenizer, IMG_END_TOKEN)
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos_id = int(eos) if isinstance(eos, int) else None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def get(self, i: int, epoch: int = 0) -> Sample | None:
+        file, row = self.rows[i]
+        name = Path(file).name
+        try:
+            if isinstance(row, str):
+                try:
+                    row = json.loads(row)
+                except json.JSONDecodeError as exc:
+                    raise SkipSample("bad_json", exc.msg) from None
+            sample = self.build(row, Path(file).parent)
+            sample.key = f"{name}:{i}"
+            return sample
+        except SkipSample as exc:
+            ident = row.get("id") if isinstance(row, dict) else None
+            if isinstance(row, dict) and isinstance(row.get("general_metadata"), dict):
+                ident = row["general_metadata"].get("id", ident)
+            self.skip_log.add(name, i, ident, exc)
+            return None
+
+    def build(self, row: dict, base: Path) -> Sample:
+        nodes: list[tuple[str, Any]] = []
+        if "texts" in row and "images" in row:
+            texts, images = row.get("texts") or [], row.get("images") or []
+            metadata = row.get("metadata") or [None] * len(images)
+            if isinstance(metadata, str):
+                metadata = json.loads(metadata)
+            if len(texts) != len(images):
+                raise SkipSample("bad_document", "texts and images differ in length")
+            for t, im, meta in zip(texts, images, metadata):
+                if t is not None and im is None:
+                    nodes.append(("text", t))
+                elif im is not None and t is None:
+                    nodes.append(("image", _image_file(im, meta, base)))
+                else:
+                    raise SkipSample("bad_document", "a position must hold exactly one of text and image")
+        elif "image" in row and ("text" in row or "caption" in row):
+            nodes = [
+                ("image", _image_file(row["image"], None, base)),
+                ("text", row.get("text", row.get("caption"))),
+            ]
+        else:
+            raise SkipSample("bad_document", "expected texts/images lists or an image with text")
+        if not any(kind == "text" and str(v).strip() for kind, v in nodes):
+            raise SkipSample("empty_document", "no text to learn")
+        n_images = sum(1 for kind, _ in nodes if kind == "image")
+        per_image = max(1, self.args.max_dynamic_patch // max(1, n_images))
+        ids: list[int] = []
+        labels: list[int] = []
+        tiles: list[torch.Tensor] = []
+        bos = _encode(self.tokenizer, "", add_special_tokens=True)[0]
+        ids += bos
+        labels += [IGNORE_INDEX] * len(bos)
+        from interleaf.processing.image import preprocess_image
+
+        for kind, value in nodes:
+            if kind == "image":
+                if value is None:
+                    raise SkipSample("missing_image", "image node without a local file")
+                try:
+                    t = preprocess_image(value, per_image, 1, self.args.image_size, self.args.use_thumbnail)
+                except InputError as exc:
+                    raise SkipSample(
+                        "missing_image" if "not found" in str(exc) else "bad_image", str(exc)
+                    ) from None
+                tiles.append(t)
+                seg, _ = _encode(self.tokenizer, IMG_START_TOKEN, False)
+                end, _ = _encode(self.tokenizer, IMG_END_TOKEN + "\n", False)
+                block = seg + [self.context_id] * (t.shape[0] * self.args.num_image_token) + end
+                ids += block
+                labels += [IGNORE_INDEX] * len(block)
+            else:
+                t_ids, _ = _encode(self.tokenizer, str(value) + "\n", False)
+                ids += t_ids
+                labels += t_ids
+        if self.eos_id is not None:
+            ids.append(self.eos_id)
+            labels.append(self.eos_id)
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        label_t = torch.tensor(labels, dtype=torch.long)
+        input_ids, label_t = truncate(
+            input_ids, label_t, self.args.max_seq_length, self.img_end_id, len(tiles)
+        )
+        pv = torch.cat(tiles, dim=0) if tiles else None
+        return Sample(input_ids, label_t, pv, [t.shape[0] for t in tiles])
+
+
+def _image_file(node: Any, meta: dict | None, base: Path) -> str | None:
+    if isinstance(meta, dict) and meta.get("bytes_path"):
+        p = Path(meta["bytes_path"])
+        return str(p if p.is_absolute() else base / p)
+    if isinstance(node, str):
+        if node.startswith("file://"):
+            return node[len("file://") :]
+        if "://" not in node:
+            p = Path(node)
+            return str(p if p.is_absolute() else base / p)
+    return None

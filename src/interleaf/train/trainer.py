@@ -1,0 +1,659 @@
+"""The trainer: plain PyTorch, one loop you can read top to bottom.
+
+    for step in range(start, max_steps):
+        for micro in range(grad_accum):
+            rows  = batcher.next_batch()                  # packed or single samples
+            batch = collate(rows)                          # ids, positions, block-causal mask, weights
+            loss  = sum(w * CE) / sum(w) / grad_accum      # token | sample | square reduction
+            loss.backward()
+        clip_grad_norm_; optimizer.step(); scheduler.step()
+        log JSONL; every save_steps: atomic checkpoint (model + optimizer + scheduler + RNG + data position)
+
+AdamW has one parameter group per part (vision / projector / LLM, each split into decay / no-decay)
+so each part has its own learning rate; the schedule is linear warm-up then cosine. Freeze flags and
+stage presets decide what trains; LoRA wraps the LLM and/or ViT. Under ``torchrun`` the model is
+wrapped in DDP (or sharded with FSDP2's ``fully_shard``) and every rank reads its own shard of the data.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from interleaf.errors import CheckpointError, ConfigError
+from interleaf.train.config import TrainConfig
+from interleaf.train.data import IGNORE_INDEX, ConversationDataset, CorpusDataset, DataArgs, SkipLog
+from interleaf.train.lora import LLM_TARGETS, VIT_TARGETS, apply_lora, has_lora, merge_lora
+from interleaf.train.packing import Batcher, SampleStream, collate
+
+PARTS = (("vision", "vision_model."), ("mlp", "mlp1."), ("llm", "language_model."))
+
+
+def part_of(name: str) -> str:
+    for part, prefix in PARTS:
+        if name.startswith(prefix):
+            return part
+    return "llm"
+
+
+# ---------------------------------------------------------------------------------------------------
+# model set-up helpers (usable on their own, e.g. by tests and the demo)
+
+
+def set_trainable(model: nn.Module, cfg: TrainConfig) -> dict[str, int]:
+    """Apply freeze flags, LoRA and ``trainable_patterns``; returns trainable parameter counts per part."""
+    frozen = {"vision": cfg.freeze_vit, "mlp": cfg.freeze_mlp, "llm": cfg.freeze_llm}
+    for name, p in model.named_parameters():
+        p.requires_grad_(not frozen[part_of(name)])
+    if cfg.use_llm_lora:
+        for p in model.language_model.parameters():
+            p.requires_grad_(False)
+        apply_lora(model.language_model, LLM_TARGETS, cfg.use_llm_lora, dropout=cfg.lora_dropout)
+    if cfg.use_backbone_lora:
+        for p in model.vision_model.parameters():
+            p.requires_grad_(False)
+        apply_lora(model.vision_model, VIT_TARGETS, cfg.use_backbone_lora, dropout=cfg.lora_dropout)
+    patterns = [re.compile(p) for p in cfg.trainable_patterns]
+    for name, p in model.named_parameters():
+        if patterns and any(rx.search(name) for rx in patterns):
+            p.requires_grad_(True)
+    counts = {"vision": 0, "mlp": 0, "llm": 0}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            counts[part_of(name)] += p.numel()
+    if sum(counts.values()) == 0:
+        raise ConfigError("config: nothing to train (every part frozen and no LoRA or trainable_patterns)")
+    return counts
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with a (decay, no-decay) group pair per part; 1-D tensors (norms, biases, LayerScale,
+    CLS/position embeddings) get no weight decay."""
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        decay = p.dim() >= 2 and "position_embedding" not in name and "class_embedding" not in name
+        groups.setdefault((part_of(name), decay), []).append(p)
+    param_groups = [
+        {
+            "params": params,
+            "lr": cfg.resolved_lr(part),
+            "weight_decay": cfg.weight_decay if decay else 0.0,
+            "name": f"{part}{'' if decay else '_no_decay'}",
+        }
+        for (part, decay), params in sorted(groups.items())
+    ]
+    fused = {}
+    if all(p.is_cuda for g in param_groups for p in g["params"]):
+        fused = {"fused": True}
+    return torch.optim.AdamW(param_groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, **fused)
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to each group's lr, then cosine decay to ``min_lr_ratio`` x lr at ``max_steps``."""
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * cfg.max_steps)
+    total = cfg.max_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def enable_grad_checkpointing(model: nn.Module) -> None:
+    """Recompute every decoder and ViT layer in the backward pass instead of storing activations."""
+    from torch.utils.checkpoint import checkpoint
+
+    layers = list(model.language_model.model.layers)
+    encoder = getattr(model.vision_model, "encoder", None)
+    if encoder is not None and hasattr(encoder, "layers"):
+        layers += list(encoder.layers)
+    for layer in layers:
+        if getattr(layer, "_interleaf_ckpt", False):
+            continue
+        inner = layer.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+            return _inner(*args, **kwargs)
+
+        layer.forward = forward
+        layer._interleaf_ckpt = True
+
+
+@contextmanager
+def _hidden_instead_of_logits(model: nn.Module):
+    """Run the LLM without its lm_head (returns the final hidden states as ``logits``), so the head
+    can be applied to the supervised positions only: image and prompt positions cost no vocab matmul."""
+    lm = model.language_model
+    head = lm.lm_head
+    lm.lm_head = nn.Identity()
+    try:
+        yield head
+    finally:
+        lm.lm_head = head
+
+
+class TrainStep(nn.Module):
+    """Model + loss in one module (what DDP/FSDP wrap): returns (sum(w * CE), sum(w), n_supervised)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        model = self.model
+        with _hidden_instead_of_logits(model) as head:
+            out = model(
+                input_ids=batch["input_ids"],
+                pixel_values=batch["pixel_values"],
+                attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"],
+            )
+        targets = batch["targets"]
+        sel = targets != IGNORE_INDEX
+        hidden = out.logits[sel]  # [N_sup, H]
+        logits = head(hidden).float()  # [N_sup, V]
+        ce = nn.functional.cross_entropy(logits, targets[sel], reduction="none")
+        w = batch["loss_weight"][sel].to(ce.dtype)
+        return (ce * w).sum(), w.sum()
+
+
+# ---------------------------------------------------------------------------------------------------
+# distributed
+
+
+def dist_info() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment (0, 1, 0 when not distributed)."""
+    return (
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
+        int(os.environ.get("LOCAL_RANK", 0)),
+    )
+
+
+def _all_gather_object(obj: Any, world: int) -> list[Any]:
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# the trainer
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Set up from a :class:`TrainConfig`, then ``train()``. ``log`` receives human-readable lines."""
+
+    def __init__(self, cfg: TrainConfig, log=print) -> None:
+        self.cfg = cfg
+        self.rank, self.world, self.local_rank = dist_info()
+        self.is_main = self.rank == 0
+        self._print = log
+        self.out = Path(cfg.output_dir)
+        self.losses: list[tuple[int, float]] = []
+        self.step = 0
+
+    def log(self, msg: str) -> None:
+        if self.is_main and self._print is not None:
+            self._print(msg)
+
+    # -- set-up -------------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        want = self.cfg.device
+        if want == "auto":
+            want = "cuda" if torch.cuda.is_available() else "cpu"
+        if want == "cuda":
+            if not torch.cuda.is_available():
+                raise ConfigError("config key 'device': cuda requested but no GPU is available")
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+    def _base_model_dir(self) -> Path:
+        """The checkpoint training starts from (a preset is initialised once into output_dir/init)."""
+        cfg = self.cfg
+        if cfg.model_path:
+            return Path(cfg.model_path)
+        init_dir = self.out / "init"
+        if not (init_dir / "config.json").exists():
+            if self.is_main:
+                from interleaf.model import init_model
+
+                tmp = self.out / ".init-tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                init_model(cfg.model_preset, str(tmp), seed=cfg.seed, overrides=cfg.model_overrides or None)
+                os.replace(tmp, init_dir)
+            self._barrier()
+        return init_dir
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def setup(self) -> Trainer:
+        cfg = self.cfg
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                backend = "nccl" if (cfg.device != "cpu" and torch.cuda.is_available()) else "gloo"
+                dist.init_process_group(backend)
+        self.device = self._device()
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.autocast_dtype = None
+        if cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda"):
+            self.autocast_dtype = torch.bfloat16
+        seed_everything(cfg.seed + self.rank)
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        self._barrier()
+
+        from interleaf.model import load_checkpoint
+
+        self.base_dir = self._base_model_dir()
+        resume_dir = self.latest_checkpoint() if cfg.resume else None
+        lora = bool(cfg.use_llm_lora or cfg.use_backbone_lora)
+        load_dir = resume_dir if (resume_dir is not None and not lora) else self.base_dir
+        model, tokenizer = load_checkpoint(str(load_dir), device="cpu")
+        model = model.float()
+        counts = set_trainable(model, cfg)
+        self.tokenizer = tokenizer
+        self.raw_model = model
+        self.log(
+            f"model from {load_dir}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+            f"trainable vision={counts['vision'] / 1e6:.2f}M mlp={counts['mlp'] / 1e6:.2f}M llm={counts['llm'] / 1e6:.2f}M"
+        )
+        if cfg.grad_checkpointing:
+            enable_grad_checkpointing(model)
+
+        # data
+        mcfg = model.config
+        self.skip_log = SkipLog(self.out / f"skipped.rank{self.rank}.jsonl", echo=None)
+        max_len = min(cfg.max_seq_length, cfg.max_packed_tokens) if cfg.packing else cfg.max_seq_length
+        args = DataArgs(
+            template=cfg.template or mcfg.template,
+            num_image_token=mcfg.num_image_token,
+            image_size=mcfg.image_size,
+            max_seq_length=max_len,
+            max_dynamic_patch=cfg.max_dynamic_patch,
+            min_dynamic_patch=cfg.min_dynamic_patch,
+            use_thumbnail=cfg.use_thumbnail,
+            dynamic_image_size=cfg.dynamic_image_size,
+            min_num_frame=cfg.min_num_frame,
+            max_num_frame=cfg.max_num_frame,
+            system_message=mcfg.system_message,
+            seed=cfg.seed,
+        )
+        if cfg.meta_path:
+            dataset: Any = ConversationDataset(cfg.meta_path, tokenizer, args, self.skip_log)
+            if cfg.corpus_paths:
+                dataset = _Concat([dataset, CorpusDataset(cfg.corpus_paths, tokenizer, args, self.skip_log)])
+        else:
+            dataset = CorpusDataset(cfg.corpus_paths, tokenizer, args, self.skip_log)
+        self.dataset = dataset
+        stream = SampleStream(dataset, cfg.seed, cfg.shuffle, self.rank, self.world)
+        self.batcher = Batcher(
+            stream,
+            cfg.batch_size,
+            cfg.packing,
+            cfg.max_packed_tokens,
+            cfg.max_packed_images,
+            cfg.pack_lookahead,
+        )
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_id = int(pad) if isinstance(pad, int) else 0
+
+        # model on device, wrapped
+        model.to(self.device)
+        step_module: nn.Module = TrainStep(model)
+        if self.world > 1:
+            if cfg.distributed == "fsdp":
+                from torch.distributed.fsdp import fully_shard
+
+                for layer in model.language_model.model.layers:
+                    fully_shard(layer)
+                fully_shard(step_module)
+            else:
+                from torch.nn.parallel import DistributedDataParallel as DDP
+
+                step_module = DDP(
+                    step_module,
+                    device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                    find_unused_parameters=True,
+                )
+        self.step_module = step_module
+        self.optimizer = build_optimizer(model, cfg)
+        self.scheduler = cosine_schedule(self.optimizer, cfg)
+        if resume_dir is not None:
+            self._load_state(resume_dir, lora)
+        return self
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def latest_checkpoint(self) -> Path | None:
+        if not self.out.is_dir():
+            return None
+        done = [p for p in self.out.glob("checkpoint-*") if (p / "train_state.pt").exists()]
+        return max(done, key=lambda p: int(p.name.split("-")[-1])) if done else None
+
+    def _model_state_for_save(self) -> dict[str, torch.Tensor] | None:
+        """Full (unsharded) state dict on CPU; only rank 0 gets it under FSDP."""
+        if self.world > 1 and self.cfg.distributed == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            sd = get_model_state_dict(
+                self.raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
+            return sd if self.is_main else None
+        return {k: v.detach().cpu() for k, v in self.raw_model.state_dict().items()}
+
+    def _export_model(self, state: dict[str, torch.Tensor], out_dir: Path) -> None:
+        """Save the model (LoRA merged when asked) in the configured layout with MODEL's writer."""
+        from interleaf.model import save_checkpoint
+
+        model = copy.deepcopy(self.raw_model).to("cpu")
+        model.load_state_dict(state)
+        adapter = None
+        if has_lora(model):
+            if self.cfg.merge_lora_on_save:
+                merge_lora(model)
+            else:
+                adapter = {k: v for k, v in state.items() if "lora_" in k}
+                _unwrap_lora(model)
+        save_checkpoint(model, self.tokenizer, str(out_dir), layout=self.cfg.save_layout)
+        if adapter is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in adapter.items()}, str(out_dir / "adapter.safetensors"))
+
+    def save(self, final: bool = False) -> Path:
+        """Atomic checkpoint: written to a temporary folder, then renamed into place."""
+        cfg = self.cfg
+        name = f"checkpoint-{self.step}"
+        final_dir = self.out / name
+        tmp = self.out / f".tmp-{name}"
+        state = self._model_state_for_save()
+        per_rank = _all_gather_object(
+            {"rng": rng_state(), "data": self.batcher.state_dict(), "skips": dict(self.skip_log.counts)},
+            self.world,
+        )
+        optim = self.optimizer.state_dict()
+        if self.world > 1 and cfg.distributed == "fsdp":
+            torch.save(optim, self.out / f".optim-{name}.rank{self.rank}.pt")
+        self._barrier()
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            self._export_model(state, tmp)
+            train_state = {
+                "step": self.step,
+                "scheduler": self.scheduler.state_dict(),
+                "ranks": per_rank,
+                "losses": self.losses,
+                "config": cfg.to_dict(),
+                "world_size": self.world,
+            }
+            if self.world > 1 and cfg.distributed == "fsdp":
+                for r in range(self.world):
+                    os.replace(self.out / f".optim-{name}.rank{r}.pt", tmp / f"optimizer.rank{r}.pt")
+            else:
+                train_state["optimizer"] = optim
+            if has_lora(self.raw_model):
+                trainable = {n for n, p in self.raw_model.named_parameters() if p.requires_grad}
+                train_state["trainable"] = {k: v for k, v in state.items() if k in trainable}
+            torch.save(train_state, tmp / "train_state.pt")
+            if final_dir.exists():
+                shutil.rmtree(final_dir)
+            os.replace(tmp, final_dir)
+            self._prune()
+        self._barrier()
+        return final_dir
+
+    def _prune(self) -> None:
+        limit = self.cfg.save_total_limit
+        if limit <= 0:
+            return
+        done = sorted(
+            (p for p in self.out.glob("checkpoint-*") if (p / "train_state.pt").exists()),
+            key=lambda p: int(p.name.split("-")[-1]),
+        )
+        for old in done[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _load_state(self, ckpt: Path, lora: bool) -> None:
+        state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=False)
+        if state.get("world_size", 1) != self.world:
+            raise CheckpointError(
+                f"{ckpt}: saved with {state.get('world_size')} processes, resuming with {self.world}"
+            )
+        if lora:
+            missing = self.raw_model.load_state_dict(state["trainable"], strict=False)
+            if missing.unexpected_keys:
+                raise CheckpointError(f"{ckpt}: unexpected trainable weights {missing.unexpected_keys[:3]}")
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(
+                torch.load(ckpt / f"optimizer.rank{self.rank}.pt", weights_only=False)
+            )
+        self.scheduler.load_state_dict(state["scheduler"])
+        mine = state["ranks"][self.rank]
+        self.batcher.load_state_dict(mine["data"])
+        self.skip_log.counts.update(mine.get("skips", {}))
+        set_rng_state(mine["rng"])
+        self.step = int(state["step"])
+        self.losses = [tuple(x) for x in state["losses"]]
+        # the log keeps only what the resumed run will not write again
+        log_path = self.out / "log.jsonl"
+        if self.is_main and log_path.exists():
+            kept = [
+                ln
+                for ln in log_path.read_text().splitlines()
+                if ln and json.loads(ln).get("step", 0) <= self.step
+            ]
+            log_path.write_text("".join(ln + "\n" for ln in kept))
+        self.log(f"resumed from {ckpt} at step {self.step}")
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {
+            k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()
+        }
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns its statistics."""
+        cfg = self.cfg
+        self.step_module.train()
+        total_loss = 0.0
+        tokens = samples = 0
+        for micro in range(cfg.grad_accum):
+            batch = collate(self.batcher.next_batch(), self.pad_id, cfg.loss_reduction)
+            tokens += batch["num_tokens"]
+            samples += batch["num_samples"]
+            batch = self._to_device(batch)
+            last = micro == cfg.grad_accum - 1
+            sync = nullcontext()
+            if self.world > 1 and cfg.distributed == "ddp" and not last:
+                sync = self.step_module.no_sync()
+            with sync:
+                with self._autocast():
+                    loss_sum, w_sum = self.step_module(batch)
+                loss = loss_sum / w_sum.clamp_min(1e-8)
+                (loss / cfg.grad_accum).backward()
+            total_loss += float(loss.detach()) / cfg.grad_accum
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            t = torch.tensor(
+                [total_loss, float(tokens), float(samples)], device=self.device, dtype=torch.float64
+            )
+            dist.all_reduce(t)
+            total_loss, tokens, samples = float(t[0]) / self.world, int(t[1]), int(t[2])
+        return {"loss": total_loss, "grad_norm": float(grad_norm), "tokens": tokens, "samples": samples}
+
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg
+        writer = None
+        if cfg.tensorboard and self.is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                writer = SummaryWriter(str(self.out / "tensorboard"))
+            except ImportError:
+                self.log("tensorboard is not installed; logging to log.jsonl only")
+        log_path = self.out / "log.jsonl"
+        t_start = time.perf_counter()
+        tokens_total = 0
+        self.log(
+            f"training steps {self.step + 1}..{cfg.max_steps} on {self.device} (world size {self.world})"
+        )
+        while self.step < cfg.max_steps:
+            t0 = time.perf_counter()
+            stats = self.train_step()
+            self.step += 1
+            dt = time.perf_counter() - t0
+            tokens_total += stats["tokens"]
+            self.losses.append((self.step, stats["loss"]))
+            if self.is_main and (self.step % max(1, cfg.log_steps) == 0 or self.step == cfg.max_steps):
+                lrs = {
+                    f"lr_{g['name']}": g["lr"]
+                    for g in self.optimizer.param_groups
+                    if "no_decay" not in g["name"]
+                }
+                record = {
+                    "step": self.step,
+                    "loss": stats["loss"],
+                    "grad_norm": stats["grad_norm"],
+                    "tokens": stats["tokens"],
+                    "samples": stats["samples"],
+                    "tokens_per_s": stats["tokens"] / dt,
+                    "epoch": self.batcher.stream.epoch,
+                    "skipped": self.skip_log.total,
+                    **lrs,
+                }
+                with log_path.open("a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+                if writer is not None:
+                    for k, v in record.items():
+                        if k != "step":
+                            writer.add_scalar(f"train/{k}", v, self.step)
+                self.log(
+                    f"step {self.step}/{cfg.max_steps} loss {stats['loss']:.4f} grad {stats['grad_norm']:.2f} "
+                    f"{stats['tokens'] / dt:.0f} tok/s"
+                )
+            if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < cfg.max_steps:
+                self.save()
+        ckpt = self.save(final=True)
+        elapsed = time.perf_counter() - t_start
+        if writer is not None:
+            writer.close()
+        self.log(f"done: {self.step} steps in {elapsed:.1f}s; {self.skip_log.summary()}; checkpoint {ckpt}")
+        return {
+            "checkpoint": str(ckpt),
+            "steps": self.step,
+            "losses": self.losses,
+            "skipped": dict(self.skip_log.counts),
+        }
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _unwrap_lora(model: nn.Module) -> None:
+    from interleaf.train.lora import LoRALinear
+
+    for name, child in list(model.named_modules()):
+        if isinstance(child, LoRALinear):
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, child.base)
+
+
+class _Concat:
+    """Two datasets as one (conversation data first, then corpus rows)."""
+
+    def __init__(self, parts: list[Any]) -> None:
+        self.parts = parts
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def get(self, i: int, epoch: int = 0):
+        for p in self.parts:
+            if i < len(p):
+                return p.get(i, epoch)
+            i -= len(p)
+        raise IndexError(i)
+
+
+def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
+    """Set up and run a training job; returns the final checkpoint path, steps, losses and skip counts."""
+    trainer = Trainer(cfg, log=log).setup()
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
