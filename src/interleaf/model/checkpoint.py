@@ -1,0 +1,487 @@
+"""Load and save InternVL checkpoints in both layouts, never running remote code.
+
+Layouts (see ``config.py``):
+
+* ``internvl_chat`` (original): parameter names as in our modules, except the LLM, which is stored in
+  its family's own naming - InternLM2 (``tok_embeddings``, fused ``attention.wqkv`` in the grouped
+  ``(kv_head, n_q/n_kv + 2, head_dim)`` row layout, ``wo``, ``feed_forward.w1/w2/w3``,
+  ``attention_norm``, ``ffn_norm``, ``output``) and Phi-3 (fused ``qkv_proj`` and ``gate_up_proj``).
+* ``hf`` (transformers ``InternVLForConditionalGeneration``): ``model.vision_tower.*`` with split q/k/v,
+  ``model.multi_modal_projector.*``, ``model.language_model.*`` (InternLM2 as Llama), ``lm_head``;
+  old ``-hf`` checkpoints without the ``model.`` prefix load too.
+
+Weights: ``model.safetensors``, sharded safetensors with ``model.safetensors.index.json``, or
+``pytorch_model.bin`` (``torch.load(weights_only=True)``), optionally sharded with its index.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from interleaf.errors import CheckpointError, ConfigError
+from interleaf.model.config import InternVLConfig, LLMConfig
+from interleaf.model.internvl import InternVLChatModel
+
+LAYOUTS = ("internvl_chat", "hf")
+SHARD_BYTES = 4 * 1024**3
+
+# ----------------------------------------------------------------------------- renaming tables
+# (internal, on-disk) pairs for names inside a decoder layer / at the LLM top level.
+_INTERNLM2_LAYER = [
+    ("self_attn.o_proj.", "attention.wo."),
+    ("mlp.gate_proj.", "feed_forward.w1."),
+    ("mlp.down_proj.", "feed_forward.w2."),
+    ("mlp.up_proj.", "feed_forward.w3."),
+    ("input_layernorm.", "attention_norm."),
+    ("post_attention_layernorm.", "ffn_norm."),
+]
+_INTERNLM2_TOP = [("model.embed_tokens.", "model.tok_embeddings."), ("lm_head.", "output.")]
+
+_HF_VISION_LAYER = [
+    ("attn.proj.", "attention.projection_layer."),
+    ("attn.q_norm.", "attention.q_norm."),
+    ("attn.k_norm.", "attention.k_norm."),
+    ("norm1.", "layernorm_before."),
+    ("norm2.", "layernorm_after."),
+    ("mlp.", "mlp."),
+]
+_HF_VISION_TOP = [
+    ("embeddings.class_embedding", "embeddings.cls_token"),
+    ("embeddings.patch_embedding.", "embeddings.patch_embeddings.projection."),
+    ("embeddings.position_embedding", "embeddings.position_embeddings"),
+]
+_HF_PROJECTOR = [("mlp1.0.", "model.multi_modal_projector.layer_norm."),
+                 ("mlp1.1.", "model.multi_modal_projector.linear_1."),
+                 ("mlp1.3.", "model.multi_modal_projector.linear_2.")]  # fmt: skip
+_HF_OLD_PREFIXES = [("vision_tower.", "model.vision_tower."),
+                    ("multi_modal_projector.", "model.multi_modal_projector."),
+                    ("language_model.model.", "model.language_model."),
+                    ("language_model.lm_head.", "lm_head.")]  # fmt: skip
+
+_LAYER_RE = re.compile(r"^(model\.layers|encoder\.layers|encoder\.layer)\.(\d+)\.(.*)$")
+
+
+def _rename(name: str, table: list[tuple[str, str]], forward: bool) -> str:
+    for a, b in table:
+        src, dst = (a, b) if forward else (b, a)
+        if name.startswith(src):
+            return dst + name[len(src) :]
+    return name
+
+
+def _disk_family(cfg: LLMConfig, layout: str) -> str:
+    return "llama" if layout == "hf" and cfg.family == "internlm2" else cfg.family
+
+
+# ----------------------------------------------------------------------------- LLM conversion
+def _llm_to_disk(sd: dict[str, torch.Tensor], cfg: LLMConfig, family: str) -> dict[str, torch.Tensor]:
+    """Internal LLM names (relative to ``language_model.``) -> the family's on-disk names."""
+    if family in ("qwen2", "llama"):
+        return dict(sd)
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in sd.items():
+        m = _LAYER_RE.match(name)
+        if m is None:
+            out[_rename(name, _INTERNLM2_TOP, True) if family == "internlm2" else name] = t
+            continue
+        prefix, rest = f"{m.group(1)}.{m.group(2)}.", m.group(3)
+        mm = re.match(r"^(self_attn\.[qkv]_proj|mlp\.(?:gate|up)_proj)\.(weight|bias)$", rest)
+        if mm and (family == "phi3" or mm.group(1).startswith("self_attn")):
+            fused.setdefault(prefix + mm.group(2), {})[mm.group(1).split(".")[1]] = t
+            continue
+        out[prefix + (_rename(rest, _INTERNLM2_LAYER, True) if family == "internlm2" else rest)] = t
+    for key, parts in fused.items():
+        prefix, kind = key.rsplit(".", 1)[0] + ".", key.rsplit(".", 1)[1]
+        if "q_proj" in parts:
+            q, k, v = parts["q_proj"], parts["k_proj"], parts["v_proj"]
+            if family == "phi3":
+                out[f"{prefix}self_attn.qkv_proj.{kind}"] = torch.cat([q, k, v], 0)
+            else:
+                out[f"{prefix}attention.wqkv.{kind}"] = _fuse_wqkv(q, k, v, cfg)
+        if "gate_proj" in parts:
+            out[f"{prefix}mlp.gate_up_proj.{kind}"] = torch.cat([parts["gate_proj"], parts["up_proj"]], 0)
+    return out
+
+
+def _fuse_wqkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LLMConfig) -> torch.Tensor:
+    """q [n_q*d, ...], k/v [n_kv*d, ...] -> InternLM2 ``wqkv`` rows laid out (kv_head, g + 2, d)."""
+    n_kv, d = cfg.num_key_value_heads, cfg.head_dim
+    g = cfg.num_attention_heads // n_kv
+    tail = q.shape[1:]
+    q = q.reshape(n_kv, g, d, *tail)
+    k = k.reshape(n_kv, 1, d, *tail)
+    v = v.reshape(n_kv, 1, d, *tail)
+    return torch.cat([q, k, v], dim=1).reshape(n_kv * (g + 2) * d, *tail)
+
+
+def _split_wqkv(w: torch.Tensor, cfg: LLMConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n_kv, d = cfg.num_key_value_heads, cfg.head_dim
+    g = cfg.num_attention_heads // n_kv
+    tail = w.shape[1:]
+    if w.shape[0] != n_kv * (g + 2) * d:
+        raise CheckpointError(
+            f"attention.wqkv has {w.shape[0]} rows; the config expects {n_kv * (g + 2) * d} "
+            f"(kv_heads {n_kv} x (q/kv {g} + 2) x head_dim {d})"
+        )
+    w = w.reshape(n_kv, g + 2, d, *tail)
+    q = w[:, :g].reshape(n_kv * g * d, *tail)
+    k = w[:, g].reshape(n_kv * d, *tail)
+    v = w[:, g + 1].reshape(n_kv * d, *tail)
+    return q, k, v
+
+
+def _llm_from_disk(sd: dict[str, torch.Tensor], cfg: LLMConfig, family: str) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`_llm_to_disk`."""
+    if family in ("qwen2", "llama"):
+        return dict(sd)
+    out: dict[str, torch.Tensor] = {}
+    q_rows = cfg.num_attention_heads * cfg.head_dim
+    kv_rows = cfg.num_key_value_heads * cfg.head_dim
+    for name, t in sd.items():
+        m = _LAYER_RE.match(name)
+        if m is None:
+            out[_rename(name, _INTERNLM2_TOP, False) if family == "internlm2" else name] = t
+            continue
+        prefix, rest = f"{m.group(1)}.{m.group(2)}.", m.group(3)
+        mm = re.match(r"^(attention\.wqkv|self_attn\.qkv_proj|mlp\.gate_up_proj)\.(weight|bias)$", rest)
+        if mm is None:
+            out[prefix + (_rename(rest, _INTERNLM2_LAYER, False) if family == "internlm2" else rest)] = t
+            continue
+        kind = mm.group(2)
+        if mm.group(1) == "attention.wqkv":
+            q, k, v = _split_wqkv(t, cfg)
+        elif mm.group(1) == "self_attn.qkv_proj":
+            if t.shape[0] != q_rows + 2 * kv_rows:
+                raise CheckpointError(f"{name}: {t.shape[0]} rows, the config expects {q_rows + 2 * kv_rows}")
+            q, k, v = t.split([q_rows, kv_rows, kv_rows], 0)
+        else:
+            if t.shape[0] % 2:
+                raise CheckpointError(
+                    f"{name}: odd number of rows {t.shape[0]} for a fused gate/up projection"
+                )
+            gate, up = t.chunk(2, 0)
+            out[f"{prefix}mlp.gate_proj.{kind}"], out[f"{prefix}mlp.up_proj.{kind}"] = gate, up
+            continue
+        out[f"{prefix}self_attn.q_proj.{kind}"] = q
+        out[f"{prefix}self_attn.k_proj.{kind}"] = k
+        out[f"{prefix}self_attn.v_proj.{kind}"] = v
+    return out
+
+
+# ----------------------------------------------------------------------------- whole-model conversion
+def _split_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def to_disk(sd: dict[str, torch.Tensor], cfg: InternVLConfig, layout: str) -> dict[str, torch.Tensor]:
+    """Internal state dict -> tensors as stored in ``layout``."""
+    family = _disk_family(cfg.llm, layout)
+    llm = _llm_to_disk(_split_prefix(sd, "language_model."), cfg.llm, family)
+    rest = {k: v for k, v in sd.items() if not k.startswith("language_model.")}
+    if layout == "internvl_chat":
+        out = dict(rest)
+        out.update({"language_model." + k: v for k, v in llm.items()})
+        return out
+    out = {}
+    c = cfg.vision.hidden_size
+    for name, t in rest.items():
+        if name.startswith("vision_model."):
+            sub = name[len("vision_model.") :]
+            m = _LAYER_RE.match(sub)
+            if m:
+                i, r = m.group(2), m.group(3)
+                pre = f"model.vision_tower.encoder.layer.{i}."
+                if r.startswith("attn.qkv."):
+                    kind = r.rsplit(".", 1)[1]
+                    for part, piece in zip("qkv", t.split(c, 0)):
+                        out[f"{pre}attention.{part}_proj.{kind}"] = piece
+                elif r in ("ls1", "ls2"):
+                    out[pre + ("lambda_1" if r == "ls1" else "lambda_2")] = t
+                else:
+                    out[pre + _rename(r, _HF_VISION_LAYER, True)] = t
+            else:
+                out["model.vision_tower." + _rename(sub, _HF_VISION_TOP, True)] = t
+        else:
+            out[_rename(name, _HF_PROJECTOR, True)] = t
+    for k, v in llm.items():
+        out[
+            ("lm_head." + k[len("lm_head.") :])
+            if k.startswith("lm_head.")
+            else "model.language_model." + k[len("model.") :]
+        ] = v
+    return out
+
+
+def from_disk(sd: dict[str, torch.Tensor], cfg: InternVLConfig, layout: str) -> dict[str, torch.Tensor]:
+    """Tensors as stored in ``layout`` -> internal state dict (unknown names pass through unchanged)."""
+    family = _disk_family(cfg.llm, layout)
+    if layout == "internvl_chat":
+        llm = _llm_from_disk(_split_prefix(sd, "language_model."), cfg.llm, family)
+        out = {k: v for k, v in sd.items() if not k.startswith("language_model.")}
+        out.update({"language_model." + k: v for k, v in llm.items()})
+        return out
+    if any(k.startswith(("vision_tower.", "multi_modal_projector.")) for k in sd):  # old -hf prefixes
+        sd = {_rename(k, _HF_OLD_PREFIXES, True): v for k, v in sd.items()}
+    out: dict[str, torch.Tensor] = {}
+    llm: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in sd.items():
+        if name.startswith("model.vision_tower."):
+            sub = name[len("model.vision_tower.") :]
+            m = _LAYER_RE.match(sub)
+            if m:
+                i, r = m.group(2), m.group(3)
+                pre = f"vision_model.encoder.layers.{i}."
+                mm = re.match(r"^attention\.([qkv])_proj\.(weight|bias)$", r)
+                if mm:
+                    qkv.setdefault(f"{pre}attn.qkv.{mm.group(2)}", {})[mm.group(1)] = t
+                elif r in ("lambda_1", "lambda_2"):
+                    out[pre + ("ls1" if r == "lambda_1" else "ls2")] = t
+                else:
+                    out[pre + _rename(r, _HF_VISION_LAYER, False)] = t
+            else:
+                out["vision_model." + _rename(sub, _HF_VISION_TOP, False)] = t
+        elif name.startswith("model.language_model."):
+            llm["model." + name[len("model.language_model.") :]] = t
+        elif name.startswith("lm_head."):
+            llm[name] = t
+        else:
+            out[_rename(name, _HF_PROJECTOR, False)] = t
+    for key, parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise CheckpointError(f"{key}: the checkpoint lacks some of the q/k/v projections")
+        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]], 0)
+    out.update({"language_model." + k: v for k, v in _llm_from_disk(llm, cfg.llm, family).items()})
+    return out
+
+
+# ----------------------------------------------------------------------------- reading files
+def detect_layout(path: Path) -> str:
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path / 'config.json'}: cannot read ({str(exc).splitlines()[0]})") from None
+    return "hf" if raw.get("model_type") == "internvl" or "text_config" in raw else "internvl_chat"
+
+
+def _weight_files(path: Path) -> list[Path]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = path / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{index}: not a valid weight index ({exc})") from None
+            files = [path / f for f in dict.fromkeys(weight_map.values())]
+            for f in files:
+                if not f.is_file():
+                    raise CheckpointError(f"{index}: shard {f.name} is missing")
+            return files
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (path / single).is_file():
+            return [path / single]
+    raise CheckpointError(f"{path}: no weights (model.safetensors, an index, or pytorch_model.bin)")
+
+
+def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors of a checkpoint directory, and the file each came from."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    for f in _weight_files(path):
+        try:
+            if f.suffix == ".safetensors":
+                part = load_file(str(f))
+            else:
+                part = torch.load(str(f), map_location="cpu", weights_only=True)
+        except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as exc:
+            raise CheckpointError(f"{f}: cannot read weights ({str(exc).splitlines()[0]})") from None
+        if not isinstance(part, dict):
+            raise CheckpointError(f"{f}: not a state dict")
+        tensors.update(part)
+        origin.update(dict.fromkeys(part, f.name))
+    return tensors, origin
+
+
+def _listing(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(sorted(names)[:limit])
+    return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+# ----------------------------------------------------------------------------- public API
+def load_config(path: str | Path) -> InternVLConfig:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory (no such directory)")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: not a checkpoint directory (no config.json)")
+    return InternVLConfig.from_file(path / "config.json")
+
+
+def load_checkpoint(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    model_cls: Callable[..., InternVLChatModel] = InternVLChatModel,
+) -> tuple[InternVLChatModel, Any]:
+    """Load a checkpoint directory of either layout: ``(model, tokenizer)``, model in eval mode.
+
+    ``dtype`` None keeps the stored floating dtype. ``model_cls`` lets a subclass (e.g. with expert
+    FFNs) be built; its extra parameters must be present in the checkpoint under their own names.
+    """
+    from interleaf.model.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, load_tokenizer
+
+    path = Path(path)
+    cfg = load_config(path)
+    tokenizer = load_tokenizer(path, cfg.template)
+    vocab = tokenizer.get_vocab()
+    if cfg.layout == "internvl_chat" or cfg.img_context_token_id is None:
+        cfg.img_context_token_id = vocab.get(IMG_CONTEXT)
+    cfg.img_start_token_id = vocab.get(IMG_START)
+    cfg.img_end_token_id = vocab.get(IMG_END)
+
+    disk, origin = read_weights(path)
+    sd = from_disk(disk, cfg, cfg.layout)
+    if cfg.llm.tie_word_embeddings:
+        sd.pop("language_model.lm_head.weight", None)
+
+    with torch.device("meta"):
+        model = model_cls(cfg)
+    expected = {k: v for k, v in model.state_dict().items()}
+    if cfg.llm.tie_word_embeddings:
+        expected.pop("language_model.lm_head.weight", None)
+    missing = [k for k in expected if k not in sd]
+    extra = [k for k in sd if k not in expected]
+    where = path.name
+    if missing:
+        raise CheckpointError(f"{where}: missing tensors for the config: {_listing(missing)}")
+    if extra:
+        raise CheckpointError(f"{where}: tensors the config does not use: {_listing(extra)}")
+    for k, v in expected.items():
+        if tuple(sd[k].shape) != tuple(v.shape):
+            src = origin.get(k, "")
+            raise CheckpointError(
+                f"{where}{'/' + src if src else ''}: tensor {k} has shape {list(sd[k].shape)}, "
+                f"the config expects {list(v.shape)}"
+            )
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
+    if dtype is None:
+        floats = [t.dtype for t in sd.values() if t.is_floating_point()]
+        dtype = max(set(floats), key=floats.count) if floats else torch.float32
+    sd = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in sd.items()}
+    model.load_state_dict(sd, strict=False, assign=True)
+    model.language_model.tie_weights()
+    _rebuild_buffers(model)
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def _rebuild_buffers(model: InternVLChatModel) -> None:
+    """Non-persistent buffers (RoPE tables) were created on the meta device: recompute them."""
+    from interleaf.model.llm import RotaryEmbedding
+
+    for module in model.modules():
+        for name, sub in list(module.named_children()):
+            if isinstance(sub, RotaryEmbedding):
+                setattr(module, name, RotaryEmbedding(model.config.llm))
+    for name, buf in model.named_buffers():
+        if buf.is_meta:
+            raise CheckpointError(f"internal: buffer {name} was not initialised")
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16, "auto": None}  # fmt: skip
+    if name not in table:
+        raise ConfigError(f"dtype: unknown dtype {name!r} (use float32, bfloat16 or float16)")
+    return table[name]
+
+
+def save_checkpoint(
+    model: InternVLChatModel,
+    tokenizer: Any,
+    out_dir: str | Path,
+    layout: str = "internvl_chat",
+    max_shard_bytes: int = SHARD_BYTES,
+) -> Path:
+    """Write ``config.json``, safetensors weights (sharded with an index above ``max_shard_bytes``)
+    and the tokenizer files. The ``hf`` layout loads in transformers' ``InternVLForConditionalGeneration``."""
+    from safetensors.torch import save_file
+
+    if layout not in LAYOUTS:
+        raise ConfigError(f"layout: must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    if tokenizer is not None:
+        from interleaf.model.tokenizer import IMG_CONTEXT
+
+        ctx = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
+        if cfg.img_context_token_id is None:
+            cfg.img_context_token_id = ctx
+    sd = dict(model.state_dict())
+    tied = cfg.llm.tie_word_embeddings
+    if tied:
+        sd.pop("language_model.lm_head.weight", None)
+        if layout == "internvl_chat":  # upstream always stores lm_head
+            sd["language_model.lm_head.weight"] = sd["language_model.model.embed_tokens.weight"]
+    disk = {k: v.detach().to("cpu").contiguous() for k, v in to_disk(sd, cfg, layout).items()}
+    # safetensors refuses tensors sharing memory: give every tensor its own storage
+    seen: set[int] = set()
+    for k, v in disk.items():
+        if v.untyped_storage().data_ptr() in seen:
+            disk[k] = v.clone()
+        seen.add(disk[k].untyped_storage().data_ptr())
+
+    config = cfg.to_original_dict() if layout == "internvl_chat" else cfg.to_hf_dict()
+    dtypes = [t.dtype for t in disk.values() if t.is_floating_point()]
+    if dtypes:
+        config["torch_dtype"] = str(max(set(dtypes), key=dtypes.count)).replace("torch.", "")
+    (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+    for stale in (
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+        "pytorch_model.bin.index.json",
+    ):
+        (out / stale).unlink(missing_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k in sorted(disk):
+        nbytes = disk[k].numel() * disk[k].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = disk[k]
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata=meta)
+    else:
+        weight_map = {}
+        total = 0
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(out / name), metadata=meta)
+            for k, t in shard.items():
+                weight_map[k] = name
+                total += t.numel() * t.element_size()
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out

@@ -1,0 +1,352 @@
+"""The decoder LLM: one implementation for Qwen2/Qwen2.5, InternLM2/2.5, Phi-3 and Llama.
+
+The families differ only in naming on disk (handled by ``checkpoint.py``), in which projections carry
+a bias, and in their RoPE scaling; the maths below is shared:
+
+    x = embed_tokens(ids)                                   [B, S, H]
+    for each layer:
+        x = x + self_attn(input_layernorm(x))               (GQA, RoPE, SDPA, optional static KV cache)
+        x = x + feed_forward(post_attention_layernorm(x), visual_mask)    (SwiGLU)
+    logits = lm_head(norm(x))                               [B, S, V]
+
+``DecoderLayer.feed_forward(x, visual_mask)`` is the single place a modality-expert FFN
+(Mono-InternVL) hooks in: subclass ``DecoderLayer`` and pass ``layer_cls`` to :class:`DecoderLM`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from interleaf.model.cache import KVCache
+from interleaf.model.config import LLMConfig
+from interleaf.model.intern_vit import RMSNorm
+
+
+@dataclass
+class ModelOutput:
+    """``logits`` [B, S', V] (S' = S or ``logits_to_keep``); ``last_hidden_state`` [B, S, H] after the
+    final norm; ``hidden_states`` the input of every layer plus the final output (only when asked)."""
+
+    logits: torch.Tensor
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+    def __getitem__(self, key: str) -> torch.Tensor:  # dict-style access, like transformers outputs
+        return getattr(self, key)
+
+
+# ----------------------------------------------------------------------------- RoPE
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding with the scaling types used by the family's configs.
+
+    * ``default``: inv_freq = theta^(-2i/d)
+    * ``linear``: inv_freq / factor
+    * ``dynamic`` (NTK, InternLM2): theta grows once the sequence passes ``max_position_embeddings``
+    * ``longrope`` / ``su`` (Phi-3): per-frequency short or long factors, chosen by sequence length,
+      and cos/sin scaled by an attention factor
+    * ``llama3``: wavelength-dependent smooth scaling
+
+    ``forward(position_ids [B, S]) -> (cos, sin)`` each [B, S, d], computed in fp32.
+    The length-dependent choices are tensor ops (no host sync), so a CUDA graph can capture them.
+    """
+
+    def __init__(self, cfg: LLMConfig) -> None:
+        super().__init__()
+        self.dim = dim = cfg.head_dim
+        self.rope_type = cfg.rope_type
+        rope = cfg.rope_scaling or {}
+        self.base = cfg.rope_theta
+        self.attention_factor = 1.0
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+        inv_freq = 1.0 / (cfg.rope_theta**exponents)
+        if self.rope_type == "linear":
+            inv_freq = inv_freq / rope["factor"]
+        elif self.rope_type == "dynamic":
+            self.factor = float(rope["factor"])
+            self.max_pos = cfg.max_position_embeddings
+            self.register_buffer("exponents", exponents, persistent=False)
+        elif self.rope_type == "longrope":
+            orig = cfg.original_max_position_embeddings
+            self.original_max = orig
+            factor = rope.get("factor") or cfg.max_position_embeddings / orig
+            attn = rope.get("attention_factor")
+            if attn is None:
+                attn = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+            self.attention_factor = attn
+            base_freq = cfg.rope_theta**exponents
+            self.register_buffer(
+                "long_inv_freq",
+                1.0 / (torch.tensor(rope["long_factor"]).float() * base_freq),
+                persistent=False,
+            )
+            inv_freq = 1.0 / (torch.tensor(rope["short_factor"]).float() * base_freq)
+        elif self.rope_type == "llama3":
+            inv_freq = _llama3_scale(inv_freq, rope)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def _inv_freq(self, position_ids: torch.Tensor) -> torch.Tensor:
+        if self.rope_type == "dynamic":
+            seq_len = (position_ids.max() + 1).float().clamp(min=self.max_pos)
+            base = self.base * (self.factor * seq_len / self.max_pos - (self.factor - 1)) ** (
+                self.dim / (self.dim - 2)
+            )
+            return 1.0 / base ** self.exponents.to(position_ids.device)
+        if self.rope_type == "longrope":
+            use_long = position_ids.max() + 1 > self.original_max
+            return torch.where(use_long, self.long_inv_freq, self.inv_freq)
+        return self.inv_freq
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self._inv_freq(position_ids)
+        freqs = position_ids[:, :, None].float() * inv_freq[None, None, :]  # [B, S, d/2]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
+
+
+def _llama3_scale(inv_freq: torch.Tensor, rope: dict) -> torch.Tensor:
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old_len = rope["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, h, S, d], cos/sin [B, 1, S, d] (already in x's dtype)."""
+    return x * cos + rotate_half(x) * sin
+
+
+# ----------------------------------------------------------------------------- layers
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE; writes to / reads from a static :class:`KVCache`."""
+
+    def __init__(self, cfg: LLMConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = d = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * d, cfg.hidden_size, bias=cfg.o_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        is_causal: bool,
+        kv_cache: KVCache | None,
+        cache_position: torch.Tensor | None,
+        kv_len: int | None,
+    ) -> torch.Tensor:
+        """x [B, S, H] -> [B, S, H]. ``attn_mask`` bool [B, 1, S, S_kv] (True = attend) or None."""
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v, cache_position, kv_len)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, cfg: LLMConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm decoder block. Override :meth:`feed_forward` to route tokens to experts."""
+
+    def __init__(self, cfg: LLMConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def feed_forward(self, x: torch.Tensor, visual_mask: torch.Tensor | None) -> torch.Tensor:
+        """x [B, S, H] (already normed); ``visual_mask`` [B, S] bool marks image-context tokens."""
+        return self.mlp(x)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        is_causal: bool,
+        kv_cache: KVCache | None,
+        cache_position: torch.Tensor | None,
+        kv_len: int | None,
+        visual_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(
+            self.input_layernorm(x), cos, sin, attn_mask, is_causal, kv_cache, cache_position, kv_len
+        )
+        return x + self.feed_forward(self.post_attention_layernorm(x), visual_mask)
+
+
+class DecoderModel(nn.Module):
+    """Embeddings + layers + final norm (``language_model.model`` in checkpoints)."""
+
+    def __init__(self, cfg: LLMConfig, layer_cls: type[DecoderLayer]) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(layer_cls(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(cfg)
+
+
+class DecoderLM(nn.Module):
+    """Causal LM. ``forward`` takes ids or embeddings, masks, positions and an optional KV cache."""
+
+    def __init__(self, cfg: LLMConfig, layer_cls: type[DecoderLayer] = DecoderLayer) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderModel(cfg, layer_cls)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def make_cache(
+        self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, device=None
+    ) -> KVCache:
+        cfg, w = self.config, self.model.embed_tokens.weight
+        return KVCache(
+            cfg.num_hidden_layers, batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim,
+            dtype=dtype or w.dtype, device=device or w.device,
+        )  # fmt: skip
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        cache_position: torch.Tensor | None = None,
+        visual_mask: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        output_hidden_states: bool = False,
+    ) -> ModelOutput:
+        """ids [B, S] or embeds [B, S, H] -> logits [B, S or logits_to_keep, V].
+
+        ``attention_mask``: 2-D [B, L] 1/0 padding mask over the key slots (L >= the keys attended;
+        shorter masks are padded with ones), or 4-D bool [B, 1, S, S_kv] (True = attend) used as is.
+        ``position_ids`` default: from the 2-D mask (cumsum - 1) or the cache positions.
+        With ``kv_cache``, the new keys/values go to slots ``cache_position`` (default: after the
+        cache's current length) and attention covers the filled prefix (or the whole buffer when
+        ``kv_cache.full_attention``, for CUDA graphs).
+        """
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        b, s, _ = x.shape
+        device = x.device
+
+        # --- which key slots exist, and where the new tokens go
+        if kv_cache is None:
+            kv_len = s
+            if cache_position is None:
+                cache_position = torch.arange(s, device=device)
+            start_known_zero = True
+        else:
+            if cache_position is None:
+                cache_position = torch.arange(kv_cache.length, kv_cache.length + s, device=device)
+                start_known_zero = kv_cache.length == 0
+                kv_len = kv_cache.max_len if kv_cache.full_attention else kv_cache.length + s
+                kv_cache.length += s
+            elif kv_cache.full_attention:
+                kv_len, start_known_zero = kv_cache.max_len, False
+            else:
+                last = int(cache_position[-1])  # host sync; CPU path only
+                kv_len, start_known_zero = last + 1, last + 1 == s
+                kv_cache.length = max(kv_cache.length, kv_len)
+
+        # --- positions
+        pad_mask = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            pad_mask = attention_mask.bool()
+            if pad_mask.shape[1] < kv_len:
+                pad_mask = F.pad(pad_mask, (0, kv_len - pad_mask.shape[1]), value=True)
+        if position_ids is None:
+            if pad_mask is not None:
+                pos = (pad_mask.long().cumsum(-1) - 1).clamp(min=0)
+                position_ids = pos[:, cache_position] if kv_cache is not None or pos.shape[1] != s else pos
+            else:
+                position_ids = cache_position[None].expand(b, s)
+
+        # --- attention mask: None + is_causal for the plain cases, else bool [B, 1, S, S_kv]
+        attn_mask, is_causal = None, False
+        if attention_mask is not None and attention_mask.dim() == 4:
+            attn_mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask.to(x.dtype)
+        else:
+            if pad_mask is not None:
+                pad_mask = pad_mask[:, :kv_len]
+                if pad_mask.device.type == "cpu" and bool(pad_mask.all()):
+                    pad_mask = None  # nothing padded: keep the fast path
+            plain_prefill = start_known_zero and s == kv_len
+            plain_decode = s == 1 and kv_cache is not None and not kv_cache.full_attention
+            if pad_mask is None and plain_prefill:
+                is_causal = s > 1
+            elif pad_mask is None and plain_decode:
+                pass
+            else:
+                slots = torch.arange(kv_len, device=device)
+                causal = slots[None, :] <= cache_position[:, None]  # [S, S_kv]
+                attn_mask = causal[None, None]
+                if pad_mask is not None:
+                    # a padded query would see no key at all (NaN); let it see itself
+                    own = slots[None, :] == cache_position[:, None]
+                    attn_mask = (causal & pad_mask[:, None, None, :]) | own
+
+        cos, sin = self.model.rotary_emb(position_ids)
+        cos, sin = cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None]  # [B, 1, S, d]
+
+        hidden = [] if output_hidden_states else None
+        for layer in self.model.layers:
+            if hidden is not None:
+                hidden.append(x)
+            x = layer(x, cos, sin, attn_mask, is_causal, kv_cache, cache_position, kv_len, visual_mask)
+        x = self.model.norm(x)
+        if hidden is not None:
+            hidden.append(x)
+        h = x[:, -logits_to_keep:] if logits_to_keep else x
+        return ModelOutput(
+            logits=self.lm_head(h), last_hidden_state=x, hidden_states=tuple(hidden) if hidden else None
+        )

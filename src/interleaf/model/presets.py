@@ -1,0 +1,230 @@
+"""Model presets and random-weight checkpoints made offline.
+
+``tiny*`` presets (about 2M parameters, 448 px tiles, 256 tokens per tile) are for tests and demos;
+the real-shape presets reproduce the published InternVL2 / InternVL2.5 small models (InternViT-300M
++ Qwen2 / InternLM2 / Phi-3 / Qwen2.5) with random weights and the offline tokenizer (embedding rows
+keep the real vocabulary size). Phi-3's real longrope factor lists are not embedded: the 4B preset uses
+a smooth stand-in with the same shape and scaling type.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from interleaf.errors import ConfigError
+from interleaf.model.config import InternVLConfig, LLMConfig, VisionConfig
+
+VIT_300M = dict(
+    hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, qkv_bias=True,
+    qk_normalization=False, norm_type="layer_norm", layer_norm_eps=1e-6, initializer_factor=0.1,
+)  # fmt: skip
+VIT_TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, qkv_bias=True,
+                initializer_factor=0.1)  # fmt: skip
+
+
+def _phi3_longrope(head_dim: int, original: int = 4096) -> dict:
+    half = head_dim // 2
+    return {
+        "rope_type": "longrope",
+        "short_factor": [round(1.0 + 0.1 * i / max(half - 1, 1), 4) for i in range(half)],
+        "long_factor": [round(math.exp(math.log(64.0) * i / max(half - 1, 1)), 4) for i in range(half)],
+        "original_max_position_embeddings": original,
+    }
+
+
+def _tiny_llm(family: str, **kw) -> dict:
+    base = dict(family=family, vocab_size=0, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                rope_theta=1e6, tie_word_embeddings=False)  # fmt: skip
+    base.update(kw)
+    return base
+
+
+# name -> (vision kwargs, llm kwargs, InternVLConfig kwargs); vocab_size 0 = size of the offline tokenizer
+PRESETS: dict[str, tuple[dict, dict, dict]] = {
+    "tiny": (VIT_TINY, _tiny_llm("qwen2", qkv_bias=True), dict(template="Hermes-2")),
+    "tiny-internlm2": (
+        VIT_TINY,
+        _tiny_llm("internlm2", rope_scaling={"rope_type": "dynamic", "factor": 2.0}, rms_norm_eps=1e-5),
+        dict(template="internlm2-chat"),
+    ),
+    "tiny-phi3": (
+        VIT_TINY,
+        _tiny_llm(
+            "phi3",
+            num_key_value_heads=4,
+            rope_theta=10000.0,
+            max_position_embeddings=131072,
+            original_max_position_embeddings=4096,
+            rope_scaling=_phi3_longrope(32),
+            rms_norm_eps=1e-5,
+        ),
+        dict(template="phi3-chat"),
+    ),  # fmt: skip
+    "tiny-llama": (VIT_TINY, _tiny_llm("llama", tie_word_embeddings=True), dict(template="internvl2_5")),
+    "internvl2-1b": (
+        VIT_300M,
+        dict(
+            family="qwen2",
+            vocab_size=151655,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-6,
+            rope_theta=1e6,
+            qkv_bias=True,
+        ),
+        dict(template="Hermes-2"),
+    ),  # fmt: skip
+    "internvl2-2b": (
+        VIT_300M,
+        dict(
+            family="internlm2",
+            vocab_size=92553,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-5,
+            rope_theta=1e6,
+            rope_scaling={"rope_type": "dynamic", "factor": 2.0},
+        ),
+        dict(template="internlm2-chat"),
+    ),  # fmt: skip
+    "internvl2-4b": (
+        VIT_300M,
+        dict(
+            family="phi3",
+            vocab_size=32020,
+            hidden_size=3072,
+            intermediate_size=8192,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            max_position_embeddings=131072,
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+            original_max_position_embeddings=4096,
+            rope_scaling=_phi3_longrope(96),
+        ),
+        dict(template="phi3-chat"),
+    ),  # fmt: skip
+    "internvl2_5-1b": (
+        VIT_300M,
+        dict(
+            family="qwen2",
+            vocab_size=151674,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-6,
+            rope_theta=1e6,
+            qkv_bias=True,
+        ),
+        dict(template="internvl2_5"),
+    ),  # fmt: skip
+    "internvl2_5-4b": (
+        VIT_300M,
+        dict(
+            family="qwen2",
+            vocab_size=151674,
+            hidden_size=2048,
+            intermediate_size=11008,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-6,
+            rope_theta=1e6,
+            qkv_bias=True,
+        ),
+        dict(template="internvl2_5"),
+    ),  # fmt: skip
+}
+_BOS_FAMILIES = ("internlm2", "phi3")
+DEFAULTS = dict(ps_version="v2", select_layer=-1, force_image_size=448, downsample_ratio=0.5,
+                min_dynamic_patch=1, max_dynamic_patch=12, use_thumbnail=True, dynamic_image_size=True)  # fmt: skip
+
+
+def preset_config(name: str, vocab_size: int | None = None) -> InternVLConfig:
+    """The :class:`InternVLConfig` of a preset (``vocab_size`` fills the tiny presets' 0)."""
+    if name not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {name!r} (choose from {', '.join(PRESETS)})")
+    vision_kw, llm_kw, top_kw = PRESETS[name]
+    llm_kw = dict(llm_kw)
+    if not llm_kw["vocab_size"]:
+        llm_kw["vocab_size"] = vocab_size or 4096
+    if llm_kw["family"] in ("internlm2", "llama", "phi3"):
+        llm_kw.setdefault("qkv_bias", False)
+    return InternVLConfig(vision=VisionConfig(**vision_kw), llm=LLMConfig(**llm_kw), **DEFAULTS, **top_kw)
+
+
+def build_model(
+    cfg: InternVLConfig, seed: int = 0, dtype: torch.dtype = torch.float32, model_cls: Callable | None = None
+):
+    """A randomly initialised model, built without a throw-away default init (fast at real shapes)."""
+    from interleaf.model.checkpoint import _rebuild_buffers
+    from interleaf.model.internvl import InternVLChatModel
+
+    model_cls = model_cls or InternVLChatModel
+    with torch.device("meta"):
+        model = model_cls(cfg)
+    model.to_empty(device="cpu")
+    model.to(dtype)
+    model.language_model.tie_weights()
+    _rebuild_buffers(model)
+    model.init_weights(seed)
+    return model.eval()
+
+
+def make_tokenizer(family: str, vocab_size: int | None = None):
+    from interleaf.model.tokenizer import build_offline_tokenizer
+
+    return build_offline_tokenizer(bos=family in _BOS_FAMILIES)
+
+
+def init_model(
+    preset: str,
+    out_dir: str | Path,
+    layout: str = "internvl_chat",
+    seed: int = 0,
+    dtype: torch.dtype | str | None = None,
+) -> Path:
+    """Write a random-weight checkpoint of ``preset`` (with the offline tokenizer) to ``out_dir``.
+
+    ``dtype`` default: float32 for tiny presets, bfloat16 for real shapes.
+    """
+    from interleaf.model.checkpoint import parse_dtype, save_checkpoint
+    from interleaf.model.tokenizer import IMG_CONTEXT, IMG_END, IMG_START
+
+    if preset not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    dtype = parse_dtype(dtype) or (torch.float32 if preset.startswith("tiny") else torch.bfloat16)
+    family = PRESETS[preset][1]["family"]
+    tok = make_tokenizer(family)
+    cfg = preset_config(preset, vocab_size=-(-len(tok) // 64) * 64)
+    if len(tok) > cfg.llm.vocab_size:
+        raise ConfigError(
+            f"preset {preset}: tokenizer has {len(tok)} tokens > vocab_size {cfg.llm.vocab_size}"
+        )
+    vocab = tok.get_vocab()
+    cfg.img_context_token_id, cfg.img_start_token_id, cfg.img_end_token_id = (
+        vocab[IMG_CONTEXT], vocab[IMG_START], vocab[IMG_END]
+    )  # fmt: skip
+    cfg.llm.bos_token_id = vocab.get("<s>") if family in _BOS_FAMILIES else None
+    cfg.llm.eos_token_id = vocab["<|end|>"] if cfg.template == "phi3-chat" else vocab["<|im_end|>"]
+    cfg.llm.pad_token_id = vocab["<|endoftext|>"]
+    model = build_model(cfg, seed=seed, dtype=dtype)
+    return save_checkpoint(model, tok, out_dir, layout=layout)

@@ -1,0 +1,161 @@
+"""Tokenizers: load one from a checkpoint directory, or build a small one offline.
+
+``load_tokenizer(path)`` returns a ``transformers.PreTrainedTokenizerFast`` (never remote code) and
+makes sure the InternVL special tokens exist: ``<img> </img> <IMG_CONTEXT> <quad> </quad> <ref>
+</ref> <box> </box>`` (added in that order, so their ids are consecutive, as the upstream fine-tune
+script does) and that the chat-template tokens (``<|im_start|>``, ``<|im_end|>``, ``<|end|>`` ...)
+are special.
+
+``build_offline_tokenizer()`` trains a byte-level BPE (~3k tokens) with the ``tokenizers`` library on a
+text generated deterministically from an embedded word list, so it is identical on every machine
+and needs no download. Byte-level fallback means any text (incl. Chinese) encodes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from interleaf.errors import CheckpointError
+
+IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+INTERNVL_TOKENS = [IMG_START, IMG_END, IMG_CONTEXT, "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
+
+# Chat-template tokens per template: (tokens that must be special, end-of-turn token).
+TEMPLATE_TOKENS = {
+    "Hermes-2": (["<|im_start|>", "<|im_end|>"], "<|im_end|>"),
+    "internlm2-chat": (["<|im_start|>", "<|im_end|>"], "<|im_end|>"),
+    "internvl2_5": (["<|im_start|>", "<|im_end|>"], "<|im_end|>"),
+    "phi3-chat": (["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], "<|end|>"),
+}
+
+# Special tokens of the offline tokenizer, before the InternVL ones.
+OFFLINE_SPECIALS = [
+    "<|endoftext|>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>",
+    "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
+]  # fmt: skip
+
+
+def ensure_special_tokens(tok, template: str | None = None) -> None:
+    """Add missing InternVL / chat tokens to ``tok`` (a PreTrainedTokenizerFast), in upstream order."""
+    from tokenizers import AddedToken
+
+    vocab = tok.get_vocab()
+    chat = TEMPLATE_TOKENS.get(template or "", ([], None))[0]
+    existing_special = set(tok.all_special_tokens) | {
+        t.content for t in tok.added_tokens_decoder.values() if getattr(t, "special", False)
+    }
+    missing_chat = [t for t in chat if t not in vocab or t not in existing_special]
+    if missing_chat:
+        tok.add_special_tokens(
+            {"additional_special_tokens": [AddedToken(t, special=True) for t in missing_chat]},
+            replace_extra_special_tokens=False,
+        )
+    missing = [t for t in INTERNVL_TOKENS if t not in vocab]
+    if missing:
+        tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
+
+
+def load_tokenizer(path: str | Path, template: str | None = None):
+    """Tokenizer of a checkpoint directory (``tokenizer.json``; sentencepiece-only is an error).
+
+    ``template`` names the chat template whose tokens must be special (see ``TEMPLATE_TOKENS``).
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file():
+        if (path / "tokenizer.model").is_file():
+            raise CheckpointError(
+                f"{path}: only a sentencepiece tokenizer.model is present; convert it to tokenizer.json "
+                "(e.g. with transformers on a machine with sentencepiece) - interleaf never runs remote code"
+            )
+        raise CheckpointError(f"{path}: no tokenizer.json in the checkpoint directory")
+    try:
+        tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+    except Exception as exc:  # noqa: BLE001 - report any parse failure as one line
+        raise CheckpointError(
+            f"{path / 'tokenizer.json'}: cannot load tokenizer ({str(exc).splitlines()[0]})"
+        ) from None
+    ensure_special_tokens(tok, template)
+    return tok
+
+
+# ----------------------------------------------------------------------------- offline BPE
+_WORDS = """the of and to in is a that for it as was with be by on not he this are or his from at which but
+have an they you were her she there been one all we their has would when if so no what up out more about
+into them can only other new some could time these two may then do first any my now such like our over man
+me even most made after also did many before must through back years where much your way well down should
+because each just those people how too little state good very make world still own see men work long get here
+between both life being under never day same another know while last might us great old year off come since
+against go came right used take three image picture photo video frame page text word line left right top bottom
+red green blue yellow black white dark light small large big tiny round square cat dog bird car tree house
+street city road sky water river mountain person woman child table chair book paper screen window door wall
+answer question describe what where which who why how many count number show find point box region object
+model vision language chart table figure document scene color shape size left middle center above below near
+far inside outside one two three four five six seven eight nine ten hundred thousand first second third yes
+""".split()
+
+_PUNCT = [". ", ", ", "? ", "! ", ": ", "; ", "\n", " - ", " (", ") ", '"', "'s "]
+
+
+def offline_training_text(n_sentences: int = 6000, seed: int = 1234) -> list[str]:
+    """A fixed pseudo-English corpus (LCG-driven, identical on every machine)."""
+    state = seed
+    out = []
+
+    def rnd(n: int) -> int:
+        nonlocal state
+        state = (state * 6364136223846793005 + 1442695040888963407) % (1 << 64)
+        return (state >> 33) % n
+
+    for _ in range(n_sentences):
+        words = [_WORDS[rnd(len(_WORDS))] for _ in range(3 + rnd(12))]
+        if rnd(4) == 0:
+            words.insert(rnd(len(words)), str(rnd(2000)))
+        if rnd(3) == 0:
+            words[0] = words[0].capitalize()
+        s = " ".join(words) + _PUNCT[rnd(len(_PUNCT))]
+        out.append(s)
+    # digits and common symbols so they get merges too
+    out.extend(f"{i} {i * 7 % 1000}.{i % 10} [{i}, {i + 1}] <{i}>" for i in range(500))
+    return out
+
+
+def build_offline_tokenizer(vocab_size: int = 3000, bos: bool = False):
+    """Train a small byte-level BPE offline; return a PreTrainedTokenizerFast with the chat specials
+    and the InternVL tokens (``<img>``, ``</img>``, ``<IMG_CONTEXT>``, ... consecutive).
+
+    ``bos=True`` makes it prepend ``<s>`` like the InternLM2 / Phi-3 tokenizers.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=OFFLINE_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tk.train_from_iterator(offline_training_text(), trainer=trainer)
+    if bos:
+        bos_id = tk.token_to_id("<s>")
+        tk.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
+        )
+    else:
+        tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token="<s>" if bos else None,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        additional_special_tokens=OFFLINE_SPECIALS[4:],
+        clean_up_tokenization_spaces=False,
+    )
+    ensure_special_tokens(tok)
+    return tok

@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny random-weight InternVL checkpoints made offline, once per test session.
+
+* ``tiny_ckpt``: path to a tiny Qwen2-style checkpoint (template Hermes-2) in the original
+  InternVL-Chat layout (``interleaf init-model --preset tiny``).
+* ``tiny_ckpt_hf``: the same weights saved in the transformers-native ``-hf`` layout.
+
+Both directories are read-only by convention: copy them before modifying anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from interleaf.model import init_model
+
+    return init_model("tiny", tmp_path_factory.mktemp("ckpt") / "tiny", layout="internvl_chat", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_hf(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from interleaf.model import load_checkpoint, save_checkpoint
+
+    model, tokenizer = load_checkpoint(tiny_ckpt)
+    return save_checkpoint(model, tokenizer, tmp_path_factory.mktemp("ckpt") / "tiny-hf", layout="hf")
