@@ -1,0 +1,533 @@
+"""Optional image fetching and pixel-level filters (OmniCorpus stage 4).
+
+``ImageFetcher`` downloads image URLs concurrently (threads), each with a time limit, a size cap,
+a content-type check and retries on transient failures; the bytes are stored under
+``sha256(url)`` (a stored file is reused, which makes a re-run cheap and resumable) and every
+failure is returned with its reason. Addresses are checked after DNS resolution and the
+connection is pinned to the checked address (no DNS-rebinding window): private, loopback,
+link-local, multicast and reserved addresses are refused unless ``allow_private=True``. ``file://``
+URLs and local paths work offline, but only under ``local_roots`` (or with ``allow_private``):
+a crawled page must never make the fetcher read local files.
+
+``fetch_corpus(OUT)`` runs on a built corpus: fetch every image of every shard, add
+``real_width, real_height, sha256, p_hash, d_hash, bytes_path`` to the image metadata, then apply
+the pixel filters with the published defaults: failed downloads removed; width or height < 150 px;
+aspect ratio outside [0.5, 2] (MMC4, OmniCorpus); perceptual duplicates: a repeat of the same
+pHash inside a document, and images whose pHash occurs in more than 10 documents of the corpus
+(OmniCorpus: pHash + dHash). Documents left without images are excluded (OmniCorpus keeps only
+documents with images). Per-shard markers make it resumable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import io
+import ipaddress
+import json
+import os
+import socket
+import ssl
+import time
+import urllib.parse
+from collections import Counter
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+USER_AGENT = "interleaf-corpus/0.1 (+https://github.com/interleaf; image fetcher)"
+_TRANSIENT = {408, 425, 429, 500, 502, 503, 504}
+
+
+@dataclass
+class FetchResult:
+    """The outcome for one URL. ``ok`` False: ``reason`` says why (``timeout``, ``http_404``...)."""
+
+    url: str
+    ok: bool
+    reason: str = ""
+    detail: str = ""
+    bytes_path: str | None = None
+    content_type: str | None = None
+    size: int = 0
+    sha256: str | None = None
+    real_width: int | None = None
+    real_height: int | None = None
+    p_hash: str | None = None
+    d_hash: str | None = None
+    attempts: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class FetchError(Exception):
+    def __init__(self, reason: str, detail: str = "", transient: bool = False):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail, self.transient = reason, detail, transient
+
+
+# ---------------------------------------------------------------------------------------------
+# perceptual hashes
+
+
+def _dct_matrix(n: int) -> np.ndarray:
+    k = np.arange(n)[:, None]
+    i = np.arange(n)[None, :]
+    m = np.cos(np.pi * (2 * i + 1) * k / (2 * n)) * np.sqrt(2.0 / n)
+    m[0] /= np.sqrt(2.0)
+    return m
+
+
+_DCT32 = _dct_matrix(32)
+
+
+def _bits_to_hex(bits: np.ndarray) -> str:
+    v = 0
+    for b in bits.flatten().tolist():
+        v = (v << 1) | int(b)
+    return f"{v:016x}"
+
+
+def p_hash(img) -> str:
+    """64-bit DCT perceptual hash (hex): 32x32 grey, 2-D DCT, low 8x8 block vs its median."""
+    from PIL import Image
+
+    g = np.asarray(img.convert("L").resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
+    d = _DCT32 @ g @ _DCT32.T
+    low = d[:8, :8]
+    return _bits_to_hex(low > np.median(low))
+
+
+def d_hash(img) -> str:
+    """64-bit difference hash (hex): 9x8 grey, each pixel brighter than its right neighbour."""
+    from PIL import Image
+
+    g = np.asarray(img.convert("L").resize((9, 8), Image.Resampling.LANCZOS), dtype=np.int32)
+    return _bits_to_hex(g[:, 1:] > g[:, :-1])
+
+
+def hamming(a: str, b: str) -> int:
+    """Bits that differ between two hex hashes."""
+    return bin(int(a, 16) ^ int(b, 16)).count("1")
+
+
+# ---------------------------------------------------------------------------------------------
+# the fetcher
+
+
+def address_allowed(ip: str) -> bool:
+    """False for private, loopback, link-local, multicast, reserved and unspecified addresses."""
+    addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return not (
+        addr.is_private
+        or addr.is_loopback
+        or addr.is_link_local
+        or addr.is_multicast
+        or addr.is_reserved
+        or addr.is_unspecified
+    )
+
+
+class _PinnedHTTP(http.client.HTTPConnection):
+    def __init__(self, host: str, port: int, ip: str, timeout: float):
+        super().__init__(host, port, timeout=timeout)
+        self._ip = ip
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self._ip, self.port), self.timeout)
+
+
+class _PinnedHTTPS(http.client.HTTPSConnection):
+    def __init__(self, host: str, port: int, ip: str, timeout: float):
+        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        self._ip = ip
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self._ip, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+@dataclass
+class ImageFetcher:
+    """Concurrent, bounded, address-checked image downloader storing bytes by ``sha256(url)``."""
+
+    store_dir: str | Path
+    timeout_s: float = 10.0
+    max_bytes: int = 20_000_000
+    retries: int = 2
+    concurrency: int = 16
+    allow_private: bool = False
+    local_roots: list[str] = field(default_factory=list)
+    backoff_s: float = 0.2
+    max_redirects: int = 5
+    sources: dict[str, bytes] | None = None  # offline {url: bytes} (e.g. a WARC's image records)
+
+    def __post_init__(self) -> None:
+        self.store_dir = Path(self.store_dir)
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        self._roots = [Path(r).resolve() for r in self.local_roots]
+
+    # -- storage ---------------------------------------------------------------------------
+    def path_for(self, url: str) -> Path:
+        h = hashlib.sha256(url.encode("utf-8")).hexdigest()
+        return self.store_dir / h[:2] / h
+
+    def _store(self, url: str, data: bytes) -> Path:
+        p = self.path_for(url)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}-{id(data)}")
+        tmp.write_bytes(data)
+        os.replace(tmp, p)
+        return p
+
+    # -- one URL ---------------------------------------------------------------------------
+    def fetch(self, url: str) -> FetchResult:
+        """Fetch (or reuse) one URL; never raises."""
+        res = FetchResult(url=url, ok=False)
+        stored = self.path_for(url)
+        try:
+            if stored.exists():
+                data, ctype = stored.read_bytes(), None
+            else:
+                data, ctype = self._download_with_retries(url, res)
+            self._describe(res, data, ctype)
+            if not stored.exists():
+                self._store(url, data)
+            res.bytes_path = str(stored)
+            res.ok = True
+        except FetchError as exc:
+            res.reason, res.detail = exc.reason, exc.detail[:300]
+        except Exception as exc:  # noqa: BLE001 - every failure is recorded, none is fatal
+            res.reason, res.detail = f"error:{type(exc).__name__}", str(exc)[:300]
+        return res
+
+    def _download_with_retries(self, url: str, res: FetchResult) -> tuple[bytes, str | None]:
+        last: FetchError | None = None
+        for attempt in range(self.retries + 1):
+            res.attempts = attempt + 1
+            try:
+                return self._download(url)
+            except FetchError as exc:
+                last = exc
+                if not exc.transient or attempt == self.retries:
+                    raise
+                time.sleep(self.backoff_s * (2**attempt))
+        raise last  # pragma: no cover
+
+    def _download(self, url: str) -> tuple[bytes, str | None]:
+        if self.sources is not None and url in self.sources:
+            return self.sources[url], None
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme in ("", "file"):
+            return self._read_local(urllib.parse.unquote(parsed.path) if parsed.scheme else url), None
+        if parsed.scheme not in ("http", "https"):
+            raise FetchError("unsupported_scheme", parsed.scheme)
+        for _ in range(self.max_redirects + 1):
+            status, headers, body = self._http_get(url)
+            if status in (301, 302, 303, 307, 308):
+                loc = headers.get("location")
+                if not loc:
+                    raise FetchError(f"http_{status}", "redirect without Location")
+                url = urllib.parse.urljoin(url, loc)
+                if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+                    raise FetchError("unsupported_scheme", "redirect to non-HTTP URL")
+                continue
+            if status != 200:
+                raise FetchError(f"http_{status}", "", transient=status in _TRANSIENT)
+            ctype = (headers.get("content-type") or "").split(";")[0].strip().lower()
+            if not ctype.startswith("image/"):
+                raise FetchError("bad_content_type", ctype or "(none)")
+            return body, ctype
+        raise FetchError("too_many_redirects", url)
+
+    def _read_local(self, path: str) -> bytes:
+        p = Path(path).resolve()
+        if not self.allow_private and not any(p.is_relative_to(r) for r in self._roots):
+            raise FetchError("local_file_refused", f"{p} is outside local_roots")
+        if not p.is_file():
+            raise FetchError("not_found", str(p))
+        if p.stat().st_size > self.max_bytes:
+            raise FetchError("too_large", f"{p.stat().st_size} bytes")
+        return p.read_bytes()
+
+    def _http_get(self, url: str) -> tuple[int, dict[str, str], bytes]:
+        parsed = urllib.parse.urlsplit(url)
+        host = parsed.hostname
+        if not host:
+            raise FetchError("bad_url", url)
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise FetchError("dns_error", str(exc), transient=False) from None
+        ips = [i[4][0] for i in infos]
+        if not self.allow_private:
+            bad = [ip for ip in ips if not address_allowed(ip)]
+            if bad:
+                raise FetchError("private_address", f"{host} -> {bad[0]}")
+        cls = _PinnedHTTPS if parsed.scheme == "https" else _PinnedHTTP
+        conn = cls(host, port, ips[0], self.timeout_s)
+        path = parsed.path or "/"
+        if parsed.query:
+            path += "?" + parsed.query
+        try:
+            conn.request("GET", path, headers={"User-Agent": USER_AGENT, "Accept": "image/*"})
+            resp = conn.getresponse()
+            headers = {k.lower(): v for k, v in resp.getheaders()}
+            if resp.status != 200:
+                return resp.status, headers, b""
+            ctype = (headers.get("content-type") or "").split(";")[0].strip().lower()
+            if not ctype.startswith("image/"):
+                raise FetchError("bad_content_type", ctype or "(none)")
+            length = headers.get("content-length")
+            if length and length.isdigit() and int(length) > self.max_bytes:
+                raise FetchError("too_large", f"Content-Length {length}")
+            chunks, total = [], 0
+            while True:
+                if time.monotonic() > deadline:
+                    raise FetchError("timeout", f"body not complete within {self.timeout_s:g} s", True)
+                chunk = resp.read(65536)
+                if not chunk:
+                    break
+                total += len(chunk)
+                if total > self.max_bytes:
+                    raise FetchError("too_large", f"> {self.max_bytes} bytes")
+                chunks.append(chunk)
+            return resp.status, headers, b"".join(chunks)
+        except TimeoutError as exc:
+            raise FetchError("timeout", str(exc) or f"{self.timeout_s:g} s", transient=True) from None
+        except (ConnectionError, http.client.HTTPException, OSError) as exc:
+            raise FetchError("connection_error", f"{type(exc).__name__}: {exc}", transient=True) from None
+        finally:
+            conn.close()
+
+    @staticmethod
+    def _describe(res: FetchResult, data: bytes, ctype: str | None) -> None:
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                res.real_width, res.real_height = img.size
+                res.p_hash, res.d_hash = p_hash(img), d_hash(img)
+                fmt = (img.format or "").lower()
+        except Exception as exc:  # noqa: BLE001 - not an image
+            raise FetchError("undecodable", f"{type(exc).__name__}: {exc}") from None
+        res.content_type = ctype or (f"image/{fmt}" if fmt else None)
+        res.size = len(data)
+        res.sha256 = hashlib.sha256(data).hexdigest()
+
+    # -- many URLs -------------------------------------------------------------------------
+    def fetch_many(self, urls: Iterable[str], progress: bool = False) -> dict[str, FetchResult]:
+        """Fetch distinct ``urls`` concurrently; returns ``{url: FetchResult}``."""
+        uniq = list(dict.fromkeys(urls))
+        out: dict[str, FetchResult] = {}
+        if not uniq:
+            return out
+        from tqdm import tqdm
+
+        with ThreadPoolExecutor(max_workers=max(1, self.concurrency)) as pool:
+            bar = tqdm(total=len(uniq), desc="fetch", unit="img", disable=not progress, leave=False)
+            for res in pool.map(self.fetch, uniq):
+                out[res.url] = res
+                bar.update(1)
+            bar.close()
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# pixel filters over a corpus
+
+
+def pixel_verdict(res: FetchResult, cfg: dict) -> str | None:
+    """Why an image node is removed after fetching (None: kept)."""
+    if not res.ok:
+        return f"fetch:{res.reason}" if cfg.get("drop_failed", True) else None
+    w, h = res.real_width or 0, res.real_height or 0
+    if min(w, h) < int(cfg.get("min_side", 150)):
+        return "too_small"
+    aspect = w / h if h else 0.0
+    if aspect < float(cfg.get("min_aspect", 0.5)) or aspect > float(cfg.get("max_aspect", 2.0)):
+        return "aspect_ratio"
+    return None
+
+
+def fetch_corpus(
+    out: str | Path,
+    cfg: dict | None = None,
+    progress: bool = True,
+    sources: dict[str, bytes] | None = None,
+) -> dict:
+    """Fetch the images of a built corpus in ``OUT`` and apply the pixel filters (resumable).
+
+    ``cfg``: the ``fetch`` section of the pipeline config (defaults from ``pipeline.DEFAULTS``).
+    Returns the updated ``stats.json`` content.
+    """
+    from interleaf.corpus import engine as E
+    from interleaf.corpus import pipeline as P
+    from interleaf.corpus.base import StepStats
+    from interleaf.errors import InputError
+
+    out = Path(out)
+    stats_path = out / "stats.json"
+    if not stats_path.exists():
+        raise InputError(f"{out}: not a finished corpus build (no stats.json)")
+    fc = dict(P.DEFAULTS["fetch"])
+    fc.update(cfg or {})
+    stats = json.loads(stats_path.read_text(encoding="utf-8"))
+    fmt = stats.get("format", "parquet")
+    work = out / E.WORK / "fetch"
+    work.mkdir(parents=True, exist_ok=True)
+    fetcher = ImageFetcher(
+        store_dir=fc.get("images_dir") or out / "images",
+        timeout_s=float(fc["timeout_s"]),
+        max_bytes=int(fc["max_bytes"]),
+        retries=int(fc["retries"]),
+        concurrency=int(fc["concurrency"]),
+        allow_private=bool(fc["allow_private"]),
+        local_roots=list(fc.get("local_roots") or []),
+        sources=sources,
+    )
+    ext = "parquet" if fmt == "parquet" else "jsonl"
+    shards = int(stats["shards"])
+    # pass 1 (per shard, resumable): fetch and record each image's result
+    for s in range(shards):
+        log = work / f"{E.shard_name(s)}.results.jsonl"
+        if log.exists():
+            continue
+        docs = _read_docs(out / "data" / f"part-{s:05d}.{ext}")
+        results = fetcher.fetch_many((u for d in docs for u in d.image_urls), progress=progress)
+        E._atomic_write(log, E._jsonl(r.to_dict() for r in results.values()))
+    # pass 2 (global): in how many documents does each pHash occur (after the per-image rules)
+    phash_docs: Counter = Counter()
+    for s in range(shards):
+        res = _load_results(work, s)
+        for d in _read_docs(out / "data" / f"part-{s:05d}.{ext}"):
+            hs = {res[u].p_hash for u in d.image_urls if u in res and pixel_verdict(res[u], fc) is None}
+            phash_docs.update(hs)
+    too_common = {h for h, c in phash_docs.items() if c > int(fc["max_phash_occurrences"])}
+    # pass 3 (per shard, resumable): rewrite the shard with metadata and the filters applied
+    book = E.StatsBook()
+    for s in range(shards):
+        done = work / f"{E.shard_name(s)}.done.json"
+        if done.exists():
+            book.merge(E.StatsBook.from_list(json.loads(done.read_text())["stats"]))
+            continue
+        res = _load_results(work, s)
+        st = StepStats(name="fetch")
+        kept_docs, excluded = [], []
+        for j, d in enumerate(_read_docs(out / "data" / f"part-{s:05d}.{ext}")):
+            n_img = d.n_images
+            st.docs_in += 1
+            st.images_in += n_img
+            d = d.copy()
+            keep, seen, removed = [], set(), Counter()
+            for x, m in zip(d.images, d.metadata):
+                if x is None:
+                    keep.append(True)
+                    continue
+                r = res.get(x) or FetchResult(url=x, ok=False, reason="not_fetched")
+                why = pixel_verdict(r, fc)
+                if why is None and r.p_hash in seen:
+                    why = "phash_duplicate_in_document"
+                if why is None and r.p_hash in too_common:
+                    why = "phash_frequent"
+                if r.ok:
+                    m.update(
+                        real_width=r.real_width,
+                        real_height=r.real_height,
+                        sha256=r.sha256,
+                        p_hash=r.p_hash,
+                        d_hash=r.d_hash,
+                        bytes_path=os.path.relpath(r.bytes_path, out),
+                    )
+                if why is not None:
+                    removed[why] += 1
+                    keep.append(False)
+                else:
+                    seen.add(r.p_hash)
+                    keep.append(True)
+            d = d.select(keep)
+            if fc["drop_documents_without_images"] and d.n_images == 0 and n_img > 0:
+                # all its images failed: the document goes, its images count as in a dropped doc
+                st.excluded_by_reason["no_images_after_fetch"] += 1
+                st.images_in_dropped_docs += n_img
+                excluded.append(
+                    {
+                        "id": d.id,
+                        "url": d.url,
+                        "shard": s,
+                        "index": j,
+                        "stage": "fetch",
+                        "reason": "no_images_after_fetch",
+                        "detail": ", ".join(f"{k}={v}" for k, v in sorted(removed.items())),
+                    }
+                )
+                continue
+            st.images_removed_by_reason.update(removed)
+            st.docs_out += 1
+            st.images_out += d.n_images
+            kept_docs.append(d)
+        E.write_documents(out / "data" / f"part-{s:05d}.{ext}", kept_docs, fmt)
+        E._atomic_write(out / "excluded" / f"fetch-{s:05d}.jsonl", E._jsonl(excluded))
+        shard_book = E.StatsBook()
+        shard_book.add(st)
+        E._atomic_write(done, json.dumps({"stats": shard_book.to_list(), "excluded": len(excluded)}))
+        book.merge(shard_book)
+    return _update_stats(out, stats, book, work, shards)
+
+
+def _read_docs(path: Path) -> list:
+    from interleaf.corpus.document import Document
+
+    if not path.exists():
+        return []
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            return [Document.from_row(json.loads(line)) for line in f if line.strip()]
+    try:
+        from interleaf.corpus.formats import read_parquet_documents
+    except ImportError:
+        read_parquet_documents = None
+    if read_parquet_documents is not None:
+        return list(read_parquet_documents(str(path)))
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(path).to_pylist()
+    return [Document.from_row(r) for r in rows]
+
+
+def _load_results(work: Path, s: int) -> dict[str, FetchResult]:
+    from interleaf.corpus import engine as E
+
+    out = {}
+    for d in E._read_jsonl(work / f"{E.shard_name(s)}.results.jsonl"):
+        out[d["url"]] = FetchResult(**d)
+    return out
+
+
+def _update_stats(out: Path, stats: dict, book, work: Path, shards: int) -> dict:
+    from interleaf.corpus import engine as E
+
+    fetch = book.get("fetch").to_dict()
+    stats["stages"] = [s for s in stats["stages"] if s["name"] != "fetch"] + [fetch]
+    excluded_fetch = sum(
+        json.loads((work / f"{E.shard_name(s)}.done.json").read_text())["excluded"] for s in range(shards)
+    )
+    base_excluded = stats.get("excluded_before_fetch", stats["excluded"])
+    base_out = stats.get("docs_out_before_fetch", stats["docs_out"])
+    stats["excluded_before_fetch"], stats["docs_out_before_fetch"] = base_excluded, base_out
+    stats["excluded"] = base_excluded + excluded_fetch
+    stats["docs_out"] = base_out - excluded_fetch
+    stats["images_out"] = fetch["images_out"]
+    stats["balanced"] = stats["records_in"] == stats["docs_out"] + stats["excluded"] + stats["errors"]
+    E._atomic_write(out / "stats.json", json.dumps(stats, indent=1))
+    return stats

@@ -1,0 +1,153 @@
+"""Image fetching over a real HTTP server on loopback, local files, perceptual hashes."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from PIL import Image, ImageDraw
+
+from interleaf.corpus import fetch as F
+
+
+def _png(w: int, h: int, seed: int = 0) -> bytes:
+    img = Image.new("RGB", (w, h), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    for i in range(6):
+        x = (seed * 37 + i * 53) % max(1, w - 20)
+        y = (seed * 17 + i * 29) % max(1, h - 20)
+        d.rectangle([x, y, x + w // 4, y + h // 5], fill=((seed * 80 + i * 40) % 256, i * 40, 200 - i * 30))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+PNG = _png(300, 200, 1)
+COUNTS: dict[str, int] = {}
+
+
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+    def _send(self, code: int, ctype: str, body: bytes, length: int | None = None) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body) if length is None else length))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):  # noqa: N802 - http.server API
+        COUNTS[self.path] = COUNTS.get(self.path, 0) + 1
+        if self.path == "/ok.png":
+            self._send(200, "image/png", PNG)
+        elif self.path == "/html":
+            self._send(200, "text/html", b"<html></html>")
+        elif self.path == "/garbage.png":
+            self._send(200, "image/png", b"not an image at all")
+        elif self.path == "/big.png":
+            self._send(200, "image/png", b"x" * 10, length=50_000_000)
+        elif self.path == "/slow.png":
+            time.sleep(1.5)
+            self._send(200, "image/png", PNG)
+        elif self.path == "/flaky.png":
+            if COUNTS[self.path] == 1:
+                self._send(503, "text/plain", b"busy")
+            else:
+                self._send(200, "image/png", PNG)
+        elif self.path == "/moved":
+            self.send_response(302)
+            self.send_header("Location", "/ok.png")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        else:
+            self._send(404, "text/plain", b"nope")
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_fetch_over_loopback_reasons(server, tmp_path):
+    f = F.ImageFetcher(
+        tmp_path / "img", timeout_s=0.5, max_bytes=1_000_000, retries=1, allow_private=True, backoff_s=0.01
+    )
+    urls = {k: f"{server}/{k}" for k in ("ok.png", "html", "garbage.png", "big.png", "missing.png", "moved")}
+    res = f.fetch_many(urls.values())
+    ok = res[urls["ok.png"]]
+    assert ok.ok and (ok.real_width, ok.real_height) == (300, 200)
+    assert ok.sha256 and len(ok.p_hash) == 16 and len(ok.d_hash) == 16
+    stored = F.Path(ok.bytes_path)
+    assert stored.read_bytes() == PNG and stored.name == F.hashlib.sha256(urls["ok.png"].encode()).hexdigest()
+    assert res[urls["html"]].reason == "bad_content_type"
+    assert res[urls["garbage.png"]].reason == "undecodable"
+    assert res[urls["big.png"]].reason == "too_large"
+    assert res[urls["missing.png"]].reason == "http_404" and res[urls["missing.png"]].attempts == 1
+    assert res[urls["moved"]].ok and res[urls["moved"]].sha256 == ok.sha256
+
+
+def test_timeout_retry_and_cache(server, tmp_path):
+    f = F.ImageFetcher(tmp_path / "img", timeout_s=0.4, retries=0, allow_private=True)
+    slow = f.fetch(f"{server}/slow.png")
+    assert not slow.ok and slow.reason == "timeout"
+    f2 = F.ImageFetcher(tmp_path / "img", retries=2, allow_private=True, backoff_s=0.01)
+    flaky = f2.fetch(f"{server}/flaky.png")
+    assert flaky.ok and flaky.attempts == 2
+    n = COUNTS["/flaky.png"]
+    again = f2.fetch(f"{server}/flaky.png")  # stored by sha256(url): no new request
+    assert again.ok and COUNTS["/flaky.png"] == n and again.sha256 == flaky.sha256
+
+
+def test_loopback_and_private_refused_by_default(server, tmp_path):
+    f = F.ImageFetcher(tmp_path / "img", timeout_s=1)
+    r = f.fetch(f"{server}/ok.png")
+    assert not r.ok and r.reason == "private_address"
+    for ip in ("10.1.2.3", "192.168.0.1", "169.254.169.254", "::1", "0.0.0.0", "::ffff:127.0.0.1"):
+        assert not F.address_allowed(ip), ip
+    assert F.address_allowed("93.184.216.34")
+    assert f.fetch("ftp://example.org/x.png").reason == "unsupported_scheme"
+
+
+def test_local_files_only_under_roots(tmp_path):
+    root = tmp_path / "mirror"
+    root.mkdir()
+    (root / "a.png").write_bytes(_png(200, 160, 3))
+    f = F.ImageFetcher(tmp_path / "img", local_roots=[str(root)])
+    assert f.fetch((root / "a.png").as_uri()).ok
+    assert f.fetch(str(root / "a.png")).ok
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(_png(200, 160, 4))
+    assert f.fetch(outside.as_uri()).reason == "local_file_refused"
+    assert f.fetch((root / "missing.png").as_uri()).reason == "not_found"
+
+
+def test_perceptual_hashes_near_duplicates():
+    a = Image.open(io.BytesIO(_png(300, 200, 5)))
+    a_small = a.resize((150, 100))
+    b = Image.open(io.BytesIO(_png(300, 200, 9)))
+    assert F.hamming(F.p_hash(a), F.p_hash(a_small)) <= 4
+    assert F.hamming(F.d_hash(a), F.d_hash(a_small)) <= 6
+    assert F.hamming(F.p_hash(a), F.p_hash(b)) > 10
+
+
+def test_pixel_verdicts():
+    cfg = {"min_side": 150, "min_aspect": 0.5, "max_aspect": 2.0}
+    ok = F.FetchResult(url="u", ok=True, real_width=300, real_height=200)
+    assert F.pixel_verdict(ok, cfg) is None
+    assert (
+        F.pixel_verdict(F.FetchResult(url="u", ok=True, real_width=100, real_height=200), cfg) == "too_small"
+    )
+    assert (
+        F.pixel_verdict(F.FetchResult(url="u", ok=True, real_width=700, real_height=200), cfg)
+        == "aspect_ratio"
+    )
+    assert F.pixel_verdict(F.FetchResult(url="u", ok=False, reason="timeout"), cfg) == "fetch:timeout"
