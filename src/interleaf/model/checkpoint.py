@@ -485,3 +485,46 @@ def save_checkpoint(
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     return out
+
+
+def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
+    """Parameters per part (vision / projector / llm / total); tied weights counted once."""
+    counts = {"vision": 0, "projector": 0, "llm": 0}
+    for name, p in model.named_parameters(remove_duplicate=True):
+        part = (
+            "vision"
+            if name.startswith("vision_model.")
+            else "projector"
+            if name.startswith("mlp1.")
+            else "llm"
+        )
+        counts[part] += p.numel()
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def describe(path: str | Path) -> str:
+    """Human-readable summary of a checkpoint directory (config only; weights are not loaded)."""
+    path = Path(path)
+    cfg = load_config(path)
+    _weight_files(path)  # a checkpoint without weights is an error here too
+    with torch.device("meta"):
+        model = InternVLChatModel(cfg)
+    counts = parameter_counts(model)
+    v, llm = cfg.vision, cfg.llm
+    rope = llm.rope_type if llm.rope_scaling else "default"
+    lines = [
+        f"checkpoint:   {path}",
+        f"layout:       {cfg.layout}",
+        f"architecture: InternVL-Chat = InternViT ({v.hidden_size}w x {v.num_hidden_layers}L) + "
+        f"pixel shuffle {cfg.ps_version} + MLP projector + {llm.family} "
+        f"({llm.hidden_size}w x {llm.num_hidden_layers}L, {llm.num_attention_heads} heads / "
+        f"{llm.num_key_value_heads} kv, rope {rope}, vocab {llm.vocab_size}"
+        f"{', tied embeddings' if llm.tie_word_embeddings else ''})",
+        f"template:     {cfg.template}",
+        f"image:        {cfg.image_size}px tiles, {cfg.num_image_token} tokens per tile, "
+        f"max {cfg.max_dynamic_patch} tiles{' + thumbnail' if cfg.use_thumbnail else ''}",
+    ]
+    for part in ("vision", "projector", "llm", "total"):
+        lines.append(f"params {part + ':':<11}{counts[part]:>15,d}  ({counts[part] / 1e6:.2f} M)")
+    return "\n".join(lines)

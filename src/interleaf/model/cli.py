@@ -1,0 +1,44 @@
+"""``interleaf init-model`` and ``interleaf info`` (heavy imports stay inside the handlers)."""
+
+from __future__ import annotations
+
+import argparse
+
+PRESET_NAMES = ("tiny", "tiny-internlm2", "tiny-phi3", "tiny-llama", "internvl2-1b", "internvl2-2b",
+                "internvl2-4b", "internvl2_5-1b", "internvl2_5-4b")  # fmt: skip
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "init-model",
+        help="write a random-weight checkpoint of a preset (offline tokenizer)",
+        description="Write a random-weight InternVL checkpoint with a tokenizer made offline.",
+    )
+    p.add_argument("--preset", required=True, choices=PRESET_NAMES, help="model shape")
+    p.add_argument("out", help="output directory")
+    p.add_argument(
+        "--layout", default="internvl_chat", choices=("internvl_chat", "hf"), help="checkpoint layout"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="weight dtype (default: float32 for tiny presets, bfloat16 otherwise)")  # fmt: skip
+    p.set_defaults(func=_init_model)
+
+    p = subparsers.add_parser("info", help="show a checkpoint's architecture and parameter counts")
+    p.add_argument("model_dir", help="checkpoint directory (either layout)")
+    p.set_defaults(func=_info)
+
+
+def _init_model(args: argparse.Namespace) -> int:
+    from interleaf.model.presets import init_model
+
+    out = init_model(args.preset, args.out, layout=args.layout, seed=args.seed, dtype=args.dtype)
+    print(f"wrote {args.preset} checkpoint ({args.layout} layout) to {out}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from interleaf.model.checkpoint import describe
+
+    print(describe(args.model_dir))
+    return 0
