@@ -1,0 +1,289 @@
+"""Pipeline configuration: a YAML file -> the ordered stages of a corpus build.
+
+Stages run in the order OmniCorpus found cheapest (App. C of the paper): everything that needs
+only the page text runs before anything that needs bandwidth or pixels::
+
+    read -> extract -> text filters -> dedup (URL, MinHash, image-URL frequency)
+         -> [image fetch + pixel filters] -> write
+
+Every key has the published default (the source is named next to it); an unknown key anywhere
+raises ``ConfigError`` naming it (``dedup.minhash.treshold``), so a typo never silently falls
+back to a default. Example::
+
+    read: {shard_size: 500}
+    extract: {timeout_s: 5, options: {drop_without_images: true}}
+    filters:                        # ordered; each item a filter name or {name: {kwargs}}
+      - gopher_quality
+      - c4_quality: {min_sentences: 3}
+    dedup:
+      minhash: {threshold: 0.8}
+      image_urls: {max_occurrences: 10}
+    fetch: {enabled: false}
+    write: {format: parquet}
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from interleaf.errors import ConfigError
+
+# Published defaults. None for `filters` means "the default filter list of interleaf.corpus.filters".
+DEFAULTS: dict[str, Any] = {
+    "read": {
+        "shard_size": 1000,  # input records per shard (unit of parallelism, resumption, output)
+        "max_page_bytes": 10_000_000,  # larger payloads are recorded as errors, not extracted
+    },
+    "extract": {
+        "timeout_s": 10.0,  # per-document time limit (datatrove: 1 s for trafilatura alone)
+        "impl": None,  # "module:callable" returning an extractor (default: interleaf.corpus.extract)
+        "options": {},  # keyword options of the extractor (drop_without_images etc.)
+    },
+    "filters": None,
+    "dedup": {
+        "url": {"enabled": True},  # OBELICS: exact URL dedup, keep the most recent crawl
+        "minhash": {  # OmniCorpus: MinHash, similarity 0.8, keep the latest version
+            "enabled": True,
+            "n_grams": 5,
+            "threshold": 0.8,
+            "num_bands": 16,
+            "rows_per_band": 7,
+            "seed": 1,
+            "verify": True,
+        },
+        "image_urls": {  # OBELICS/OmniCorpus: image URLs seen > 10 times across the corpus removed
+            "enabled": True,
+            "max_occurrences": 10,
+            "drop_documents_without_images": True,  # OmniCorpus keeps only documents with images
+        },
+    },
+    "fetch": {
+        "enabled": False,  # image download is optional (and off by default: offline first)
+        "allow_private": False,
+        "timeout_s": 10.0,
+        "max_bytes": 20_000_000,
+        "retries": 2,
+        "concurrency": 16,
+        "min_side": 150,  # MMC4/OmniCorpus: width or height < 150 px dropped
+        "min_aspect": 0.5,  # MMC4/OmniCorpus: aspect ratio outside [0.5, 2] dropped
+        "max_aspect": 2.0,
+        "max_phash_occurrences": 10,  # OmniCorpus: images appearing > 10 times (pHash+dHash) dropped
+        "drop_failed": True,
+        "drop_documents_without_images": True,
+        "images_dir": None,  # default: OUT/images
+    },
+    "write": {
+        "format": "parquet",  # or jsonl
+    },
+}
+
+
+def _merge(base: dict, override: dict, prefix: str) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        path = f"{prefix}{key}"
+        if key not in base:
+            raise ConfigError(f"pipeline config: unknown key {path!r}")
+        default = base[key]
+        if isinstance(default, dict) and key != "options":
+            if not isinstance(value, dict):
+                raise ConfigError(f"pipeline config: {path!r} must be a mapping")
+            out[key] = _merge(default, value, path + ".")
+        elif key == "options":
+            if not isinstance(value, dict):
+                raise ConfigError(f"pipeline config: {path!r} must be a mapping")
+            out[key] = dict(value)
+        else:
+            if default is not None and value is not None:
+                if isinstance(default, bool) and not isinstance(value, bool):
+                    raise ConfigError(f"pipeline config: {path!r} must be true or false")
+                if isinstance(default, (int, float)) and not isinstance(default, bool):
+                    if isinstance(value, bool) or not isinstance(value, (int, float)):
+                        raise ConfigError(f"pipeline config: {path!r} must be a number")
+                if isinstance(default, str) and not isinstance(value, str):
+                    raise ConfigError(f"pipeline config: {path!r} must be a string")
+            out[key] = value
+    return out
+
+
+def _check(cfg: dict) -> None:
+    if int(cfg["read"]["shard_size"]) < 1:
+        raise ConfigError("pipeline config: 'read.shard_size' must be >= 1")
+    if float(cfg["extract"]["timeout_s"]) <= 0:
+        raise ConfigError("pipeline config: 'extract.timeout_s' must be > 0")
+    mh = cfg["dedup"]["minhash"]
+    if not 0.0 < float(mh["threshold"]) <= 1.0:
+        raise ConfigError("pipeline config: 'dedup.minhash.threshold' must be in (0, 1]")
+    for k in ("n_grams", "num_bands", "rows_per_band"):
+        if int(mh[k]) < 1:
+            raise ConfigError(f"pipeline config: 'dedup.minhash.{k}' must be >= 1")
+    if cfg["write"]["format"] not in ("parquet", "jsonl"):
+        raise ConfigError("pipeline config: 'write.format' must be 'parquet' or 'jsonl'")
+    flt = cfg["filters"]
+    if flt is not None and not isinstance(flt, list):
+        raise ConfigError("pipeline config: 'filters' must be a list of filter names or {name: {...}}")
+
+
+def load_config(source: str | Path | dict | None = None, **overrides: Any) -> dict:
+    """The full pipeline config: defaults, then a YAML file (or dict), then ``overrides``.
+
+    ``overrides`` use dotted paths, e.g. ``load_config(path, **{"write.format": "jsonl"})``.
+    """
+    user: dict = {}
+    where = "pipeline config"
+    if isinstance(source, dict):
+        user = copy.deepcopy(source)
+    elif source is not None:
+        import yaml
+
+        where = str(source)
+        try:
+            text = Path(source).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read pipeline config ({exc.strerror})") from None
+        try:
+            user = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: invalid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(user, dict):
+            raise ConfigError(f"{source}: pipeline config must be a mapping")
+    for dotted, value in overrides.items():
+        node = user
+        parts = dotted.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    try:
+        cfg = _merge(DEFAULTS, user, "")
+        _check(cfg)
+    except ConfigError as exc:
+        if where != "pipeline config":
+            raise ConfigError(str(exc).replace("pipeline config", where, 1)) from None
+        raise
+    return cfg
+
+
+def config_fingerprint(cfg: dict) -> str:
+    """Hash of everything that changes the output (a resumed run must use the same config)."""
+    relevant = {k: v for k, v in cfg.items() if k != "fetch"} | {
+        "fetch": {k: v for k, v in cfg["fetch"].items() if k not in ("concurrency",)}
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+STAGE_ORDER = (
+    "read",
+    "extract",
+    "filters",
+    "dedup_url",
+    "dedup_minhash",
+    "dedup_image_urls",
+    "fetch",
+    "write",
+)
+
+
+def _import(spec: str, what: str) -> Callable:
+    mod, _, attr = spec.partition(":")
+    if not attr:
+        raise ConfigError(f"pipeline config: {what} must be 'module:callable', got {spec!r}")
+    try:
+        return getattr(importlib.import_module(mod), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"pipeline config: cannot import {what} {spec!r} ({exc})") from None
+
+
+class Extraction:
+    """The extraction stage: ``RawPage -> Document | Drop``, with its ``StepStats``."""
+
+    name = "extract"
+
+    def __init__(self, cfg: dict):
+        from interleaf.corpus.base import StepStats
+
+        self.stats = StepStats(name=self.name)
+        opts = dict(cfg["extract"]["options"])
+        impl = cfg["extract"]["impl"]
+        if impl:
+            self._fn = _import(impl, "'extract.impl'")(**opts)
+        else:
+            from interleaf.corpus.extract import extract
+
+            self._fn = lambda page: extract(page, **opts)
+
+    def __call__(self, page):
+        import time
+
+        from interleaf.corpus.base import Drop
+
+        st = self.stats
+        st.docs_in += 1
+        t0 = time.perf_counter()
+        try:
+            out = self._fn(page)
+        except Exception as exc:  # noqa: BLE001 - one bad page must not stop a run
+            out = Drop(reason=f"extract:{type(exc).__name__}", detail=str(exc)[:500], error=True)
+        st.time_s += time.perf_counter() - t0
+        if isinstance(out, Drop):
+            if out.error:
+                st.errors_by_reason[out.reason] += 1
+            else:
+                st.excluded_by_reason[out.reason] += 1
+        else:
+            # images are born here: count them in and out so the stage stays balanced
+            st.docs_out += 1
+            st.images_in += out.n_images
+            st.images_out += out.n_images
+        return out
+
+
+def build_filters(cfg: dict) -> list:
+    """The text-filter steps of ``cfg['filters']`` (None: the published default list)."""
+    spec = cfg["filters"]
+    if spec is not None and len(spec) == 0:
+        return []
+    from interleaf.corpus import filters as F
+
+    if spec is None:
+        spec = list(getattr(F, "DEFAULT_FILTERS", []))
+    for item in spec:
+        name = item if isinstance(item, str) else (next(iter(item)) if isinstance(item, dict) else None)
+        if not isinstance(name, str) or (isinstance(item, dict) and len(item) != 1):
+            raise ConfigError(f"pipeline config: bad filter entry {item!r} (a name or {{name: {{...}}}})")
+        if name not in F.FILTERS:
+            raise ConfigError(
+                f"pipeline config: unknown filter 'filters.{name}' (known: {', '.join(sorted(F.FILTERS))})"
+            )
+    try:
+        return F.build_filters(spec)
+    except ConfigError:
+        raise
+    except TypeError as exc:
+        raise ConfigError(f"pipeline config: bad filter options ({exc})") from None
+
+
+def minhash_config(cfg: dict):
+    from interleaf.corpus.dedup import MinHashConfig
+
+    mh = cfg["dedup"]["minhash"]
+    return MinHashConfig(
+        n_grams=int(mh["n_grams"]),
+        num_bands=int(mh["num_bands"]),
+        rows_per_band=int(mh["rows_per_band"]),
+        threshold=float(mh["threshold"]),
+        seed=int(mh["seed"]),
+        verify=bool(mh["verify"]),
+    )
+
+
+def dump_config(cfg: dict) -> str:
+    """The effective config as YAML (written next to the output for reproducibility)."""
+    import yaml
+
+    return yaml.safe_dump(cfg, sort_keys=False)
