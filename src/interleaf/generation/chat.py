@@ -1,0 +1,296 @@
+"""``ChatModel``: images / video + a question in, the reply text out.
+
+    chat = ChatModel.from_pretrained("ckpt_dir")              # or interleaf.load("ckpt_dir")
+    chat.chat("What is in the picture?", images="cat.jpg")
+    chat.chat("Describe the video.", video="clip.mp4")
+    chat.batch_chat(["Q1", "Q2"], images=["a.jpg", ["b.jpg", "c.jpg"]])
+    for piece in chat.stream_chat("Tell me more.", images="cat.jpg"):
+        print(piece, end="")
+
+The prompt follows upstream InternVL's ``chat``/``batch_chat``: the checkpoint's chat template and
+system message, ``<image>`` placeholders (added in front of the question when missing), each expanded
+to ``<img>`` + ``<IMG_CONTEXT>`` x 256 x tiles + ``</img>``; the reply is decoded without special tokens,
+cut at the template's end-of-turn text and stripped.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+
+from interleaf.errors import InputError
+from interleaf.generation.engine import GenerationConfig, Generator, optimize_for_cpu
+from interleaf.processing.image import preprocess_images
+from interleaf.processing.prompt import add_placeholders, expand_image_placeholders
+from interleaf.processing.templates import ChatTemplate, get_template
+from interleaf.processing.video import frames_to_pixels, read_video_frames
+
+DEFAULT_MAX_NEW_TOKENS = 512
+
+
+def _as_list(images: Any) -> list:
+    if images is None:
+        return []
+    if isinstance(images, (str, os.PathLike, bytes, Image.Image)):
+        return [images]
+    return list(images)
+
+
+class ChatModel:
+    """A loaded model + tokenizer + chat template, ready to answer.
+
+    Attributes:
+        model: the ``InternVLChatModel`` (eval mode).
+        tokenizer: its tokenizer (``transformers.PreTrainedTokenizerFast``).
+        config: the ``InternVLConfig``.
+        template: the :class:`~interleaf.processing.templates.ChatTemplate` (system message included).
+        generator: the :class:`~interleaf.generation.engine.Generator`.
+    """
+
+    def __init__(self, model, tokenizer, cpu_optimize: bool = True) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.template: ChatTemplate = get_template(self.config.template, self.config.system_message)
+        self.device = next(model.parameters()).device
+        if cpu_optimize and self.device.type == "cpu":
+            optimize_for_cpu(model)
+        self.generator = Generator(model)
+        self.stop_token_ids = self._stop_ids()
+        pad = tokenizer.pad_token_id
+        if pad is None:
+            pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        self.pad_token_id = int(pad)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str = "cpu", dtype: Any = None) -> ChatModel:
+        """Load a checkpoint directory (InternVL-Chat or ``-hf`` layout).
+
+        ``dtype``: None keeps the stored dtype; ``"bfloat16"`` on CPU uses oneDNN bf16 kernels.
+        """
+        from interleaf.model import load_checkpoint
+
+        model, tokenizer = load_checkpoint(path, device=device, dtype=dtype)
+        return cls(model, tokenizer)
+
+    def _stop_ids(self) -> tuple[int, ...]:
+        ids: list[int] = []
+        vocab = self.tokenizer.get_vocab()
+        if self.template.stop_str in vocab:
+            ids.append(vocab[self.template.stop_str])
+        if self.tokenizer.eos_token_id is not None:
+            ids.append(int(self.tokenizer.eos_token_id))
+        eos = self.config.llm.eos_token_id
+        ids += [eos] if isinstance(eos, int) else list(eos or [])
+        return tuple(dict.fromkeys(int(i) for i in ids))
+
+    # ------------------------------------------------------------------ inputs
+    def _image_settings(self, max_num: int | None) -> dict:
+        cfg = self.config
+        if max_num is None:
+            max_num = cfg.max_dynamic_patch if cfg.dynamic_image_size else 1
+        return dict(
+            max_num=max_num,
+            min_num=cfg.min_dynamic_patch,
+            image_size=cfg.image_size,
+            use_thumbnail=cfg.use_thumbnail,
+            dynamic=cfg.dynamic_image_size,
+        )
+
+    def prepare(
+        self,
+        question: str,
+        images: Any = None,
+        history: Sequence[tuple[str, str]] | None = None,
+        video: str | os.PathLike | None = None,
+        max_num: int | None = None,
+        num_segments: int = 8,
+        pixel_values: torch.Tensor | None = None,
+        num_tiles: Sequence[int] | None = None,
+    ) -> tuple[str, list[int], torch.Tensor | None, str]:
+        """Build one prompt: ``(question with placeholders, input ids, pixel_values, prompt text)``.
+
+        ``pixel_values`` [N, 3, H, W] + ``num_tiles`` may be given instead of ``images`` (already
+        preprocessed tiles, e.g. by an evaluation pipeline).
+        """
+        if not isinstance(question, str):
+            raise InputError(f"question must be a string, got {type(question).__name__}")
+        image_list = _as_list(images)
+        if video is not None and (image_list or pixel_values is not None):
+            raise InputError("give either images or a video, not both")
+        is_video = video is not None
+        if is_video:
+            frames = read_video_frames(video, num_segments=num_segments)
+            pixel_values = frames_to_pixels(frames, self.config.image_size)
+            tiles = [1] * len(frames)
+        elif pixel_values is not None:
+            tiles = list(num_tiles) if num_tiles is not None else [pixel_values.shape[0]]
+            if sum(tiles) != pixel_values.shape[0]:
+                raise InputError(
+                    f"num_tiles sums to {sum(tiles)} but pixel_values has {pixel_values.shape[0]} tiles"
+                )
+        elif image_list:
+            pixel_values, tiles = preprocess_images(image_list, **self._image_settings(max_num))
+        else:
+            pixel_values, tiles = None, []
+        question = add_placeholders(question, len(tiles), history, video=is_video)
+        text = self.template.chat_prompt(question, history)
+        text = expand_image_placeholders(text, tiles, self.config.num_image_token)
+        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        return question, ids, pixel_values, text
+
+    def _config(self, generation: dict) -> GenerationConfig:
+        generation = dict(generation)
+        generation.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+        generation.setdefault("stop_token_ids", self.stop_token_ids)
+        generation.setdefault("pad_token_id", self.pad_token_id)
+        try:
+            return GenerationConfig(**generation)
+        except TypeError as exc:
+            raise InputError(f"bad generation option: {exc}") from None
+
+    def decode_reply(self, tokens: Sequence[int]) -> str:
+        """Reply text of generated tokens: special tokens dropped, cut at the end-of-turn text, stripped."""
+        text = self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+        return text.split(self.template.stop_str)[0].strip()
+
+    # ------------------------------------------------------------------ chat
+    def chat(
+        self,
+        question: str,
+        images: Any = None,
+        history: Sequence[tuple[str, str]] | None = None,
+        video: str | os.PathLike | None = None,
+        max_num: int | None = None,
+        num_segments: int = 8,
+        return_history: bool = False,
+        pixel_values: torch.Tensor | None = None,
+        num_tiles: Sequence[int] | None = None,
+        **generation,
+    ) -> str | tuple[str, list[tuple[str, str]]]:
+        """Answer one question.
+
+        Args:
+            question: the user message; ``<image>`` placeholders are optional (added when missing).
+            images: an image (path, bytes, PIL) or a list of them.
+            history: earlier ``(question, answer)`` turns (their ``<image>`` placeholders count).
+            video: a video file; ``num_segments`` frames, one tile each.
+            max_num: tile budget (default: the checkpoint's ``max_dynamic_patch``), shared by images.
+            return_history: also return the history with this turn appended.
+            **generation: ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``, ``top_k``,
+                ``seed``, ... (see :class:`GenerationConfig`).
+        """
+        question, ids, px, _ = self.prepare(
+            question, images, history, video, max_num, num_segments, pixel_values, num_tiles
+        )
+        out = self.generator.generate(torch.tensor([ids]), pixel_values=px, config=self._config(generation))
+        reply = self.decode_reply(out.tokens[0])
+        if return_history:
+            return reply, [*(history or []), (question, reply)]
+        return reply
+
+    def stream_chat(
+        self,
+        question: str,
+        images: Any = None,
+        history: Sequence[tuple[str, str]] | None = None,
+        video: str | os.PathLike | None = None,
+        max_num: int | None = None,
+        num_segments: int = 8,
+        **generation,
+    ) -> Iterator[str]:
+        """Like :meth:`chat`, but yield the reply in pieces as it is generated.
+
+        The pieces concatenate to exactly what :meth:`chat` returns.
+        """
+        _, ids, px, _ = self.prepare(question, images, history, video, max_num, num_segments)
+        streamer = TextStreamer(self)
+        for step in self.generator.stream(
+            torch.tensor([ids]), pixel_values=px, config=self._config(generation)
+        ):
+            piece = streamer.push(int(step[0]))
+            if piece:
+                yield piece
+            if streamer.stopped:
+                break
+        piece = streamer.finish()
+        if piece:
+            yield piece
+
+    def batch_chat(
+        self,
+        questions: Sequence[str],
+        images: Sequence[Any] | None = None,
+        max_num: int | None = None,
+        **generation,
+    ) -> list[str]:
+        """Answer several independent questions in one left-padded batch (no history).
+
+        ``images[i]`` is None, one image, or a list of images for ``questions[i]``.
+        """
+        questions = list(questions)
+        if not questions:
+            return []
+        per_q = [None] * len(questions) if images is None else list(images)
+        if len(per_q) != len(questions):
+            raise InputError(f"batch_chat: {len(questions)} questions but {len(per_q)} image entries")
+        rows, pixels = [], []
+        for q, im in zip(questions, per_q):
+            _, ids, px, _ = self.prepare(q, im, max_num=max_num)
+            rows.append(ids)
+            if px is not None:
+                pixels.append(px)
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, width - len(r) :] = torch.tensor(r)
+            mask[i, width - len(r) :] = 1
+        pixel_values = torch.cat(pixels) if pixels else None
+        out = self.generator.generate(input_ids, mask, pixel_values, config=self._config(generation))
+        return [self.decode_reply(t) for t in out.tokens]
+
+
+class TextStreamer:
+    """Turns generated tokens into text pieces whose concatenation equals ``ChatModel.decode_reply``.
+
+    Leading whitespace is dropped, trailing whitespace is held back until more text follows, a piece
+    is never cut inside a multi-byte character, and text from the end-of-turn string on is dropped.
+    """
+
+    def __init__(self, chat: ChatModel) -> None:
+        self.tokenizer = chat.tokenizer
+        self.stop_str = chat.template.stop_str
+        self.tokens: list[int] = []
+        self.emitted = ""
+        self.stopped = False
+
+    def _visible(self) -> str:
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if self.stop_str and self.stop_str in text:
+            text = text.split(self.stop_str)[0]
+            self.stopped = True
+        return text.lstrip()
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        text = self._visible()
+        if text.endswith("\ufffd") and not self.stopped:
+            return ""  # an incomplete multi-byte character: wait for the next token
+        text = text.rstrip()
+        if not text.startswith(self.emitted) or len(text) <= len(self.emitted):
+            return ""
+        piece, self.emitted = text[len(self.emitted) :], text
+        return piece
+
+    def finish(self) -> str:
+        text = self._visible().strip()
+        if text.startswith(self.emitted) and len(text) > len(self.emitted):
+            piece, self.emitted = text[len(self.emitted) :], text
+            return piece
+        return ""

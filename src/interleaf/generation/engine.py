@@ -1,0 +1,395 @@
+"""Generation engine: prefill + KV-cache decode loop, greedy or sampled, batched, streamable.
+
+    prefill:  model(input_ids [B, S], pixel_values, attention_mask [B, S], kv_cache, logits_to_keep=1)
+    decode:   model(next_ids [B, 1], position_ids [B, 1], kv_cache, cache_position [1]) per step
+
+Batches are left-padded (``attention_mask`` 0 on the padding); positions count only real tokens.
+A row stops at any of ``stop_token_ids`` (the template's end-of-turn token and the tokenizer's eos),
+or after ``max_new_tokens``. ``Generator.stream`` yields each step's tokens as they are produced;
+``Generator.generate`` collects them.
+
+On CUDA the KV cache is static with ``full_attention`` (every decode step has the same shapes) and the
+decode step is captured once per (batch, cache length) in a CUDA graph and replayed. On CPU the decode
+step runs eagerly under ``torch.inference_mode``; ``optimize_for_cpu`` additionally swaps the LLM's
+linear layers to oneDNN-prepacked weights, which makes batch-1 bf16 matrix-vector products several times
+faster than the default kernel.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from interleaf.errors import InputError
+
+# ----------------------------------------------------------------------------------------------------
+# configuration and sampling
+
+
+@dataclass
+class GenerationConfig:
+    """How to generate.
+
+    ``do_sample=False`` (or ``temperature == 0``) is greedy. Sampling applies temperature, then top-k
+    (0 = off), then top-p (1.0 = off), like transformers' logits warpers. ``seed`` makes sampling
+    reproducible. Stop tokens are suppressed for the first ``min_new_tokens`` steps; ``ignore_eos``
+    disables stopping altogether (benchmarks on random weights).
+    """
+
+    max_new_tokens: int = 256
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise InputError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InputError(f"top_k must be >= 0, got {self.top_k}")
+        self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+
+GENERATION_KEYS = {f for f in GenerationConfig.__dataclass_fields__}
+
+
+def sample_next(
+    logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Pick the next token of each row. logits [B, V] -> ids [B] (long)."""
+    if cfg.greedy:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k > 0:
+        k = min(cfg.top_k, logits.shape[-1])
+        kth = torch.topk(logits, k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum <= 1 - cfg.top_p
+        drop[:, -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class GenerationOutput:
+    """``tokens[i]``: the new tokens of row i, without the stop token; ``finish_reasons[i]``: "stop"
+    or "length"; timings in seconds (``ttft``: prefill + first token)."""
+
+    tokens: list[list[int]]
+    finish_reasons: list[str]
+    ttft: float = 0.0
+    decode_time: float = 0.0
+    num_decode_steps: int = 0
+    stats: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CPU: oneDNN-prepacked linear layers
+
+
+def _packed_forward(packed: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> Callable:
+    linear_pointwise = torch.ops.mkldnn._linear_pointwise
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != dtype or torch.is_grad_enabled() and x.requires_grad:
+            return F.linear(x, packed.to_dense() if packed.is_mkldnn else packed, bias)
+        return linear_pointwise(x, packed, bias, "none", [], "")
+
+    return forward
+
+
+def optimize_for_cpu(model: nn.Module, dtypes: Sequence[torch.dtype] = (torch.bfloat16,)) -> int:
+    """Repack the language model's linear weights for oneDNN (inference only; returns how many).
+
+    Each ``nn.Linear`` of ``model.language_model`` whose weight is in ``dtypes`` keeps its parameter
+    (state_dict, training and saving are untouched) and gets an instance-level ``forward`` that runs
+    on a prepacked copy of the weight. Call :func:`restore_cpu_linears` before changing the weights.
+    Does nothing when oneDNN is unavailable.
+    """
+    if not (hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and torch.backends.mkldnn.is_available()):
+        return 0
+    lm = getattr(model, "language_model", model)
+    count = 0
+    with torch.no_grad():
+        for module in lm.modules():
+            if not isinstance(module, nn.Linear) or module.weight.device.type != "cpu":
+                continue
+            if module.weight.dtype not in dtypes:
+                continue
+            try:
+                packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), 1)
+            except RuntimeError:
+                return count
+            module.forward = _packed_forward(packed, module.bias, module.weight.dtype)
+            module._interleaf_packed = True
+            count += 1
+    return count
+
+
+def restore_cpu_linears(model: nn.Module) -> None:
+    """Undo :func:`optimize_for_cpu`."""
+    for module in model.modules():
+        if getattr(module, "_interleaf_packed", False):
+            del module.forward
+            del module._interleaf_packed
+
+
+# ----------------------------------------------------------------------------------------------------
+# CUDA graph of one decode step
+
+
+class _GraphedDecodeStep:
+    """A captured decode step for a fixed (batch, cache length); inputs are copied into static buffers."""
+
+    def __init__(self, model: nn.Module, cache, mask: torch.Tensor, first_slot: int) -> None:
+        b = mask.shape[0]
+        device = mask.device
+        self.ids = torch.zeros(b, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(b, 1, dtype=torch.long, device=device)
+        self.slot = torch.full((1,), first_slot, dtype=torch.long, device=device)
+        self.mask = torch.ones(b, cache.max_len, dtype=torch.long, device=device)
+        self.mask.copy_(mask)
+        self.model, self.cache = model, cache
+
+        def run() -> torch.Tensor:
+            return model(
+                input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos,
+                kv_cache=cache, cache_position=self.slot, logits_to_keep=1,
+            ).logits[:, -1]  # fmt: skip
+
+        stream = torch.cuda.Stream(device=device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up (allocations, lazy inits) outside the graph
+                run()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = run()
+
+    def set_mask(self, mask: torch.Tensor) -> None:
+        self.mask.copy_(mask)
+
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, slot: int) -> torch.Tensor:
+        self.ids.copy_(ids.view_as(self.ids))
+        self.pos.copy_(pos.view_as(self.pos))
+        self.slot.fill_(slot)
+        self.graph.replay()
+        return self.logits
+
+
+# ----------------------------------------------------------------------------------------------------
+# the engine
+
+
+class Generator:
+    """Generation on an ``InternVLChatModel`` (or any model with the same forward and ``make_cache``).
+
+    Args:
+        model: the model, already on its device and dtype.
+        cuda_graphs: capture the decode step in a CUDA graph (default: when the model is on CUDA).
+    """
+
+    def __init__(self, model: nn.Module, cuda_graphs: bool | None = None) -> None:
+        self.model = model
+        dev = next(model.parameters()).device
+        self.device = dev
+        self.cuda_graphs = dev.type == "cuda" if cuda_graphs is None else (cuda_graphs and dev.type == "cuda")
+        self._caches: dict[tuple[int, int], object] = {}
+        self._graphs: dict[tuple[int, int], _GraphedDecodeStep] = {}
+
+    # -------------------------------------------------------------- cache management
+    def _cache_len(self, needed: int) -> int:
+        # bucket lengths on CUDA so graphs and caches are reused across calls
+        return -(-needed // 256) * 256 if self.cuda_graphs else needed
+
+    def _get_cache(self, batch: int, max_len: int):
+        key = (batch, max_len)
+        cache = self._caches.get(key) if self.cuda_graphs else None
+        if cache is None:
+            dtype = next(self.model.parameters()).dtype
+            cache = self.model.make_cache(batch, max_len, dtype=dtype, device=self.device)
+            if self.cuda_graphs:
+                cache.full_attention = True
+                if len(self._caches) >= 4:  # keep GPU memory bounded
+                    self._caches.clear()
+                    self._graphs.clear()
+                self._caches[key] = cache
+        cache.reset()
+        return cache
+
+    # -------------------------------------------------------------- public API
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        config: GenerationConfig | None = None,
+        callback: Callable[[torch.Tensor], None] | None = None,
+        **kwargs,
+    ) -> GenerationOutput:
+        """Generate for a (left-padded) batch and return the new tokens of each row.
+
+        Args:
+            input_ids: [B, S] prompt ids (left padding).
+            attention_mask: [B, S] 1 = token, 0 = padding (default: all ones).
+            pixel_values: [N_tiles, 3, H, W] for the ``<IMG_CONTEXT>`` positions, or None.
+            config: a :class:`GenerationConfig`; keyword arguments override its fields.
+            callback: called with each step's tokens [B] (finished rows get ``pad_token_id``).
+        """
+        config = _merge(config, kwargs)
+        out = GenerationOutput(tokens=[[] for _ in range(input_ids.shape[0])], finish_reasons=[])
+        steps = self.stream(input_ids, attention_mask, pixel_values, config, _timing=out)
+        for step_tokens in steps:
+            if callback is not None:
+                callback(step_tokens)
+        return out
+
+    def stream(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        config: GenerationConfig | None = None,
+        _timing: GenerationOutput | None = None,
+        **kwargs,
+    ) -> Iterator[torch.Tensor]:
+        """Like :meth:`generate`, but yield each step's tokens (CPU LongTensor [B]) as produced.
+
+        Finished rows yield ``pad_token_id``; the iteration ends when every row has stopped.
+        """
+        config = _merge(config, kwargs)
+        with torch.inference_mode():
+            yield from self._run(input_ids, attention_mask, pixel_values, config, _timing)
+
+    # -------------------------------------------------------------- the loop
+    def _run(self, input_ids, attention_mask, pixel_values, cfg: GenerationConfig, record):
+        model, device = self.model, self.device
+        if input_ids.dim() != 2:
+            raise InputError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        b, s = input_ids.shape
+        input_ids = input_ids.to(device)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device).long()
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(device=device, dtype=next(model.parameters()).dtype)
+        padded = bool((mask == 0).any())
+        n_valid = mask.sum(-1, keepdim=True)  # [B, 1]: the first generated token's position
+        stop_ids = torch.tensor(() if cfg.ignore_eos else cfg.stop_token_ids, dtype=torch.long, device=device)
+        generator = None
+        if not cfg.greedy and cfg.seed is not None:
+            generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        if cfg.max_new_tokens == 0:
+            if record is not None:
+                record.finish_reasons = ["length"] * b
+            return
+
+        t0 = time.perf_counter()
+        max_len = self._cache_len(s + cfg.max_new_tokens)
+        cache = self._get_cache(b, max_len)
+        logits = model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=mask if padded or cache.full_attention else None,
+            kv_cache=cache,
+            cache_position=torch.arange(s, device=device),
+            logits_to_keep=1,
+        ).logits[:, -1]
+
+        graphed = None
+        if self.cuda_graphs:
+            key = (b, max_len)
+            full_mask = torch.ones(b, max_len, dtype=torch.long, device=device)
+            full_mask[:, :s] = mask
+            graphed = self._graphs.get(key)
+            if graphed is None:
+                try:
+                    graphed = _GraphedDecodeStep(model, cache, full_mask, s)
+                    self._graphs[key] = graphed
+                except Exception as exc:  # noqa: BLE001 - fall back to eager decoding
+                    warnings.warn(f"CUDA graph capture failed, decoding eagerly: {exc}", stacklevel=2)
+                    self.cuda_graphs = False
+            else:
+                graphed.set_mask(full_mask)
+        step_mask = mask if padded else None
+        if cache.full_attention and graphed is None:
+            step_mask = torch.ones(b, max_len, dtype=torch.long, device=device)
+            step_mask[:, :s] = mask
+
+        finished = torch.zeros(b, dtype=torch.bool, device=device)
+        done_host = [False] * b
+        tokens: list[list[int]] = [[] for _ in range(b)]
+        ttft = 0.0
+        t_decode = None
+        for i in range(cfg.max_new_tokens):
+            if i < cfg.min_new_tokens and stop_ids.numel():
+                logits = logits.index_fill(-1, stop_ids, float("-inf"))
+            nxt = sample_next(logits, cfg, generator)
+            if stop_ids.numel():
+                nxt = nxt.masked_fill(finished, cfg.pad_token_id)
+                hit = torch.isin(nxt, stop_ids) & ~finished
+                finished |= hit
+            host = nxt.tolist()
+            if i == 0:
+                ttft = time.perf_counter() - t0
+                t_decode = time.perf_counter()
+            for r in range(b):
+                if done_host[r]:
+                    continue
+                if not cfg.ignore_eos and host[r] in cfg.stop_token_ids:
+                    done_host[r] = True
+                else:
+                    tokens[r].append(host[r])
+            yield nxt.cpu()
+            if all(done_host) or i == cfg.max_new_tokens - 1:
+                break
+            slot = s + i
+            pos = n_valid + i
+            if graphed is not None:
+                logits = graphed(nxt, pos, slot)
+            else:
+                logits = model(
+                    input_ids=nxt[:, None],
+                    attention_mask=step_mask,
+                    position_ids=pos,
+                    kv_cache=cache,
+                    cache_position=torch.tensor([slot], device=device),
+                    logits_to_keep=1,
+                ).logits[:, -1]
+        if record is not None:
+            record.tokens = tokens
+            record.finish_reasons = ["stop" if d else "length" for d in done_host]
+            record.ttft = ttft
+            n_steps = max(len(t) for t in tokens) if tokens else 0
+            record.num_decode_steps = max(0, n_steps - 1)
+            record.decode_time = (time.perf_counter() - t_decode) if t_decode is not None else 0.0
+
+
+def _merge(config: GenerationConfig | None, kwargs: dict) -> GenerationConfig:
+    unknown = set(kwargs) - GENERATION_KEYS
+    if unknown:
+        raise InputError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
+    config = config or GenerationConfig()
+    return replace(config, **kwargs) if kwargs else config

@@ -1,0 +1,223 @@
+"""The generation engine against transformers' InternVL ``generate`` and against itself."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from interleaf.errors import InputError
+from interleaf.generation.chat import ChatModel
+from interleaf.generation.engine import (
+    GenerationConfig,
+    Generator,
+    optimize_for_cpu,
+    restore_cpu_linears,
+    sample_next,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # tiny models: thread start-up costs more than it saves, and CI runs two test workers on two cores
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def chat(tiny_ckpt_hf):
+    return ChatModel.from_pretrained(tiny_ckpt_hf)
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_ckpt_hf):
+    transformers = pytest.importorskip("transformers")
+    return transformers.InternVLForConditionalGeneration.from_pretrained(
+        tiny_ckpt_hf, dtype=torch.float32
+    ).eval()
+
+
+def _image(seed: int, w: int = 500, h: int = 300) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def _hf_new_tokens(seq: torch.Tensor, prompt_len: int, stop_ids, pad: int) -> list[int]:
+    out = []
+    for t in seq[prompt_len:].tolist():
+        if t in stop_ids:
+            break
+        out.append(t)
+    return out
+
+
+def test_greedy_matches_transformers_generate(chat, hf_model):
+    _, ids, px, _ = chat.prepare("What is in the image?", images=_image(0), max_num=2)
+    input_ids = torch.tensor([ids])
+    ours = chat.generator.generate(
+        input_ids, pixel_values=px, max_new_tokens=24, stop_token_ids=chat.stop_token_ids
+    )
+    with torch.no_grad():
+        ref = hf_model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            pixel_values=px,
+            max_new_tokens=24,
+            do_sample=False,
+            eos_token_id=list(chat.stop_token_ids),
+            pad_token_id=chat.pad_token_id,
+        )
+    assert ours.tokens[0] == _hf_new_tokens(ref[0], len(ids), chat.stop_token_ids, chat.pad_token_id)
+    assert len(ours.tokens[0]) > 0
+
+
+def test_left_padded_batch_matches_transformers_and_single_rows(chat, hf_model):
+    # text-only rows of different lengths plus a row with an image
+    prompts = [chat.prepare(q)[1] for q in ("hello", "describe the red car on the left of the street")]
+    _, img_ids, px, _ = chat.prepare("what colour?", images=_image(1, 200, 200), max_num=1)
+    rows = [prompts[0], img_ids, prompts[1]]
+    ids, mask = _left_pad(rows, chat.pad_token_id)
+    kw = dict(max_new_tokens=12, stop_token_ids=chat.stop_token_ids, pad_token_id=chat.pad_token_id)
+    batch = chat.generator.generate(ids, mask, pixel_values=px, **kw)
+    singles = [
+        chat.generator.generate(torch.tensor([r]), pixel_values=px if r is img_ids else None, **kw).tokens[0]
+        for r in rows
+    ]
+    assert batch.tokens == singles
+    with torch.no_grad():
+        ref = hf_model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=px,
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=list(chat.stop_token_ids),
+            pad_token_id=chat.pad_token_id,
+        )
+    for i in range(len(rows)):
+        assert batch.tokens[i] == _hf_new_tokens(ref[i], ids.shape[1], chat.stop_token_ids, chat.pad_token_id)
+
+
+def test_streaming_yields_the_same_tokens(chat):
+    _, ids, _, _ = chat.prepare("count to ten")
+    input_ids = torch.tensor([ids, ids])
+    full = chat.generator.generate(input_ids, max_new_tokens=10)
+    steps = list(chat.generator.stream(input_ids, max_new_tokens=10))
+    assert torch.stack(steps, dim=1).tolist() == full.tokens
+    seen = []
+    chat.generator.generate(input_ids, max_new_tokens=10, callback=lambda t: seen.append(t.tolist()))
+    assert [list(col) for col in zip(*seen)] == full.tokens
+
+
+def test_stop_token_ends_each_row_independently(chat):
+    _, ids, _, _ = chat.prepare("a question")
+    free = chat.generator.generate(torch.tensor([ids]), max_new_tokens=16).tokens[0]
+    k = next(i for i in range(2, len(free)) if free[i] not in free[:i])
+    stop = free[k]
+    out = chat.generator.generate(torch.tensor([ids]), max_new_tokens=16, stop_token_ids=(stop,))
+    assert out.tokens[0] == free[:k] and out.finish_reasons == ["stop"]
+    # min_new_tokens suppresses the stop token for the first steps: the stream then diverges
+    out = chat.generator.generate(
+        torch.tensor([ids]), max_new_tokens=16, stop_token_ids=(stop,), min_new_tokens=k + 1
+    )
+    assert out.tokens[0][:k] == free[:k] and len(out.tokens[0]) > k and out.tokens[0][k] != stop
+    # a batch in which only one row stops: the other runs to max_new_tokens
+    _, other, _, _ = chat.prepare("something different entirely")
+    ids2, mask = _left_pad([ids, other], chat.pad_token_id)
+    batch = chat.generator.generate(ids2, mask, max_new_tokens=16, stop_token_ids=(stop,), pad_token_id=0)
+    assert batch.tokens[0] == free[:k] and batch.finish_reasons[0] == "stop"
+    alone = chat.generator.generate(torch.tensor([other]), max_new_tokens=16, stop_token_ids=(stop,))
+    assert batch.tokens[1] == alone.tokens[0]
+    no_stop = chat.generator.generate(
+        torch.tensor([ids]), max_new_tokens=16, ignore_eos=True, stop_token_ids=(stop,)
+    )
+    assert no_stop.tokens[0] == free
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(chat):
+    _, ids, _, _ = chat.prepare("tell a story")
+    input_ids = torch.tensor([ids])
+    greedy = chat.generator.generate(input_ids, max_new_tokens=12).tokens[0]
+    kw = dict(max_new_tokens=12, do_sample=True, temperature=5.0)
+    a = chat.generator.generate(input_ids, seed=7, **kw).tokens[0]
+    b = chat.generator.generate(input_ids, seed=7, **kw).tokens[0]
+    c = chat.generator.generate(input_ids, seed=8, **kw).tokens[0]
+    assert a == b and a != c and a != greedy
+    assert chat.generator.generate(input_ids, seed=3, top_k=1, **kw).tokens[0] == greedy
+    assert chat.generator.generate(input_ids, seed=3, top_p=1e-6, **kw).tokens[0] == greedy
+    assert (
+        chat.generator.generate(input_ids, seed=3, do_sample=True, temperature=0.0).tokens[0][:12] == greedy
+    )
+
+
+def test_logits_warpers_match_transformers():
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50) * 3
+    for temperature, top_k, top_p in [(0.7, 0, 1.0), (1.0, 5, 1.0), (1.3, 0, 0.8), (0.9, 10, 0.6)]:
+        ref = TemperatureLogitsWarper(temperature)(None, logits.clone())
+        if top_k:
+            ref = TopKLogitsWarper(top_k)(None, ref)
+        if top_p < 1:
+            ref = TopPLogitsWarper(top_p)(None, ref)
+        cfg = GenerationConfig(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
+        # our samples stay inside the support transformers keeps, with its probabilities
+        gen = torch.Generator().manual_seed(0)
+        kept = torch.isfinite(ref)
+        samples = torch.stack([sample_next(logits, cfg, gen) for _ in range(300)], dim=1)  # [4, 300]
+        for row in range(4):
+            assert set(samples[row].tolist()) <= set(kept[row].nonzero().flatten().tolist())
+        # the probabilities: compare the distributions directly
+        probs_ref = ref.softmax(-1)
+        freq = torch.stack([torch.bincount(samples[r], minlength=50).float() / 300 for r in range(4)])
+        assert (freq - probs_ref).abs().max() < 0.12
+
+
+def test_generation_config_validation(chat):
+    with pytest.raises(InputError, match="top_p"):
+        GenerationConfig(top_p=0)
+    with pytest.raises(InputError, match="unknown generation option"):
+        chat.generator.generate(torch.tensor([[1, 2]]), beams=3)
+    with pytest.raises(InputError, match="temperature"):
+        chat.chat("hi", temperature=-1)
+    assert chat.generator.generate(torch.tensor([[1, 2]]), max_new_tokens=0).tokens == [[]]
+
+
+def test_cpu_packed_linears_keep_results(tiny_ckpt):
+    from interleaf.model import load_checkpoint
+
+    model, _ = load_checkpoint(tiny_ckpt, dtype="bfloat16")
+    ids = torch.randint(0, 200, (2, 9))
+    with torch.inference_mode():
+        ref = model(input_ids=ids).logits.float()
+    n = optimize_for_cpu(model)
+    if n == 0:
+        pytest.skip("oneDNN prepacking unavailable")
+    with torch.inference_mode():
+        packed = model(input_ids=ids).logits.float()
+    torch.testing.assert_close(packed, ref, atol=3e-2, rtol=3e-2)
+    gen = Generator(model)
+    out = gen.generate(ids[:1], max_new_tokens=5)
+    assert len(out.tokens[0]) == 5
+    # the parameters are untouched; restoring gives the plain path back
+    assert all(not p.is_mkldnn for p in model.parameters())
+    restore_cpu_linears(model)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(input_ids=ids).logits.float(), ref)
