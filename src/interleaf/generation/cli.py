@@ -1,0 +1,68 @@
+"""``interleaf chat``: answer one prompt about images or a video, streaming the reply to stdout.
+
+Kept cheap to import: torch and the model are imported inside the handler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "chat",
+        help="answer a prompt about images or a video with a checkpoint",
+        description="Load a checkpoint (either layout) and stream its reply to PROMPT to stdout.",
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="checkpoint directory")
+    p.add_argument("prompt", metavar="PROMPT", help="the question (<image> placeholders optional)")
+    p.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeatable)")
+    p.add_argument("--video", metavar="PATH", help="a video file (uniformly sampled frames)")
+    p.add_argument("--num-segments", type=int, default=8, help="video frames to sample (default 8)")
+    p.add_argument("--max-num", type=int, default=None, help="tile budget (default: the checkpoint's)")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument(
+        "--dtype", default=None, choices=("float32", "bfloat16", "float16"), help="default: as stored"
+    )
+    p.set_defaults(func=_chat)
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from interleaf.errors import InputError
+    from interleaf.generation.chat import ChatModel
+
+    if args.image and args.video:
+        raise InputError("give --image or --video, not both")
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {args.device}: CUDA is not available on this machine")
+    chat = ChatModel.from_pretrained(args.model_dir, device=args.device, dtype=args.dtype)
+    pieces = chat.stream_chat(
+        args.prompt,
+        images=args.image or None,
+        video=args.video,
+        max_num=args.max_num,
+        num_segments=args.num_segments,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0

@@ -1,0 +1,136 @@
+"""``ChatModel`` / ``interleaf.load`` and the ``interleaf chat`` command on the tiny checkpoint."""
+
+from __future__ import annotations
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import interleaf
+from interleaf.cli import main
+from interleaf.errors import InputError
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def chat(tiny_ckpt):
+    return interleaf.load(tiny_ckpt)
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_load_exposes_model_tokenizer_template(chat):
+    assert chat.template.name == chat.config.template == "Hermes-2"
+    assert chat.model.config is chat.config
+    assert chat.tokenizer.convert_ids_to_tokens(chat.stop_token_ids[0]) == "<|im_end|>"
+    out = chat.model(input_ids=torch.tensor([[1, 2, 3]]))
+    assert out.logits.shape == (1, 3, chat.config.llm.vocab_size)
+
+
+def test_prompt_has_system_message_and_expanded_image(chat, image_file):
+    question, ids, px, text = chat.prepare("What is it?", images=image_file, max_num=1)
+    assert question == "<image>\nWhat is it?"
+    assert text.startswith("<|im_start|>system\n" + chat.template.system_message + "<|im_end|>")
+    assert text.endswith("</img>\nWhat is it?<|im_end|><|im_start|>assistant\n")
+    assert px.shape == (1, 3, 448, 448)
+    assert ids.count(chat.config.img_context_token_id) == chat.config.num_image_token
+    # the checkpoint's tile budget is the default: 160x120 (4:3) with max 12 -> 4x3 grid + thumbnail
+    assert chat.config.max_dynamic_patch == 12
+    assert chat.prepare("x", images=image_file)[2].shape[0] == 13
+
+
+def test_chat_stream_and_batch_agree(chat, image_file):
+    kw = dict(max_new_tokens=12)
+    reply = chat.chat("Describe the image.", images=str(image_file), max_num=1, **kw)
+    assert isinstance(reply, str)
+    assert "".join(chat.stream_chat("Describe the image.", images=image_file, max_num=1, **kw)) == reply
+    pil = Image.open(image_file)
+    assert chat.chat("Describe the image.", images=[pil], max_num=1, **kw) == reply
+    text_reply = chat.chat("Say something.", **kw)
+    batch = chat.batch_chat(
+        ["Describe the image.", "Say something."], images=[image_file, None], max_num=1, **kw
+    )
+    assert batch == [reply, text_reply]
+
+
+def test_history_round_trip(chat, image_file):
+    reply, history = chat.chat(
+        "What is it?", images=image_file, max_num=1, max_new_tokens=6, return_history=True
+    )
+    assert history == [("<image>\nWhat is it?", reply)]
+    _, _, _, text = chat.prepare("And then?", images=image_file, history=history, max_num=1)
+    assert text.count("<img>") == 1 and f"assistant\n{reply}<|im_end|>" in text
+    assert isinstance(
+        chat.chat("And then?", images=image_file, history=history, max_num=1, max_new_tokens=4), str
+    )
+
+
+def test_multi_image_and_video_prompts(chat, image_file, tmp_path):
+    _, _, px, text = chat.prepare("Compare them.", images=[image_file, image_file], max_num=2)
+    assert "Image-1: <img>" in text and "Image-2: <img>" in text and px.shape[0] == 2
+    video = tmp_path / "clip.mkv"
+    container = av.open(str(video), "w")
+    stream = container.add_stream("ffv1", rate=5)
+    stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv444p"
+    for k in range(10):
+        frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 20 * k, np.uint8), format="rgb24")
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+    _, ids, px, text = chat.prepare("What happens?", video=video, num_segments=3)
+    assert px.shape == (3, 3, 448, 448)
+    assert "Frame1: <img>" in text and "Frame3: <img>" in text and "Frame4" not in text
+    assert isinstance(chat.chat("What happens?", video=video, num_segments=2, max_new_tokens=3), str)
+
+
+def test_bad_input_is_a_one_line_input_error(chat, image_file, tmp_path):
+    with pytest.raises(InputError, match="2 <image> placeholder"):
+        chat.chat("<image> vs <image>", images=image_file)
+    with pytest.raises(InputError, match="nope.png"):
+        chat.chat("hi", images=tmp_path / "nope.png")
+    with pytest.raises(InputError, match="batch_chat"):
+        chat.batch_chat(["a", "b"], images=[image_file])
+    with pytest.raises(InputError, match="either images or a video"):
+        chat.chat("x", images=image_file, video=image_file)
+
+
+def test_cli_chat_streams_the_reply(tiny_ckpt, image_file, chat, capsys):
+    assert main(["chat", str(tiny_ckpt), "--image", str(image_file), "--max-num", "1",
+                 "--max-new-tokens", "8", "Describe the image."]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert printed == chat.chat("Describe the image.", images=image_file, max_num=1, max_new_tokens=8) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--image", "missing.jpg"], "missing.jpg"),
+        (["--video", "missing.mp4"], "missing.mp4"),
+        (["--max-new-tokens", "0"], "max-new-tokens"),
+    ],
+)
+def test_cli_bad_input_exits_1_with_one_line(tiny_ckpt, tmp_path, capsys, extra, needle):
+    assert main(["chat", str(tiny_ckpt), *extra, "hello"]) == 1
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cli_not_a_checkpoint(tmp_path, capsys):
+    assert main(["chat", str(tmp_path), "hello"]) == 1
+    assert "not a checkpoint" in capsys.readouterr().err
