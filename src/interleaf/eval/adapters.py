@@ -1,0 +1,355 @@
+"""Model adapters: one ``generate(requests)`` interface over three kinds of model.
+
+- ``InterleafAdapter``: an interleaf checkpoint directory (either layout), batched generation with
+  ``ChatModel.batch_chat``;
+- ``HFAdapter`` (``hf:PATH``): transformers' ``InternVLForConditionalGeneration`` on a ``-hf``
+  checkpoint, one sample at a time, as a reference;
+- ``OpenAIAdapter`` (``openai:URL#MODEL``): any OpenAI-compatible chat-completions endpoint (vLLM,
+  LMDeploy, hosted APIs) with images as base64 data URLs, concurrent requests, per-request timeout,
+  retries with exponential backoff on timeouts, connection errors, 429 and 5xx.
+
+``generate`` yields ``(index, response_or_exception)`` as answers arrive, so the runner can commit
+each one to the response store at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import mimetypes
+import os
+import random
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from interleaf.errors import InputError
+
+IMAGE_PLACEHOLDER = "<image>"
+
+
+@dataclass
+class Request:
+    """One generation request. ``prompt`` holds one ``<image>`` placeholder per entry of ``images``."""
+
+    prompt: str
+    images: list[str] = field(default_factory=list)
+    max_new_tokens: int = 32
+    max_num: int = 6  # tile budget of the whole prompt (shared by its images)
+    dynamic: bool = True  # False: every image is one 448x448 tile (MM-NIAH)
+
+
+class Adapter:
+    """Base class: ``name`` (for file names), ``fingerprint`` (for the response store keys)."""
+
+    name: str = "model"
+    fingerprint: str = ""
+    batched: bool = False
+    notes: list[str]
+
+    def settings(self) -> dict[str, Any]:
+        """Generation settings that change answers (part of the store key)."""
+        return {"do_sample": False}
+
+    def generate(
+        self, requests: Sequence[Request], batch_size: int = 8
+    ) -> Iterator[tuple[int, str | Exception]]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# Fingerprints
+# --------------------------------------------------------------------------------------------
+
+
+def directory_fingerprint(path: str | os.PathLike) -> str:
+    """SHA-256 over config/tokenizer files and, for weights, name + size + first/last MiB."""
+    root = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(root.iterdir()):
+        if not f.is_file():
+            continue
+        h.update(f.name.encode())
+        size = f.stat().st_size
+        h.update(str(size).encode())
+        with open(f, "rb") as fh:
+            if f.suffix in (".json", ".txt", ".model", ".py", ".jinja") or size <= 2 << 20:
+                h.update(fh.read())
+            else:
+                h.update(fh.read(1 << 20))
+                fh.seek(size - (1 << 20))
+                h.update(fh.read())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# interleaf checkpoint
+# --------------------------------------------------------------------------------------------
+
+
+class InterleafAdapter(Adapter):
+    """An interleaf checkpoint directory, answered with batched greedy generation."""
+
+    batched = True
+
+    def __init__(self, path: str, device: str = "cpu", dtype: Any = None, chat_model: Any = None):
+        if chat_model is None and not Path(path).is_dir():
+            raise InputError(f"{path}: not a checkpoint directory")
+        self.path = path
+        self.name = Path(path).resolve().name
+        self.fingerprint = "interleaf:" + directory_fingerprint(path)
+        self.device, self.dtype = device, dtype
+        self._chat_model = chat_model  # loaded on first use: a fully cached rerun never loads weights
+        self.notes = []
+
+    @property
+    def chat_model(self) -> Any:
+        if self._chat_model is None:
+            import interleaf
+
+            self._chat_model = interleaf.load(self.path, device=self.device, dtype=self.dtype)
+        return self._chat_model
+
+    @staticmethod
+    def _gen_kwargs(req: Request) -> dict[str, Any]:
+        # ChatModel shares ``max_num`` over a prompt's images (max(1, max_num // n) each), so the
+        # runner's budget gives the per-image tile count; one tile per image is ``max_num=1``.
+        max_num = req.max_num if req.dynamic else 1
+        return {"max_new_tokens": req.max_new_tokens, "do_sample": False, "max_num": max_num}
+
+    def _one(self, req: Request) -> str:
+        return self.chat_model.chat(req.prompt, images=list(req.images) or None, **self._gen_kwargs(req))
+
+    def generate(
+        self, requests: Sequence[Request], batch_size: int = 8
+    ) -> Iterator[tuple[int, str | Exception]]:
+        # Group requests that share generation settings, then cut into batches.
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault((r.max_new_tokens, r.max_num, r.dynamic), []).append(i)
+        batch_fn = getattr(self.chat_model, "batch_chat", None)
+        for idxs in groups.values():
+            for start in range(0, len(idxs), batch_size):
+                chunk = idxs[start : start + batch_size]
+                reqs = [requests[i] for i in chunk]
+                if batch_fn is not None and len(chunk) > 1:
+                    try:
+                        outs = batch_fn(
+                            [r.prompt for r in reqs],
+                            images=[list(r.images) for r in reqs],
+                            **self._gen_kwargs(reqs[0]),
+                        )
+                        yield from zip(chunk, outs)
+                        continue
+                    except Exception as exc:  # noqa: BLE001 - isolate the failing sample below
+                        self.notes.append(f"batch failed ({type(exc).__name__}: {exc}); answered one by one")
+                for i, r in zip(chunk, reqs):
+                    try:
+                        yield i, self._one(r)
+                    except Exception as exc:  # noqa: BLE001 - one bad sample never stops the run
+                        yield i, exc
+
+
+# --------------------------------------------------------------------------------------------
+# transformers reference
+# --------------------------------------------------------------------------------------------
+
+
+class HFAdapter(Adapter):
+    """transformers' ``InternVLForConditionalGeneration`` on a ``-hf`` checkpoint (one sample at a time)."""
+
+    def __init__(self, path: str, device: str = "cpu"):
+        import torch
+        from transformers import AutoProcessor, InternVLForConditionalGeneration
+
+        if not Path(path).is_dir():
+            raise InputError(f"{path}: not a checkpoint directory")
+        self.path = path
+        self.name = Path(path).resolve().name
+        self.fingerprint = "hf:" + directory_fingerprint(path)
+        self.device = device
+        self.torch = torch
+        self.model = InternVLForConditionalGeneration.from_pretrained(path).to(device).eval()
+        self.processor = AutoProcessor.from_pretrained(path)
+        self.notes = ["transformers reference: one sample at a time"]
+
+    def _one(self, req: Request) -> str:
+        from PIL import Image
+
+        pieces = req.prompt.split(IMAGE_PLACEHOLDER)
+        content: list[dict] = []
+        for k, piece in enumerate(pieces):
+            if piece:
+                content.append({"type": "text", "text": piece})
+            if k < len(req.images):
+                content.append({"type": "image", "image": Image.open(req.images[k]).convert("RGB")})
+        messages = [{"role": "user", "content": content}]
+        kwargs = {}
+        if not req.dynamic:
+            kwargs = {"images_kwargs": {"crop_to_patches": False}}
+        elif req.images:
+            per_image = max(1, req.max_num // max(1, len(req.images)))
+            kwargs = {"images_kwargs": {"crop_to_patches": True, "max_patches": per_image}}
+        inputs = self.processor.apply_chat_template(
+            messages,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            **kwargs,
+        ).to(self.device)
+        with self.torch.inference_mode():
+            out = self.model.generate(**inputs, max_new_tokens=req.max_new_tokens, do_sample=False)
+        new = out[0, inputs["input_ids"].shape[1] :]
+        return self.processor.decode(new, skip_special_tokens=True).strip()
+
+    def generate(
+        self, requests: Sequence[Request], batch_size: int = 8
+    ) -> Iterator[tuple[int, str | Exception]]:
+        for i, r in enumerate(requests):
+            try:
+                yield i, self._one(r)
+            except Exception as exc:  # noqa: BLE001
+                yield i, exc
+
+
+# --------------------------------------------------------------------------------------------
+# OpenAI-compatible endpoint
+# --------------------------------------------------------------------------------------------
+
+
+class EndpointError(RuntimeError):
+    """A request that failed after all retries (or with a non-retryable status)."""
+
+
+def parse_openai_spec(spec: str) -> tuple[str, str]:
+    """``openai:URL#MODEL`` -> (base URL, model)."""
+    body = spec[len("openai:") :] if spec.startswith("openai:") else spec
+    url, sep, model = body.partition("#")
+    if not sep or not url or not model:
+        raise InputError(
+            f"{spec!r}: expected openai:URL#MODEL, e.g. openai:http://localhost:8000/v1#my-model"
+        )
+    return url.rstrip("/"), model
+
+
+def image_data_url(path: str) -> str:
+    mime = mimetypes.guess_type(path)[0] or "image/png"
+    with open(path, "rb") as f:
+        return f"data:{mime};base64,{base64.b64encode(f.read()).decode('ascii')}"
+
+
+class OpenAIClient:
+    """Minimal chat-completions client (stdlib HTTP) with timeouts and retries with backoff."""
+
+    RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+
+    def __init__(self, url: str, model: str, timeout: float = 60.0, retries: int = 3, backoff: float = 0.5):
+        self.url, self.model = url, model
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.api_key = os.environ.get("OPENAI_API_KEY", "")
+
+    def complete(self, messages: list[dict], **params: Any) -> str:
+        body = json.dumps({"model": self.model, "messages": messages, **params}).encode("utf-8")
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        last: Exception | None = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * (2 ** (attempt - 1)) * (1 + 0.25 * random.random()))
+            req = urllib.request.Request(
+                self.url + "/chat/completions", data=body, headers=headers, method="POST"
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    payload = json.loads(resp.read().decode("utf-8"))
+                return payload["choices"][0]["message"]["content"] or ""
+            except urllib.error.HTTPError as exc:
+                detail = exc.read()[:200].decode("utf-8", "replace")
+                last = EndpointError(f"HTTP {exc.code} from {self.url}: {detail}")
+                if exc.code not in self.RETRY_STATUS:
+                    break
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
+                reason = getattr(exc, "reason", exc)
+                last = EndpointError(f"{type(reason).__name__} talking to {self.url}: {reason}")
+            except (KeyError, IndexError, TypeError, ValueError) as exc:
+                last = EndpointError(f"malformed response from {self.url}: {exc}")
+        raise last if last else EndpointError("no attempt made")
+
+
+def openai_messages(req: Request) -> list[dict]:
+    """Interleaved user content: text pieces and image data URLs in placeholder order."""
+    pieces = req.prompt.split(IMAGE_PLACEHOLDER)
+    if len(pieces) - 1 != len(req.images):
+        raise InputError(f"prompt has {len(pieces) - 1} <image> placeholders but {len(req.images)} images")
+    content: list[dict] = []
+    for k, piece in enumerate(pieces):
+        if piece:
+            content.append({"type": "text", "text": piece})
+        if k < len(req.images):
+            content.append({"type": "image_url", "image_url": {"url": image_data_url(req.images[k])}})
+    return [{"role": "user", "content": content}]
+
+
+class OpenAIAdapter(Adapter):
+    """Concurrent requests to an OpenAI-compatible endpoint; answers yielded as they complete."""
+
+    def __init__(
+        self, spec: str, concurrency: int = 8, timeout: float = 60.0, retries: int = 3, backoff: float = 0.5
+    ):
+        url, model = parse_openai_spec(spec)
+        self.client = OpenAIClient(url, model, timeout=timeout, retries=retries, backoff=backoff)
+        self.name = model.replace("/", "--").replace(":", "-")
+        self.fingerprint = f"openai:{url}#{model}"
+        self.concurrency = concurrency
+        self.notes = [f"OpenAI-compatible endpoint {url}, model {model}, {concurrency} concurrent requests"]
+
+    def settings(self) -> dict[str, Any]:
+        return {"temperature": 0}
+
+    def _one(self, req: Request) -> str:
+        return self.client.complete(openai_messages(req), max_tokens=req.max_new_tokens, temperature=0)
+
+    def generate(
+        self, requests: Sequence[Request], batch_size: int = 8
+    ) -> Iterator[tuple[int, str | Exception]]:
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            futures = {pool.submit(self._one, r): i for i, r in enumerate(requests)}
+            for fut in as_completed(futures):
+                exc = fut.exception()
+                yield futures[fut], (exc if exc is not None else fut.result())
+
+
+def make_judge(spec: str, timeout: float = 60.0, retries: int = 3):
+    """``openai:URL#MODEL`` -> a judge callable (prompt -> text) with the official max_tokens 512."""
+    url, model = parse_openai_spec(spec)
+    client = OpenAIClient(url, model, timeout=timeout, retries=retries)
+
+    def judge(prompt: str) -> str:
+        return client.complete(
+            [{"role": "user", "content": [{"type": "text", "text": prompt}]}], max_tokens=512
+        )
+
+    judge.fingerprint = f"judge:{url}#{model}"  # type: ignore[attr-defined]
+    return judge
+
+
+def make_adapter(
+    spec: str, device: str = "cpu", concurrency: int = 8, timeout: float = 60.0, retries: int = 3
+) -> Adapter:
+    """``openai:URL#MODEL`` | ``hf:PATH`` | an interleaf checkpoint directory."""
+    if spec.startswith("openai:"):
+        return OpenAIAdapter(spec, concurrency=concurrency, timeout=timeout, retries=retries)
+    if spec.startswith("hf:"):
+        return HFAdapter(spec[3:], device=device)
+    return InterleafAdapter(spec, device=device)
