@@ -891,3 +891,50 @@ def finish(plan: RunPlan, n_shards: int, progress: bool = True) -> dict:
         stats = fetch_corpus(plan.out, plan.cfg["fetch"], progress=progress)
     _atomic_write(plan.out / "_SUCCESS", "")
     return stats
+
+
+# --------------------------------------------------------------------------------------------
+# conversion of a built corpus
+
+
+def iter_output_documents(out: str | Path) -> Iterator[Document]:
+    """Every document of a finished build, shard by shard, in order."""
+    from interleaf.corpus.fetch import _read_docs
+
+    out = Path(out)
+    if not (out / "stats.json").exists():
+        raise InputError(f"{out}: not a finished corpus build (no stats.json)")
+    for p in sorted((out / "data").glob("part-*")):
+        if p.name.endswith((".parquet", ".jsonl")):
+            yield from _read_docs(p)
+
+
+def convert_corpus(out: str | Path, to: str, dest: str | Path) -> tuple[int, int]:
+    """Write the corpus in ``OUT`` as ``text`` / ``pairs`` / ``mmc4`` JSONL records to ``dest``.
+
+    Returns ``(documents read, records written)``.
+    """
+    from interleaf.corpus import convert as C
+
+    fns = {"text": C.to_text, "pairs": C.to_pairs, "mmc4": C.to_mmc4}
+    if to not in fns:
+        raise ConfigError(f"unknown conversion {to!r} (text, pairs, mmc4)")
+    fn = fns[to]
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    n_in = n_out = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for doc in iter_output_documents(out):
+            n_in += 1
+            res = fn(doc)
+            items = res if isinstance(res, list) or hasattr(res, "__next__") else [res]
+            for item in items:
+                if item is None:
+                    continue
+                if isinstance(item, str):
+                    item = {"id": doc.id, "text": item}
+                f.write(json.dumps(item, ensure_ascii=False) + "\n")
+                n_out += 1
+    os.replace(tmp, dest)
+    return n_in, n_out

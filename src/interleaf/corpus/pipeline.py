@@ -77,6 +77,7 @@ DEFAULTS: dict[str, Any] = {
         "drop_failed": True,
         "drop_documents_without_images": True,
         "images_dir": None,  # default: OUT/images
+        "local_roots": [],  # directories whose files (file:// URLs, paths) may be read
     },
     "write": {
         "format": "parquet",  # or jsonl

@@ -1,0 +1,311 @@
+"""Local corpus engine: accounting, isolation (hanging/crashing pages), dedup, kill-and-resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from interleaf.corpus import engine as E
+from interleaf.corpus import pipeline as P
+from interleaf.corpus.sample import iter_sample_pages, write_warc
+from interleaf.errors import ConfigError, InputError
+
+# the per-document parts (readers, extractor) come from interleaf.corpus.{warc,extract}
+pytest.importorskip("interleaf.corpus.extract")
+pytest.importorskip("interleaf.corpus.warc")
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+
+# ---------------------------------------------------------------------------------------------
+# a test-only extractor wrapper: the real extractor, plus pages that hang, crash or are slow
+
+
+def marker_extractor(**opts):
+    """``extract.impl`` for tests: markers in the HTML make the extractor hang, die or dawdle."""
+    from interleaf.corpus.extract import extract
+
+    def fn(page):
+        if b"<!--TEST:HANG-->" in page.html:
+            time.sleep(600)
+        if b"<!--TEST:CRASH-->" in page.html:
+            os._exit(7)
+        if b"<!--TEST:SLOW-->" in page.html:
+            time.sleep(0.03)
+        return extract(page, **opts)
+
+    return fn
+
+
+_WORDS = (
+    "the of and to in is that for it as with was on be by this are from at or an have not which "
+    "but all were when we there can more if will one about their has would been other some into "
+    "river mountain garden library window morning question answer history science music market "
+    "bridge winter summer animal forest ocean village teacher student journey picture language "
+    "kitchen doctor engine number family country evening reason system method result letter"
+).split()
+
+
+def _article(rng: random.Random, title: str, n_par: int = 5, marker: str = "") -> str:
+    pars = []
+    for _ in range(n_par):
+        sents = []
+        for _ in range(rng.randint(3, 6)):
+            ws = [rng.choice(_WORDS) for _ in range(rng.randint(8, 16))]
+            sents.append(" ".join(ws).capitalize() + ".")
+        pars.append("<p>" + " ".join(sents) + "</p>")
+    img1 = f'<img src="/media/{title}-a.jpg" width="640" height="480" alt="A photo of {title}">'
+    img2 = f'<img src="/media/{title}-b.png" width="400" height="300" alt="Diagram for {title}">'
+    body = pars[:2] + [img1] + pars[2:4] + [img2] + pars[4:]
+    return (
+        f"<html><head><title>{title}</title></head><body>"
+        '<nav><a href="/">Home</a> | <a href="/about">About</a></nav>'
+        f"<article><h1>{title}</h1>{''.join(body)}</article>"
+        "<footer>Copyright notice. All rights reserved.</footer>"
+        f"{marker}</body></html>"
+    )
+
+
+def make_test_warc(path: Path, n: int = 40, seed: int = 0, hang: bool = True, crash: bool = True, slow=False):
+    """A WARC of synthetic articles (+ exact URL and near duplicates, a hanging and a crashing page)."""
+    rng = random.Random(seed)
+    recs = []
+    marker = "<!--TEST:SLOW-->" if slow else ""
+    for i in range(n):
+        html = _article(rng, f"topic{i}", marker=marker)
+        recs.append(
+            (
+                f"http://site{i % 5}.example/post/{i}",
+                html.encode(),
+                "text/html; charset=utf-8",
+                f"2023-0{1 + i % 9}-10T00:00:00Z",
+            )
+        )
+    # an exact-URL re-crawl (later date) and a near-duplicate under another URL
+    recs.append(
+        (
+            recs[3][0],
+            recs[3][1].replace(b"</article>", b"<p>Updated.</p></article>"),
+            recs[3][2],
+            "2024-05-01T00:00:00Z",
+        )
+    )
+    recs.append(("http://mirror.example/copy-of-7", recs[7][1], recs[7][2], "2022-01-01T00:00:00Z"))
+    if hang:
+        recs.append(
+            (
+                "http://bad.example/hang",
+                _article(rng, "hang", marker="<!--TEST:HANG-->").encode(),
+                "text/html",
+                "2023-01-01T00:00:00Z",
+            )
+        )
+    if crash:
+        recs.append(
+            (
+                "http://bad.example/crash",
+                _article(rng, "crash", marker="<!--TEST:CRASH-->").encode(),
+                "text/html",
+                "2023-01-01T00:00:00Z",
+            )
+        )
+    # real pages no one on the project wrote
+    recs += [r for r in iter_sample_pages() if r[2].startswith("text/html")][:6]
+    rng.shuffle(recs)
+    write_warc(path, recs)
+    return recs
+
+
+def _cfg(tmp_path: Path, **extra) -> Path:
+    cfg = {
+        "read": {"shard_size": 7},
+        "extract": {"impl": "test_corpus_engine:marker_extractor", "timeout_s": 1.5},
+        "filters": [],
+    }
+    for k, v in extra.items():
+        cfg[k] = v
+    p = tmp_path / "pipeline.yaml"
+    import yaml
+
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def _outputs(out: Path) -> dict[str, bytes]:
+    files = {}
+    for sub in ("data", "excluded", "errors"):
+        for p in sorted((out / sub).glob("*")):
+            files[f"{sub}/{p.name}"] = p.read_bytes()
+    return files
+
+
+def _stats_wo_time(out: Path) -> dict:
+    st = json.loads((out / "stats.json").read_text())
+    for s in st["stages"]:
+        s.pop("time_s")
+    return st
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_accounting_isolation_and_dedup(tmp_path):
+    warc = tmp_path / "in.warc.gz"
+    recs = make_test_warc(warc)
+    cfg = P.load_config(_cfg(tmp_path))
+    t0 = time.monotonic()
+    stats = E.build([warc], tmp_path / "out", cfg, workers=2, progress=False)
+    assert time.monotonic() - t0 < 60
+    out = tmp_path / "out"
+    assert stats["balanced"] and stats["records_in"] >= len(recs)
+    assert stats["records_in"] == stats["docs_out"] + stats["excluded"] + stats["errors"]
+    for st in stats["stages"]:
+        from interleaf.corpus.base import StepStats
+
+        assert StepStats.from_dict(st).balanced(), st["name"]
+    errors = [
+        json.loads(line) for p in (out / "errors").glob("*.jsonl") for line in p.read_text().splitlines()
+    ]
+    by_url = {e["url"]: e for e in errors}
+    assert by_url["http://bad.example/hang"]["reason"] == "timeout"
+    assert by_url["http://bad.example/crash"]["reason"] == "crash"
+    assert "code 7" in by_url["http://bad.example/crash"]["detail"]
+    excluded = [
+        json.loads(line) for p in (out / "excluded").glob("*.jsonl") for line in p.read_text().splitlines()
+    ]
+    assert len(excluded) == stats["excluded"] and len(errors) == stats["errors"]
+    docs = list(E.iter_output_documents(out))
+    assert len(docs) == stats["docs_out"]
+    urls = [d.url for d in docs]
+    # exact URL duplicate: only the later crawl survives; near duplicate under another URL removed
+    assert urls.count("http://site3.example/post/3") == 1
+    kept3 = next(d for d in docs if d.url == "http://site3.example/post/3")
+    assert kept3.general_metadata["crawl_date"].startswith("2024-05-01")
+    reasons = {(e["url"], e["reason"]) for e in excluded}
+    assert ("http://site3.example/post/3", "duplicate_url") in reasons
+    assert any(
+        r == "near_duplicate" and u in ("http://mirror.example/copy-of-7", "http://site2.example/post/7")
+        for u, r in reasons
+    )
+    # images stay in place: the synthetic articles have text, image, text, image, text
+    art = next(d for d in docs if d.url.startswith("http://site1.example"))
+    kinds = ["i" if x is not None else "t" for x in art.images]
+    assert "i" in kinds and kinds[0] == "t"
+    assert all(x.startswith("http://site1.example/media/") for x in art.image_urls)
+    # a second call on a finished run does nothing and returns the same stats
+    assert E.build([warc], out, cfg, workers=2, progress=False)["docs_out"] == stats["docs_out"]
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="dedup.minhash.treshold"):
+        P.load_config({"dedup": {"minhash": {"treshold": 0.7}}})
+    with pytest.raises(ConfigError, match="'colour'"):
+        P.load_config({"colour": 1})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("read: {shard_size: many}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*read.shard_size"):
+        P.load_config(bad)
+    with pytest.raises(InputError, match="does not exist"):
+        E.build([tmp_path / "nope.warc.gz"], tmp_path / "o", P.load_config())
+    warc = tmp_path / "in.warc.gz"
+    make_test_warc(warc, n=10, hang=False, crash=False)
+    cfg = P.load_config(_cfg(tmp_path))
+    E.build([warc], tmp_path / "o2", cfg, workers=1, progress=False)
+    other = P.load_config(_cfg(tmp_path), **{"dedup.minhash.threshold": 0.9})
+    with pytest.raises(ConfigError, match="another config"):
+        E.build([warc], tmp_path / "o2", other, workers=1, progress=False)
+
+
+def _run_cli(args: list[str], **kw) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    return subprocess.Popen(
+        [sys.executable, "-m", "interleaf.cli", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kw,
+    )
+
+
+def _kill_when(proc: subprocess.Popen, cond, timeout: float = 60.0) -> bool:
+    """SIGKILL ``proc`` as soon as ``cond()`` holds; False if it finished first."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.005)
+    proc.kill()
+    raise AssertionError("kill condition never met")
+
+
+def test_kill_and_resume_gives_identical_output(tmp_path):
+    warc = tmp_path / "in.warc.gz"
+    make_test_warc(warc, n=40, seed=3, hang=False, crash=True, slow=True)
+    cfg = _cfg(tmp_path)
+    ref = tmp_path / "ref"
+    r = _run_cli(["corpus", "build", str(warc), "-o", str(ref), "--config", str(cfg), "--workers", "2"])
+    _, err = r.communicate(timeout=120)
+    assert r.returncode == 0, err.decode()
+    expected, expected_stats = _outputs(ref), _stats_wo_time(ref)
+    assert expected and expected_stats["balanced"]
+
+    out = tmp_path / "out"
+    stage1 = out / "_work" / "stage1"
+    final = out / "_work" / "final"
+
+    def n_committed(d: Path) -> int:
+        return len([p for p in d.glob("*") if ".tmp" not in p.name]) if d.exists() else 0
+
+    kill_points = [
+        lambda: n_committed(stage1) >= 1,  # mid phase 1
+        lambda: n_committed(stage1) >= 4,  # later in phase 1 (first shards already done)
+        lambda: (out / "_work" / "dedup").exists() or n_committed(final) >= 1,  # dedup / finalize
+        lambda: n_committed(final) >= 3,  # mid finalize
+    ]
+    killed = 0
+    args = ["corpus", "build", str(warc), "-o", str(out), "--config", str(cfg), "--workers", "2"]
+    for cond in kill_points:
+        p = _run_cli(args)
+        killed += _kill_when(p, cond)
+        if (out / "_SUCCESS").exists():
+            break
+    assert killed >= 2
+    p = _run_cli(args)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err.decode()
+    assert _outputs(out) == expected
+    assert _stats_wo_time(out) == expected_stats
+    # no temporary file survives a finished run
+    assert not [q for q in out.rglob("*") if ".tmp" in q.name]
+
+
+def test_isolated_pool_restarts_and_keeps_order(tmp_path):
+    from interleaf.corpus.base import RawPage
+
+    cfg = P.load_config(_cfg(tmp_path))
+    rng = random.Random(1)
+    pages = []
+    for i in range(12):
+        marker = "<!--TEST:CRASH-->" if i in (2, 3, 9) else ""
+        pages.append(
+            RawPage(url=f"http://x.example/{i}", html=_article(rng, f"t{i}", marker=marker).encode())
+        )
+    pool = E.IsolatedPool(cfg, workers=2, batch_size=4)
+    got = dict(pool.imap(enumerate(pages)))
+    assert sorted(got) == list(range(12))
+    assert sorted(i for i, o in got.items() if o["status"] == "error") == [2, 3, 9]
+    assert all(got[i]["url"] == f"http://x.example/{i}" for i in range(12))
+    assert pool.restarts == 3
