@@ -1,0 +1,115 @@
+"""``interleaf corpus`` commands end to end on the embedded sample (real pages, real pipeline)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from interleaf.cli import main
+
+pytest.importorskip("interleaf.corpus.extract")
+pytest.importorskip("interleaf.corpus.warc")
+pytest.importorskip("interleaf.corpus.filters")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("corpus") / "out"
+    assert main(["corpus", "build", "-o", str(out), "--workers", "2", "--no-progress"]) == 0
+    return out
+
+
+def test_build_on_embedded_sample(built, capsys):
+    stats = json.loads((built / "stats.json").read_text())
+    assert stats["balanced"] and stats["records_in"] >= 47
+    assert stats["docs_out"] > 0 and stats["images_out"] > 0
+    from interleaf.corpus.engine import iter_output_documents
+
+    docs = list(iter_output_documents(built))
+    assert len(docs) == stats["docs_out"]
+    for d in docs:
+        d.validate()
+        assert d.n_images > 0 and d.url.startswith("http://xmlsoft.org/XSLT/")
+        assert all(u.startswith("http") for u in d.image_urls)  # resolved against the page URL
+    assert main(["corpus", "stats", str(built)]) == 0
+    text = capsys.readouterr().out
+    assert "extract" in text and "accounting" in text and "ok" in text
+
+
+def test_convert(built, tmp_path):
+    pytest.importorskip("interleaf.corpus.convert")
+    for kind in ("text", "pairs", "mmc4"):
+        dest = tmp_path / f"{kind}.jsonl"
+        assert main(["corpus", "convert", str(built), "--to", kind, "-o", str(dest)]) == 0
+        lines = dest.read_text().splitlines()
+        assert lines, kind
+        json.loads(lines[0])
+
+
+def test_fetch_images_offline_from_sample(built, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "fetched"
+    shutil.copytree(built, out)
+    assert main(["corpus", "fetch-images", str(out), "--from-sample", "--no-progress"]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    fetch = next(s for s in stats["stages"] if s["name"] == "fetch")
+    assert stats["balanced"]
+    assert (
+        fetch["images_in"]
+        == fetch["images_out"]
+        + sum(fetch["images_removed_by_reason"].values())
+        + fetch["images_in_dropped_docs"]
+    )
+    from interleaf.corpus.engine import iter_output_documents
+
+    docs = list(iter_output_documents(out))
+    metas = [m for d in docs for m in d.metadata if m is not None]
+    for m in metas:  # every kept image was fetched, measured, hashed and passes the pixel rules
+        assert m["real_width"] >= 150 and m["real_height"] >= 150 and len(m["p_hash"]) == 16
+        assert (out / m["bytes_path"]).exists()
+    # the page logos (< 150 px) and missing images were removed with a reason
+    assert fetch["images_removed_by_reason"] or fetch["images_in_dropped_docs"]
+
+
+def test_errors_are_one_line(tmp_path, capsys):
+    assert main(["corpus", "build", str(tmp_path / "missing.warc.gz"), "-o", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "missing.warc.gz" in err and "\n" not in err
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("dedup:\n  minhash:\n    bands: 3\n")
+    assert main(["corpus", "build", "-o", str(tmp_path / "o2"), "--config", str(cfg)]) == 1
+    assert "dedup.minhash.bands" in capsys.readouterr().err
+    assert main(["corpus", "stats", str(tmp_path)]) == 1
+    assert "no stats.json" in capsys.readouterr().err
+
+
+def test_jsonl_output(tmp_path):
+    from interleaf.corpus.sample import make_bench_warc
+
+    warc = tmp_path / "small.warc.gz"
+    make_bench_warc(warc, 20)
+    out = tmp_path / "o"
+    assert (
+        main(
+            [
+                "corpus",
+                "build",
+                str(warc),
+                "-o",
+                str(out),
+                "--format",
+                "jsonl",
+                "--workers",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    parts = sorted((out / "data").glob("part-*.jsonl"))
+    assert parts
+    stats = json.loads((out / "stats.json").read_text())
+    rows = [json.loads(x) for p in parts for x in p.read_text().splitlines()]
+    assert len(rows) == stats["docs_out"]
