@@ -38,7 +38,10 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body) if length is None else length))
         self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.wfile.write(body)
+        except BrokenPipeError:  # the client gave up (timeout test)
+            pass
 
     def do_GET(self):  # noqa: N802 - http.server API
         COUNTS[self.path] = COUNTS.get(self.path, 0) + 1
@@ -151,3 +154,87 @@ def test_pixel_verdicts():
         == "aspect_ratio"
     )
     assert F.pixel_verdict(F.FetchResult(url="u", ok=False, reason="timeout"), cfg) == "fetch:timeout"
+
+
+SMALL, WIDE = _png(100, 100, 2), _png(700, 200, 3)
+
+
+class CorpusHandler(Handler):
+    def do_GET(self):  # noqa: N802
+        if self.path == "/small.png":
+            self._send(200, "image/png", SMALL)
+        elif self.path == "/wide.png":
+            self._send(200, "image/png", WIDE)
+        elif self.path == "/copy.png":
+            self._send(200, "image/png", PNG)
+        else:
+            super().do_GET()
+
+
+def test_fetch_corpus_over_loopback(tmp_path):
+    pytest.importorskip("interleaf.corpus.extract")
+    pytest.importorskip("interleaf.corpus.warc")
+    import json
+    import shutil
+
+    from interleaf.corpus import engine as E
+    from interleaf.corpus import pipeline as P
+    from interleaf.corpus.sample import write_warc
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), CorpusHandler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        text = " ".join(["The garden by the river had many old trees and a small bridge."] * 6)
+        pages = []
+        for i, imgs in enumerate(
+            [["ok.png", "small.png"], ["wide.png", "missing.png"], ["ok.png", "copy.png", "html"]]
+        ):
+            tags = "".join(f'<p>{text}</p><img src="{base}/{x}" width="300" height="200">' for x in imgs)
+            html = (
+                f"<html><body><article><h1>Page {i}</h1>{tags}<p>{text} End {i}.</p></article></body></html>"
+            )
+            pages.append((f"http://pages.example/{i}", html.encode(), "text/html", "2024-01-01T00:00:00Z"))
+        warc = tmp_path / "p.warc.gz"
+        write_warc(warc, pages)
+        cfg = P.load_config({"filters": [], "dedup": {"minhash": {"enabled": False}}})
+        out = tmp_path / "out"
+        E.build([warc], out, cfg, workers=1, progress=False)
+        n_docs = json.loads((out / "stats.json").read_text())["docs_out"]
+        assert n_docs == 3
+        refused = tmp_path / "refused"
+        shutil.copytree(out, refused)
+
+        stats = F.fetch_corpus(out, {"allow_private": True, "retries": 0, "timeout_s": 2}, progress=False)
+        fetch = next(s for s in stats["stages"] if s["name"] == "fetch")
+        removed = fetch["images_removed_by_reason"]
+        assert removed.get("too_small") == 1 and removed.get("fetch:bad_content_type") == 1
+        assert removed.get("phash_duplicate_in_document") == 1  # copy.png is ok.png under another URL
+        assert stats["balanced"] and fetch["excluded_by_reason"] == {"no_images_after_fetch": 1}
+        # page 1 lost both images (aspect ratio, 404): excluded, with the image reasons recorded
+        assert fetch["images_in_dropped_docs"] == 2
+        (excl,) = [json.loads(x) for x in (out / "excluded" / "fetch-00000.jsonl").read_text().splitlines()]
+        assert excl["url"] == "http://pages.example/1"
+        assert "aspect_ratio=1" in excl["detail"] and "fetch:http_404=1" in excl["detail"]
+        docs = list(E.iter_output_documents(out))
+        assert len(docs) == 2
+        meta = [m for d in docs for m in d.metadata if m is not None]
+        assert all(m["real_width"] == 300 and m["real_height"] == 200 and m["sha256"] for m in meta)
+        # resumable: running it again changes nothing
+        again = F.fetch_corpus(out, {"allow_private": True}, progress=False)
+        assert again["docs_out"] == stats["docs_out"]
+
+        # by default the loopback address is refused for every image: no document keeps an image
+        st2 = F.fetch_corpus(refused, {}, progress=False)
+        f2 = next(s for s in st2["stages"] if s["name"] == "fetch")
+        assert st2["docs_out"] == 0 and st2["balanced"]
+        logs = [
+            json.loads(x)
+            for p in (refused / "_work" / "fetch").glob("*.results.jsonl")
+            for x in p.read_text().splitlines()
+        ]
+        assert logs and all(r["reason"] == "private_address" for r in logs)
+        assert f2["images_in_dropped_docs"] == f2["images_in"]
+    finally:
+        srv.shutdown()
+        srv.server_close()
