@@ -118,9 +118,9 @@ def bench_minhash(n_docs: int, seed: int = 0) -> dict:
     vocab = np.array([f"w{i}" for i in range(20000)])
     base = [" ".join(vocab[rng.integers(0, len(vocab), rng.integers(150, 450))]) for _ in range(n_docs // 2)]
     docs = list(base)
-    for i in range(n_docs - len(base)):  # half of the set: near duplicates of the other half
+    for i in range(n_docs - len(base)):  # half of the set: near duplicates (1% of words changed)
         ws = base[i].split()
-        for j in rng.integers(0, len(ws), max(1, len(ws) // 50)):
+        for j in rng.integers(0, len(ws), max(1, len(ws) // 100)):
             ws[j] = vocab[rng.integers(0, len(vocab))]
         docs.append(" ".join(ws))
     mh = D.MinHasher()
