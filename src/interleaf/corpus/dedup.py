@@ -148,7 +148,9 @@ class MinHasher:
         """Signatures of precomputed ``shingle_hashes`` arrays (see ``signatures``)."""
         p = self.config.num_perm
         out = np.full((len(shingles), p), self.EMPTY, dtype=np.uint32)
-        buf = np.empty((p, chunk), dtype=np.uint64)
+        buf = getattr(self, "_buf", None)
+        if buf is None or buf.shape[1] != chunk:
+            buf = self._buf = np.empty((p, chunk), dtype=np.uint64)  # reused across calls
         a, b, shift = self._a[:, None], self._b[:, None], np.uint64(32)
 
         def permute(x: np.ndarray) -> np.ndarray:
