@@ -406,14 +406,20 @@ def fetch_corpus(
         docs = _read_docs(out / "data" / f"part-{s:05d}.{ext}")
         results = fetcher.fetch_many((u for d in docs for u in d.image_urls), progress=progress)
         E._atomic_write(log, E._jsonl(r.to_dict() for r in results.values()))
-    # pass 2 (global): in how many documents does each pHash occur (after the per-image rules)
-    phash_docs: Counter = Counter()
-    for s in range(shards):
-        res = _load_results(work, s)
-        for d in _read_docs(out / "data" / f"part-{s:05d}.{ext}"):
-            hs = {res[u].p_hash for u in d.image_urls if u in res and pixel_verdict(res[u], fc) is None}
-            phash_docs.update(hs)
-    too_common = {h for h, c in phash_docs.items() if c > int(fc["max_phash_occurrences"])}
+    # pass 2 (global, computed once and kept so that a resumed run decides the same way):
+    # in how many documents does each pHash occur (among images passing the per-image rules)
+    common_path = work / "phash_common.json"
+    if common_path.exists():
+        too_common = set(json.loads(common_path.read_text(encoding="utf-8")))
+    else:
+        phash_docs: Counter = Counter()
+        for s in range(shards):
+            res = _load_results(work, s)
+            for d in _read_docs(out / "data" / f"part-{s:05d}.{ext}"):
+                hs = {res[u].p_hash for u in d.image_urls if u in res and pixel_verdict(res[u], fc) is None}
+                phash_docs.update(hs)
+        too_common = {h for h, c in phash_docs.items() if c > int(fc["max_phash_occurrences"])}
+        E._atomic_write(common_path, json.dumps(sorted(too_common)))
     # pass 3 (per shard, resumable): rewrite the shard with metadata and the filters applied
     book = E.StatsBook()
     for s in range(shards):
