@@ -1,0 +1,245 @@
+"""Time to first token: Mono-InternVL vs InternVL (InternViT-300M + the same LLM), in one run.
+
+Both models share the 2B shape's LLM (internlm2-chat-1.8b: 24 layers, hidden 2048, 16 heads / 8 kv,
+vocab 92553) with random weights - the very same weight tensors, so the only difference is the visual
+path: InternVL runs InternViT-300M (24 blocks over 1025 tokens per tile) before the LLM; Mono-InternVL
+embeds patches (one conv) and lets the LLM's visual FFN experts encode the 256 tokens per tile. Each
+model answers the same internlm2-chat prompt with 1, 7 and 13 tiles of 448 px (256 tokens each); the
+time to first token is the runtime engine's (``interleaf.generation.Generator``): prefill with the KV
+cache + the first sampled token, inputs already tiled.
+
+    .venv/bin/python benchmarks/bench_mono_ttft.py                      # CPU, bf16, 3 repeats
+    .venv/bin/python benchmarks/bench_mono_ttft.py --quick              # CPU, 1 repeat (2 cores: ~10 min)
+    .venv/bin/python benchmarks/bench_mono_ttft.py --device cuda --quick
+
+Prints a table (medians) and the TTFT reduction ``1 - mono / internvl`` per tile count; ``--json PATH``
+also writes the numbers. Target (paper: up to 67% lower first-token latency): >= 50% on an H100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+from torch import nn
+
+from interleaf.generation.engine import GenerationConfig, Generator
+from interleaf.model import VisionConfig, build_model, preset_config
+from interleaf.model.mono_checkpoint import PATCH_2B, PATCH_TINY
+from interleaf.model.mono_internvl import MonoInternVLChatModel, MonoInternVLConfig
+from interleaf.model.presets import make_tokenizer
+from interleaf.processing.prompt import build_prompt
+from interleaf.processing.templates import get_template
+
+SHAPES = {"2b": ("internvl2-2b", PATCH_2B), "tiny": ("tiny-internlm2", PATCH_TINY)}
+
+
+@torch.no_grad()
+def _init_(module: nn.Module, gen: torch.Generator, std: float = 0.02) -> None:
+    """Random init as the model core does it: normal(0, std) matrices, zero biases, unit norms."""
+    for name, p in module.named_parameters():
+        if name.endswith("bias"):
+            p.zero_()
+        elif p.dim() == 1:
+            p.fill_(1.0)
+        else:
+            p.copy_(torch.randn(p.shape, generator=gen).mul_(std).to(p.dtype))
+
+
+def build_pair(shape: str, dtype: torch.dtype, device: str, share_expert_weights: bool):
+    """(InternVL, Mono-InternVL, tokenizer) sharing one LLM's weights (attention, text FFN, norms,
+    embeddings, head). The visual experts are their own random tensors, or - ``share_expert_weights``,
+    to halve CPU memory - views of the text FFN's (same FLOPs and bytes moved per token)."""
+    base, patch = SHAPES[shape]
+    tok = make_tokenizer("internlm2")
+    cfg = preset_config(base, vocab_size=-(-len(tok) // 64) * 64)
+    vocab = tok.get_vocab()
+    cfg.img_context_token_id = vocab["<IMG_CONTEXT>"]
+    cfg.img_start_token_id, cfg.img_end_token_id = vocab["<img>"], vocab["</img>"]
+    internvl = build_model(cfg, seed=0, dtype=dtype)
+
+    mono_cfg = MonoInternVLConfig.from_internvl(cfg)
+    mono_cfg.vision = VisionConfig(**patch)
+    mono_cfg.vision.extra["model_type"] = "intern_vit_patch"
+    with torch.device("meta"):
+        mono = MonoInternVLChatModel(mono_cfg)
+    src, dst = internvl.language_model, mono.language_model
+    for name in ("embed_tokens", "norm", "rotary_emb"):
+        setattr(dst.model, name, getattr(src.model, name))
+    dst.lm_head = src.lm_head
+    gen = torch.Generator().manual_seed(1)
+    for a, b in zip(src.model.layers, dst.model.layers):
+        for name in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"):
+            setattr(b, name, getattr(a, name))
+        ve = b.feed_forward_ve
+        if share_expert_weights:
+            ve.w1.weight, ve.w3.weight, ve.w2.weight = (
+                a.mlp.gate_proj.weight,
+                a.mlp.up_proj.weight,
+                a.mlp.down_proj.weight,
+            )
+        else:
+            ve.to_empty(device="cpu").to(dtype)
+            _init_(ve, gen)
+    for part in (mono.vision_model, mono.mlp1):
+        part.to_empty(device="cpu").to(dtype)
+        _init_(part, gen)
+    leftovers = [n for n, p in mono.named_parameters() if p.is_meta]
+    assert not leftovers, leftovers
+    return internvl.eval().to(device), mono.eval().to(device), tok
+
+
+def params(model: nn.Module) -> dict[str, float]:
+    seen, out = set(), {"vision": 0, "projector": 0, "llm": 0}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        key = (
+            "vision"
+            if name.startswith("vision_model.")
+            else "projector"
+            if name.startswith("mlp1.")
+            else "llm"
+        )
+        out[key] += p.numel()
+    return {k: v / 1e6 for k, v in out.items()}
+
+
+def prompt_inputs(tok, template: str, tiles: int, device: str, dtype: torch.dtype, seed: int = 0):
+    text = build_prompt(get_template(template), "Describe this image in detail.", num_tiles=[tiles])
+    ids = torch.tensor([tok(text)["input_ids"]], device=device)
+    g = torch.Generator().manual_seed(seed)
+    px = torch.randn(tiles, 3, 448, 448, generator=g).to(device=device, dtype=dtype)
+    return ids, px
+
+
+def ttft(generator: Generator, ids: torch.Tensor, px: torch.Tensor) -> float:
+    out = generator.generate(ids, pixel_values=px, config=GenerationConfig(max_new_tokens=1, ignore_eos=True))
+    return out.ttft
+
+
+@torch.inference_mode()
+def vision_time(model: nn.Module, px: torch.Tensor) -> float:
+    """Seconds for the visual path alone (ViT or patch embedding, pixel shuffle, mlp1)."""
+    sync(px.device)
+    t = time.perf_counter()
+    model.extract_feature(px)
+    sync(px.device)
+    return time.perf_counter() - t
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--shape", default="2b", choices=sorted(SHAPES))
+    ap.add_argument("--tiles", type=int, nargs="+", default=[1, 7, 13])
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per setting (default 3, --quick 1)")
+    ap.add_argument("--quick", action="store_true", help="one timed run per setting (CPU: warm up once)")
+    ap.add_argument("--share-expert-weights", choices=["auto", "yes", "no"], default="auto",
+                    help="experts reuse the text FFN tensors (auto: yes on CPU to fit memory, no on GPU)")  # fmt: skip
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no GPU is available", file=sys.stderr)
+        return 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    repeats = args.repeats or (1 if args.quick else 3)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    share = args.share_expert_weights == "yes" or (
+        args.share_expert_weights == "auto" and args.device == "cpu"
+    )
+    device = torch.device(args.device)
+
+    t0 = time.perf_counter()
+    internvl, mono, tok = build_pair(args.shape, dtype, args.device, share)
+    gc.collect()
+    machine = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"# Mono-InternVL vs InternVL time to first token | shape {args.shape} | {args.device} {args.dtype} | {machine}"
+    )
+    print(
+        f"# built in {time.perf_counter() - t0:.0f}s; experts {'share' if share else 'own'} weights; repeats {repeats}"
+    )
+    for name, m in (("InternVL", internvl), ("Mono-InternVL", mono)):
+        p = params(m)
+        print(
+            f"# {name:<14} params (M): vision {p['vision']:.1f}, projector {p['projector']:.1f}, llm {p['llm']:.1f}"
+        )
+    gens = {"internvl": Generator(internvl), "mono": Generator(mono)}
+    template = internvl.config.template
+
+    # warm-up: kernels, allocator, CUDA graphs (per setting on GPU; once on CPU, where it is costly)
+    warm = args.tiles if device.type == "cuda" else args.tiles[:1]
+    for tiles in warm:
+        ids, px = prompt_inputs(tok, template, tiles if device.type == "cuda" else 1, args.device, dtype)
+        for g in gens.values():
+            ttft(g, ids, px)
+
+    rows = []
+    for tiles in args.tiles:
+        ids, px = prompt_inputs(tok, template, tiles, args.device, dtype, seed=tiles)
+        times = {"internvl": [], "mono": []}
+        for _ in range(repeats):  # interleaved, so load drift hits both alike
+            for key, g in gens.items():
+                times[key].append(ttft(g, ids, px))
+        vis = {"internvl": vision_time(internvl, px), "mono": vision_time(mono, px)}
+        med = {k: statistics.median(v) for k, v in times.items()}
+        row = {
+            "tiles": tiles,
+            "tokens": ids.shape[1],
+            "internvl_ttft_s": med["internvl"],
+            "mono_ttft_s": med["mono"],
+            "reduction": 1 - med["mono"] / med["internvl"],
+            "speedup": med["internvl"] / med["mono"],
+            "internvl_vision_s": vis["internvl"],
+            "mono_vision_s": vis["mono"],
+            "runs": times,
+        }
+        rows.append(row)
+        print(
+            f"tiles {tiles:>2} | tokens {row['tokens']:>5} | InternVL {med['internvl'] * 1e3:9.1f} ms "
+            f"(ViT {vis['internvl'] * 1e3:8.1f}) | Mono {med['mono'] * 1e3:9.1f} ms (patch {vis['mono'] * 1e3:6.1f}) "
+            f"| reduction {row['reduction'] * 100:5.1f}% | speedup {row['speedup']:.2f}x",
+            flush=True,
+        )
+    print(f"# mean reduction {statistics.mean(r['reduction'] for r in rows) * 100:.1f}% "
+          f"(max {max(r['reduction'] for r in rows) * 100:.1f}%)")  # fmt: skip
+    if args.json:
+        record = {
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine,
+            "device": args.device,
+            "dtype": args.dtype,
+            "shape": args.shape,
+            "repeats": repeats,
+            "share_expert_weights": share,
+            "torch": torch.__version__,
+            "rows": rows,
+        }
+        with open(args.json, "w") as fh:
+            json.dump(record, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
