@@ -132,6 +132,8 @@ class InterleafAdapter(Adapter):
     def generate(
         self, requests: Sequence[Request], batch_size: int = 8
     ) -> Iterator[tuple[int, str | Exception]]:
+        if not requests:
+            return
         # Group requests that share generation settings, then cut into batches.
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
@@ -165,52 +167,73 @@ class InterleafAdapter(Adapter):
 
 
 class HFAdapter(Adapter):
-    """transformers' ``InternVLForConditionalGeneration`` on a ``-hf`` checkpoint (one sample at a time)."""
+    """transformers' ``InternVLForConditionalGeneration`` on a ``-hf`` checkpoint, one sample at a time.
 
-    def __init__(self, path: str, device: str = "cpu"):
-        import torch
-        from transformers import AutoProcessor, InternVLForConditionalGeneration
+    The model forward and the generation loop are transformers'; the prompt (chat template named in
+    the checkpoint's ``config.json["interleaf"]["template"]``, default Hermes-2) and the image tiles
+    are built with interleaf's processing, so only the model implementation differs from
+    ``InterleafAdapter`` (the ``-hf`` directories interleaf writes carry no processor config).
+    """
 
+    def __init__(self, path: str, device: str = "cpu", template: str | None = None):
         if not Path(path).is_dir():
             raise InputError(f"{path}: not a checkpoint directory")
         self.path = path
         self.name = Path(path).resolve().name
         self.fingerprint = "hf:" + directory_fingerprint(path)
         self.device = device
-        self.torch = torch
-        self.model = InternVLForConditionalGeneration.from_pretrained(path).to(device).eval()
-        self.processor = AutoProcessor.from_pretrained(path)
-        self.notes = ["transformers reference: one sample at a time"]
+        cfg = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+        extra = cfg.get("interleaf") or {}
+        self.template_name = template or extra.get("template") or "Hermes-2"
+        self.system_message = extra.get("system_message")
+        self.use_thumbnail = extra.get("use_thumbnail", True)
+        self.image_seq_length = int(cfg.get("image_seq_length", 256))
+        self.image_size = int(extra.get("force_image_size") or 448)
+        self._model = None
+        self.notes = ["transformers InternVLForConditionalGeneration reference, one sample at a time"]
+
+    def _load(self):
+        if self._model is None:
+            from transformers import AutoTokenizer, InternVLForConditionalGeneration
+
+            self._model = InternVLForConditionalGeneration.from_pretrained(self.path).to(self.device).eval()
+            self._tokenizer = AutoTokenizer.from_pretrained(self.path)
+        return self._model, self._tokenizer
 
     def _one(self, req: Request) -> str:
-        from PIL import Image
+        import torch
 
-        pieces = req.prompt.split(IMAGE_PLACEHOLDER)
-        content: list[dict] = []
-        for k, piece in enumerate(pieces):
-            if piece:
-                content.append({"type": "text", "text": piece})
-            if k < len(req.images):
-                content.append({"type": "image", "image": Image.open(req.images[k]).convert("RGB")})
-        messages = [{"role": "user", "content": content}]
-        kwargs = {}
-        if not req.dynamic:
-            kwargs = {"images_kwargs": {"crop_to_patches": False}}
-        elif req.images:
-            per_image = max(1, req.max_num // max(1, len(req.images)))
-            kwargs = {"images_kwargs": {"crop_to_patches": True, "max_patches": per_image}}
-        inputs = self.processor.apply_chat_template(
-            messages,
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            return_tensors="pt",
-            **kwargs,
-        ).to(self.device)
-        with self.torch.inference_mode():
-            out = self.model.generate(**inputs, max_new_tokens=req.max_new_tokens, do_sample=False)
-        new = out[0, inputs["input_ids"].shape[1] :]
-        return self.processor.decode(new, skip_special_tokens=True).strip()
+        from interleaf.processing.image import preprocess_images
+        from interleaf.processing.prompt import expand_image_placeholders
+        from interleaf.processing.templates import get_template
+
+        model, tok = self._load()
+        template = get_template(self.template_name, self.system_message)
+        max_num = req.max_num if req.dynamic else 1
+        if req.images:
+            pixels, tiles = preprocess_images(req.images, max_num=max_num, image_size=self.image_size,
+                                              use_thumbnail=self.use_thumbnail)  # fmt: skip
+        else:
+            pixels, tiles = None, []
+        text = expand_image_placeholders(template.chat_prompt(req.prompt, None), tiles, self.image_seq_length)
+        enc = tok(text, return_tensors="pt")
+        vocab = tok.get_vocab()
+        stop = [vocab[template.stop_str]] if template.stop_str in vocab else []
+        if tok.eos_token_id is not None:
+            stop.append(tok.eos_token_id)
+        extra = {} if pixels is None else {"pixel_values": pixels.to(self.device, model.dtype)}
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=enc["input_ids"].to(self.device),
+                attention_mask=enc["attention_mask"].to(self.device),
+                **extra,
+                max_new_tokens=req.max_new_tokens,
+                do_sample=False,
+                eos_token_id=stop or None,
+                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else (stop or [0])[0],
+            )
+        new = out[0, enc["input_ids"].shape[1] :].tolist()
+        return tok.decode(new, skip_special_tokens=True).split(template.stop_str)[0].strip()
 
     def generate(
         self, requests: Sequence[Request], batch_size: int = 8
@@ -218,7 +241,7 @@ class HFAdapter(Adapter):
         for i, r in enumerate(requests):
             try:
                 yield i, self._one(r)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - one bad sample never stops the run
                 yield i, exc
 
 

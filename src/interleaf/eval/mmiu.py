@@ -178,6 +178,7 @@ class MMIUSample:
     images: list[str]  # resolved image paths, in presentation order
     missing_images: list[str]
     relationship: str
+    order: int = 0  # position in the loaded files (load errors included)
 
 
 def build_text(record: dict) -> str:
@@ -195,26 +196,28 @@ def resolve_image(p: str, root: Path) -> Path:
 
 
 def load(path: str | os.PathLike, image_root: str | os.PathLike | None = None):
-    """Load MMIU records; returns (samples, errors) with errors as (id, reason) for unusable records."""
+    """Load MMIU records; returns (samples, errors) with errors as (id, reason, order) for unusable records."""
     files, root = find_data(path)
     root = Path(image_root) if image_root else root
     samples: list[MMIUSample] = []
-    errors: list[tuple[str, str]] = []
+    errors: list[tuple[str, str, int]] = []
+    order = 0
     for file in files:
         prefix = "" if len(files) == 1 else f"{file.parent.name}/{file.stem}/"
         for i, raw in enumerate(_read_records(file)):
+            order += 1
             sid = (
                 str(raw.get("id", raw.get("index", f"{prefix}{i}")))
                 if isinstance(raw, dict)
                 else f"{prefix}{i}"
             )
             if not isinstance(raw, dict):
-                errors.append((sid, f"{file}: record {i} is not an object"))
+                errors.append((sid, f"{file}: record {i} is not an object", order))
                 continue
             rec = _flatten(raw)
             missing = [k for k in REQUIRED_FIELDS if k not in rec or (rec[k] is None and k != "output")]
             if missing:
-                errors.append((sid, f"{file}: record {i} has no field {missing[0]!r}"))
+                errors.append((sid, f"{file}: record {i} has no field {missing[0]!r}", order))
                 continue
             paths = rec["input_image_path"]
             if isinstance(paths, str):
@@ -228,6 +231,7 @@ def load(path: str | os.PathLike, image_root: str | os.PathLike | None = None):
                     images=images,
                     missing_images=[x for x in images if not os.path.exists(x)],
                     relationship=relationship_of(rec),
+                    order=order,
                 )
             )
     return samples, errors

@@ -51,7 +51,9 @@ def mmiu_items(
     from interleaf.processing.prompt import image_prefix
 
     samples, errors = mmiu.load(data, image_root)
-    items = [Item(id=sid, request=None, sample=None, error=reason) for sid, reason in errors]
+    ordered: list[tuple[int, Item]] = [
+        (order, Item(id=sid, request=None, sample=None, error=reason)) for sid, reason, order in errors
+    ]
     for s in samples:
         req = Request(
             prompt=image_prefix(len(s.images)) + s.text,
@@ -61,7 +63,10 @@ def mmiu_items(
             dynamic=True,
         )
         err = f"missing image {s.missing_images[0]}" if s.missing_images else None
-        items.append(Item(id=s.id, request=req, sample=s, error=err, tags={"task": s.record["task"]}))
+        ordered.append(
+            (s.order, Item(id=s.id, request=req, sample=s, error=err, tags={"task": s.record["task"]}))
+        )
+    items = [it for _, it in sorted(ordered, key=lambda x: x[0])]
     return items[:limit] if limit else items
 
 

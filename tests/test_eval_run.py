@@ -1,0 +1,122 @@
+"""The harness end to end on the tiny checkpoint: mini suites, batched vs reference, resume, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from interleaf.cli import main
+from interleaf.eval import mmniah, runner
+from interleaf.eval.adapters import InterleafAdapter
+from interleaf.eval.mini import make_mini_mmiu, make_mini_mmniah
+
+DATA = Path(__file__).parent / "data" / "eval"
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("mini")
+    return {
+        "mmiu": make_mini_mmiu(root / "mmiu", per_task=1, seed=0).parent,
+        "mmniah": make_mini_mmniah(root / "niah", per_task=1, seed=0, lengths=(1000,)),
+    }
+
+
+def _preds(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+
+
+def test_mmiu_batched_matches_transformers_reference_and_resumes(mini, tiny_ckpt, tiny_ckpt_hf, tmp_path):
+    out = tmp_path / "interleaf"
+    scores = runner.run(
+        str(tiny_ckpt), "mmiu", str(mini["mmiu"]), out, batch_size=4, max_new_tokens=6, progress=False
+    )
+    n = len(json.loads((mini["mmiu"] / "all.json").read_text()))
+    assert scores["num_samples"] == n == 6 and scores["run"] == {"cached": 0, "generated": n, "failed": 0}
+    assert scores["num_tasks"] == 6 and len(scores["per_relationship"]) == 5
+    assert scores["errors"]["count"] == 0
+    for name in ("predictions.jsonl", "scores.json", "report.md", "responses.sqlite"):
+        assert (out / name).is_file()
+    ours = _preds(out)
+    assert all(p["response"] for p in ours) and {p["extraction"] for p in ours} <= {"letter", "matcher"}
+    # transformers' InternVL on the same weights answers the same (greedy, same prompts and tiles)
+    ref = runner.run(
+        f"hf:{tiny_ckpt_hf}", "mmiu", str(mini["mmiu"]), tmp_path / "hf", max_new_tokens=6, progress=False
+    )
+    assert [p["response"] for p in _preds(tmp_path / "hf")] == [p["response"] for p in ours]
+    assert ref["overall"] == scores["overall"]
+    # rerun: everything comes from the store and the weights are never loaded
+    adapter = InterleafAdapter(str(tiny_ckpt))
+    again = runner.run(
+        adapter, "mmiu", str(mini["mmiu"]), out, batch_size=4, max_new_tokens=6, progress=False
+    )
+    assert again["run"] == {"cached": n, "generated": 0, "failed": 0}
+    assert adapter._chat_model is None
+    assert _preds(out) == ours
+    # another generation setting is another key: asked again
+    other = runner.run(
+        adapter, "mmiu", str(mini["mmiu"]), out, batch_size=4, max_new_tokens=3, limit=2, progress=False
+    )
+    assert other["run"]["generated"] == 2
+
+
+def test_mmniah_end_to_end_official_layout(mini, tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "niah"
+    rc = main(["eval", "run", "--model", str(tiny_ckpt), "--bench", "mmniah", "--data", str(mini["mmniah"]),
+               "-o", str(out), "--batch-size", "3", "--max-new-tokens", "4", "--no-progress"])  # fmt: skip
+    assert rc == 0
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["split"] == "val" and set(scores["tasks"]) == set(mmniah.TASKS) and "overall" in scores
+    files = sorted((out / "mmniah_results").glob("*.jsonl"))
+    assert [mmniah.parse_result_name(f)[1] for f in files] == sorted(mmniah.TASKS)
+    assert all(mmniah.parse_result_name(f)[0] == Path(tiny_ckpt).name for f in files)
+    assert len(list((out / "heatmaps").glob("*.png"))) == 6
+    assert "| **Overall** |" in (out / "report.md").read_text()
+    official = json.loads((out / "mmniah_results" / "scores_val.json").read_text())
+    assert len(official["overall"]) == 11
+    # re-scoring the result files gives the same numbers
+    capsys.readouterr()
+    assert main(["eval", "score", "mmniah", *map(str, files), "--json"]) == 0
+    rescored = json.loads(capsys.readouterr().out)[Path(tiny_ckpt).name]["val"]
+    assert rescored["overall"] == scores["overall"]
+    assert rescored["tasks"]["counting-text"]["scores"] == scores["tasks"]["counting-text"]["scores"]
+    # the prompts are the official ones: context + "\n" + question with suffix, one tile per image
+    rec = json.loads(files[0].read_text().splitlines()[0])
+    assert rec["question"].endswith("\nAnswer the question using a single word or phrase.")
+
+
+def test_cli_score_commands(capsys, tmp_path):
+    assert main(["eval", "score", "tvr-ranking", "--gt", str(DATA / "tvr" / "gt.json"),
+                 "--pred", str(DATA / "tvr" / "pred.json"), "--json"]) == 0  # fmt: skip
+    res = json.loads(capsys.readouterr().out)
+    expected = json.loads((DATA / "tvr" / "expected.json").read_text())["strict"]
+    assert res["NDCG@20"]["0.5"] == pytest.approx(expected["NDCG@20"]["0.5"], abs=1e-12)
+    assert main(["eval", "score", "mmiu", str(DATA / "mmiu" / "predictions.jsonl"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["extraction"].endswith("deterministic matcher") and res["num_tasks"] == 10
+    assert main(["eval", "score", "mmiu", str(DATA / "mmiu" / "predictions.jsonl")]) == 0
+    assert "| Overall (mean over 10 tasks, official) |" in capsys.readouterr().out
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"task": "x"}\n')
+    assert main(["eval", "score", "mmiu", str(bad)]) == 1
+    assert "no field" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "eval",
+                "run",
+                "--model",
+                "openai:nohash",
+                "--bench",
+                "mmiu",
+                "--data",
+                str(tmp_path),
+                "-o",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 1
+    )
+    assert "error:" in capsys.readouterr().err
