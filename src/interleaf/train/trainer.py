@@ -297,7 +297,7 @@ class Trainer:
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         self._barrier()
 
-        from interleaf.model import load_checkpoint
+        from interleaf.model.checkpoint import load_checkpoint
 
         self.base_dir = self._base_model_dir()
         resume_dir = self.latest_checkpoint() if cfg.resume else None
@@ -397,7 +397,7 @@ class Trainer:
 
     def _export_model(self, state: dict[str, torch.Tensor], out_dir: Path) -> None:
         """Save the model (LoRA merged when asked) in the configured layout with MODEL's writer."""
-        from interleaf.model import save_checkpoint
+        from interleaf.model.checkpoint import save_checkpoint
 
         model = copy.deepcopy(self.raw_model).to("cpu")
         model.load_state_dict(state)

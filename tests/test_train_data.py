@@ -1,0 +1,320 @@
+"""Training data: per-template loss masks, the InternVL meta/JSONL format, bad-sample accounting."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from interleaf.processing.templates import get_template
+from interleaf.train.data import (
+    IGNORE_INDEX,
+    ConversationDataset,
+    CorpusDataset,
+    DataArgs,
+    SkipLog,
+    tokenize_conversation,
+)
+
+CONV = [
+    {"from": "human", "value": "<image>\nWhat digit is this?"},
+    {"from": "gpt", "value": "It is 7."},
+    {"from": "human", "value": "Sure?"},
+    {"from": "gpt", "value": " yes "},
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from interleaf.model.tokenizer import build_offline_tokenizer
+
+    return build_offline_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tok_bos():
+    from interleaf.model.tokenizer import build_offline_tokenizer
+
+    return build_offline_tokenizer(bos=True)
+
+
+def trained_text(tokenizer, labels):
+    return tokenizer.decode([t for t in labels.tolist() if t != IGNORE_INDEX])
+
+
+# Hand-derived from spec 7: loss on each reply plus its end token; internlm2-chat and internvl2_5 strip
+# values; internvl2_5's "\n" after <|im_end|> is not learned.
+EXPECTED = {
+    "Hermes-2": "It is 7.<|im_end|> yes <|im_end|>",
+    "internlm2-chat": "It is 7.<|im_end|>yes<|im_end|>",
+    "phi3-chat": "It is 7.<|end|> yes <|end|>",
+    "internvl2_5": "It is 7.<|im_end|>yes<|im_end|>",
+}
+
+
+@pytest.mark.parametrize("template", list(EXPECTED))
+@pytest.mark.parametrize("bos", [False, True])
+def test_mask_per_template(template, bos, tok, tok_bos):
+    tokenizer = tok_bos if bos else tok
+    ids, labels = tokenize_conversation(tokenizer, template, CONV, [5])
+    assert ids.shape == labels.shape
+    assert trained_text(tokenizer, labels) == EXPECTED[template]
+    # trained positions carry their own token id; image tokens never trained
+    sel = labels != IGNORE_INDEX
+    assert torch.equal(labels[sel], ids[sel])
+    ctx = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    assert int((ids == ctx).sum()) == 5 and not bool(sel[ids == ctx].any())
+    # the input is exactly the runtime's rendering of the conversation, image expanded
+    strip = template in ("internlm2-chat", "internvl2_5")
+    msgs = [{"from": t["from"], "value": t["value"].strip() if strip else t["value"]} for t in CONV]
+    text = get_template(template).render(msgs).replace("<image>", "<img>" + "<IMG_CONTEXT>" * 5 + "</img>")
+    assert tokenizer.decode(ids.tolist()) == (("<s>" if bos else "") + text)
+    if bos:
+        assert ids[0] == tokenizer.bos_token_id and labels[0] == IGNORE_INDEX
+        assert int((ids == tokenizer.bos_token_id).sum()) == 1
+
+
+def _upstream_mpt_labels(tokenizer, text, sep, assistant_role):
+    """Spec 7 ``preprocess_mpt`` (Hermes-2), re-derived: split on sep, loss on reply + sep."""
+    ids = tokenizer(text)["input_ids"]
+    target = list(ids)
+    turns = text.split(sep)
+    re_turns = [sep.join(turns[:3])] + [sep.join(turns[i : i + 2]) for i in range(3, len(turns), 2)]
+    cur = 0
+    for turn in re_turns:
+        if turn == "":
+            break
+        turn_len = len(tokenizer(turn)["input_ids"]) + 1
+        parts = turn.split(sep + assistant_role)
+        if len(parts) != 2:
+            break
+        instruction_len = len(tokenizer(parts[0] + sep + assistant_role)["input_ids"])
+        target[cur : cur + instruction_len] = [IGNORE_INDEX] * instruction_len
+        cur += turn_len
+    target[cur:] = [IGNORE_INDEX] * (len(target) - cur)
+    return ids, target
+
+
+def _upstream_internlm_labels(tokenizer, text, user_role, assistant_role):
+    """Spec 7 ``preprocess_internlm``: BOS ignored, everything up to each assistant header ignored."""
+    ids = tokenizer(text)["input_ids"]
+    target = list(ids)
+    n = lambda s: len(tokenizer(s)["input_ids"]) - 1  # noqa: E731 - minus the BOS
+    cur = 1
+    target[:1] = [IGNORE_INDEX]
+    parts = text.split(assistant_role)
+    k = n(parts[0] + assistant_role)
+    target[cur : cur + k] = [IGNORE_INDEX] * k
+    cur += k
+    for part in parts[1:-1]:
+        reply, rest = part.split(user_role)
+        cur += n(reply)
+        k = n(user_role + rest + assistant_role)
+        target[cur : cur + k] = [IGNORE_INDEX] * k
+        cur += k
+    cur += n(parts[-1])
+    target[cur:] = [IGNORE_INDEX] * (len(target) - cur)
+    return ids, target
+
+
+def test_hermes_and_internlm_masks_equal_upstream_algorithms(tok, tok_bos):
+    conv = [dict(t) for t in CONV]
+    conv[0]["value"] = "What digit is this?"  # text only: the upstream functions see the same string
+    t = get_template("Hermes-2")
+    ids, labels = tokenize_conversation(tok, "Hermes-2", conv, [])
+    ref_ids, ref_labels = _upstream_mpt_labels(tok, t.render(conv), t.sep, t.roles[1])
+    assert ids.tolist() == ref_ids and labels.tolist() == ref_labels
+    t = get_template("internlm2-chat")
+    stripped = [{**m, "value": m["value"].strip()} for m in conv]
+    ids, labels = tokenize_conversation(tok_bos, "internlm2-chat", conv, [])
+    ref_ids, ref_labels = _upstream_internlm_labels(tok_bos, t.render(stripped), t.roles[0], t.roles[1])
+    assert ids.tolist() == ref_ids and labels.tolist() == ref_labels
+
+
+def test_system_turn_overrides_system_message(tok):
+    conv = [{"from": "system", "value": "Be brief."}] + CONV[:2]
+    ids, labels = tokenize_conversation(tok, "internvl2_5", conv, [1])
+    text = tok.decode(ids.tolist())
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+    assert trained_text(tok, labels) == "It is 7.<|im_end|>"
+
+
+# ---------------------------------------------------------------------------------------------------
+# meta JSON + JSONL datasets
+
+
+def _img(path, size=(40, 40), colour=(200, 10, 10)):
+    Image.new("RGB", size, colour).save(path)
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    _img(root / "a.png")
+    _img(root / "b.png", (112, 56))
+    frames = root / "clip"
+    frames.mkdir()
+    for i in range(6):
+        _img(frames / f"{i:02d}.png", colour=(i * 40, 0, 0))
+    long_text = " ".join(["word"] * 400)
+    rows = [
+        {
+            "id": "ok1",
+            "image": "a.png",
+            "conversations": [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A"}],
+        },
+        {
+            "id": "prepend",
+            "image": "a.png",
+            "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A"}],
+        },
+        {
+            "id": "multi",
+            "image": ["a.png", "b.png"],
+            "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A"}],
+        },
+        {
+            "id": "text",
+            "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}],
+        },
+        {
+            "id": "video",
+            "video": "clip",
+            "conversations": [
+                {"from": "human", "value": "<video>\nWhat happens?"},
+                {"from": "gpt", "value": "red"},
+            ],
+        },
+        {
+            "id": "missing",
+            "image": "nope.png",
+            "conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}],
+        },
+        {
+            "id": "count",
+            "image": "a.png",
+            "conversations": [{"from": "human", "value": "<image><image>\nQ"}, {"from": "gpt", "value": "A"}],
+        },
+        {
+            "id": "noimg",
+            "conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}],
+        },
+        {"id": "empty", "conversations": []},
+        {"id": "noreply", "conversations": [{"from": "human", "value": "Q"}]},
+        {
+            "id": "toolong",
+            "image": "a.png",
+            "conversations": [
+                {"from": "human", "value": long_text + "<image>"},
+                {"from": "gpt", "value": "A"},
+            ],
+        },
+        {"id": "role", "conversations": [{"from": "robot", "value": "Q"}, {"from": "gpt", "value": "A"}]},
+    ]
+    lines = [json.dumps(r) for r in rows] + ["{not json"]
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    meta = {"set": {"root": "imgs", "annotation": "train.jsonl", "repeat_time": 1}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    return tmp_path
+
+
+def test_dataset_builds_good_samples_and_accounts_for_bad_ones(data_dir, tok):
+    log = SkipLog(data_dir / "skipped.jsonl")
+    args = DataArgs(template="internvl2_5", num_image_token=4, image_size=56, max_seq_length=256, max_dynamic_patch=6,
+                    min_num_frame=4, max_num_frame=4)  # fmt: skip
+    ds = ConversationDataset(data_dir / "meta.json", tok, args, log)
+    assert len(ds) == 13
+    built = {}
+    for i in range(len(ds)):
+        s = ds.get(i)
+        if s is not None:
+            built[i] = s
+    assert sorted(built) == [0, 1, 2, 3, 4]
+    ctx = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
+    # single image, 1 tile (square image -> 1x1 grid, no thumbnail)
+    assert built[0].num_tiles == [1] and int((built[0].input_ids == ctx).sum()) == 4
+    # auto-prepended placeholder gives the same tokens as the explicit one
+    assert torch.equal(built[0].input_ids, built[1].input_ids)
+    # two images share max_dynamic_patch: 6 // 2 = 3 tiles each at most; 112x56 -> 2x1 grid + thumbnail
+    assert built[2].num_tiles == [1, 3] and built[2].pixel_values.shape == (4, 3, 56, 56)
+    assert "Image-1: <img>" in tok.decode(built[2].input_ids.tolist())
+    assert built[3].pixel_values is None
+    # video: <video> -> Frame-i: <image> lines, one tile per frame
+    text = tok.decode(built[4].input_ids.tolist())
+    assert built[4].num_tiles == [1, 1, 1, 1] and "Frame-1: <img>" in text and "Frame-4: <img>" in text
+    assert "<video>" not in text
+    expected = {
+        "missing_image": 1,
+        "image_count_mismatch": 2,
+        "empty_conversation": 2,
+        "too_long": 1,
+        "bad_conversation": 1,
+        "bad_json": 1,
+    }
+    assert dict(log.counts) == expected
+    records = [json.loads(ln) for ln in (data_dir / "skipped.jsonl").read_text().splitlines()]
+    assert len(records) == sum(expected.values())
+    assert {r["id"] for r in records} >= {"missing", "count", "noimg", "empty", "noreply", "toolong", "role"}
+    assert all(r["reason"] and r["detail"] for r in records)
+    assert "8 samples skipped" in log.summary()
+
+
+def test_truncation_keeps_images_whole(data_dir, tok):
+    args = DataArgs(
+        template="Hermes-2", num_image_token=4, image_size=56, max_seq_length=60, system_message="Hi"
+    )
+    row = {
+        "image": "a.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nQ"},
+            {"from": "gpt", "value": " ".join(["x"] * 80)},
+        ],
+    }
+    ds = ConversationDataset(data_dir / "meta.json", tok, args)
+    s = ds.build(row, ds.specs[0], __import__("random").Random(0))
+    assert s.num_tokens == 60 and s.num_supervised > 0
+    assert int((s.input_ids == tok.convert_tokens_to_ids("</img>")).sum()) == 1
+
+
+def test_repeat_time_fraction_and_multiple(data_dir, tok):
+    meta = {"a": {"root": "imgs", "annotation": "train.jsonl", "repeat_time": 0.5},
+            "b": {"root": "imgs", "annotation": "train.jsonl", "repeat_time": 2}}  # fmt: skip
+    (data_dir / "meta2.json").write_text(json.dumps(meta))
+    ds = ConversationDataset(data_dir / "meta2.json", tok, DataArgs(template="Hermes-2"))
+    assert len(ds) == 6 + 26
+    assert ds.describe(0) == ("a", 0) and ds.describe(6) == ("b", 0)
+
+
+def test_corpus_documents_and_pairs(tmp_path, tok):
+    _img(tmp_path / "x.png")
+    docs = [
+        {"texts": ["A red square.", None, "The end."], "images": [None, "x.png", None],
+         "metadata": [None, {"url": "x.png"}, None], "general_metadata": {"id": "d1"}},
+        {"image": "x.png", "text": "a caption"},
+        {"texts": ["only text", None], "images": [None, "https://example.com/missing.png"], "general_metadata": {"id": "d3"}},
+    ]  # fmt: skip
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+    log = SkipLog()
+    ds = CorpusDataset(
+        [str(tmp_path / "docs.jsonl")],
+        tok,
+        DataArgs(template="Hermes-2", num_image_token=4, image_size=56),
+        log,
+    )
+    a, b, c = ds.get(0), ds.get(1), ds.get(2)
+    assert c is None and dict(log.counts) == {"missing_image": 1} and log.records[0]["id"] == "d3"
+    text = tok.decode(a.input_ids.tolist())
+    assert text.index("A red square.") < text.index("<img>") < text.index("The end.")
+    assert trained_text(tok, a.labels).replace("\n", " ").split() == [
+        "A",
+        "red",
+        "square.",
+        "The",
+        "end.",
+        "<|endoftext|>",
+    ]
+    assert a.num_tiles == [1] and b.num_tiles == [1]
+    assert "a caption" in trained_text(tok, b.labels)
