@@ -205,6 +205,7 @@ def _worker_main(conn, cfg: dict) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     proc = DocProcessor(cfg)
+    conn.send((_READY, None))  # the per-document clock starts now, not at fork time
     while True:
         try:
             batch = conn.recv()
@@ -226,12 +227,16 @@ def _worker_main(conn, cfg: dict) -> None:
             conn.send((key, outcome))
 
 
+_READY = "__ready__"
+
+
 @dataclass
 class _Worker:
     proc: Any
     conn: Any
     inflight: deque
     last: float = 0.0
+    ready: bool = False
 
 
 class IsolatedPool:
@@ -250,6 +255,10 @@ class IsolatedPool:
         self.ctx = mp.get_context("fork")
         self.workers: list[_Worker] = []
         self.restarts = 0
+        self.startup_s = 120.0  # a worker building its extractor/filters is not a hanging page
+
+    def _limit(self, w: _Worker) -> float:
+        return self.timeout_s if w.ready else max(self.timeout_s, self.startup_s)
 
     def _start(self) -> _Worker:
         parent, child = self.ctx.Pipe(duplex=True)
@@ -289,6 +298,9 @@ class IsolatedPool:
         """Kill worker ``idx`` (if needed), blame its current record, resend the rest."""
         w = self.workers[idx]
         code = self._kill(w)
+        if not w.ready:  # not a page's fault: the worker could not even build its pipeline
+            self.close()
+            raise RuntimeError(f"corpus worker failed to start ({reason}, exit code {code})")
         key, rec = w.inflight.popleft()
         rest = list(w.inflight)
         self.restarts += 1
@@ -328,7 +340,7 @@ class IsolatedPool:
                         return
                     continue
                 now = time.monotonic()
-                deadline = min(self.workers[i].last for i in busy) + self.timeout_s
+                deadline = min(self.workers[i].last + self._limit(self.workers[i]) for i in busy)
                 ready = wait([self.workers[i].conn for i in busy], timeout=max(0.0, deadline - now))
                 ready_set = set(map(id, ready))
                 for i in busy:
@@ -341,6 +353,9 @@ class IsolatedPool:
                         except (EOFError, OSError):
                             yield self._fail(i, "crash", "")
                             break
+                        if key == _READY:
+                            w.ready, w.last = True, time.monotonic()
+                            continue
                         expect, _ = w.inflight.popleft()
                         assert key == expect, (key, expect)
                         w.last = time.monotonic()
@@ -349,7 +364,7 @@ class IsolatedPool:
                 now = time.monotonic()
                 for i in busy:
                     w = self.workers[i]
-                    if w.inflight and now - w.last > self.timeout_s:
+                    if w.inflight and now - w.last > self._limit(w):
                         yield self._fail(i, "timeout", f"no result within {self.timeout_s:g} s")
         finally:
             self.close()
