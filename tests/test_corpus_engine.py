@@ -225,9 +225,10 @@ def test_config_errors(tmp_path):
 
 
 def _run_cli(args: list[str], **kw) -> subprocess.Popen:
+    # the corpus commands alone (interleaf.cli would also import the model parts: slower start)
     env = dict(os.environ, PYTHONPATH=f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     return subprocess.Popen(
-        [sys.executable, "-m", "interleaf.cli", *args],
+        [sys.executable, "-m", "interleaf.corpus.cli", *args],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,

@@ -154,3 +154,28 @@ def _fetch(args: argparse.Namespace) -> int:
         f"{stats['docs_out']} documents"
     )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m interleaf.corpus.cli corpus ...``: the corpus commands without the other parts."""
+    from interleaf.errors import InterleafError
+
+    parser = argparse.ArgumentParser(prog="interleaf")
+    parser.add_argument("--debug", action="store_true")
+    register(parser.add_subparsers(dest="command", metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except Exception as exc:  # noqa: BLE001 - one line, exit 1, like interleaf.cli
+        if args.debug:
+            raise
+        msg = str(exc) if isinstance(exc, InterleafError) else f"{type(exc).__name__}: {exc}".splitlines()[0]
+        print(f"error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
