@@ -110,31 +110,31 @@ class GenerationOutput:
 # CPU: oneDNN-prepacked linear layers
 
 
-def _packed_forward(packed: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> Callable:
+def _packed_forward(module: nn.Linear, packed: torch.Tensor) -> Callable:
     linear_pointwise = torch.ops.mkldnn._linear_pointwise
+    dtype = module.weight.dtype
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != dtype or torch.is_grad_enabled() and x.requires_grad:
-            return F.linear(x, packed.to_dense() if packed.is_mkldnn else packed, bias)
-        return linear_pointwise(x, packed, bias, "none", [], "")
+        if x.dtype != dtype or (torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad)):
+            return F.linear(x, module.weight, module.bias)  # training / other dtype: the plain path
+        return linear_pointwise(x, packed, module.bias, "none", [], "")
 
     return forward
 
 
 def optimize_for_cpu(model: nn.Module, dtypes: Sequence[torch.dtype] = (torch.bfloat16,)) -> int:
-    """Repack the language model's linear weights for oneDNN (inference only; returns how many).
+    """Repack the model's linear weights for oneDNN (inference only; returns how many).
 
-    Each ``nn.Linear`` of ``model.language_model`` whose weight is in ``dtypes`` keeps its parameter
+    Each ``nn.Linear`` of ``model`` (ViT, projector and LLM) whose weight is in ``dtypes`` keeps its parameter
     (state_dict, training and saving are untouched) and gets an instance-level ``forward`` that runs
     on a prepacked copy of the weight. Call :func:`restore_cpu_linears` before changing the weights.
     Does nothing when oneDNN is unavailable.
     """
     if not (hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and torch.backends.mkldnn.is_available()):
         return 0
-    lm = getattr(model, "language_model", model)
     count = 0
     with torch.no_grad():
-        for module in lm.modules():
+        for module in model.modules():
             if not isinstance(module, nn.Linear) or module.weight.device.type != "cpu":
                 continue
             if module.weight.dtype not in dtypes:
@@ -143,7 +143,7 @@ def optimize_for_cpu(model: nn.Module, dtypes: Sequence[torch.dtype] = (torch.bf
                 packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), 1)
             except RuntimeError:
                 return count
-            module.forward = _packed_forward(packed, module.bias, module.weight.dtype)
+            module.forward = _packed_forward(module, packed)
             module._interleaf_packed = True
             count += 1
     return count
@@ -319,7 +319,7 @@ class Generator:
         ).logits[:, -1]
 
         graphed = None
-        if self.cuda_graphs:
+        if self.cuda_graphs and cfg.max_new_tokens > 1:
             key = (b, max_len)
             full_mask = torch.ones(b, max_len, dtype=torch.long, device=device)
             full_mask[:, :s] = mask
