@@ -228,69 +228,75 @@ class RawSample:
     choice_images: list[Image.Image] | None = None
 
 
+def needle_depths(hay: Haystack, is_needle: Callable[[Node], bool]) -> list[tuple[float, Node]]:
+    """(depth, node) of the needle nodes in context order; depth = context tokens before / total."""
+    total = max(hay.total(), 1)
+    acc, out = 0, []
+    for node in hay.nodes:
+        if is_needle(node):
+            out.append((acc / total, node))
+        acc += hay.tokens(node)
+    return out
+
+
 def make_sample(task: str, hay: Haystack, depths: Sequence[float], rng: random.Random) -> RawSample:
-    """Place the needles of ``task`` into ``hay`` (mutated) at ``depths``."""
-    if task == "retrieval-text":
-        word = rng.choice(SECRET_WORDS)
-        needle = f"The secret word hidden in this document is '{word}'."
-        d = hay.insert_text(needle, depths[0])
-        q = "What is the secret word hidden in the document?"
-        return RawSample(hay.nodes, q, word, [d], [needle])
-    if task == "counting-text":
-        counts = [rng.randint(1, 9) for _ in depths]
-        placed, needles = [], []
-        for n, depth in sorted(zip(counts, depths), key=lambda x: x[1]):
-            needle = f"The little penguin counted {n} needles."
-            placed.append(hay.insert_text(needle, depth))
-            needles.append(needle)
-        counts = [int(re.search(r"\d+", s).group()) for s in needles]
-        q = "How many needles did the little penguin count each time? List the numbers in the order they appear, as a JSON list."
-        return RawSample(hay.nodes, q, counts, placed, needles)
-    if task == "reasoning-text":
-        people = rng.sample(NAMES, len(depths) + 1)
-        needles = [f"{a} is taller than {b}." for a, b in zip(people, people[1:])]
-        order = list(range(len(needles)))
-        rng.shuffle(order)
-        placed = [hay.insert_text(needles[i], depth) for i, depth in zip(order, sorted(depths))]
-        q = f"Among {', '.join(sorted(people))}, who is the shortest?"
-        return RawSample(hay.nodes, q, people[-1], sorted(placed), needles)
+    """Place the needles of ``task`` into ``hay`` (mutated) at ``depths``.
+
+    Depths (and counting answers) are read back from the final context, so several needles report
+    where they ended up after all insertions.
+    """
+    if task in ("retrieval-text", "counting-text", "reasoning-text"):
+        if task == "retrieval-text":
+            word = rng.choice(SECRET_WORDS)
+            needles = [f"The secret word hidden in this document is '{word}'."]
+            q, answer = "What is the secret word hidden in the document?", word
+        elif task == "counting-text":
+            needles = [f"The little penguin counted {rng.randint(1, 9)} needles." for _ in depths]
+            q = (
+                "How many needles did the little penguin count each time? List the numbers in the order "
+                "they appear, as a JSON list."
+            )
+            answer = None  # read back below, in context order
+        else:
+            people = rng.sample(NAMES, len(depths) + 1)
+            needles = [f"{a} is taller than {b}." for a, b in zip(people, people[1:])]
+            rng.shuffle(needles)
+            q, answer = f"Among {', '.join(sorted(people))}, who is the shortest?", people[-1]
+        for needle, depth in zip(needles, sorted(depths)):
+            hay.insert_text(needle, depth)
+        placed = needle_depths(hay, lambda n: n.text in needles)
+        if task == "counting-text":
+            answer = [int(re.search(r"\d+", n.text).group()) for _, n in placed]
+        return RawSample(hay.nodes, q, answer, [d for d, _ in placed], [n.text for _, n in placed])
     shape_color = [(s, c) for s in SHAPES for c in COLORS]
+    options = rng.sample(shape_color, 4)
+    answer = rng.randrange(4)
+    shape, color = options[answer]
+    counts: dict[int, int] = {}
+    used: set[int] = set()
+    for depth in sorted(depths if task == "counting-image" else depths[:1]):
+        idx, _ = hay.image_at(depth, rng, used)
+        k = rng.randint(1, 4) if task == "counting-image" else 1
+        pasted = _paste(hay.nodes[idx].image, [draw_shape(shape, color)] * k, rng)
+        hay.nodes[idx] = Node(image=pasted)
+        used.add(idx)
+        counts[id(pasted)] = k
+    placed = needle_depths(hay, lambda n: id(n.image) in counts)
+    ds = [d for d, _ in placed]
     if task == "retrieval-image":
-        options = rng.sample(shape_color, 4)
-        answer = rng.randrange(4)
-        shape, color = options[answer]
-        idx, d = hay.image_at(depths[0], rng, set())
-        hay.nodes[idx] = Node(image=_paste(hay.nodes[idx].image, [draw_shape(shape, color)], rng))
         q = "One of the images in the document contains a small drawn shape. Which shape is it?"
-        return RawSample(
-            hay.nodes, q, answer, [d], [f"{color} {shape}"], choices=[f"a {c} {s}" for s, c in options]
-        )
+        choices = [f"a {c} {s}" for s, c in options]
+        return RawSample(hay.nodes, q, answer, ds, [f"{color} {shape}"], choices=choices)
     if task == "counting-image":
-        shape, color = rng.choice(shape_color)
-        counts, placed, used = [], [], set()
-        for depth in sorted(depths):
-            idx, d = hay.image_at(depth, rng, used)
-            used.add(idx)
-            k = rng.randint(1, 4)
-            hay.nodes[idx] = Node(image=_paste(hay.nodes[idx].image, [draw_shape(shape, color)] * k, rng))
-            placed.append((idx, d, k))
-        placed.sort()
         q = (
             f"Count the {color} {shape}s pasted into the images of the document. List the count for each image "
             "that contains them, in the order the images appear, as a JSON list."
         )
-        return RawSample(
-            hay.nodes, q, [k for _, _, k in placed], [d for _, d, _ in placed], [f"{color} {shape}"]
-        )
+        return RawSample(hay.nodes, q, [counts[id(n.image)] for _, n in placed], ds, [f"{color} {shape}"])
     if task == "reasoning-image":
-        options = rng.sample(shape_color, 4)
-        answer = rng.randrange(4)
-        shape, color = options[answer]
-        idx, d = hay.image_at(depths[0], rng, set())
-        hay.nodes[idx] = Node(image=_paste(hay.nodes[idx].image, [draw_shape(shape, color)], rng))
         q = "Which of the following images appears inside one of the images of the document?"
         imgs = [draw_shape(s, c, 128, background=(255, 255, 255)) for s, c in options]
-        return RawSample(hay.nodes, q, answer, [d], [f"{color} {shape}"], choice_images=imgs)
+        return RawSample(hay.nodes, q, answer, ds, [f"{color} {shape}"], choice_images=imgs)
     raise InputError(f"unknown MM-NIAH task {task!r}")
 
 
@@ -322,7 +328,9 @@ def write_split(
         with open(out / "annotations" / f"{task}.jsonl", "w", encoding="utf-8") as f:
             for sid in range(per_task):
                 length = lengths[sid % len(lengths)]
-                depth = depths[(sid // len(lengths) + sid) % len(depths)]
+                depth = depths[
+                    (sid // len(lengths) + sid % len(lengths)) % len(depths)
+                ]  # every (length, depth) pair
                 start = rng.randrange(len(pool))
                 rotated = pool[start:] + pool[:start]
                 stream = (rotated[i % len(rotated)] for i in range(10 * len(rotated) + 1000))
