@@ -210,3 +210,50 @@ def test_load_tokenizer_adds_missing_internvl_tokens(tmp_path):
     assert "<|im_end|>" in {t.content for t in tok.added_tokens_decoder.values() if t.special}
     with pytest.raises(CheckpointError, match="no tokenizer.json"):
         load_tokenizer(tmp_path / "nowhere")
+
+
+def test_sentencepiece_only_tokenizer_is_converted_offline(tmp_path):
+    """A checkpoint that ships only tokenizer.model (InternLM2 style) loads without sentencepiece."""
+    from transformers.convert_slow_tokenizer import import_protobuf
+
+    proto = import_protobuf().ModelProto()
+
+    def add(piece, score=0.0, kind=1):
+        p = proto.pieces.add()
+        p.piece, p.score, p.type = piece, score, kind
+
+    add("<unk>", kind=2)
+    add("<s>", kind=3)
+    add("</s>", kind=3)
+    for b in range(256):
+        add(f"<0x{b:02X}>", kind=6)
+    add("<|im_start|>", kind=4)
+    add("<|im_end|>", kind=4)
+    for i, w in enumerate(["▁", "h", "e", "l", "o", "w", "r", "d", "▁h", "ll", "▁he", "llo", "▁hello", "▁w", "or",
+                           "▁wor", "ld", "▁world"]):  # fmt: skip
+        add(w, -float(i))
+    proto.trainer_spec.model_type = 2  # BPE
+    proto.trainer_spec.byte_fallback = True
+    proto.trainer_spec.unk_id, proto.trainer_spec.bos_id, proto.trainer_spec.eos_id = 0, 1, 2
+    proto.normalizer_spec.add_dummy_prefix = True
+    (tmp_path / "tokenizer.model").write_bytes(proto.SerializeToString())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "eos_token": "</s>"}))
+    tok = load_tokenizer(tmp_path, "internlm2-chat")
+    ids = tok("hello world").input_ids
+    assert tok.convert_ids_to_tokens(ids) == ["<s>", "▁hello", "▁world"]
+    ids = tok("<|im_start|>héllo<|im_end|>").input_ids
+    assert tok.convert_ids_to_tokens(ids) == [
+        "<s>",
+        "<|im_start|>",
+        "▁h",
+        "<0xC3>",
+        "<0xA9>",
+        "llo",
+        "<|im_end|>",
+    ]
+    assert tok.decode(ids, skip_special_tokens=True) == "héllo"
+    internvl = tok.convert_tokens_to_ids(INTERNVL_TOKENS)
+    assert internvl == list(range(len(proto.pieces), len(proto.pieces) + len(INTERNVL_TOKENS)))
+    (tmp_path / "tokenizer.model").write_bytes(b"\xff\x00garbage")
+    with pytest.raises(CheckpointError, match="tokenizer.model"):
+        load_tokenizer(tmp_path)

@@ -263,14 +263,6 @@ def from_disk(sd: dict[str, torch.Tensor], cfg: InternVLConfig, layout: str) -> 
 
 
 # ----------------------------------------------------------------------------- reading files
-def detect_layout(path: Path) -> str:
-    try:
-        raw = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path / 'config.json'}: cannot read ({str(exc).splitlines()[0]})") from None
-    return "hf" if raw.get("model_type") == "internvl" or "text_config" in raw else "internvl_chat"
-
-
 def _weight_files(path: Path) -> list[Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = path / index_name
@@ -351,8 +343,12 @@ def load_checkpoint(
 
     disk, origin = read_weights(path)
     sd = from_disk(disk, cfg, cfg.layout)
-    if cfg.llm.tie_word_embeddings:
-        sd.pop("language_model.lm_head.weight", None)
+    head, embed = sd.get("language_model.lm_head.weight"), sd.get("language_model.model.embed_tokens.weight")
+    if cfg.llm.tie_word_embeddings and head is not None:
+        if embed is not None and head.shape == embed.shape and not torch.equal(head, embed):
+            cfg.llm.tie_word_embeddings = False  # the config claims tying but a distinct lm_head is stored
+        else:
+            sd.pop("language_model.lm_head.weight")
 
     with torch.device("meta"):
         model = model_cls(cfg)

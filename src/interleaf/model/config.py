@@ -40,7 +40,7 @@ GENERIC_KEYS = frozenset(
 ORIGINAL_KEYS = GENERIC_KEYS | frozenset(
     """vision_config llm_config use_backbone_lora use_llm_lora pad2square select_layer force_image_size
     downsample_ratio template dynamic_image_size use_thumbnail ps_version min_dynamic_patch max_dynamic_patch
-    system_message hidden_size image_fold normalize_type interleaf""".split()
+    system_message hidden_size image_fold normalize_type num_hidden_layers interleaf""".split()
 )
 
 HF_KEYS = GENERIC_KEYS | frozenset(
@@ -195,7 +195,7 @@ class InternVLConfig:
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> InternVLConfig:
         """Parse either layout (auto-detected from ``model_type`` / the sub-config keys)."""
         model_type = raw.get("model_type")
-        if model_type == "internvl" or "text_config" in raw:
+        if model_type == "internvl" or (model_type is None and "text_config" in raw):
             return _parse_hf(raw, source)
         if model_type in (None, "internvl_chat") and "llm_config" in raw:
             return _parse_original(raw, source)
@@ -410,6 +410,11 @@ def _parse_llm(raw: dict[str, Any], source: str, key: str) -> LLMConfig:
             rope = None
     hidden = _typed(raw, "hidden_size", int, 4096, src)
     heads = _typed(raw, "num_attention_heads", int, 32, src)
+    kv_heads = _typed(raw, "num_key_value_heads", int, heads, src)
+    if kv_heads <= 0 or heads % kv_heads:
+        raise ConfigError(
+            f"{src}: num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})"
+        )
     cfg = LLMConfig(
         family=family,
         vocab_size=_typed(raw, "vocab_size", int, 32000, src),
@@ -417,7 +422,7 @@ def _parse_llm(raw: dict[str, Any], source: str, key: str) -> LLMConfig:
         intermediate_size=_typed(raw, "intermediate_size", int, 11008, src),
         num_hidden_layers=_typed(raw, "num_hidden_layers", int, 32, src),
         num_attention_heads=heads,
-        num_key_value_heads=_typed(raw, "num_key_value_heads", int, heads, src),
+        num_key_value_heads=kv_heads,
         head_dim=raw.get("head_dim") or None,
         hidden_act=_typed(raw, "hidden_act", str, "silu", src),
         max_position_embeddings=_typed(raw, "max_position_embeddings", int, 2048, src),

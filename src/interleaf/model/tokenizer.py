@@ -56,28 +56,121 @@ def ensure_special_tokens(tok, template: str | None = None) -> None:
 
 
 def load_tokenizer(path: str | Path, template: str | None = None):
-    """Tokenizer of a checkpoint directory (``tokenizer.json``; sentencepiece-only is an error).
+    """Tokenizer of a checkpoint directory (``tokenizer.json``, else a converted sentencepiece ``tokenizer.model``).
 
     ``template`` names the chat template whose tokens must be special (see ``TEMPLATE_TOKENS``).
     """
     from transformers import PreTrainedTokenizerFast
 
     path = Path(path)
-    if not (path / "tokenizer.json").is_file():
-        if (path / "tokenizer.model").is_file():
+    if (path / "tokenizer.json").is_file():
+        try:
+            tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+        except Exception as exc:  # noqa: BLE001 - report any parse failure as one line
             raise CheckpointError(
-                f"{path}: only a sentencepiece tokenizer.model is present; convert it to tokenizer.json "
-                "(e.g. with transformers on a machine with sentencepiece) - interleaf never runs remote code"
-            )
-        raise CheckpointError(f"{path}: no tokenizer.json in the checkpoint directory")
-    try:
-        tok = PreTrainedTokenizerFast.from_pretrained(str(path))
-    except Exception as exc:  # noqa: BLE001 - report any parse failure as one line
+                f"{path / 'tokenizer.json'}: cannot load tokenizer ({str(exc).splitlines()[0]})"
+            ) from None
+    elif (path / "tokenizer.model").is_file():
+        tok = tokenizer_from_sentencepiece(path)
+    else:
         raise CheckpointError(
-            f"{path / 'tokenizer.json'}: cannot load tokenizer ({str(exc).splitlines()[0]})"
-        ) from None
+            f"{path}: no tokenizer.json (or sentencepiece tokenizer.model) in the checkpoint directory"
+        )
     ensure_special_tokens(tok, template)
     return tok
+
+
+# ----------------------------------------------------------------------------- sentencepiece
+def _token_content(value) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def tokenizer_from_sentencepiece(path: str | Path):
+    """Convert a checkpoint's sentencepiece ``tokenizer.model`` (InternLM2 / Llama style) to a fast tokenizer.
+
+    Offline and without the ``sentencepiece`` package or remote code: the model protobuf is parsed with
+    ``protobuf``; pieces become a ``tokenizers`` BPE (merges derived from the piece vocabulary, id order
+    = merge priority) or Unigram model with byte fallback; spaces map to ``▁`` with the dummy prefix when
+    the model asks for it (the "legacy" behaviour of the slow Llama / InternLM2 tokenizers); control
+    pieces become special tokens; ``tokenizer_config.json`` supplies ``add_bos_token``, the special
+    token names and the extra added tokens (``added_tokens_decoder``).
+    """
+    import json
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import generate_merges, import_protobuf
+
+    path = Path(path)
+    model_file = path / "tokenizer.model"
+    try:
+        proto = import_protobuf().ModelProto()
+        proto.ParseFromString(model_file.read_bytes())
+    except Exception as exc:  # noqa: BLE001 - protobuf raises its own DecodeError type
+        raise CheckpointError(
+            f"{model_file}: not a sentencepiece model ({str(exc).splitlines()[0]})"
+        ) from None
+    pieces = [(p.piece, p.score, p.type) for p in proto.pieces]
+    if not pieces:
+        raise CheckpointError(f"{model_file}: sentencepiece model has no pieces")
+    spec, norm = proto.trainer_spec, proto.normalizer_spec
+    unk = pieces[spec.unk_id][0] if 0 <= spec.unk_id < len(pieces) else None
+    if spec.model_type == 1:  # unigram
+        model = models.Unigram(
+            [(p, s) for p, s, _ in pieces], unk_id=spec.unk_id, byte_fallback=spec.byte_fallback
+        )
+    elif spec.model_type == 2:  # BPE
+        vocab = {p: i for i, (p, _, _) in enumerate(pieces)}
+        merges = generate_merges(vocab)
+        model = models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=spec.byte_fallback)
+    else:
+        raise CheckpointError(f"{model_file}: unsupported sentencepiece model type {spec.model_type}")
+    tk = Tokenizer(model)
+    dummy_prefix = norm.add_dummy_prefix if norm.HasField("add_dummy_prefix") else True
+    steps = [normalizers.Prepend("▁")] if dummy_prefix else []
+    tk.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
+    dec = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tk.decoder = decoders.Sequence(dec + ([decoders.Strip(" ", 1, 0)] if dummy_prefix else []))
+    # control pieces (type 3) are special tokens; user-defined pieces (type 4) are matched whole
+    tk.add_tokens([AddedToken(p, special=t == 3, normalized=False) for p, _, t in pieces if t in (3, 4)])
+
+    config: dict = {}
+    config_file = path / "tokenizer_config.json"
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{config_file}: not valid JSON ({exc})") from None
+    added = sorted((config.get("added_tokens_decoder") or {}).items(), key=lambda kv: int(kv[0]))
+    for tid, entry in added:
+        content, special = entry.get("content"), bool(entry.get("special", True))
+        if not content:
+            continue
+        if tk.token_to_id(content) is None:
+            if int(tid) != tk.get_vocab_size(with_added_tokens=True):
+                raise CheckpointError(
+                    f"{config_file}: added token {content!r} has id {tid}, not the next free id"
+                )
+            tk.add_tokens([AddedToken(content, special=special, normalized=False)])
+        elif special:
+            tk.add_special_tokens([AddedToken(content, special=True, normalized=False)])
+    names = {k: _token_content(config.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    bos = names["bos_token"] or (pieces[spec.bos_id][0] if 0 <= spec.bos_id < len(pieces) else None)
+    eos = names["eos_token"] or (pieces[spec.eos_id][0] if 0 <= spec.eos_id < len(pieces) else None)
+    if config.get("add_bos_token", True) and bos is not None and tk.token_to_id(bos) is not None:
+        tk.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tk.token_to_id(bos))]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token=bos,
+        eos_token=eos,
+        unk_token=names["unk_token"] or unk,
+        pad_token=names["pad_token"],
+        clean_up_tokenization_spaces=False,
+    )
 
 
 # ----------------------------------------------------------------------------- offline BPE
