@@ -221,3 +221,18 @@ def test_cpu_packed_linears_keep_results(tiny_ckpt):
     restore_cpu_linears(model)
     with torch.inference_mode():
         torch.testing.assert_close(model(input_ids=ids).logits.float(), ref)
+
+
+def test_static_full_length_cache_matches_and_is_reused(chat):
+    """The CUDA-graph layout (reused full-length cache, masked attention over the whole buffer) on CPU."""
+    static = Generator(chat.model, static_cache=True)
+    rows = [chat.prepare(q)[1] for q in ("a long question about the picture and its colours", "short")]
+    ids, mask = _left_pad(rows, chat.pad_token_id)
+    kw = dict(max_new_tokens=10, stop_token_ids=chat.stop_token_ids, pad_token_id=chat.pad_token_id)
+    expected = chat.generator.generate(ids, mask, **kw).tokens
+    assert static.generate(ids, mask, **kw).tokens == expected
+    # a second, shorter call reuses the same buffers (stale slots must stay invisible)
+    single = chat.generator.generate(torch.tensor([rows[1]]), **kw).tokens
+    assert static.generate(torch.tensor([rows[1]]), **kw).tokens == single
+    assert static.generate(ids, mask, **kw).tokens == expected
+    assert len(static._caches) == 2 and all(c.full_attention for c in static._caches.values())

@@ -211,28 +211,36 @@ class Generator:
     Args:
         model: the model, already on its device and dtype.
         cuda_graphs: capture the decode step in a CUDA graph (default: when the model is on CUDA).
+        static_cache: keep one reusable full-length cache per (batch, length bucket) and attend over the
+            whole buffer with a mask, so every decode step has the same shapes (default: with graphs).
     """
 
-    def __init__(self, model: nn.Module, cuda_graphs: bool | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, cuda_graphs: bool | None = None, static_cache: bool | None = None
+    ) -> None:
         self.model = model
         dev = next(model.parameters()).device
         self.device = dev
-        self.cuda_graphs = dev.type == "cuda" if cuda_graphs is None else (cuda_graphs and dev.type == "cuda")
+        on_cuda = dev.type == "cuda"
+        self.cuda_graphs = on_cuda if cuda_graphs is None else bool(cuda_graphs) and on_cuda
+        self.static_cache = (
+            self.cuda_graphs if static_cache is None else bool(static_cache) or self.cuda_graphs
+        )
         self._caches: dict[tuple[int, int], object] = {}
         self._graphs: dict[tuple[int, int], _GraphedDecodeStep] = {}
 
     # -------------------------------------------------------------- cache management
     def _cache_len(self, needed: int) -> int:
         # bucket lengths on CUDA so graphs and caches are reused across calls
-        return -(-needed // 256) * 256 if self.cuda_graphs else needed
+        return -(-needed // 256) * 256 if self.static_cache else needed
 
     def _get_cache(self, batch: int, max_len: int):
         key = (batch, max_len)
-        cache = self._caches.get(key) if self.cuda_graphs else None
+        cache = self._caches.get(key) if self.static_cache else None
         if cache is None:
             dtype = next(self.model.parameters()).dtype
             cache = self.model.make_cache(batch, max_len, dtype=dtype, device=self.device)
-            if self.cuda_graphs:
+            if self.static_cache:
                 cache.full_attention = True
                 if len(self._caches) >= 4:  # keep GPU memory bounded
                     self._caches.clear()
@@ -351,7 +359,8 @@ class Generator:
                 nxt = nxt.masked_fill(finished, cfg.pad_token_id)
                 hit = torch.isin(nxt, stop_ids) & ~finished
                 finished |= hit
-            host = nxt.tolist()
+            nxt_cpu = nxt.cpu()  # the one host sync per step
+            host = nxt_cpu.tolist()
             if i == 0:
                 ttft = time.perf_counter() - t0
                 t_decode = time.perf_counter()
@@ -362,7 +371,7 @@ class Generator:
                     done_host[r] = True
                 else:
                     tokens[r].append(host[r])
-            yield nxt.cpu()
+            yield nxt_cpu
             if all(done_host) or i == cfg.max_new_tokens - 1:
                 break
             slot = s + i
