@@ -10,6 +10,7 @@ from interleaf.cli import main
 
 pytest.importorskip("interleaf.corpus.extract")
 pytest.importorskip("interleaf.corpus.warc")
+pytest.importorskip("interleaf.corpus.formats")
 pytest.importorskip("interleaf.corpus.filters")
 
 

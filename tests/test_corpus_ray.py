@@ -9,6 +9,7 @@ import pytest
 
 pytest.importorskip("interleaf.corpus.extract")
 pytest.importorskip("interleaf.corpus.warc")
+pytest.importorskip("interleaf.corpus.formats")
 ray = pytest.importorskip("ray")
 
 from interleaf.corpus import engine as E  # noqa: E402

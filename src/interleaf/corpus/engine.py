@@ -657,7 +657,7 @@ def finalize_shard(out: Path, cfg: dict, shard: int, decisions: dict) -> dict:
     for d in (data_dir, ex_dir, err_dir):
         d.mkdir(parents=True, exist_ok=True)
     ext = "parquet" if fmt == "parquet" else "jsonl"
-    write_documents(data_dir / f"part-{shard:05d}.{ext}", kept_docs, fmt)
+    write_documents(data_dir / f"part-{shard:05d}.{ext}", kept_docs, fmt, cfg["write"]["layout"])
     _atomic_write(ex_dir / f"part-{shard:05d}.jsonl", _jsonl(excluded))
     _atomic_write(err_dir / f"part-{shard:05d}.jsonl", _jsonl(errors))
     s1 = json.loads((src / "stats.json").read_text(encoding="utf-8"))
@@ -686,38 +686,17 @@ def _survivor_ids(out: Path, counts: list[int]):
     return id_of
 
 
-def write_documents(path: Path, docs: list[Document], fmt: str) -> None:
-    """Write documents in OmniCorpus layout (Parquet or JSONL) atomically."""
+def write_documents(path: Path, docs: list[Document], fmt: str, layout: str = "obelics") -> None:
+    """Write documents in the aligned-list layout (Parquet or JSONL) atomically."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     if fmt == "jsonl":
         tmp.write_text("".join(d.to_json() + "\n" for d in docs), encoding="utf-8")
     else:
-        _write_parquet(tmp, docs)
+        from interleaf.corpus.formats import write_parquet
+
+        # an empty shard has no struct schema to infer: it is written in the obelics layout
+        write_parquet(str(tmp), docs, layout=layout if docs else "obelics")
     os.replace(tmp, path)
-
-
-def _write_parquet(path: Path, docs: list[Document]) -> None:
-    try:
-        from interleaf.corpus.formats import write_parquet  # CORPUS-A's schema, when present
-    except ImportError:
-        write_parquet = None
-    if write_parquet is not None:
-        write_parquet(str(path), docs)
-        return
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.table(
-        {
-            "texts": pa.array([d.texts for d in docs], pa.list_(pa.string())),
-            "images": pa.array([d.images for d in docs], pa.list_(pa.string())),
-            "metadata": pa.array([json.dumps(d.metadata, sort_keys=True) for d in docs], pa.string()),
-            "general_metadata": pa.array(
-                [json.dumps(d.general_metadata, sort_keys=True) for d in docs], pa.string()
-            ),
-        }
-    )
-    pq.write_table(table, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -864,6 +843,7 @@ def write_summary(plan: RunPlan, n_shards: int) -> dict:
         "images_out": book.get("write").images_out,
         "stages": [st.to_dict() for st in stages],
         "format": plan.cfg["write"]["format"],
+        "layout": plan.cfg["write"]["layout"],
     }
     if not balanced:  # pragma: no cover - an accounting bug must never pass silently
         raise RuntimeError(f"accounting broken: {totals}")

@@ -482,7 +482,9 @@ def fetch_corpus(
             st.docs_out += 1
             st.images_out += d.n_images
             kept_docs.append(d)
-        E.write_documents(out / "data" / f"part-{s:05d}.{ext}", kept_docs, fmt)
+        E.write_documents(
+            out / "data" / f"part-{s:05d}.{ext}", kept_docs, fmt, stats.get("layout", "obelics")
+        )
         E._atomic_write(out / "excluded" / f"fetch-{s:05d}.jsonl", E._jsonl(excluded))
         shard_book = E.StatsBook()
         shard_book.add(st)
@@ -499,16 +501,9 @@ def _read_docs(path: Path) -> list:
     if path.suffix == ".jsonl":
         with open(path, encoding="utf-8") as f:
             return [Document.from_row(json.loads(line)) for line in f if line.strip()]
-    try:
-        from interleaf.corpus.formats import read_parquet_documents
-    except ImportError:
-        read_parquet_documents = None
-    if read_parquet_documents is not None:
-        return list(read_parquet_documents(str(path)))
-    import pyarrow.parquet as pq
+    from interleaf.corpus.formats import read_parquet_documents
 
-    rows = pq.read_table(path).to_pylist()
-    return [Document.from_row(r) for r in rows]
+    return list(read_parquet_documents(str(path)))
 
 
 def _load_results(work: Path, s: int) -> dict[str, FetchResult]:

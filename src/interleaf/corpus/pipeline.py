@@ -81,6 +81,9 @@ DEFAULTS: dict[str, Any] = {
     },
     "write": {
         "format": "parquet",  # or jsonl
+        # parquet columns: "obelics" (metadata as JSON strings: lossless, any keys) or
+        # "omnicorpus" (struct columns as OpenGVLab/OmniCorpus-CC); both the aligned-list layout
+        "layout": "obelics",
     },
 }
 
@@ -126,6 +129,8 @@ def _check(cfg: dict) -> None:
             raise ConfigError(f"pipeline config: 'dedup.minhash.{k}' must be >= 1")
     if cfg["write"]["format"] not in ("parquet", "jsonl"):
         raise ConfigError("pipeline config: 'write.format' must be 'parquet' or 'jsonl'")
+    if cfg["write"]["layout"] not in ("obelics", "omnicorpus"):
+        raise ConfigError("pipeline config: 'write.layout' must be 'obelics' or 'omnicorpus'")
     flt = cfg["filters"]
     if flt is not None and not isinstance(flt, list):
         raise ConfigError("pipeline config: 'filters' must be a list of filter names or {name: {...}}")
