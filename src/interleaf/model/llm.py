@@ -165,6 +165,14 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v, cache_position, kv_len)
+        if s == 1 and self.num_kv_heads != self.num_heads and not is_causal:
+            # one-token decode with GQA: the g query heads of a kv head become g "query positions",
+            # so any SDPA kernel runs without repeating k/v (same maths, mask broadcasts)
+            g = self.num_heads // self.num_kv_heads
+            out = F.scaled_dot_product_attention(
+                q.view(b, self.num_kv_heads, g, self.head_dim), k, v, attn_mask=attn_mask
+            )
+            return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads
         )
