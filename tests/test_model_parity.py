@@ -4,7 +4,8 @@
   logits agree to 1e-4 across sizes, GQA ratios, tied/untied embeddings, ViT qk-norm / RMSNorm,
   tiles and images, Qwen2 vs Llama text configs (InternLM2 goes to hf as Llama), RoPE scalings;
   greedy generation (our KV-cache loop) yields the same tokens as transformers' ``generate``.
-* Phi-3 (no native hf InternVL): text-only logits vs ``Phi3ForCausalLM`` with longrope scaling,
+* Phi-3 (no official hf InternVL conversion; transformers still builds it from our text_config, so it
+  is in the matrix too): text-only logits vs ``Phi3ForCausalLM`` with longrope scaling,
   loading our original-layout fused ``qkv_proj`` / ``gate_up_proj`` tensors directly.
 * InternLM2 fused ``wqkv``: checked against a re-statement of the upstream grouped split.
 """
@@ -16,6 +17,7 @@ import torch
 
 from interleaf.model import InternVLChatModel, build_model, load_checkpoint, preset_config, save_checkpoint
 from interleaf.model.checkpoint import read_weights
+from interleaf.model.presets import _phi3_longrope
 from interleaf.model.tokenizer import build_offline_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -102,6 +104,16 @@ CASES = {
         },
         [3],
     ),  # fmt: skip
+    "phi3-longrope-long-factors": (
+        "phi3",
+        {},
+        {
+            "max_position_embeddings": 512,
+            "original_max_position_embeddings": 64,
+            "rope_scaling": _phi3_longrope(32, 64),
+        },
+        [1],
+    ),
     "llama-linear-rope-bias": (
         "llama",
         {},
