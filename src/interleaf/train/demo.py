@@ -336,6 +336,21 @@ def plot_losses(losses: list[tuple[int, float]], path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
+def _pick_threads() -> int:
+    """All cores on a quiet machine; one thread when the machine is already busy (oversubscribed
+    intra-op threads make small matmuls many times slower on a shared machine)."""
+    import os
+
+    import torch
+
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0] > 1.5 * cores
+    except OSError:
+        busy = False
+    return 1 if busy else torch.get_num_threads()
+
+
 def run_demo(
     out: str = "runs/demo", steps: int = 600, image_size: int = 224, seed: int = 0, log=print
 ) -> dict[str, Any]:
@@ -345,7 +360,8 @@ def run_demo(
     from interleaf.train.trainer import train
 
     t0 = time.perf_counter()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    threads = _pick_threads()
+    torch.set_num_threads(threads)
     s = DemoSettings(Path(out).resolve(), image_size=image_size, steps=steps, seed=seed)
     s.out.mkdir(parents=True, exist_ok=True)
     log(f"[1/4] building the offline training set (digits, shapes, colours; {image_size} px tiles)")

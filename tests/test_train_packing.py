@@ -1,0 +1,143 @@
+"""Packing: a packed sequence computes exactly what its samples compute alone; loss reductions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from interleaf.train.data import IGNORE_INDEX, Sample
+from interleaf.train.packing import Batcher, SampleStream, block_causal_mask, collate
+from interleaf.train.trainer import TrainStep
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from interleaf.model.checkpoint import load_checkpoint
+    from interleaf.train.demo import init_demo_model
+
+    d = tmp_path_factory.mktemp("tiny")
+    init_demo_model(d, image_size=56, vit=(32, 1), llm=(64, 2))
+    model, tok = load_checkpoint(d)
+    return model.float().eval(), tok
+
+
+def make_sample(gen, model, n_text, n_tiles, n_sup):
+    """Random text tokens, ``n_tiles`` images of context tokens after the first 3, last ``n_sup`` trained."""
+    cfg = model.config
+    ctx, vocab = cfg.img_context_token_id, 200
+    head = torch.randint(1, vocab, (3,), generator=gen)
+    img = torch.full((n_tiles * cfg.num_image_token,), ctx)
+    tail = torch.randint(1, vocab, (n_text,), generator=gen)
+    ids = torch.cat([head, img, tail])
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[-n_sup:] = ids[-n_sup:]
+    pv = torch.randn(n_tiles, 3, cfg.image_size, cfg.image_size, generator=gen) if n_tiles else None
+    return Sample(ids, labels, pv, [1] * n_tiles)
+
+
+@pytest.fixture(scope="module")
+def samples(tiny):
+    model, _ = tiny
+    gen = torch.Generator().manual_seed(0)
+    return [
+        make_sample(gen, model, 9, 1, 4),
+        make_sample(gen, model, 5, 0, 2),
+        make_sample(gen, model, 12, 2, 7),
+    ]
+
+
+def test_block_causal_mask():
+    m = block_causal_mask([[2, 3], [4]], 5)
+    assert m.shape == (2, 1, 5, 5)
+    assert m[0, 0, 1].tolist() == [True, True, False, False, False]
+    assert m[0, 0, 4].tolist() == [False, False, True, True, True]
+    assert m[1, 0, 4].tolist() == [False, False, False, False, True]  # padding sees only itself
+
+
+def test_packed_logits_equal_separate(tiny, samples):
+    model, _ = tiny
+    packed = collate([samples], pad_id=0)
+    assert packed["attention_mask"].shape[-1] == sum(s.num_tokens for s in samples)
+    assert packed["position_ids"][0, samples[0].num_tokens].item() == 0  # restarts per sample
+    with torch.no_grad():
+        out = model(
+            input_ids=packed["input_ids"],
+            pixel_values=packed["pixel_values"],
+            attention_mask=packed["attention_mask"],
+            position_ids=packed["position_ids"],
+        ).logits[0]
+        start = 0
+        for s in samples:
+            alone = model(input_ids=s.input_ids[None], pixel_values=s.pixel_values).logits[0]
+            torch.testing.assert_close(out[start : start + s.num_tokens], alone, atol=1e-5, rtol=1e-5)
+            start += s.num_tokens
+
+
+@pytest.mark.parametrize("reduction", ["token", "sample", "square"])
+def test_packed_loss_is_weighted_sum_of_separate_losses(tiny, samples, reduction):
+    model, _ = tiny
+    step = TrainStep(model)
+    with torch.no_grad():
+        loss_sum, w_sum = step(collate([samples], 0, reduction))
+        per_sample = []  # (sum of CE, supervised tokens), computed alone with plain cross-entropy
+        for s in samples:
+            logits = model(input_ids=s.input_ids[None], pixel_values=s.pixel_values).logits[0]
+            ce = torch.nn.functional.cross_entropy(logits[:-1], s.labels[1:], reduction="sum")
+            per_sample.append((float(ce), int((s.labels[1:] != IGNORE_INDEX).sum())))
+    w = {"token": lambda n: 1.0, "sample": lambda n: 1.0 / n, "square": lambda n: 1.0 / math.sqrt(n)}[
+        reduction
+    ]
+    expected = sum(w(n) * ce for ce, n in per_sample) / sum(w(n) * n for _, n in per_sample)
+    assert float(loss_sum / w_sum) == pytest.approx(expected, rel=1e-5)
+
+
+def test_padded_batch_equals_packed_loss(tiny, samples):
+    """Unpacked rows (2-D padding mask) and one packed row give the same token-mean loss."""
+    model, _ = tiny
+    step = TrainStep(model)
+    with torch.no_grad():
+        a = step(collate([samples], 0))
+        b = step(collate([[s] for s in samples], 0))
+    assert float(a[0] / a[1]) == pytest.approx(float(b[0] / b[1]), rel=1e-5)
+
+
+class ListData:
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def get(self, i, epoch=0):
+        return self.items[i]
+
+
+def test_batcher_budgets_and_resume(tiny):
+    model, _ = tiny
+    gen = torch.Generator().manual_seed(1)
+    items = [
+        make_sample(gen, model, int(torch.randint(5, 40, (1,), generator=gen)), i % 3, 2) for i in range(30)
+    ]
+    items[7] = None  # a skipped sample
+    b = Batcher(
+        SampleStream(ListData(items), seed=3), batch_size=2, packing=True, max_tokens=64, max_images=3
+    )
+    seen = []
+    for _ in range(5):
+        for row in b.next_batch():
+            assert sum(s.num_tokens for s in row) <= 64 or len(row) == 1
+            assert sum(s.num_images for s in row) <= 3 or len(row) == 1
+            seen += [id(s) for s in row]
+    assert len(seen) == len(set(seen))  # no sample twice within the epoch
+    state = b.state_dict()
+    expect = [[id(s) for s in row] for _ in range(4) for row in b.next_batch()]
+    b2 = Batcher(
+        SampleStream(ListData(items), seed=3), batch_size=2, packing=True, max_tokens=64, max_images=3
+    )
+    b2.load_state_dict(state)
+    got = [[id(s) for s in row] for _ in range(4) for row in b2.next_batch()]
+    assert got == expect

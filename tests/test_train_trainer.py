@@ -1,0 +1,213 @@
+"""Trainer: exact resume, LoRA merge, freeze flags and presets, config errors, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from interleaf.cli import main
+from interleaf.errors import ConfigError
+from interleaf.train.config import build_config, load_config
+from interleaf.train.lora import LLM_TARGETS, VIT_TARGETS, apply_lora, merge_lora
+from interleaf.train.trainer import Trainer, train
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from interleaf.train.demo import init_demo_model
+
+    d = tmp_path_factory.mktemp("tiny")
+    init_demo_model(d, image_size=56, vit=(32, 1), llm=(64, 2))
+    return d
+
+
+@pytest.fixture(scope="module")
+def meta(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    rows = []
+    for i in range(12):
+        colour = ["red", "green", "blue"][i % 3]
+        Image.new(
+            "RGB", (40 + 8 * i, 40), {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}[colour]
+        ).save(d / f"{i}.png")
+        rows.append(
+            {
+                "id": i,
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nColour?"},
+                    {"from": "gpt", "value": colour},
+                ],
+            }
+        )
+    rows.append(
+        {"id": "t", "conversations": [{"from": "human", "value": "Say hi"}, {"from": "gpt", "value": "hi"}]}
+    )
+    rows.append(
+        {
+            "id": "bad",
+            "image": "missing.png",
+            "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}],
+        }
+    )
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "meta.json").write_text(json.dumps({"colours": {"root": ".", "annotation": "train.jsonl"}}))
+    return d / "meta.json"
+
+
+def _cfg(tiny_dir, meta, out, **kw):
+    values = {
+        "model_path": str(tiny_dir),
+        "meta_path": str(meta),
+        "output_dir": str(out),
+        "max_steps": 6,
+        "lr": 2e-3,
+        "warmup_steps": 1,
+        "packing": True,
+        "max_packed_tokens": 160,
+        "max_seq_length": 160,
+        "max_dynamic_patch": 2,
+        "grad_accum": 2,
+        "log_steps": 1,
+        **kw,
+    }
+    return build_config(values)
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("lora", [0, 4])
+def test_resume_continues_the_same_loss_curve(tiny_dir, meta, tmp_path, monkeypatch, lora):
+    straight = train(_cfg(tiny_dir, meta, tmp_path / "a", use_llm_lora=lora, save_steps=3), log=None)
+    assert straight["skipped"] == {"missing_image": 1}
+
+    real_step = Trainer.train_step
+
+    def dying_step(self):
+        if self.step == 3:
+            raise Killed  # the process dies after checkpoint-3 was written
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", dying_step)
+    with pytest.raises(Killed):
+        train(_cfg(tiny_dir, meta, tmp_path / "b", use_llm_lora=lora, save_steps=3), log=None)
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    assert (tmp_path / "b" / "checkpoint-3" / "train_state.pt").exists()
+    assert not list((tmp_path / "b").glob(".tmp-*"))
+    resumed = train(_cfg(tiny_dir, meta, tmp_path / "b", use_llm_lora=lora, save_steps=3), log=None)
+    a = [loss for _, loss in straight["losses"]]
+    b = [loss for _, loss in resumed["losses"]]
+    assert len(a) == len(b) == 6
+    assert a[0] > a[-1]  # it learns
+    for x, y in zip(a, b):
+        assert abs(x - y) < 1e-6
+    log = [json.loads(ln) for ln in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+
+
+def test_lora_merge_matches_unmerged(tiny_dir):
+    from interleaf.model.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(tiny_dir)
+    model = model.float()
+    wrapped = apply_lora(model.language_model, LLM_TARGETS, r=4, dropout=0.05)
+    wrapped += apply_lora(model.vision_model, VIT_TARGETS, r=2, dropout=0.05)
+    assert any(n.endswith("q_proj") for n in wrapped) and any(n.endswith("attn.qkv") for n in wrapped)
+    gen = torch.Generator().manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    model.eval()
+    ids = torch.randint(0, 100, (1, 20))
+    ids[0, 3:7] = model.config.img_context_token_id
+    pv = torch.randn(1, 3, 56, 56, generator=gen)
+    with torch.no_grad():
+        before = model(input_ids=ids, pixel_values=pv).logits
+        assert merge_lora(model) == len(wrapped)
+        after = model(input_ids=ids, pixel_values=pv).logits
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    torch.testing.assert_close(before, after, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_training_saves_merged_checkpoint(tiny_dir, meta, tmp_path):
+    from interleaf.model.checkpoint import load_checkpoint
+
+    trainer = Trainer(
+        _cfg(tiny_dir, meta, tmp_path, use_llm_lora=4, freeze_vit=True, freeze_mlp=True, max_steps=2),
+        log=None,
+    ).setup()
+    base = {n: p.detach().clone() for n, p in trainer.raw_model.named_parameters() if "lora" not in n}
+    trainer.train()
+    for n, p in trainer.raw_model.named_parameters():
+        if "lora" not in n:
+            assert torch.equal(p, base[n]), n  # LoRA trains only the adapters
+    trainer.raw_model.eval()
+    ids = torch.randint(0, 100, (1, 12))
+    with torch.no_grad():
+        live = trainer.raw_model(input_ids=ids).logits
+        saved, _ = load_checkpoint(tmp_path / "checkpoint-2")
+        merged = saved.float()(input_ids=ids).logits
+    torch.testing.assert_close(live, merged, atol=1e-5, rtol=1e-5)
+
+
+def test_stage1_preset_trains_only_the_projector(tiny_dir, meta, tmp_path):
+    trainer = Trainer(_cfg(tiny_dir, meta, tmp_path, stage="stage1", max_steps=2), log=None).setup()
+    assert trainer.cfg.freeze_vit and trainer.cfg.freeze_llm and not trainer.cfg.freeze_mlp
+    before = {n: p.detach().clone() for n, p in trainer.raw_model.named_parameters()}
+    trainer.train()
+    for n, p in trainer.raw_model.named_parameters():
+        changed = not torch.equal(p, before[n])
+        assert changed == n.startswith("mlp1."), n
+
+
+def test_separate_learning_rates_per_part(tiny_dir, meta, tmp_path):
+    trainer = Trainer(
+        _cfg(tiny_dir, meta, tmp_path, vision_lr=1e-5, mlp_lr=1e-3, llm_lr=2e-4), log=None
+    ).setup()
+    base = {g["name"]: g["initial_lr"] for g in trainer.optimizer.param_groups}
+    assert base["vision"] == 1e-5 and base["mlp"] == 1e-3 and base["llm"] == 2e-4
+    assert base["llm_no_decay"] == 2e-4
+    assert all(g["weight_decay"] == 0 for g in trainer.optimizer.param_groups if "no_decay" in g["name"])
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key 'learning_rate'"):
+        build_config({"model_preset": "tiny", "meta_path": "m.json", "learning_rate": 1.0})
+    with pytest.raises(ConfigError, match="config key 'max_steps'"):
+        build_config({"model_preset": "tiny", "meta_path": "m.json", "max_steps": "many"})
+    with pytest.raises(ConfigError, match="config key 'freeze_llm'"):
+        build_config({"model_preset": "tiny", "meta_path": "m.json", "freeze_llm": "yes"})
+    with pytest.raises(ConfigError, match="config key 'loss_reduction'"):
+        build_config({"model_preset": "tiny", "meta_path": "m.json", "loss_reduction": "mean"})
+    with pytest.raises(ConfigError, match="'stage'"):
+        build_config({"model_preset": "tiny", "meta_path": "m.json", "stage": "stage9"})
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text("model_preset: tiny\nmeta_path: m.json\nlr: 1e-4\nstage: stage1\n")
+    cfg = load_config(cfg_path, ["freeze_llm=false", "max_steps=7"])
+    assert cfg.lr == 1e-4 and cfg.freeze_vit and not cfg.freeze_llm and cfg.max_steps == 7
+    with pytest.raises(ConfigError, match="unknown config key 'bogus'"):
+        load_config(cfg_path, ["bogus=1"])
+
+
+def test_cli_train_smoke_and_bad_config(tiny_dir, meta, tmp_path, capsys):
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(
+        f"model_path: {tiny_dir}\nmeta_path: {meta}\noutput_dir: {tmp_path / 'out'}\nmax_steps: 2\n"
+        "max_packed_tokens: 160\nmax_seq_length: 160\nmax_dynamic_patch: 1\n"
+    )
+    assert main(["train", str(cfg_path), "--set", "lr=1e-3", "--set", "save_layout=hf"]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint-2" in out
+    cfg = json.loads((tmp_path / "out" / "checkpoint-2" / "config.json").read_text())
+    assert cfg["model_type"] == "internvl"  # the -hf layout
+    assert len((tmp_path / "out" / "log.jsonl").read_text().splitlines()) == 2
+    assert main(["train", str(cfg_path), "--set", "warmup=3"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown config key 'warmup'" in err
