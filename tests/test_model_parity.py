@@ -286,3 +286,20 @@ def test_vision_tower_matches_transformers_at_other_sizes(tokenizer, tmp_path):
             a = ours.vision_model(pv)
             b = ref.model.vision_tower(pixel_values=pv).last_hidden_state
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+def test_select_layer_matches_transformers_vision_feature_layer(tokenizer, tmp_path):
+    cfg = _config(tokenizer, "qwen2", {"num_hidden_layers": 3})
+    cfg.select_layer = -2
+    path = save_checkpoint(build_model(cfg, seed=8), tokenizer, tmp_path / "hf", layout="hf")
+    ours, _ = load_checkpoint(path)
+    assert ours.config.select_layer == -2
+    ref = _hf_model(path)
+    ids = torch.tensor([_prompt_ids(tokenizer, [1])])
+    pv = torch.randn(1, 3, 448, 448, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        a = ours(input_ids=ids, pixel_values=pv).logits
+        b = ref(input_ids=ids, pixel_values=pv).logits
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+        ours.config.select_layer = -1  # the last layer gives different features
+        assert (ours(input_ids=ids, pixel_values=pv).logits - b).abs().max() > 10 * ATOL
