@@ -1,0 +1,1149 @@
+"""Rule-based filters for interleaved documents, each a configurable ``Step`` with published defaults.
+
+Document-level text rules look at the pure-text view ``doc.text`` (text nodes joined by blank
+lines; images excluded, as the OmniCorpus English rules do). Line- and paragraph-level rules edit
+text nodes in place and keep every image where it stood; a text node left empty disappears.
+Image rules remove image nodes (counted per reason in ``stats.images_removed_by_reason``).
+
+Sources of the defaults (thresholds are constructor keyword arguments, so a YAML config can set
+any of them; ``FILTERS`` maps config names to classes):
+
+- ``gopher_quality``, ``gopher_repetition``: Gopher (Rae et al. 2021, Table A1) as implemented by
+  datatrove's ``GopherQualityFilter`` / ``GopherRepetitionFilter`` defaults.
+- ``c4_quality``: C4 (Raffel et al. 2020) line rules as in datatrove's ``C4QualityFilter``;
+  ``c4_paragraph``: mC4's paragraph rule (datatrove ``C4ParagraphFilter``).
+- ``fineweb_quality``: FineWeb (Penedo et al. 2024), datatrove ``FineWebQualityFilter``.
+- ``omnicorpus_en``: the English human-feedback rules released with OmniCorpus
+  (``human_feedback_textfiltering``; paper App. and Table 11), main paragraph and document rules.
+- ``obelics_paragraph`` / ``obelics_document``: OBELICS ``config_filter_web_documents.yaml``
+  node- and document-level text rules. The FastText language-id and KenLM perplexity rules are
+  OFF (they need model files); common-word and flagged-word rules run only when a word list is
+  given (``common_words=``, ``flagged_words=``; OBELICS ships them separately).
+- ``image_nodes``: image-node rules: formats (OBELICS jpg/jpeg/png/webp; MMC4 png/jpg/jpeg),
+  sides in [150, 20000] px, aspect ratio in [0.5, 2] (MMC4, OBELICS, OmniCorpus), URL ban words
+  logo/button/icon/plugin/widget (MMC4) + porn/xxx/sex (OBELICS).
+- ``image_text_ratio``: OmniCorpus ``img_txt_ratio_discard`` (more than 2 images and fewer than 50
+  words per image) and OBELICS' image count range [1, 30].
+
+Words are tokenised with one compiled regex (``words``) rather than NLTK (whose Punkt data is a
+download); sentence counts use a punctuation regex (``count_sentences``). Both are documented
+approximations of datatrove's defaults; the rule logic is the same (tests compare decisions with
+datatrove given the same tokeniser).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import Counter
+from functools import lru_cache
+from typing import Any
+
+from interleaf.corpus.base import Drop, Step
+from interleaf.corpus.document import Document
+from interleaf.errors import ConfigError
+
+# ---------------------------------------------------------------------------------------------
+# shared text helpers
+# ---------------------------------------------------------------------------------------------
+_WORD_RE = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]+")
+_SENT_END = re.compile(r"[.!?…]+[\"'”’)\]]*(?=\s|$)")
+# datatrove's PUNCTUATION (ASCII + common CJK/typographic marks), used to tell symbol "words"
+PUNCTUATION = "!/—”:％１〈&(、━\\【#%「」，】；+^]~“《„';’{|∶´[=-`*．（–？！：$～«〉,><》)?）。…@_.\"}►»"
+# OBELICS-style special characters: ASCII punctuation, digits, whitespace and frequent symbols
+SPECIAL_CHARACTERS = (
+    string.punctuation
+    + string.digits
+    + string.whitespace
+    + " ￼’“”–ー一▬…✦�£•€«»°·═×＾˘⇓↓↑←→（）§″′´¿−±∈¢ø‚„½¼¾¹²³―⁃，"
+    "ˌ¸‹›ʺˈʻ¦‰‑≤≥‖◆●■►▼▲▴∆▻¡★☆✱ːº。¯˜¥ɪ≈†：∼⁄・♡✓⊕․．⋅÷１‟；،、¨◦˚゜ʼ≖¤℃√！【】‿∞➤～π۩☛₨➩☻๑٪♥ıॽ《‘©﴿٬？▷♫∟™ª₪®「—❖」﴾》"
+)
+_SPECIAL_DELETE = str.maketrans("", "", SPECIAL_CHARACTERS)
+TERMINAL_PUNCTUATION = tuple(".!?…。！？｡;:\"'”’")
+# English function words (our list; OBELICS uses a longer published list)
+STOPWORDS_EN = frozenset(
+    """a about above after again against all am an and any are as at be because been before being
+    below between both but by can could did do does doing down during each few for from further had
+    has have having he her here hers herself him himself his how i if in into is it its itself just
+    me more most my myself no nor not now of off on once only or other our ours ourselves out over own
+    same she should so some such than that the their theirs them themselves then there these they
+    this those through to too under until up very was we were what when where which while who whom
+    why will with would you your yours yourself yourselves""".split()
+)
+
+
+@lru_cache(maxsize=8)
+def words(text: str) -> list[str]:
+    """Word tokens: runs of word characters (with inner apostrophes) and runs of punctuation."""
+    return _WORD_RE.findall(text)
+
+
+def count_sentences(text: str) -> int:
+    """Sentences in ``text``: terminal-punctuation runs, plus one for trailing unterminated text."""
+    text = text.strip()
+    if not text:
+        return 0
+    ends = list(_SENT_END.finditer(text))
+    n = len(ends)
+    if not ends or ends[-1].end() < len(text):
+        n += 1
+    return n
+
+
+@lru_cache(maxsize=8)
+def obelics_words(text: str) -> list[str]:
+    """OBELICS word list: whitespace split, lower-cased, special characters stripped, empties dropped."""
+    out = []
+    for w in text.lower().split():
+        w = w.strip(SPECIAL_CHARACTERS)
+        if w:
+            out.append(w)
+    return out
+
+
+def _ngram_counts(seq: list[str], n: int) -> Counter:
+    return Counter(zip(*(seq[i:] for i in range(n))))
+
+
+def _paragraphs(text: str) -> list[str]:
+    return text.split("\n\n")
+
+
+class TextStep(Step):
+    """A step whose thresholds are keyword arguments; ``config()`` lists them."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__()
+        for k, v in kwargs.items():
+            setattr(self, k, v)
+
+
+def _edit_paragraphs(doc: Document, keep_fn, image_aware: bool = False) -> Document:
+    """Apply ``keep_fn(paragraph, ctx) -> str | None`` to every paragraph of every text node.
+
+    ``ctx`` is a dict with ``near_image`` (the paragraph is the first or last of a text node next to
+    an image) when ``image_aware``. Returns a new document; text nodes left empty are removed.
+    """
+    n = len(doc.texts)
+    new_texts: list[str | None] = []
+    keep: list[bool] = []
+    for i, t in enumerate(doc.texts):
+        if t is None:
+            new_texts.append(None)
+            keep.append(True)
+            continue
+        paras = _paragraphs(t)
+        prev_img = image_aware and i > 0 and doc.images[i - 1] is not None
+        next_img = image_aware and i + 1 < n and doc.images[i + 1] is not None
+        out = []
+        last = len(paras) - 1
+        for j, p in enumerate(paras):
+            ctx = {
+                "near_image": (prev_img and j == 0) or (next_img and j == last),
+                "after_image": prev_img and j == 0,
+                "before_image": next_img and j == last,
+                "lines_to_image": min(
+                    sum(x.count("\n") + 1 for x in paras[:j]) if prev_img else 10**9,
+                    sum(x.count("\n") + 1 for x in paras[j + 1 :]) if next_img else 10**9,
+                )
+                if image_aware
+                else 10**9,
+            }
+            r = keep_fn(p, ctx)
+            if r:
+                out.append(r)
+        if out:
+            new_texts.append("\n\n".join(out))
+            keep.append(True)
+        else:
+            new_texts.append(None)
+            keep.append(False)
+    res = Document(
+        texts=[t for t, k in zip(new_texts, keep) if k],
+        images=[x for x, k in zip(doc.images, keep) if k],
+        metadata=[m for m, k in zip(doc.metadata, keep) if k],
+        general_metadata=doc.general_metadata,
+    )
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# Gopher
+# ---------------------------------------------------------------------------------------------
+class GopherQuality(TextStep):
+    """Gopher quality rules (Rae et al. 2021; datatrove ``GopherQualityFilter`` defaults).
+
+    Drop if: non-symbol words outside [50, 100000]; their mean length outside [3, 10]; '#' or
+    ellipsis per word > 0.1; > 90% of lines start with a bullet; > 30% of lines end with an
+    ellipsis; < 80% of words contain a letter; < 2 of {the, be, to, of, and, that, have, with}.
+    """
+
+    name = "gopher_quality"
+
+    def __init__(
+        self,
+        min_doc_words: int | None = 50,
+        max_doc_words: int | None = 100000,
+        min_avg_word_length: float | None = 3,
+        max_avg_word_length: float | None = 10,
+        max_symbol_word_ratio: float | None = 0.1,
+        max_bullet_lines_ratio: float | None = 0.9,
+        max_ellipsis_lines_ratio: float | None = 0.3,
+        max_non_alpha_words_ratio: float | None = 0.8,
+        min_stop_words: int | None = 2,
+        stop_words: list[str] | None = None,
+    ) -> None:
+        super().__init__(
+            min_doc_words=min_doc_words,
+            max_doc_words=max_doc_words,
+            min_avg_word_length=min_avg_word_length,
+            max_avg_word_length=max_avg_word_length,
+            max_symbol_word_ratio=max_symbol_word_ratio,
+            max_bullet_lines_ratio=max_bullet_lines_ratio,
+            max_ellipsis_lines_ratio=max_ellipsis_lines_ratio,
+            max_non_alpha_words_ratio=max_non_alpha_words_ratio,
+            min_stop_words=min_stop_words,
+            stop_words=list(stop_words or ["the", "be", "to", "of", "and", "that", "have", "with"]),
+        )
+        self._stop = frozenset(self.stop_words)
+
+    def process(self, doc: Document) -> Document | Drop:
+        text = doc.text
+        ws = words(text)
+        n_words = len(ws)
+        if n_words == 0:
+            return Drop("gopher_short_doc", "no words")
+        non_symbol = [w for w in ws if w.strip(PUNCTUATION)]
+        n = len(non_symbol)
+        if self.min_doc_words and n < self.min_doc_words:
+            return Drop("gopher_short_doc", f"{n} words")
+        if self.max_doc_words and n > self.max_doc_words:
+            return Drop("gopher_long_doc", f"{n} words")
+        avg = sum(map(len, non_symbol)) / n if n else 0.0
+        if self.min_avg_word_length and avg < self.min_avg_word_length:
+            return Drop("gopher_below_avg_word_length", f"{avg:.2f}")
+        if self.max_avg_word_length and avg > self.max_avg_word_length:
+            return Drop("gopher_above_avg_word_length", f"{avg:.2f}")
+        if self.max_symbol_word_ratio:
+            if text.count("#") / n_words > self.max_symbol_word_ratio:
+                return Drop("gopher_too_many_hashes")
+            if (text.count("...") + text.count("…")) / n_words > self.max_symbol_word_ratio:
+                return Drop("gopher_too_many_ellipsis")
+        lines = text.splitlines()
+        if lines and self.max_bullet_lines_ratio:
+            bullets = sum(1 for s in lines if s.lstrip().startswith(("•", "-")))
+            if bullets / len(lines) > self.max_bullet_lines_ratio:
+                return Drop("gopher_too_many_bullets")
+        if lines and self.max_ellipsis_lines_ratio:
+            ell = sum(1 for s in lines if s.rstrip().endswith(("...", "…")))
+            if ell / len(lines) > self.max_ellipsis_lines_ratio:
+                return Drop("gopher_too_many_end_ellipsis")
+        if self.max_non_alpha_words_ratio:
+            alpha = sum(1 for w in ws if w.isalpha() or _has_alpha(w))
+            if alpha / n_words < self.max_non_alpha_words_ratio:
+                return Drop("gopher_below_alpha_threshold", f"{alpha / n_words:.2f}")
+        if self.min_stop_words and len(self._stop.intersection(ws)) < self.min_stop_words:
+            return Drop("gopher_enough_stop_words")
+        return doc
+
+
+_ALPHA = re.compile(r"[^\W\d_]")
+
+
+def _has_alpha(w: str) -> bool:
+    return _ALPHA.search(w) is not None
+
+
+class GopherRepetition(TextStep):
+    """Gopher repetition rules (Rae et al. 2021, Table A1; datatrove ``GopherRepetitionFilter``).
+
+    Drop if duplicated paragraphs > 30% (or > 20% of characters), duplicated lines > 30% (or > 20%
+    of characters), the top 2/3/4-gram covers > 20/18/16% of characters, or duplicated 5..10-grams
+    cover > 15/14/13/12/11/10% of characters.
+    """
+
+    name = "gopher_repetition"
+
+    def __init__(
+        self,
+        dup_line_frac: float | None = 0.3,
+        dup_para_frac: float | None = 0.3,
+        dup_line_char_frac: float | None = 0.2,
+        dup_para_char_frac: float | None = 0.2,
+        top_n_grams: list = ((2, 0.2), (3, 0.18), (4, 0.16)),
+        dup_n_grams: list = ((5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10)),
+    ) -> None:
+        super().__init__(
+            dup_line_frac=dup_line_frac,
+            dup_para_frac=dup_para_frac,
+            dup_line_char_frac=dup_line_char_frac,
+            dup_para_char_frac=dup_para_char_frac,
+            top_n_grams=[tuple(x) for x in top_n_grams],
+            dup_n_grams=[tuple(x) for x in dup_n_grams],
+        )
+
+    @staticmethod
+    def _dups(items: list[str]) -> tuple[int, int]:
+        seen: set[str] = set()
+        n = chars = 0
+        for x in items:
+            if x in seen:
+                n += 1
+                chars += len(x)
+            else:
+                seen.add(x)
+        return n, chars
+
+    def process(self, doc: Document) -> Document | Drop:
+        text = doc.text
+        if not text:
+            return Drop("empty")
+        size = len(text)
+        paras = re.split(r"\n{2,}", text.strip())
+        n, chars = self._dups(paras)
+        if self.dup_para_frac and n / len(paras) > self.dup_para_frac:
+            return Drop("dup_para_frac")
+        if self.dup_para_char_frac and chars / size > self.dup_para_char_frac:
+            return Drop("dup_para_char_frac")
+        lines = re.split(r"\n+", text)
+        n, chars = self._dups(lines)
+        if self.dup_line_frac and n / len(lines) > self.dup_line_frac:
+            return Drop("dup_line_frac")
+        if self.dup_line_char_frac and chars / size > self.dup_line_char_frac:
+            return Drop("dup_line_char_frac")
+        ws = words(text)
+        for n_, frac in self.top_n_grams:
+            if len(ws) < n_:
+                continue
+            counts = _ngram_counts(ws, n_)
+            gram, count = counts.most_common(1)[0]
+            if (sum(map(len, gram)) + n_ - 1) * count / size > frac:
+                return Drop(f"top_{n_}_gram")
+        if self.dup_n_grams:
+            lens = [0]
+            for w in ws:
+                lens.append(lens[-1] + len(w))
+            no_dup_from = None  # if n-grams of size n never repeat, larger ones never do
+            for n_, frac in sorted(self.dup_n_grams):
+                if no_dup_from is not None and n_ >= no_dup_from:
+                    continue
+                grams = list(zip(*(ws[i:] for i in range(n_))))
+                if len(set(grams)) == len(grams):
+                    no_dup_from = n_
+                    continue
+                seen: set = set()
+                add = seen.add
+                rep = 0
+                i = 0
+                last = len(grams)
+                while i < last:
+                    if grams[i] in seen:
+                        rep += lens[i + n_] - lens[i]
+                        i += n_
+                    else:
+                        add(grams[i])
+                        i += 1
+                if rep / size > frac:
+                    return Drop(f"duplicated_{n_}_n_grams")
+        return doc
+
+
+# ---------------------------------------------------------------------------------------------
+# C4 and FineWeb
+# ---------------------------------------------------------------------------------------------
+_CITATION = re.compile(r"\[\d*]|\[edit]|\[citation needed]")
+POLICY_SUBSTRINGS = (
+    "terms of use",
+    "privacy policy",
+    "cookie policy",
+    "uses cookies",
+    "use of cookies",
+    "use cookies",
+)
+
+
+class C4Quality(TextStep):
+    """C4 line rules (Raffel et al. 2020; datatrove ``C4QualityFilter`` defaults), per text node.
+
+    Lines are removed when: a word is > 1000 chars; no terminal punctuation (. ? ! " ') or ending
+    in "..."; < 3 words; containing "javascript"; containing a cookie/terms policy phrase. Citations
+    ([1], [edit], [citation needed]) are stripped. The whole document is dropped on "lorem ipsum",
+    on any "{", or with < 5 sentences left. Blank lines between paragraphs are kept.
+    """
+
+    name = "c4_quality"
+
+    def __init__(
+        self,
+        remove_citations: bool = True,
+        filter_no_terminal_punct: bool = True,
+        min_num_sentences: int = 5,
+        min_words_per_line: int = 3,
+        max_word_length: int = 1000,
+        filter_lorem_ipsum: bool = True,
+        filter_javascript: bool = True,
+        filter_curly_bracket: bool = True,
+        filter_policy: bool = True,
+    ) -> None:
+        super().__init__(
+            remove_citations=remove_citations,
+            filter_no_terminal_punct=filter_no_terminal_punct,
+            min_num_sentences=min_num_sentences,
+            min_words_per_line=min_words_per_line,
+            max_word_length=max_word_length,
+            filter_lorem_ipsum=filter_lorem_ipsum,
+            filter_javascript=filter_javascript,
+            filter_curly_bracket=filter_curly_bracket,
+            filter_policy=filter_policy,
+        )
+
+    def _line(self, line: str) -> str | None | Drop:
+        line = line.strip()
+        ws = line.split()
+        if self.max_word_length != -1 and any(len(w) > self.max_word_length for w in ws):
+            return None
+        if self.remove_citations:
+            line = _CITATION.sub("", line)
+        if self.filter_no_terminal_punct and (
+            not line.endswith((".", "?", "!", '"', "'")) or line.endswith("...")
+        ):
+            return None
+        if len(ws) < self.min_words_per_line:
+            return None
+        low = line.lower()
+        if self.filter_lorem_ipsum and "lorem ipsum" in low:
+            return Drop("lorem_ipsum")
+        if self.filter_javascript and "javascript" in low:
+            return None
+        if self.filter_curly_bracket and "{" in line:
+            return Drop("curly_bracket")
+        if self.filter_policy and any(p in low for p in POLICY_SUBSTRINGS):
+            return None
+        return line
+
+    def process(self, doc: Document) -> Document | Drop:
+        sentences = 0
+        verdict: list[Drop] = []
+
+        def keep(par: str, _ctx: dict) -> str | None:
+            nonlocal sentences
+            if verdict:
+                return None
+            kept = []
+            for line in par.splitlines():
+                r = self._line(line)
+                if isinstance(r, Drop):
+                    verdict.append(r)
+                    return None
+                if r is not None:
+                    kept.append(r)
+                    if self.min_num_sentences != -1:
+                        sentences += count_sentences(r)
+            return "\n".join(kept) if kept else None
+
+        out = _edit_paragraphs(doc, keep)
+        if verdict:
+            return verdict[0]
+        if sentences < self.min_num_sentences:
+            return Drop("too_few_sentences", f"{sentences} sentences")
+        return out
+
+
+class C4Paragraph(TextStep):
+    """mC4 paragraph rule (datatrove ``C4ParagraphFilter``): >= 3 lines of >= 200 characters."""
+
+    name = "c4_paragraph"
+
+    def __init__(self, min_paragraphs: int = 3, min_paragraph_len: int = 200) -> None:
+        super().__init__(min_paragraphs=min_paragraphs, min_paragraph_len=min_paragraph_len)
+
+    def process(self, doc: Document) -> Document | Drop:
+        lines = doc.text.split("\n")
+        long_ = sum(1 for ln in lines if len(ln) >= self.min_paragraph_len)
+        if len(lines) < self.min_paragraphs or long_ < self.min_paragraphs:
+            return Drop("c4_too_few_paragraphs")
+        return doc
+
+
+class FineWebQuality(TextStep):
+    """FineWeb quality rules (Penedo et al. 2024; datatrove ``FineWebQualityFilter`` defaults).
+
+    Drop if: < 12% of non-empty lines end in terminal punctuation; > 67% of lines are <= 30 chars;
+    characters in duplicated lines > 1% of all characters; newlines per word > 0.3.
+    """
+
+    name = "fineweb_quality"
+
+    def __init__(
+        self,
+        line_punct_thr: float = 0.12,
+        line_punct_exclude_zero: bool = False,
+        short_line_thr: float = 0.67,
+        short_line_length: int = 30,
+        char_duplicates_ratio: float = 0.01,
+        new_line_ratio: float = 0.3,
+        stop_chars: list[str] | None = None,
+    ) -> None:
+        super().__init__(
+            line_punct_thr=line_punct_thr,
+            line_punct_exclude_zero=line_punct_exclude_zero,
+            short_line_thr=short_line_thr,
+            short_line_length=short_line_length,
+            char_duplicates_ratio=char_duplicates_ratio,
+            new_line_ratio=new_line_ratio,
+            stop_chars=list(stop_chars) if stop_chars is not None else None,
+        )
+        self._stop = tuple(stop_chars) if stop_chars is not None else _FW_TERMINAL
+
+    def process(self, doc: Document) -> Document | Drop:
+        text = doc.text
+        lines = [ln for ln in text.split("\n") if ln.strip() != ""]
+        if not lines:
+            return Drop("empty")
+        ratio = sum(1 for ln in lines if ln.endswith(self._stop)) / len(lines)
+        if ratio < self.line_punct_thr and not (ratio == 0 and self.line_punct_exclude_zero):
+            return Drop("line_punct_ratio", f"{ratio:.3f}")
+        ratio = sum(1 for ln in lines if len(ln) <= self.short_line_length) / len(lines)
+        if ratio > self.short_line_thr:
+            return Drop("short_line_ratio", f"{ratio:.3f}")
+        dup_chars = GopherRepetition._dups(lines)[1]
+        denom = len(text) - text.count("\n")
+        if denom and dup_chars / denom > self.char_duplicates_ratio:
+            return Drop("char_dup_ratio", f"{dup_chars / denom:.3f}")
+        n_words = len(words(text))
+        if n_words == 0 or text.count("\n") / n_words > self.new_line_ratio:
+            return Drop("list_ratio")
+        return doc
+
+
+# sentence-final marks: Unicode punctuation named FULL STOP / QUESTION MARK / EXCLAMATION MARK /
+# DANDA / INTERROBANG (as datatrove's TERMINAL_PUNCTUATION; quotes and ellipsis do not count)
+_FW_TERMINAL = tuple(
+    "!.?\u037e\u055c\u055e\u0589\u061f\u06d4\u0701\u0702\u07f9\u0964\u0965\u1362\u1367\u166e\u1803\u1809"
+    "\u1944\u1945\u203c\u203d\u2047\u2048\u2049\u2cf9\u2cfa\u2cfb\u2cfe\u2e3c\u2e53\u2e54\u3002\ua4ff"
+    "\ua60e\ua60f\ua6f3\ua6f7\ua8ce\ua8cf\uaa5d\uaa5e\uaa5f\ufe12\ufe15\ufe16\ufe52\ufe56\ufe57\uff01"
+    "\uff0e\uff1f\uff61"
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# OmniCorpus English human-feedback rules
+# ---------------------------------------------------------------------------------------------
+_URL_RE = re.compile(r"(?:https?://|www\.)\S+", re.I)
+_PHONE_RE = re.compile(r"(?:\+?\d{1,3}[\s.-]?)?(?:\(\d{2,4}\)|\d{2,4})[\s.-]\d{3,4}[\s.-]\d{3,4}")
+_DATE_RE = re.compile(
+    r"\b(?:\d{1,2}[/.-]\d{1,2}[/.-]\d{2,4}|\d{4}-\d{2}-\d{2}|\d{1,2}:\d{2}(?:\s?[ap]\.?m\.?)?|"
+    r"(?:jan|feb|mar|apr|may|jun|jul|aug|sep|sept|oct|nov|dec)[a-z]*\.?\s+\d{1,2}(?:st|nd|rd|th)?,?\s+\d{4})\b",
+    re.I,
+)
+_SOCIAL_COUNTER = re.compile(
+    r"\d[\d,.]*\s*[kKmM]?\s*(?:likes?|followers?|following|shares?|comments?|views?|retweets?|subscribers?|"
+    r"reactions?|votes?|replies|reposts?)\s*$",
+    re.I,
+)
+_TRAILING_CF = re.compile(r"\s*\((?:cf\.|see)[^()]*\)\s*$", re.I)
+_TRAILING_NAME_YEAR = re.compile(r"\s*\([A-Z][^()]{0,60},\s*\d{4}\)\s*$")
+_CITE = re.compile(r"\[(?:\d+(?:[,–-]\s*\d+)*|citation needed|edit|note \d+)\]", re.I)
+_UNDERLINES = re.compile(r"_{15,}")
+SIGN_IN_PHRASES = ("sign in", "sign-in", "signin", "sign up", "sign-up", "log in", "login", "read more", "item in cart", "items in cart", "add to cart", "subscribe now")  # fmt: skip
+HEADER_FOOTER_PHRASES = (
+    "all rights reserved", "copyright ©", "© copyright", "terms of service", "terms and conditions",
+    "terms of use", "privacy policy", "cookie policy", "cookie settings", "skip to content",
+    "skip to main content", "back to top", "powered by", "site map", "sitemap", "contact us",
+    "follow us on", "like us on facebook", "share this article", "share on facebook",
+    "share on twitter", "subscribe to our newsletter", "sign up for our newsletter",
+    "leave a comment", "leave a reply", "previous post", "next post", "posted in", "filed under",
+    "related posts", "you may also like", "accept cookies",
+)  # fmt: skip
+READ_MORE_ENDINGS = (
+    "read more", "read more.", "click here", "click here.", "continue reading", "learn more",
+    "see more", "view more", "show more", "load more", "read the full story", "read full article",
+    "full story", "more info", "find out more", "see details", "view details", "read on",
+    "keep reading", "watch the video", "…", "...",
+)  # fmt: skip
+SOCIAL_ENDINGS = (
+    "references", "like", "likes", "share", "shares", "comment", "comments", "review", "reviews",
+    "copyright", "subscribe", "follow", "tweet", "pin it", "email", "print", "reply",
+)  # fmt: skip
+SOCIAL_CONTAINS = ("for more info", "most viewed", "most popular", "trending now", "related articles")
+CAPTION_WORDS = ("download", "load", "getty", "image", "photo", "source", "credit", "shutterstock")
+SOURCE_STARTS = (
+    "special thanks",
+    "published by",
+    "all photo credits and copyright",
+    "photo credit",
+    "image credit",
+)
+DOWNLOAD_PHRASES = ("for details on the", "the link is")
+HF_STOPWORDS = frozenset(["the", "is", "are", "am", "to", "of", "and", "that", "have", "with"])
+
+
+class OmniCorpusEnglish(TextStep):
+    """OmniCorpus English human-feedback rules (``human_feedback_textfiltering``), main rules.
+
+    Paragraph level (applied to the paragraphs of every text node, up to ``max_passes`` times
+    until nothing changes): split at runs of >= 15 underscores; strip "[Video]", URLs, citation
+    marks and trailing "(cf. ...)" / "(Name, YYYY)"; drop paragraphs that are download-link notes,
+    source credits, > 80% upper-case letters, > 80% digits (kept within 10 lines of an image),
+    social-media counters, one word (kept next to an image), <= 10 words with sign-in/read-more
+    phrases, header/footer phrases or < 10 characters, read-more/click-here endings, image captions
+    (< 8 words next to an image with download/getty/image/photo/source...), "advertisement",
+    <= 4 words ("too short"), "Things to do..." items, social endings/phrases, a phone number with
+    < 80 words, a date/time with < 20 words, "By ..." / "(Photo: ...)" with < 10 words.
+
+    Document level (text only): words in [50, 100000], mean word length in [3, 10], > 80% of
+    words with a letter, >= 2 of {the, is, are, am, to, of, and, that, have, with}; > 2 images with
+    < 50 words per image dropped; longest paragraph < 35 words and mean < 12 words dropped.
+    Flagged-word (porn) rules run only with ``flagged_words``. Heading-level (``rend``) rules and
+    incomplete-sentence trimming (``trim_incomplete_sentences``, 16.7% false positives in the
+    paper's Table 11) are off by default.
+    """
+
+    name = "omnicorpus_en"
+
+    def __init__(
+        self,
+        max_uppercase_ratio: float = 0.8,
+        max_digit_ratio: float = 0.8,
+        image_proximity_lines: int = 10,
+        short_signin_words: int = 10,
+        min_paragraph_chars: int = 10,
+        caption_max_words: int = 8,
+        min_paragraph_words: int = 5,
+        phone_max_words: int = 80,
+        date_max_words: int = 20,
+        byline_max_words: int = 10,
+        min_doc_words: int = 50,
+        max_doc_words: int = 100000,
+        min_mean_word_length: float = 3,
+        max_mean_word_length: float = 10,
+        min_alpha_words_ratio: float = 0.8,
+        min_stop_words: int = 2,
+        max_images_without_ratio: int = 2,
+        min_words_per_image: float = 50,
+        min_max_paragraph_words: int = 35,
+        min_mean_paragraph_words: float = 12,
+        flagged_words: list[str] | None = None,
+        max_flagged_ratio: float = 0.02,
+        trim_incomplete_sentences: bool = False,
+        max_passes: int = 3,
+    ) -> None:
+        super().__init__(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
+        self._flagged = frozenset(w.lower() for w in flagged_words) if flagged_words else None
+
+    # -- paragraph rules ---------------------------------------------------------------------
+    def _paragraph(self, p: str, ctx: dict) -> str | None:
+        p = p.replace("[Video]", "").replace("[video]", "")
+        p = _URL_RE.sub("", p)
+        p = _CITE.sub("", p)
+        p = _TRAILING_CF.sub("", p)
+        p = _TRAILING_NAME_YEAR.sub("", p)
+        p = "\n".join(" ".join(ln.split()) for ln in p.split("\n")).strip()
+        if not p:
+            return None
+        low = p.lower()
+        ws = p.split()
+        n = len(ws)
+        near = ctx["lines_to_image"] <= self.image_proximity_lines
+        if any(x in low for x in DOWNLOAD_PHRASES):
+            return None
+        if low.startswith(SOURCE_STARTS):
+            return None
+        letters = sum(1 for c in p if c.isalpha())
+        if letters and sum(1 for c in p if c.isupper()) / letters > self.max_uppercase_ratio and n > 1:
+            return None
+        nonspace = len(p) - p.count(" ") - p.count("\n")
+        if nonspace and sum(1 for c in p if c.isdigit()) / nonspace > self.max_digit_ratio and not near:
+            return None
+        if _SOCIAL_COUNTER.search(p):
+            return None
+        if n == 1 and not ctx["near_image"]:
+            return None
+        if n <= self.short_signin_words and any(x in low for x in SIGN_IN_PHRASES):
+            return None
+        if len(p) < self.min_paragraph_chars or any(x in low for x in HEADER_FOOTER_PHRASES):
+            return None
+        stripped = low.rstrip(" .!:>»")
+        if low.endswith(READ_MORE_ENDINGS) or stripped.endswith(READ_MORE_ENDINGS):
+            return None
+        if ctx["near_image"] and n < self.caption_max_words and any(x in low for x in CAPTION_WORDS):
+            return None
+        if low.strip(" .!:") == "advertisement":
+            return None
+        if n < self.min_paragraph_words:
+            return None
+        if low.startswith("things to do"):
+            return None
+        if stripped.endswith(SOCIAL_ENDINGS) and n < 20 or any(x in low for x in SOCIAL_CONTAINS):
+            return None
+        if n < self.phone_max_words and _PHONE_RE.search(p):
+            return None
+        if n < self.date_max_words and _DATE_RE.search(p):
+            return None
+        if n < self.byline_max_words and (p.startswith("By ") or low.startswith("(photo:")):
+            return None
+        if self._flagged is not None:
+            ow = obelics_words(p)
+            if ow and sum(1 for w in ow if w in self._flagged) / len(ow) >= self.max_flagged_ratio:
+                return None
+        if self.trim_incomplete_sentences:
+            p = _trim_incomplete(p)
+        return p or None
+
+    def process(self, doc: Document) -> Document | Drop:
+        # split at underscore rulers first: they separate paragraphs that the page ran together
+        if any(t is not None and "_" * 15 in t for t in doc.texts):
+            doc = Document(
+                texts=[_UNDERLINES.sub("\n\n", t) if t is not None else None for t in doc.texts],
+                images=doc.images,
+                metadata=doc.metadata,
+                general_metadata=doc.general_metadata,
+            )
+        # images whose src is empty or a web page are not images
+        bad = [
+            i
+            for i, x in enumerate(doc.images)
+            if x is not None and (not x or x.lower().endswith((".html", ".htm")))
+        ]
+        if bad:
+            keep = [i not in set(bad) for i in range(len(doc.texts))]
+            self.remove_image("omnicorpus_bad_image_src", len(bad))
+            doc = doc.select(keep)
+        for _ in range(self.max_passes):
+            new = _edit_paragraphs(doc, self._paragraph, image_aware=True)
+            changed = new.texts != doc.texts
+            doc = new
+            if not changed:
+                break
+        return self._document(doc)
+
+    # -- document rules ----------------------------------------------------------------------
+    def _document(self, doc: Document) -> Document | Drop:
+        text = doc.text
+        ws = [w for w in text.split() if w.strip(PUNCTUATION)]
+        n = len(ws)
+        if not self.min_doc_words <= n <= self.max_doc_words:
+            return Drop("omnicorpus_word_count", f"{n} words")
+        mean = sum(map(len, ws)) / n
+        if not self.min_mean_word_length <= mean <= self.max_mean_word_length:
+            return Drop("omnicorpus_mean_word_length", f"{mean:.2f}")
+        alpha = sum(1 for w in ws if _has_alpha(w))
+        if alpha / n <= self.min_alpha_words_ratio:
+            return Drop("omnicorpus_alpha_words", f"{alpha / n:.2f}")
+        low = {w.lower().strip(PUNCTUATION) for w in ws}
+        if len(HF_STOPWORDS & low) < self.min_stop_words:
+            return Drop("omnicorpus_stop_words")
+        if self._flagged is not None:
+            ow = obelics_words(text)
+            if ow and sum(1 for w in ow if w in self._flagged) / len(ow) > self.max_flagged_ratio:
+                return Drop("omnicorpus_flagged_words")
+        n_img = doc.n_images
+        if n_img > self.max_images_without_ratio and n / n_img < self.min_words_per_image:
+            return Drop("omnicorpus_image_text_ratio", f"{n} words, {n_img} images")
+        lengths = [len(p.split()) for t in doc.texts if t is not None for p in _paragraphs(t)]
+        if (
+            lengths
+            and max(lengths) < self.min_max_paragraph_words
+            and sum(lengths) / len(lengths) < self.min_mean_paragraph_words
+        ):
+            return Drop("omnicorpus_paragraph_lengths")
+        return doc
+
+
+def _trim_incomplete(p: str) -> str:
+    """Drop a first sentence starting in lower case and a last one without terminal punctuation."""
+    sents = re.split(r"(?<=[.!?])\s+", p)
+    if len(sents) > 1 and sents[0][:1].islower():
+        sents = sents[1:]
+    if len(sents) > 1 and not sents[-1].rstrip().endswith((".", "!", "?", '"', "'", ")")):
+        sents = sents[:-1]
+    return " ".join(sents)
+
+
+# ---------------------------------------------------------------------------------------------
+# OBELICS node- and document-level rules
+# ---------------------------------------------------------------------------------------------
+OBELICS_PUNCTUATION = (".", ",", "!", "?", ";", ":", "…")
+
+
+def char_repetition_ratio(text: str, n: int) -> float:
+    """OBELICS/BigScience: share of the top sqrt(#distinct) repeated character n-grams."""
+    if len(text) < n:
+        return 0.0
+    counts = Counter(text[i : i + n] for i in range(len(text) - n + 1))
+    freqs = sorted(counts.values(), reverse=True)
+    ones = sum(1 for f in freqs if f == 1)
+    k = min(int(math.sqrt(len(freqs))), len(freqs) - ones)
+    return sum(freqs[:k]) / sum(freqs)
+
+
+def word_repetition_ratio(ws: list[str], n: int) -> float:
+    """OBELICS: share of word n-gram occurrences whose n-gram occurs more than once."""
+    if len(ws) < n:
+        return 0.0
+    counts = _ngram_counts(ws, n)
+    total = sum(counts.values())
+    return sum(c for c in counts.values() if c > 1) / total
+
+
+def special_character_ratio(text: str) -> float:
+    if not text:
+        return 0.0
+    return (len(text) - len(text.translate(_SPECIAL_DELETE))) / len(text)
+
+
+def punctuation_ratio(text: str, min_tokens: int = -1) -> float:
+    toks = _OBELICS_PUNCT_TOKENS.findall(text)
+    if not toks:
+        return 0.0
+    if min_tokens > 0 and len(toks) < min_tokens:
+        return 1.0
+    return sum(1 for t in toks if t in OBELICS_PUNCTUATION) / len(toks)
+
+
+_OBELICS_PUNCT_TOKENS = re.compile(r"[\w']+|[.,!?;:…]")
+
+
+class _ObelicsRules(TextStep):
+    def _check(self, text: str, prefix: str) -> str | None:
+        """The first failed rule's name for ``text`` (None: all pass)."""
+        ws = obelics_words(text)
+        n = len(ws)
+        if not self.min_words <= n <= self.max_words:
+            return f"{prefix}_word_count"
+        if (
+            self.max_char_repetition is not None
+            and char_repetition_ratio(text, self.char_repetition_length) > self.max_char_repetition
+        ):
+            return f"{prefix}_char_repetition"
+        if (
+            self.max_word_repetition is not None
+            and word_repetition_ratio(ws, self.word_repetition_length) > self.max_word_repetition
+        ):
+            return f"{prefix}_word_repetition"
+        if (
+            self.max_special_char_ratio is not None
+            and special_character_ratio(text) > self.max_special_char_ratio
+        ):
+            return f"{prefix}_special_characters"
+        if (
+            self.min_stopword_ratio is not None
+            and n
+            and sum(1 for w in ws if w in self._stop) / n < self.min_stopword_ratio
+        ):
+            return f"{prefix}_stopwords"
+        if (
+            self._flagged is not None
+            and n
+            and sum(1 for w in ws if w in self._flagged) / n > self.max_flagged_ratio
+        ):
+            return f"{prefix}_flagged_words"
+        if (
+            self.min_punctuation_ratio is not None
+            and punctuation_ratio(text, self.punctuation_min_words) < self.min_punctuation_ratio
+        ):
+            return f"{prefix}_punctuation"
+        if (
+            self._common is not None
+            and n
+            and sum(1 for w in ws if w in self._common) / n < self.min_common_word_ratio
+        ):
+            return f"{prefix}_common_words"
+        return None
+
+    def _setup(self, stopwords, flagged_words, common_words) -> None:
+        self._stop = frozenset(w.lower() for w in stopwords) if stopwords else STOPWORDS_EN
+        self._flagged = frozenset(w.lower() for w in flagged_words) if flagged_words else None
+        self._common = frozenset(w.lower() for w in common_words) if common_words else None
+
+
+class ObelicsParagraph(_ObelicsRules):
+    """OBELICS node-level text rules (``config_filter_web_documents.yaml``), per paragraph.
+
+    A paragraph is removed if: words outside [4, 1000]; character 10-gram repetition > 0.1; word
+    5-gram repetition > 0.1; special characters > 0.3; stop words < 0.3; flagged words > 0.01
+    (with ``flagged_words``); punctuation < 0.001 (checked from 12 tokens); common words < 0.8
+    (with ``common_words``). Language id and perplexity are off (model files).
+    """
+
+    name = "obelics_paragraph"
+
+    def __init__(
+        self,
+        min_words: int = 4,
+        max_words: int = 1000,
+        char_repetition_length: int = 10,
+        max_char_repetition: float | None = 0.1,
+        word_repetition_length: int = 5,
+        max_word_repetition: float | None = 0.1,
+        max_special_char_ratio: float | None = 0.3,
+        min_stopword_ratio: float | None = 0.3,
+        max_flagged_ratio: float = 0.01,
+        min_punctuation_ratio: float | None = 0.001,
+        punctuation_min_words: int = 12,
+        min_common_word_ratio: float = 0.8,
+        stopwords: list[str] | None = None,
+        flagged_words: list[str] | None = None,
+        common_words: list[str] | None = None,
+    ) -> None:
+        super().__init__(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
+        self._setup(stopwords, flagged_words, common_words)
+
+    def process(self, doc: Document) -> Document | Drop:
+        return _edit_paragraphs(
+            doc, lambda p, _ctx: p if self._check(p, "obelics_paragraph") is None else None
+        )
+
+
+class ObelicsDocument(_ObelicsRules):
+    """OBELICS document-level rules: images in [1, 30]; words in [10, 2000]; char 10-gram repetition
+    <= 0.1; word 5-gram repetition <= 0.2; special characters <= 0.275; stop words >= 0.35; flagged
+    words <= 0.01 (with a list); punctuation >= 0.03; common words >= 0.9 (with a list)."""
+
+    name = "obelics_document"
+
+    def __init__(
+        self,
+        min_images: int = 1,
+        max_images: int = 30,
+        min_words: int = 10,
+        max_words: int = 2000,
+        char_repetition_length: int = 10,
+        max_char_repetition: float | None = 0.1,
+        word_repetition_length: int = 5,
+        max_word_repetition: float | None = 0.2,
+        max_special_char_ratio: float | None = 0.275,
+        min_stopword_ratio: float | None = 0.35,
+        max_flagged_ratio: float = 0.01,
+        min_punctuation_ratio: float | None = 0.03,
+        punctuation_min_words: int = -1,
+        min_common_word_ratio: float = 0.9,
+        stopwords: list[str] | None = None,
+        flagged_words: list[str] | None = None,
+        common_words: list[str] | None = None,
+    ) -> None:
+        super().__init__(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
+        self._setup(stopwords, flagged_words, common_words)
+
+    def process(self, doc: Document) -> Document | Drop:
+        n_img = doc.n_images
+        if not self.min_images <= n_img <= self.max_images:
+            return Drop("obelics_document_image_count", f"{n_img} images")
+        reason = self._check(doc.text, "obelics_document")
+        return Drop(reason) if reason else doc
+
+
+# ---------------------------------------------------------------------------------------------
+# image rules
+# ---------------------------------------------------------------------------------------------
+IMAGE_URL_BAN_WORDS = ["logo", "button", "icon", "plugin", "widget", "porn", "xxx", "sex"]
+_EXT_RE = re.compile(r"\.([a-z0-9]{2,5})$")
+_KNOWN_IMAGE_EXT = {
+    "jpg",
+    "jpeg",
+    "png",
+    "gif",
+    "webp",
+    "bmp",
+    "svg",
+    "ico",
+    "tif",
+    "tiff",
+    "avif",
+    "heic",
+    "jfif",
+}
+
+
+def _url_ext(url: str) -> str | None:
+    path = url.split("?", 1)[0].split("#", 1)[0].lower()
+    m = _EXT_RE.search(path)
+    return m.group(1) if m else None
+
+
+class ImageNodes(TextStep):
+    """Image-node rules (MMC4, OBELICS, OmniCorpus): remove image nodes that fail, keep the text.
+
+    An image is removed if its URL contains a ban word (MMC4 logo/button/icon/plugin/widget +
+    OBELICS porn/xxx/sex); its format (``metadata['format']`` once fetched, else the URL's file
+    extension when it is an image extension) is not jpg/jpeg/png/webp (OBELICS); a known side
+    (fetched ``real_width``/``real_height``, else the page's ``width``/``height``) is outside
+    [150, 20000] px; or the aspect ratio is outside [0.5, 2]. Unknown sizes and formats pass (the
+    pixel filters after fetching check them again). ``drop_if_no_images``: a document left without
+    images is dropped (OmniCorpus keeps only documents with images).
+    """
+
+    name = "image_nodes"
+
+    def __init__(
+        self,
+        valid_formats: list[str] = ("jpg", "jpeg", "png", "webp"),
+        min_side: int = 150,
+        max_side: int = 20000,
+        min_aspect_ratio: float = 0.5,
+        max_aspect_ratio: float = 2.0,
+        url_ban_words: list[str] | None = None,
+        check_page_sizes: bool = True,
+        drop_if_no_images: bool = True,
+    ) -> None:
+        super().__init__(
+            valid_formats=[f.lower().lstrip(".") for f in valid_formats] if valid_formats else None,
+            min_side=min_side,
+            max_side=max_side,
+            min_aspect_ratio=min_aspect_ratio,
+            max_aspect_ratio=max_aspect_ratio,
+            url_ban_words=list(IMAGE_URL_BAN_WORDS if url_ban_words is None else url_ban_words),
+            check_page_sizes=check_page_sizes,
+            drop_if_no_images=drop_if_no_images,
+        )
+        self._ban = (
+            re.compile("|".join(re.escape(w.lower()) for w in self.url_ban_words))
+            if self.url_ban_words
+            else None
+        )
+        self._formats = frozenset(self.valid_formats) if self.valid_formats else None
+        if self._formats and "jpg" in self._formats:
+            self._formats |= {"jpeg"}
+
+    def image_reason(self, url: str, meta: dict | None) -> str | None:
+        """Why the image fails (None: it passes)."""
+        meta = meta or {}
+        if self._ban is not None and self._ban.search(url.lower()):
+            return "image_url_ban_word"
+        if self._formats is not None:
+            fmt = meta.get("format")
+            fmt = str(fmt).lower() if fmt else _url_ext(url)
+            if fmt in ("jpe", "jfif"):
+                fmt = "jpeg"
+            if fmt and (meta.get("format") or fmt in _KNOWN_IMAGE_EXT) and fmt not in self._formats:
+                return "image_format"
+        w, h = meta.get("real_width"), meta.get("real_height")
+        if (w is None or h is None) and self.check_page_sizes:
+            w = w if w is not None else meta.get("width")
+            h = h if h is not None else meta.get("height")
+        for side in (w, h):
+            if isinstance(side, (int, float)) and not self.min_side <= side <= self.max_side:
+                return "image_size"
+        if isinstance(w, (int, float)) and isinstance(h, (int, float)) and h > 0:
+            if not self.min_aspect_ratio <= w / h <= self.max_aspect_ratio:
+                return "image_aspect_ratio"
+        return None
+
+    def process(self, doc: Document) -> Document | Drop:
+        keep = []
+        removed = False
+        for url, meta in zip(doc.images, doc.metadata):
+            if url is None:
+                keep.append(True)
+                continue
+            reason = self.image_reason(url, meta)
+            if reason is not None:
+                self.remove_image(reason)
+                removed = True
+            keep.append(reason is None)
+        out = doc.select(keep) if removed else doc
+        if self.drop_if_no_images and out.n_images == 0:
+            return Drop("no_images_left")
+        return _merge_adjacent_texts(out) if removed else out
+
+
+def _merge_adjacent_texts(doc: Document) -> Document:
+    """Join text nodes that became neighbours after an image between them was removed."""
+    if all(not (a is not None and b is not None) for a, b in zip(doc.texts, doc.texts[1:])):
+        return doc
+    out = Document(general_metadata=doc.general_metadata)
+    for t, x, m in doc.nodes():
+        if t is not None and out.texts and out.texts[-1] is not None:
+            out.texts[-1] = out.texts[-1] + "\n\n" + t
+        else:
+            out.texts.append(t)
+            out.images.append(x)
+            out.metadata.append(m)
+    return out
+
+
+class ImageTextRatio(TextStep):
+    """Image/text balance: images in [min_images, max_images] (OBELICS [1, 30]); with more than
+    ``max_images_without_ratio`` images (OmniCorpus: 2), at least ``min_words_per_image`` words per
+    image (OmniCorpus: 50)."""
+
+    name = "image_text_ratio"
+
+    def __init__(
+        self,
+        min_images: int = 1,
+        max_images: int = 30,
+        max_images_without_ratio: int = 2,
+        min_words_per_image: float = 50,
+    ) -> None:
+        super().__init__(
+            min_images=min_images,
+            max_images=max_images,
+            max_images_without_ratio=max_images_without_ratio,
+            min_words_per_image=min_words_per_image,
+        )
+
+    def process(self, doc: Document) -> Document | Drop:
+        n_img = doc.n_images
+        if n_img < self.min_images:
+            return Drop("too_few_images", f"{n_img} images")
+        if self.max_images is not None and n_img > self.max_images:
+            return Drop("too_many_images", f"{n_img} images")
+        if n_img > self.max_images_without_ratio:
+            n_words = sum(len(t.split()) for t in doc.texts if t is not None)
+            if n_words / n_img < self.min_words_per_image:
+                return Drop("low_words_per_image", f"{n_words} words, {n_img} images")
+        return doc
+
+
+# ---------------------------------------------------------------------------------------------
+# registry and config
+# ---------------------------------------------------------------------------------------------
+FILTERS: dict[str, type[Step]] = {
+    "image_nodes": ImageNodes,
+    "gopher_repetition": GopherRepetition,
+    "gopher_quality": GopherQuality,
+    "c4_quality": C4Quality,
+    "c4_paragraph": C4Paragraph,
+    "fineweb_quality": FineWebQuality,
+    "omnicorpus_en": OmniCorpusEnglish,
+    "obelics_paragraph": ObelicsParagraph,
+    "obelics_document": ObelicsDocument,
+    "image_text_ratio": ImageTextRatio,
+}
+
+# The default text-filter stage, cheapest first (OmniCorpus stage 2 "Gopher + C4 rules"; C4 with
+# FineWeb's setting filter_no_terminal_punct=False and without the curly-bracket rule, which
+# removes every page with code; the OmniCorpus human-feedback rules run late, as in the paper).
+DEFAULT_FILTERS: list = [
+    "image_nodes",
+    "gopher_repetition",
+    "gopher_quality",
+    {"c4_quality": {"filter_no_terminal_punct": False, "filter_curly_bracket": False}},
+    "fineweb_quality",
+    "image_text_ratio",
+]
+
+
+def build_filters(spec: list | None = None) -> list[Step]:
+    """Instantiate filters from a config list: names or ``{name: {kwarg: value}}`` (None: defaults)."""
+    spec = DEFAULT_FILTERS if spec is None else spec
+    steps: list[Step] = []
+    for item in spec:
+        if isinstance(item, str):
+            name, kwargs = item, {}
+        elif isinstance(item, dict) and len(item) == 1:
+            name, kwargs = next(iter(item.items()))
+            kwargs = kwargs or {}
+        else:
+            raise ConfigError(f"bad filter entry {item!r}: a name or {{name: {{kwargs}}}}")
+        if name not in FILTERS:
+            raise ConfigError(f"unknown filter 'filters.{name}' (known: {', '.join(sorted(FILTERS))})")
+        if not isinstance(kwargs, dict):
+            raise ConfigError(f"filters.{name}: options must be a mapping, got {kwargs!r}")
+        try:
+            steps.append(FILTERS[name](**kwargs))
+        except TypeError as exc:
+            raise ConfigError(f"filters.{name}: {exc}") from None
+    return steps
