@@ -26,6 +26,7 @@ import csv
 import json
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -297,14 +298,14 @@ def convert_video(
                 f.save(out_dir / rel, quality=95)
                 paths.append(rel)
             prefix = "".join(f"Frame-{i + 1}: <image>\n" for i in range(len(paths)))
-            conv = _qa_conversations({**rec, "conversations": rec.get("conversations")}, prefix)
-            conv = [
-                {
-                    **t,
-                    "value": str(t.get("value", "")).replace("<video>\n", prefix).replace("<video>", prefix),
-                }
-                for t in conv
-            ]
+            raw = rec.get("conversations")
+            if isinstance(raw, list) and any("<video>" in str(t.get("value", "")) for t in raw):
+                conv = [
+                    {**t, "value": re.sub(r"<video>\n?", lambda _, p=prefix: p, str(t.get("value", "")), count=1)}
+                    for t in raw
+                ]
+            else:
+                conv = _qa_conversations(rec, prefix)
             rows.append({"id": ident, "image": paths, "conversations": conv})
         except (InputError, KeyError) as exc:
             skipped += 1

@@ -1,0 +1,167 @@
+"""Domain adaptation: converters to the conversation format, and adapt fine-tuning with mixed data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from interleaf.cli import main
+from interleaf.train.adapt import VIEW_H, VIEW_W, norm_box, stitch_views
+
+
+def test_norm_box_integers_in_0_1000():
+    assert norm_box([20, 10, 50, 40], 200, 100) == [100, 100, 350, 500]
+    assert norm_box([-5, 0, 400, 300], 200, 100) == [0, 0, 1000, 1000]  # clamped
+    assert norm_box([10, 10, 30, 30], 200, 100, xywh=False) == [50, 100, 150, 300]
+
+
+def test_coco_detection_and_grounding(tmp_path):
+    Image.new("RGB", (200, 100)).save(tmp_path / "a.jpg")
+    coco = {
+        "images": [{"id": 1, "file_name": "a.jpg", "width": 200, "height": 100}, {"id": 2, "file_name": "b.jpg", "width": 50, "height": 50}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 3, "bbox": [20, 10, 50, 40]},
+            {"id": 2, "image_id": 1, "category_id": 3, "bbox": [0, 0, 100, 100]},
+            {"id": 3, "image_id": 1, "category_id": 7, "bbox": [100, 50, 100, 50]},
+        ],
+        "categories": [{"id": 3, "name": "car"}, {"id": 7, "name": "person"}],
+    }  # fmt: skip
+    (tmp_path / "ann.json").write_text(json.dumps(coco))
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "adapt",
+                "convert",
+                "coco-det",
+                str(tmp_path / "ann.json"),
+                "--images",
+                str(tmp_path),
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    rows = [json.loads(ln) for ln in (out / "coco_det.jsonl").read_text().splitlines()]
+    assert len(rows) == 3  # 1 detection + 2 grounding (image 2 has no annotations)
+    det = rows[0]["conversations"][1]["value"]
+    assert (
+        det
+        == "<ref>car</ref><box>[[100, 100, 350, 500], [0, 0, 500, 1000]]</box><ref>person</ref><box>[[500, 500, 1000, 1000]]</box>"
+    )
+    ground = rows[2]["conversations"]
+    assert (
+        "<ref>person</ref>" in ground[0]["value"]
+        and ground[1]["value"] == "<ref>person</ref><box>[[500, 500, 1000, 1000]]</box>"
+    )
+    meta = json.loads((out / "meta.json").read_text())
+    assert (out / meta["coco_det"]["root"] / "a.jpg").resolve() == (tmp_path / "a.jpg").resolve()
+
+
+def test_classification_multiple_choice(tmp_path):
+    for label in ("cat", "dog", "owl"):
+        (tmp_path / "src" / label).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8)).save(tmp_path / "src" / label / f"{i}.png")
+    out = tmp_path / "out"
+    assert main(["adapt", "convert", "classification", str(tmp_path / "src"), "-o", str(out)]) == 0
+    rows = [json.loads(ln) for ln in (out / "classification.jsonl").read_text().splitlines()]
+    assert len(rows) == 6
+    for r in rows:
+        q, a = r["conversations"][0]["value"], r["conversations"][1]["value"]
+        truth = r["image"].split("/")[0]
+        options = dict(line.split(". ", 1) for line in q.splitlines() if len(line) > 2 and line[1:3] == ". ")
+        assert len(options) == 3 and options[a] == truth
+        assert q.startswith("<image>\n")
+
+
+def test_multiview_stitching(tmp_path):
+    colours = {}
+    views = {}
+    for i, cam in enumerate(
+        ("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_LEFT", "CAM_BACK", "CAM_BACK_RIGHT")
+    ):
+        colours[cam] = (40 * i, 200 - 30 * i, 100)
+        Image.new("RGB", (160, 90), colours[cam]).save(tmp_path / f"{cam}.jpg", quality=100)
+        views[cam] = f"{cam}.jpg"
+    img = stitch_views({k: str(tmp_path / v) for k, v in views.items()})
+    assert img.size == (3 * VIEW_W, 2 * VIEW_H) == (2688, 896)
+    arr = np.asarray(img).astype(int)
+    for i, cam in enumerate(views):
+        x, y = (i % 3) * VIEW_W + VIEW_W // 2, (i // 3) * VIEW_H + VIEW_H // 2
+        assert np.abs(arr[y, x] - np.array(colours[cam])).max() <= 3, cam
+        label = arr[
+            (i // 3) * VIEW_H + 5 : (i // 3) * VIEW_H + 60, (i % 3) * VIEW_W + 5 : (i % 3) * VIEW_W + 300
+        ]
+        assert (label == 255).all(axis=-1).sum() > 50  # the camera name is drawn in white
+    (tmp_path / "recs.jsonl").write_text(
+        json.dumps({"id": "s1", "images": views, "question": "Is it safe to turn left?", "answer": "No."}) + "\n"
+        + json.dumps({"id": "s2", "images": {"CAM_FRONT": views["CAM_FRONT"]}, "question": "q", "answer": "a"}) + "\n"
+    )  # fmt: skip
+    out = tmp_path / "out"
+    assert main(["adapt", "convert", "multiview", str(tmp_path / "recs.jsonl"), "-o", str(out)]) == 0
+    rows = [json.loads(ln) for ln in (out / "multiview.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["conversations"][0]["value"].startswith("<image>\n")
+    assert Image.open(out / rows[0]["image"]).size == (2688, 896)
+
+
+def test_video_to_frames(tmp_path):
+    av = pytest.importorskip("av")
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(20):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 12, dtype=np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    (tmp_path / "v.jsonl").write_text(
+        json.dumps({"id": "v1", "video": "clip.mp4", "conversations": [{"from": "human", "value": "<video>\nWhat changes?"}, {"from": "gpt", "value": "It gets brighter."}]}) + "\n"
+        + json.dumps({"id": "v2", "video": "gone.mp4", "question": "q", "answer": "a"}) + "\n"
+    )  # fmt: skip
+    out = tmp_path / "out"
+    assert (
+        main(["adapt", "convert", "video", str(tmp_path / "v.jsonl"), "--frames", "4", "-o", str(out)]) == 0
+    )
+    rows = [json.loads(ln) for ln in (out / "video.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and len(rows[0]["image"]) == 4
+    q = rows[0]["conversations"][0]["value"]
+    assert q.startswith(
+        "Frame-1: <image>\nFrame-2: <image>\nFrame-3: <image>\nFrame-4: <image>\nWhat changes?"
+    )
+    brightness = [np.asarray(Image.open(out / p)).mean() for p in rows[0]["image"]]
+    assert brightness == sorted(brightness) and brightness[0] < brightness[-1]
+
+
+def test_adapt_finetunes_with_general_data_mixed_in(tmp_path):
+    from interleaf.train.demo import init_demo_model
+
+    init_demo_model(tmp_path / "model", image_size=56, vit=(32, 1), llm=(64, 2))
+    for name in ("domain", "general"):
+        d = tmp_path / name
+        d.mkdir()
+        Image.new("RGB", (30, 30), (9, 9, 9)).save(d / "x.png")
+        row = {
+            "image": "x.png",
+            "conversations": [{"from": "human", "value": f"{name}?"}, {"from": "gpt", "value": name}],
+        }
+        (d / "d.jsonl").write_text(json.dumps(row) + "\n")
+        (d / "meta.json").write_text(
+            json.dumps({name: {"root": ".", "annotation": "d.jsonl", "repeat_time": 1}})
+        )
+    (tmp_path / "adapt.yaml").write_text(
+        "model_path: model\ndomain_meta: domain/meta.json\ngeneral_meta: general/meta.json\ngeneral_repeat: 2\n"
+        "output_dir: run\nmax_steps: 2\nmax_packed_tokens: 256\nmax_seq_length: 256\nmax_dynamic_patch: 1\n"
+    )
+    assert main(["adapt", str(tmp_path / "adapt.yaml"), "--set", "lr=1e-4"]) == 0
+    mixed = json.loads((tmp_path / "run" / "mixed_meta.json").read_text())
+    assert set(mixed) == {"domain", "general/general"} and mixed["general/general"]["repeat_time"] == 2.0
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["stage"] == "adapt" and cfg["loss_reduction"] == "square" and cfg["lr"] == 1e-4
+    assert (tmp_path / "run" / "checkpoint-2" / "config.json").exists()
