@@ -28,6 +28,8 @@ from typing import Any
 import torch
 
 from interleaf.errors import CheckpointError, ConfigError
+from interleaf.model.checkpoint import load_checkpoint as _core_load_checkpoint
+from interleaf.model.checkpoint import load_config
 from interleaf.model.config import InternVLConfig, LLMConfig, VisionConfig
 from interleaf.model.mono_internvl import (
     ATTN_EXPERTS_KEY,
@@ -211,8 +213,6 @@ def load_mono_checkpoint(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
 ) -> tuple[MonoInternVLChatModel, Any]:
     """Load a Mono-InternVL checkpoint (released layout): ``(model, tokenizer)``, eval mode."""
-    from interleaf.model.checkpoint import load_checkpoint, load_config
-
     path = Path(path)
     cfg = load_config(path)
     if not is_mono_config(cfg):
@@ -223,7 +223,8 @@ def load_mono_checkpoint(
             f"{PATCH_MODEL_TYPE!r}); build one from it with init_mono_from_llm"
         )
     check_expert_weights(_tensor_names(path), cfg, path.name)
-    model, tokenizer = load_checkpoint(path, device=device, dtype=dtype, model_cls=MonoInternVLChatModel)
+    # the model core's loader (captured at import, so a dispatching wrapper installed over it cannot loop)
+    model, tokenizer = _core_load_checkpoint(path, device=device, dtype=dtype, model_cls=MonoInternVLChatModel)
     return model, tokenizer
 
 
@@ -232,14 +233,12 @@ def load_any_checkpoint(
 ) -> tuple[Any, Any]:
     """Dispatch on the config: Mono-InternVL checkpoints to :func:`load_mono_checkpoint`, the rest to
     the model core's ``load_checkpoint`` (after making sure they carry no stray expert tensors)."""
-    from interleaf.model.checkpoint import load_checkpoint, load_config
-
     path = Path(path)
     cfg = load_config(path)
     if is_mono_config(cfg):
         return load_mono_checkpoint(path, device=device, dtype=dtype)
     check_expert_weights(_tensor_names(path), cfg, path.name)
-    return load_checkpoint(path, device=device, dtype=dtype)
+    return _core_load_checkpoint(path, device=device, dtype=dtype)
 
 
 def save_mono_checkpoint(model: MonoInternVLChatModel, tokenizer: Any, out_dir: str | Path) -> Path:
@@ -294,7 +293,6 @@ def init_mono_from_llm(
     Tokens the tokenizer adds (``<img>``, ``<IMG_CONTEXT>`` ...) grow the vocabulary with new rows set to
     the mean of the old ones, as upstream's fine-tune script does. Returns ``(model, tokenizer)``.
     """
-    from interleaf.model.checkpoint import load_checkpoint, load_config
     from interleaf.model.presets import DEFAULTS
 
     path = Path(path)
@@ -308,7 +306,7 @@ def init_mono_from_llm(
                 f"{path.name}: already a Mono-InternVL checkpoint; load it with load_mono_checkpoint"
             )
         check_expert_weights(_tensor_names(path), base_cfg, path.name)
-        base, tok = load_checkpoint(path)
+        base, tok = _core_load_checkpoint(path)
         llm_cfg = base.config.llm
         llm_sd = {k: v for k, v in base.language_model.state_dict().items()}
         top = {f.name: getattr(base.config, f.name) for f in dataclasses.fields(InternVLConfig)}

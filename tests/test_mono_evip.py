@@ -1,0 +1,151 @@
+"""EViP on the interleaf trainer: S1.1 then S1.2 train the patch embedding, projector and visual experts
+with the LLM frozen, and the text-only logits stay bit-identical (torch.equal) to the original LLM's:
+delta tuning loses no language ability. S1.3 and S2 open the attention / everything."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import interleaf.model.checkpoint as core_checkpoint
+from interleaf.model import init_model, load_checkpoint
+from interleaf.model.mono_checkpoint import (
+    init_mono_from_llm,
+    load_any_checkpoint,
+    load_mono_checkpoint,
+    save_mono_checkpoint,
+)
+from interleaf.model.mono_internvl import MonoInternVLChatModel
+from interleaf.train.evip import EVIP_PRESETS, apply_evip_stage, evip_stage_config
+from interleaf.train.trainer import Trainer
+
+SHAPES = [("circle", "red"), ("square", "blue"), ("triangle", "green"), ("circle", "blue")]
+
+
+def _image(shape: str, color: str) -> Image.Image:
+    img = Image.new("RGB", (448, 448), "white")
+    d = ImageDraw.Draw(img)
+    box = (100, 100, 348, 348)
+    if shape == "circle":
+        d.ellipse(box, fill=color)
+    elif shape == "square":
+        d.rectangle(box, fill=color)
+    else:
+        d.polygon([(224, 90), (360, 350), (88, 350)], fill=color)
+    return img
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("evip")
+    llm_ckpt = init_model(
+        "tiny-internlm2", root / "llm", seed=11
+    )  # the "pre-trained" LLM (with a ViT we drop)
+    mono, tok = init_mono_from_llm(llm_ckpt, seed=12)
+    mono_dir = save_mono_checkpoint(mono, tok, root / "mono-s0")
+    data = root / "data"
+    (data / "images").mkdir(parents=True)
+    with (data / "pairs.jsonl").open("w") as fh:
+        for i, (shape, color) in enumerate(SHAPES):
+            _image(shape, color).save(data / "images" / f"{i}.png")
+            conv = [
+                {"from": "human", "value": "<image>\nWhat is in the picture?"},
+                {"from": "gpt", "value": f"A {color} {shape} on a white background."},
+            ]
+            fh.write(json.dumps({"id": i, "image": f"{i}.png", "conversations": conv}) + "\n")
+    (data / "meta.json").write_text(json.dumps({"shapes": {"root": "images", "annotation": "pairs.jsonl"}}))
+    return {"root": root, "llm": llm_ckpt, "mono": mono_dir, "meta": data / "meta.json"}
+
+
+def _train(stage: str, model_path: Path, meta: Path, out: Path, monkeypatch) -> Path:
+    # the trainer loads with the model core's load_checkpoint; route Mono checkpoints to ours
+    monkeypatch.setattr(core_checkpoint, "load_checkpoint", load_any_checkpoint)
+    cfg = evip_stage_config(
+        stage,
+        model_path=str(model_path),
+        meta_path=str(meta),
+        output_dir=str(out),
+        max_steps=2,
+        lr=2e-3,
+        warmup_steps=0,
+        max_dynamic_patch=1,
+        max_seq_length=1024,
+        max_packed_tokens=1024,
+        batch_size=1,
+        device="cpu",
+        dtype="fp32",
+        weight_decay=0.1,
+        log_steps=1,
+    )
+    trainer = Trainer(cfg, log=None).setup()
+    assert isinstance(trainer.raw_model, MonoInternVLChatModel)
+    result = trainer.train()
+    assert all(loss == loss for _, loss in result["losses"])  # finite, not NaN
+    return Path(result["checkpoint"])
+
+
+def test_s1_delta_tuning_keeps_text_logits_identical(setup, monkeypatch):
+    base, tok = load_checkpoint(setup["llm"])
+    start, _ = load_mono_checkpoint(setup["mono"])
+    s11 = _train("evip-s1.1", setup["mono"], setup["meta"], setup["root"] / "run-s1.1", monkeypatch)
+    s12 = _train("evip-s1.2", s11, setup["meta"], setup["root"] / "run-s1.2", monkeypatch)
+
+    prompts = ["The weather today is", "Describe a red circle in one sentence, please."]
+    for ckpt in (s11, s12):
+        trained, _ = load_mono_checkpoint(ckpt)
+        for text in prompts:
+            ids = torch.tensor([tok(text)["input_ids"]])
+            with torch.no_grad():
+                want = base(input_ids=ids).logits  # the original LLM, before Mono existed
+                got = trained(input_ids=ids).logits
+            assert torch.equal(got, want), f"{ckpt.name}: text logits changed"
+        # batched, left-padded text too
+        batch = tok(prompts, padding=True, padding_side="left", return_tensors="pt")
+        with torch.no_grad():
+            want = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            got = trained(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        assert torch.equal(got, want)
+
+        before, after = start.state_dict(), trained.state_dict()
+        changed = {k for k in before if not torch.equal(before[k], after[k])}
+        frozen = [k for k in before if k.startswith("language_model.") and ".feed_forward_ve." not in k]
+        assert not changed & set(frozen), sorted(changed & set(frozen))[:3]  # LLM bit-identical
+        assert any(".feed_forward_ve." in k for k in changed)  # the visual experts learned
+        assert any(k.startswith("vision_model.") for k in changed)  # patch embedding
+        assert any(k.startswith("mlp1.") for k in changed)  # projector
+    # and the image path did change (the test could fail)
+    trained, _ = load_mono_checkpoint(s12)
+    ids = torch.tensor(
+        [tok("<img>" + "<IMG_CONTEXT>" * 256 + "</img>\nWhat is in the picture?")["input_ids"]]
+    )
+    px = torch.randn(1, 3, 448, 448)
+    with torch.no_grad():
+        assert not torch.equal(
+            trained(input_ids=ids, pixel_values=px).logits, start(input_ids=ids, pixel_values=px).logits
+        )
+
+
+def test_stage_presets_select_the_right_parameters(setup):
+    model, _ = load_mono_checkpoint(setup["mono"])
+    for stage in EVIP_PRESETS:
+        apply_evip_stage(model, stage)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        experts = {n for n in trainable if ".feed_forward_ve." in n}
+        attention = {n for n in trainable if ".self_attn." in n}
+        other_llm = {
+            n
+            for n in trainable
+            if n.startswith("language_model.") and n not in experts and n not in attention
+        }
+        assert experts and any(n.startswith("vision_model.") for n in trainable), stage
+        assert any(n.startswith("mlp1.") for n in trainable), stage
+        if stage in ("evip-s1.1", "evip-s1.2"):
+            assert not attention and not other_llm, stage
+        elif stage == "evip-s1.3":
+            assert attention and not other_llm, stage
+        else:  # S2: everything
+            assert all(p.requires_grad for p in model.parameters())
