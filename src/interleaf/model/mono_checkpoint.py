@@ -224,7 +224,9 @@ def load_mono_checkpoint(
         )
     check_expert_weights(_tensor_names(path), cfg, path.name)
     # the model core's loader (captured at import, so a dispatching wrapper installed over it cannot loop)
-    model, tokenizer = _core_load_checkpoint(path, device=device, dtype=dtype, model_cls=MonoInternVLChatModel)
+    model, tokenizer = _core_load_checkpoint(
+        path, device=device, dtype=dtype, model_cls=MonoInternVLChatModel
+    )
     return model, tokenizer
 
 
