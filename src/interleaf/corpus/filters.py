@@ -49,18 +49,11 @@ from interleaf.errors import ConfigError
 # ---------------------------------------------------------------------------------------------
 _WORD_RE = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]+")
 _SENT_END = re.compile(r"[.!?…]+[\"'”’)\]]*(?=\s|$)")
-# datatrove's PUNCTUATION (ASCII + common CJK/typographic marks), used to tell symbol "words"
-PUNCTUATION = "!/—”:％１〈&(、━\\【#%「」，】；+^]~“《„';’{|∶´[=-`*．（–？！：$～«〉,><》)?）。…@_.\"}►»"
-# OBELICS-style special characters: ASCII punctuation, digits, whitespace and frequent symbols
-SPECIAL_CHARACTERS = (
-    string.punctuation
-    + string.digits
-    + string.whitespace
-    + " ￼’“”–ー一▬…✦�£•€«»°·═×＾˘⇓↓↑←→（）§″′´¿−±∈¢ø‚„½¼¾¹²³―⁃，"
-    "ˌ¸‹›ʺˈʻ¦‰‑≤≥‖◆●■►▼▲▴∆▻¡★☆✱ːº。¯˜¥ɪ≈†：∼⁄・♡✓⊕․．⋅÷１‟；،、¨◦˚゜ʼ≖¤℃√！【】‿∞➤～π۩☛₨➩☻๑٪♥ıॽ《‘©﴿٬？▷♫∟™ª₪®「—❖」﴾》"
-)
+# punctuation used to strip words (ASCII + typographic + CJK full-width marks)
+PUNCTUATION = string.punctuation + "…“”‘’«»‹›—–―•·、。，；：！？（）【】「」《》〈〉～％＃＆＊"
+# OBELICS-style special characters: punctuation, digits, whitespace and frequent symbols
+SPECIAL_CHARACTERS = PUNCTUATION + string.digits + string.whitespace + "\u00a0\u200b\ufffd©®™°§¶×÷±€£¥¢¤★☆●■◆►▼▲→←↑↓✓♥"
 _SPECIAL_DELETE = str.maketrans("", "", SPECIAL_CHARACTERS)
-TERMINAL_PUNCTUATION = tuple(".!?…。！？｡;:\"'”’")
 # English function words (our list; OBELICS uses a longer published list)
 STOPWORDS_EN = frozenset(
     """a about above after again against all am an and any are as at be because been before being
@@ -214,7 +207,7 @@ class GopherQuality(TextStep):
         n_words = len(ws)
         if n_words == 0:
             return Drop("gopher_short_doc", "no words")
-        non_symbol = [w for w in ws if w.strip(PUNCTUATION)]
+        non_symbol = [w for w in ws if _is_word(w)]
         n = len(non_symbol)
         if self.min_doc_words and n < self.min_doc_words:
             return Drop("gopher_short_doc", f"{n} words")
@@ -249,6 +242,11 @@ class GopherQuality(TextStep):
 
 
 _ALPHA = re.compile(r"[^\W\d_]")
+
+
+def _is_word(token: str) -> bool:
+    """A token with a letter or digit (not a run of symbols); tokens come from ``words``."""
+    return token.strip("_")[:1].isalnum()
 
 
 def _has_alpha(w: str) -> bool:
