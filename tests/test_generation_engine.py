@@ -236,3 +236,24 @@ def test_static_full_length_cache_matches_and_is_reused(chat):
     assert static.generate(torch.tensor([rows[1]]), **kw).tokens == single
     assert static.generate(ids, mask, **kw).tokens == expected
     assert len(static._caches) == 2 and all(c.full_attention for c in static._caches.values())
+
+
+def test_packed_linear_follows_weight_changes():
+    lin = torch.nn.Linear(16, 8).to(torch.bfloat16)
+    if optimize_for_cpu(lin) == 0:
+        pytest.skip("oneDNN prepacking unavailable")
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        before = lin(x)
+    with torch.no_grad():
+        lin.weight.mul_(2)  # in-place change after packing: must be seen
+    with torch.inference_mode():
+        after = lin(x)
+    torch.testing.assert_close(after.float(), torch.nn.functional.linear(x, lin.weight, lin.bias).float())
+    assert not torch.allclose(before, after)
+    lin.weight = torch.nn.Parameter(torch.zeros(8, 16, dtype=torch.bfloat16))  # replaced
+    with torch.inference_mode():
+        torch.testing.assert_close(lin(x), lin.bias.expand(3, 8))
+    # with gradients the plain path runs and gradients flow
+    lin(x.float().to(torch.bfloat16).requires_grad_()).sum().backward()
+    assert lin.weight.grad is not None

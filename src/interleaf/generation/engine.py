@@ -110,14 +110,27 @@ class GenerationOutput:
 # CPU: oneDNN-prepacked linear layers
 
 
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+
+
 def _packed_forward(module: nn.Linear, packed: torch.Tensor) -> Callable:
+    """A forward on a prepacked weight that notices when the weight is replaced or changed in place."""
     linear_pointwise = torch.ops.mkldnn._linear_pointwise
-    dtype = module.weight.dtype
+    state = {"weight": module.weight, "version": module.weight._version, "packed": packed}
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != dtype or (torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad)):
-            return F.linear(x, module.weight, module.bias)  # training / other dtype: the plain path
-        return linear_pointwise(x, packed, module.bias, "none", [], "")
+        w = module.weight
+        if (
+            x.dtype != w.dtype
+            or w.device.type != "cpu"
+            or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+        ):
+            return F.linear(x, w, module.bias)  # training / other dtype or device: the plain path
+        if w is not state["weight"] or w._version != state["version"]:
+            state.update(weight=w, version=w._version, packed=_pack(w))  # weights changed: repack
+        return linear_pointwise(x, state["packed"], module.bias, "none", [], "")
 
     return forward
 
@@ -125,27 +138,27 @@ def _packed_forward(module: nn.Linear, packed: torch.Tensor) -> Callable:
 def optimize_for_cpu(model: nn.Module, dtypes: Sequence[torch.dtype] = (torch.bfloat16,)) -> int:
     """Repack the model's linear weights for oneDNN (inference only; returns how many).
 
-    Each ``nn.Linear`` of ``model`` (ViT, projector and LLM) whose weight is in ``dtypes`` keeps its parameter
-    (state_dict, training and saving are untouched) and gets an instance-level ``forward`` that runs
-    on a prepacked copy of the weight. Call :func:`restore_cpu_linears` before changing the weights.
-    Does nothing when oneDNN is unavailable.
+    Each plain ``nn.Linear`` of ``model`` (ViT, projector and LLM) whose weight is in ``dtypes`` keeps
+    its parameter (state_dict, training and saving are untouched) and gets an instance-level ``forward``
+    that runs on a prepacked copy of the weight (repacked if the weight changes; the plain path is used
+    whenever gradients are needed). :func:`restore_cpu_linears` undoes it. Costs one extra copy of those
+    weights in memory; does nothing when oneDNN is unavailable.
     """
     if not (hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and torch.backends.mkldnn.is_available()):
         return 0
     count = 0
-    with torch.no_grad():
-        for module in model.modules():
-            if not isinstance(module, nn.Linear) or module.weight.device.type != "cpu":
-                continue
-            if module.weight.dtype not in dtypes:
-                continue
-            try:
-                packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), 1)
-            except RuntimeError:
-                return count
-            module.forward = _packed_forward(module, packed)
-            module._interleaf_packed = True
-            count += 1
+    for module in model.modules():
+        if type(module) is not nn.Linear or getattr(module, "_interleaf_packed", False):
+            continue
+        if module.weight.device.type != "cpu" or module.weight.dtype not in dtypes:
+            continue
+        try:
+            packed = _pack(module.weight)
+        except RuntimeError:
+            return count
+        module.forward = _packed_forward(module, packed)
+        module._interleaf_packed = True
+        count += 1
     return count
 
 
