@@ -79,6 +79,9 @@ def decode_html(raw: bytes, declared: str | None = None, max_bad_ratio: float = 
         return raw[3:].decode("utf-8", errors="replace"), "utf-8"
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return raw.decode("utf-16", errors="replace"), "utf-16"
+    nuls = raw.count(b"\x00")
+    if nuls > 0.001 * len(raw):  # NUL bytes: a binary payload, not a page in any charset
+        raise UndecodableError(f"binary payload ({nuls} NUL bytes)")
     candidates: list[str] = []
     for label in (declared, _meta_charset(raw), "utf-8"):
         enc = _normalize_charset(label)
@@ -373,12 +376,16 @@ def _iter_fastwarc(path: str, start: int, size: int) -> Iterator[RawPage | ReadE
                     base = start if rec.stream_pos < start else 0
                 pos = base + rec.stream_pos
                 if pending is not None:
-                    yield _record_to_page(path, pending[1], pending[2], pending[3], pending[0], pos - pending[0])
+                    yield _record_to_page(
+                        path, pending[1], pending[2], pending[3], pending[0], pos - pending[0]
+                    )
                     pending = None
                 if prev is not None:
                     skipped = _skipped_bytes(mm, prev[0], prev[1], pos)
                     if skipped is not None:
-                        yield ReadError(path, skipped, "corrupt_record", f"unparseable bytes {skipped}..{pos}")
+                        yield ReadError(
+                            path, skipped, "corrupt_record", f"unparseable bytes {skipped}..{pos}"
+                        )
                 prev = (pos, rec.content_length)
                 if rec.record_type != WarcRecordType.response:
                     continue
@@ -394,7 +401,9 @@ def _iter_fastwarc(path: str, start: int, size: int) -> Iterator[RawPage | ReadE
                 else:  # the record after the last good one is broken: it starts where that one ends
                     bad = start if prev is None else (_record_end(path, mm, gz, *prev) or prev[0])
                     if pending is not None:
-                        yield _record_to_page(path, pending[1], pending[2], pending[3], pending[0], bad - pending[0])
+                        yield _record_to_page(
+                            path, pending[1], pending[2], pending[3], pending[0], bad - pending[0]
+                        )
                 yield ReadError(path, bad, "corrupt_record", f"{type(exc).__name__}: {exc}"[:300])
                 yield _Resync(bad)
                 return
@@ -432,7 +441,9 @@ def _iter_warcio(path: str, start: int, size: int) -> Iterator[RawPage | ReadErr
                 if prev is not None:
                     skipped = _skipped_bytes(mm, prev[0], prev[1], pos)
                     if skipped is not None:
-                        yield ReadError(path, skipped, "corrupt_record", f"unparseable bytes {skipped}..{pos}")
+                        yield ReadError(
+                            path, skipped, "corrupt_record", f"unparseable bytes {skipped}..{pos}"
+                        )
                 prev = (pos, content_length)
                 if not is_response:
                     continue
