@@ -57,6 +57,7 @@ def run_interleaf(warc: Path, work: Path, overrides: dict | None = None) -> dict
     stats = E.finish(plan, n_shards, progress=False)
     c3, t3 = cpu_seconds(), time.perf_counter()
     steps = {s["name"]: s["time_s"] for s in stats["stages"] if s["time_s"]}
+    steps_in = {s["name"]: s["docs_in"] for s in stats["stages"]}
     return {
         "records": stats["records_in"],
         "docs_out": stats["docs_out"],
@@ -66,6 +67,7 @@ def run_interleaf(warc: Path, work: Path, overrides: dict | None = None) -> dict
         "phase_cpu_s": {"extract+filter": c1 - c0, "dedup": c2 - c1, "write": c3 - c2},
         "phase_wall_s": {"extract+filter": t1 - t0, "dedup": t2 - t1, "write": t3 - t2},
         "step_s": steps,
+        "step_docs_in": steps_in,
     }
 
 
@@ -222,10 +224,21 @@ def main() -> None:
         },
         "minhash": mh,
     }
+    # per-step rates: documents that entered the step / the step's own time (worker-side timers)
+    step_in = il[0]["step_docs_in"]
     extract_s = res["interleaf_step_s"].get("extract", 0.0)
-    filter_s = sum(v for k, v in res["interleaf_step_s"].items() if k not in ("extract",))
-    res["interleaf_extract_docs_per_s"] = n / extract_s if extract_s else None
-    res["interleaf_filter_docs_per_s"] = (il[0]["docs_out"] and n / filter_s) if filter_s else None
+    filters = [
+        k
+        for k in res["interleaf_step_s"]
+        if k not in ("extract", "read", "write") and not k.startswith("dedup")
+    ]
+    filter_s = sum(res["interleaf_step_s"][k] for k in filters)
+    res["interleaf_extract_docs_per_s"] = step_in.get("extract", 0) / extract_s if extract_s else None
+    first = filters[0] if filters else None
+    res["interleaf_filter_docs_per_s"] = step_in.get(first, 0) / filter_s if filter_s else None
+    res["interleaf_step_docs_per_s"] = {
+        k: step_in.get(k, 0) / v for k, v in res["interleaf_step_s"].items() if v > 0 and step_in.get(k)
+    }
     if dt:
         dt_rate = statistics.median(n / r["process_cpu_s"] for r in dt)
         res["datatrove_docs_per_cpu_s"] = dt_rate
@@ -248,7 +261,13 @@ def main() -> None:
         "interleaf phases (CPU s): "
         + ", ".join(f"{k} {v:.2f}" for k, v in res["interleaf_phase_cpu_s"].items())
     )
-    print("interleaf steps (s): " + ", ".join(f"{k} {v:.3f}" for k, v in res["interleaf_step_s"].items()))
+    print(
+        "interleaf steps: "
+        + ", ".join(
+            f"{k} {v:.2f} s ({step_in.get(k, 0)} docs, {res['interleaf_step_docs_per_s'].get(k, 0):.0f}/s)"
+            for k, v in res["interleaf_step_s"].items()
+        )
+    )
     if res["interleaf_extract_docs_per_s"]:
         print(
             f"extraction : {res['interleaf_extract_docs_per_s']:.0f} docs/CPU-s (OmniCorpus {OMNICORPUS['extraction']}: "
