@@ -214,6 +214,10 @@ def test_config_errors(tmp_path):
     bad.write_text("read: {shard_size: many}\n")
     with pytest.raises(ConfigError, match=r"bad.yaml.*read.shard_size"):
         P.load_config(bad)
+    with pytest.raises(ConfigError, match="extract.options.colour"):
+        E.DocProcessor(P.load_config({"extract": {"options": {"colour": 1}}}))
+    with pytest.raises(ConfigError, match="filters.nope"):
+        E.DocProcessor(P.load_config({"filters": ["nope"]}))
     with pytest.raises(InputError, match="does not exist"):
         E.build([tmp_path / "nope.warc.gz"], tmp_path / "o", P.load_config())
     warc = tmp_path / "in.warc.gz"

@@ -219,9 +219,18 @@ class Extraction:
         if impl:
             self._fn = _import(impl, "'extract.impl'")(**opts)
         else:
-            from interleaf.corpus.extract import extract
+            from interleaf.corpus import extract as X
 
-            self._fn = lambda page: extract(page, **opts)
+            try:  # check the options once, here, rather than fail on every page
+                X.ExtractConfig(
+                    **{("drop_no_images" if k == "drop_without_images" else k): v for k, v in opts.items()}
+                )
+            except TypeError as exc:
+                bad = str(exc).rsplit(" ", 1)[-1]
+                raise ConfigError(
+                    f"pipeline config: unknown key 'extract.options.{bad.strip(chr(39))}'"
+                ) from None
+            self._fn = lambda page: X.extract(page, **dict(opts))
 
     def __call__(self, page):
         import time
