@@ -64,8 +64,22 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
         p = Path(raw)
         if not p.exists():
             raise InputError(f"{p}: input does not exist")
-        out.append(p.resolve())
+        p = p.resolve()
+        if p.is_dir():
+            # a folder of WARCs / corpus files is read file by file (sorted); otherwise it is a
+            # folder of HTML pages
+            files = sorted(f for f in p.rglob("*") if f.is_file() and _kind_or_none(f) in ("warc", "corpus"))
+            out.extend(files or [p])
+        else:
+            out.append(p)
     return out
+
+
+def _kind_or_none(path: Path) -> str | None:
+    try:
+        return _kind(path)
+    except InputError:
+        return None
 
 
 def _kind(path: Path) -> str:
