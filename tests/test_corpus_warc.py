@@ -205,7 +205,9 @@ def test_decode_html_undecodable():
     import random
 
     rng = random.Random(0)
-    garbage = bytes(rng.randrange(128, 256) for _ in range(4000)) + bytes(rng.randrange(0, 32) for _ in range(400))
+    garbage = bytes(rng.randrange(128, 256) for _ in range(4000)) + bytes(
+        rng.randrange(0, 32) for _ in range(400)
+    )
     with pytest.raises(UndecodableError):
         decode_html(garbage, "utf-8")
     with pytest.raises(UndecodableError, match="binary"):

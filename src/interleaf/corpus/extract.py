@@ -277,7 +277,11 @@ def _is_boilerplate(attrs: dict) -> bool:
 
 
 def _remove_boilerplate(body) -> None:
-    doomed = [n for n in body.css("[class], [id], [role], [hidden], [aria-hidden], [style]") if _is_boilerplate(n.attributes)]
+    doomed = [
+        n
+        for n in body.css("[class], [id], [role], [hidden], [aria-hidden], [style]")
+        if _is_boilerplate(n.attributes)
+    ]
     # children before parents (reverse document order): never touch a freed node
     for node in reversed(doomed):
         node.decompose()
@@ -391,7 +395,9 @@ def _external_link(img, page_host: str) -> bool:
             if parts.path.lower().endswith(IMAGE_EXTENSIONS):
                 return False  # a link to the full-size image
             host = parts.hostname or ""
-            return bool(host) and bool(page_host) and _registered_domain(host) != _registered_domain(page_host)
+            return (
+                bool(host) and bool(page_host) and _registered_domain(host) != _registered_domain(page_host)
+            )
         p = p.parent
     return False
 
@@ -418,7 +424,7 @@ def _mark_images(root, base_url: str, page_url: str, cfg: ExtractConfig) -> list
         meta = {
             "url": url,
             "src": src,
-            "alt_text": " ".join(alt.split()) if alt else None,
+            "alt_text": " ".join(alt.split()) if alt is not None else None,
             "width": _parse_dim(attrs.get("width")),
             "height": _parse_dim(attrs.get("height")),
         }

@@ -52,7 +52,9 @@ _SENT_END = re.compile(r"[.!?…]+[\"'”’)\]]*(?=\s|$)")
 # punctuation used to strip words (ASCII + typographic + CJK full-width marks)
 PUNCTUATION = string.punctuation + "…“”‘’«»‹›—–―•·、。，；：！？（）【】「」《》〈〉～％＃＆＊"
 # OBELICS-style special characters: punctuation, digits, whitespace and frequent symbols
-SPECIAL_CHARACTERS = PUNCTUATION + string.digits + string.whitespace + "\u00a0\u200b\ufffd©®™°§¶×÷±€£¥¢¤★☆●■◆►▼▲→←↑↓✓♥"
+SPECIAL_CHARACTERS = (
+    PUNCTUATION + string.digits + string.whitespace + "\u00a0\u200b\ufffd©®™°§¶×÷±€£¥¢¤★☆●■◆►▼▲→←↑↓✓♥"
+)
 _SPECIAL_DELETE = str.maketrans("", "", SPECIAL_CHARACTERS)
 # English function words (our list; OBELICS uses a longer published list)
 STOPWORDS_EN = frozenset(

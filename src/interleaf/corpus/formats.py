@@ -191,7 +191,8 @@ def _general_struct(gms: list[dict]):
     if any(s is not None for s in scores):
         arrays.append(
             pa.array(
-                [list(s.items()) if s is not None else None for s in scores], pa.map_(pa.string(), pa.float64())
+                [list(s.items()) if s is not None else None for s in scores],
+                pa.map_(pa.string(), pa.float64()),
             )
         )
         names.append("filter_scores")
@@ -335,6 +336,8 @@ def corpus_files(path: str | os.PathLike) -> list[Path]:
     p = Path(path)
     if p.is_dir():
         return sorted(
-            f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith((".parquet", ".jsonl", ".jsonl.gz"))
+            f
+            for f in p.rglob("*")
+            if f.is_file() and f.name.lower().endswith((".parquet", ".jsonl", ".jsonl.gz"))
         )
     return [p]
