@@ -25,6 +25,7 @@ import platform
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 
 import torch
@@ -136,6 +137,19 @@ def vision_time(model: nn.Module, px: torch.Tensor) -> float:
     return time.perf_counter() - t
 
 
+@contextmanager
+def dense_routing(model: nn.Module):
+    """Swap the gathered routing for upstream's dense formula ``FFN_t(h)(1-m) + FFN_v(h)m``."""
+    layers = list(model.language_model.model.layers)
+    for layer in layers:
+        layer.feed_forward = layer.dense_feed_forward
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.feed_forward
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -151,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one timed run per setting (CPU: warm up once)")
     ap.add_argument("--share-expert-weights", choices=["auto", "yes", "no"], default="auto",
                     help="experts reuse the text FFN tensors (auto: yes on CPU to fit memory, no on GPU)")  # fmt: skip
+    ap.add_argument("--compare-dense", action="store_true",
+                    help="also time Mono with upstream's dense routing (both experts on every token)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
@@ -202,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(repeats):  # interleaved, so load drift hits both alike
             for key, g in gens.items():
                 times[key].append(ttft(g, ids, px))
+        if args.compare_dense:
+            with dense_routing(mono):
+                if device.type == "cuda":
+                    ttft(gens["mono"], ids, px)
+                times["mono_dense"] = [ttft(gens["mono"], ids, px) for _ in range(repeats)]
         vis = {"internvl": vision_time(internvl, px), "mono": vision_time(mono, px)}
         med = {k: statistics.median(v) for k, v in times.items()}
         row = {
@@ -215,11 +236,15 @@ def main(argv: list[str] | None = None) -> int:
             "mono_vision_s": vis["mono"],
             "runs": times,
         }
+        dense = ""
+        if args.compare_dense:
+            row["mono_dense_ttft_s"] = statistics.median(times["mono_dense"])
+            dense = f" | Mono dense routing {row['mono_dense_ttft_s'] * 1e3:.1f} ms"
         rows.append(row)
         print(
             f"tiles {tiles:>2} | tokens {row['tokens']:>5} | InternVL {med['internvl'] * 1e3:9.1f} ms "
             f"(ViT {vis['internvl'] * 1e3:8.1f}) | Mono {med['mono'] * 1e3:9.1f} ms (patch {vis['mono'] * 1e3:6.1f}) "
-            f"| reduction {row['reduction'] * 100:5.1f}% | speedup {row['speedup']:.2f}x",
+            f"| reduction {row['reduction'] * 100:5.1f}% | speedup {row['speedup']:.2f}x{dense}",
             flush=True,
         )
     print(f"# mean reduction {statistics.mean(r['reduction'] for r in rows) * 100:.1f}% "

@@ -13,7 +13,7 @@ from interleaf.model.llm import apply_rope
 from interleaf.model.mono_checkpoint import (
     build_mono_model,
     init_mono_model,
-    load_mono_checkpoint,
+    load_mono_chat,
     mono_preset_config,
 )
 from interleaf.model.mono_internvl import MonoAttention, MonoDecoderLayer, MonoInternVLChatModel
@@ -173,11 +173,10 @@ def mono_ckpt(tmp_path_factory):
 def test_generation_end_to_end_with_runtime_engine(mono_ckpt):
     from PIL import Image, ImageDraw
 
-    from interleaf.generation.chat import ChatModel
     from interleaf.generation.engine import GenerationConfig, Generator
 
-    model, tok = load_mono_checkpoint(mono_ckpt)
-    chat = ChatModel(model, tok)
+    chat = load_mono_chat(mono_ckpt)  # the runtime's ChatModel on the Mono model
+    model = chat.model
     img = Image.new("RGB", (600, 300), "white")
     ImageDraw.Draw(img).ellipse((100, 50, 300, 250), fill="red")
     reply = chat.chat("What is in the image?", images=img, max_num=2, max_new_tokens=6)

@@ -362,3 +362,12 @@ def init_mono_from_llm(
     lm.tie_weights()
     model.copy_experts_from_text()
     return model.eval(), tok
+
+
+def load_mono_chat(path: str | Path, device: str = "cpu", dtype: Any = None):
+    """A ready-to-chat :class:`~interleaf.generation.chat.ChatModel` on a Mono-InternVL checkpoint
+    (what ``interleaf.load`` returns for InternVL checkpoints)."""
+    from interleaf.generation.chat import ChatModel
+
+    model, tokenizer = load_mono_checkpoint(path, device=device, dtype=dtype)
+    return ChatModel(model, tokenizer)
