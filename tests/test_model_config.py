@@ -62,9 +62,12 @@ def test_original_qwen2_config():
 def test_original_internlm2_and_phi3_configs():
     cfg = InternVLConfig.from_dict(original(INTERNLM2_18B, template="internlm2-chat"))
     assert cfg.llm.family == "internlm2" and not cfg.llm.qkv_bias
-    assert cfg.llm.rope_scaling == {"factor": 2.0, "rope_type": "dynamic"} and cfg.llm.head_dim == 128
+    assert (
+        cfg.llm.rope_type == "dynamic" and cfg.llm.rope_scaling["factor"] == 2.0 and cfg.llm.head_dim == 128
+    )
     cfg = InternVLConfig.from_dict(original(PHI3_MINI, template="phi3-chat"))
     assert cfg.llm.family == "phi3" and cfg.llm.rope_type == "longrope"  # "su" is the old name
+    assert cfg.to_original_dict()["llm_config"]["rope_scaling"]["type"] == "su"  # spelling kept on save
     assert cfg.llm.original_max_position_embeddings == 4096 and cfg.llm.head_dim == 96
 
 
@@ -94,7 +97,8 @@ def test_hf_configs_in_both_transformers_styles():
     del text5["rope_scaling"], text5["rope_theta"]
     text5["rope_parameters"] = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1000000.0}
     cfg5 = InternVLConfig.from_dict(dict(raw, text_config=text5))
-    assert cfg5.llm == cfg.llm
+    assert (cfg5.llm.rope_type, cfg5.llm.rope_scaling["factor"], cfg5.llm.rope_theta) == ("dynamic", 2.0, 1e6)
+    assert cfg5.llm.head_dim == cfg.llm.head_dim == 128 and cfg5.llm.num_key_value_heads == 8
 
 
 @pytest.mark.parametrize(

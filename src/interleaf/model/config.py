@@ -402,8 +402,7 @@ def _parse_llm(raw: dict[str, Any], source: str, key: str) -> LLMConfig:
     if rope is not None:
         rope.pop("partial_rotary_factor", None)
         rtype = rope.get("rope_type") or rope.get("type") or "default"
-        rope["rope_type"] = "longrope" if rtype == "su" else rtype
-        rope.pop("type", None)
+        rope["rope_type"] = "longrope" if rtype == "su" else rtype  # ``type`` keeps the original spelling
         if rope["rope_type"] not in ("default", "linear", "dynamic", "longrope", "llama3"):
             raise ConfigError(f"{src}: unsupported rope scaling type {rtype!r}")
         if rope["rope_type"] == "default":
@@ -577,7 +576,9 @@ def _rope_out(c: LLMConfig) -> dict[str, Any] | None:
     if not c.rope_scaling:
         return None
     rope = dict(c.rope_scaling)
-    rope["type"] = rope["rope_type"]  # 4.x readers (and InternLM2 remote code) look at ``type``
+    rope.setdefault(
+        "type", rope["rope_type"]
+    )  # 4.x readers (and InternLM2 / Phi-3 remote code) read ``type``
     return rope
 
 
