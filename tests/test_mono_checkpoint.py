@@ -288,25 +288,33 @@ def test_expert_weights_under_a_plain_config_are_named(tmp_path):
         load_any_checkpoint(base)
 
 
-def test_init_from_internvl_checkpoint_copies_ffn_to_experts(tmp_path):
-    base_dir = init_model("tiny-internlm2", tmp_path / "ivl", seed=5)
+@pytest.mark.parametrize(
+    "preset, layout, attention_experts",
+    [("tiny-internlm2", "internvl_chat", True), ("tiny", "hf", False)],  # InternLM2 / Qwen2, both layouts
+)
+def test_init_from_internvl_checkpoint_copies_ffn_to_experts(tmp_path, preset, layout, attention_experts):
+    base_dir = init_model(preset, tmp_path / "ivl", seed=5, layout=layout)
     base, tok = load_checkpoint(base_dir)
-    model, tok2 = init_mono_from_llm(base_dir, visual_attention_experts=True)
-    assert len(tok2) == len(tok)
+    model, tok2 = init_mono_from_llm(base_dir, visual_attention_experts=attention_experts)
+    assert len(tok2) == len(tok) and model.config.template == base.config.template
     for layer in model.language_model.model.layers:
         assert torch.equal(layer.feed_forward_ve.w1.weight, layer.mlp.gate_proj.weight)
         assert torch.equal(layer.feed_forward_ve.w3.weight, layer.mlp.up_proj.weight)
         assert torch.equal(layer.feed_forward_ve.w2.weight, layer.mlp.down_proj.weight)
-        assert torch.equal(layer.self_attn.q_proj_ve.weight, layer.self_attn.q_proj.weight)
+        if attention_experts:
+            assert torch.equal(layer.self_attn.q_proj_ve.weight, layer.self_attn.q_proj.weight)
+            assert torch.equal(layer.self_attn.o_proj_ve.weight, layer.self_attn.o_proj.weight)
         assert layer.feed_forward_ve.w1.weight.data_ptr() != layer.mlp.gate_proj.weight.data_ptr()  # copies
     ids = torch.tensor([tok("a plain text question about the weather")["input_ids"]])
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, base(input_ids=ids).logits)
-    # saved and reloaded as a Mono checkpoint, attention experts included
+    # saved and reloaded as a Mono checkpoint (attention experts included)
     out = save_mono_checkpoint(model, tok2, tmp_path / "mono")
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["llm_config"]["visual_attention_experts"] is True
-    reloaded, _ = load_mono_checkpoint(out)
+    assert cfg["vision_config"]["model_type"] == "intern_vit_patch"
+    assert cfg["llm_config"].get("visual_attention_experts", False) is attention_experts
+    reloaded, _ = load_any_checkpoint(out)
+    assert isinstance(reloaded, MonoInternVLChatModel)
     assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), model.state_dict().values()))
 
 

@@ -131,7 +131,8 @@ def modality_route(visual_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     """Flat token indices ``(text_idx, visual_idx)`` of a bool mask [B, S]; None without image tokens.
 
     Computed once per forward (one host sync for ``nonzero``) and cached on the mask tensor itself:
-    the same mask object reaches every layer, so the other layers reuse the indices.
+    the same mask object reaches every layer, so the other layers reuse the indices. (So do not edit a
+    mask in place between forwards; :class:`MonoInternVLChatModel` always passes a fresh one.)
     """
     cached = getattr(visual_mask, "_interleaf_route", _NO_ROUTE)
     if cached is not _NO_ROUTE:
@@ -305,7 +306,8 @@ class MonoInternVLChatModel(InternVLChatModel):
         if visual_mask is not None:
             if visual_mask.dim() == 3:
                 visual_mask = visual_mask.squeeze(-1)
-            visual_mask = visual_mask.bool()
+            # a private copy: routing indices get cached on the mask object (see modality_route)
+            visual_mask = visual_mask.to(torch.bool, copy=True)
         return super().forward(
             input_ids=input_ids,
             pixel_values=pixel_values,
