@@ -503,7 +503,12 @@ def describe(path: str | Path) -> str:
     """Human-readable summary of a checkpoint directory (config only; weights are not loaded)."""
     path = Path(path)
     cfg = load_config(path)
-    _weight_files(path)  # a checkpoint without weights is an error here too
+    files = _weight_files(path)  # a checkpoint without weights is an error here too
+    size_gb = sum(f.stat().st_size for f in files) / 1e9
+    try:
+        dtype = json.loads((path / "config.json").read_text()).get("torch_dtype", "?")
+    except (OSError, json.JSONDecodeError):
+        dtype = "?"
     with torch.device("meta"):
         model = InternVLChatModel(cfg)
     counts = parameter_counts(model)
@@ -517,6 +522,7 @@ def describe(path: str | Path) -> str:
         f"({llm.hidden_size}w x {llm.num_hidden_layers}L, {llm.num_attention_heads} heads / "
         f"{llm.num_key_value_heads} kv, rope {rope}, vocab {llm.vocab_size}"
         f"{', tied embeddings' if llm.tie_word_embeddings else ''})",
+        f"weights:      {len(files)} file(s), {size_gb:.3f} GB, {dtype}",
         f"template:     {cfg.template}",
         f"image:        {cfg.image_size}px tiles, {cfg.num_image_token} tokens per tile, "
         f"max {cfg.max_dynamic_patch} tiles{' + thumbnail' if cfg.use_thumbnail else ''}",
