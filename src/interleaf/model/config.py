@@ -565,7 +565,6 @@ def _vision_to_original(v: VisionConfig) -> dict[str, Any]:
             "use_flash_attn": False,
         }
     )
-    out.pop("model_type_hf", None)
     for k in ("layer_scale_init_value", "use_qk_norm", "attention_bias", "projection_dropout", "use_mask_token",
               "use_mean_pooling", "use_absolute_position_embeddings", "hidden_dropout_prob"):  # fmt: skip
         out.pop(k, None)
