@@ -40,6 +40,8 @@ from collections import Counter
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
+
 from interleaf.corpus.base import Drop, Step
 from interleaf.corpus.document import Document
 from interleaf.errors import ConfigError
@@ -255,6 +257,71 @@ def _has_alpha(w: str) -> bool:
     return _ALPHA.search(w) is not None
 
 
+class _NGramIndex:
+    """Word n-grams as 64-bit keys (numpy), for the Gopher repetition measures without per-word Python.
+
+    Key of the n-gram at ``p``: a polynomial combination of the words' string hashes (equal word
+    sequences give equal keys; a collision between different sequences has probability ~2^-64).
+    """
+
+    _MUL = np.uint64(0x100000001B3)
+
+    def __init__(self, ws: list[str]) -> None:
+        self.n_words = len(ws)
+        self.hashes = np.fromiter(map(hash, ws), dtype=np.int64, count=len(ws)).view(np.uint64)
+        lens = np.fromiter(map(len, ws), dtype=np.int64, count=len(ws))
+        self.cum = np.concatenate(([0], np.cumsum(lens)))
+        self._keys: dict[int, np.ndarray] = {1: self.hashes}
+
+    def keys(self, n: int) -> np.ndarray:
+        if n not in self._keys:
+            prev = self.keys(n - 1)
+            with np.errstate(over="ignore"):
+                self._keys[n] = prev[:-1] * self._MUL ^ self.hashes[n - 1 :]
+        return self._keys[n]
+
+    def top_chars(self, n: int) -> int:
+        """Characters covered by the most frequent n-gram (its length with spaces x its count).
+
+        Ties go to the n-gram seen first, as ``Counter.most_common`` does.
+        """
+        k = self.keys(n)
+        s = np.sort(k)
+        starts = np.flatnonzero(np.concatenate(([True], s[1:] != s[:-1])))
+        counts = np.diff(np.concatenate((starts, [len(s)])))
+        top = counts.max()
+        best = None
+        for key in s[starts[counts == top]]:
+            first = int(np.argmax(k == key))
+            if best is None or first < best:
+                best = first
+        chars = int(self.cum[best + n] - self.cum[best]) + n - 1
+        return chars * int(top)
+
+    def duplicated_chars(self, n: int) -> int:
+        """Characters in duplicated n-grams, scanning left to right and jumping over each duplicate
+        (datatrove's ``find_all_duplicate``); only positions whose n-gram occurs twice are visited."""
+        k = self.keys(n)
+        s = np.sort(k)
+        dup_keys = s[1:][s[1:] == s[:-1]]
+        if len(dup_keys) == 0:
+            return 0
+        positions = np.flatnonzero(np.isin(k, dup_keys))
+        cum = self.cum
+        seen: set = set()
+        rep = 0
+        skip_until = 0
+        for p, key in zip(positions.tolist(), k[positions].tolist()):
+            if p < skip_until:
+                continue
+            if key in seen:
+                rep += int(cum[p + n] - cum[p])
+                skip_until = p + n
+            else:
+                seen.add(key)
+        return rep
+
+
 class GopherRepetition(TextStep):
     """Gopher repetition rules (Rae et al. 2021, Table A1; datatrove ``GopherRepetitionFilter``).
 
@@ -313,39 +380,21 @@ class GopherRepetition(TextStep):
         if self.dup_line_char_frac and chars / size > self.dup_line_char_frac:
             return Drop("dup_line_char_frac")
         ws = words(text)
+        if not ws:
+            return doc
+        grams = _NGramIndex(ws)
         for n_, frac in self.top_n_grams:
-            if len(ws) < n_:
-                continue
-            counts = _ngram_counts(ws, n_)
-            gram, count = counts.most_common(1)[0]
-            if (sum(map(len, gram)) + n_ - 1) * count / size > frac:
+            if len(ws) >= n_ and grams.top_chars(n_) / size > frac:
                 return Drop(f"top_{n_}_gram")
-        if self.dup_n_grams:
-            lens = [0]
-            for w in ws:
-                lens.append(lens[-1] + len(w))
-            no_dup_from = None  # if n-grams of size n never repeat, larger ones never do
-            for n_, frac in sorted(self.dup_n_grams):
-                if no_dup_from is not None and n_ >= no_dup_from:
-                    continue
-                grams = list(zip(*(ws[i:] for i in range(n_))))
-                if len(set(grams)) == len(grams):
-                    no_dup_from = n_
-                    continue
-                seen: set = set()
-                add = seen.add
-                rep = 0
-                i = 0
-                last = len(grams)
-                while i < last:
-                    if grams[i] in seen:
-                        rep += lens[i + n_] - lens[i]
-                        i += n_
-                    else:
-                        add(grams[i])
-                        i += 1
-                if rep / size > frac:
-                    return Drop(f"duplicated_{n_}_n_grams")
+        no_dup_from = None  # if n-grams of size n never repeat, larger ones never do
+        for n_, frac in sorted(self.dup_n_grams):
+            if len(ws) < n_ or (no_dup_from is not None and n_ >= no_dup_from):
+                continue
+            rep = grams.duplicated_chars(n_)
+            if rep == 0:
+                no_dup_from = n_
+            if rep / size > frac:
+                return Drop(f"duplicated_{n_}_n_grams")
         return doc
 
 
