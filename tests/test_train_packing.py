@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from interleaf.train.data import IGNORE_INDEX, Sample
-from interleaf.train.packing import Batcher, SampleStream, block_causal_mask, collate
+from interleaf.train.packing import Batcher, SampleStream, block_causal_mask, collate, segment_attention
 from interleaf.train.trainer import TrainStep
 
 torch.set_num_threads(1)
@@ -75,6 +75,15 @@ def test_packed_logits_equal_separate(tiny, samples):
             alone = model(input_ids=s.input_ids[None], pixel_values=s.pixel_values).logits[0]
             torch.testing.assert_close(out[start : start + s.num_tokens], alone, atol=1e-5, rtol=1e-5)
             start += s.num_tokens
+        # the per-sample ("varlen") attention path computes the same as the block-diagonal mask
+        with segment_attention(packed["attention_mask"], packed["segments"]):
+            varlen = model(
+                input_ids=packed["input_ids"],
+                pixel_values=packed["pixel_values"],
+                attention_mask=packed["attention_mask"],
+                position_ids=packed["position_ids"],
+            ).logits[0]
+        torch.testing.assert_close(varlen, out, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("reduction", ["token", "sample", "square"])

@@ -301,7 +301,12 @@ def convert_video(
             raw = rec.get("conversations")
             if isinstance(raw, list) and any("<video>" in str(t.get("value", "")) for t in raw):
                 conv = [
-                    {**t, "value": re.sub(r"<video>\n?", lambda _, p=prefix: p, str(t.get("value", "")), count=1)}
+                    {
+                        **t,
+                        "value": re.sub(
+                            r"<video>\n?", lambda _, p=prefix: p, str(t.get("value", "")), count=1
+                        ),
+                    }
                     for t in raw
                 ]
             else:

@@ -244,22 +244,32 @@ def evaluate(ckpt: Path, test: list[dict], root: Path, log=print) -> dict[str, d
     """Greedy answers to the held-out questions through ``interleaf.load(ckpt).chat``; accuracy per task."""
     try:
         import interleaf
-        from interleaf.generation.chat import ChatModel  # noqa: F401 - the runtime's chat API
 
         chat_model = interleaf.load(str(ckpt))
-        ask = lambda q, paths: chat_model.chat(q, images=paths, max_new_tokens=6)  # noqa: E731
+
+        def ask_batch(questions: list[str], paths: list[list[str]]) -> list[str]:
+            return chat_model.batch_chat(questions, images=paths, max_new_tokens=6, do_sample=False)
+
     except ImportError:  # runtime not installed: a plain greedy loop over the same prompt
-        ask = _GreedyChat(ckpt)
+        greedy = _GreedyChat(ckpt)
+
+        def ask_batch(questions: list[str], paths: list[list[str]]) -> list[str]:
+            return [greedy(q, p) for q, p in zip(questions, paths)]
+
     per_task: dict[str, list[int]] = {}
     examples: dict[str, tuple[str, str, str]] = {}
-    for rec in test:
-        images = [rec["image"]] if isinstance(rec["image"], str) else rec["image"]
-        paths = [str(root / p) for p in images]
-        question = rec["conversations"][0]["value"]
-        reply = ask(question, paths)
-        ok = int(reply.strip() == rec["answer"])
-        per_task.setdefault(rec["task"], []).append(ok)
-        examples.setdefault(rec["task"], (question.replace("\n", " / "), reply.strip(), rec["answer"]))
+    chunk = 16
+    for k in range(0, len(test), chunk):
+        recs = test[k : k + chunk]
+        paths = [
+            [str(root / p) for p in ([r["image"]] if isinstance(r["image"], str) else r["image"])]
+            for r in recs
+        ]
+        questions = [r["conversations"][0]["value"] for r in recs]
+        for rec, question, reply in zip(recs, questions, ask_batch(questions, paths)):
+            ok = int(reply.strip() == rec["answer"])
+            per_task.setdefault(rec["task"], []).append(ok)
+            examples.setdefault(rec["task"], (question.replace("\n", " / "), reply.strip(), rec["answer"]))
     chance = {"digit": 0.1, "larger": 0.5, "shape": 1 / len(SHAPES), "colour": 1 / len(COLOURS)}
     results = {}
     for task, oks in per_task.items():

@@ -19,6 +19,8 @@ the loss is ``sum(w * CE) / sum(w)``.
 from __future__ import annotations
 
 import math
+import threading
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -199,6 +201,7 @@ def collate(
         loss_weight float [B, S]; attention_mask: bool [B, 1, S, S] (packed) or long [B, S] (padding
             mask, when every row holds one sample and ``mask_2d_if_unpacked``);
         pixel_values float [N_tiles, 3, H, W] or None (all tiles of all rows, row-major);
+        segments: per row, the (start, length) of each sample and of the trailing padding;
         cu_seqlens int32 [n_segments + 1] over the flattened batch, padding runs as their own segments
             (for variable-length kernels);
         num_samples, num_tokens (non-pad) and num_supervised.
@@ -238,7 +241,15 @@ def collate(
         attention_mask = torch.zeros((B, S), dtype=torch.long)
         for b, lens in enumerate(lengths):
             attention_mask[b, : sum(lens)] = 1
+    segments = []
+    for lens in lengths:
+        starts, pos = [], 0
+        for n in lens + ([S - sum(lens)] if sum(lens) < S else []):
+            starts.append((pos, n))
+            pos += n
+        segments.append(starts)
     return {
+        "segments": segments,
         "input_ids": input_ids,
         "position_ids": position_ids,
         "targets": targets,
@@ -261,3 +272,54 @@ def weighted_loss(
     )
     w = weight.flatten().to(ce.dtype)
     return (ce * w).sum(), w.sum()
+
+
+# ---------------------------------------------------------------------------------------------------
+# variable-length attention for packed rows
+
+_ACTIVE = threading.local()
+_ORIGINAL_SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+def _segment_sdpa(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+):
+    """SDPA that, for the packed mask registered by :func:`segment_attention`, attends causally inside
+    each sample instead of over the whole (mostly masked) square: the same result as the block-diagonal
+    mask, at the cost of the samples' own lengths (the "varlen" computation, in plain PyTorch)."""
+    plan = getattr(_ACTIVE, "plan", None)
+    if plan is None or attn_mask is not plan[0] or query.shape[-2] != key.shape[-2]:
+        return _ORIGINAL_SDPA(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+            enable_gqa=enable_gqa,
+        )  # fmt: skip
+    rows = []
+    for b, segs in enumerate(plan[1]):
+        parts = [
+            _ORIGINAL_SDPA(
+                query[b : b + 1, :, st : st + n],
+                key[b : b + 1, :, st : st + n],
+                value[b : b + 1, :, st : st + n],
+                dropout_p=dropout_p,
+                is_causal=True,
+                scale=scale,
+                enable_gqa=enable_gqa,
+            )  # fmt: skip
+            for st, n in segs
+            if n > 0
+        ]
+        rows.append(torch.cat(parts, dim=2))
+    return torch.cat(rows, dim=0)
+
+
+@contextmanager
+def segment_attention(mask: torch.Tensor, segments: list[list[tuple[int, int]]]):
+    """While active, attention calls given exactly ``mask`` (the packed block-causal mask from
+    :func:`collate`) run per sample; any other attention call is untouched."""
+    _ACTIVE.plan = (mask, segments)
+    torch.nn.functional.scaled_dot_product_attention = _segment_sdpa
+    try:
+        yield
+    finally:
+        _ACTIVE.plan = None
+        torch.nn.functional.scaled_dot_product_attention = _ORIGINAL_SDPA

@@ -37,7 +37,7 @@ from interleaf.errors import CheckpointError, ConfigError
 from interleaf.train.config import TrainConfig
 from interleaf.train.data import IGNORE_INDEX, ConversationDataset, CorpusDataset, DataArgs, SkipLog
 from interleaf.train.lora import LLM_TARGETS, VIT_TARGETS, apply_lora, has_lora, merge_lora
-from interleaf.train.packing import Batcher, SampleStream, collate
+from interleaf.train.packing import Batcher, SampleStream, collate, segment_attention
 
 PARTS = (("vision", "vision_model."), ("mlp", "mlp1."), ("llm", "language_model."))
 
@@ -163,7 +163,9 @@ class TrainStep(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.model
-        with _hidden_instead_of_logits(model) as head:
+        mask = batch["attention_mask"]
+        varlen = segment_attention(mask, batch["segments"]) if mask.dim() == 4 else nullcontext()
+        with _hidden_instead_of_logits(model) as head, varlen:
             out = model(
                 input_ids=batch["input_ids"],
                 pixel_values=batch["pixel_values"],
@@ -266,7 +268,7 @@ class Trainer:
 
                 tmp = self.out / ".init-tmp"
                 shutil.rmtree(tmp, ignore_errors=True)
-                init_model(cfg.model_preset, str(tmp), seed=cfg.seed, overrides=cfg.model_overrides or None)
+                init_model(cfg.model_preset, str(tmp), seed=cfg.seed, dtype="float32")
                 os.replace(tmp, init_dir)
             self._barrier()
         return init_dir
