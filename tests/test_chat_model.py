@@ -134,3 +134,18 @@ def test_cli_bad_input_exits_1_with_one_line(tiny_ckpt, tmp_path, capsys, extra,
 def test_cli_not_a_checkpoint(tmp_path, capsys):
     assert main(["chat", str(tmp_path), "hello"]) == 1
     assert "not a checkpoint" in capsys.readouterr().err
+
+
+def test_phi3_template_stops_on_its_end_token(tmp_path_factory):
+    from interleaf.model import init_model
+
+    chat = interleaf.load(init_model("tiny-phi3", tmp_path_factory.mktemp("ckpt") / "phi3"))
+    assert chat.template.name == "phi3-chat"
+    end = chat.tokenizer.convert_tokens_to_ids("<|end|>")
+    assert chat.stop_token_ids[0] == end
+    _, ids, _, text = chat.prepare("hello")
+    assert text.startswith("<|system|>\n") and text.endswith("<|user|>\nhello<|end|><|assistant|>\n")
+    assert ids[0] == chat.tokenizer.convert_tokens_to_ids("<s>")  # the Phi-3 tokenizer adds BOS
+    # special tokens (BOS, <|end|>) never reach the reply text; it is stripped
+    enc = chat.tokenizer.encode(" abc ", add_special_tokens=False)
+    assert chat.decode_reply([ids[0], *enc, end]) == "abc"
