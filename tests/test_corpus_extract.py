@@ -194,3 +194,32 @@ def test_extractor_counts_every_page():
     st = ex.stats
     assert st.docs_in == 4 and st.docs_out == 1 and st.balanced()
     assert st.excluded_by_reason == {"no_images": 2} and sum(st.errors_by_reason.values()) == 1
+
+
+@pytest.mark.parametrize(
+    "html, expect",
+    [
+        (b"", "no_text"),
+        (b"<", "no_images"),
+        (b"<!-- only a comment -->", "no_text"),
+        (b"<frameset><frame src='a.html'></frameset>", "empty_page"),
+        (b"<?xml version='1.0'?><rss><item><title>x</title></item></rss>", "no_images"),
+        (b"<p>text</p><img src='http://[::1'><img src='ok.jpg'>", ["http://e.org/dir/ok.jpg"]),
+        (b"<base href='http://[bad'><p>text</p><img src='a.jpg'>", ["http://e.org/dir/a.jpg"]),
+        (
+            b"<p>t</p><img src=' '><img srcset=','><img src='javascript:x()'><img src='//cdn.e.org/a.jpg'>",
+            ["http://cdn.e.org/a.jpg"],
+        ),
+        (
+            b"<p>t</p><img src='a b.jpg'><img src='caf\xc3\xa9.jpg'>",
+            ["http://e.org/dir/a%20b.jpg", "http://e.org/dir/caf%C3%A9.jpg"],
+        ),
+        (b"<svg><image href='x.png'/></svg><p>svg text</p><img src=y.png>", ["http://e.org/dir/y.png"]),
+    ],
+)
+def test_odd_inputs_never_raise(html, expect):
+    out = extract(RawPage(url="http://e.org/dir/p.html", html=html))
+    if isinstance(expect, str):
+        assert isinstance(out, Drop) and out.reason == expect
+    else:
+        assert out.image_urls == expect

@@ -34,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 from selectolax.lexbor import LexborHTMLParser
 
@@ -174,7 +174,7 @@ def _extract(page: RawPage, cfg: ExtractConfig) -> Document | Drop:
     if base is not None:
         href = (base.attributes.get("href") or "").strip()
         if href:
-            base_url = urljoin(page.url, href)
+            base_url = _resolve(page.url, href) or page.url
     if body is None:
         return Drop("empty_page", "no <body>")
 
@@ -189,7 +189,7 @@ def _extract(page: RawPage, cfg: ExtractConfig) -> Document | Drop:
     gm = {
         "id": _doc_id(page),
         "url": page.url,
-        "domain": (urlsplit(page.url).hostname or "") if page.url else "",
+        "domain": _host(page.url),
         "crawl_date": page.crawl_date,
         "title": title,
         "filter_scores": {},
@@ -374,6 +374,29 @@ def _best_from_srcset(srcset: str) -> str:
     return best
 
 
+_URL_SAFE = ":/?#[]@!$&'()*+,;=%~"
+
+
+def _host(url: str | None) -> str:
+    try:
+        return (urlsplit(url).hostname or "") if url else ""
+    except ValueError:
+        return ""
+
+
+def _resolve(base: str, ref: str) -> str | None:
+    """``ref`` resolved against ``base`` as a browser would (spaces and non-ASCII percent-encoded);
+    None for a reference that cannot be a URL (e.g. a broken IPv6 host)."""
+    try:
+        url = urljoin(base, ref.strip())
+        urlsplit(url).hostname  # noqa: B018 - raises ValueError on a malformed host
+    except ValueError:
+        return None
+    if not url.isascii() or " " in url or "\t" in url:
+        url = quote(url, safe=_URL_SAFE)
+    return url
+
+
 def _registered_domain(host: str) -> str:
     """Crude registrable domain (last two labels; three for short second-level ones like co.uk)."""
     labels = host.lower().strip(".").split(".")
@@ -391,10 +414,13 @@ def _external_link(img, page_host: str) -> bool:
             href = (p.attributes.get("href") or "").strip()
             if not href.lower().startswith(("http://", "https://", "//")):
                 return False
-            parts = urlsplit(href if not href.startswith("//") else "http:" + href)
+            try:
+                parts = urlsplit(href if not href.startswith("//") else "http:" + href)
+                host = parts.hostname or ""
+            except ValueError:
+                return False
             if parts.path.lower().endswith(IMAGE_EXTENSIONS):
                 return False  # a link to the full-size image
-            host = parts.hostname or ""
             return (
                 bool(host) and bool(page_host) and _registered_domain(host) != _registered_domain(page_host)
             )
@@ -404,7 +430,7 @@ def _external_link(img, page_host: str) -> bool:
 
 def _mark_images(root, base_url: str, page_url: str, cfg: ExtractConfig) -> list[tuple[str, dict]]:
     """Replace each kept ``<img>`` with a marker ``\\x02i\\x03``; return ``[(url, metadata)]``."""
-    page_host = urlsplit(page_url).hostname or "" if page_url else ""
+    page_host = _host(page_url)
     images: list[tuple[str, dict]] = []
     for img in root.css("img"):
         attrs = img.attributes
@@ -412,8 +438,8 @@ def _mark_images(root, base_url: str, page_url: str, cfg: ExtractConfig) -> list
         if not src or (src.startswith("data:") and not cfg.keep_data_uri_images):
             img.decompose()
             continue
-        url = src if src.startswith("data:") else urljoin(base_url, src)
-        scheme = url.split(":", 1)[0].lower()
+        url = src if src.startswith("data:") else _resolve(base_url, src)
+        scheme = url.split(":", 1)[0].lower() if url else ""
         if scheme not in ("http", "https", "file", "data"):
             img.decompose()
             continue

@@ -80,7 +80,7 @@ def decode_html(raw: bytes, declared: str | None = None, max_bad_ratio: float = 
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return raw.decode("utf-16", errors="replace"), "utf-16"
     nuls = raw.count(b"\x00")
-    if nuls > 0.001 * len(raw):  # NUL bytes: a binary payload, not a page in any charset
+    if nuls >= 8 and nuls > 0.001 * len(raw):  # NUL bytes: a binary payload, not a page in any charset
         raise UndecodableError(f"binary payload ({nuls} NUL bytes)")
     candidates: list[str] = []
     for label in (declared, _meta_charset(raw), "utf-8"):
