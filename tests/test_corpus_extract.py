@@ -56,7 +56,7 @@ def test_real_tutorial_images_stay_where_they_were(sample_pages):
     assert len(callouts) >= 5
     # each callout image precedes the annotated code / its explanation, in page order
     first = doc.images.index("http://xmlsoft.org/XSLT/images/callouts/1.png")
-    assert doc.texts[first + 1].startswith("xmlFreeDoc(res);")
+    assert doc.texts[first + 1].lstrip().startswith("xmlFreeDoc(res);")
     assert doc.texts[first - 1] is not None and "libxslt" in doc.texts[0]
     # the C listing keeps its lines (pre)
     assert "#include <libxslt/xslt.h>\n#include <libxslt/xsltInternals.h>" in doc.text
@@ -223,3 +223,10 @@ def test_odd_inputs_never_raise(html, expect):
         assert isinstance(out, Drop) and out.reason == expect
     else:
         assert out.image_urls == expect
+
+
+def test_preformatted_text_keeps_indentation():
+    html = "<p>Code:</p><pre>int main() {\n    if (x)\n\treturn 1;\n}\n</pre><img src=a.png><p>After   the   code.</p>"
+    doc = extract(html, url="http://e.org/")
+    assert doc.texts[0] == "Code:\n\nint main() {\n    if (x)\n    return 1;\n}"
+    assert doc.texts[2] == "After the code."

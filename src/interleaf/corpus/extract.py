@@ -87,7 +87,7 @@ _VOID = frozenset(
 _VOID |= frozenset(x.upper() for x in _VOID)
 _TAG = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9]*)")
 _IMG_MARK = re.compile("\x02(\\d+)\x03")
-PARA, LINE, IMG_OPEN, IMG_CLOSE = "\x01", "\x04", "\x02", "\x03"
+PARA, LINE, IMG_OPEN, IMG_CLOSE, PRE = "\x01", "\x04", "\x02", "\x03", "\x05"
 
 
 @dataclass
@@ -466,7 +466,9 @@ def _mark_blocks(root) -> None:
     for hr in root.css("hr"):
         hr.replace_with(PARA)
     for pre in root.css("pre"):
-        pre.replace_with(PARA + pre.text(deep=True, separator="").replace("\n", LINE) + PARA)
+        # each line of preformatted text is marked so that its indentation survives
+        code = pre.text(deep=True, separator="").strip("\n").replace("\r", "")
+        pre.replace_with(PARA + PRE + code.replace("\n", LINE + PRE) + PARA)
     for node in root.css(BLOCK_TAGS):
         node.insert_before(PARA)
         node.insert_after(PARA)
@@ -488,8 +490,11 @@ def _assemble(text: str, images: list[tuple[str, dict]]) -> Document:
             continue
         paragraphs = []
         for para in piece.split(PARA):
-            lines = [" ".join(line.split()) for line in para.split(LINE)]
-            lines = [ln for ln in lines if ln]
+            lines = [
+                line[1:].rstrip().expandtabs(4) if line.startswith(PRE) else " ".join(line.split())
+                for line in para.split(LINE)
+            ]
+            lines = [ln for ln in lines if ln and not ln.isspace()]
             if lines:
                 paragraphs.append("\n".join(lines))
         if paragraphs:
