@@ -313,7 +313,8 @@ def _listing(names: list[str], limit: int = 5) -> str:
 def load_config(path: str | Path) -> InternVLConfig:
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"{path}: not a checkpoint directory (no such directory)")
+        why = "a file, not a directory" if path.exists() else "no such directory"
+        raise CheckpointError(f"{path}: not a checkpoint directory ({why})")
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: not a checkpoint directory (no config.json)")
     return InternVLConfig.from_file(path / "config.json")
@@ -509,15 +510,23 @@ def describe(path: str | Path) -> str:
         dtype = json.loads((path / "config.json").read_text()).get("torch_dtype", "?")
     except (OSError, json.JSONDecodeError):
         dtype = "?"
+    model_cls, name, vit = InternVLChatModel, "InternVL-Chat", "InternViT"
+    try:  # Mono-InternVL checkpoints (patch embedding + visual experts) parse as InternVL configs too
+        from interleaf.model.mono_internvl import MonoInternVLChatModel, is_mono_config
+
+        if is_mono_config(cfg):
+            model_cls, name, vit = MonoInternVLChatModel, "Mono-InternVL", "patch embedding"
+    except ImportError:
+        pass
     with torch.device("meta"):
-        model = InternVLChatModel(cfg)
+        model = model_cls(cfg)
     counts = parameter_counts(model)
     v, llm = cfg.vision, cfg.llm
     rope = llm.rope_type if llm.rope_scaling else "default"
     lines = [
         f"checkpoint:   {path}",
         f"layout:       {cfg.layout}",
-        f"architecture: InternVL-Chat = InternViT ({v.hidden_size}w x {v.num_hidden_layers}L) + "
+        f"architecture: {name} = {vit} ({v.hidden_size}w x {v.num_hidden_layers}L) + "
         f"pixel shuffle {cfg.ps_version} + MLP projector + {llm.family} "
         f"({llm.hidden_size}w x {llm.num_hidden_layers}L, {llm.num_attention_heads} heads / "
         f"{llm.num_key_value_heads} kv, rope {rope}, vocab {llm.vocab_size}"
