@@ -183,3 +183,19 @@ def test_bf16_forward_is_finite(tiny_ckpt):
     with torch.no_grad():
         out = model(input_ids=ids, pixel_values=torch.randn(1, 3, 448, 448)).logits
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_ps_version_v1_transposes_the_token_grid(tiny):
+    model, _ = tiny
+    pv = torch.randn(1, 3, 448, 448, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        v2 = model.extract_feature(pv)
+        model.config.ps_version = "v1"
+        try:
+            v1 = model.extract_feature(pv)
+        finally:
+            model.config.ps_version = "v2"
+    side = 16
+    grid2 = v2.reshape(side, side, -1)
+    torch.testing.assert_close(v1.reshape(side, side, -1), grid2.transpose(0, 1), rtol=0, atol=0)
+    assert not torch.equal(v1, v2)
