@@ -61,7 +61,7 @@ def setup(tmp_path_factory) -> dict:
     return {"root": root, "llm": llm_ckpt, "mono": mono_dir, "meta": data / "meta.json"}
 
 
-def _train(stage: str, model_path: Path, meta: Path, out: Path, monkeypatch) -> Path:
+def _train(stage: str, model_path: Path, meta: Path, out: Path, monkeypatch, steps: int) -> Path:
     # the trainer loads with the model core's load_checkpoint; route Mono checkpoints to ours
     monkeypatch.setattr(core_checkpoint, "load_checkpoint", load_any_checkpoint)
     cfg = evip_stage_config(
@@ -69,7 +69,7 @@ def _train(stage: str, model_path: Path, meta: Path, out: Path, monkeypatch) -> 
         model_path=str(model_path),
         meta_path=str(meta),
         output_dir=str(out),
-        max_steps=2,
+        max_steps=steps,
         lr=2e-3,
         warmup_steps=0,
         max_dynamic_patch=1,
@@ -91,8 +91,8 @@ def _train(stage: str, model_path: Path, meta: Path, out: Path, monkeypatch) -> 
 def test_s1_delta_tuning_keeps_text_logits_identical(setup, monkeypatch):
     base, tok = load_checkpoint(setup["llm"])
     start, _ = load_mono_checkpoint(setup["mono"])
-    s11 = _train("evip-s1.1", setup["mono"], setup["meta"], setup["root"] / "run-s1.1", monkeypatch)
-    s12 = _train("evip-s1.2", s11, setup["meta"], setup["root"] / "run-s1.2", monkeypatch)
+    s11 = _train("evip-s1.1", setup["mono"], setup["meta"], setup["root"] / "run-s1.1", monkeypatch, steps=2)
+    s12 = _train("evip-s1.2", s11, setup["meta"], setup["root"] / "run-s1.2", monkeypatch, steps=1)
 
     prompts = ["The weather today is", "Describe a red circle in one sentence, please."]
     for ckpt in (s11, s12):
