@@ -255,6 +255,21 @@ def test_image_text_ratio_boundary():
     )
 
 
+def test_char_repetition_matches_substring_counting():
+    import math
+    from collections import Counter
+
+    def reference(text, n):  # the definition, with Python substrings
+        counts = sorted(Counter(text[i : i + n] for i in range(len(text) - n + 1)).values(), reverse=True)
+        k = min(int(math.sqrt(len(counts))), len(counts) - sum(1 for c in counts if c == 1))
+        return sum(counts[:k]) / sum(counts)
+
+    rng = random.Random(8)
+    for _ in range(20):
+        text = _prose(rng, rng.randrange(3, 80)) * rng.randrange(1, 4) + "é€😀"
+        assert F.char_repetition_ratio(text, 10) == pytest.approx(reference(text, 10))
+
+
 def test_obelics_measures():
     assert F.char_repetition_ratio("abcdefghijk", 10) == 0.0
     # two distinct 10-grams (46 and 45 times): the top sqrt(2) -> 1 of them counts

@@ -135,17 +135,22 @@ def _edit_paragraphs(doc: Document, keep_fn, image_aware: bool = False) -> Docum
         next_img = image_aware and i + 1 < n and doc.images[i + 1] is not None
         out = []
         last = len(paras) - 1
+        if image_aware and (prev_img or next_img):
+            cum = [0]  # lines before paragraph j: cum[j]; lines after it: cum[-1] - cum[j + 1]
+            for x in paras:
+                cum.append(cum[-1] + x.count("\n") + 1)
         for j, p in enumerate(paras):
+            far = 10**9
             ctx = {
                 "near_image": (prev_img and j == 0) or (next_img and j == last),
                 "after_image": prev_img and j == 0,
                 "before_image": next_img and j == last,
                 "lines_to_image": min(
-                    sum(x.count("\n") + 1 for x in paras[:j]) if prev_img else 10**9,
-                    sum(x.count("\n") + 1 for x in paras[j + 1 :]) if next_img else 10**9,
+                    cum[j] if prev_img else far,
+                    cum[-1] - cum[j + 1] if next_img else far,
                 )
-                if image_aware
-                else 10**9,
+                if image_aware and (prev_img or next_img)
+                else far,
             }
             r = keep_fn(p, ctx)
             if r:
@@ -595,6 +600,9 @@ _TRAILING_CF = re.compile(r"\s*\((?:cf\.|see)[^()]*\)\s*$", re.I)
 _TRAILING_NAME_YEAR = re.compile(r"\s*\([A-Z][^()]{0,60},\s*\d{4}\)\s*$")
 _CITE = re.compile(r"\[(?:\d+(?:[,–-]\s*\d+)*|citation needed|edit|note \d+)\]", re.I)
 _UNDERLINES = re.compile(r"_{15,}")
+_LETTER_RE = re.compile(r"[^\W\d_]")
+_UPPER_RE = re.compile(r"[A-ZÀ-ÖØ-ÞΑ-ΩА-Я]")  # Latin, Greek and Cyrillic capitals
+_DIGIT_RE = re.compile(r"\d")
 SIGN_IN_PHRASES = ("sign in", "sign-in", "signin", "sign up", "sign-up", "log in", "login", "read more", "item in cart", "items in cart", "add to cart", "subscribe now")  # fmt: skip
 HEADER_FOOTER_PHRASES = (
     "all rights reserved", "copyright ©", "© copyright", "terms of service", "terms and conditions",
@@ -699,11 +707,11 @@ class OmniCorpusEnglish(TextStep):
             return None
         if low.startswith(SOURCE_STARTS):
             return None
-        letters = sum(1 for c in p if c.isalpha())
-        if letters and sum(1 for c in p if c.isupper()) / letters > self.max_uppercase_ratio and n > 1:
+        letters = len(_LETTER_RE.findall(p))
+        if letters and n > 1 and len(_UPPER_RE.findall(p)) / letters > self.max_uppercase_ratio:
             return None
         nonspace = len(p) - p.count(" ") - p.count("\n")
-        if nonspace and sum(1 for c in p if c.isdigit()) / nonspace > self.max_digit_ratio and not near:
+        if nonspace and not near and len(_DIGIT_RE.findall(p)) / nonspace > self.max_digit_ratio:
             return None
         if _SOCIAL_COUNTER.search(p):
             return None
@@ -817,14 +825,28 @@ OBELICS_PUNCTUATION = (".", ",", "!", "?", ";", ":", "…")
 
 
 def char_repetition_ratio(text: str, n: int) -> float:
-    """OBELICS/BigScience: share of the top sqrt(#distinct) repeated character n-grams."""
+    """OBELICS/BigScience: share of the top sqrt(#distinct) repeated character n-grams.
+
+    Character n-grams are 64-bit rolling keys of the code points (numpy), not Python substrings.
+    """
     if len(text) < n:
         return 0.0
-    counts = Counter(text[i : i + n] for i in range(len(text) - n + 1))
-    freqs = sorted(counts.values(), reverse=True)
-    ones = sum(1 for f in freqs if f == 1)
+    if len(text) < 512:  # short texts: Python substrings beat numpy's per-call overhead
+        counts = sorted(Counter(text[i : i + n] for i in range(len(text) - n + 1)).values(), reverse=True)
+        k = min(int(math.sqrt(len(counts))), len(counts) - counts.count(1))
+        return sum(counts[:k]) / sum(counts)
+    cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    m = len(cps) - n + 1
+    keys = cps[:m].copy()
+    with np.errstate(over="ignore"):
+        for j in range(1, n):
+            keys = keys * _NGramIndex._MUL ^ cps[j : j + m]
+    s = np.sort(keys)
+    starts = np.flatnonzero(np.concatenate(([True], s[1:] != s[:-1])))
+    freqs = np.sort(np.diff(np.concatenate((starts, [m]))))[::-1]
+    ones = int(np.count_nonzero(freqs == 1))
     k = min(int(math.sqrt(len(freqs))), len(freqs) - ones)
-    return sum(freqs[:k]) / sum(freqs)
+    return float(freqs[:k].sum()) / float(freqs.sum())
 
 
 def word_repetition_ratio(ws: list[str], n: int) -> float:
