@@ -230,3 +230,9 @@ def test_preformatted_text_keeps_indentation():
     doc = extract(html, url="http://e.org/")
     assert doc.texts[0] == "Code:\n\nint main() {\n    if (x)\n    return 1;\n}"
     assert doc.texts[2] == "After the code."
+
+
+def test_control_characters_in_the_page_are_not_markers():
+    html = "<p>a\x02 0\x03 b \x01 c\x04d\x05</p><img src='x.jpg'>"
+    doc = extract(html, url="http://e.org/")
+    assert doc.texts == ["a 0 b cd", None] and doc.image_urls == ["http://e.org/x.jpg"]

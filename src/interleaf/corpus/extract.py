@@ -88,6 +88,8 @@ _VOID |= frozenset(x.upper() for x in _VOID)
 _TAG = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9]*)")
 _IMG_MARK = re.compile("\x02(\\d+)\x03")
 PARA, LINE, IMG_OPEN, IMG_CLOSE, PRE = "\x01", "\x04", "\x02", "\x03", "\x05"
+_MARKERS = (PARA, LINE, IMG_OPEN, IMG_CLOSE, PRE)
+_MARKER_DELETE = dict.fromkeys(map(ord, _MARKERS))
 
 
 @dataclass
@@ -161,6 +163,8 @@ def _extract(page: RawPage, cfg: ExtractConfig) -> Document | Drop:
         html, _encoding = decode_html(raw, page.charset)
     except UndecodableError as exc:
         return Drop("undecodable_charset", str(exc))
+    if any(c in html for c in _MARKERS):  # our block/image markers must not come from the page
+        html = html.translate(_MARKER_DELETE)
     if html.count("<") > cfg.max_depth:
         depth = nesting_depth(html, stop_at=cfg.max_depth + 1)
         if depth > cfg.max_depth:
