@@ -211,3 +211,32 @@ def test_cli_train_smoke_and_bad_config(tiny_dir, meta, tmp_path, capsys):
     assert main(["train", str(cfg_path), "--set", "warmup=3"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown config key 'warmup'" in err
+
+
+def test_torchrun_ddp_two_processes_gloo(tiny_dir, meta, tmp_path):
+    """The multi-process path: torchrun, 2 CPU ranks, gloo, DDP; both ranks end with the same weights."""
+    import os
+    import subprocess
+    import sys
+
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(
+        f"model_path: {tiny_dir}\nmeta_path: {meta}\noutput_dir: {tmp_path / 'out'}\nmax_steps: 2\ndevice: cpu\n"
+        "max_packed_tokens: 160\nmax_seq_length: 160\nmax_dynamic_patch: 1\nsave_steps: 1\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "interleaf.cli"]
+    proc = subprocess.run(
+        [*cmd, "train", str(cfg_path)], capture_output=True, text=True, env=env, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("/checkpoint-2\n") == 1  # the path is printed by rank 0 only
+    state = torch.load(tmp_path / "out" / "checkpoint-2" / "train_state.pt", weights_only=False)
+    assert state["world_size"] == 2 and len(state["ranks"]) == 2
+    # each rank read its own shard of the data
+    assert (
+        state["ranks"][0]["data"] != state["ranks"][1]["data"]
+        or state["ranks"][0]["rng"] != state["ranks"][1]["rng"]
+    )
+    log = [json.loads(ln) for ln in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2]

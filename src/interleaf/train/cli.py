@@ -11,7 +11,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train a tiny InternVL from random weights on offline images, then quiz it (CPU, minutes)",
     )
     demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    demo.add_argument("--steps", type=int, default=600, help="training steps (default: 600)")
+    demo.add_argument("--steps", type=int, default=1500, help="training steps (default: 1500)")
     demo.add_argument(
         "--image-size", type=int, default=224, help="tile size in px (default 224; 448 = full size)"
     )
@@ -48,12 +48,15 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    import os
+
     from interleaf.train.config import load_config
     from interleaf.train.trainer import train
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg)
-    print(result["checkpoint"])
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(result["checkpoint"])
     return 0
 
 

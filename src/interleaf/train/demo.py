@@ -35,7 +35,7 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
 class DemoSettings:
     out: Path
     image_size: int = 224
-    steps: int = 600
+    steps: int = 1500
     seed: int = 0
     n_pairs: int = 1200
     n_shapes: int = 600
@@ -362,7 +362,7 @@ def _pick_threads() -> int:
 
 
 def run_demo(
-    out: str = "runs/demo", steps: int = 600, image_size: int = 224, seed: int = 0, log=print
+    out: str = "runs/demo", steps: int = 1500, image_size: int = 224, seed: int = 0, log=print
 ) -> dict[str, Any]:
     import torch
 
@@ -392,7 +392,7 @@ def run_demo(
             "max_seq_length": 1024,
             "max_dynamic_patch": 1,
             "loss_reduction": "token",
-            "lr": 1e-3,
+            "lr": 1.5e-3,
             "weight_decay": 0.01,
             "warmup_ratio": 0.05,
             "min_lr_ratio": 0.05,

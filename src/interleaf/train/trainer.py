@@ -540,6 +540,7 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(
             params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         )
+        lrs = {f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups if "no_decay" not in g["name"]}
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -551,7 +552,13 @@ class Trainer:
             )
             dist.all_reduce(t)
             total_loss, tokens, samples = float(t[0]) / self.world, int(t[1]), int(t[2])
-        return {"loss": total_loss, "grad_norm": float(grad_norm), "tokens": tokens, "samples": samples}
+        return {
+            "loss": total_loss,
+            "grad_norm": float(grad_norm),
+            "tokens": tokens,
+            "samples": samples,
+            **lrs,
+        }
 
     def train(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -577,11 +584,6 @@ class Trainer:
             tokens_total += stats["tokens"]
             self.losses.append((self.step, stats["loss"]))
             if self.is_main and (self.step % max(1, cfg.log_steps) == 0 or self.step == cfg.max_steps):
-                lrs = {
-                    f"lr_{g['name']}": g["lr"]
-                    for g in self.optimizer.param_groups
-                    if "no_decay" not in g["name"]
-                }
                 record = {
                     "step": self.step,
                     "loss": stats["loss"],
@@ -591,7 +593,7 @@ class Trainer:
                     "tokens_per_s": stats["tokens"] / dt,
                     "epoch": self.batcher.stream.epoch,
                     "skipped": self.skip_log.total,
-                    **lrs,
+                    **{k: v for k, v in stats.items() if k.startswith("lr_")},
                 }
                 with log_path.open("a") as fh:
                     fh.write(json.dumps(record) + "\n")
