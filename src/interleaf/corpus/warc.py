@@ -367,7 +367,7 @@ def _iter_fastwarc(path: str, start: int, size: int) -> Iterator[RawPage | ReadE
     with open(path, "rb") as fh:
         mm = _open_mmap(fh, gz)
         fh.seek(start)
-        it = iter(ArchiveIterator(fh, parse_http=False, stream_detect=True))
+        it = iter(ArchiveIterator(fh, parse_http=False))
         while True:
             in_read = False
             try:
