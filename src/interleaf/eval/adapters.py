@@ -129,31 +129,68 @@ class InterleafAdapter(Adapter):
     def _one(self, req: Request) -> str:
         return self.chat_model.chat(req.prompt, images=list(req.images) or None, **self._gen_kwargs(req))
 
+    def _tiles(self, req: Request) -> tuple[Any, list[int]]:
+        """Tiles of one request with its own budget (``batch_chat`` has one budget per batch)."""
+        from interleaf.processing.image import preprocess_images
+
+        chat = self.chat_model
+        settings = chat._image_settings(self._gen_kwargs(req)["max_num"])
+        return preprocess_images(list(req.images), **settings)
+
+    def _batch(self, reqs: Sequence[Request]) -> list[str]:
+        """One left-padded batch where every question keeps its own tile budget.
+
+        ``ChatModel.batch_chat`` applies one ``max_num`` to the whole batch; MMIU's budget depends
+        on each question's image count, so the batch is assembled here from ``ChatModel.prepare``
+        (preprocessed tiles) and handed to the same generator ``batch_chat`` uses.
+        """
+        import torch
+
+        chat = self.chat_model
+        rows, pixels = [], []
+        for r in reqs:
+            px, tiles = self._tiles(r) if r.images else (None, [])
+            _, ids, px, _ = chat.prepare(r.prompt, pixel_values=px, num_tiles=tiles or None)
+            rows.append(ids)
+            if px is not None:
+                pixels.append(px)
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), chat.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for k, ids in enumerate(rows):
+            input_ids[k, width - len(ids) :] = torch.tensor(ids)
+            mask[k, width - len(ids) :] = 1
+        gen = self._gen_kwargs(reqs[0])
+        gen.pop("max_num")
+        out = chat.generator.generate(
+            input_ids.to(chat.device),
+            mask.to(chat.device),
+            torch.cat(pixels).to(chat.device) if pixels else None,
+            config=chat._config(gen),
+        )
+        return [chat.decode_reply(t) for t in out.tokens]
+
     def generate(
         self, requests: Sequence[Request], batch_size: int = 8
     ) -> Iterator[tuple[int, str | Exception]]:
         if not requests:
             return
-        # Group requests that share generation settings, then cut into batches.
-        groups: dict[tuple, list[int]] = {}
+        # Batches share the number of new tokens (tile budgets may differ within a batch).
+        groups: dict[int, list[int]] = {}
         for i, r in enumerate(requests):
-            groups.setdefault((r.max_new_tokens, r.max_num, r.dynamic), []).append(i)
-        batch_fn = getattr(self.chat_model, "batch_chat", None)
+            groups.setdefault(r.max_new_tokens, []).append(i)
         for idxs in groups.values():
             for start in range(0, len(idxs), batch_size):
                 chunk = idxs[start : start + batch_size]
                 reqs = [requests[i] for i in chunk]
-                if batch_fn is not None and len(chunk) > 1:
+                if len(chunk) > 1:
                     try:
-                        outs = batch_fn(
-                            [r.prompt for r in reqs],
-                            images=[list(r.images) for r in reqs],
-                            **self._gen_kwargs(reqs[0]),
-                        )
-                        yield from zip(chunk, outs)
+                        yield from zip(chunk, self._batch(reqs))
                         continue
                     except Exception as exc:  # noqa: BLE001 - isolate the failing sample below
-                        self.notes.append(f"batch failed ({type(exc).__name__}: {exc}); answered one by one")
+                        self.notes.append(
+                            f"a batch failed ({type(exc).__name__}); its samples were answered one by one"
+                        )
                 for i, r in zip(chunk, reqs):
                     try:
                         yield i, self._one(r)
