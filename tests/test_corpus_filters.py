@@ -300,22 +300,43 @@ def test_omnicorpus_english_rules():
     rng = random.Random(7)
     body = [_prose(rng, 40) for _ in range(4)]
     noise = [
-        "Click here to subscribe to our newsletter and read more",
-        "SHOCKING NEWS FROM THE CITY TODAY EVERYONE",
-        "1,234 likes",
+        "Click here to sign up and read more",  # short + sign-in phrase
+        "Published by the City Desk team for our readers today",  # source credit
+        "1,234 likes",  # social counter
         "Advertisement",
-        "Posted by admin",
-        "Call us at (555) 123-4567 for details",
-        "By John Smith",
+        "Posted by admin on the site",  # <= 10 words ... "by" only counts at the start
+        "Call us at 555-123-4567 for details about the new homes and offers",  # phone number
+        "By John Smith and Jane Doe",  # byline
         "Things to do in the city this weekend with friends and family",
+        "Getty image",  # caption next to the image
+        "Updated on March 3, 2021 at 10:30 am by staff",  # date/time
     ]
-    d = _doc("\n\n".join([body[0], noise[0], noise[1], body[1], noise[2]]), ("img", "http://e.org/x.jpg"),
-             "\n\n".join([noise[3], body[2], noise[4], noise[5], noise[6], noise[7], body[3]]))  # fmt: skip
+    d = _doc(
+        "\n\n".join([body[0], noise[0], noise[1], body[1], noise[2], noise[8]]),
+        ("img", "http://e.org/x.jpg"),
+        "\n\n".join([noise[3], body[2], noise[5], noise[6], noise[7], noise[9], body[3]]),
+    )
     out = F.OmniCorpusEnglish()(d)
     assert not isinstance(out, Drop)
     paras = [p for t in out.texts if t is not None for p in t.split("\n\n")]
     assert paras == body
     assert out.images == [None, "http://e.org/x.jpg", None]
+    # upper-case and digit-heavy paragraphs go, unless an image is within 10 lines
+    shout = "SHOCKING NEWS FROM THE CITY TODAY EVERYONE SHOULD READ"
+    far = _doc("\n\n".join([body[0], shout, body[1], body[2], body[3]]))
+    assert shout not in F.OmniCorpusEnglish(min_doc_words=10)(far).text
+    near = _doc("\n\n".join([body[0], shout]), ("img", "http://e.org/x.jpg"), "\n\n".join(body[1:]))
+    assert shout in F.OmniCorpusEnglish(min_doc_words=10)(near).text
+    # numbered references at the end and their marks in the text
+    refs = _doc(
+        body[0] + " [1]", body[1], "[1] A. Author. A book about rivers. 2001.", ("img", "http://e.org/r.jpg")
+    )
+    out = F.OmniCorpusEnglish(min_doc_words=10)(refs)
+    assert out.texts[0] == body[0] and "[1]" not in out.text
+    # incomplete sentences at the edges of the document are trimmed
+    edges = _doc("A story of the river towns today", body[0], body[1] + " And then the river")
+    out = F.OmniCorpusEnglish(min_doc_words=10)(edges)
+    assert out.text == body[0] + "\n\n" + body[1]
     # document rules: short documents and image-heavy documents
     assert F.OmniCorpusEnglish()(_doc(_prose(rng, 30))).reason == "omnicorpus_word_count"
     many = _doc(_prose(rng, 120), *[("img", f"http://e.org/{i}.jpg") for i in range(3)])

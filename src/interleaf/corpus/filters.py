@@ -584,77 +584,99 @@ _FW_TERMINAL = tuple(
 # ---------------------------------------------------------------------------------------------
 # OmniCorpus English human-feedback rules
 # ---------------------------------------------------------------------------------------------
-_URL_RE = re.compile(r"(?:https?://|www\.)\S+", re.I)
-_PHONE_RE = re.compile(r"(?:\+?\d{1,3}[\s.-]?)?(?:\(\d{2,4}\)|\d{2,4})[\s.-]\d{3,4}[\s.-]\d{3,4}")
-_DATE_RE = re.compile(
-    r"\b(?:\d{1,2}[/.-]\d{1,2}[/.-]\d{2,4}|\d{4}-\d{2}-\d{2}|\d{1,2}:\d{2}(?:\s?[ap]\.?m\.?)?|"
-    r"(?:jan|feb|mar|apr|may|jun|jul|aug|sep|sept|oct|nov|dec)[a-z]*\.?\s+\d{1,2}(?:st|nd|rd|th)?,?\s+\d{4})\b",
-    re.I,
+# Rule parameters as published with the rules (OpenGVLab/OmniCorpus human_feedback_textfiltering);
+# each list is a constructor argument, so a config can replace it.
+OMNI_CAPTION_WORDS = ("download", "load", "getty", "image", "photo", "source")
+OMNI_HEADER_FOOTER_KEYWORDS = (
+    "We appreciate your help to end bad business websites", "Not Your Average WordPress Web Design Agency",
+    "Subscribe to receive exclusive content and notifications", "Services", "Any questions?",
+    "Downloadable software products", "Some health and personal care items",
+    "Please contact us through our Contact Us page to open a return ticket.", "Top image", "Like Liked",
+    "Looking for", "How do I login to my zoom account", "Watch on YouTube", "Contact Information",
+    "Read More", "Showing 1–9 of 7361 results", "Call Us", "There are no reviews yet", "Related Fellow",
+    "Want More", "More information", "Login and Registration", "Google+", "YouTube", "Subscribe",
+    "Available for you in", "Sign in", "view details", "ID #", "Thank you so much for reading",
+)  # fmt: skip
+OMNI_UNFINISHED_PHRASES = (
+    "read more", "more words", "read next", "learn more", "see this article", "click here", "continue reading",
+    "read full article", "see more", "click to view details", "read the rest", "expand", "show more",
+    "continue browsing", "read next section", "view full content", "read on", "see remaining",
+    "continue watching", "explore more",
+)  # fmt: skip
+OMNI_COUNTER_ENDINGS = ("likes", "followers", "subscribes", "share", "comments", "comments:", "dislikes", "comment", "comment.")  # fmt: skip
+OMNI_SOCIAL_ENDINGS = (
+    "references", "like", "likes", "share", "shares", "comment", "comments", "review", "reviews", "reviews about",
+    "call us at", "email us at", "more images", "users online", "copyright", "subscribe", "subscribes",
+)  # fmt: skip
+OMNI_SOCIAL_CONTAINS = ("for more info", "for more detail", "top threads", "most read", "most viewed", "most shared", "most liked", "more here")  # fmt: skip
+OMNI_SHORT_PATTERNS = ("sign-in", "sign in", "sign up", "read more", "item in cart")
+OMNI_STOPWORDS = frozenset(["the", "is", "are", "am", "to", "of", "and", "that", "have", "with"])
+
+_NEWLINE_KEEP_AFTER = ".!?:;)'\""
+_DOWNLOAD_RE = re.compile(r"for details on the|the link is", re.I)
+_SOURCE_RE = re.compile(r"^special thanks|published\s*by|all\s*photo\s*credits\s*and\s*copyright", re.I)
+_SOURCE_END_RE = re.compile(r"\(cf\..*?\)$|\([\w\s&,]+\s*,\s*\d{4,}\)$")
+_URL_RE = re.compile(
+    r"\b(?:https?|ftp|file)://\S*[\w/#=&%~+-]|\b[A-Za-z0-9][\w-]+(?:[@.][A-Za-z0-9][\w/-]+){2,}/?", re.I
 )
-_SOCIAL_COUNTER = re.compile(
-    r"\d[\d,.]*\s*[kKmM]?\s*(?:likes?|followers?|following|shares?|comments?|views?|retweets?|subscribers?|"
-    r"reactions?|votes?|replies|reposts?)\s*$",
-    re.I,
-)
-_TRAILING_CF = re.compile(r"\s*\((?:cf\.|see)[^()]*\)\s*$", re.I)
-_TRAILING_NAME_YEAR = re.compile(r"\s*\([A-Z][^()]{0,60},\s*\d{4}\)\s*$")
-_CITE = re.compile(r"\[(?:\d+(?:[,–-]\s*\d+)*|citation needed|edit|note \d+)\]", re.I)
 _UNDERLINES = re.compile(r"_{15,}")
-_LETTER_RE = re.compile(r"[^\W\d_]")
 _UPPER_RE = re.compile(r"[A-ZÀ-ÖØ-ÞΑ-ΩА-Я]")  # Latin, Greek and Cyrillic capitals
 _DIGIT_RE = re.compile(r"\d")
-SIGN_IN_PHRASES = ("sign in", "sign-in", "signin", "sign up", "sign-up", "log in", "login", "read more", "item in cart", "items in cart", "add to cart", "subscribe now")  # fmt: skip
-HEADER_FOOTER_PHRASES = (
-    "all rights reserved", "copyright ©", "© copyright", "terms of service", "terms and conditions",
-    "terms of use", "privacy policy", "cookie policy", "cookie settings", "skip to content",
-    "skip to main content", "back to top", "powered by", "site map", "sitemap", "contact us",
-    "follow us on", "like us on facebook", "share this article", "share on facebook",
-    "share on twitter", "subscribe to our newsletter", "sign up for our newsletter",
-    "leave a comment", "leave a reply", "previous post", "next post", "posted in", "filed under",
-    "related posts", "you may also like", "accept cookies",
+_WORDCHARS_RE = re.compile(r"\w+")
+_SENTENCE_SPLIT = re.compile(r"(?<=[.?!])\s")
+_MONTHS = r"(?:January|February|March|April|May|June|July|August|September|October|November|December)"
+_MON = r"(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
+_TIME_PATTERNS = (
+    rf"{_MONTHS}\s\d{{1,2}},\s\d{{4}}", rf"{_MON}\s\d{{1,2}},\s\d{{4}}", rf"\d{{1,2}}\s{_MON}\s\d{{4}}",
+    r"\b\d{1,2}[:.]\d{2}\s*(?:a|p)?\.?m\.?\b", r"\b(?:[01]?\d|2[0-3]):[0-5]\d(?::[0-5]\d)?\b",
+    r"\b(?:[01]?\d|2[0-3])(?::[0-5]\d)?[ap]\.?m\.?\b",
 )  # fmt: skip
-READ_MORE_ENDINGS = (
-    "read more", "read more.", "click here", "click here.", "continue reading", "learn more",
-    "see more", "view more", "show more", "load more", "read the full story", "read full article",
-    "full story", "more info", "find out more", "see details", "view details", "read on",
-    "keep reading", "watch the video", "…", "...",
+_PHONE_RE = re.compile(r"\d{3}-\d{3}-\d{4}|\(\d{3}\)\s?\d{3}-\d{4}")
+_TIME_RE = re.compile("|".join(_TIME_PATTERNS))
+_PHOTO_CREDIT_RE = re.compile(r"\(Photo:[A-Za-z,\s]{0,20}\)")
+# short "leaf" lines that are bylines, dates, handles, e-mails, phone numbers or links
+_LEAF_RE = re.compile(
+    "|".join(
+        (r"published on", r"published by", r"\d{4}-\d{2}-\d{2}", r"\d{2}-\d{2}-\d{2}", r"\d{4}/\d{2}/\d{2}",
+         r"\d{2}/\d{2}/\d{4}", r"@[A-Za-z0-9_]+", r"\b[\w.%+-]+@[\w.-]+\.[A-Za-z]{2,}\b", r"\d{3}-\d{3}-\d{4}",
+         r"https?://[\w.%-]+") + _TIME_PATTERNS
+    )
 )  # fmt: skip
-SOCIAL_ENDINGS = (
-    "references", "like", "likes", "share", "shares", "comment", "comments", "review", "reviews",
-    "copyright", "subscribe", "follow", "tweet", "pin it", "email", "print", "reply",
-)  # fmt: skip
-SOCIAL_CONTAINS = ("for more info", "most viewed", "most popular", "trending now", "related articles")
-CAPTION_WORDS = ("download", "load", "getty", "image", "photo", "source", "credit", "shutterstock")
-SOURCE_STARTS = (
-    "special thanks",
-    "published by",
-    "all photo credits and copyright",
-    "photo credit",
-    "image credit",
-)
-DOWNLOAD_PHRASES = ("for details on the", "the link is")
-HF_STOPWORDS = frozenset(["the", "is", "are", "am", "to", "of", "and", "that", "have", "with"])
+_REF_ITEM_RE = re.compile(r"\[\d{1,2}\]\s.*\.")
+_REF_MARK_RE = re.compile(r"\s\[\d{1,2}\]")
 
 
 class OmniCorpusEnglish(TextStep):
-    """OmniCorpus English human-feedback rules (``human_feedback_textfiltering``), main rules.
+    """OmniCorpus English human-feedback rules (``human_feedback_textfiltering/run.py``), in order.
 
-    Paragraph level (applied to the paragraphs of every text node, up to ``max_passes`` times
-    until nothing changes): split at runs of >= 15 underscores; strip "[Video]", URLs, citation
-    marks and trailing "(cf. ...)" / "(Name, YYYY)"; drop paragraphs that are download-link notes,
-    source credits, > 80% upper-case letters, > 80% digits (kept within 10 lines of an image),
-    social-media counters, one word (kept next to an image), <= 10 words with sign-in/read-more
-    phrases, header/footer phrases or < 10 characters, read-more/click-here endings, image captions
-    (< 8 words next to an image with download/getty/image/photo/source...), "advertisement",
-    <= 4 words ("too short"), "Things to do..." items, social endings/phrases, a phone number with
-    < 80 words, a date/time with < 20 words, "By ..." / "(Photo: ...)" with < 10 words.
+    Applied to the paragraphs of the text nodes (a paragraph plays the role of the rules' ``<p>``;
+    images are the ``<graphic>`` elements), up to ``max_passes`` times until nothing changes:
 
-    Document level (text only): words in [50, 100000], mean word length in [3, 10], > 80% of
-    words with a letter, >= 2 of {the, is, are, am, to, of, and, that, have, with}; > 2 images with
-    < 50 words per image dropped; longest paragraph < 35 words and mean < 12 words dropped.
-    Flagged-word (porn) rules run only with ``flagged_words``. Heading-level (``rend``) rules and
-    incomplete-sentence trimming (``trim_incomplete_sentences``, 16.7% false positives in the
-    paper's Table 11) are off by default.
+    1. join lines that do not end in ``.!?:;)'"``; split at runs of >= 15 underscores; drop
+       "[Video]"; trim incomplete sentences at the start and end of the document;
+    2. drop a paragraph that: mentions a download link ("For details on the", "the link is"); is a
+       source credit ("Special thanks...", "published by", "All photo credits and copyright",
+       ends in "(cf. ...)" or "(Name, YYYY)"); has > 80% upper-case or > 80% digit characters
+       (kept within 10 lines of an image); ends in a social counter (likes/followers/share/...);
+       is one word (kept within 10 lines of an image); has <= 10 words and sign-in/read-more/cart
+       phrases; has flagged words >= 2% (with ``flagged_words``); contains a header/footer keyword
+       or has < 10 characters; ends unfinished ("read more", "click here", ... 20 phrases); is a
+       short caption (< 8 words) next to an image with download/load/getty/image/photo/source;
+       is "advertisement"; has <= 2, then <= 4 words; starts "Things to do"; is a short (< 10
+       words) byline/date/handle/e-mail/phone/link line; ends in a social ending ("share",
+       "comments", "subscribe", ...) or contains "most viewed"-like phrases; has a phone number
+       (< 80 words), a date/time (< 20 words), or starts "By "/"(Photo: ...)" (< 10 words);
+    3. citations: trailing "[n] ..." reference lists (and " [n]" marks in the text), everything
+       from a short "reference" paragraph in the last quarter on, "sponsored" paragraphs, and a
+       last paragraph wholly in parentheses are removed; URLs are stripped;
+    4. images whose source is empty or an ``.html`` page are removed.
+
+    Document level (text only, on the result): 50..100000 tokens with mean length 3..10; > 80% of
+    tokens with a letter; >= 2 occurrences of {the, is, are, am, to, of, and, that, have, with};
+    with > 2 images, >= 50 words per image; longest paragraph >= 35 words or mean >= 12 words.
+    Not implemented: heading-level (``rend``) rules and the Merriam-Webster special case (the
+    document keeps no markup); the flagged-word rules need ``flagged_words``. Lines inside a
+    paragraph are judged with it (the rules also look at single ``<lb>`` lines).
     """
 
     name = "omnicorpus_en"
@@ -664,10 +686,12 @@ class OmniCorpusEnglish(TextStep):
         max_uppercase_ratio: float = 0.8,
         max_digit_ratio: float = 0.8,
         image_proximity_lines: int = 10,
-        short_signin_words: int = 10,
+        short_pattern_words: int = 10,
         min_paragraph_chars: int = 10,
         caption_max_words: int = 8,
-        min_paragraph_words: int = 5,
+        very_short_words: int = 2,
+        too_short_words: int = 4,
+        leaf_max_words: int = 10,
         phone_max_words: int = 80,
         date_max_words: int = 20,
         byline_max_words: int = 10,
@@ -681,75 +705,161 @@ class OmniCorpusEnglish(TextStep):
         min_words_per_image: float = 50,
         min_max_paragraph_words: int = 35,
         min_mean_paragraph_words: float = 12,
+        join_broken_lines: bool = True,
+        trim_incomplete_sentences: bool = True,
         flagged_words: list[str] | None = None,
         max_flagged_ratio: float = 0.02,
-        trim_incomplete_sentences: bool = False,
+        header_footer_keywords: list[str] | None = None,
+        caption_words: list[str] | None = None,
+        unfinished_phrases: list[str] | None = None,
         max_passes: int = 3,
     ) -> None:
         super().__init__(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
         self._flagged = frozenset(w.lower() for w in flagged_words) if flagged_words else None
+        self._hf = tuple(
+            header_footer_keywords if header_footer_keywords is not None else OMNI_HEADER_FOOTER_KEYWORDS
+        )
+        self._captions = tuple(caption_words if caption_words is not None else OMNI_CAPTION_WORDS)
+        phrases = unfinished_phrases if unfinished_phrases is not None else OMNI_UNFINISHED_PHRASES
+        self._unfinished = [p.lower() for p in phrases]
+        self._unfinished_re = (
+            re.compile(r"\b(?:" + "|".join(re.escape(p) for p in self._unfinished) + r")\b", re.I)
+            if self._unfinished
+            else None
+        )
 
     # -- paragraph rules ---------------------------------------------------------------------
+    def _unfinished_end(self, p: str) -> bool:
+        """The paragraph ends in a "read more"-style phrase (the rules' ``Is_finished`` test)."""
+        if self._unfinished_re is None or not self._unfinished_re.search(p):
+            return False
+        sentences = _SENTENCE_SPLIT.split(p)
+        last = sentences[-1].strip()
+        low = last.lower()
+        for phrase in self._unfinished:
+            at = low.rfind(phrase)
+            if at < 0 or not re.search(rf"\b{re.escape(phrase)}\b", low):
+                continue
+            if last and last[-1] not in ".!?" and not re.search(r"[a-z0-9]", low[at + len(phrase) :]):
+                return True
+            if len(sentences) == 1:
+                return True
+        return False
+
     def _paragraph(self, p: str, ctx: dict) -> str | None:
-        p = p.replace("[Video]", "").replace("[video]", "")
-        p = _URL_RE.sub("", p)
-        p = _CITE.sub("", p)
-        p = _TRAILING_CF.sub("", p)
-        p = _TRAILING_NAME_YEAR.sub("", p)
-        p = "\n".join(" ".join(ln.split()) for ln in p.split("\n")).strip()
+        if self.join_broken_lines and "\n" in p:
+            lines = p.split("\n")
+            out = [lines[0]]
+            for ln in lines[1:]:
+                prev = out[-1].rstrip()
+                if prev and prev[-1] in _NEWLINE_KEEP_AFTER:
+                    out.append(ln)
+                else:
+                    out[-1] = prev + " " + ln.lstrip()
+            p = "\n".join(out)
+        p = p.replace("[Video]", "").strip()
         if not p:
             return None
         low = p.lower()
         ws = p.split()
         n = len(ws)
         near = ctx["lines_to_image"] <= self.image_proximity_lines
-        if any(x in low for x in DOWNLOAD_PHRASES):
+        if _DOWNLOAD_RE.search(p) or _SOURCE_RE.search(p) or _SOURCE_END_RE.search(p):
             return None
-        if low.startswith(SOURCE_STARTS):
+        nonspace = len(p) - sum(p.count(c) for c in " \n\t")
+        if not near and nonspace and len(_UPPER_RE.findall(p)) / nonspace > self.max_uppercase_ratio:
             return None
-        letters = len(_LETTER_RE.findall(p))
-        if letters and n > 1 and len(_UPPER_RE.findall(p)) / letters > self.max_uppercase_ratio:
+        if not near and len(_DIGIT_RE.findall(p)) / len(p) > self.max_digit_ratio:
             return None
-        nonspace = len(p) - p.count(" ") - p.count("\n")
-        if nonspace and not near and len(_DIGIT_RE.findall(p)) / nonspace > self.max_digit_ratio:
+        if low.endswith(OMNI_COUNTER_ENDINGS):
             return None
-        if _SOCIAL_COUNTER.search(p):
+        if n == 1 and not near:
             return None
-        if n == 1 and not ctx["near_image"]:
-            return None
-        if n <= self.short_signin_words and any(x in low for x in SIGN_IN_PHRASES):
-            return None
-        if len(p) < self.min_paragraph_chars or any(x in low for x in HEADER_FOOTER_PHRASES):
-            return None
-        stripped = low.rstrip(" .!:>»")
-        if low.endswith(READ_MORE_ENDINGS) or stripped.endswith(READ_MORE_ENDINGS):
-            return None
-        if ctx["near_image"] and n < self.caption_max_words and any(x in low for x in CAPTION_WORDS):
-            return None
-        if low.strip(" .!:") == "advertisement":
-            return None
-        if n < self.min_paragraph_words:
-            return None
-        if low.startswith("things to do"):
-            return None
-        if stripped.endswith(SOCIAL_ENDINGS) and n < 20 or any(x in low for x in SOCIAL_CONTAINS):
-            return None
-        if n < self.phone_max_words and _PHONE_RE.search(p):
-            return None
-        if n < self.date_max_words and _DATE_RE.search(p):
-            return None
-        if n < self.byline_max_words and (p.startswith("By ") or low.startswith("(photo:")):
+        if n <= self.short_pattern_words and any(x in low for x in OMNI_SHORT_PATTERNS):
             return None
         if self._flagged is not None:
             ow = obelics_words(p)
             if ow and sum(1 for w in ow if w in self._flagged) / len(ow) >= self.max_flagged_ratio:
                 return None
+        if len(p) < self.min_paragraph_chars or any(k in p for k in self._hf):
+            return None
+        if self._unfinished_end(p):
+            return None
+        p = _URL_RE.sub("", p).strip()
+        if not p:
+            return None
+        low = p.lower()
+        if (ctx["after_image"] or ctx["before_image"]) and len(
+            _WORDCHARS_RE.findall(low)
+        ) < self.caption_max_words:
+            if any(w in low for w in self._captions):
+                return None
+        if low == "advertisement":
+            return None
+        n = len(p.split())
+        if n <= self.very_short_words or n <= self.too_short_words:
+            return None
+        if p.startswith("Things to do"):
+            return None
+        n_sp = len(p.split(" "))
+        if n_sp < self.leaf_max_words and _LEAF_RE.search(p):
+            return None
+        stripped = low.rstrip().rstrip(":").rstrip()
+        if stripped.endswith(OMNI_SOCIAL_ENDINGS) or any(x in low for x in OMNI_SOCIAL_CONTAINS):
+            return None
+        if n_sp < self.phone_max_words and _PHONE_RE.search(p):
+            return None
+        if n_sp < self.date_max_words and _TIME_RE.search(p):
+            return None
+        if n_sp < self.byline_max_words and (low.strip().startswith("by ") or _PHOTO_CREDIT_RE.search(p)):
+            return None
+        return p
+
+    # -- document-wide paragraph rules -------------------------------------------------------
+    def _document_edits(self, doc: Document) -> Document:
+        """Reference lists, "sponsored"/"reference" tails, a closing parenthesised note, sentence trims."""
+        spots = [(i, j) for i, t in enumerate(doc.texts) if t is not None for j in range(len(_paragraphs(t)))]
+        if not spots:
+            return doc
+        paras = {i: _paragraphs(t) for i, t in enumerate(doc.texts) if t is not None}
+        flat = [paras[i][j] for i, j in spots]
+        drop = [False] * len(flat)
+        # numbered reference list at the end: drop it and the [n] marks in the text
+        refs = [k for k, p in enumerate(flat) if _REF_ITEM_RE.match(p)]
+        strip_marks = bool(refs) and refs[-1] >= len(flat) - 5
+        if strip_marks:
+            for k in refs:
+                drop[k] = True
+        # "reference" heading in the last quarter (everywhere in short documents): cut from there
+        start = len(flat) - len(flat) // 4 if len(flat) > 20 else 0
+        cut = False
+        for k in range(start, len(flat)):
+            p = flat[k]
+            if not cut and len(p.split(" ")) < 10 and "reference" in p.lower():
+                cut = True
+            if cut or "sponsore" in p.lower():
+                drop[k] = True
+        # a last paragraph wholly in parentheses is a disclaimer
+        last = max((k for k in range(len(flat)) if not drop[k]), default=None)
+        if last is not None and flat[last].startswith("(") and flat[last].endswith(")"):
+            drop[last] = True
         if self.trim_incomplete_sentences:
-            p = _trim_incomplete(p)
-        return p or None
+            _trim_document_edges(flat, drop)
+        new_texts = list(doc.texts)
+        for i in paras:
+            kept = [flat[k] for k, (ii, _j) in enumerate(spots) if ii == i and not drop[k] and flat[k]]
+            if strip_marks:
+                kept = [_REF_MARK_RE.sub("", p) for p in kept]
+            new_texts[i] = "\n\n".join(kept) if kept else None
+        keep = [not (t is None and x is None) for t, x in zip(new_texts, doc.images)]
+        return Document(
+            texts=[t for t, k in zip(new_texts, keep) if k],
+            images=[x for x, k in zip(doc.images, keep) if k],
+            metadata=[m for m, k in zip(doc.metadata, keep) if k],
+            general_metadata=doc.general_metadata,
+        )
 
     def process(self, doc: Document) -> Document | Drop:
-        # split at underscore rulers first: they separate paragraphs that the page ran together
         if any(t is not None and "_" * 15 in t for t in doc.texts):
             doc = Document(
                 texts=[_UNDERLINES.sub("\n\n", t) if t is not None else None for t in doc.texts],
@@ -757,19 +867,16 @@ class OmniCorpusEnglish(TextStep):
                 metadata=doc.metadata,
                 general_metadata=doc.general_metadata,
             )
-        # images whose src is empty or a web page are not images
-        bad = [
-            i
-            for i, x in enumerate(doc.images)
-            if x is not None and (not x or x.lower().endswith((".html", ".htm")))
-        ]
+        bad = {
+            i for i, x in enumerate(doc.images) if x is not None and (not x or x.lower().endswith(".html"))
+        }
         if bad:
-            keep = [i not in set(bad) for i in range(len(doc.texts))]
             self.remove_image("omnicorpus_bad_image_src", len(bad))
-            doc = doc.select(keep)
+            doc = doc.select([i not in bad for i in range(len(doc.texts))])
         for _ in range(self.max_passes):
             new = _edit_paragraphs(doc, self._paragraph, image_aware=True)
-            changed = new.texts != doc.texts
+            new = self._document_edits(new)
+            changed = new.texts != doc.texts or new.images != doc.images
             doc = new
             if not changed:
                 break
@@ -778,26 +885,26 @@ class OmniCorpusEnglish(TextStep):
     # -- document rules ----------------------------------------------------------------------
     def _document(self, doc: Document) -> Document | Drop:
         text = doc.text
-        ws = [w for w in text.split() if w.strip(PUNCTUATION)]
-        n = len(ws)
-        if not self.min_doc_words <= n <= self.max_doc_words:
-            return Drop("omnicorpus_word_count", f"{n} words")
-        mean = sum(map(len, ws)) / n
+        toks = words(text)
+        n = len(toks)
+        if n == 0 or not self.min_doc_words <= n <= self.max_doc_words:
+            return Drop("omnicorpus_word_count", f"{n} tokens")
+        mean = sum(map(len, toks)) / n
         if not self.min_mean_word_length <= mean <= self.max_mean_word_length:
             return Drop("omnicorpus_mean_word_length", f"{mean:.2f}")
-        alpha = sum(1 for w in ws if _has_alpha(w))
+        alpha = sum(1 for w in toks if w.isalpha() or _has_alpha(w))
         if alpha / n <= self.min_alpha_words_ratio:
             return Drop("omnicorpus_alpha_words", f"{alpha / n:.2f}")
-        low = {w.lower().strip(PUNCTUATION) for w in ws}
-        if len(HF_STOPWORDS & low) < self.min_stop_words:
+        if sum(1 for w in toks if w in OMNI_STOPWORDS) < self.min_stop_words:
             return Drop("omnicorpus_stop_words")
         if self._flagged is not None:
             ow = obelics_words(text)
             if ow and sum(1 for w in ow if w in self._flagged) / len(ow) > self.max_flagged_ratio:
                 return Drop("omnicorpus_flagged_words")
         n_img = doc.n_images
-        if n_img > self.max_images_without_ratio and n / n_img < self.min_words_per_image:
-            return Drop("omnicorpus_image_text_ratio", f"{n} words, {n_img} images")
+        n_words = len(text.split())
+        if n_img > self.max_images_without_ratio and n_words / n_img < self.min_words_per_image:
+            return Drop("omnicorpus_image_text_ratio", f"{n_words} words, {n_img} images")
         lengths = [len(p.split()) for t in doc.texts if t is not None for p in _paragraphs(t)]
         if (
             lengths
@@ -808,14 +915,35 @@ class OmniCorpusEnglish(TextStep):
         return doc
 
 
-def _trim_incomplete(p: str) -> str:
-    """Drop a first sentence starting in lower case and a last one without terminal punctuation."""
-    sents = re.split(r"(?<=[.!?])\s+", p)
-    if len(sents) > 1 and sents[0][:1].islower():
-        sents = sents[1:]
-    if len(sents) > 1 and not sents[-1].rstrip().endswith((".", "!", "?", '"', "'", ")")):
-        sents = sents[:-1]
-    return " ".join(sents)
+_SENT_PIECES = re.compile(r"((?<![A-Z][a-z]\.)(?<=[.?!])[\"']?\s)")  # sentence ends, not after "Mr."
+_COMPLETE_END = (".", "!", "?", "”", '"')
+
+
+def _trim_document_edges(flat: list[str], drop: list[bool]) -> None:
+    """Remove incomplete sentences before the document's first complete one and after its last one.
+
+    From the start, sentences that do not end in . ! ? or a closing quote are dropped, paragraph
+    after paragraph, until a paragraph keeps something; the same from the end.
+    """
+    order = [k for k in range(len(flat)) if not drop[k]]
+    for k in order:
+        pieces = _SENT_PIECES.split(flat[k])  # sentences at even, separators at odd indices
+        first = next(
+            (i for i in range(0, len(pieces), 2) if pieces[i].rstrip().endswith(_COMPLETE_END)), None
+        )
+        flat[k] = "" if first is None else "".join(pieces[first:]).strip()
+        if flat[k]:
+            break
+    for k in reversed(order):
+        if not flat[k]:
+            continue
+        pieces = _SENT_PIECES.split(flat[k])
+        last = next(
+            (i for i in range(len(pieces) - 1, -1, -2) if pieces[i].rstrip().endswith(_COMPLETE_END)), None
+        )
+        flat[k] = "" if last is None else "".join(pieces[: last + 1]).strip()
+        if flat[k]:
+            break
 
 
 # ---------------------------------------------------------------------------------------------
