@@ -58,15 +58,23 @@ SPECIAL_CHARACTERS = (
     PUNCTUATION + string.digits + string.whitespace + "\u00a0\u200b\ufffd©®™°§¶×÷±€£¥¢¤★☆●■◆►▼▲→←↑↓✓♥"
 )
 _SPECIAL_DELETE = str.maketrans("", "", SPECIAL_CHARACTERS)
-# English function words (our list; OBELICS uses a longer published list)
+# English function words (our list; OBELICS uses a longer published list of the same kind)
 STOPWORDS_EN = frozenset(
-    """a about above after again against all am an and any are as at be because been before being
-    below between both but by can could did do does doing down during each few for from further had
-    has have having he her here hers herself him himself his how i if in into is it its itself just
-    me more most my myself no nor not now of off on once only or other our ours ourselves out over own
-    same she should so some such than that the their theirs them themselves then there these they
-    this those through to too under until up very was we were what when where which while who whom
-    why will with would you your yours yourself yourselves""".split()
+    """a about above across after afterwards again against ago ahead all almost along alongside already
+    also although always am among amongst an and another any anybody anyone anything anyway are around
+    as aside at away back be became because become becomes been before behind being below beneath beside
+    besides between beyond both but by can cannot could did do does doing done down due during each
+    either else even ever every everybody everyone everything except few for from further get gets
+    getting got had has have having he her here hers herself him himself his how however i if in
+    including inside instead into is it it's its itself just least less like made many may me might
+    mine more most much must my myself near nearly neither never next no nobody none nor not nothing
+    now of off often on once one only onto or other others otherwise our ours ourselves out outside
+    over own per perhaps plus quite rather same several shall she should since so some somebody
+    someone something sometimes such than that the their theirs them themselves then there therefore
+    these they this those though through throughout thus till to together too toward towards under
+    underneath unless unlike until up upon us use used very via was we well were what whatever when
+    whenever where whereas wherever whether which while who whoever whom whose why will with within
+    without would yet you your yours yourself yourselves""".split()
 )
 
 
