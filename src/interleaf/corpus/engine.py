@@ -559,9 +559,11 @@ def compute_dedup(cfg: dict, keys: list[dict], sigs: np.ndarray, band_edges_fn=N
     urls = [k.get("url") for k in keys]
     dates = [k.get("crawl_date") for k in keys]
     ids = np.arange(n, dtype=np.int64)
+    t0 = time.perf_counter()
     url_surv = D.url_duplicates(urls, dates) if cfg["dedup"]["url"]["enabled"] else ids.copy()
     alive = url_surv == ids
     mh_surv = ids.copy()
+    t1 = time.perf_counter()
     if cfg["dedup"]["minhash"]["enabled"] and n:
         mcfg = P.minhash_config(cfg)
         valid = alive & D.has_shingles(sigs)
@@ -575,10 +577,12 @@ def compute_dedup(cfg: dict, keys: list[dict], sigs: np.ndarray, band_edges_fn=N
         alive &= mh_surv == ids
     banned: list[str] = []
     ic = cfg["dedup"]["image_urls"]
+    t2 = time.perf_counter()
     if ic["enabled"]:
         kept_lists = (keys[i]["images"] for i in range(n) if alive[i])
         banned = sorted(D.frequent_image_urls(kept_lists, int(ic["max_occurrences"])))
-    return {"url": url_surv, "minhash": mh_surv, "banned_images": banned}
+    timings = {"dedup_url": t1 - t0, "dedup_minhash": t2 - t1, "dedup_image_urls": time.perf_counter() - t2}
+    return {"url": url_surv, "minhash": mh_surv, "banned_images": banned, "timings": timings}
 
 
 def dedup_dir(out: Path) -> Path:
@@ -593,6 +597,7 @@ def commit_dedup(out: Path, decisions: dict, counts: list[int]) -> None:
     tmp.mkdir(parents=True)
     np.savez(tmp / "decisions.npz", url=decisions["url"], minhash=decisions["minhash"], counts=counts)
     (tmp / "banned_images.json").write_text(json.dumps(decisions["banned_images"]), encoding="utf-8")
+    (tmp / "timings.json").write_text(json.dumps(decisions.get("timings", {})), encoding="utf-8")
     os.rename(tmp, final)
 
 
@@ -662,6 +667,7 @@ def finalize_shard(out: Path, cfg: dict, shard: int, decisions: dict) -> dict:
         st_img.docs_out += 1
         st_img.images_out += doc.n_images
         kept_docs.append(doc)
+    t_write = time.perf_counter()
     write = book.get("write")
     write.docs_in = write.docs_out = len(kept_docs)
     write.images_in = write.images_out = sum(d.n_images for d in kept_docs)
@@ -674,6 +680,7 @@ def finalize_shard(out: Path, cfg: dict, shard: int, decisions: dict) -> dict:
     write_documents(data_dir / f"part-{shard:05d}.{ext}", kept_docs, fmt, cfg["write"]["layout"])
     _atomic_write(ex_dir / f"part-{shard:05d}.jsonl", _jsonl(excluded))
     _atomic_write(err_dir / f"part-{shard:05d}.jsonl", _jsonl(errors))
+    write.time_s = time.perf_counter() - t_write
     s1 = json.loads((src / "stats.json").read_text(encoding="utf-8"))
     summary = {
         "shard": shard,
@@ -844,6 +851,10 @@ def write_summary(plan: RunPlan, n_shards: int) -> dict:
         for k in totals:
             totals[k] += d[k]
         book.merge(StatsBook.from_list(d["stats"]))
+    tpath = dedup_dir(plan.out) / "timings.json"
+    if tpath.exists():  # the global dedup phase's own time, per stage
+        for name, t in json.loads(tpath.read_text()).items():
+            book.get(name).time_s += t
     order = list(P.STAGE_ORDER)
     stages = sorted(book.stages.values(), key=lambda st: _stage_rank(st.name, order))
     balanced = totals["records"] == totals["docs_out"] + totals["excluded"] + totals["errors"]
