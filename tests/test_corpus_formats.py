@@ -170,3 +170,16 @@ def test_original_mmc4_rows():
         ("http://e.org/a.jpg", 0),
     }
     assert F.row_to_document(row) == d  # read_corpus recognises MMC4 rows by their text_list
+
+
+def test_obelics_rows_without_id_get_a_stable_one(tmp_path):
+    row = {
+        "texts": ["Some text.", None],
+        "images": [None, "http://e.org/a.jpg"],
+        "metadata": json.dumps([None, {"src": "a.jpg", "alt_text": "", "original_width": 300}]),
+        "general_metadata": json.dumps({"url": "http://e.org/", "warc_filename": "x.warc.gz", "warc_record_offset": 7}),
+    }
+    path = tmp_path / "obelics.jsonl"
+    path.write_text(json.dumps(row) + "\n" + json.dumps(row) + "\n")
+    a, b = list(F.read_corpus(path))
+    assert a == b and len(a.id) == 40 and a.metadata[1]["original_width"] == 300

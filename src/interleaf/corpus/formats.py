@@ -76,7 +76,14 @@ def row_to_document(row: Any) -> Document:
             row = dict(row, general_metadata=dict(gm, filter_scores=dict(gm["filter_scores"])))
         except (TypeError, ValueError):
             raise InputError("field 'general_metadata.filter_scores' must be a map") from None
-    return Document.from_row(row)
+    doc = Document.from_row(row)
+    if not doc.general_metadata.get("id"):  # OBELICS rows carry no id: derive a stable one
+        gm = doc.general_metadata
+        key = f"{gm.get('url')}\n{gm.get('warc_filename')}\n{gm.get('warc_record_offset')}"
+        if not gm.get("url"):
+            key = _dumps([doc.texts, doc.images])
+        gm["id"] = hashlib.sha1(key.encode("utf-8")).hexdigest()
+    return doc
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[Document | ReadError]:
