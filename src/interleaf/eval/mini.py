@@ -1,8 +1,9 @@
 """Offline mini benchmarks in the official formats (``interleaf eval make-mini``).
 
 Images come from what installed packages ship or what PIL draws: scikit-learn's handwritten digits
-(8x8, upscaled) and drawn shapes; haystack text comes from the corpus engine's embedded sample when
-it can be read, else from the dataset descriptions scikit-learn ships. Everything is deterministic
+(8x8, upscaled) and drawn shapes; MM-NIAH haystacks are the corpus engine's embedded sample (real
+interleaved pages, extracted by ``interleaf.corpus.extract``, with the images the sample WARC holds),
+else the dataset descriptions scikit-learn ships with digit images. Everything is deterministic
 for a given seed, so CI can run the whole harness end to end on a tiny model.
 
 - MMIU (``all.json`` + images under ``<Relationship>/<task>/``): six official task names across four
@@ -12,6 +13,7 @@ for a given seed, so CI can run the whole harness end to end on a tiny model.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -171,19 +173,48 @@ def make_mini_mmiu(out_dir: str | os.PathLike, per_task: int = 4, seed: int = 0)
     return path
 
 
-def _corpus_texts(limit: int = 40) -> list[str]:
-    """Paragraphs of the corpus engine's embedded sample, when the engine can extract it."""
-    try:
-        from interleaf.corpus import sample
+def corpus_documents(out_dir: Path, limit: int = 40) -> list[dict]:
+    """The corpus engine's embedded sample, extracted into interleaved documents (OmniCorpus rows).
 
-        texts: list[str] = []
-        for doc in sample.sample_documents():  # type: ignore[attr-defined]
-            texts += [t for t in doc.texts if t and len(t.split()) > 8]
-            if len(texts) >= limit:
-                break
-        return texts[:limit]
-    except Exception:  # noqa: BLE001 - optional source; fall back to package-shipped text
+    Image records of the sample WARC are written under ``out_dir`` and linked via
+    ``metadata.bytes_path``; images the sample lacks stay URLs (the generator skips them).
+    Returns [] when the corpus engine or its sample is unavailable.
+    """
+    try:
+        from interleaf.corpus.document import Document
+        from interleaf.corpus.extract import extract
+        from interleaf.corpus.sample import iter_sample_pages
+
+        pages = list(iter_sample_pages())
+    except Exception:  # noqa: BLE001 - optional source; the caller falls back to package text
         return []
+    img_dir = out_dir / "corpus_images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    files: dict[str, str] = {}
+    for url, payload, ctype, _ in pages:
+        if ctype.startswith("image/"):
+            try:
+                img = Image.open(io.BytesIO(payload)).convert("RGB")
+            except Exception:  # noqa: BLE001 - an undecodable image is simply not used
+                continue
+            path = img_dir / f"{len(files)}.png"
+            img.save(path)
+            files[url] = str(path)
+    rows = []
+    for url, payload, ctype, _ in pages:
+        if "html" not in ctype or len(rows) >= limit:
+            continue
+        doc = extract(payload, url=url)
+        if not isinstance(doc, Document):
+            continue
+        row = doc.to_row()
+        for k, image in enumerate(row["images"]):
+            if image in files:
+                meta = dict(row["metadata"][k] or {})
+                meta["bytes_path"] = files[image]
+                row["metadata"][k] = meta
+        rows.append(row)
+    return rows
 
 
 def _package_texts() -> list[str]:
@@ -201,9 +232,12 @@ def _package_texts() -> list[str]:
 
 
 def mini_documents(out_dir: Path, seed: int = 0, n_docs: int = 12) -> list[dict]:
-    """Interleaved documents (OmniCorpus row layout) with local digit images, for the haystacks."""
+    """Interleaved documents for the haystacks: the corpus sample, else package text + digit images."""
+    rows = corpus_documents(out_dir)
+    if rows and any(m and m.get("bytes_path") for r in rows for m in r["metadata"]):
+        return rows
     rng = random.Random(seed)
-    texts = _corpus_texts() or _package_texts()
+    texts = _package_texts()
     digits, _ = _digits()
     img_dir = out_dir / "haystack_src"
     img_dir.mkdir(parents=True, exist_ok=True)
