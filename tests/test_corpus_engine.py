@@ -161,7 +161,7 @@ def _stats_wo_time(out: Path) -> dict:
 def test_accounting_isolation_and_dedup(tmp_path):
     warc = tmp_path / "in.warc.gz"
     recs = make_test_warc(warc)
-    cfg = P.load_config(_cfg(tmp_path))
+    cfg = P.load_config(_cfg(tmp_path, write={"exclusions": "full"}))
     t0 = time.monotonic()
     stats = E.build([warc], tmp_path / "out", cfg, workers=2, progress=False)
     assert time.monotonic() - t0 < 60
@@ -183,6 +183,10 @@ def test_accounting_isolation_and_dedup(tmp_path):
         json.loads(line) for p in (out / "excluded").glob("*.jsonl") for line in p.read_text().splitlines()
     ]
     assert len(excluded) == stats["excluded"] and len(errors) == stats["errors"]
+    # write.exclusions: full -> each document removed after extraction is kept with its reason
+    for e in excluded:
+        if e["stage"] != "extract":
+            assert e["document"]["texts"] and e["id"], e
     docs = list(E.iter_output_documents(out))
     assert len(docs) == stats["docs_out"]
     urls = [d.url for d in docs]

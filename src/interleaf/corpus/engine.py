@@ -145,6 +145,7 @@ class DocProcessor:
         self.extract = P.Extraction(cfg)
         self.filters = P.build_filters(cfg)
         self.max_bytes = int(cfg["read"]["max_page_bytes"])
+        self.full_exclusions = cfg["write"]["exclusions"] == "full"
         self.hasher = None
         if cfg["dedup"]["minhash"]["enabled"]:
             from interleaf.corpus.dedup import MinHasher
@@ -176,6 +177,7 @@ class DocProcessor:
         else:
             return {"status": "error", "stage": "read", "reason": "unknown_record", "detail": repr(rec)[:200]}
         stage = "extract"
+        dropped_doc = None
         if not isinstance(out, Drop):
             for step in self.filters:
                 step.stats = StepStats(name=step.name)
@@ -183,11 +185,11 @@ class DocProcessor:
                 touched.append(step.stats)
                 stage = step.name
                 if isinstance(res, Drop):
-                    out = res
+                    out, dropped_doc = res, out
                     break
                 out = res
         if isinstance(out, Drop):
-            return {
+            result = {
                 "status": "error" if out.error else "excluded",
                 "stage": stage,
                 "reason": out.reason,
@@ -195,6 +197,11 @@ class DocProcessor:
                 "stats": touched,
                 **ident,
             }
+            if dropped_doc is not None:
+                result.update(id=dropped_doc.id, url=dropped_doc.url)
+                if self.full_exclusions:
+                    result["row"] = dropped_doc.to_row()
+            return result
         doc: Document = out
         result = {
             "status": "kept",
@@ -498,6 +505,8 @@ def commit_stage1_shard(out: Path, shard: int, outcomes: list[dict], num_perm: i
             sigs.append(o.get("sig"))
         else:
             rec = {**ident, "stage": o["stage"], "reason": o["reason"], "detail": o.get("detail", "")}
+            if "row" in o:  # write.exclusions: full
+                rec["document"] = o["row"]
             (errors if o["status"] == "error" else excluded).append(rec)
     if sigs and all(s is not None for s in sigs):
         sig_arr = np.stack(sigs).astype(np.uint32)
@@ -622,6 +631,7 @@ def finalize_shard(out: Path, cfg: dict, shard: int, decisions: dict) -> dict:
     book = StatsBook()
     st_url, st_mh, st_img = book.get("dedup_url"), book.get("dedup_minhash"), book.get("dedup_image_urls")
     ic = cfg["dedup"]["image_urls"]
+    full = cfg["write"]["exclusions"] == "full"
     id_of = None
     excluded = _read_jsonl(src / "excluded.jsonl")
     positions = [k.get("pos", j) for j, k in enumerate(_read_jsonl(src / "keys.jsonl"))]
@@ -645,6 +655,8 @@ def finalize_shard(out: Path, cfg: dict, shard: int, decisions: dict) -> dict:
                 st.excluded_by_reason[reason] += 1
                 st.images_in_dropped_docs += n_img
                 dropped = {**ident, "stage": st.name, "reason": reason, "detail": f"kept {id_of(surv)}"}
+                if full:
+                    dropped["document"] = row
                 break
             st.docs_out += 1
             st.images_out += n_img
@@ -662,7 +674,10 @@ def finalize_shard(out: Path, cfg: dict, shard: int, decisions: dict) -> dict:
         if ic["drop_documents_without_images"] and doc.n_images == 0 and n_img > 0:
             st_img.excluded_by_reason["no_images_left"] += 1
             st_img.images_in_dropped_docs += doc.n_images
-            excluded.append({**ident, "stage": st_img.name, "reason": "no_images_left", "detail": ""})
+            rec = {**ident, "stage": st_img.name, "reason": "no_images_left", "detail": ""}
+            if full:
+                rec["document"] = row
+            excluded.append(rec)
             continue
         st_img.docs_out += 1
         st_img.images_out += doc.n_images

@@ -84,6 +84,9 @@ DEFAULTS: dict[str, Any] = {
         # parquet columns: "obelics" (metadata as JSON strings: lossless, any keys) or
         # "omnicorpus" (struct columns as OpenGVLab/OmniCorpus-CC); both the aligned-list layout
         "layout": "obelics",
+        # what the exclusion output holds per removed document: "ids" (id, url, WARC position,
+        # stage, reason) or "full" (also the document as the removing stage saw it, datatrove-style)
+        "exclusions": "ids",
     },
 }
 
@@ -129,6 +132,8 @@ def _check(cfg: dict) -> None:
             raise ConfigError(f"pipeline config: 'dedup.minhash.{k}' must be >= 1")
     if cfg["write"]["format"] not in ("parquet", "jsonl"):
         raise ConfigError("pipeline config: 'write.format' must be 'parquet' or 'jsonl'")
+    if cfg["write"]["exclusions"] not in ("ids", "full"):
+        raise ConfigError("pipeline config: 'write.exclusions' must be 'ids' or 'full'")
     if cfg["write"]["layout"] not in ("obelics", "omnicorpus"):
         raise ConfigError("pipeline config: 'write.layout' must be 'obelics' or 'omnicorpus'")
     flt = cfg["filters"]
