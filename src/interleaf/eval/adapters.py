@@ -1,7 +1,9 @@
 """Model adapters: one ``generate(requests)`` interface over three kinds of model.
 
-- ``InterleafAdapter``: an interleaf checkpoint directory (either layout), batched generation with
-  ``ChatModel.batch_chat``;
+- ``InterleafAdapter``: an interleaf checkpoint directory (either layout), batched greedy generation:
+  left-padded batches assembled like ``ChatModel.batch_chat`` (from ``ChatModel.prepare``, same
+  generator) but with each question's own tile budget, which ``batch_chat`` (one ``max_num`` per
+  batch) cannot express; a failing batch is answered sample by sample;
 - ``HFAdapter`` (``hf:PATH``): transformers' ``InternVLForConditionalGeneration`` on a ``-hf``
   checkpoint, one sample at a time, as a reference;
 - ``OpenAIAdapter`` (``openai:URL#MODEL``): any OpenAI-compatible chat-completions endpoint (vLLM,

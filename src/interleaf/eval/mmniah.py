@@ -340,9 +340,9 @@ def score_files(paths: Iterable[str | os.PathLike]) -> dict:
     are present, ``overall`` = ``{"scores": [11 per-bin means over tasks], "overall": mean}``,
     and ``context_ranges`` (the bin labels).
     """
-    out = {name: v for name, v in _collect(paths).items()}
+    grouped = _collect(paths)
     return {
-        model: {split: split_summary(ts) for split, ts in splits.items()} for model, splits in out.items()
+        model: {split: split_summary(ts) for split, ts in splits.items()} for model, splits in grouped.items()
     }
 
 
@@ -487,8 +487,15 @@ def load_task(annotation: str | os.PathLike, image_root: str | os.PathLike, task
 
 
 def find_split_dir(path: str | os.PathLike) -> tuple[Path, Path, str]:
-    """A split directory (``annotations/<task>.jsonl`` + ``images/``) -> (annotations, images, split)."""
+    """An MM-NIAH split -> (annotations dir, images dir, split name).
+
+    ``path`` is a split directory (``annotations/<task>.jsonl`` + ``images/``, e.g. ``mm_niah_val``),
+    or its ``annotations`` directory. The split name comes from the directory name (``test``/``val``,
+    ``rag-`` prefixed when it contains ``rag``).
+    """
     root = Path(path)
+    if root.name == "annotations" and root.is_dir():
+        root = root.parent
     ann = root / "annotations"
     if not ann.is_dir():
         raise InputError(f"{root}: no annotations/ directory (expected an MM-NIAH split like mm_niah_val/)")
