@@ -213,8 +213,9 @@ def test_cli_train_smoke_and_bad_config(tiny_dir, meta, tmp_path, capsys):
     assert err.count("\n") == 1 and "unknown config key 'warmup'" in err
 
 
-def test_torchrun_ddp_two_processes_gloo(tiny_dir, meta, tmp_path):
-    """The multi-process path: torchrun, 2 CPU ranks, gloo, DDP; both ranks end with the same weights."""
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_two_processes_gloo(tiny_dir, meta, tmp_path, mode):
+    """The multi-process path: torchrun, 2 CPU ranks, gloo, DDP or FSDP2 (fully_shard)."""
     import os
     import subprocess
     import sys
@@ -223,6 +224,7 @@ def test_torchrun_ddp_two_processes_gloo(tiny_dir, meta, tmp_path):
     cfg_path.write_text(
         f"model_path: {tiny_dir}\nmeta_path: {meta}\noutput_dir: {tmp_path / 'out'}\nmax_steps: 2\ndevice: cpu\n"
         "max_packed_tokens: 160\nmax_seq_length: 160\nmax_dynamic_patch: 1\nsave_steps: 1\n"
+        f"distributed: {mode}\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "interleaf.cli"]
@@ -241,3 +243,7 @@ def test_torchrun_ddp_two_processes_gloo(tiny_dir, meta, tmp_path):
     )
     log = [json.loads(ln) for ln in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2]
+    from interleaf.model.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(tmp_path / "out" / "checkpoint-2")  # the gathered full weights load
+    assert sum(p.numel() for p in model.parameters()) > 0
