@@ -257,3 +257,17 @@ def test_packed_linear_follows_weight_changes():
     # with gradients the plain path runs and gradients flow
     lin(x.float().to(torch.bfloat16).requires_grad_()).sum().backward()
     assert lin.weight.grad is not None
+
+
+def test_interleaved_streams_do_not_share_a_static_cache(chat):
+    static = Generator(chat.model, static_cache=True)
+    a_ids = torch.tensor([chat.prepare("first question")[1]])
+    b_ids = torch.tensor([chat.prepare("second, different question")[1]])
+    expected = [chat.generator.generate(x, max_new_tokens=8).tokens[0] for x in (a_ids, b_ids)]
+    sa, sb = static.stream(a_ids, max_new_tokens=8), static.stream(b_ids, max_new_tokens=8)
+    got_a, got_b = [], []
+    for ta, tb in zip(sa, sb):  # alternate steps of the two generations
+        got_a.append(int(ta[0]))
+        got_b.append(int(tb[0]))
+    assert [got_a, got_b] == expected
+    assert not static._busy

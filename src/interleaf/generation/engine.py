@@ -241,6 +241,7 @@ class Generator:
         )
         self._caches: dict[tuple[int, int], object] = {}
         self._graphs: dict[tuple[int, int], _GraphedDecodeStep] = {}
+        self._busy: set[tuple[int, int]] = set()  # static caches in use by a running generation
 
     # -------------------------------------------------------------- cache management
     def _cache_len(self, needed: int) -> int:
@@ -248,19 +249,21 @@ class Generator:
         return -(-needed // 256) * 256 if self.static_cache else needed
 
     def _get_cache(self, batch: int, max_len: int):
+        """``(cache, shared)``: the reusable static cache for this shape when it is free, else a new one."""
         key = (batch, max_len)
-        cache = self._caches.get(key) if self.static_cache else None
+        shared = self.static_cache and key not in self._busy
+        cache = self._caches.get(key) if shared else None
         if cache is None:
             dtype = next(self.model.parameters()).dtype
             cache = self.model.make_cache(batch, max_len, dtype=dtype, device=self.device)
-            if self.static_cache:
-                cache.full_attention = True
-                if len(self._caches) >= 4:  # keep GPU memory bounded
+            cache.full_attention = self.static_cache
+            if shared:
+                if len(self._caches) >= 4 and not self._busy:  # keep GPU memory bounded
                     self._caches.clear()
                     self._graphs.clear()
                 self._caches[key] = cache
         cache.reset()
-        return cache
+        return cache, shared
 
     # -------------------------------------------------------------- public API
     def generate(
@@ -317,11 +320,6 @@ class Generator:
         if pixel_values is not None:
             pixel_values = pixel_values.to(device=device, dtype=next(model.parameters()).dtype)
         padded = bool((mask == 0).any())
-        n_valid = mask.sum(-1, keepdim=True)  # [B, 1]: the first generated token's position
-        stop_ids = torch.tensor(() if cfg.ignore_eos else cfg.stop_token_ids, dtype=torch.long, device=device)
-        generator = None
-        if not cfg.greedy and cfg.seed is not None:
-            generator = torch.Generator(device=device).manual_seed(cfg.seed)
         if cfg.max_new_tokens == 0:
             if record is not None:
                 record.finish_reasons = ["length"] * b
@@ -329,7 +327,24 @@ class Generator:
 
         t0 = time.perf_counter()
         max_len = self._cache_len(s + cfg.max_new_tokens)
-        cache = self._get_cache(b, max_len)
+        cache, shared = self._get_cache(b, max_len)
+        if shared:  # two interleaved streams must not share one buffer
+            self._busy.add((b, max_len))
+        try:
+            yield from self._loop(input_ids, mask, pixel_values, cfg, record, cache, shared, t0, padded)
+        finally:
+            if shared:
+                self._busy.discard((b, max_len))
+
+    def _loop(self, input_ids, mask, pixel_values, cfg, record, cache, shared, t0, padded):
+        model, device = self.model, self.device
+        b, s = input_ids.shape
+        max_len = cache.max_len
+        n_valid = mask.sum(-1, keepdim=True)  # [B, 1]: the first generated token's position
+        stop_ids = torch.tensor(() if cfg.ignore_eos else cfg.stop_token_ids, dtype=torch.long, device=device)
+        generator = None
+        if not cfg.greedy and cfg.seed is not None:
+            generator = torch.Generator(device=device).manual_seed(cfg.seed)
         logits = model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -340,7 +355,7 @@ class Generator:
         ).logits[:, -1]
 
         graphed = None
-        if self.cuda_graphs and cfg.max_new_tokens > 1:
+        if self.cuda_graphs and shared and cfg.max_new_tokens > 1:
             key = (b, max_len)
             full_mask = torch.ones(b, max_len, dtype=torch.long, device=device)
             full_mask[:, :s] = mask
