@@ -155,6 +155,17 @@ def dense_routing(model: nn.Module):
             del layer.feed_forward
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -193,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
-        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        else f"{cpu_name()}, {torch.get_num_threads()} threads"
     )
     print(
         f"# Mono-InternVL vs InternVL time to first token | shape {args.shape} | {args.device} {args.dtype} | {machine}"
