@@ -106,3 +106,25 @@ def test_frequent_image_urls_threshold():
 def test_s_curve_documented_values():
     assert abs(dedup.s_curve(0.8, 16, 7) - 0.977) < 0.001
     assert dedup.s_curve(0.5, 16, 7) < 0.12
+
+
+def test_vectorised_tokeniser_matches_regex_reference():
+    texts = [
+        "",
+        "...!!",
+        "one",
+        "Two words",
+        "exactly five words are here",
+        "Caf\u00e9 na\u00efve\u00a0espa\u00f1ol \u2014 \u201cquoted\u201d text_with_underscore 3.14 and more words",
+        "The same five word shingle. The same five word shingle. The same five word shingle.",
+        "\u4e2d\u6587\u3002\u65e5\u672c\u8a9e\uff0c\u0440\u0443\u0441\u0441\u043a\u0438\u0439 \u0442\u0435\u043a\u0441\u0442 here we go again",
+    ] + _synthetic_corpus(3)[:30]
+    batch = dedup.batch_shingle_hashes(texts)
+    for t, h in zip(texts, batch):
+        assert len(h) == len(dedup.shingle_set(t)), t[:40]
+        np.testing.assert_array_equal(h, dedup.shingle_hashes(t))  # same alone as in a batch
+    assert dedup.words("Caf\u00e9\u00a0au-lait \u2014 ok") == ["caf\u00e9", "au", "lait", "ok"]
+    # equal shingles hash equally across texts; the order of words matters
+    a, b = dedup.batch_shingle_hashes(["a b c d e f", "x a b c d e"])
+    assert len(set(a.tolist()) & set(b.tolist())) == 1
+    assert not set(dedup.shingle_hashes("e d c b a").tolist()) & set(a.tolist())

@@ -12,9 +12,11 @@ Ray tasks, and only compact arrays are merged:
    with the latest crawl date is kept (ties: the earliest in input order, so results never depend
    on scheduling).
 
-MinHash. Documents are normalised (lower case, words = ``\\w+`` runs), shingled into word
-5-grams (OmniCorpus/datatrove use 5-grams), each shingle hashed to 64 bits (xxh3 of each word,
-combined with odd multipliers), and ``num_perm`` permutations are simulated with
+MinHash. Documents are normalised (lower case, web separators as spaces; words = runs of ASCII
+letters/digits/_ and non-ASCII characters), shingled into word 5-grams (OmniCorpus/datatrove use
+5-grams) and each shingle hashed to 64 bits -- tokenising and hashing run on the UTF-8 bytes of
+hundreds of documents at once with numpy (polynomial prefix hashes per word, odd-multiplier
+combination per shingle). ``num_perm`` permutations are simulated with
 multiply-shift hashing ``h_p(x) = ((a_p * x + b_p) mod 2^64) >> 32`` -- numpy-vectorised over all
 shingles of a batch of documents at once (``np.minimum.reduceat`` per document).
 
@@ -42,9 +44,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import xxhash
 
-_WORD = re.compile(r"\w+")
 _MASK64 = (1 << 64) - 1
 # odd 64-bit constants combining the hashes of the n words of a shingle (one per position)
 _SHINGLE_MULT = np.array(
@@ -85,33 +85,141 @@ def s_curve(s: float | np.ndarray, num_bands: int, rows_per_band: int) -> float 
     return 1.0 - (1.0 - np.asarray(s, dtype=np.float64) ** rows_per_band) ** num_bands
 
 
+# Words are maximal runs of ASCII letters, digits, "_" and non-ASCII characters, after lower
+# casing and after mapping the common non-ASCII spaces and punctuation of web text to spaces. This
+# definition lets the tokenizer run on raw UTF-8 bytes with numpy (``batch_shingle_hashes``);
+# ``words`` is the same definition as a regex, the reference for tests.
+_SEPARATORS = dict.fromkeys(
+    map(
+        ord,
+        "\u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
+        "\u200b\u2028\u2029\u202f\u205f\u3000\ufeff\u2010\u2011\u2012\u2013\u2014\u2015"
+        "\u2018\u2019\u201a\u201b\u201c\u201d\u201e\u201f\u2022\u2026\u00ab\u00bb\u00b7"
+        "\u3001\u3002\uff0c\uff0e\uff01\uff1f\uff1a\uff1b",
+    ),
+    " ",
+)
+_WORD_RE = re.compile(r"[0-9a-z_\u0080-\U0010ffff]+")
+_WORD_BYTE = np.zeros(256, dtype=bool)
+_WORD_BYTE[list(b"0123456789abcdefghijklmnopqrstuvwxyz_")] = True
+_WORD_BYTE[128:] = True  # UTF-8 bytes of non-ASCII characters
+_POLY = 0x100000001B3  # odd: invertible modulo 2^64
+
+
+def _inverse64(a: int) -> int:
+    x = a
+    for _ in range(6):  # Newton iteration doubles the correct low bits each step
+        x = (x * (2 - a * x)) & _MASK64
+    return x
+
+
+_POLY_INV = _inverse64(_POLY)
+_POW = np.ones(1, dtype=np.uint64)
+_IPOW = np.ones(1, dtype=np.uint64)
+
+
+def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``POLY^i`` and ``POLY^-i`` mod 2^64 for ``i < n`` (cached, grown by doubling)."""
+    global _POW, _IPOW
+    if len(_POW) < n:
+        m = max(n, 2 * len(_POW))
+        one = np.ones(1, dtype=np.uint64)
+        with np.errstate(over="ignore"):  # uint64 products wrap: arithmetic modulo 2^64
+            _POW = np.concatenate([one, np.cumprod(np.full(m - 1, _POLY, dtype=np.uint64), dtype=np.uint64)])
+            _IPOW = np.concatenate(
+                [one, np.cumprod(np.full(m - 1, _POLY_INV, dtype=np.uint64), dtype=np.uint64)]
+            )
+    return _POW[:n], _IPOW[:n]
+
+
+def normalise(text: str) -> str:
+    """Lower case, common web separators (no-break space, dashes, quotes...) as spaces."""
+    return text.lower().translate(_SEPARATORS)
+
+
 def words(text: str) -> list[str]:
-    """Normalised words: lower case ``\\w+`` runs (punctuation and spacing ignored)."""
-    return _WORD.findall(text.lower())
+    """Normalised words of ``text`` (the regex form of the tokenizer ``batch_shingle_hashes`` runs)."""
+    return _WORD_RE.findall(normalise(text))
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        h ^= h >> np.uint64(33)
+        h *= np.uint64(0xFF51AFD7ED558CCD)
+        h ^= h >> np.uint64(33)
+        h *= np.uint64(0xC4CEB9FE1A85EC53)
+        h ^= h >> np.uint64(33)
+    return h
+
+
+def batch_shingle_hashes(texts: Sequence[str], n_grams: int = 5) -> list[np.ndarray]:
+    """Distinct word-``n_grams`` shingle hashes (``uint64``) of each text, all texts at once.
+
+    The texts are joined (with a separator) into one UTF-8 byte array; word boundaries come from a
+    byte mask, each word's hash from prefix sums of a polynomial hash (so equal words hash equally
+    wherever they are), shingles combine ``n_grams`` consecutive word hashes of the same text. A
+    text with fewer words than ``n_grams`` is one shingle; a text without words has none.
+    """
+    if not texts:
+        return []
+    parts = [normalise(t).encode("utf-8") for t in texts]
+    starts_b = np.zeros(len(parts), dtype=np.int64)
+    np.cumsum([len(x) + 1 for x in parts[:-1]], out=starts_b[1:])
+    buf = np.frombuffer(b"\n".join(parts), dtype=np.uint8)
+    empty = np.zeros(0, dtype=np.uint64)
+    if len(buf) == 0:
+        return [empty for _ in texts]
+    mask = _WORD_BYTE[buf]
+    edge = np.diff(mask.astype(np.int8), prepend=np.int8(0), append=np.int8(0))
+    ws = np.flatnonzero(edge == 1)
+    we = np.flatnonzero(edge == -1)
+    if len(ws) == 0:
+        return [empty for _ in texts]
+    pw, ipw = _powers(len(buf) + 1)
+    with np.errstate(over="ignore"):
+        prefix = np.zeros(len(buf) + 1, dtype=np.uint64)
+        np.cumsum((buf.astype(np.uint64) + np.uint64(1)) * pw[: len(buf)], out=prefix[1:])
+        wh = (prefix[we] - prefix[ws]) * ipw[ws]  # hash of the word's bytes, position-free
+        wh += (we - ws).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    wh = _mix(wh)
+    doc = np.searchsorted(starts_b, ws, side="right") - 1  # text index of each word
+    n_words = np.bincount(doc, minlength=len(texts))
+    first_word = np.concatenate([[0], np.cumsum(n_words)[:-1]])
+    out: list[np.ndarray] = [empty] * len(texts)
+    # texts with >= n_grams words: shingles that do not cross a text boundary
+    m = len(wh) - n_grams + 1
+    if m > 0:
+        acc = np.zeros(m, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for k in range(n_grams):
+                acc ^= wh[k : k + m] * _SHINGLE_MULT[k % len(_SHINGLE_MULT)]
+                acc = (acc << np.uint64(13)) | (acc >> np.uint64(51))
+        acc = _mix(acc)
+        ok = doc[:m] == doc[n_grams - 1 :]
+        sd, sh = doc[:m][ok], acc[ok]
+        order = np.lexsort((sh, sd))
+        sd, sh = sd[order], sh[order]
+        keep = np.ones(len(sh), dtype=bool)
+        keep[1:] = (sh[1:] != sh[:-1]) | (sd[1:] != sd[:-1])
+        sd, sh = sd[keep], sh[keep]
+        bounds = np.searchsorted(sd, np.arange(len(texts) + 1))
+        for i in np.flatnonzero(n_words >= n_grams).tolist():
+            out[i] = sh[bounds[i] : bounds[i + 1]]
+    # short texts: one shingle of all their words
+    for i in np.flatnonzero((n_words > 0) & (n_words < n_grams)).tolist():
+        w = wh[first_word[i] : first_word[i] + n_words[i]]
+        acc = np.zeros(1, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for k in range(len(w)):
+                acc ^= w[k : k + 1] * _SHINGLE_MULT[k % len(_SHINGLE_MULT)]
+                acc = (acc << np.uint64(13)) | (acc >> np.uint64(51))
+        out[i] = _mix(acc)
+    return out
 
 
 def shingle_hashes(text: str, n_grams: int = 5) -> np.ndarray:
-    """64-bit hashes of the distinct word ``n_grams``-shingles of ``text`` (``uint64 [m]``).
-
-    A text shorter than ``n_grams`` words is one shingle (if it has any word).
-    """
-    ws = words(text)
-    if not ws:
-        return np.zeros(0, dtype=np.uint64)
-    h = xxhash.xxh3_64_intdigest
-    wh = np.fromiter((h(w.encode()) for w in ws), dtype=np.uint64, count=len(ws))
-    n = min(n_grams, len(ws))
-    m = len(ws) - n + 1
-    mult = _SHINGLE_MULT[np.arange(n) % len(_SHINGLE_MULT)]
-    acc = np.zeros(m, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for k in range(n):
-            acc ^= wh[k : k + m] * mult[k]
-            acc = (acc << np.uint64(13)) | (acc >> np.uint64(51))
-        acc ^= acc >> np.uint64(29)
-        acc *= np.uint64(0xBF58476D1CE4E5B9)
-        acc ^= acc >> np.uint64(32)
-    return np.unique(acc)
+    """64-bit hashes of the distinct word ``n_grams``-shingles of one text (``uint64 [m]``)."""
+    return batch_shingle_hashes([text], n_grams)[0]
 
 
 class MinHasher:
@@ -142,7 +250,10 @@ class MinHasher:
         into ``chunk``-column blocks with a running minimum). Keeping the working set small is
         what makes this ~50x faster than one big broadcast.
         """
-        return self.signatures_of_shingles([shingle_hashes(t, self.config.n_grams) for t in texts], chunk)
+        shingles: list[np.ndarray] = []
+        for i in range(0, len(texts), 512):  # tokenise a few hundred texts per vectorised pass
+            shingles += batch_shingle_hashes(texts[i : i + 512], self.config.n_grams)
+        return self.signatures_of_shingles(shingles, chunk)
 
     def signatures_of_shingles(self, shingles: Sequence[np.ndarray], chunk: int = 4096) -> np.ndarray:
         """Signatures of precomputed ``shingle_hashes`` arrays (see ``signatures``)."""
