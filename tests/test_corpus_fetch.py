@@ -236,6 +236,18 @@ def test_fetch_corpus_over_loopback(tmp_path):
         ]
         assert logs and all(r["reason"] == "private_address" for r in logs)
         assert f2["images_in_dropped_docs"] == f2["images_in"]
+
+        # the same stage inside a build (fetch.enabled): same documents as the separate command
+        cfg2 = P.load_config(
+            {
+                "filters": [],
+                "dedup": {"minhash": {"enabled": False}},
+                "fetch": {"enabled": True, "allow_private": True, "retries": 0, "timeout_s": 2},
+            }
+        )
+        st3 = E.build([warc], tmp_path / "inline", cfg2, workers=1, progress=False)
+        assert (tmp_path / "inline" / "_SUCCESS").exists() and st3["balanced"]
+        assert [d.url for d in E.iter_output_documents(tmp_path / "inline")] == [d.url for d in docs]
     finally:
         srv.shutdown()
         srv.server_close()
