@@ -205,7 +205,7 @@ def test_mmiu_extraction_and_scores_match_official():
 
     scores, rows = mmiu.score(records, judge=judge)
     assert [r["choice"] for r in rows] == [c.strip() for c in expected["choices"]]
-    assert prompts[:3] == expected["judge_prompts_first3"]
+    assert all(p in prompts for p in expected["judge_prompts_first3"])  # judge calls run concurrently
     for task, acc in expected["accuracy"].items():
         got = scores["overall"] if task == "Overall" else scores["per_task"][task]["accuracy"]
         assert got == pytest.approx(acc, abs=1e-12)

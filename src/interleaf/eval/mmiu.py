@@ -360,13 +360,51 @@ def baselines(records: list[dict]) -> dict[str, float]:
     return {"random": mean(rand), "frequency": mean(freq)}
 
 
-def score(records: Iterable[dict], judge: Judge | None = None) -> tuple[dict, list[dict]]:
+def parallel_judge(judge: Judge, records: list[dict], workers: int = 10) -> Judge:
+    """Ask ``judge`` about every prompt the records need, ``workers`` at a time (the official script
+    uses a pool of 10); returns a judge that answers from those results (re-raising failures)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = []
+    for rec in records:
+        response = rec.get("response")
+        if not isinstance(response, str) or response.strip() in REFUSALS:
+            continue
+        prediction = strip_punctuation(response.strip().replace("\u00a0", "").strip())
+        if prediction.strip().lower() not in LETTERS:
+            prompts.append(judge_prompt(rec.get("question"), rec.get("options"), prediction))
+    unique = list(dict.fromkeys(prompts))
+
+    def ask(prompt: str) -> str | Exception:
+        try:
+            return judge(prompt)
+        except Exception as exc:  # noqa: BLE001 - re-raised by the lookup below
+            return exc
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        answers = dict(zip(unique, pool.map(ask, unique)))
+
+    def lookup(prompt: str) -> str:
+        result = answers[prompt] if prompt in answers else ask(prompt)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    return lookup
+
+
+def score(
+    records: Iterable[dict], judge: Judge | None = None, judge_workers: int = 10
+) -> tuple[dict, list[dict]]:
     """Score MMIU records carrying a ``response``; returns (scores, per-record rows).
 
     Records that already carry ``choice`` (e.g. a re-score of predictions.jsonl with the same
-    extraction) are re-extracted all the same, so scores never depend on a stale choice.
+    extraction) are re-extracted all the same, so scores never depend on a stale choice. Judge
+    calls run ``judge_workers`` at a time.
     """
     records = list(records)
+    if judge is not None and judge_workers > 1:
+        judge = parallel_judge(judge, records, judge_workers)
     rows = []
     tasks: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # task -> [correct, count]
     methods: Counter = Counter()
