@@ -104,6 +104,11 @@ def test_cli_score_commands(capsys, tmp_path):
     res = json.loads(capsys.readouterr().out)
     expected = json.loads((DATA / "tvr" / "expected.json").read_text())["strict"]
     assert res["NDCG@20"]["0.5"] == pytest.approx(expected["NDCG@20"]["0.5"], abs=1e-12)
+    # the official scores_<split>.json content, byte-for-byte values of calculate_scores.py
+    assert main(["eval", "score", "mmniah", str(DATA / "mmniah" / "results"), "--official"]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads(
+        (DATA / "mmniah" / "expected_scores.json").read_text()
+    )
     assert main(["eval", "score", "mmiu", str(DATA / "mmiu" / "predictions.jsonl"), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["extraction"].endswith("deterministic matcher") and res["num_tasks"] == 10

@@ -44,8 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sm.add_argument("--json", action="store_true")
     sm.set_defaults(func=_score_mmiu)
     sn = ssub.add_parser("mmniah", help="official result files <model>_<task>-<split>.jsonl")
-    sn.add_argument("results", nargs="+")
+    sn.add_argument("results", nargs="+", help="result files, or directories holding them")
     sn.add_argument("--json", action="store_true")
+    sn.add_argument("--official", action="store_true", help="print the official scores_<split>.json content")
     sn.set_defaults(func=_score_mmniah)
     st = ssub.add_parser("tvr-ranking", help="NDCG@K, IoU > mu (official)")
     st.add_argument("--gt", required=True, help="official split JSON (val.json / test.json)")
@@ -114,9 +115,21 @@ def _score_mmiu(args: argparse.Namespace) -> int:
 
 
 def _score_mmniah(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from interleaf.eval import mmniah
 
-    res = mmniah.score_files(args.results)
+    files = []
+    for r in args.results:
+        files += sorted(Path(r).glob("*.jsonl")) if Path(r).is_dir() else [Path(r)]
+    if args.official:
+        grouped = mmniah.collect(files)
+        _print(
+            {m: {sp: mmniah.official_scores_json(ts) for sp, ts in d.items()} for m, d in grouped.items()},
+            True,
+        )
+        return 0
+    res = mmniah.score_files(files)
     if args.json:
         _print(res, True)
     else:

@@ -340,13 +340,13 @@ def score_files(paths: Iterable[str | os.PathLike]) -> dict:
     are present, ``overall`` = ``{"scores": [11 per-bin means over tasks], "overall": mean}``,
     and ``context_ranges`` (the bin labels).
     """
-    grouped = _collect(paths)
+    grouped = collect(paths)
     return {
         model: {split: split_summary(ts) for split, ts in splits.items()} for model, splits in grouped.items()
     }
 
 
-def _collect(paths: Iterable[str | os.PathLike]) -> dict[str, dict[str, list[TaskScore]]]:
+def collect(paths: Iterable[str | os.PathLike]) -> dict[str, dict[str, list[TaskScore]]]:
     grouped: dict[str, dict[str, list[TaskScore]]] = {}
     for path in paths:
         model, task, split = parse_result_name(path)
