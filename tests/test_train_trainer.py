@@ -247,3 +247,29 @@ def test_torchrun_two_processes_gloo(tiny_dir, meta, tmp_path, mode):
 
     model, _ = load_checkpoint(tmp_path / "out" / "checkpoint-2")  # the gathered full weights load
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_pretraining_on_interleaved_documents(tiny_dir, tmp_path):
+    """corpus_paths: OmniCorpus-layout documents and image-text pairs, next-token loss on the text."""
+    Image.new("RGB", (60, 40), (0, 128, 255)).save(tmp_path / "p.png")
+    docs = [
+        {"texts": ["A blue picture follows.", None, "It was blue."], "images": [None, "p.png", None],
+         "metadata": [None, {"url": "p.png"}, None], "general_metadata": {"id": f"d{i}"}}
+        for i in range(4)
+    ] + [{"image": "p.png", "text": "a blue rectangle"}, {"texts": ["broken"], "images": []}]  # fmt: skip
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    cfg = build_config(
+        {
+            "model_path": str(tiny_dir),
+            "corpus_paths": [str(tmp_path / "docs.jsonl")],
+            "output_dir": str(tmp_path / "out"),
+            "max_steps": 3,
+            "lr": 3e-3,
+            "max_packed_tokens": 128,
+            "max_seq_length": 128,
+            "max_dynamic_patch": 2,
+        }
+    )
+    result = train(cfg, log=None)
+    assert result["skipped"] == {"bad_document": 1}
+    assert result["losses"][-1][1] < result["losses"][0][1]
