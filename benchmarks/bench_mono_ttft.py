@@ -10,10 +10,13 @@ cache + the first sampled token, inputs already tiled.
 
     .venv/bin/python benchmarks/bench_mono_ttft.py                      # CPU, bf16, 3 repeats
     .venv/bin/python benchmarks/bench_mono_ttft.py --quick              # CPU, 1 repeat (2 cores: ~10 min)
+    .venv/bin/python benchmarks/bench_mono_ttft.py --quick --threads 1  # shared CPU: CPU time is exact
     .venv/bin/python benchmarks/bench_mono_ttft.py --device cuda --quick
 
 Prints a table (medians) and the TTFT reduction ``1 - mono / internvl`` per tile count; ``--json PATH``
-also writes the numbers. Target (paper: up to 67% lower first-token latency): >= 50% on an H100.
+also writes the numbers. On CPU it also prints the process CPU time of each prefill: on a machine
+shared with other jobs the wall time swings, and with one thread the CPU time is the compute itself
+(with several, OpenMP threads spin while a sibling is descheduled, which inflates it). Target (paper: up to 67% lower first-token latency): >= 50% on an H100.
 """
 
 from __future__ import annotations
@@ -134,12 +137,13 @@ def ttft(generator: Generator, ids: torch.Tensor, px: torch.Tensor) -> tuple[flo
 
 @torch.inference_mode()
 def vision_time(model: nn.Module, px: torch.Tensor) -> float:
-    """Seconds for the visual path alone (ViT or patch embedding, pixel shuffle, mlp1)."""
+    """Seconds for the visual path alone (ViT or patch embedding, pixel shuffle, mlp1): wall on GPU,
+    process CPU time on CPU (steadier on a shared machine)."""
     sync(px.device)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     model.extract_feature(px)
     sync(px.device)
-    return time.perf_counter() - t
+    return time.perf_counter() - t if px.device.type == "cuda" else time.process_time() - c
 
 
 @contextmanager
@@ -266,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(
             f"tiles {tiles:>2} | tokens {row['tokens']:>5} | InternVL {med['internvl'] * 1e3:9.1f} ms "
-            f"(ViT {vis['internvl'] * 1e3:8.1f}) | Mono {med['mono'] * 1e3:9.1f} ms (patch {vis['mono'] * 1e3:6.1f}) "
+            f"(ViT {vis['internvl'] * 1e3:8.1f}{'' if device.type == 'cuda' else ' cpu'}) | Mono {med['mono'] * 1e3:9.1f} ms (patch {vis['mono'] * 1e3:6.1f}{'' if device.type == 'cuda' else ' cpu'}) "
             f"| reduction {row['reduction'] * 100:5.1f}% | speedup {row['speedup']:.2f}x{dense}"
             + (
                 f" | CPU-time {row['internvl_cpu_s']:.1f}s vs {row['mono_cpu_s']:.1f}s: "
