@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             f"(ViT {vis['internvl'] * 1e3:8.1f}{'' if device.type == 'cuda' else ' cpu'}) | Mono {med['mono'] * 1e3:9.1f} ms (patch {vis['mono'] * 1e3:6.1f}{'' if device.type == 'cuda' else ' cpu'}) "
             f"| reduction {row['reduction'] * 100:5.1f}% | speedup {row['speedup']:.2f}x{dense}"
             + (
-                f" | CPU-time {row['internvl_cpu_s']:.1f}s vs {row['mono_cpu_s']:.1f}s: "
+                f" | CPU-time {row['internvl_cpu_s']:.2f}s vs {row['mono_cpu_s']:.2f}s: "
                 f"reduction {row['cpu_reduction'] * 100:.1f}%"
                 if device.type == "cpu"
                 else ""
