@@ -273,3 +273,23 @@ def test_pretraining_on_interleaved_documents(tiny_dir, tmp_path):
     result = train(cfg, log=None)
     assert result["skipped"] == {"bad_document": 1}
     assert result["losses"][-1][1] < result["losses"][0][1]
+
+
+def test_grad_checkpointing_gives_the_same_gradients(tiny_dir, meta, tmp_path):
+    grads = []
+    for ckpt in (False, True):
+        trainer = Trainer(
+            _cfg(tiny_dir, meta, tmp_path / str(ckpt), grad_checkpointing=ckpt), log=None
+        ).setup()
+        from interleaf.train.packing import collate
+
+        torch.manual_seed(0)
+        batch = collate(trainer.batcher.next_batch(), trainer.pad_id)
+        loss_sum, w_sum = trainer.step_module(batch)
+        (loss_sum / w_sum).backward()
+        grads.append(
+            {n: p.grad.clone() for n, p in trainer.raw_model.named_parameters() if p.grad is not None}
+        )
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5)

@@ -313,13 +313,23 @@ def _segment_sdpa(
 
 
 @contextmanager
-def segment_attention(mask: torch.Tensor, segments: list[list[tuple[int, int]]]):
+def segment_attention(mask: torch.Tensor | None, segments: list[list[tuple[int, int]]] | None = None):
     """While active, attention calls given exactly ``mask`` (the packed block-causal mask from
-    :func:`collate`) run per sample; any other attention call is untouched."""
+    :func:`collate`) run per sample; any other attention call is untouched. ``mask`` None: no-op."""
+    if mask is None:
+        yield
+        return
+    previous = getattr(_ACTIVE, "plan", None)
     _ACTIVE.plan = (mask, segments)
     torch.nn.functional.scaled_dot_product_attention = _segment_sdpa
     try:
         yield
     finally:
-        _ACTIVE.plan = None
-        torch.nn.functional.scaled_dot_product_attention = _ORIGINAL_SDPA
+        _ACTIVE.plan = previous
+        if previous is None:
+            torch.nn.functional.scaled_dot_product_attention = _ORIGINAL_SDPA
+
+
+def active_plan() -> tuple | None:
+    """The (mask, segments) in force, so that activation recomputation can run under the same plan."""
+    return getattr(_ACTIVE, "plan", None)

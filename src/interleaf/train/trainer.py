@@ -37,7 +37,7 @@ from interleaf.errors import CheckpointError, ConfigError
 from interleaf.train.config import TrainConfig
 from interleaf.train.data import IGNORE_INDEX, ConversationDataset, CorpusDataset, DataArgs, SkipLog
 from interleaf.train.lora import LLM_TARGETS, VIT_TARGETS, apply_lora, has_lora, merge_lora
-from interleaf.train.packing import Batcher, SampleStream, collate, segment_attention
+from interleaf.train.packing import Batcher, SampleStream, active_plan, collate, segment_attention
 
 PARTS = (("vision", "vision_model."), ("mlp", "mlp1."), ("llm", "language_model."))
 
@@ -133,9 +133,15 @@ def enable_grad_checkpointing(model: nn.Module) -> None:
         inner = layer.forward
 
         def forward(*args, _inner=inner, **kwargs):
-            if torch.is_grad_enabled():
-                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
-            return _inner(*args, **kwargs)
+            if not torch.is_grad_enabled():
+                return _inner(*args, **kwargs)
+            plan = active_plan()  # the backward recomputation must attend exactly as the forward did
+
+            def run(*a, **k):
+                with segment_attention(*(plan or (None, None))):
+                    return _inner(*a, **k)
+
+            return checkpoint(run, *args, use_reentrant=False, **kwargs)
 
         layer.forward = forward
         layer._interleaf_ckpt = True
