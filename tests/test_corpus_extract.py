@@ -236,3 +236,9 @@ def test_control_characters_in_the_page_are_not_markers():
     html = "<p>a\x02 0\x03 b \x01 c\x04d\x05</p><img src='x.jpg'>"
     doc = extract(html, url="http://e.org/")
     assert doc.texts == ["a 0 b cd", None] and doc.image_urls == ["http://e.org/x.jpg"]
+
+
+def test_amp_images():
+    html = "<p>An AMP article paragraph.</p><amp-img src='/img/a.jpg' width='800' height='600' alt='A'></amp-img><p>More.</p>"
+    doc = extract(html, url="https://amp.e.org/story")
+    assert doc.image_urls == ["https://amp.e.org/img/a.jpg"] and doc.metadata[1]["width"] == 800

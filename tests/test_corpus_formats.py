@@ -177,7 +177,9 @@ def test_obelics_rows_without_id_get_a_stable_one(tmp_path):
         "texts": ["Some text.", None],
         "images": [None, "http://e.org/a.jpg"],
         "metadata": json.dumps([None, {"src": "a.jpg", "alt_text": "", "original_width": 300}]),
-        "general_metadata": json.dumps({"url": "http://e.org/", "warc_filename": "x.warc.gz", "warc_record_offset": 7}),
+        "general_metadata": json.dumps(
+            {"url": "http://e.org/", "warc_filename": "x.warc.gz", "warc_record_offset": 7}
+        ),
     }
     path = tmp_path / "obelics.jsonl"
     path.write_text(json.dumps(row) + "\n" + json.dumps(row) + "\n")

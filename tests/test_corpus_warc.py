@@ -177,6 +177,14 @@ def test_html_reader_on_files_and_dirs(tmp_path):
     pages = list(read_html(tmp_path))
     assert [Path(p.url[len("file://") :]).name for p in pages] == ["a.html", "b.htm"]
     assert pages[0].html == real[0].html and pages[0].crawl_date.endswith("Z")
+    (tmp_path / "sub" / "c.html.gz").write_bytes(gzip.compress(real[0].html))
+    (tmp_path / "sub" / "broken.html.gz").write_bytes(b"not gzip")
+    items = list(read_html(tmp_path))
+    assert [x.reason for x in items if isinstance(x, ReadError)] == ["unreadable_file"]
+    gz_page = [x for x in items if isinstance(x, RawPage) and x.url.endswith("/sub/c.html")]
+    assert gz_page and gz_page[0].html == real[0].html
+    for junk in ("c.html.gz", "broken.html.gz"):
+        (tmp_path / "sub" / junk).unlink()
     with_base = list(read_html(tmp_path, base_url="http://docs.example.org/manual/"))
     assert [p.url for p in with_base] == [
         "http://docs.example.org/manual/a.html",

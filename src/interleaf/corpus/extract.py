@@ -54,6 +54,7 @@ BLOCK_TAGS = (
     "p, h1, h2, h3, h4, h5, h6, ul, ol, dl, table, blockquote, pre, figure, figcaption, address, "
     "section, article, main, div, center, details, summary, caption, fieldset, header, hgroup"
 )
+IMG_TAGS = "img, amp-img"  # AMP pages use <amp-img src=...>
 LINE_TAGS = "li, dt, dd, tr"  # each starts a new line inside its block
 CELL_TAGS = "td, th"  # cells are separated by a space
 
@@ -322,7 +323,7 @@ def _remove_link_clusters(root, cfg: ExtractConfig) -> None:
         if link_chars > cfg.link_density * n_chars:
             if cfg.min_link_block_words and len(text.split()) >= cfg.min_link_block_words:
                 continue
-            if node.css_first("img") is not None and not _only_linked_images(node):
+            if node.css_first(IMG_TAGS) is not None and not _only_linked_images(node):
                 continue
             doomed.append(node)
     for node in reversed(doomed):
@@ -331,7 +332,7 @@ def _remove_link_clusters(root, cfg: ExtractConfig) -> None:
 
 def _only_linked_images(node) -> bool:
     """True when every image inside sits inside a link (menus of icons), so removal loses no content."""
-    return all(_has_ancestor(img, ("a",)) for img in node.css("img"))
+    return all(_has_ancestor(img, ("a",)) for img in node.css(IMG_TAGS))
 
 
 # ---- images ---------------------------------------------------------------------------------
@@ -436,7 +437,7 @@ def _mark_images(root, base_url: str, page_url: str, cfg: ExtractConfig) -> list
     """Replace each kept ``<img>`` with a marker ``\\x02i\\x03``; return ``[(url, metadata)]``."""
     page_host = _host(page_url)
     images: list[tuple[str, dict]] = []
-    for img in root.css("img"):
+    for img in root.css(IMG_TAGS):
         attrs = img.attributes
         src = _pick_src(attrs)
         if not src or (src.startswith("data:") and not cfg.keep_data_uri_images):

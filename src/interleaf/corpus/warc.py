@@ -36,7 +36,7 @@ from interleaf.corpus.base import RawPage, ReadError
 from interleaf.errors import InputError
 
 HTML_TYPES = ("text/html", "application/xhtml+xml", "application/xhtml", "text/xhtml")
-HTML_SUFFIXES = (".html", ".htm", ".xhtml", ".shtml")
+HTML_SUFFIXES = (".html", ".htm", ".xhtml", ".shtml", ".html.gz", ".htm.gz")
 WARC_SUFFIXES = (".warc", ".warc.gz", ".arc.gz", ".warc.wet.gz")
 
 
@@ -479,10 +479,14 @@ def read_html(path: str | os.PathLike, base_url: str | None = None) -> Iterator[
     for f in files:
         try:
             data = f.read_bytes()
+            if f.name.lower().endswith(".gz"):  # Debian ships many manuals as .html.gz
+                data = gzip.decompress(data)
             mtime = datetime.fromtimestamp(f.stat().st_mtime, tz=timezone.utc)
-        except OSError as exc:
+        except (OSError, EOFError, zlib.error) as exc:
             yield ReadError(str(f), None, "unreadable_file", str(exc))
             continue
+        if f.name.lower().endswith(".gz"):
+            f = f.with_name(f.name[:-3])  # the page's own name, for its URL
         if base_url and root.is_dir():
             url = base_url.rstrip("/") + "/" + f.relative_to(root).as_posix()
         elif base_url:
