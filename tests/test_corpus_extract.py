@@ -242,3 +242,25 @@ def test_amp_images():
     html = "<p>An AMP article paragraph.</p><amp-img src='/img/a.jpg' width='800' height='600' alt='A'></amp-img><p>More.</p>"
     doc = extract(html, url="https://amp.e.org/story")
     assert doc.image_urls == ["https://amp.e.org/img/a.jpg"] and doc.metadata[1]["width"] == 800
+
+
+RUST_BOOK = Path(
+    "/root/.rustup/toolchains/stable-x86_64-unknown-linux-gnu/share/doc/rust/html/book/ch15-01-box.html"
+)
+
+
+@pytest.mark.skipif(not RUST_BOOK.exists(), reason="rustup's offline Rust book not installed")
+def test_real_mdbook_page_keeps_figures_drops_chrome():
+    """An mdBook page (sidebar, menu bar, search, scripts): the chapter and its two figures remain."""
+    (page,) = list(read_html(RUST_BOOK, base_url="https://doc.rust-lang.org/book/ch15-01-box.html"))
+    doc = extract(page)
+    assert doc.image_urls == [
+        "https://doc.rust-lang.org/book/img/trpl15-01.svg",
+        "https://doc.rust-lang.org/book/img/trpl15-02.svg",
+    ]
+    assert doc.texts[0].startswith("Using Box<T> to Point to Data on the Heap")
+    assert doc.texts[2].startswith("Figure 15-1: An infinite List")  # the caption follows its figure
+    assert "An infinite Cons list" in doc.metadata[1]["alt_text"]
+    text = doc.text
+    for chrome in ("Keyboard shortcuts", "Print this book", "Ayu"):  # menu bar, theme picker
+        assert chrome in page.html.decode() and chrome not in text, chrome
