@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from urllib.parse import quote, urljoin, urlsplit
 
 from selectolax.lexbor import LexborHTMLParser
@@ -269,15 +270,20 @@ def _is_boilerplate(attrs: dict) -> bool:
         return True
     for key in ("class", "id"):
         value = attrs.get(key)
-        if not value:
-            continue
-        for token in value.split():
-            low = token.lower()
-            if low in BOILERPLATE_TOKENS:
+        if value and _boilerplate_name(value):
+            return True
+    return False
+
+
+@lru_cache(maxsize=1 << 16)
+def _boilerplate_name(value: str) -> bool:
+    """A class/id value naming boilerplate (cached: pages repeat their class names a lot)."""
+    for token in value.split():
+        if token.lower() in BOILERPLATE_TOKENS:
+            return True
+        for part in _TOKEN_SPLIT.split(_CAMEL.sub("-", token).lower()):
+            if part in BOILERPLATE_PARTS:
                 return True
-            for part in _TOKEN_SPLIT.split(_CAMEL.sub("-", token).lower()):
-                if part in BOILERPLATE_PARTS:
-                    return True
     return False
 
 
