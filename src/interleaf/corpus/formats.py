@@ -11,8 +11,10 @@ Layouts (all hold the aligned ``texts`` / ``images`` / ``metadata`` lists of ``D
 - JSONL: one canonical row (``Document.to_row()``) per line, nested objects (not strings).
 
 Readers accept all of these (and OBELICS-style JSON strings inside JSONL) and MMC4 rows (detected
-by ``text_list``). They never raise on a bad row: they yield ``ReadError(path, row_number,
-reason)`` and go on; a file that cannot be opened at all gives one ``ReadError`` at position None.
+by ``text_list``). They never raise on a bad row: they yield ``ReadError(path, position, reason)``
+(position: 1-based line number in JSONL, 0-based row index in Parquet) and go on; a file that
+cannot be opened at all gives one ``ReadError`` at position None. Rows without an ``id`` (OBELICS)
+get a stable one: the SHA-1 of URL + WARC file + offset (or of the content when there is no URL).
 
 MMC4 (``to_mmc4`` / ``from_mmc4``), exactly:
 
