@@ -120,3 +120,16 @@ def test_stats_merge_and_dict_round_trip():
     b.merge(a)
     assert b.docs_in == 6 and b.excluded_by_reason == {"x": 2} and b.images_removed_by_reason == {"small": 2}
     assert b.balanced() and b.to_dict()["excluded"] == 2
+
+
+class _SilentImageDrop(Step):
+    name = "silent"
+
+    def process(self, doc):
+        return doc.select([x is None for x in doc.images])  # removes images without remove_image()
+
+
+def test_unrecorded_image_removals_are_still_counted():
+    step = _SilentImageDrop()
+    out = step(_doc())
+    assert out.n_images == 0 and step.stats.images_removed_by_reason == {"silent": 2} and step.stats.balanced()

@@ -185,7 +185,11 @@ class Step:
                 st.excluded_by_reason[out.reason] += 1
             return out
         st.docs_out += 1
-        st.images_out += out.n_images
+        n_out = out.n_images
+        st.images_out += n_out
+        unrecorded = n_img - n_out - sum(pending.values())
+        if unrecorded > 0:  # a step that dropped images without saying why: keep the books balanced
+            pending[self.name] += unrecorded
         if pending:
             st.images_removed_by_reason.update(pending)
             pending.clear()
