@@ -40,6 +40,7 @@ class DemoSettings:
     n_pairs: int = 1200
     n_shapes: int = 600
     n_test: int = 200
+    max_digits: int | None = None  # use only the first N of the 1797 digit images (tests)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -90,7 +91,9 @@ def build_dataset(s: DemoSettings, log=print) -> dict[str, Any]:
     n = len(digits.target)
     order = list(range(n))
     rng.shuffle(order)
-    n_test_digits = max(s.n_test, n // 6)
+    if s.max_digits:
+        order = order[: s.max_digits]
+    n_test_digits = max(s.n_test, len(order) // 6)
     test_idx, train_idx = order[:n_test_digits], order[n_test_digits:]
 
     def save_digit(i: int) -> str:
@@ -384,8 +387,15 @@ def _pick_threads() -> int:
 
 
 def run_demo(
-    out: str = "runs/demo", steps: int = 1500, image_size: int = 224, seed: int = 0, log=print
+    out: str = "runs/demo",
+    steps: int = 1500,
+    image_size: int = 224,
+    seed: int = 0,
+    log=print,
+    settings: dict[str, Any] | None = None,
+    mini_suite: bool = True,
 ) -> dict[str, Any]:
+    """The whole demo; ``settings`` overrides :class:`DemoSettings` fields (smaller data for tests)."""
     import torch
 
     from interleaf.train.config import build_config
@@ -394,7 +404,7 @@ def run_demo(
     t0 = time.perf_counter()
     threads = _pick_threads()
     torch.set_num_threads(threads)
-    s = DemoSettings(Path(out).resolve(), image_size=image_size, steps=steps, seed=seed)
+    s = DemoSettings(Path(out).resolve(), image_size=image_size, steps=steps, seed=seed, **(settings or {}))
     s.out.mkdir(parents=True, exist_ok=True)
     log(f"[1/4] building the offline training set (digits, shapes, colours; {image_size} px tiles)")
     data = build_dataset(s, log)
@@ -433,7 +443,7 @@ def run_demo(
     t_train = time.perf_counter() - t0
     log(f"[4/4] answering {len(data['test'])} held-out questions (images never seen in training)")
     results = evaluate(ckpt, data["test"], data["root"], log)
-    mini = run_mini_suite(ckpt, s.out, log)
+    mini = run_mini_suite(ckpt, s.out, log) if mini_suite else None
     if mini is not None:
         results["mini_mmiu"] = mini
     (s.out / "results.json").write_text(json.dumps(results, indent=1))
