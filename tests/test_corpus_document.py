@@ -132,4 +132,6 @@ class _SilentImageDrop(Step):
 def test_unrecorded_image_removals_are_still_counted():
     step = _SilentImageDrop()
     out = step(_doc())
-    assert out.n_images == 0 and step.stats.images_removed_by_reason == {"silent": 2} and step.stats.balanced()
+    assert (
+        out.n_images == 0 and step.stats.images_removed_by_reason == {"silent": 2} and step.stats.balanced()
+    )
