@@ -5,11 +5,13 @@ sample, batch size 1). This script runs, in one process on the same model and th
 questions (official prompts, multi-image, tile budget as the harness uses):
 
 - ``loop``: ``ChatModel.chat`` per sample (the peer's loop);
-- ``batched``: the harness's ``InterleafAdapter.generate`` with ``--batch-size`` (default 8), i.e.
-  ``ChatModel.batch_chat`` over length-sorted batches.
+- ``batched``: the harness's ``InterleafAdapter.generate`` with ``--batch-size`` (default 8) over
+  length-sorted batches (on CPU: each prompt prefilled alone, decode batched);
+- ``padded`` (CPU only): the same batches through the engine's left-padded prefill (the GPU path);
+- ``hf_loop``: transformers' ``InternVLForConditionalGeneration`` one sample at a time.
 
-It checks that both give the same answers (greedy) and prints samples/s (median of repeats) and the
-ratio. Default model: the tiny random-weight preset made offline.
+It checks that the answers agree (greedy) and prints samples/s (median of repeats) and the ratios.
+Default model: the tiny random-weight preset made offline.
 
     .venv/bin/python benchmarks/bench_eval.py                    # CPU, tiny model
     .venv/bin/python benchmarks/bench_eval.py --device cuda --quick
@@ -74,7 +76,16 @@ def main() -> int:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 
+    def padded() -> list[str]:  # the engine's left-padded batch (the GPU path), for comparison
+        adapter.rowwise_prefill_on_cpu = False
+        try:
+            return batched()
+        finally:
+            adapter.rowwise_prefill_on_cpu = True
+
     runs = [("loop", loop), ("batched", batched)]
+    if args.device == "cpu":
+        runs.append(("padded", padded))
     if not args.no_hf:  # lmms-eval's internvl_hf style: transformers' model, batch size 1
         model, tok = load_checkpoint(ckpt)
         hf = HFAdapter(str(save_checkpoint(model, tok, tmp / "hf", layout="hf")), device=args.device)
@@ -103,6 +114,7 @@ def main() -> int:
         "loop": "one-sample loop, ChatModel.chat (VLMEvalKit style)",
         "batched": f"interleaf batched (bs={args.batch_size})",
         "hf_loop": "one-sample loop, transformers InternVL (lmms-eval hf)",
+        "padded": f"engine left-padded batch (bs={args.batch_size})",
     }
     for k in times:
         secs = ", ".join(f"{t:.2f}" for t in times[k])

@@ -111,6 +111,7 @@ class InterleafAdapter(Adapter):
         self.fingerprint = "interleaf:" + directory_fingerprint(path)
         self.device, self.dtype = device, dtype
         self._chat_model = chat_model  # loaded on first use: a fully cached rerun never loads weights
+        self.rowwise_prefill_on_cpu = True
         self.notes = []
 
     @property
@@ -149,13 +150,16 @@ class InterleafAdapter(Adapter):
         import torch
 
         chat = self.chat_model
-        rows, pixels = [], []
+        rows, pixels, row_pixels = [], [], []
         for r in reqs:
             px, tiles = self._tiles(r) if r.images else (None, [])
             _, ids, px, _ = chat.prepare(r.prompt, pixel_values=px, num_tiles=tiles or None)
             rows.append(ids)
+            row_pixels.append(px)
             if px is not None:
                 pixels.append(px)
+        if chat.device.type == "cpu" and self.rowwise_prefill_on_cpu:
+            return self._rowwise(rows, row_pixels, reqs[0].max_new_tokens)
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), chat.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -171,6 +175,67 @@ class InterleafAdapter(Adapter):
             config=chat._config(gen),
         )
         return [chat.decode_reply(t) for t in out.tokens]
+
+    def _rowwise(self, rows: list[list[int]], row_pixels: list[Any], max_new_tokens: int) -> list[str]:
+        """Greedy batch with each prompt prefilled alone, then one batched decode (CPU).
+
+        On CPU the engine's left-padded prefill takes the masked attention path ([B, 1, S, S] mask,
+        no causal kernel) and costs more than the per-sample prefills it replaces
+        (BENCHMARKS.md, Evaluation); prefilling row by row keeps the causal kernel, and the decode
+        steps, where batching pays, run for the whole batch. Keys/values of row ``r`` sit in slots
+        ``[0, len_r)`` of the batch cache; the gap up to the shared decode slots is masked.
+        """
+        import torch
+
+        chat = self.chat_model
+        model, dev = chat.model, chat.device
+        dtype = next(model.parameters()).dtype
+        b, width = len(rows), max(len(r) for r in rows)
+        cache = model.make_cache(b, width + max_new_tokens, dtype=dtype, device=dev)
+        stop = set(chat.stop_token_ids)
+        with torch.inference_mode():
+            firsts = []
+            for r, (ids, px) in enumerate(zip(rows, row_pixels)):
+                one = model.make_cache(1, len(ids), dtype=dtype, device=dev)
+                out = model(
+                    input_ids=torch.tensor([ids], device=dev),
+                    pixel_values=None if px is None else px.to(dev, dtype),
+                    kv_cache=one,
+                    cache_position=torch.arange(len(ids), device=dev),
+                    logits_to_keep=1,
+                )
+                for layer in range(len(cache.keys)):
+                    cache.keys[layer][r, :, : len(ids)] = one.keys[layer][0]
+                    cache.values[layer][r, :, : len(ids)] = one.values[layer][0]
+                firsts.append(out.logits[:, -1])
+            logits = torch.cat(firsts)
+            mask = torch.zeros(b, width + max_new_tokens, dtype=torch.long, device=dev)
+            for r, ids in enumerate(rows):
+                mask[r, : len(ids)] = 1
+            positions = torch.tensor([[len(ids)] for ids in rows], device=dev)
+            tokens: list[list[int]] = [[] for _ in range(b)]
+            done = [False] * b
+            for i in range(max_new_tokens):
+                nxt = logits.argmax(dim=-1)
+                for r, t in enumerate(nxt.tolist()):
+                    if done[r]:
+                        continue
+                    if t in stop:
+                        done[r] = True
+                    else:
+                        tokens[r].append(t)
+                if all(done) or i == max_new_tokens - 1:
+                    break
+                mask[:, width + i] = 1
+                logits = model(
+                    input_ids=nxt[:, None],
+                    attention_mask=mask[:, : width + i + 1],
+                    position_ids=positions + i,
+                    kv_cache=cache,
+                    cache_position=torch.tensor([width + i], device=dev),
+                    logits_to_keep=1,
+                ).logits[:, -1]
+        return [chat.decode_reply(t) for t in tokens]
 
     def generate(
         self, requests: Sequence[Request], batch_size: int = 8
