@@ -264,3 +264,26 @@ def test_real_mdbook_page_keeps_figures_drops_chrome():
     text = doc.text
     for chrome in ("Keyboard shortcuts", "Print this book", "Ayu"):  # menu bar, theme picker
         assert chrome in page.html.decode() and chrome not in text, chrome
+
+
+def test_content_containers_with_misleading_classes_are_kept():
+    paras = "".join(
+        f"<p>Paragraph {i} of the story about rivers, bridges and the people of the town.</p>"
+        for i in range(8)
+    )
+    html = (
+        "<body class='single has-sidebar'><div class='site-wrapper has-sidebar with-comments'>"
+        f"<article class='post category-social-media tag-ads'>{paras}<img src='river.jpg'></article>"
+        "<div class='sidebar'><p>Popular posts about other things in the sidebar area.</p></div>"
+        "<div class='ad-slot'><p>Buy this product now at a great price today.</p></div>"
+        "</div></body>"
+    )
+    doc = extract(html, url="http://blog.e.org/post")
+    assert "Paragraph 7 of the story" in doc.text and doc.image_urls == ["http://blog.e.org/river.jpg"]
+    assert "Popular posts" not in doc.text and "Buy this product" not in doc.text
+    # a wrapper whose id says "social" but which holds the whole page is the page
+    wrapped = html.replace("<body class='single has-sidebar'>", "<body><div id='social-page'>").replace(
+        "</body>", "</div></body>"
+    )
+    doc = extract(wrapped, url="http://blog.e.org/post")
+    assert "Paragraph 7 of the story" in doc.text and "Popular posts" not in doc.text

@@ -76,6 +76,11 @@ BOILERPLATE_TOKENS = frozenset(
     skip-link skip-to-content screen-reader-text sr-only visually-hidden hidden hide print-only
     ad ad-container ad-slot""".split()
 )
+# class tokens that describe a state or a taxonomy term of an element rather than what it is
+_MODIFIER_PREFIXES = (
+    "has-", "has_", "with-", "no-", "is-", "show-", "enable-", "category-", "tag-", "format-", "type-",
+    "status-", "layout-", "template-", "single-", "archive-", "term-", "topic-", "section-",
+)  # fmt: skip
 BOILERPLATE_ROLES = frozenset(
     "navigation banner contentinfo complementary search menu menubar dialog alert toolbar tablist".split()
 )
@@ -279,20 +284,29 @@ def _is_boilerplate(attrs: dict) -> bool:
 def _boilerplate_name(value: str) -> bool:
     """A class/id value naming boilerplate (cached: pages repeat their class names a lot)."""
     for token in value.split():
-        if token.lower() in BOILERPLATE_TOKENS:
+        low = token.lower()
+        if low in BOILERPLATE_TOKENS:
             return True
+        if low.startswith(_MODIFIER_PREFIXES):  # "has-sidebar", "category-ads": a state, not a region
+            continue
         for part in _TOKEN_SPLIT.split(_CAMEL.sub("-", token).lower()):
             if part in BOILERPLATE_PARTS:
                 return True
     return False
 
 
-def _remove_boilerplate(body) -> None:
+def _remove_boilerplate(body, max_share: float = 0.6) -> None:
     doomed = [
         n
         for n in body.css("[class], [id], [role], [hidden], [aria-hidden], [style]")
         if _is_boilerplate(n.attributes)
     ]
+    if doomed:
+        # a container that holds most of the page's text is the content, whatever its class says
+        # (WordPress puts "category-social" or "has-sidebar" on the article or page wrapper)
+        total = len(body.text(deep=True, separator=" ").split())
+        if total:
+            doomed = [n for n in doomed if len(n.text(deep=True, separator=" ").split()) < max_share * total]
     # children before parents (reverse document order): never touch a freed node
     for node in reversed(doomed):
         node.decompose()
