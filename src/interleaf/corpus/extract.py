@@ -13,7 +13,9 @@ and no fallback path:
 3. noise removal by structure and naming: elements whose class / id / role says navigation,
    menu, breadcrumbs, footer, sidebar, comments, share/social, ads, banners, cookie notices,
    newsletter, related posts, pagination, table of contents (token match, so ``entry-header``
-   is kept but ``site-header`` is not); hidden elements (``hidden``, ``aria-hidden``,
+   is kept but ``site-header`` is not; state and taxonomy classes such as ``has-sidebar`` or
+   ``category-social`` are no evidence, and an element holding more than 60% of the page's words
+   is never removed by its name); hidden elements (``hidden``, ``aria-hidden``,
    ``display:none``); link clusters (lists, tables, paragraphs, divs whose text is mostly link
    text, e.g. menus and link farms); images wrapped in links to other sites (ad banners and
    badges; links to image files are kept);
