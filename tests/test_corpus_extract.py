@@ -287,3 +287,17 @@ def test_content_containers_with_misleading_classes_are_kept():
     )
     doc = extract(wrapped, url="http://blog.e.org/post")
     assert "Paragraph 7 of the story" in doc.text and "Popular posts" not in doc.text
+
+
+def test_page_wrapped_in_a_form_keeps_its_content():
+    paras = "".join(f"<p>Paragraph {i} of an ASP.NET page with real content in it.</p>" for i in range(6))
+    html = (
+        "<body><form id='aspnetForm' action='page.aspx'><input type='hidden' name='__VIEWSTATE' value='x'>"
+        "<nav><a href='/'>Home</a> <a href='/a'>About</a></nav>"
+        f"<div id='content'>{paras}<img src='pic.jpg'></div>"
+        "<form action='/search'><input name='q'><button>Search</button></form>"
+        "<footer>Footer text of the site</footer></form></body>"
+    )
+    doc = extract(html, url="http://asp.e.org/page.aspx")
+    assert doc.texts[0].startswith("Paragraph 0 of an ASP.NET page") and "Paragraph 5" in doc.text
+    assert "Home" not in doc.text and "Search" not in doc.text and "Footer" not in doc.text

@@ -9,7 +9,9 @@ and no fallback path:
    the raw markup before parsing because HTML tree building is quadratic in depth), charset
    decoding (``undecodable_charset``);
 2. noise removal by element: script, style, noscript, template, iframe, svg, canvas, form
-   controls, nav, aside, footer, site-level header, dialog, menus; HTML comments never reach text;
+   controls, dialog; nav, aside, footer, menus and site-level headers unless they hold most of the
+   page's words; ``<form>`` is unwrapped (ASP.NET wraps whole pages in one); HTML comments never
+   reach text;
 3. noise removal by structure and naming: elements whose class / id / role says navigation,
    menu, breadcrumbs, footer, sidebar, comments, share/social, ads, banners, cookie notices,
    newsletter, related posts, pagination, table of contents (token match, so ``entry-header``
@@ -49,9 +51,13 @@ from interleaf.corpus.warc import UndecodableError, decode_html
 # removed with everything inside them
 JUNK_TAGS = [
     "script", "style", "noscript", "template", "iframe", "frame", "frameset", "object", "embed",
-    "applet", "svg", "math", "canvas", "map", "form", "button", "select", "textarea", "input",
-    "label", "nav", "aside", "footer", "dialog", "menu", "audio", "video", "head",
+    "applet", "svg", "math", "canvas", "map", "button", "select", "textarea", "input", "label",
+    "dialog", "audio", "video", "head",
 ]  # fmt: skip
+# page regions removed unless they hold most of the page's words (some sites wrap everything in them)
+REGION_TAGS = "nav, aside, footer, menu, header"
+# unwrapped (content kept): ASP.NET pages wrap the whole body in one <form>
+UNWRAP_TAGS = ["form"]
 # elements that start and end a paragraph-level block
 BLOCK_TAGS = (
     "p, h1, h2, h3, h4, h5, h6, ul, ol, dl, table, blockquote, pre, figure, figcaption, address, "
@@ -247,12 +253,23 @@ def _doc_id(page: RawPage) -> str:
 
 
 # ---- noise removal ---------------------------------------------------------------------------
-def _remove_junk(tree: LexborHTMLParser, body) -> None:
-    # a <header> inside <article>/<main> usually holds the article title: keep those
-    for node in reversed(body.css("header")):
-        if not _has_ancestor(node, ("article", "main")):
-            node.decompose()
+def _remove_junk(tree: LexborHTMLParser, body, max_share: float = 0.6) -> None:
     tree.strip_tags(JUNK_TAGS)
+    tree.unwrap_tags(UNWRAP_TAGS)
+    regions = body.css(REGION_TAGS)
+    if not regions:
+        return
+    total = len(body.text(deep=True, separator=" ").split())
+    doomed = []
+    for node in regions:
+        # a <header> inside <article>/<main> usually holds the article title: keep those
+        if node.tag == "header" and _has_ancestor(node, ("article", "main")):
+            continue
+        if total and len(node.text(deep=True, separator=" ").split()) >= max_share * total:
+            continue
+        doomed.append(node)
+    for node in reversed(doomed):  # children before parents
+        node.decompose()
 
 
 def _has_ancestor(node, tags: tuple[str, ...]) -> bool:
