@@ -293,3 +293,15 @@ def test_grad_checkpointing_gives_the_same_gradients(tiny_dir, meta, tmp_path):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5)
+
+
+def test_random_init_from_a_preset(meta, tmp_path):
+    cfg = build_config(
+        {"model_preset": "tiny", "meta_path": str(meta), "output_dir": str(tmp_path), "max_steps": 1,
+         "max_dynamic_patch": 1, "max_packed_tokens": 1024, "max_seq_length": 1024}
+    )  # fmt: skip
+    result = train(cfg, log=None)
+    assert (tmp_path / "init" / "config.json").exists() and (
+        tmp_path / "checkpoint-1" / "config.json"
+    ).exists()
+    assert result["steps"] == 1
