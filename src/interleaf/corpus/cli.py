@@ -148,10 +148,11 @@ def _fetch(args: argparse.Namespace) -> int:
     )
     fetch = next(s for s in stats["stages"] if s["name"] == "fetch")
     removed = sum(fetch["images_removed_by_reason"].values())
+    reasons = ", ".join(f"{k}={v}" for k, v in sorted(fetch["images_removed_by_reason"].items()))
     print(
-        f"{args.output}: {fetch['images_in']} images -> {fetch['images_out']} kept, {removed} removed "
-        f"({', '.join(f'{k}={v}' for k, v in sorted(fetch['images_removed_by_reason'].items()))}); "
-        f"{stats['docs_out']} documents"
+        f"{args.output}: {fetch['images_in']} images -> {fetch['images_out']} kept, {removed} removed"
+        f"{f' ({reasons})' if reasons else ''}, {fetch['images_in_dropped_docs']} in "
+        f"{fetch['excluded']} documents left without images; {stats['docs_out']} documents"
     )
     return 0
 

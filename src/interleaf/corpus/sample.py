@@ -1,12 +1,15 @@
 """The embedded corpus sample: real web pages with images that no one on the project wrote.
 
-``interleaf/data/corpus/sample.warc.gz`` holds the HTML manual of libxslt/libexslt (Daniel
-Veillard, Thomas Broyer, Charlie Bozeman; MIT licence, see ``NOTICE`` next to it) as Debian ships
-it in ``libxslt1-dev`` (``/usr/share/doc/libxslt1-dev/html``), archived the way a crawler
-archives the web: one gzip member per WARC record, ``response`` records with HTTP headers, the
-pages under their original ``http://xmlsoft.org/XSLT/`` URLs, and the images the pages show as
-``image/*`` response records too (readers skip them as non-HTML payloads; the image fetcher can
-serve them offline, see ``warc_image_source``).
+``interleaf/data/corpus/sample.warc.gz`` holds HTML manuals as Debian ships them (licences in
+``NOTICE`` next to it): the libxslt/libexslt manual (``libxslt1-dev``, MIT; 47 pages), seven
+Apache httpd 2.4 manual pages with figures (``apache2-doc``, Apache-2.0) and six Python 3.11
+documentation pages with figures (``python3.11-doc``, PSF licence). They are archived the way a
+crawler archives the web: one gzip member per WARC record, ``response`` records with HTTP headers,
+the pages under their original URLs, and the images the pages show as ``image/*`` response
+records too (readers count them as non-HTML payloads; the image fetcher can serve them offline,
+see ``warc_image_source``). With the default pipeline the sample yields a small real corpus (the
+OmniCorpus image rules and Gopher rules remove most documentation pages: GIF figures, site logos,
+code-heavy text).
 
 ``scripts/make_corpus_sample.py`` rebuilds the file; ``make_bench_warc`` repeats the sample
 pages under varied URLs for benchmarks.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import mimetypes
+import re
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -93,6 +97,17 @@ def _date_of(p: Path) -> str:
     return ts.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _page_record(url: str, p: Path) -> tuple[str, bytes, str, str]:
+    raw = p.read_bytes()
+    charset = "ISO-8859-1" if b"ISO-8859-1" in raw[:2000] else "UTF-8"
+    return (url, raw, f"text/html; charset={charset}", _date_of(p))
+
+
+def _image_record(url: str, p: Path) -> tuple[str, bytes, str, str]:
+    ctype = mimetypes.guess_type(p.name)[0] or "application/octet-stream"
+    return (url, p.read_bytes(), ctype, _date_of(p))
+
+
 def libxslt_records(root: Path = LIBXSLT_DOC) -> list[tuple[str, bytes, str, str]]:
     """The libxslt manual's pages (top level, EXSLT, tutorial) and their images, as WARC records."""
     if not root.is_dir():
@@ -103,14 +118,56 @@ def libxslt_records(root: Path = LIBXSLT_DOC) -> list[tuple[str, bytes, str, str
         files += sorted(p for p in d.iterdir() if p.suffix.lower() in (".html", ".gif", ".png", ".jpg"))
     out = []
     for p in files:
-        rel = p.relative_to(root).as_posix()
-        ctype = mimetypes.guess_type(p.name)[0] or "application/octet-stream"
-        if ctype == "text/html":
-            raw = p.read_bytes()
-            charset = "ISO-8859-1" if b"ISO-8859-1" in raw[:2000] else "UTF-8"
-            ctype = f"text/html; charset={charset}"
-        out.append((SAMPLE_BASE_URL + rel, p.read_bytes(), ctype, _date_of(p)))
+        url = SAMPLE_BASE_URL + p.relative_to(root).as_posix()
+        out.append(_page_record(url, p) if p.suffix == ".html" else _image_record(url, p))
     return out
+
+
+def _pages_with_images(root: Path, base_url: str, pages: list[str]) -> list[tuple[str, bytes, str, str]]:
+    """``pages`` (paths under ``root``) and the local images they show, under ``base_url``."""
+    if not root.is_dir():
+        raise InputError(f"{root}: HTML manual not found")
+    out, images = [], {}
+    for rel in pages:
+        p = root / rel
+        raw = p.read_bytes()
+        out.append(_page_record(base_url + rel, p))
+        for src in re.findall(rb"<img[^>]+src=\"([^\"]+)\"", raw):
+            q = (p.parent / src.decode("latin-1")).resolve()
+            if q.is_file() and q.is_relative_to(root.resolve()):
+                images[q.relative_to(root.resolve()).as_posix()] = q
+    out += [_image_record(base_url + rel, q) for rel, q in sorted(images.items())]
+    return out
+
+
+APACHE_DOC = Path("/usr/share/doc/apache2-doc/manual")
+APACHE_PAGES = [  # the English manual pages with figures (Apache-2.0)
+    "en/caching.html",
+    "en/developer/modguide.html",
+    "en/filter.html",
+    "en/mod/mod_filter.html",
+    "en/rewrite/intro.html",
+    "en/rewrite/tech.html",
+    "en/ssl/ssl_intro.html",
+]
+PYTHON_DOC = Path("/usr/share/doc/python3.11/html")
+PYTHON_PAGES = [  # the Python 3.11 documentation pages with figures (PSF licence)
+    "howto/logging.html",
+    "library/hashlib.html",
+    "library/pathlib.html",
+    "library/tkinter.messagebox.html",
+    "library/turtle.html",
+    "using/windows.html",
+]
+
+
+def sample_records() -> list[tuple[str, bytes, str, str]]:
+    """All records of the embedded sample: libxslt (MIT), Apache httpd (Apache-2.0), Python (PSF)."""
+    return (
+        libxslt_records()
+        + _pages_with_images(APACHE_DOC, "https://httpd.apache.org/docs/2.4/", APACHE_PAGES)
+        + _pages_with_images(PYTHON_DOC, "https://docs.python.org/3.11/", PYTHON_PAGES)
+    )
 
 
 def iter_sample_pages(path: str | Path | None = None) -> Iterator[tuple[str, bytes, str, str]]:
