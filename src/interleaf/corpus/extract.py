@@ -20,7 +20,7 @@ and no fallback path:
    is never removed by its name); hidden elements (``hidden``, ``aria-hidden``,
    ``display:none``); link clusters (lists, tables, paragraphs, divs whose text is mostly link
    text, e.g. menus and link farms); images wrapped in links to other sites (ad banners and
-   badges; links to image files are kept);
+   badges; links to image files are kept) or to an anchor in the page (back-to-top arrows);
 4. main-content choice: the one ``<main>`` / ``role=main`` / ``<article>`` element when it holds
    most of the remaining text, else the body;
 5. serialisation into the aligned-list layout: headings, paragraphs, list items, table rows,
@@ -116,7 +116,7 @@ class ExtractConfig:
     max_depth: int = 512  # element nesting deeper than this -> Drop("too_deeply_nested")
     link_density: float = 0.5  # blocks whose text is more than this fraction link text are removed
     min_link_block_words: int = 0  # ... unless they hold at least this many words (0: no exception)
-    drop_external_link_images: bool = True  # <a href=other site><img></a>: ads and badges
+    drop_external_link_images: bool = True  # <a href=other site|#anchor><img></a>: ads, badges, arrows
     choose_main: bool = True  # restrict to <main>/<article> when it holds most of the text
     main_min_fraction: float = 0.5
     keep_data_uri_images: bool = False  # inline data: images are icons/placeholders on the web
@@ -449,13 +449,16 @@ def _registered_domain(host: str) -> str:
     return ".".join(labels[-2:])
 
 
-def _external_link(img, page_host: str) -> bool:
+def _navigation_image(img, page_host: str) -> bool:
+    """An image inside a link that leads to another site (ads, badges) or within the page ("top")."""
     p = img.parent
     for _ in range(4):  # the link is usually the direct parent, sometimes a few wrappers up
         if p is None:
             return False
         if p.tag == "a":
             href = (p.attributes.get("href") or "").strip()
+            if href.startswith("#"):
+                return True  # back-to-top arrows, in-page jump icons
             if not href.lower().startswith(("http://", "https://", "//")):
                 return False
             try:
@@ -487,7 +490,7 @@ def _mark_images(root, base_url: str, page_url: str, cfg: ExtractConfig) -> list
         if scheme not in ("http", "https", "file", "data"):
             img.decompose()
             continue
-        if cfg.drop_external_link_images and _external_link(img, page_host):
+        if cfg.drop_external_link_images and _navigation_image(img, page_host):
             img.decompose()
             continue
         alt = attrs.get("alt")
