@@ -318,3 +318,23 @@ def test_corpus_documents_and_pairs(tmp_path, tok):
     ]
     assert a.num_tiles == [1] and b.num_tiles == [1]
     assert "a caption" in trained_text(tok, b.labels)
+
+
+def test_data_augment_is_random_jpeg_but_reproducible(tmp_path, tok):
+    import numpy as np
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (56, 56, 3), dtype=np.uint8)).save(
+        tmp_path / "n.png"
+    )
+    row = {
+        "image": "n.png",
+        "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}],
+    }
+    (tmp_path / "d.jsonl").write_text(json.dumps(row) + "\n")
+    (tmp_path / "meta.json").write_text(json.dumps({"n": {"root": ".", "annotation": "d.jsonl"}}))
+    kw = dict(template="Hermes-2", num_image_token=4, image_size=56)
+    ds = ConversationDataset(tmp_path / "meta.json", tok, DataArgs(**kw, data_augment=True))
+    plain = ConversationDataset(tmp_path / "meta.json", tok, DataArgs(**kw))
+    a, b = ds.get(0, epoch=0), ds.get(0, epoch=0)
+    assert torch.equal(a.pixel_values, b.pixel_values)  # same sample, same epoch: same bytes (exact resume)
+    assert not torch.equal(a.pixel_values, plain.get(0).pixel_values)

@@ -361,6 +361,7 @@ class DataArgs:
     max_num_frame: int = 32
     system_message: str | None = None
     seed: int = 42
+    data_augment: bool = False  # every dataset: random JPEG re-encode (quality 75-100), as upstream
 
 
 class ConversationDataset:
@@ -449,9 +450,10 @@ class ConversationDataset:
                 raise SkipSample("bad_image", "'image' must be a path or a list of paths")
             conversations = _ensure_placeholders(conversations, len(paths))
             per_image = max_patch if len(paths) == 1 else max(1, max_patch // len(paths))
+            augment = rng if (spec.data_augment or args.data_augment) else None
             tensors = []
             for p in paths:
-                tensors.append(self._load_image(os.path.join(spec.root, p), per_image))
+                tensors.append(self._load_image(os.path.join(spec.root, p), per_image, augment))
             num_tiles = [t.shape[0] for t in tensors]
             pixel_values = torch.cat(tensors, dim=0)
         else:
@@ -467,13 +469,20 @@ class ConversationDataset:
             raise SkipSample("no_supervised_tokens", "nothing left to learn after truncation")
         return Sample(ids, labels, pixel_values, num_tiles)
 
-    def _load_image(self, path: str, max_num: int) -> torch.Tensor:
-        from interleaf.processing.image import preprocess_image
+    def _load_image(self, path: str, max_num: int, augment: random.Random | None = None) -> torch.Tensor:
+        from interleaf.processing.image import load_image, preprocess_image
 
         a = self.args
         try:
+            image: Any = path
+            if augment is not None:  # upstream's train transform: random JPEG re-encode, quality 75-100
+                import io
+
+                buf = io.BytesIO()
+                load_image(path).save(buf, format="JPEG", quality=augment.randint(75, 100))
+                image = buf.getvalue()
             return preprocess_image(
-                path,
+                image,
                 max_num,
                 min(a.min_dynamic_patch, max_num),
                 a.image_size,

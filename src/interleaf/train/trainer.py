@@ -340,6 +340,7 @@ class Trainer:
             max_num_frame=cfg.max_num_frame,
             system_message=mcfg.system_message,
             seed=cfg.seed,
+            data_augment=cfg.data_augment,
         )
         if cfg.meta_path:
             dataset: Any = ConversationDataset(cfg.meta_path, tokenizer, args, self.skip_log)
