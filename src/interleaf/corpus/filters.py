@@ -78,7 +78,7 @@ STOPWORDS_EN = frozenset(
 )
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=2)  # the filters of one document share it; big pages are not kept around
 def words(text: str) -> list[str]:
     """Word tokens: runs of word characters (with inner apostrophes) and runs of punctuation."""
     return _WORD_RE.findall(text)
@@ -96,7 +96,7 @@ def count_sentences(text: str) -> int:
     return n
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=2)  # the filters of one document share it; big pages are not kept around
 def obelics_words(text: str) -> list[str]:
     """OBELICS word list: whitespace split, lower-cased, special characters stripped, empties dropped."""
     out = []
