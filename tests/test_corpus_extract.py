@@ -303,3 +303,27 @@ def test_page_wrapped_in_a_form_keeps_its_content():
     doc = extract(html, url="http://asp.e.org/page.aspx")
     assert doc.texts[0].startswith("Paragraph 0 of an ASP.NET page") and "Paragraph 5" in doc.text
     assert "Home" not in doc.text and "Search" not in doc.text and "Footer" not in doc.text
+
+
+def test_extractor_accounts_for_every_image():
+    html = (
+        "<body><nav><img src='/nav.png'></nav><main><p>A paragraph of text that is long enough here.</p>"
+        "<img src='a.jpg'><img src='data:image/gif;base64,R0lGOD'><img alt='no source'>"
+        "<img src='javascript:void(0)'><a href='#top'><img src='up.gif'></a>"
+        "<a href='https://ads.example.net/x'><img src='https://ads.example.net/b.jpg'></a>"
+        "<p>More text after the images in the article body.</p></main></body>"
+    )
+    ex = Extractor()
+    doc = ex(_page(html))
+    assert doc.image_urls == ["http://news.example.org/2024/a.jpg"]
+    st = ex.stats
+    assert st.images_in == 7 and st.images_out == 1 and st.balanced()
+    assert st.images_removed_by_reason == {
+        "image_in_boilerplate": 1,
+        "image_data_uri": 1,
+        "image_without_src": 1,
+        "image_bad_url": 1,
+        "image_navigation_link": 2,
+    }
+    ex(_page("<p>only text, no image</p><nav><img src='x.png'></nav>"))  # dropped: its image counted too
+    assert st.images_in == 8 and st.images_in_dropped_docs == 1 and st.balanced()

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import quote, urljoin, urlsplit
@@ -154,23 +155,37 @@ class Extractor:
 
         st = self.stats
         st.docs_in += 1
+        drops: Counter = Counter()
         t0 = time.perf_counter()
         try:
-            out = _extract(page, self.config)
+            out = _extract(page, self.config, drops)
         except Exception as exc:  # noqa: BLE001 - one bad page must not stop a run
             out = Drop(reason=f"extract:{type(exc).__name__}", detail=str(exc)[:500], error=True)
         st.time_s += time.perf_counter() - t0
+        seen = drops.pop(_SEEN, 0)  # <img> elements in the page; images_in counts them
         if isinstance(out, Drop):
             (st.errors_by_reason if out.error else st.excluded_by_reason)[out.reason] += 1
-        else:
-            st.docs_out += 1
-            st.images_in += out.n_images  # images are born here: in == out
-            st.images_out += out.n_images
+            st.images_in += seen
+            st.images_in_dropped_docs += seen
+            return out
+        st.docs_out += 1
+        kept = out.n_images
+        other = seen - kept - sum(drops.values())
+        if other > 0:
+            drops["image_other"] += other
+        st.images_in += max(seen, kept + sum(drops.values()))
+        st.images_out += kept
+        st.images_removed_by_reason.update(drops)
         return out
 
 
 # ---------------------------------------------------------------------------------------------
-def _extract(page: RawPage, cfg: ExtractConfig) -> Document | Drop:
+_SEEN = "_images_seen"
+
+
+def _extract(page: RawPage, cfg: ExtractConfig, drops: Counter | None = None) -> Document | Drop:
+    """The extraction; ``drops`` (optional) receives the page's image count under ``_SEEN`` and the
+    images left out, by reason."""
     raw = page.html
     if len(raw) > cfg.max_bytes:
         return Drop("too_large", f"{len(raw)} bytes > {cfg.max_bytes}")
@@ -197,11 +212,17 @@ def _extract(page: RawPage, cfg: ExtractConfig) -> Document | Drop:
     if body is None:
         return Drop("empty_page", "no <body>")
 
+    if drops is not None:
+        drops[_SEEN] += len(body.css(IMG_TAGS))
     _remove_junk(tree, body)
     _remove_boilerplate(body)
     root = _choose_main(body, cfg) if cfg.choose_main else body
     _remove_link_clusters(root, cfg)
-    images = _mark_images(root, base_url, page.url, cfg)
+    if drops is not None:
+        lost = drops[_SEEN] - len(root.css(IMG_TAGS))
+        if lost:
+            drops["image_in_boilerplate"] += lost
+    images = _mark_images(root, base_url, page.url, cfg, drops)
     _mark_blocks(root)
     text = root.text(deep=True, separator="")
     doc = _assemble(text, images)
@@ -475,22 +496,32 @@ def _navigation_image(img, page_host: str) -> bool:
     return False
 
 
-def _mark_images(root, base_url: str, page_url: str, cfg: ExtractConfig) -> list[tuple[str, dict]]:
+def _mark_images(
+    root, base_url: str, page_url: str, cfg: ExtractConfig, drops: Counter | None = None
+) -> list[tuple[str, dict]]:
     """Replace each kept ``<img>`` with a marker ``\\x02i\\x03``; return ``[(url, metadata)]``."""
     page_host = _host(page_url)
     images: list[tuple[str, dict]] = []
+    drops = Counter() if drops is None else drops
     for img in root.css(IMG_TAGS):
         attrs = img.attributes
         src = _pick_src(attrs)
-        if not src or (src.startswith("data:") and not cfg.keep_data_uri_images):
+        if not src:
+            drops["image_without_src"] += 1
+            img.decompose()
+            continue
+        if src.startswith("data:") and not cfg.keep_data_uri_images:
+            drops["image_data_uri"] += 1
             img.decompose()
             continue
         url = src if src.startswith("data:") else _resolve(base_url, src)
         scheme = url.split(":", 1)[0].lower() if url else ""
         if scheme not in ("http", "https", "file", "data"):
+            drops["image_bad_url"] += 1
             img.decompose()
             continue
         if cfg.drop_external_link_images and _navigation_image(img, page_host):
+            drops["image_navigation_link"] += 1
             img.decompose()
             continue
         alt = attrs.get("alt")
