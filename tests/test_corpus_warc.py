@@ -220,3 +220,23 @@ def test_decode_html_undecodable():
         decode_html(garbage, "utf-8")
     with pytest.raises(UndecodableError, match="binary"):
         decode_html(b"<html>" + bytes(rng.randrange(0, 256) for _ in range(20000)), None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_oversized_records_are_reported_unread(tmp_path, backend):
+    real = _real_pages(2)
+    html = [("Content-Type", "text/html")]
+    big = b"<html><body>" + b"<p>x</p>" * 20000 + b"</body></html>"
+    _write_warc(
+        tmp_path / "b.warc.gz",
+        [
+            (real[0].url, real[0].html, html, "200 OK"),
+            ("http://e.org/big", big, html, "200 OK"),
+            (real[1].url, real[1].html, html, "200 OK"),
+        ],
+        True,
+    )
+    items = list(read_warc(tmp_path / "b.warc.gz", backend=backend, max_record_bytes=100_000))
+    assert [x.url for x in items if isinstance(x, RawPage)] == [real[0].url, real[1].url]
+    (err,) = [x for x in items if isinstance(x, ReadError)]
+    assert err.reason == "record_too_large" and "http://e.org/big" in err.detail

@@ -269,8 +269,16 @@ def _next_record_start(path: str, after: int, gz: bool) -> int | None:
         return pos + 1 if pos >= 0 else None
 
 
-def read_warc(path: str | os.PathLike, backend: str = "auto") -> Iterator[RawPage | ReadError]:
-    """Yield a ``RawPage`` per HTML response record of a WARC file, a ``ReadError`` per bad one."""
+MAX_RECORD_BYTES = 50_000_000  # larger response records are not read (a video is not a page)
+
+
+def read_warc(
+    path: str | os.PathLike, backend: str = "auto", max_record_bytes: int = MAX_RECORD_BYTES
+) -> Iterator[RawPage | ReadError]:
+    """Yield a ``RawPage`` per HTML response record of a WARC file, a ``ReadError`` per bad one.
+
+    Response records larger than ``max_record_bytes`` are reported (``record_too_large``) unread.
+    """
     path = str(path)
     if backend == "auto":
         try:
@@ -291,7 +299,7 @@ def read_warc(path: str | os.PathLike, backend: str = "auto") -> Iterator[RawPag
     reader = _iter_fastwarc if backend == "fastwarc" else _iter_warcio
     while start is not None and start < size:
         failed_at = None
-        for item in reader(path, start, size):
+        for item in reader(path, start, size, max_record_bytes):
             if isinstance(item, _Resync):
                 failed_at = item.position
                 continue
@@ -357,7 +365,12 @@ def _open_mmap(fh, gz: bool) -> mmap.mmap | None:
         return None
 
 
-def _iter_fastwarc(path: str, start: int, size: int) -> Iterator[RawPage | ReadError]:
+def _too_large(path: str, pos: int, headers: dict[str, str], content_length: int, limit: int) -> ReadError:
+    url = headers.get("warc-target-uri", "")
+    return ReadError(path, pos, "record_too_large", f"{content_length} bytes > {limit} {url}"[:300])
+
+
+def _iter_fastwarc(path: str, start: int, size: int, max_bytes: int) -> Iterator[RawPage | ReadError]:
     from fastwarc.warc import ArchiveIterator, WarcRecordType
 
     gz = _is_gzip(path)
@@ -391,6 +404,9 @@ def _iter_fastwarc(path: str, start: int, size: int) -> Iterator[RawPage | ReadE
                     continue
                 in_read = True
                 headers = {k.lower(): v for k, v in rec.headers.items()}
+                if rec.content_length > max_bytes:
+                    yield _too_large(path, pos, headers, rec.content_length, max_bytes)
+                    continue
                 block = rec.reader.read()
                 pending = (pos, headers, block, rec.content_length)
             except StopIteration:
@@ -415,7 +431,7 @@ def _iter_fastwarc(path: str, start: int, size: int) -> Iterator[RawPage | ReadE
                 yield ReadError(path, skipped, "corrupt_record", f"unparseable bytes {skipped}..{size}")
 
 
-def _iter_warcio(path: str, start: int, size: int) -> Iterator[RawPage | ReadError]:
+def _iter_warcio(path: str, start: int, size: int, max_bytes: int) -> Iterator[RawPage | ReadError]:
     from warcio.archiveiterator import ArchiveIterator
 
     gz = _is_gzip(path)
@@ -432,7 +448,8 @@ def _iter_warcio(path: str, start: int, size: int) -> Iterator[RawPage | ReadErr
                 headers = {k.lower(): v for k, v in rec.rec_headers.headers}
                 content_length = int(headers.get("content-length", "0") or 0)
                 is_response = rec.rec_type == "response"
-                block = rec.raw_stream.read() if is_response else b""
+                too_large = is_response and content_length > max_bytes
+                block = rec.raw_stream.read() if is_response and not too_large else b""
                 # warcio knows a record's offset and length only once it is consumed
                 if base is None:  # offsets are absolute for a seeked file object; guard against relative
                     base = start if it.get_record_offset() < start else 0
@@ -446,6 +463,9 @@ def _iter_warcio(path: str, start: int, size: int) -> Iterator[RawPage | ReadErr
                         )
                 prev = (pos, content_length)
                 if not is_response:
+                    continue
+                if too_large:
+                    yield _too_large(path, pos, headers, content_length, max_bytes)
                     continue
                 yield _record_to_page(path, headers, block, content_length, pos, length)
             except StopIteration:
