@@ -297,12 +297,16 @@ def test_page_wrapped_in_a_form_keeps_its_content():
         "<body><form id='aspnetForm' action='page.aspx'><input type='hidden' name='__VIEWSTATE' value='x'>"
         "<nav><a href='/'>Home</a> <a href='/a'>About</a></nav>"
         f"<div id='content'>{paras}<img src='pic.jpg'></div>"
-        "<form action='/search'><input name='q'><button>Search</button></form>"
+        "<input name='q'><button>Search</button>"
         "<footer>Footer text of the site</footer></form></body>"
     )
     doc = extract(html, url="http://asp.e.org/page.aspx")
     assert doc.texts[0].startswith("Paragraph 0 of an ASP.NET page") and "Paragraph 5" in doc.text
     assert "Home" not in doc.text and "Search" not in doc.text and "Footer" not in doc.text
+    # an ordinary form (newsletter sign-up) is a region of its own and goes
+    page = f"<body><article>{paras}<img src='pic.jpg'></article><form><p>Get our weekly letter in your inbox</p><input name='e'></form></body>"
+    doc = extract(page, url="http://asp.e.org/page.html")
+    assert "Paragraph 5" in doc.text and "weekly letter" not in doc.text
 
 
 def test_extractor_accounts_for_every_image():

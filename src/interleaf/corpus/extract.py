@@ -9,9 +9,9 @@ and no fallback path:
    the raw markup before parsing because HTML tree building is quadratic in depth), charset
    decoding (``undecodable_charset``);
 2. noise removal by element: script, style, noscript, template, iframe, svg, canvas, form
-   controls, dialog; nav, aside, footer, menus and site-level headers unless they hold most of the
-   page's words; ``<form>`` is unwrapped (ASP.NET wraps whole pages in one); HTML comments never
-   reach text;
+   controls, dialog; nav, aside, footer, menus, forms and site-level headers unless they hold most
+   of the page's words (ASP.NET wraps whole pages in one ``<form>``); HTML comments never reach
+   text;
 3. noise removal by structure and naming: elements whose class / id / role says navigation,
    menu, breadcrumbs, footer, sidebar, comments, share/social, ads, banners, cookie notices,
    newsletter, related posts, pagination, table of contents (token match, so ``entry-header``
@@ -56,9 +56,7 @@ JUNK_TAGS = [
     "dialog", "audio", "video", "head",
 ]  # fmt: skip
 # page regions removed unless they hold most of the page's words (some sites wrap everything in them)
-REGION_TAGS = "nav, aside, footer, menu, header"
-# unwrapped (content kept): ASP.NET pages wrap the whole body in one <form>
-UNWRAP_TAGS = ["form"]
+REGION_TAGS = "nav, aside, footer, menu, header, form"  # ASP.NET wraps whole pages in one <form>
 # elements that start and end a paragraph-level block
 BLOCK_TAGS = (
     "p, h1, h2, h3, h4, h5, h6, ul, ol, dl, table, blockquote, pre, figure, figcaption, address, "
@@ -276,7 +274,6 @@ def _doc_id(page: RawPage) -> str:
 # ---- noise removal ---------------------------------------------------------------------------
 def _remove_junk(tree: LexborHTMLParser, body, max_share: float = 0.6) -> None:
     tree.strip_tags(JUNK_TAGS)
-    tree.unwrap_tags(UNWRAP_TAGS)
     regions = body.css(REGION_TAGS)
     if not regions:
         return
