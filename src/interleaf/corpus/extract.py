@@ -75,7 +75,7 @@ BOILERPLATE_PARTS = frozenset(
     advertising ads adsense adsbygoogle sponsor sponsored promo promotion banner cookie cookies
     consent gdpr newsletter subscribe subscription popup modal overlay related recommended
     pagination pager paging skiplink toc masthead topbar toolbar tagcloud widget widgets
-    signup login signin byline""".split()
+    signup login signin byline search searchform searchbox""".split()
 )
 # full tokens (class/id values as written) that mark boilerplate but whose parts alone do not
 BOILERPLATE_TOKENS = frozenset(
