@@ -61,11 +61,12 @@ class SkipSample(Exception):
 class SkipLog:
     """Counts skipped samples by reason and records each one (dataset, index, id, reason, detail)."""
 
-    def __init__(self, path: str | Path | None = None, echo=None) -> None:
+    def __init__(self, path: str | Path | None = None, echo=None, echo_limit: int = 10) -> None:
         self.counts: Counter[str] = Counter()
         self.records: list[dict[str, Any]] = []
         self.path = Path(path) if path else None
-        self.echo = echo  # callable(str) for a log line, or None
+        self.echo = echo  # callable(str) for a log line (the first ``echo_limit`` skips), or None
+        self.echo_limit = echo_limit
         self._seen: set[tuple[str, int]] = set()
 
     def add(self, dataset: str, index: int, sample_id: Any, exc: SkipSample) -> None:
@@ -86,8 +87,9 @@ class SkipLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a") as fh:
                 fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-        if self.echo is not None:
-            self.echo(f"skipped sample {dataset}[{index}] (id={sample_id}): {exc}")
+        if self.echo is not None and len(self.records) <= self.echo_limit:
+            more = " (further skips: see the skip log)" if len(self.records) == self.echo_limit else ""
+            self.echo(f"skipped sample {dataset}[{index}] (id={sample_id}): {exc}{more}")
 
     @property
     def total(self) -> int:
@@ -547,10 +549,9 @@ def _ensure_placeholders(conversations: list[dict], n_images: int) -> list[dict]
     first = next((i for i, t in enumerate(conversations) if t.get("from") == "human"), None)
     if first is None:
         raise SkipSample("bad_conversation", "no human turn to put the image in")
-    if n_images == 1:
-        prefix = IMAGE_PLACEHOLDER + "\n"
-    else:
-        prefix = "".join(f"Image-{i + 1}: {IMAGE_PLACEHOLDER}\n" for i in range(n_images))
+    from interleaf.processing.prompt import image_prefix  # "<image>\n" or "Image-i: <image>\n" lines
+
+    prefix = image_prefix(n_images)
     out = [dict(t) for t in conversations]
     out[first]["value"] = prefix + out[first]["value"]
     return out

@@ -325,7 +325,7 @@ class Trainer:
 
         # data
         mcfg = model.config
-        self.skip_log = SkipLog(self.out / f"skipped.rank{self.rank}.jsonl", echo=None)
+        self.skip_log = SkipLog(self.out / f"skipped.rank{self.rank}.jsonl", echo=self.log)
         max_len = min(cfg.max_seq_length, cfg.max_packed_tokens) if cfg.packing else cfg.max_seq_length
         args = DataArgs(
             template=cfg.template or mcfg.template,
