@@ -116,3 +116,24 @@ def test_jsonl_output(tmp_path):
     stats = json.loads((out / "stats.json").read_text())
     rows = [json.loads(x) for p in parts for x in p.read_text().splitlines()]
     assert len(rows) == stats["docs_out"]
+
+
+def test_omnicorpus_struct_layout(tmp_path):
+    import pyarrow.parquet as pq
+
+    from interleaf.corpus.engine import iter_output_documents
+
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("filters: []\nwrite: {layout: omnicorpus}\n")
+    out = tmp_path / "o"
+    assert (
+        main(["corpus", "build", "-o", str(out), "--config", str(cfg), "--workers", "1", "--no-progress"])
+        == 0
+    )
+    docs = list(iter_output_documents(out))
+    assert docs
+    part = next(p for p in sorted((out / "data").glob("*.parquet")) if pq.read_metadata(p).num_rows)
+    schema = pq.read_schema(part)
+    assert str(schema.field("general_metadata").type).startswith("struct<")  # OmniCorpus-CC columns
+    assert str(schema.field("metadata").type).startswith("list<element: struct<")
+    assert all(d.general_metadata["url"] for d in docs)
