@@ -319,3 +319,44 @@ def test_isolated_pool_restarts_and_keeps_order(tmp_path):
     assert sorted(i for i, o in got.items() if o["status"] == "error") == [2, 3, 9]
     assert all(got[i]["url"] == f"http://x.example/{i}" for i in range(12))
     assert pool.restarts == 3
+
+
+def test_bad_inputs_are_counted_and_the_run_goes_on(tmp_path):
+    warc = tmp_path / "in.warc.gz"
+    make_test_warc(warc, n=12, seed=9, hang=False, crash=False)
+    data = warc.read_bytes()
+    cut = tmp_path / "truncated.warc.gz"
+    cut.write_bytes(data[: len(data) * 2 // 3])  # a crawl file cut off mid-record
+    good = {
+        "texts": ["Some text.", None],
+        "images": [None, "http://x.example/a.jpg"],
+        "general_metadata": {"id": "j1", "url": "http://x.example/1"},
+    }
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps(good) + "\n{not json\n" + json.dumps({"texts": ["a"], "images": []}) + "\n")
+    huge = tmp_path / "huge.html"
+    huge.write_bytes(
+        b"<html><body>"
+        + b"<div>" * 5000
+        + b"<p>deep</p><img src='a.png'>"
+        + b"</div>" * 5000
+        + b"</body></html>"
+    )
+    cfg = P.load_config(_cfg(tmp_path))
+    stats = E.build([cut, rows, huge], tmp_path / "out", cfg, workers=2, progress=False)
+    assert stats["balanced"]
+    errors = [
+        json.loads(x)
+        for p in (tmp_path / "out" / "errors").glob("*.jsonl")
+        for x in p.read_text().splitlines()
+    ]
+    excluded = [
+        json.loads(x)
+        for p in (tmp_path / "out" / "excluded").glob("*.jsonl")
+        for x in p.read_text().splitlines()
+    ]
+    reasons = {e["reason"] for e in errors + excluded}
+    assert len(errors) + len(excluded) + stats["docs_out"] == stats["records_in"]
+    assert any(e["stage"] == "read" for e in errors)  # truncated record / malformed rows
+    assert len([e for e in errors if e["stage"] == "read"]) >= 3, reasons
+    assert "j1" in {d.id for d in E.iter_output_documents(tmp_path / "out")}
