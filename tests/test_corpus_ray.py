@@ -73,3 +73,18 @@ def test_ray_resumes_a_partial_local_run(ray_instance, tmp_path):
     got = R.build_ray([warc], tmp_path / "mixed", cfg, progress=False)
     assert got["docs_out"] == ref["docs_out"]
     assert _outputs(tmp_path / "mixed") == _outputs(tmp_path / "ref")
+
+
+def test_shard_by_files_tasks_read_their_own_files(ray_instance, tmp_path):
+    warcs = []
+    (tmp_path / "crawl").mkdir()
+    for i in range(3):
+        w = tmp_path / "crawl" / f"crawl-{i}.warc.gz"
+        make_test_warc(w, n=8, seed=20 + i, hang=False, crash=False)
+        warcs.append(w)
+    cfg = P.load_config(_cfg(tmp_path, read={"shard_by": "files"}))
+    local = E.build(warcs, tmp_path / "local", cfg, workers=2, progress=False)
+    remote = R.build_ray([tmp_path / "crawl"], tmp_path / "ray", cfg, progress=False)  # a folder of WARCs
+    assert local["shards"] == remote["shards"] == 3
+    assert _outputs(tmp_path / "ray") == _outputs(tmp_path / "local")
+    assert _stats_wo_time(tmp_path / "ray") == _stats_wo_time(tmp_path / "local")

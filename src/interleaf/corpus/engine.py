@@ -797,8 +797,21 @@ def run_stage1_local(plan: RunPlan, workers: int, progress: bool = True) -> int:
     buffers: dict[int, dict[int, dict]] = {}
     n_records = 0
 
+    by_files = cfg["read"]["shard_by"] == "files"
+
     def items() -> Iterator[tuple[tuple[int, int], Any]]:
         nonlocal n_records
+        if by_files:  # shard = input file
+            for s, path in enumerate(plan.inputs):
+                if s in done:
+                    continue
+                buffers.setdefault(s, {})
+                pos = 0
+                for rec in iter_records([path]):
+                    yield (s, pos), rec
+                    pos += 1
+                expected[s] = pos
+            return
         count: dict[int, int] = {}
         for idx, rec in enumerate(iter_records(plan.inputs)):
             n_records = idx + 1
@@ -828,7 +841,11 @@ def run_stage1_local(plan: RunPlan, workers: int, progress: bool = True) -> int:
         try_commit()
     try_commit()
     bar.close()
-    n_shards = (n_records + size - 1) // size
+    if by_files:
+        n_shards = len(plan.inputs)
+        n_records = -1  # counted per shard in the shards' stats
+    else:
+        n_shards = (n_records + size - 1) // size
     missing = set(range(n_shards)) - committed_stage1(out)
     if missing:  # pragma: no cover - would be a bug in the bookkeeping above
         raise RuntimeError(f"shards not committed: {sorted(missing)[:5]}")

@@ -38,6 +38,10 @@ from interleaf.errors import ConfigError
 DEFAULTS: dict[str, Any] = {
     "read": {
         "shard_size": 1000,  # input records per shard (unit of parallelism, resumption, output)
+        # "records": shards are runs of shard_size consecutive records of all inputs (the driver
+        # reads); "files": one shard per input file, read by whoever processes it (Ray tasks read
+        # their own files: the way to scale out over many WARCs)
+        "shard_by": "records",
         "max_page_bytes": 10_000_000,  # larger payloads are recorded as errors, not extracted
     },
     "extract": {
@@ -120,6 +124,8 @@ def _merge(base: dict, override: dict, prefix: str) -> dict:
 
 
 def _check(cfg: dict) -> None:
+    if cfg["read"]["shard_by"] not in ("records", "files"):
+        raise ConfigError("pipeline config: 'read.shard_by' must be 'records' or 'files'")
     if int(cfg["read"]["shard_size"]) < 1:
         raise ConfigError("pipeline config: 'read.shard_size' must be >= 1")
     if float(cfg["extract"]["timeout_s"]) <= 0:

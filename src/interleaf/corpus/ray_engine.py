@@ -27,7 +27,9 @@ from interleaf.corpus import engine as E
 from interleaf.corpus import pipeline as P
 
 
-def _stage1_task(out: str, shard: int, records: list, cfg: dict) -> int:
+def _stage1_task(out: str, shard: int, records: list | str, cfg: dict) -> int:
+    if isinstance(records, str):  # read.shard_by: files -> the task reads its own input file
+        records = list(E.iter_records([Path(records)]))
     pool = E.IsolatedPool(cfg, workers=1)
     results: dict[int, dict] = {}
     for pos, outcome in pool.imap(enumerate(records)):
@@ -113,6 +115,14 @@ def build_ray(
         marker = plan.out / E.WORK / "stage1.json"
         if marker.exists():
             n_shards = int(json.loads(marker.read_text())["shards"])
+        elif cfg["read"]["shard_by"] == "files":
+            done = E.committed_stage1(plan.out)
+            todo = [s for s in range(len(plan.inputs)) if s not in done]
+            bar = tqdm(desc="extract+filter (ray)", unit="file", disable=not progress, leave=False)
+            _bounded(ray, (stage1.remote(outs, s, str(plan.inputs[s]), cfg) for s in todo), limit, bar)
+            bar.close()
+            n_shards = len(plan.inputs)
+            E._atomic_write(marker, json.dumps({"shards": n_shards, "records": -1}))
         else:
             size = int(cfg["read"]["shard_size"])
             done = E.committed_stage1(plan.out)
