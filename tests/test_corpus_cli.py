@@ -137,3 +137,15 @@ def test_omnicorpus_struct_layout(tmp_path):
     assert str(schema.field("general_metadata").type).startswith("struct<")  # OmniCorpus-CC columns
     assert str(schema.field("metadata").type).startswith("list<element: struct<")
     assert all(d.general_metadata["url"] for d in docs)
+
+
+def test_config_prints_a_config_that_loads_back(tmp_path, capsys):
+    from interleaf.corpus import pipeline as P
+
+    assert main(["corpus", "config"]) == 0
+    text = capsys.readouterr().out
+    p = tmp_path / "full.yaml"
+    p.write_text(text)
+    cfg = P.load_config(p)  # every printed key is a known key
+    assert cfg["dedup"]["minhash"]["threshold"] == 0.8 and cfg["dedup"]["image_urls"]["max_occurrences"] == 10
+    assert cfg["fetch"]["min_side"] == 150 and isinstance(cfg["filters"], list) and cfg["filters"]

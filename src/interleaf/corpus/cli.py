@@ -5,6 +5,7 @@
     interleaf corpus stats OUT
     interleaf corpus convert OUT --to text|pairs|mmc4 -o DEST
     interleaf corpus fetch-images OUT [--allow-private] [--local-root DIR]...
+    interleaf corpus config [--config PIPELINE.yaml]
 
 With no INPUT, ``build`` runs on the embedded sample (the libxslt HTML manual in a WARC).
 This module stays cheap to import: the work happens in the handlers.
@@ -22,7 +23,12 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(dest="corpus_command", metavar="SUBCOMMAND")
 
     b = sub.add_parser("build", help="WARC/HTML/corpus files -> filtered, deduplicated interleaved corpus")
-    b.add_argument("inputs", nargs="*", metavar="INPUT", help="WARC files, HTML files/dirs, Parquet/JSONL")
+    b.add_argument(
+        "inputs",
+        nargs="*",
+        metavar="INPUT",
+        help="WARC files, HTML files/dirs, Parquet/JSONL (none: the embedded sample)",
+    )
     b.add_argument("-o", "--output", required=True, help="output directory (resumes a killed run)")
     b.add_argument("--config", help="pipeline YAML (unknown keys are errors)")
     b.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU count)")
@@ -54,6 +60,10 @@ def register(subparsers) -> None:
     f.add_argument("--no-progress", action="store_true")
     f.set_defaults(func=_fetch)
 
+    g = sub.add_parser("config", help="print the effective pipeline config (defaults + --config) as YAML")
+    g.add_argument("--config", help="pipeline YAML to merge over the defaults")
+    g.set_defaults(func=_config)
+
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
@@ -80,6 +90,18 @@ def _build(args: argparse.Namespace) -> int:
         workers = args.workers or os.cpu_count() or 1
         stats = build(inputs, args.output, cfg, workers=workers, progress=progress)
     print(_summary_line(stats, args.output))
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    from interleaf.corpus import pipeline as P
+
+    cfg = P.load_config(args.config)
+    if cfg["filters"] is None:  # show the default filter list that None stands for
+        from interleaf.corpus.filters import DEFAULT_FILTERS
+
+        cfg["filters"] = list(DEFAULT_FILTERS)
+    print(P.dump_config(cfg), end="")
     return 0
 
 
