@@ -1,35 +1,42 @@
 """interleaf.model: InternViT + pixel shuffle + MLP projector + decoder LLM (InternVL family).
 
-Public API (see ``/work/coord/CONTRACT_MODEL.md``)::
+Public API::
 
     from interleaf.model import load_checkpoint, save_checkpoint, init_model
     model, tokenizer = load_checkpoint("ckpt_dir")            # either layout, auto-detected
     out = model(input_ids=ids, pixel_values=tiles, attention_mask=mask)   # out.logits [B, S, V]
+
+Exports are lazy so that ``interleaf.model.cli`` (and so ``interleaf --help``) does not import torch.
 """
 
-from interleaf.model.cache import KVCache
-from interleaf.model.checkpoint import load_checkpoint, save_checkpoint
-from interleaf.model.config import InternVLConfig, LLMConfig, VisionConfig
-from interleaf.model.internvl import InternVLChatModel
-from interleaf.model.llm import DecoderLayer, DecoderLM, ModelOutput
-from interleaf.model.presets import PRESETS, build_model, init_model, preset_config
-from interleaf.model.tokenizer import build_offline_tokenizer, load_tokenizer
+from __future__ import annotations
 
-__all__ = [
-    "InternVLConfig",
-    "VisionConfig",
-    "LLMConfig",
-    "InternVLChatModel",
-    "DecoderLM",
-    "DecoderLayer",
-    "ModelOutput",
-    "KVCache",
-    "load_checkpoint",
-    "save_checkpoint",
-    "load_tokenizer",
-    "build_offline_tokenizer",
-    "init_model",
-    "build_model",
-    "preset_config",
-    "PRESETS",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "KVCache": "interleaf.model.cache",
+    "load_checkpoint": "interleaf.model.checkpoint",
+    "save_checkpoint": "interleaf.model.checkpoint",
+    "InternVLConfig": "interleaf.model.config",
+    "LLMConfig": "interleaf.model.config",
+    "VisionConfig": "interleaf.model.config",
+    "InternVLChatModel": "interleaf.model.internvl",
+    "DecoderLayer": "interleaf.model.llm",
+    "DecoderLM": "interleaf.model.llm",
+    "ModelOutput": "interleaf.model.llm",
+    "PRESETS": "interleaf.model.presets",
+    "build_model": "interleaf.model.presets",
+    "init_model": "interleaf.model.presets",
+    "preset_config": "interleaf.model.presets",
+    "build_offline_tokenizer": "interleaf.model.tokenizer",
+    "load_tokenizer": "interleaf.model.tokenizer",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'interleaf.model' has no attribute {name!r}")
