@@ -10,9 +10,9 @@ or after ``max_new_tokens``. ``Generator.stream`` yields each step's tokens as t
 
 On CUDA the KV cache is static with ``full_attention`` (every decode step has the same shapes) and the
 decode step is captured once per (batch, cache length) in a CUDA graph and replayed. On CPU the decode
-step runs eagerly under ``torch.inference_mode``; ``optimize_for_cpu`` additionally swaps the LLM's
-linear layers to oneDNN-prepacked weights, which makes batch-1 bf16 matrix-vector products several times
-faster than the default kernel.
+step runs eagerly under ``torch.inference_mode``; ``optimize_for_cpu`` (applied by ``ChatModel`` on CPU)
+runs bf16 linear layers on oneDNN-prepacked weights (large) or fp32 copies (small), which makes batch-1
+bf16 matrix-vector products several times faster than the default kernel.
 """
 
 from __future__ import annotations
@@ -107,18 +107,35 @@ class GenerationOutput:
 
 
 # ----------------------------------------------------------------------------------------------------
-# CPU: oneDNN-prepacked linear layers
+# CPU: faster linear layers for bf16 inference
+#
+# The default bf16 CPU kernel is slow for the matrix-vector products of decoding. Large weights are
+# prepacked for oneDNN (bandwidth-bound, close to the memory limit); small ones (where oneDNN's fixed
+# per-call cost dominates) get an fp32 copy and run through the fp32 kernel, which has almost none.
+# Both accumulate in fp32 like the bf16 kernel and return bf16.
+
+PACK_MIN_NUMEL = 1 << 19  # weights below 512K elements (1 MiB in bf16) use the fp32 copy
 
 
-def _pack(weight: torch.Tensor) -> torch.Tensor:
+def _prepare(
+    weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[str, torch.Tensor, torch.Tensor | None]:
     with torch.no_grad():
-        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+        if weight.numel() >= PACK_MIN_NUMEL:
+            return "packed", torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1), bias
+        return "fp32", weight.detach().float(), None if bias is None else bias.detach().float()
 
 
-def _packed_forward(module: nn.Linear, packed: torch.Tensor) -> Callable:
-    """A forward on a prepacked weight that notices when the weight is replaced or changed in place."""
+def _fast_forward(module: nn.Linear) -> Callable:
+    """A forward on a prepared weight that notices when the weight is replaced or changed in place."""
     linear_pointwise = torch.ops.mkldnn._linear_pointwise
-    state = {"weight": module.weight, "version": module.weight._version, "packed": packed}
+    w0, b0 = module.weight, module.bias
+
+    def key():
+        w, b = module.weight, module.bias
+        return (id(w), w._version, id(b), None if b is None else b._version)
+
+    state = {"key": key(), "prepared": _prepare(w0, b0)}
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         w = module.weight
@@ -128,21 +145,25 @@ def _packed_forward(module: nn.Linear, packed: torch.Tensor) -> Callable:
             or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
         ):
             return F.linear(x, w, module.bias)  # training / other dtype or device: the plain path
-        if w is not state["weight"] or w._version != state["version"]:
-            state.update(weight=w, version=w._version, packed=_pack(w))  # weights changed: repack
-        return linear_pointwise(x, state["packed"], module.bias, "none", [], "")
+        k = key()
+        if k != state["key"]:  # weights changed: prepare again
+            state.update(key=k, prepared=_prepare(w, module.bias))
+        kind, weight, bias = state["prepared"]
+        if kind == "packed":
+            return linear_pointwise(x, weight, module.bias, "none", [], "")
+        return F.linear(x.float(), weight, bias).to(x.dtype)
 
     return forward
 
 
 def optimize_for_cpu(model: nn.Module, dtypes: Sequence[torch.dtype] = (torch.bfloat16,)) -> int:
-    """Repack the model's linear weights for oneDNN (inference only; returns how many).
+    """Speed up the model's bf16 linear layers on CPU for inference (returns how many).
 
     Each plain ``nn.Linear`` of ``model`` (ViT, projector and LLM) whose weight is in ``dtypes`` keeps
     its parameter (state_dict, training and saving are untouched) and gets an instance-level ``forward``
-    that runs on a prepacked copy of the weight (repacked if the weight changes; the plain path is used
-    whenever gradients are needed). :func:`restore_cpu_linears` undoes it. Costs one extra copy of those
-    weights in memory; does nothing when oneDNN is unavailable.
+    on a prepared copy of the weight (oneDNN-prepacked when large, fp32 when small; prepared again if
+    the weight changes; the plain path is used whenever gradients are needed). Costs one extra copy of
+    those weights in memory. :func:`restore_cpu_linears` undoes it. Does nothing without oneDNN.
     """
     if not (hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and torch.backends.mkldnn.is_available()):
         return 0
@@ -153,10 +174,9 @@ def optimize_for_cpu(model: nn.Module, dtypes: Sequence[torch.dtype] = (torch.bf
         if module.weight.device.type != "cpu" or module.weight.dtype not in dtypes:
             continue
         try:
-            packed = _pack(module.weight)
+            module.forward = _fast_forward(module)
         except RuntimeError:
             return count
-        module.forward = _packed_forward(module, packed)
         module._interleaf_packed = True
         count += 1
     return count
