@@ -204,3 +204,22 @@ def test_generation_end_to_end_with_runtime_engine(mono_ckpt):
             logits = model(input_ids=seq, image_embeds=image_embeds).logits[:, -1]
             seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
     assert out.tokens[0] == seq[0, ids.shape[1] :].tolist()
+
+
+def test_ttft_benchmark_script_runs(tmp_path):
+    """The benchmark stays runnable (tiny shape, one tile, one run)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_mono_ttft.py"
+    spec = importlib.util.spec_from_file_location("bench_mono_ttft", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "ttft.json"
+    assert (
+        bench.main(["--shape", "tiny", "--tiles", "1", "--quick", "--dtype", "fp32", "--json", str(out)]) == 0
+    )
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["tiles"] == 1 and row["tokens"] > TOKENS
+    assert row["internvl_ttft_s"] > 0 and row["mono_ttft_s"] > 0
