@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from interleaf.errors import CheckpointError
-from interleaf.model import init_model, load_checkpoint
+from interleaf.errors import CheckpointError, ConfigError
+from interleaf.model import init_model, load_checkpoint, save_checkpoint
 from interleaf.model.checkpoint import _llm_to_disk
 from interleaf.model.mono_checkpoint import (
     init_mono_from_llm,
@@ -220,6 +220,9 @@ def test_released_layout_loads_and_round_trips_losslessly(released, tmp_path):
     ]
     for key in ("hidden_size", "patch_size", "image_size"):
         assert cfg["vision_config"][key] == ref["vision_config"][key], key
+
+    with pytest.raises(ConfigError, match="no transformers-native"):
+        save_checkpoint(model, tok, tmp_path / "as-hf", layout="hf")
 
     model2, _ = load_any_checkpoint(out)  # dispatches on the config
     ids = torch.tensor([tok("<img>" + "<IMG_CONTEXT>" * 256 + "</img>\nwhat is it?")["input_ids"]])
