@@ -370,3 +370,15 @@ def test_init_from_bare_llm_checkpoint_grows_vocab_for_image_tokens(tmp_path, to
         got = model(input_ids=ids).logits[..., :n_old]
         want = ivl(input_ids=ids).logits[..., :n_old]
     assert torch.equal(got, want)
+
+
+def test_command_line_builds_from_llm_and_reports_errors_in_one_line(tmp_path, capsys):
+    from interleaf.model.mono_checkpoint import main
+
+    base = init_model("tiny-internlm2", tmp_path / "ivl", seed=7)
+    assert main(["from-llm", str(base), str(tmp_path / "mono")]) == 0
+    model, _ = load_mono_checkpoint(tmp_path / "mono")
+    assert isinstance(model, MonoInternVLChatModel)
+    assert main(["from-llm", str(tmp_path / "missing"), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "missing" in err and "\n" not in err

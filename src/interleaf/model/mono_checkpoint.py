@@ -371,3 +371,55 @@ def load_mono_chat(path: str | Path, device: str = "cpu", dtype: Any = None):
 
     model, tokenizer = load_mono_checkpoint(path, device=device, dtype=dtype)
     return ChatModel(model, tokenizer)
+
+
+# ----------------------------------------------------------------------------- command line
+def main(argv: list[str] | None = None) -> int:
+    """``python -m interleaf.model.mono_checkpoint {init,from-llm} ...`` (errors as one line)."""
+    import argparse
+    import sys
+
+    from interleaf.errors import InterleafError
+
+    ap = argparse.ArgumentParser(
+        prog="python -m interleaf.model.mono_checkpoint", description=__doc__.split("\n")[0]
+    )
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("init", help="write a random-weight Mono-InternVL checkpoint of a preset")
+    p.add_argument("--preset", default="tiny-mono", choices=sorted(MONO_PRESETS))
+    p.add_argument("out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attention-experts", action="store_true", help="also add visual attention experts")
+    p = sub.add_parser(
+        "from-llm", help="build Mono-InternVL from an LLM or InternVL checkpoint (experts = FFN copies)"
+    )
+    p.add_argument("llm")
+    p.add_argument("out")
+    p.add_argument("--patch-hidden-size", type=int, default=None)
+    p.add_argument("--template", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attention-experts", action="store_true", help="also add visual attention experts")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "init":
+            out = init_mono_model(
+                args.preset, args.out, seed=args.seed, visual_attention_experts=args.attention_experts
+            )
+        else:
+            model, tok = init_mono_from_llm(
+                args.llm,
+                patch_hidden_size=args.patch_hidden_size,
+                visual_attention_experts=args.attention_experts,
+                template=args.template,
+                seed=args.seed,
+            )
+            out = save_mono_checkpoint(model, tok, args.out)
+    except InterleafError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
