@@ -23,7 +23,9 @@ def test_demo_end_to_end_small(tmp_path):
     assert set(result["results"]) == {"digit", "larger", "shape", "colour"}
     assert result["results"]["digit"]["chance"] == 0.1 and result["results"]["digit"]["n"] == 8
     # the training file is the InternVL format and the test digits never appear in it
-    train = [json.loads(ln) for ln in (tmp_path / "data" / "train.jsonl").read_text().splitlines()]
+    train = [
+        json.loads(ln) for f in (tmp_path / "data").glob("train_*.jsonl") for ln in f.read_text().splitlines()
+    ]
     test = [json.loads(ln) for ln in (tmp_path / "data" / "test.jsonl").read_text().splitlines()]
     seen = {p for r in train for p in ([r["image"]] if isinstance(r["image"], str) else r["image"])}
     test_digits = {r["image"] for r in test if r["task"] == "digit"}

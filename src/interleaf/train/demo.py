@@ -37,9 +37,10 @@ class DemoSettings:
     image_size: int = 224
     steps: int = 1500
     seed: int = 0
-    n_pairs: int = 1200
+    n_pairs: int = 800
     n_shapes: int = 600
     n_test: int = 200
+    digit_repeat: int = 2  # repeat_time of the single-digit questions in the meta file
     max_digits: int | None = None  # use only the first N of the 1797 digit images (tests)
 
 
@@ -63,7 +64,7 @@ def shape_image(shape: str, colour: str, rng: random.Random, size: int):
     bg = tuple(rng.randint(225, 255) for _ in range(3))
     img = Image.new("RGB", (size, size), bg)
     draw = ImageDraw.Draw(img)
-    r = rng.uniform(0.18, 0.38) * size
+    r = rng.uniform(0.24, 0.42) * size
     cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
     fill = tuple(min(255, max(0, c + rng.randint(-20, 20))) for c in COLOURS[colour])
     if shape == "circle":
@@ -139,37 +140,52 @@ def build_dataset(s: DemoSettings, log=print) -> dict[str, Any]:
         return out
 
     def shape_samples(count, split):
+        """Training: both questions about one drawing, as a two-turn conversation (random order);
+        test: one question per drawing, alternating shape / colour."""
         out = []
         for k in range(count):
             shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
             name = f"images/{split}_shape_{k:04d}.png"
             shape_image(shape, colour, rng, s.image_size).save(data_dir / name)
-            q, a, task = (SHAPE_Q, shape, "shape") if k % 2 == 0 else (COLOUR_Q, colour, "colour")
+            qa = [(SHAPE_Q, shape, "shape"), (COLOUR_Q, colour, "colour")]
+            if split == "train":
+                rng.shuffle(qa)
+            else:
+                qa = [qa[k % 2]]
+            conv = []
+            for i, (q, a, _) in enumerate(qa):
+                conv += [
+                    {"from": "human", "value": f"<image>\n{q}" if i == 0 else q},
+                    {"from": "gpt", "value": a},
+                ]
             out.append(
                 {
                     "id": f"{split}-shape-{k}",
                     "image": name,
-                    "conversations": [
-                        {"from": "human", "value": f"<image>\n{q}"},
-                        {"from": "gpt", "value": a},
-                    ],
-                    "task": task,
-                    "answer": a,
+                    "conversations": conv,
+                    "task": qa[0][2],
+                    "answer": qa[0][1],
                 }
             )
         return out
 
     train = digit_samples(train_idx, s.n_pairs, "train") + shape_samples(s.n_shapes, "train")
     test = digit_samples(test_idx[: s.n_test], s.n_test // 2, "test") + shape_samples(s.n_test // 2, "test")
-    for name, rows in (("train.jsonl", train), ("test.jsonl", test)):
-        with open(data_dir / name, "w") as fh:
-            for r in rows:
-                fh.write(json.dumps(r) + "\n")
-    meta = {"demo_train": {"root": ".", "annotation": "train.jsonl", "repeat_time": 1}}
+    # one JSONL per task, mixed by the meta file's repeat_time (single digits count double)
+    files = {"digits": ("digit",), "pairs": ("larger",), "shapes": ("shape", "colour")}
+    meta = {}
+    for name, tasks in files.items():
+        rows = [r for r in train if r["task"] in tasks]
+        with open(data_dir / f"train_{name}.jsonl", "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
+        repeat = s.digit_repeat if name == "digits" else 1
+        meta[f"demo_{name}"] = {"root": ".", "annotation": f"train_{name}.jsonl", "repeat_time": repeat}
+    with open(data_dir / "test.jsonl", "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in test)
     (data_dir / "meta.json").write_text(json.dumps(meta, indent=1))
     log(
-        f"data: {len(train)} training samples ({len(train_idx)} digit images, {s.n_pairs} two-image pairs, "
-        f"{s.n_shapes} shapes), {len(test)} held-out test samples -> {data_dir}"
+        f"data: {len(train)} training samples ({len(train_idx)} digit images x{s.digit_repeat}, {s.n_pairs} "
+        f"two-image pairs, {s.n_shapes} shapes), {len(test)} held-out test samples -> {data_dir}"
     )
     return {"meta": data_dir / "meta.json", "root": data_dir, "test": test}
 
@@ -424,7 +440,7 @@ def run_demo(
             "max_seq_length": 1024,
             "max_dynamic_patch": 1,
             "loss_reduction": "token",
-            "lr": 1.5e-3,
+            "lr": 6e-4,
             "weight_decay": 0.01,
             "warmup_ratio": 0.05,
             "min_lr_ratio": 0.05,
