@@ -12,6 +12,11 @@ are stored as ``language_model.model.layers.{i}.self_attn.{q,k,v,o}_proj_ve.*`` 
 ``llm_config.visual_attention_experts: true``. The transformers-native ``-hf`` layout has no Mono
 counterpart, so only the original layout is written.
 
+Command line (random preset / from an LLM or InternVL checkpoint)::
+
+    python -m interleaf.model.mono_checkpoint init --preset tiny-mono OUT
+    python -m interleaf.model.mono_checkpoint from-llm path/to/internlm2-chat-1_8b OUT [--attention-experts]
+
 Loading goes through the model core's :func:`~interleaf.model.checkpoint.load_checkpoint` with
 ``model_cls=MonoInternVLChatModel``, after checking the expert weights against the config so that a
 missing, extra or unexpected expert tensor gets an error that names it.
