@@ -271,3 +271,19 @@ def test_interleaved_streams_do_not_share_a_static_cache(chat):
         got_b.append(int(tb[0]))
     assert [got_a, got_b] == expected
     assert not static._busy
+
+
+def test_graph_step_buffers_on_cpu(chat):
+    """The CUDA-graph decode path minus the capture: static input buffers, one reused step per shape."""
+    graphed = Generator(chat.model, static_cache=True)
+    graphed.cuda_graphs = True  # on CPU the "graph" runs eagerly on its static buffers
+    rows = [chat.prepare(q)[1] for q in ("what is shown here, in detail?", "hi")]
+    ids, mask = _left_pad(rows, chat.pad_token_id)
+    kw = dict(max_new_tokens=9, stop_token_ids=chat.stop_token_ids, pad_token_id=chat.pad_token_id)
+    expected = chat.generator.generate(ids, mask, **kw).tokens
+    assert graphed.generate(ids, mask, **kw).tokens == expected
+    assert len(graphed._graphs) == 1
+    assert graphed.generate(ids, mask, **kw).tokens == expected  # replayed with a fresh mask
+    single = chat.generator.generate(torch.tensor([rows[0]]), **kw).tokens
+    assert graphed.generate(torch.tensor([rows[0]]), **kw).tokens == single
+    assert len(graphed._graphs) == 2
