@@ -382,3 +382,12 @@ def test_command_line_builds_from_llm_and_reports_errors_in_one_line(tmp_path, c
     assert main(["from-llm", str(tmp_path / "missing"), str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "missing" in err and "\n" not in err
+
+
+def test_core_loader_and_interleaf_load_dispatch_to_mono(released):
+    import interleaf
+
+    model, _ = load_checkpoint(released)
+    assert isinstance(model, MonoInternVLChatModel)
+    chat = interleaf.load(str(released))
+    assert isinstance(chat.model, MonoInternVLChatModel)

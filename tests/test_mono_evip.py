@@ -11,11 +11,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-import interleaf.model.checkpoint as core_checkpoint
 from interleaf.model import init_model, load_checkpoint
 from interleaf.model.mono_checkpoint import (
     init_mono_from_llm,
-    load_any_checkpoint,
     load_mono_checkpoint,
     save_mono_checkpoint,
 )
@@ -61,9 +59,7 @@ def setup(tmp_path_factory) -> dict:
     return {"root": root, "llm": llm_ckpt, "mono": mono_dir, "meta": data / "meta.json"}
 
 
-def _train(stage: str, model_path: Path, meta: Path, out: Path, monkeypatch, steps: int) -> Path:
-    # the trainer loads with the model core's load_checkpoint; route Mono checkpoints to ours
-    monkeypatch.setattr(core_checkpoint, "load_checkpoint", load_any_checkpoint)
+def _train(stage: str, model_path: Path, meta: Path, out: Path, steps: int) -> Path:
     cfg = evip_stage_config(
         stage,
         model_path=str(model_path),
@@ -88,11 +84,11 @@ def _train(stage: str, model_path: Path, meta: Path, out: Path, monkeypatch, ste
     return Path(result["checkpoint"])
 
 
-def test_s1_delta_tuning_keeps_text_logits_identical(setup, monkeypatch):
+def test_s1_delta_tuning_keeps_text_logits_identical(setup):
     base, tok = load_checkpoint(setup["llm"])
     start, _ = load_mono_checkpoint(setup["mono"])
-    s11 = _train("evip-s1.1", setup["mono"], setup["meta"], setup["root"] / "run-s1.1", monkeypatch, steps=2)
-    s12 = _train("evip-s1.2", s11, setup["meta"], setup["root"] / "run-s1.2", monkeypatch, steps=1)
+    s11 = _train("evip-s1.1", setup["mono"], setup["meta"], setup["root"] / "run-s1.1", steps=2)
+    s12 = _train("evip-s1.2", s11, setup["meta"], setup["root"] / "run-s1.2", steps=1)
 
     prompts = ["The weather today is", "Describe a red circle in one sentence, please."]
     for ckpt in (s11, s12):

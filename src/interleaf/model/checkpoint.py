@@ -335,6 +335,13 @@ def load_checkpoint(
 
     path = Path(path)
     cfg = load_config(path)
+    if model_cls is InternVLChatModel:
+        from interleaf.model.mono_internvl import is_mono_config
+
+        if is_mono_config(cfg):  # the released Mono-InternVL layout: visual experts in the LLM
+            from interleaf.model.mono_checkpoint import load_mono_checkpoint
+
+            return load_mono_checkpoint(path, device=device, dtype=dtype)
     tokenizer = load_tokenizer(path, cfg.template)
     vocab = tokenizer.get_vocab()
     if cfg.layout == "internvl_chat" or cfg.img_context_token_id is None:
