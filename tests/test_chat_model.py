@@ -149,3 +149,8 @@ def test_phi3_template_stops_on_its_end_token(tmp_path_factory):
     # special tokens (BOS, <|end|>) never reach the reply text; it is stripped
     enc = chat.tokenizer.encode(" abc ", add_special_tokens=False)
     assert chat.decode_reply([ids[0], *enc, end]) == "abc"
+
+
+def test_cli_chat_bf16_text_only(tiny_ckpt, capsys):
+    assert main(["chat", str(tiny_ckpt), "--dtype", "bfloat16", "--max-new-tokens", "4", "hello"]) == 0
+    assert capsys.readouterr().out.endswith("\n")
