@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The GPU benchmark session, on a machine with one CUDA GPU and PyTorch + transformers installed
+# (interleaf is used from the source tree). Each benchmark compares with its peer in the same run.
+#   OUT=results bash benchmarks/run_gpu.sh
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+OUT="${OUT:-.bench/gpu}"
+mkdir -p "$OUT"
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+} 2>&1 | tee "$OUT/machine.txt"
+run() {  # run NAME SECONDS ARGS...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name"
+  timeout "$limit" "$PY" "$@" --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log" | tail -n 40
+}
+run generation "${GEN_LIMIT:-240}" benchmarks/bench_generation.py --device cuda --quick --presets tiny,internvl2-1b
+run mono_ttft "${MONO_LIMIT:-150}" benchmarks/bench_mono_ttft.py --device cuda --quick
+run train "${TRAIN_LIMIT:-150}" benchmarks/bench_train.py --device cuda --quick
