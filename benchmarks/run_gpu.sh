@@ -11,8 +11,10 @@ mkdir -p "$OUT"
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/machine.txt"
+BENCHES="${BENCHES:-generation mono_ttft train}"
 run() {  # run NAME SECONDS ARGS...
   local name=$1 limit=$2; shift 2
+  case " $BENCHES " in *" $name "*) ;; *) return 0 ;; esac
   echo "=== $name"
   timeout "$limit" "$PY" "$@" --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log" | tail -n 40
 }
