@@ -1,9 +1,9 @@
 """Model adapters: one ``generate(requests)`` interface over three kinds of model.
 
-- ``InterleafAdapter``: an interleaf checkpoint directory (either layout), batched greedy generation:
-  left-padded batches assembled like ``ChatModel.batch_chat`` (from ``ChatModel.prepare``, same
-  generator) but with each question's own tile budget, which ``batch_chat`` (one ``max_num`` per
-  batch) cannot express; a failing batch is answered sample by sample;
+- ``InterleafAdapter``: an interleaf checkpoint directory (either layout), batched greedy generation
+  through ``ChatModel.prepare_batch`` / ``generate_batch`` (what ``batch_chat`` does) with each
+  question's own tile budget, the next batch prepared in a worker thread while one generates; a
+  failing batch is answered sample by sample;
 - ``HFAdapter`` (``hf:PATH``): transformers' ``InternVLForConditionalGeneration`` on a ``-hf``
   checkpoint, one sample at a time, as a reference;
 - ``OpenAIAdapter`` (``openai:URL#MODEL``): any OpenAI-compatible chat-completions endpoint (vLLM,
@@ -132,110 +132,21 @@ class InterleafAdapter(Adapter):
     def _one(self, req: Request) -> str:
         return self.chat_model.chat(req.prompt, images=list(req.images) or None, **self._gen_kwargs(req))
 
-    def _tiles(self, req: Request) -> tuple[Any, list[int]]:
-        """Tiles of one request with its own budget (``batch_chat`` has one budget per batch)."""
-        from interleaf.processing.image import preprocess_images
+    def _prepare(self, reqs: Sequence[Request]) -> list:
+        """Token ids and tiles of a batch, each question with its own tile budget."""
+        return self.chat_model.prepare_batch(
+            [r.prompt for r in reqs],
+            [list(r.images) or None for r in reqs],
+            [self._gen_kwargs(r)["max_num"] for r in reqs],
+        )
 
-        chat = self.chat_model
-        settings = chat._image_settings(self._gen_kwargs(req)["max_num"])
-        return preprocess_images(list(req.images), **settings)
-
-    def _batch(self, reqs: Sequence[Request]) -> list[str]:
-        """One left-padded batch where every question keeps its own tile budget.
-
-        ``ChatModel.batch_chat`` applies one ``max_num`` to the whole batch; MMIU's budget depends
-        on each question's image count, so the batch is assembled here from ``ChatModel.prepare``
-        (preprocessed tiles) and handed to the same generator ``batch_chat`` uses.
-        """
-        import torch
-
-        chat = self.chat_model
-        rows, pixels, row_pixels = [], [], []
-        for r in reqs:
-            px, tiles = self._tiles(r) if r.images else (None, [])
-            _, ids, px, _ = chat.prepare(r.prompt, pixel_values=px, num_tiles=tiles or None)
-            rows.append(ids)
-            row_pixels.append(px)
-            if px is not None:
-                pixels.append(px)
-        if chat.device.type == "cpu" and self.rowwise_prefill_on_cpu:
-            return self._rowwise(rows, row_pixels, reqs[0].max_new_tokens)
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), chat.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for k, ids in enumerate(rows):
-            input_ids[k, width - len(ids) :] = torch.tensor(ids)
-            mask[k, width - len(ids) :] = 1
+    def _batch(self, reqs: Sequence[Request], prepared: list) -> list[str]:
+        """One batch through ``ChatModel.generate_batch`` (on CPU: each prompt prefilled alone into
+        its row of a shared cache and the decode batched; else one left-padded prefill)."""
         gen = self._gen_kwargs(reqs[0])
         gen.pop("max_num")
-        out = chat.generator.generate(
-            input_ids.to(chat.device),
-            mask.to(chat.device),
-            torch.cat(pixels).to(chat.device) if pixels else None,
-            config=chat._config(gen),
-        )
-        return [chat.decode_reply(t) for t in out.tokens]
-
-    def _rowwise(self, rows: list[list[int]], row_pixels: list[Any], max_new_tokens: int) -> list[str]:
-        """Greedy batch with each prompt prefilled alone, then one batched decode (CPU).
-
-        On CPU the engine's left-padded prefill takes the masked attention path ([B, 1, S, S] mask,
-        no causal kernel) and costs more than the per-sample prefills it replaces
-        (BENCHMARKS.md, Evaluation); prefilling row by row keeps the causal kernel, and the decode
-        steps, where batching pays, run for the whole batch. Keys/values of row ``r`` sit in slots
-        ``[0, len_r)`` of the batch cache; the gap up to the shared decode slots is masked.
-        """
-        import torch
-
-        chat = self.chat_model
-        model, dev = chat.model, chat.device
-        dtype = next(model.parameters()).dtype
-        b, width = len(rows), max(len(r) for r in rows)
-        cache = model.make_cache(b, width + max_new_tokens, dtype=dtype, device=dev)
-        stop = set(chat.stop_token_ids)
-        with torch.inference_mode():
-            firsts = []
-            for r, (ids, px) in enumerate(zip(rows, row_pixels)):
-                one = model.make_cache(1, len(ids), dtype=dtype, device=dev)
-                out = model(
-                    input_ids=torch.tensor([ids], device=dev),
-                    pixel_values=None if px is None else px.to(dev, dtype),
-                    kv_cache=one,
-                    cache_position=torch.arange(len(ids), device=dev),
-                    logits_to_keep=1,
-                )
-                for layer in range(len(cache.keys)):
-                    cache.keys[layer][r, :, : len(ids)] = one.keys[layer][0]
-                    cache.values[layer][r, :, : len(ids)] = one.values[layer][0]
-                firsts.append(out.logits[:, -1])
-            logits = torch.cat(firsts)
-            mask = torch.zeros(b, width + max_new_tokens, dtype=torch.long, device=dev)
-            for r, ids in enumerate(rows):
-                mask[r, : len(ids)] = 1
-            positions = torch.tensor([[len(ids)] for ids in rows], device=dev)
-            tokens: list[list[int]] = [[] for _ in range(b)]
-            done = [False] * b
-            for i in range(max_new_tokens):
-                nxt = logits.argmax(dim=-1)
-                for r, t in enumerate(nxt.tolist()):
-                    if done[r]:
-                        continue
-                    if t in stop:
-                        done[r] = True
-                    else:
-                        tokens[r].append(t)
-                if all(done) or i == max_new_tokens - 1:
-                    break
-                mask[:, width + i] = 1
-                logits = model(
-                    input_ids=nxt[:, None],
-                    attention_mask=mask[:, : width + i + 1],
-                    position_ids=positions + i,
-                    kv_cache=cache,
-                    cache_position=torch.tensor([width + i], device=dev),
-                    logits_to_keep=1,
-                ).logits[:, -1]
-        return [chat.decode_reply(t) for t in tokens]
+        prefill = "auto" if self.rowwise_prefill_on_cpu else "padded"
+        return self.chat_model.generate_batch(prepared, prefill=prefill, **gen)
 
     def generate(
         self, requests: Sequence[Request], batch_size: int = 8
@@ -246,18 +157,31 @@ class InterleafAdapter(Adapter):
         groups: dict[int, list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(r.max_new_tokens, []).append(i)
-        for idxs in groups.values():
-            for start in range(0, len(idxs), batch_size):
-                chunk = idxs[start : start + batch_size]
+        chunks = [
+            idxs[start : start + batch_size]
+            for idxs in groups.values()
+            for start in range(0, len(idxs), batch_size)
+        ]
+        _ = self.chat_model  # load before the worker thread starts preparing
+        # One worker thread loads, tiles and tokenises the next batch while this one generates
+        # (PIL, numpy and the tokenizer release the GIL).
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="interleaf-prep") as pool:
+            ahead = None
+            for k, chunk in enumerate(chunks):
                 reqs = [requests[i] for i in chunk]
                 if len(chunk) > 1:
+                    fut = ahead if ahead is not None else pool.submit(self._prepare, reqs)
+                    nxt = [requests[i] for i in chunks[k + 1]] if k + 1 < len(chunks) else None
+                    ahead = pool.submit(self._prepare, nxt) if nxt and len(nxt) > 1 else None
                     try:
-                        yield from zip(chunk, self._batch(reqs))
+                        yield from zip(chunk, self._batch(reqs, fut.result()))
                         continue
                     except Exception as exc:  # noqa: BLE001 - isolate the failing sample below
                         self.notes.append(
                             f"a batch failed ({type(exc).__name__}); its samples were answered one by one"
                         )
+                else:
+                    ahead = None
                 for i, r in zip(chunk, reqs):
                     try:
                         yield i, self._one(r)

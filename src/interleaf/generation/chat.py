@@ -3,7 +3,7 @@
     chat = ChatModel.from_pretrained("ckpt_dir")              # or interleaf.load("ckpt_dir")
     chat.chat("What is in the picture?", images="cat.jpg")
     chat.chat("Describe the video.", video="clip.mp4")
-    chat.batch_chat(["Q1", "Q2"], images=["a.jpg", ["b.jpg", "c.jpg"]])
+    chat.batch_chat(["Q1", "Q2"], images=["a.jpg", ["b.jpg", "c.jpg"]], max_num=[6, 12])
     for piece in chat.stream_chat("Tell me more.", images="cat.jpg"):
         print(piece, end="")
 
@@ -222,38 +222,81 @@ class ChatModel:
         if piece:
             yield piece
 
+    def prepare_batch(
+        self,
+        questions: Sequence[str],
+        images: Sequence[Any] | None = None,
+        max_num: int | Sequence[int | None] | None = None,
+    ) -> list[tuple[list[int], torch.Tensor | None]]:
+        """Inputs of :meth:`generate_batch`: ``(input ids, pixel_values or None)`` per question.
+
+        ``images[i]`` is None, one image, or a list of images for ``questions[i]``; ``max_num`` is
+        one tile budget for all questions or one per question. Thread-safe (image loading and tiling
+        release the GIL), so an evaluation loop can prepare the next batch while one generates.
+        """
+        questions = list(questions)
+        per_q = [None] * len(questions) if images is None else list(images)
+        if len(per_q) != len(questions):
+            raise InputError(f"batch_chat: {len(questions)} questions but {len(per_q)} image entries")
+        budgets = [max_num] * len(questions) if max_num is None or isinstance(max_num, int) else list(max_num)
+        if len(budgets) != len(questions):
+            raise InputError(f"batch_chat: {len(questions)} questions but {len(budgets)} max_num entries")
+        prepared = []
+        for q, im, budget in zip(questions, per_q, budgets):
+            _, ids, px, _ = self.prepare(q, im, max_num=budget)
+            prepared.append((ids, px))
+        return prepared
+
+    def generate_batch(
+        self,
+        prepared: Sequence[tuple[list[int], torch.Tensor | None]],
+        prefill: str = "auto",
+        **generation,
+    ) -> list[str]:
+        """Replies to the output of :meth:`prepare_batch`, generated as one batch.
+
+        ``prefill``: ``"rows"`` prefills each prompt alone into its row of a shared cache (one vision
+        pass for the batch, no padding; :meth:`Generator.generate_rows`), ``"padded"`` runs one
+        left-padded prefill (masked attention), ``"auto"`` picks rows on CPU, padded elsewhere.
+        """
+        if not prepared:
+            return []
+        if prefill == "auto":
+            prefill = "rows" if self.device.type == "cpu" else "padded"
+        config = self._config(generation)
+        if prefill == "rows":
+            out = self.generator.generate_rows(
+                [ids for ids, _ in prepared], [px for _, px in prepared], config
+            )
+        elif prefill == "padded":
+            rows = [ids for ids, _ in prepared]
+            width = max(len(r) for r in rows)
+            input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, r in enumerate(rows):
+                input_ids[i, width - len(r) :] = torch.tensor(r)
+                mask[i, width - len(r) :] = 1
+            pixels = [px for _, px in prepared if px is not None]
+            pixel_values = torch.cat(pixels) if pixels else None
+            out = self.generator.generate(input_ids, mask, pixel_values, config=config)
+        else:
+            raise InputError(f"prefill must be 'auto', 'rows' or 'padded', got {prefill!r}")
+        return [self.decode_reply(t) for t in out.tokens]
+
     def batch_chat(
         self,
         questions: Sequence[str],
         images: Sequence[Any] | None = None,
-        max_num: int | None = None,
+        max_num: int | Sequence[int | None] | None = None,
+        prefill: str = "auto",
         **generation,
     ) -> list[str]:
-        """Answer several independent questions in one left-padded batch (no history).
+        """Answer several independent questions in one batch (no history).
 
-        ``images[i]`` is None, one image, or a list of images for ``questions[i]``.
+        ``images[i]`` is None, one image, or a list of images for ``questions[i]``; ``max_num``: one
+        tile budget for the batch or one per question. ``prefill``: see :meth:`generate_batch`.
         """
-        questions = list(questions)
-        if not questions:
-            return []
-        per_q = [None] * len(questions) if images is None else list(images)
-        if len(per_q) != len(questions):
-            raise InputError(f"batch_chat: {len(questions)} questions but {len(per_q)} image entries")
-        rows, pixels = [], []
-        for q, im in zip(questions, per_q):
-            _, ids, px, _ = self.prepare(q, im, max_num=max_num)
-            rows.append(ids)
-            if px is not None:
-                pixels.append(px)
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, width - len(r) :] = torch.tensor(r)
-            mask[i, width - len(r) :] = 1
-        pixel_values = torch.cat(pixels) if pixels else None
-        out = self.generator.generate(input_ids, mask, pixel_values, config=self._config(generation))
-        return [self.decode_reply(t) for t in out.tokens]
+        return self.generate_batch(self.prepare_batch(questions, images, max_num), prefill, **generation)
 
 
 class TextStreamer:

@@ -4,6 +4,9 @@
     decode:   model(next_ids [B, 1], position_ids [B, 1], kv_cache, cache_position [1]) per step
 
 Batches are left-padded (``attention_mask`` 0 on the padding); positions count only real tokens.
+``Generator.generate_rows`` takes a ragged batch instead: one vision pass over every tile of the batch,
+each prompt prefilled alone (no padding, the causal kernel) into its own row of one shared cache, then
+one batched decode - the fast way to batch on CPU, where a padded prefill needs the masked kernel.
 A row stops at any of ``stop_token_ids`` (the template's end-of-turn token and the tokenizer's eos),
 or after ``max_new_tokens``. ``Generator.stream`` yields each step's tokens as they are produced;
 ``Generator.generate`` collects them.
@@ -17,6 +20,7 @@ bf16 matrix-vector products several times faster than the default kernel.
 
 from __future__ import annotations
 
+import copy
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -370,7 +374,6 @@ class Generator:
         b, s = input_ids.shape
         max_len = cache.max_len
         n_valid = mask.sum(-1, keepdim=True)  # [B, 1]: the first generated token's position
-        stop_ids = torch.tensor(() if cfg.ignore_eos else cfg.stop_token_ids, dtype=torch.long, device=device)
         generator = None
         if not cfg.greedy and cfg.seed is not None:
             generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -403,6 +406,25 @@ class Generator:
             step_mask = torch.ones(b, max_len, dtype=torch.long, device=device)
             step_mask[:, :s] = mask
 
+        def step(nxt: torch.Tensor, i: int) -> torch.Tensor:
+            if graphed is not None:
+                return graphed(nxt, n_valid + i, s + i)
+            return model(
+                input_ids=nxt[:, None],
+                attention_mask=step_mask,
+                position_ids=n_valid + i,
+                kv_cache=cache,
+                cache_position=torch.tensor([s + i], device=device),
+                logits_to_keep=1,
+            ).logits[:, -1]
+
+        yield from self._decode(logits, step, cfg, generator, record, t0)
+
+    def _decode(self, logits, step, cfg: GenerationConfig, generator, record, t0):
+        """Pick tokens from ``logits`` [B, V]; ``step(next_ids [B], i)`` -> the next step's logits."""
+        device = self.device
+        b = logits.shape[0]
+        stop_ids = torch.tensor(() if cfg.ignore_eos else cfg.stop_token_ids, dtype=torch.long, device=device)
         finished = torch.zeros(b, dtype=torch.bool, device=device)
         done_host = [False] * b
         tokens: list[list[int]] = [[] for _ in range(b)]
@@ -431,19 +453,7 @@ class Generator:
             yield nxt_cpu
             if all(done_host) or i == cfg.max_new_tokens - 1:
                 break
-            slot = s + i
-            pos = n_valid + i
-            if graphed is not None:
-                logits = graphed(nxt, pos, slot)
-            else:
-                logits = model(
-                    input_ids=nxt[:, None],
-                    attention_mask=step_mask,
-                    position_ids=pos,
-                    kv_cache=cache,
-                    cache_position=torch.tensor([slot], device=device),
-                    logits_to_keep=1,
-                ).logits[:, -1]
+            logits = step(nxt, i)
         if record is not None:
             record.tokens = tokens
             record.finish_reasons = ["stop" if d else "length" for d in done_host]
@@ -451,6 +461,108 @@ class Generator:
             n_steps = max(len(t) for t in tokens) if tokens else 0
             record.num_decode_steps = max(0, n_steps - 1)
             record.decode_time = (time.perf_counter() - t_decode) if t_decode is not None else 0.0
+
+    # -------------------------------------------------------------- ragged batches
+    def generate_rows(
+        self,
+        rows: Sequence[Sequence[int] | torch.Tensor],
+        pixel_values: Sequence[torch.Tensor | None] | None = None,
+        config: GenerationConfig | None = None,
+        **kwargs,
+    ) -> GenerationOutput:
+        """Generate for prompts of different lengths without padding them.
+
+        All tiles of the batch go through the vision encoder in one call; each prompt is then
+        prefilled alone (plain causal attention, no padding) into row ``r`` of one shared cache,
+        at slots ``[0, len_r)``, and the rows decode together from slot ``max(len)`` on, the gap
+        masked. Greedy, each row gets the tokens it gets alone (up to float rounding in the batched
+        decode steps); sampling draws for the whole batch, as a padded batch does.
+
+        Args:
+            rows: B prompts, each a list / 1-D tensor of ids (no padding).
+            pixel_values: per row [N_tiles_r, 3, H, W] or None (default: no images).
+            config: a :class:`GenerationConfig`; keyword arguments override its fields.
+        """
+        config = _merge(config, kwargs)
+        out = GenerationOutput(tokens=[[] for _ in rows], finish_reasons=[])
+        with torch.inference_mode():
+            for _ in self._run_rows(rows, pixel_values, config, out):
+                pass
+        return out
+
+    def _run_rows(self, rows, pixel_values, cfg: GenerationConfig, record):
+        model, device = self.model, self.device
+        b = len(rows)
+        if b == 0:
+            return
+        pixel_values = [None] * b if pixel_values is None else list(pixel_values)
+        if len(pixel_values) != b:
+            raise InputError(f"generate_rows: {b} rows but {len(pixel_values)} pixel_values entries")
+        ids = [torch.as_tensor(r, dtype=torch.long).reshape(-1).to(device) for r in rows]
+        lens = [int(r.numel()) for r in ids]
+        if min(lens) == 0:
+            raise InputError("generate_rows: an empty prompt")
+        if cfg.max_new_tokens == 0:
+            record.finish_reasons = ["length"] * b
+            return
+        t0 = time.perf_counter()
+        dtype = next(model.parameters()).dtype
+        # one vision pass over every tile of the batch (the rows' tiles in order)
+        extra: list[dict] = [{} for _ in range(b)]
+        with_px = [r for r in range(b) if pixel_values[r] is not None]
+        if with_px:
+            pixels = [pixel_values[r].to(device=device, dtype=dtype) for r in with_px]
+            if hasattr(model, "extract_feature"):
+                feats = model.extract_feature(torch.cat(pixels)).split([p.shape[0] for p in pixels])
+                for r, f in zip(with_px, feats):
+                    extra[r] = {"image_embeds": f}
+            else:
+                for r, p in zip(with_px, pixels):
+                    extra[r] = {"pixel_values": p}
+        width = max(lens)
+        cache = model.make_cache(b, width + cfg.max_new_tokens, dtype=dtype, device=device)
+        firsts = []
+        for r in range(b):
+            firsts.append(
+                model(
+                    input_ids=ids[r][None],
+                    kv_cache=_row_view(cache, r),
+                    cache_position=torch.arange(lens[r], device=device),
+                    logits_to_keep=1,
+                    **extra[r],
+                ).logits[:, -1]
+            )
+        logits = torch.cat(firsts)
+        # slots [len_r, width) of row r are the gap: masked in every decode step
+        mask = torch.ones(b, width + cfg.max_new_tokens, dtype=torch.long, device=device)
+        for r in range(b):
+            mask[r, lens[r] : width] = 0
+        step_mask = mask if min(lens) < width else None
+        positions = torch.tensor(lens, device=device)[:, None]  # [B, 1]
+        generator = None
+        if not cfg.greedy and cfg.seed is not None:
+            generator = torch.Generator(device=device).manual_seed(cfg.seed)
+
+        def step(nxt: torch.Tensor, i: int) -> torch.Tensor:
+            return model(
+                input_ids=nxt[:, None],
+                attention_mask=step_mask,
+                position_ids=positions + i,
+                kv_cache=cache,
+                cache_position=torch.tensor([width + i], device=device),
+                logits_to_keep=1,
+            ).logits[:, -1]
+
+        yield from self._decode(logits, step, cfg, generator, record, t0)
+
+
+def _row_view(cache, row: int):
+    """Row ``row`` of ``cache`` as a batch-1 cache sharing its buffers (writes land in the batch cache)."""
+    view = copy.copy(cache)
+    view.keys = [k[row : row + 1] for k in cache.keys]
+    view.values = [v[row : row + 1] for v in cache.values]
+    view.batch_size, view.length, view.full_attention = 1, 0, False
+    return view
 
 
 def _merge(config: GenerationConfig | None, kwargs: dict) -> GenerationConfig:

@@ -1,0 +1,92 @@
+"""Ragged batches (``Generator.generate_rows``) and ``ChatModel.batch_chat`` with per-question budgets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import interleaf
+from interleaf.errors import InputError
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def chat(tiny_ckpt):
+    return interleaf.load(tiny_ckpt)
+
+
+def _image(seed: int, w: int, h: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def questions():
+    qs = ["Compare the two pictures.", "Say something long about nothing.", "What is it?", "Which one?"]
+    images = [[_image(0, 500, 300), _image(1, 200, 300)], None, _image(2, 300, 300), [_image(3, 900, 300)]]
+    return qs, images, [4, None, 1, 3]
+
+
+def test_rows_match_each_prompt_alone_and_the_padded_batch(chat, questions):
+    qs, images, budgets = questions
+    prepared = chat.prepare_batch(qs, images, budgets)
+    assert len({len(ids) for ids, _ in prepared}) == len(qs)  # really ragged
+    gen = chat.generator
+    cfg = chat._config({"max_new_tokens": 9})
+    alone = [gen.generate(torch.tensor([ids]), pixel_values=px, config=cfg) for ids, px in prepared]
+    rows = gen.generate_rows([ids for ids, _ in prepared], [px for _, px in prepared], cfg)
+    assert rows.tokens == [a.tokens[0] for a in alone]
+    assert rows.finish_reasons == [a.finish_reasons[0] for a in alone]
+    # forced stops end rows independently
+    first = [a.tokens[0][0] for a in alone]
+    stop = gen.generate_rows([ids for ids, _ in prepared], [px for _, px in prepared], cfg,
+                             stop_token_ids=(first[0],))  # fmt: skip
+    assert stop.finish_reasons[0] == "stop" and stop.tokens[0] == []
+    for k in range(1, len(qs)):
+        expect = alone[k].tokens[0]
+        if first[0] in expect:
+            assert stop.tokens[k] == expect[: expect.index(first[0])]
+        else:
+            assert stop.tokens[k] == expect
+    padded = chat.generate_batch(prepared, prefill="padded", max_new_tokens=9)
+    assert chat.generate_batch(prepared, prefill="rows", max_new_tokens=9) == padded
+    assert padded == [chat.decode_reply(a.tokens[0]) for a in alone]
+
+
+def test_one_vision_pass_per_batch(chat, questions, monkeypatch):
+    qs, images, budgets = questions
+    prepared = chat.prepare_batch(qs, images, budgets)
+    calls = []
+    real = chat.model.extract_feature
+    monkeypatch.setattr(chat.model, "extract_feature", lambda px: calls.append(px.shape[0]) or real(px))
+    chat.generate_batch(prepared, prefill="rows", max_new_tokens=2)
+    assert calls == [sum(px.shape[0] for _, px in prepared if px is not None)]
+
+
+def test_batch_chat_per_question_budgets(chat, questions):
+    qs, images, budgets = questions
+    batch = chat.batch_chat(qs, images, max_num=budgets, max_new_tokens=6)
+    assert batch == [chat.chat(q, im, max_num=m, max_new_tokens=6) for q, im, m in zip(qs, images, budgets)]
+    tiles = [px.shape[0] for _, px in chat.prepare_batch(qs[:1], images[:1], [4])]
+    assert tiles != [px.shape[0] for _, px in chat.prepare_batch(qs[:1], images[:1], 1)]
+
+
+def test_bad_batch_input(chat, questions):
+    qs, images, _ = questions
+    with pytest.raises(InputError, match="max_num entries"):
+        chat.batch_chat(qs, images, max_num=[1, 2])
+    with pytest.raises(InputError, match="prefill"):
+        chat.batch_chat(qs[1:2], prefill="sideways")
+    with pytest.raises(InputError, match="empty prompt"):
+        chat.generator.generate_rows([[1, 2], []], max_new_tokens=2)
+    out = chat.generator.generate_rows([[1, 2], [3]], max_new_tokens=0)
+    assert out.tokens == [[], []] and out.finish_reasons == ["length", "length"]
+    assert chat.batch_chat([]) == []
