@@ -488,7 +488,79 @@ def save_checkpoint(
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
+        if layout == "hf":
+            write_hf_processor_files(out, cfg, tokenizer)
     return out
+
+
+def write_hf_processor_files(out: str | Path, cfg: InternVLConfig, tokenizer: Any) -> None:
+    """Write what ``transformers.AutoProcessor`` needs next to an ``hf`` checkpoint (after the tokenizer).
+
+    As transformers' own InternVL conversion writes them: ``preprocessor_config.json`` (GotOcr2 image
+    processor: ``image_size`` tiles, ImageNet mean/std, bicubic, ``crop_to_patches`` between the
+    config's min/max dynamic patches; it always adds the thumbnail when there is more than one tile),
+    ``video_preprocessor_config.json`` (one ``image_size`` tile per frame), ``processor_config.json``
+    (``InternVLProcessor``, ``image_seq_length`` = ``num_image_token``), ``chat_template.jinja`` rendering
+    the checkpoint's InternVL template with its system message, and the named image/video tokens
+    (``extra_special_tokens``) in ``tokenizer_config.json``.
+    """
+    from interleaf.model.tokenizer import HF_NAMED_TOKENS, hf_chat_template
+    from interleaf.processing.image import IMAGENET_MEAN, IMAGENET_STD
+    from interleaf.processing.templates import get_template
+
+    out = Path(out)
+    size = {"height": cfg.image_size, "width": cfg.image_size}
+    common = {
+        "do_resize": True,
+        "size": size,
+        "resample": 3,  # PIL bicubic
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(IMAGENET_MEAN),
+        "image_std": list(IMAGENET_STD),
+        "do_convert_rgb": True,
+        "processor_class": "InternVLProcessor",
+    }
+    dynamic = cfg.dynamic_image_size
+    image = {
+        "image_processor_type": "GotOcr2ImageProcessor",
+        **common,
+        "crop_to_patches": dynamic,
+        "min_patches": cfg.min_dynamic_patch if dynamic else 1,
+        "max_patches": cfg.max_dynamic_patch if dynamic else 1,
+    }
+    video = {"video_processor_type": "InternVLVideoProcessor", **common, "initial_shift": True}
+    files = {
+        "preprocessor_config.json": image,
+        "video_preprocessor_config.json": video,
+        "processor_config.json": {
+            "processor_class": "InternVLProcessor",
+            "image_seq_length": cfg.num_image_token,
+        },
+    }
+    for name, data in files.items():
+        (out / name).write_text(json.dumps(data, indent=2) + "\n")
+
+    # the template starts with the BOS token when the tokenizer adds one (as the tokenizer would)
+    bos_id = tokenizer.bos_token_id
+    adds_bos = bos_id is not None and tokenizer("a")["input_ids"][:1] == [bos_id]
+    template = get_template(cfg.template, cfg.system_message)
+    (out / "chat_template.jinja").write_text(
+        hf_chat_template(template, tokenizer.bos_token if adds_bos else None)
+    )
+
+    tc_file = out / "tokenizer_config.json"
+    tc = json.loads(tc_file.read_text())
+    extra = tc.get("extra_special_tokens")
+    named = dict(HF_NAMED_TOKENS)
+    if isinstance(extra, list):  # keep the plain special-token list under its v4 name
+        tc["additional_special_tokens"] = extra
+    elif isinstance(extra, dict):
+        named = {**extra, **named}
+    tc["extra_special_tokens"] = named
+    tc["processor_class"] = "InternVLProcessor"
+    tc_file.write_text(json.dumps(tc, indent=2, ensure_ascii=False) + "\n")
 
 
 def parameter_counts(model: torch.nn.Module) -> dict[str, int]:

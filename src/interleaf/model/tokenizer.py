@@ -65,7 +65,7 @@ def load_tokenizer(path: str | Path, template: str | None = None):
     path = Path(path)
     if (path / "tokenizer.json").is_file():
         try:
-            tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+            tok = PreTrainedTokenizerFast.from_pretrained(str(path), **_without_named_tokens(path))
         except Exception as exc:  # noqa: BLE001 - report any parse failure as one line
             raise CheckpointError(
                 f"{path / 'tokenizer.json'}: cannot load tokenizer ({str(exc).splitlines()[0]})"
@@ -78,6 +78,28 @@ def load_tokenizer(path: str | Path, template: str | None = None):
         )
     ensure_special_tokens(tok, template)
     return tok
+
+
+def _without_named_tokens(path: Path) -> dict:
+    """Loading overrides that leave out the processor's named tokens (``video_token`` ...).
+
+    An ``-hf`` checkpoint names them in ``tokenizer_config.json`` (``extra_special_tokens`` as a dict,
+    or top-level ``*_token`` keys after a re-save); transformers would append any that is missing
+    (``<video>``) to the vocabulary. interleaf does not use them, so the tokenizer stays as stored.
+    """
+    import json
+
+    try:
+        config = json.loads((path / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(config, dict):
+        return {}
+    overrides: dict = {name: None for name in HF_NAMED_TOKENS if name in config}
+    if isinstance(config.get("extra_special_tokens"), dict):
+        plain = config.get("additional_special_tokens")
+        overrides["extra_special_tokens"] = list(plain) if isinstance(plain, list) else []
+    return overrides
 
 
 # ----------------------------------------------------------------------------- sentencepiece
@@ -252,3 +274,70 @@ def build_offline_tokenizer(vocab_size: int = 3000, bos: bool = False):
     )
     ensure_special_tokens(tok)
     return tok
+
+
+# ----------------------------------------------------------------------------- transformers processor
+# Named tokens that transformers' ``InternVLProcessor`` reads from the tokenizer (``tokenizer.start_image_token``
+# ...), written to ``tokenizer_config.json`` as ``extra_special_tokens`` like the upstream converter does.
+HF_NAMED_TOKENS = {
+    "start_image_token": IMG_START,
+    "end_image_token": IMG_END,
+    "context_image_token": IMG_CONTEXT,
+    "video_token": "<video>",
+}
+
+
+def _jinja_str(text: str) -> str:
+    """A Jinja string literal for ``text`` (JSON escapes are valid Jinja escapes)."""
+    import json
+
+    return json.dumps(text, ensure_ascii=False)
+
+
+def hf_chat_template(template, bos_token: str | None = None) -> str:
+    """A Jinja chat template for transformers' processor that renders exactly like ``template``.
+
+    ``template`` is an :class:`interleaf.processing.templates.ChatTemplate` (its system message,
+    default or a checkpoint's, is baked in; a leading ``system`` message replaces it). Message
+    content is a string or a list of ``{"type": "image" | "video" | "text"}`` items: an image becomes
+    ``<IMG_CONTEXT>\\n`` (``Image-k: <IMG_CONTEXT>\\n`` when the message has several, as interleaf's
+    prompt builder writes them), a video ``<video>\\n``; the processor then expands both into image
+    tokens. ``bos_token`` is prepended when the tokenizer adds one (the processor then tokenizes
+    without adding it again).
+    """
+    sys_pre, sys_post = template.system_template.split("{system_message}")
+    user, assistant = (_jinja_str(r) for r in template.roles)
+    sep = _jinja_str(template.sep)
+    ctx, video = _jinja_str(IMG_CONTEXT + "\n"), _jinja_str("<video>\n")
+    bos = "{{- bos_token -}}" if bos_token else ""
+    return (
+        f"{{%- set ns = namespace(system={_jinja_str(template.system_message)}, k=0) -%}}"
+        "{%- set loop_messages = messages -%}"
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- set loop_messages = messages[1:] -%}"
+        "{%- if messages[0]['content'] is string -%}{%- set ns.system = messages[0]['content'] -%}"
+        "{%- else -%}{%- set ns.system = '' -%}{%- for c in messages[0]['content'] -%}"
+        "{%- if c['type'] == 'text' -%}{%- set ns.system = ns.system + c['text'] -%}{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}"
+        "{%- endif -%}"
+        f"{bos}{{{{- {_jinja_str(sys_pre)} + ns.system + {_jinja_str(sys_post)} + {sep} -}}}}"
+        "{%- for message in loop_messages -%}"
+        f"{{%- if message['role'] == 'user' -%}}{{{{- {user} -}}}}"
+        f"{{%- elif message['role'] == 'assistant' -%}}{{{{- {assistant} -}}}}"
+        "{%- else -%}{{- raise_exception('a system message may only come first') -}}{%- endif -%}"
+        "{%- if message['content'] is string -%}{{- message['content'] -}}"
+        "{%- else -%}"
+        "{%- set n_images = message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}"
+        "{%- set ns.k = 0 -%}"
+        "{%- for c in message['content'] -%}"
+        "{%- if c['type'] == 'image' -%}{%- set ns.k = ns.k + 1 -%}"
+        "{%- if n_images > 1 -%}{{- 'Image-' ~ ns.k ~ ': ' -}}{%- endif -%}"
+        f"{{{{- {ctx} -}}}}"
+        f"{{%- elif c['type'] == 'video' -%}}{{{{- {video} -}}}}"
+        "{%- elif c['type'] == 'text' -%}{{- c['text'] -}}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- endif -%}"
+        f"{{{{- {sep} -}}}}"
+        "{%- endfor -%}"
+        f"{{%- if add_generation_prompt -%}}{{{{- {assistant} -}}}}{{%- endif -%}}"
+    )
