@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from interleaf.errors import CheckpointError, ConfigError
 from interleaf.model import init_model, load_checkpoint, save_checkpoint
-from interleaf.model.checkpoint import _llm_to_disk
+from interleaf.model.checkpoint import llm_state_to_disk as _llm_to_disk
 from interleaf.model.mono_checkpoint import (
     init_mono_from_llm,
     load_any_checkpoint,

@@ -80,8 +80,14 @@ def _disk_family(cfg: LLMConfig, layout: str) -> str:
 
 
 # ----------------------------------------------------------------------------- LLM conversion
-def _llm_to_disk(sd: dict[str, torch.Tensor], cfg: LLMConfig, family: str) -> dict[str, torch.Tensor]:
-    """Internal LLM names (relative to ``language_model.``) -> the family's on-disk names."""
+def llm_state_to_disk(sd: dict[str, torch.Tensor], cfg: LLMConfig, family: str) -> dict[str, torch.Tensor]:
+    """A decoder LLM's state dict in interleaf names -> the tensors as ``family`` stores them.
+
+    ``sd``: names relative to the LLM (``model.layers.0.self_attn.q_proj.weight``, ``lm_head.weight``,
+    i.e. without ``language_model.``). ``family``: ``qwen2`` / ``llama`` (unchanged), ``internlm2``
+    (``tok_embeddings``, grouped fused ``attention.wqkv``, ``wo``, ``w1/w2/w3``, ``output``) or
+    ``phi3`` (fused ``qkv_proj`` and ``gate_up_proj``). Tensors are not copied unless fused.
+    """
     if family in ("qwen2", "llama"):
         return dict(sd)
     out: dict[str, torch.Tensor] = {}
@@ -137,8 +143,11 @@ def _split_wqkv(w: torch.Tensor, cfg: LLMConfig) -> tuple[torch.Tensor, torch.Te
     return q, k, v
 
 
-def _llm_from_disk(sd: dict[str, torch.Tensor], cfg: LLMConfig, family: str) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`_llm_to_disk`."""
+def llm_state_from_disk(sd: dict[str, torch.Tensor], cfg: LLMConfig, family: str) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`llm_state_to_disk`: a bare LLM checkpoint's tensors (names as ``family``
+    stores them, no ``language_model.`` prefix) -> interleaf names. Fused tensors are split by ``cfg``;
+    a row count that does not fit the config raises :class:`CheckpointError`.
+    """
     if family in ("qwen2", "llama"):
         return dict(sd)
     out: dict[str, torch.Tensor] = {}
@@ -183,7 +192,7 @@ def _split_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
 def to_disk(sd: dict[str, torch.Tensor], cfg: InternVLConfig, layout: str) -> dict[str, torch.Tensor]:
     """Internal state dict -> tensors as stored in ``layout``."""
     family = _disk_family(cfg.llm, layout)
-    llm = _llm_to_disk(_split_prefix(sd, "language_model."), cfg.llm, family)
+    llm = llm_state_to_disk(_split_prefix(sd, "language_model."), cfg.llm, family)
     rest = {k: v for k, v in sd.items() if not k.startswith("language_model.")}
     if layout == "internvl_chat":
         out = dict(rest)
@@ -223,7 +232,7 @@ def from_disk(sd: dict[str, torch.Tensor], cfg: InternVLConfig, layout: str) -> 
     """Tensors as stored in ``layout`` -> internal state dict (unknown names pass through unchanged)."""
     family = _disk_family(cfg.llm, layout)
     if layout == "internvl_chat":
-        llm = _llm_from_disk(_split_prefix(sd, "language_model."), cfg.llm, family)
+        llm = llm_state_from_disk(_split_prefix(sd, "language_model."), cfg.llm, family)
         out = {k: v for k, v in sd.items() if not k.startswith("language_model.")}
         out.update({"language_model." + k: v for k, v in llm.items()})
         return out
@@ -258,12 +267,19 @@ def from_disk(sd: dict[str, torch.Tensor], cfg: InternVLConfig, layout: str) -> 
         if set(parts) != {"q", "k", "v"}:
             raise CheckpointError(f"{key}: the checkpoint lacks some of the q/k/v projections")
         out[key] = torch.cat([parts["q"], parts["k"], parts["v"]], 0)
-    out.update({"language_model." + k: v for k, v in _llm_from_disk(llm, cfg.llm, family).items()})
+    out.update({"language_model." + k: v for k, v in llm_state_from_disk(llm, cfg.llm, family).items()})
     return out
 
 
 # ----------------------------------------------------------------------------- reading files
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: str | Path) -> list[Path]:
+    """The weight files of a checkpoint directory, in index order.
+
+    Shards listed by ``model.safetensors.index.json`` (or ``pytorch_model.bin.index.json``), else the
+    single ``model.safetensors`` / ``pytorch_model.bin``. Raises :class:`CheckpointError` for a bad
+    index, a missing shard or no weights at all.
+    """
+    path = Path(path)
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = path / index_name
         if index.is_file():
@@ -289,7 +305,7 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
     tensors: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
-    for f in _weight_files(path):
+    for f in weight_files(path):
         try:
             if f.suffix == ".safetensors":
                 part = load_file(str(f))
@@ -385,14 +401,17 @@ def load_checkpoint(
     sd = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in sd.items()}
     model.load_state_dict(sd, strict=False, assign=True)
     model.language_model.tie_weights()
-    _rebuild_buffers(model)
+    rebuild_buffers(model)
     model.to(device)
     model.eval()
     return model, tokenizer
 
 
-def _rebuild_buffers(model: InternVLChatModel) -> None:
-    """Non-persistent buffers (RoPE tables) were created on the meta device: recompute them."""
+def rebuild_buffers(model: InternVLChatModel) -> None:
+    """Recompute non-persistent buffers (RoPE tables) of a model built on the meta device.
+
+    Call after ``load_state_dict(..., assign=True)``; raises if a buffer is still on meta.
+    """
     from interleaf.model.llm import RotaryEmbedding
 
     for module in model.modules():
@@ -412,6 +431,23 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if name not in table:
         raise ConfigError(f"dtype: unknown dtype {name!r} (use float32, bfloat16 or float16)")
     return table[name]
+
+
+def parse_llm_config(raw: dict[str, Any], source: str, key: str = "config") -> LLMConfig:
+    """An :class:`LLMConfig` from a decoder LLM's ``config.json`` dict (Qwen2 / InternLM2 / Phi-3 / Llama).
+
+    ``source`` (usually the file path) and ``key`` name the place in errors (:class:`ConfigError`).
+    """
+    from interleaf.model.config import _parse_llm
+
+    return _parse_llm(raw, source, key)
+
+
+# Earlier private names, kept for callers that still use them.
+_llm_to_disk = llm_state_to_disk
+_llm_from_disk = llm_state_from_disk
+_weight_files = weight_files
+_rebuild_buffers = rebuild_buffers
 
 
 def save_checkpoint(
@@ -583,7 +619,7 @@ def describe(path: str | Path) -> str:
     """Human-readable summary of a checkpoint directory (config only; weights are not loaded)."""
     path = Path(path)
     cfg = load_config(path)
-    files = _weight_files(path)  # a checkpoint without weights is an error here too
+    files = weight_files(path)  # a checkpoint without weights is an error here too
     size_gb = sum(f.stat().st_size for f in files) / 1e9
     try:
         dtype = json.loads((path / "config.json").read_text()).get("torch_dtype", "?")

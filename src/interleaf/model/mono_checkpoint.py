@@ -150,7 +150,7 @@ def _tensor_names(path: Path) -> set[str]:
     """Names of every tensor in a checkpoint directory (safetensors headers only; .bin files are read)."""
     from safetensors import safe_open
 
-    from interleaf.model.checkpoint import _weight_files
+    from interleaf.model.checkpoint import weight_files as _weight_files
 
     names: set[str] = set()
     for f in _weight_files(path):
@@ -260,8 +260,9 @@ def save_mono_checkpoint(model: MonoInternVLChatModel, tokenizer: Any, out_dir: 
 # ----------------------------------------------------------------------------- init from an LLM
 def _read_llm_only(path: Path, template: str | None) -> tuple[LLMConfig, dict[str, torch.Tensor], Any]:
     """A bare decoder-LLM checkpoint (Qwen2 / InternLM2 / Phi-3 / Llama ``config.json`` + weights)."""
-    from interleaf.model.checkpoint import _llm_from_disk, read_weights
-    from interleaf.model.config import _parse_llm
+    from interleaf.model.checkpoint import llm_state_from_disk as _llm_from_disk
+    from interleaf.model.checkpoint import parse_llm_config as _parse_llm
+    from interleaf.model.checkpoint import read_weights
     from interleaf.model.tokenizer import load_tokenizer
 
     source = str(path / "config.json")

@@ -175,7 +175,7 @@ def build_model(
     cfg: InternVLConfig, seed: int = 0, dtype: torch.dtype = torch.float32, model_cls: Callable | None = None
 ):
     """A randomly initialised model, built without a throw-away default init (fast at real shapes)."""
-    from interleaf.model.checkpoint import _rebuild_buffers
+    from interleaf.model.checkpoint import rebuild_buffers
     from interleaf.model.internvl import InternVLChatModel
 
     model_cls = model_cls or InternVLChatModel
@@ -184,7 +184,7 @@ def build_model(
     model.to_empty(device="cpu")
     model.to(dtype)
     model.language_model.tie_weights()
-    _rebuild_buffers(model)
+    rebuild_buffers(model)
     model.init_weights(seed)
     return model.eval()
 
