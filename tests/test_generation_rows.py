@@ -61,13 +61,19 @@ def test_rows_match_each_prompt_alone_and_the_padded_batch(chat, questions):
     assert padded == [chat.decode_reply(a.tokens[0]) for a in alone]
 
 
-def test_one_vision_pass_per_batch(chat, questions, monkeypatch):
+def test_vision_runs_once_per_tile(chat, questions, monkeypatch):
     qs, images, budgets = questions
     prepared = chat.prepare_batch(qs, images, budgets)
     calls = []
     real = chat.model.extract_feature
     monkeypatch.setattr(chat.model, "extract_feature", lambda px: calls.append(px.shape[0]) or real(px))
     chat.generate_batch(prepared, prefill="rows", max_new_tokens=2)
+    # CPU: row by row (an accelerator gets one pass over the whole batch)
+    assert calls == [px.shape[0] for _, px in prepared if px is not None]
+    rows = chat.generate_batch(prepared, prefill="rows", max_new_tokens=4)
+    calls.clear()
+    monkeypatch.setattr(chat.generator, "batch_vision", True)
+    assert chat.generate_batch(prepared, prefill="rows", max_new_tokens=4) == rows
     assert calls == [sum(px.shape[0] for _, px in prepared if px is not None)]
 
 

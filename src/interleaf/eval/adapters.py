@@ -26,7 +26,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,7 +111,8 @@ class InterleafAdapter(Adapter):
         self.fingerprint = "interleaf:" + directory_fingerprint(path)
         self.device, self.dtype = device, dtype
         self._chat_model = chat_model  # loaded on first use: a fully cached rerun never loads weights
-        self.rowwise_prefill_on_cpu = True
+        self.rowwise_prefill_on_cpu = True  # False: one left-padded prefill per batch on CPU too
+        self.prefetch = True  # prepare the next batch in a worker thread
         self.notes = []
 
     @property
@@ -166,13 +167,14 @@ class InterleafAdapter(Adapter):
         # One worker thread loads, tiles and tokenises the next batch while this one generates
         # (PIL, numpy and the tokenizer release the GIL).
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="interleaf-prep") as pool:
+            submit = pool.submit if self.prefetch else _run_now
             ahead = None
             for k, chunk in enumerate(chunks):
                 reqs = [requests[i] for i in chunk]
                 if len(chunk) > 1:
-                    fut = ahead if ahead is not None else pool.submit(self._prepare, reqs)
+                    fut = ahead if ahead is not None else submit(self._prepare, reqs)
                     nxt = [requests[i] for i in chunks[k + 1]] if k + 1 < len(chunks) else None
-                    ahead = pool.submit(self._prepare, nxt) if nxt and len(nxt) > 1 else None
+                    ahead = submit(self._prepare, nxt) if self.prefetch and nxt and len(nxt) > 1 else None
                     try:
                         yield from zip(chunk, self._batch(reqs, fut.result()))
                         continue
@@ -187,6 +189,16 @@ class InterleafAdapter(Adapter):
                         yield i, self._one(r)
                     except Exception as exc:  # noqa: BLE001 - one bad sample never stops the run
                         yield i, exc
+
+
+def _run_now(fn, *args) -> Future:
+    """``fn(*args)`` now, as a finished future (the synchronous stand-in for ``pool.submit``)."""
+    fut: Future = Future()
+    try:
+        fut.set_result(fn(*args))
+    except Exception as exc:  # noqa: BLE001 - re-raised by fut.result()
+        fut.set_exception(exc)
+    return fut
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,8 +4,8 @@
     decode:   model(next_ids [B, 1], position_ids [B, 1], kv_cache, cache_position [1]) per step
 
 Batches are left-padded (``attention_mask`` 0 on the padding); positions count only real tokens.
-``Generator.generate_rows`` takes a ragged batch instead: one vision pass over every tile of the batch,
-each prompt prefilled alone (no padding, the causal kernel) into its own row of one shared cache, then
+``Generator.generate_rows`` takes a ragged batch instead: one vision pass over every tile of the batch
+(on CPU row by row), each prompt prefilled alone (no padding, the causal kernel) into its own row of one shared cache, then
 one batched decode - the fast way to batch on CPU, where a padded prefill needs the masked kernel.
 A row stops at any of ``stop_token_ids`` (the template's end-of-turn token and the tokenizer's eos),
 or after ``max_new_tokens``. ``Generator.stream`` yields each step's tokens as they are produced;
@@ -272,6 +272,7 @@ class Generator:
         self.static_cache = (
             self.cuda_graphs if static_cache is None else bool(static_cache) or self.cuda_graphs
         )
+        self.batch_vision = dev.type != "cpu"  # generate_rows: one ViT pass over the batch's tiles
         self._caches: dict[tuple[int, int], object] = {}
         self._graphs: dict[tuple[int, int], _GraphedDecodeStep] = {}
         self._busy: set[tuple[int, int]] = set()  # static caches in use by a running generation
@@ -472,8 +473,8 @@ class Generator:
     ) -> GenerationOutput:
         """Generate for prompts of different lengths without padding them.
 
-        All tiles of the batch go through the vision encoder in one call; each prompt is then
-        prefilled alone (plain causal attention, no padding) into row ``r`` of one shared cache,
+        All tiles of the batch go through the vision encoder in one call (on CPU: row by row); each
+        prompt is prefilled alone (plain causal attention, no padding) into row ``r`` of one shared cache,
         at slots ``[0, len_r)``, and the rows decode together from slot ``max(len)`` on, the gap
         masked. Greedy, each row gets the tokens it gets alone (up to float rounding in the batched
         decode steps); sampling draws for the whole batch, as a padded batch does.
@@ -507,12 +508,14 @@ class Generator:
             return
         t0 = time.perf_counter()
         dtype = next(model.parameters()).dtype
-        # one vision pass over every tile of the batch (the rows' tiles in order)
+        # Vision: on an accelerator one pass over every tile of the batch (fills the device); on CPU
+        # row by row inside each prefill, which is faster there (measured: a 25-tile pass is ~15%
+        # slower than 8 small ones - its activations fall out of cache - plus a 60 MB concatenation).
         extra: list[dict] = [{} for _ in range(b)]
         with_px = [r for r in range(b) if pixel_values[r] is not None]
         if with_px:
             pixels = [pixel_values[r].to(device=device, dtype=dtype) for r in with_px]
-            if hasattr(model, "extract_feature"):
+            if self.batch_vision and hasattr(model, "extract_feature"):
                 feats = model.extract_feature(torch.cat(pixels)).split([p.shape[0] for p in pixels])
                 for r, f in zip(with_px, feats):
                     extra[r] = {"image_embeds": f}
