@@ -96,3 +96,27 @@ def test_bad_batch_input(chat, questions):
     out = chat.generator.generate_rows([[1, 2], [3]], max_new_tokens=0)
     assert out.tokens == [[], []] and out.finish_reasons == ["length", "length"]
     assert chat.batch_chat([]) == []
+
+
+def test_eval_adapter_prefetch_and_bad_sample(chat, tiny_ckpt, tmp_path):
+    from interleaf.eval.adapters import InterleafAdapter, Request
+
+    paths = []
+    for k, (w, h) in enumerate([(500, 300), (200, 300), (300, 300), (640, 200)]):
+        paths.append(str(tmp_path / f"{k}.png"))
+        _image(k, w, h).save(paths[-1])
+    reqs = [
+        Request("<image>\nWhat is it?", paths[:1], max_new_tokens=5, max_num=4),
+        Request("Image-1: <image>\nImage-2: <image>\nSame?", paths[1:3], max_new_tokens=5, max_num=2),
+        Request("<image>\nBroken?", [str(tmp_path / "missing.png")], max_new_tokens=5),
+        Request("<image>\nColour?", paths[3:], max_new_tokens=5, max_num=6),
+        Request("No image.", [], max_new_tokens=5),
+    ]
+    adapter = InterleafAdapter(str(tiny_ckpt), chat_model=chat)
+    got = dict(adapter.generate(reqs, batch_size=2))
+    assert isinstance(got[2], Exception) and "missing.png" in str(got[2])
+    loop = {i: adapter._one(r) for i, r in enumerate(reqs) if i != 2}
+    assert {i: got[i] for i in loop} == loop
+    assert any("one by one" in note for note in adapter.notes)
+    adapter.prefetch = False
+    assert {i: v for i, v in adapter.generate(reqs, batch_size=2) if i != 2} == loop

@@ -16,6 +16,7 @@ cut at the template's end-of-turn text and stripped.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -60,6 +61,10 @@ class ChatModel:
         if cpu_optimize and self.device.type == "cpu":
             optimize_for_cpu(model)
         self.generator = Generator(model)
+        # a fast tokenizer called from two threads at once can fail with "Already borrowed"
+        # (transformers resets its truncation/padding state on every call); prepare_batch may run
+        # in a worker thread while replies are decoded
+        self._tokenizer_lock = threading.Lock()
         self.stop_token_ids = self._stop_ids()
         pad = tokenizer.pad_token_id
         if pad is None:
@@ -141,7 +146,8 @@ class ChatModel:
         question = add_placeholders(question, len(tiles), history, video=is_video)
         text = self.template.chat_prompt(question, history)
         text = expand_image_placeholders(text, tiles, self.config.num_image_token)
-        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        with self._tokenizer_lock:
+            ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
         return question, ids, pixel_values, text
 
     def _config(self, generation: dict) -> GenerationConfig:
@@ -156,7 +162,8 @@ class ChatModel:
 
     def decode_reply(self, tokens: Sequence[int]) -> str:
         """Reply text of generated tokens: special tokens dropped, cut at the end-of-turn text, stripped."""
-        text = self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+        with self._tokenizer_lock:
+            text = self.tokenizer.decode(list(tokens), skip_special_tokens=True)
         return text.split(self.template.stop_str)[0].strip()
 
     # ------------------------------------------------------------------ chat
