@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 DIGIT_Q = "What digit is this?"
 SHAPE_Q = "What shape is this?"
 COLOUR_Q = "What colour is the shape?"
-LARGER_Q = "Which image shows the larger digit? Answer Image-1 or Image-2."
+LARGER_Q = "Which image shows the larger digit?"
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (235, 200, 20)}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -125,13 +126,15 @@ def build_dataset(s: DemoSettings, log=print) -> dict[str, Any]:
                 if digits.target[a] != digits.target[b]:
                     break
             answer = "Image-1" if digits.target[a] > digits.target[b] else "Image-2"
+            # the reply reads both digits first, then compares (a short chain of thought)
+            reply = f"{digits.target[a]} and {digits.target[b]}, so {answer}"
             out.append(
                 {
                     "id": f"{split}-pair-{k}",
                     "image": [save_digit(a), save_digit(b)],
                     "conversations": [
                         {"from": "human", "value": f"Image-1: <image>\nImage-2: <image>\n{LARGER_Q}"},
-                        {"from": "gpt", "value": answer},
+                        {"from": "gpt", "value": reply},
                     ],
                     "task": "larger",
                     "answer": answer,
@@ -267,7 +270,7 @@ def evaluate(ckpt: Path, test: list[dict], root: Path, log=print) -> dict[str, d
         chat_model = interleaf.load(str(ckpt))
 
         def ask_batch(questions: list[str], paths: list[list[str]]) -> list[str]:
-            return chat_model.batch_chat(questions, images=paths, max_new_tokens=6, do_sample=False)
+            return chat_model.batch_chat(questions, images=paths, max_new_tokens=16, do_sample=False)
 
     except ImportError:  # runtime not installed: a plain greedy loop over the same prompt
         greedy = _GreedyChat(ckpt)
@@ -286,7 +289,7 @@ def evaluate(ckpt: Path, test: list[dict], root: Path, log=print) -> dict[str, d
         ]
         questions = [r["conversations"][0]["value"] for r in recs]
         for rec, question, reply in zip(recs, questions, ask_batch(questions, paths)):
-            ok = int(reply.strip() == rec["answer"])
+            ok = int(final_answer(reply, rec["task"]) == rec["answer"])
             per_task.setdefault(rec["task"], []).append(ok)
             examples.setdefault(rec["task"], (question.replace("\n", " / "), reply.strip(), rec["answer"]))
     chance = {"digit": 0.1, "larger": 0.5, "shape": 1 / len(SHAPES), "colour": 1 / len(COLOURS)}
@@ -301,6 +304,14 @@ def evaluate(ckpt: Path, test: list[dict], root: Path, log=print) -> dict[str, d
     return results
 
 
+def final_answer(reply: str, task: str) -> str:
+    """The answer a reply commits to: the last ``Image-k`` for the two-image task, else the reply."""
+    if task == "larger":
+        found = re.findall(r"Image-[0-9]+", reply)
+        return found[-1] if found else reply.strip()
+    return reply.strip()
+
+
 class _GreedyChat:
     """Greedy decoding without a KV cache (short answers): the prompt built as ``chat`` builds it."""
 
@@ -313,7 +324,7 @@ class _GreedyChat:
         self.template = get_template(cfg.template, cfg.system_message)
         self.stop = self.tok.convert_tokens_to_ids(self.template.stop_str)
 
-    def __call__(self, question: str, paths: list[str], max_new_tokens: int = 6) -> str:
+    def __call__(self, question: str, paths: list[str], max_new_tokens: int = 16) -> str:
         import torch
 
         from interleaf.processing.image import preprocess_images
@@ -469,5 +480,9 @@ def run_demo(
     log(f"checkpoint: {ckpt}")
     log("try it:")
     log(f'  interleaf chat {ckpt} --image {data["root"] / example["image"]} "{DIGIT_Q}"')
+    pair = next((r for r in data["test"] if r["task"] == "larger"), None)
+    if pair is not None:
+        a, b = (data["root"] / p for p in pair["image"])
+        log(f'  interleaf chat {ckpt} --image {a} --image {b} "{LARGER_Q}"')
     log(f"total time {time.perf_counter() - t0:.0f}s (data + training {t_train:.0f}s)")
     return {"checkpoint": str(ckpt), "results": results, "loss_curve": str(plot)}

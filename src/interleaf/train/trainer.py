@@ -408,16 +408,15 @@ class Trainer:
         """Save the model (LoRA merged when asked) in the configured layout with MODEL's writer."""
         from interleaf.model.checkpoint import save_checkpoint
 
-        # a fresh CPU copy built from the config (FSDP-sharded modules cannot be deep-copied)
-        model = type(self.raw_model)(copy.deepcopy(self.raw_model.config))
-        if self.cfg.use_llm_lora:
-            apply_lora(
-                model.language_model, LLM_TARGETS, self.cfg.use_llm_lora, dropout=self.cfg.lora_dropout
-            )
-        if self.cfg.use_backbone_lora:
-            apply_lora(
-                model.vision_model, VIT_TARGETS, self.cfg.use_backbone_lora, dropout=self.cfg.lora_dropout
-            )
+        # a fresh CPU copy built from the config (FSDP-sharded modules cannot be deep-copied); its
+        # random init must not consume the training RNG, or a resumed run would diverge
+        cfg = self.cfg
+        with torch.random.fork_rng(devices=[]):
+            model = type(self.raw_model)(copy.deepcopy(self.raw_model.config))
+            if cfg.use_llm_lora:
+                apply_lora(model.language_model, LLM_TARGETS, cfg.use_llm_lora, dropout=cfg.lora_dropout)
+            if cfg.use_backbone_lora:
+                apply_lora(model.vision_model, VIT_TARGETS, cfg.use_backbone_lora, dropout=cfg.lora_dropout)
         model.load_state_dict(state)
         model.language_model.tie_weights()
         adapter = None
