@@ -11,7 +11,8 @@ default ``max_new_tokens``, 64 for MMIU):
   each prompt prefilled alone into its row of a shared cache, batched decode), the next batch loaded
   and tiled in a worker thread;
 - ``batched_sync``: the same without the worker thread (preparation on the critical path);
-- ``padded`` (CPU only): the same batches through one left-padded prefill (the GPU path);
+- ``padded`` (CPU) / ``rows`` (GPU): the same batches with the other prefill (left-padded, the
+  GPU default / row by row into a shared cache, the CPU default);
 - ``hf_loop``: transformers' ``InternVLForConditionalGeneration`` one sample at a time.
 
 It checks that the answers agree (greedy), prints samples/s (median of repeats) and the ratios, and
@@ -138,8 +139,10 @@ def main() -> int:
             torch.cuda.synchronize()
 
     runs = [("loop", loop), ("batched", batched), ("batched_sync", variant(prefetch=False))]
-    if args.device == "cpu":
-        runs.append(("padded", variant(rowwise_prefill_on_cpu=False)))
+    if args.device == "cpu":  # the other prefill for comparison
+        runs.append(("padded", variant(prefill="padded")))
+    else:
+        runs.append(("rows", variant(prefill="rows")))
     if not args.no_hf:  # lmms-eval's internvl_hf style: transformers' model, batch size 1
         model, tok = load_checkpoint(ckpt)
         hf = HFAdapter(str(save_checkpoint(model, tok, tmp / "hf", layout="hf")), device=args.device)
@@ -170,6 +173,7 @@ def main() -> int:
         "batched": f"interleaf batched (bs={args.batch_size})",
         "batched_sync": f"interleaf batched, no prefetch thread (bs={args.batch_size})",
         "padded": f"left-padded prefill batch (bs={args.batch_size})",
+        "rows": f"row-by-row prefill, batched decode (bs={args.batch_size})",
         "hf_loop": "one-sample loop, transformers InternVL (lmms-eval hf)",
     }
     for k in times:

@@ -111,7 +111,9 @@ class InterleafAdapter(Adapter):
         self.fingerprint = "interleaf:" + directory_fingerprint(path)
         self.device, self.dtype = device, dtype
         self._chat_model = chat_model  # loaded on first use: a fully cached rerun never loads weights
-        self.rowwise_prefill_on_cpu = True  # False: one left-padded prefill per batch on CPU too
+        # ChatModel.generate_batch's prefill: auto (rows on CPU, else padded) | rows | padded
+        self.prefill = "auto"
+        self.rowwise_prefill_on_cpu = True  # False: "padded" whatever ``prefill`` says
         self.prefetch = True  # prepare the next batch in a worker thread
         self.notes = []
 
@@ -146,7 +148,7 @@ class InterleafAdapter(Adapter):
         its row of a shared cache and the decode batched; else one left-padded prefill)."""
         gen = self._gen_kwargs(reqs[0])
         gen.pop("max_num")
-        prefill = "auto" if self.rowwise_prefill_on_cpu else "padded"
+        prefill = self.prefill if self.rowwise_prefill_on_cpu else "padded"
         return self.chat_model.generate_batch(prepared, prefill=prefill, **gen)
 
     def generate(
