@@ -259,6 +259,9 @@ class Generator:
         cuda_graphs: capture the decode step in a CUDA graph (default: when the model is on CUDA).
         static_cache: keep one reusable full-length cache per (batch, length bucket) and attend over the
             whole buffer with a mask, so every decode step has the same shapes (default: with graphs).
+
+    ``batch_vision`` (attribute): :meth:`generate_rows` runs the vision encoder once over the whole
+    batch's tiles (default off the CPU) instead of row by row.
     """
 
     def __init__(
