@@ -26,7 +26,7 @@ from typing import Any
 DIGIT_Q = "What digit is this?"
 SHAPE_Q = "What shape is this?"
 COLOUR_Q = "What colour is the shape?"
-LARGER_Q = "Which image shows the larger digit?"
+LARGER_Q = "Which image shows the larger digit? Answer Image-1 or Image-2."
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (235, 200, 20)}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -36,7 +36,7 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
 class DemoSettings:
     out: Path
     image_size: int = 224
-    steps: int = 1500
+    steps: int = 1000
     seed: int = 0
     n_pairs: int = 800
     n_shapes: int = 600
@@ -126,15 +126,13 @@ def build_dataset(s: DemoSettings, log=print) -> dict[str, Any]:
                 if digits.target[a] != digits.target[b]:
                     break
             answer = "Image-1" if digits.target[a] > digits.target[b] else "Image-2"
-            # the reply reads both digits first, then compares (a short chain of thought)
-            reply = f"{digits.target[a]} and {digits.target[b]}, so {answer}"
             out.append(
                 {
                     "id": f"{split}-pair-{k}",
                     "image": [save_digit(a), save_digit(b)],
                     "conversations": [
                         {"from": "human", "value": f"Image-1: <image>\nImage-2: <image>\n{LARGER_Q}"},
-                        {"from": "gpt", "value": reply},
+                        {"from": "gpt", "value": answer},
                     ],
                     "task": "larger",
                     "answer": answer,
@@ -415,7 +413,7 @@ def _pick_threads() -> int:
 
 def run_demo(
     out: str = "runs/demo",
-    steps: int = 1500,
+    steps: int = 1000,
     image_size: int = 224,
     seed: int = 0,
     log=print,
