@@ -27,6 +27,7 @@ random-weight preset made offline (it never emits the stop token, so every answe
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import sys
@@ -86,6 +87,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--quick", action="store_true", help="fewer questions and repeats")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers per-sample loop row")
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args()
     if args.quick:
         args.per_task, args.repeats = 2, 2
@@ -194,6 +196,10 @@ def main() -> int:
     for stage in prof["loop"]:
         print(f"{stage:36s}" + "".join(f"{prof[k].get(stage, 0.0):14.1f}" for k in prof))
     ok = all(answers[k] == answers["loop"] for k in answers)
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"args": vars(args), "samples_per_s": rate, "stage_ms_per_sample": prof}, indent=2)
+        )
     return 0 if ok else 1
 
 

@@ -11,13 +11,14 @@ mkdir -p "$OUT"
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/machine.txt"
-BENCHES="${BENCHES:-generation mono_ttft train}"
+BENCHES="${BENCHES:-generation mono_ttft train eval}"
 run() {  # run NAME SECONDS ARGS...
   local name=$1 limit=$2; shift 2
   case " $BENCHES " in *" $name "*) ;; *) return 0 ;; esac
   echo "=== $name"
   timeout "$limit" "$PY" "$@" --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log" | tail -n 40
 }
-run generation "${GEN_LIMIT:-240}" benchmarks/bench_generation.py --device cuda --quick --presets tiny,internvl2-1b
+run generation "${GEN_LIMIT:-240}" benchmarks/bench_generation.py --device cuda ${GEN_ARGS:---quick --presets tiny,internvl2-1b}
 run mono_ttft "${MONO_LIMIT:-150}" benchmarks/bench_mono_ttft.py --device cuda --quick
 run train "${TRAIN_LIMIT:-150}" benchmarks/bench_train.py --device cuda --quick
+run eval "${EVAL_LIMIT:-150}" benchmarks/bench_eval.py --device cuda --quick
