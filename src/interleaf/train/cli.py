@@ -11,7 +11,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train a tiny InternVL from random weights on offline images, then quiz it (CPU, minutes)",
     )
     demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    demo.add_argument("--steps", type=int, default=1000, help="training steps (default: 1000)")
+    demo.add_argument("--steps", type=int, default=2000, help="training steps (default: 2000)")
     demo.add_argument(
         "--image-size", type=int, default=224, help="tile size in px (default 224; 448 = full size)"
     )

@@ -36,7 +36,7 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
 class DemoSettings:
     out: Path
     image_size: int = 224
-    steps: int = 1000
+    steps: int = 2000
     seed: int = 0
     n_pairs: int = 800
     n_shapes: int = 600
@@ -413,7 +413,7 @@ def _pick_threads() -> int:
 
 def run_demo(
     out: str = "runs/demo",
-    steps: int = 1000,
+    steps: int = 2000,
     image_size: int = 224,
     seed: int = 0,
     log=print,
