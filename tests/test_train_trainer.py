@@ -305,3 +305,17 @@ def test_random_init_from_a_preset(meta, tmp_path):
         tmp_path / "checkpoint-1" / "config.json"
     ).exists()
     assert result["steps"] == 1
+
+
+def test_unmerged_lora_saves_base_plus_adapter(tiny_dir, meta, tmp_path):
+    from safetensors.torch import load_file
+
+    from interleaf.model.checkpoint import load_checkpoint
+
+    train(_cfg(tiny_dir, meta, tmp_path, use_llm_lora=2, merge_lora_on_save=False, max_steps=1), log=None)
+    adapter = load_file(tmp_path / "checkpoint-1" / "adapter.safetensors")
+    assert adapter and all("lora_" in k for k in adapter)
+    base, _ = load_checkpoint(tmp_path / "checkpoint-1")  # the base weights, a plain checkpoint
+    orig, _ = load_checkpoint(tiny_dir)
+    for (n, p), (_, q) in zip(base.language_model.named_parameters(), orig.language_model.named_parameters()):
+        assert torch.equal(p, q), n

@@ -49,15 +49,6 @@ class DemoSettings:
 # images
 
 
-def digit_image(pixels, size: int):
-    """An 8x8 digit (values 0..16) as a dark-on-white RGB image of ``size`` px (nearest upscale)."""
-    import numpy as np
-    from PIL import Image
-
-    arr = (255 - np.asarray(pixels, dtype=np.float32).reshape(8, 8) * (255 / 16)).clip(0, 255).astype("uint8")
-    return Image.fromarray(arr, "L").resize((size, size), Image.Resampling.NEAREST).convert("RGB")
-
-
 def shape_image(shape: str, colour: str, rng: random.Random, size: int):
     """A filled shape of a colour at a random place and scale on a light background."""
     from PIL import Image, ImageDraw
@@ -84,6 +75,8 @@ def shape_image(shape: str, colour: str, rng: random.Random, size: int):
 def build_dataset(s: DemoSettings, log=print) -> dict[str, Any]:
     """Write train/test JSONL + images; returns paths and the test records."""
     from sklearn.datasets import load_digits
+
+    from interleaf.eval.mini import digit_image  # 8x8 digit -> dark-on-white RGB, nearest upscale
 
     rng = random.Random(s.seed)
     data_dir = s.out / "data"

@@ -76,14 +76,15 @@ def apply_lora(
     return wrapped
 
 
-def merge_lora(module: nn.Module) -> int:
-    """Fold every LoRA update into its base weight and unwrap; returns how many were merged."""
+def merge_lora(module: nn.Module, merge: bool = True) -> int:
+    """Fold every LoRA update into its base weight (``merge=False``: drop it) and put the plain
+    ``nn.Linear`` back; returns how many were unwrapped."""
     n = 0
     for name, child in list(module.named_modules()):
         if isinstance(child, LoRALinear):
             parent_name, _, attr = name.rpartition(".")
             parent = module.get_submodule(parent_name) if parent_name else module
-            setattr(parent, attr, child.merged())
+            setattr(parent, attr, child.merged() if merge else child.base)
             n += 1
     return n
 

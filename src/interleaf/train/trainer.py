@@ -425,7 +425,7 @@ class Trainer:
                 merge_lora(model)
             else:
                 adapter = {k: v for k, v in state.items() if "lora_" in k}
-                _unwrap_lora(model)
+                merge_lora(model, merge=False)
         save_checkpoint(model, self.tokenizer, str(out_dir), layout=self.cfg.save_layout)
         if adapter is not None:
             from safetensors.torch import save_file
@@ -641,16 +641,6 @@ class Trainer:
 
             if dist.is_initialized():
                 dist.destroy_process_group()
-
-
-def _unwrap_lora(model: nn.Module) -> None:
-    from interleaf.train.lora import LoRALinear
-
-    for name, child in list(model.named_modules()):
-        if isinstance(child, LoRALinear):
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, attr, child.base)
 
 
 class _Concat:
