@@ -145,3 +145,16 @@ def test_stage_presets_select_the_right_parameters(setup):
             assert attention and not other_llm, stage
         else:  # S2: everything
             assert all(p.requires_grad for p in model.parameters())
+
+
+def test_evip_stages_are_known_to_a_fresh_trainer_config():
+    import subprocess
+    import sys
+
+    code = (
+        "from interleaf.train.config import build_config; "
+        "c = build_config({'stage': 'evip-s1.2', 'model_preset': 'tiny', 'meta_path': 'm.json'}); "
+        "print(c.freeze_llm, c.trainable_patterns)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("True") and "feed_forward_ve" in out

@@ -186,6 +186,8 @@ def build_config(values: dict[str, Any], source: str = "config") -> TrainConfig:
     stage = checked.get("stage")
     merged: dict[str, Any] = {}
     if stage is not None:
+        import interleaf.train.evip  # noqa: F401  (registers Mono-InternVL's EViP stages)
+
         if stage not in STAGE_PRESETS:
             raise ConfigError(
                 f"config key 'stage': unknown stage {stage!r} (choose from {sorted(STAGE_PRESETS)})"
