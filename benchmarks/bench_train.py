@@ -94,7 +94,7 @@ def run_interleaf(
         raise SystemExit(f"not enough samples for {steps + warmup} packed steps")
     times, tokens = [], []
     for k in range(steps + warmup):
-        batch = collate([rows[k]], tok.pad_token_id or 0)
+        batch = collate([rows[k]], tok.pad_token_id or 0, block_mask=False)  # varlen attention
         batch = {key: (v.to(device) if torch.is_tensor(v) else v) for key, v in batch.items()}
         if device == "cuda":
             torch.cuda.synchronize()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from interleaf.train.data import IGNORE_INDEX, Sample
-from interleaf.train.packing import Batcher, SampleStream, block_causal_mask, collate, segment_attention
+from interleaf.train.packing import Batcher, SampleStream, block_causal_mask, collate
 from interleaf.train.trainer import TrainStep
 
 torch.set_num_threads(1)
@@ -75,15 +75,50 @@ def test_packed_logits_equal_separate(tiny, samples):
             alone = model(input_ids=s.input_ids[None], pixel_values=s.pixel_values).logits[0]
             torch.testing.assert_close(out[start : start + s.num_tokens], alone, atol=1e-5, rtol=1e-5)
             start += s.num_tokens
-        # the per-sample ("varlen") attention path computes the same as the block-diagonal mask
-        with segment_attention(packed["attention_mask"], packed["segments"]):
-            varlen = model(
-                input_ids=packed["input_ids"],
-                pixel_values=packed["pixel_values"],
-                attention_mask=packed["attention_mask"],
-                position_ids=packed["position_ids"],
-            ).logits[0]
+        # variable-length attention (cu_seqlens, no mask built) computes the same as the block mask
+        lean = collate([samples], pad_id=0, block_mask=False)
+        assert lean["attention_mask"] is None
+        assert lean["max_seqlen"] == max(s.num_tokens for s in samples)
+        varlen = model(
+            input_ids=lean["input_ids"],
+            pixel_values=lean["pixel_values"],
+            position_ids=lean["position_ids"],
+            cu_seqlens=lean["cu_seqlens"],
+        ).logits[0]
         torch.testing.assert_close(varlen, out, atol=1e-5, rtol=1e-5)
+        # position ids default to restarting at every segment
+        default_pos = model(
+            input_ids=lean["input_ids"], pixel_values=lean["pixel_values"], cu_seqlens=lean["cu_seqlens"]
+        ).logits[0]
+        torch.testing.assert_close(default_pos, varlen, atol=0, rtol=0)
+
+
+def test_varlen_two_padded_rows_equal_mask(tiny, samples):
+    """Two packed rows of different lengths (padding as its own segment): cu_seqlens == block mask."""
+    model, _ = tiny
+    rows = [[samples[0], samples[1]], [samples[2]]]
+    masked = collate(rows, pad_id=0)
+    lean = collate(rows, pad_id=0, block_mask=False)
+    with torch.no_grad():
+        a = model(
+            input_ids=masked["input_ids"],
+            pixel_values=masked["pixel_values"],
+            attention_mask=masked["attention_mask"],
+            position_ids=masked["position_ids"],
+        ).logits
+        b = model(
+            input_ids=lean["input_ids"],
+            pixel_values=lean["pixel_values"],
+            position_ids=lean["position_ids"],
+            cu_seqlens=lean["cu_seqlens"],
+            max_seqlen=lean["max_seqlen"],
+        ).logits
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    step = TrainStep(model)
+    with torch.no_grad():
+        la, wa = step(masked)
+        lb, wb = step(lean)
+    assert float(lb / wb) == pytest.approx(float(la / wa), rel=1e-6)
 
 
 @pytest.mark.parametrize("reduction", ["token", "sample", "square"])

@@ -105,9 +105,13 @@ class InternVLChatModel(nn.Module):
         image_embeds: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         output_hidden_states: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> ModelOutput:
         """See :meth:`interleaf.model.llm.DecoderLM.forward`; ``pixel_values`` [N_tiles, 3, H, W]
-        (or precomputed ``image_embeds`` [N_tiles, T, H]) fill the ``<IMG_CONTEXT>`` positions."""
+        (or precomputed ``image_embeds`` [N_tiles, T, H]) fill the ``<IMG_CONTEXT>`` positions.
+        ``cu_seqlens`` (int32 [n_segments + 1] over the flattened [B * S] tokens): packed samples,
+        variable-length attention (each sample attends causally to itself only)."""
         if inputs_embeds is None:
             if input_ids is None:
                 raise InputError("forward: pass input_ids or inputs_embeds")
@@ -123,6 +127,8 @@ class InternVLChatModel(nn.Module):
             visual_mask=visual_mask,
             logits_to_keep=logits_to_keep,
             output_hidden_states=output_hidden_states,
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
         )
 
     def make_cache(

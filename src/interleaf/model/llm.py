@@ -131,6 +131,132 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+# ----------------------------------------------------------------------------- variable-length attention
+# Packed rows hold several samples; ``cu_seqlens`` (int32 [n_segments + 1]) are the segment offsets into
+# the flattened [B * S] tokens (segments never cross rows). Each segment attends causally to itself only.
+
+_VARLEN_KERNEL: list = []  # [callable or None], resolved on first use
+_VARLEN_WARNED = False
+
+
+def _resolve_varlen_kernel():
+    """A ``kernel(q [T, h, d], k [T, h_kv, d], v, cu_seqlens, max_seqlen) -> [T, h, d]`` (causal per
+    segment) built on ``torch.nn.attention.varlen.varlen_attn``, or None when this torch lacks it.
+    Causal is ``window_size=(-1, 0)`` in newer torch and ``is_causal=True`` in older; GQA uses
+    ``enable_gqa`` when the kernel has it, else k/v heads are repeated."""
+    try:
+        import inspect
+
+        from torch.nn.attention.varlen import varlen_attn
+
+        params = inspect.signature(varlen_attn).parameters
+    except Exception:  # noqa: BLE001 - any import/introspection problem means: no kernel
+        return None
+    if "window_size" in params:
+        causal = {"window_size": (-1, 0)}
+    elif "is_causal" in params:
+        causal = {"is_causal": True}
+    else:
+        return None
+    native_gqa = "enable_gqa" in params
+
+    def kernel(q, k, v, cu_seqlens, max_seqlen):
+        extra = dict(causal)
+        if k.shape[1] != q.shape[1]:
+            if native_gqa:
+                extra["enable_gqa"] = True
+            else:
+                g = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **extra)
+
+    return kernel
+
+
+def varlen_kernel():
+    """The fused varlen kernel (see :func:`_resolve_varlen_kernel`), resolved once; None if absent."""
+    if not _VARLEN_KERNEL:
+        _VARLEN_KERNEL.append(_resolve_varlen_kernel())
+    return _VARLEN_KERNEL[0]
+
+
+def to_varlen(x: torch.Tensor) -> torch.Tensor:
+    """[B, h, S, d] -> [B * S, h, d] (token-major, the layout of varlen kernels)."""
+    b, h, s, d = x.shape
+    return x.transpose(1, 2).reshape(b * s, h, d)
+
+
+def from_varlen(x: torch.Tensor, b: int, s: int) -> torch.Tensor:
+    """[B * S, h, d] -> [B, S, h, d]."""
+    return x.view(b, s, x.shape[1], x.shape[2])
+
+
+def segment_loop_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor
+) -> torch.Tensor:
+    """Per-segment causal SDPA (plain PyTorch, any device): q [B, h, S, d], k/v [B, h_kv, S, d] ->
+    [B, S, h, d]. Costs the samples' own lengths, not the whole (mostly masked) S x S square."""
+    b, _, s, _ = q.shape
+    bounds = cu_seqlens.tolist()
+    gqa = k.shape[1] != q.shape[1]
+    rows: list[list[torch.Tensor]] = [[] for _ in range(b)]
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end <= start:
+            continue
+        r, st = divmod(start, s)
+        n = end - start
+        rows[r].append(
+            F.scaled_dot_product_attention(
+                q[r : r + 1, :, st : st + n],
+                k[r : r + 1, :, st : st + n],
+                v[r : r + 1, :, st : st + n],
+                is_causal=True,
+                enable_gqa=gqa,
+            )  # fmt: skip
+        )
+    return torch.cat([torch.cat(parts, dim=2) for parts in rows], dim=0).transpose(1, 2)
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int | None = None,
+    kernel=None,
+) -> torch.Tensor:
+    """Causal attention inside each segment: q [B, h, S, d], k/v [B, h_kv, S, d] -> [B, S, h, d].
+
+    One fused call over all segments when a varlen kernel applies (``kernel``, or on CUDA in fp16/bf16
+    the torch one), else :func:`segment_loop_attention` (the CPU path; exactly the per-sample maths).
+    """
+    global _VARLEN_WARNED
+    b, _, s, _ = q.shape
+    if kernel is None and q.is_cuda and not _VARLEN_WARNED:
+        kernel = varlen_kernel()
+        if torch.is_autocast_enabled(q.device.type):  # rope may have upcast q/k; SDPA would downcast
+            dt = torch.get_autocast_dtype(q.device.type)
+            q, k, v = q.to(dt), k.to(dt), v.to(dt)
+        if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype):
+            kernel = None
+    if kernel is not None:
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        try:
+            out = kernel(
+                to_varlen(q), to_varlen(k), to_varlen(v), cu_seqlens.to(q.device, torch.int32), max_seqlen
+            )
+            return from_varlen(out, b, s)
+        except Exception as err:  # noqa: BLE001 - an unsupported shape/dtype/build: use the loop from now on
+            if not q.is_cuda:
+                raise
+            import warnings
+
+            _VARLEN_WARNED = True
+            warnings.warn(f"varlen attention kernel failed ({err}); using per-segment SDPA", stacklevel=2)
+    return segment_loop_attention(q, k, v, cu_seqlens)
+
+
 # ----------------------------------------------------------------------------- layers
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE; writes to / reads from a static :class:`KVCache`."""
@@ -156,13 +282,20 @@ class Attention(nn.Module):
         kv_cache: KVCache | None,
         cache_position: torch.Tensor | None,
         kv_len: int | None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> torch.Tensor:
-        """x [B, S, H] -> [B, S, H]. ``attn_mask`` bool [B, 1, S, S_kv] (True = attend) or None."""
+        """x [B, S, H] -> [B, S, H]. ``attn_mask`` bool [B, 1, S, S_kv] (True = attend) or None;
+        ``cu_seqlens`` (int32 [n_segments + 1] over the flattened [B * S] tokens): packed samples, each
+        attending causally to itself only (``attn_mask``/``is_causal`` are then ignored)."""
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cu_seqlens is not None:
+            out = varlen_attention(q, k, v, cu_seqlens, max_seqlen)  # [B, S, h, d]
+            return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v, cache_position, kv_len)
         if s == 1 and self.num_kv_heads != self.num_heads and not is_causal:
@@ -217,10 +350,13 @@ class DecoderLayer(nn.Module):
         cache_position: torch.Tensor | None,
         kv_len: int | None,
         visual_mask: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> torch.Tensor:
         x = x + self.self_attn(
-            self.input_layernorm(x), cos, sin, attn_mask, is_causal, kv_cache, cache_position, kv_len
-        )
+            self.input_layernorm(x), cos, sin, attn_mask, is_causal, kv_cache, cache_position, kv_len,
+            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+        )  # fmt: skip
         return x + self.feed_forward(self.post_attention_layernorm(x), visual_mask)
 
 
@@ -273,8 +409,15 @@ class DecoderLM(nn.Module):
         visual_mask: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         output_hidden_states: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> ModelOutput:
         """ids [B, S] or embeds [B, S, H] -> logits [B, S or logits_to_keep, V].
+
+        ``cu_seqlens`` int32 [n_segments + 1]: packed rows (variable-length attention). Offsets of the
+        samples (and padding runs) in the flattened [B * S] tokens, segments never crossing a row; each
+        attends causally to itself only, ``attention_mask`` is ignored, ``position_ids`` default to
+        restarting at every segment, ``max_seqlen`` (longest segment) is computed when None. No cache.
 
         ``attention_mask``: 2-D [B, L] 1/0 padding mask over the key slots (L >= the keys attended;
         shorter masks are padded with ones), or 4-D bool [B, 1, S, S_kv] (True = attend) used as is.
@@ -286,6 +429,9 @@ class DecoderLM(nn.Module):
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, s, _ = x.shape
         device = x.device
+        if cu_seqlens is not None:
+            return self._forward_varlen(x, cu_seqlens, max_seqlen, position_ids, visual_mask,
+                                        logits_to_keep, output_hidden_states)  # fmt: skip
 
         # --- which key slots exist, and where the new tokens go
         if kv_cache is None:
@@ -343,14 +489,60 @@ class DecoderLM(nn.Module):
                     own = slots[None, :] == cache_position[:, None]
                     attn_mask = (causal & pad_mask[:, None, None, :]) | own
 
+        return self._run_layers(
+            x, position_ids, attn_mask, is_causal, kv_cache, cache_position, kv_len, visual_mask,
+            logits_to_keep, output_hidden_states,
+        )  # fmt: skip
+
+    def _forward_varlen(
+        self,
+        x: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int | None,
+        position_ids: torch.Tensor | None,
+        visual_mask: torch.Tensor | None,
+        logits_to_keep: int,
+        output_hidden_states: bool,
+    ) -> ModelOutput:
+        b, s, _ = x.shape
+        cu = cu_seqlens.to(x.device, torch.int32)
+        if position_ids is None:  # restart at every segment
+            lens = (cu[1:] - cu[:-1]).long()
+            starts = torch.repeat_interleave(cu[:-1].long(), lens, output_size=b * s)
+            position_ids = (torch.arange(b * s, device=x.device) - starts).view(b, s)
+        if max_seqlen is None:
+            max_seqlen = int((cu[1:] - cu[:-1]).max())  # one host sync per forward, not per layer
+        return self._run_layers(
+            x, position_ids, None, False, None, None, s, visual_mask, logits_to_keep, output_hidden_states,
+            cu_seqlens=cu, max_seqlen=max_seqlen,
+        )  # fmt: skip
+
+    def _run_layers(
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        is_causal: bool,
+        kv_cache: KVCache | None,
+        cache_position: torch.Tensor | None,
+        kv_len: int | None,
+        visual_mask: torch.Tensor | None,
+        logits_to_keep: int,
+        output_hidden_states: bool,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> ModelOutput:
         cos, sin = self.model.rotary_emb(position_ids)
         cos, sin = cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None]  # [B, 1, S, d]
+        varlen = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}
 
         hidden = [] if output_hidden_states else None
         for layer in self.model.layers:
             if hidden is not None:
                 hidden.append(x)
-            x = layer(x, cos, sin, attn_mask, is_causal, kv_cache, cache_position, kv_len, visual_mask)
+            x = layer(
+                x, cos, sin, attn_mask, is_causal, kv_cache, cache_position, kv_len, visual_mask, **varlen
+            )
         x = self.model.norm(x)
         if hidden is not None:
             hidden.append(x)

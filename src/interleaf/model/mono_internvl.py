@@ -40,7 +40,7 @@ from interleaf.model.cache import KVCache
 from interleaf.model.config import InternVLConfig, LLMConfig, VisionConfig
 from interleaf.model.intern_vit import VisionEmbeddings
 from interleaf.model.internvl import InternVLChatModel
-from interleaf.model.llm import Attention, DecoderLayer, ModelOutput, apply_rope
+from interleaf.model.llm import Attention, DecoderLayer, ModelOutput, apply_rope, varlen_attention
 
 PATCH_MODEL_TYPE = "intern_vit_patch"  # vision_config.model_type of Mono-InternVL
 VE_ARCH = "InternLM2VEForCausalLM"  # llm_config.architectures[0] of the released Mono-InternVL-2B
@@ -201,10 +201,14 @@ class MonoAttention(Attention):
         cache_position: torch.Tensor | None,
         kv_len: int | None,
         visual_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> torch.Tensor:
         route = modality_route(visual_mask) if visual_mask is not None and x.shape[1] > 1 else None
         if route is None:  # text only / decode: exactly the LLM's attention
-            return super().forward(x, cos, sin, attn_mask, is_causal, kv_cache, cache_position, kv_len)
+            return super().forward(
+                x, cos, sin, attn_mask, is_causal, kv_cache, cache_position, kv_len, cu_seqlens, max_seqlen
+            )
         b, s, _ = x.shape
         d = self.head_dim
         q = routed(x, route, self.q_proj, self.q_proj_ve, self.num_heads * d)
@@ -214,6 +218,9 @@ class MonoAttention(Attention):
         k = k.view(b, s, self.num_kv_heads, d).transpose(1, 2)
         v = v.view(b, s, self.num_kv_heads, d).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cu_seqlens is not None:  # packed samples: variable-length attention
+            out = varlen_attention(q, k, v, cu_seqlens, max_seqlen).reshape(b, s, self.num_heads * d)
+            return routed(out, route, self.o_proj, self.o_proj_ve, self.o_proj.out_features)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v, cache_position, kv_len)
         out = F.scaled_dot_product_attention(
@@ -260,14 +267,17 @@ class MonoDecoderLayer(DecoderLayer):
         cache_position: torch.Tensor | None,
         kv_len: int | None,
         visual_mask: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> torch.Tensor:
+        varlen = {"cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}
         if not isinstance(self.self_attn, MonoAttention):
             return super().forward(
-                x, cos, sin, attn_mask, is_causal, kv_cache, cache_position, kv_len, visual_mask
+                x, cos, sin, attn_mask, is_causal, kv_cache, cache_position, kv_len, visual_mask, **varlen
             )
         h = self.input_layernorm(x)
         x = x + self.self_attn(
-            h, cos, sin, attn_mask, is_causal, kv_cache, cache_position, kv_len, visual_mask
+            h, cos, sin, attn_mask, is_causal, kv_cache, cache_position, kv_len, visual_mask, **varlen
         )
         return x + self.feed_forward(self.post_attention_layernorm(x), visual_mask)
 
@@ -300,6 +310,8 @@ class MonoInternVLChatModel(InternVLChatModel):
         image_embeds: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         output_hidden_states: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> ModelOutput:
         """As :meth:`InternVLChatModel.forward`. ``visual_mask`` may also be given as upstream's float
         [B, S, 1] mask; it is derived from ``input_ids`` when None."""
@@ -320,6 +332,8 @@ class MonoInternVLChatModel(InternVLChatModel):
             image_embeds=image_embeds,
             logits_to_keep=logits_to_keep,
             output_hidden_states=output_hidden_states,
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
         )
 
     @torch.no_grad()

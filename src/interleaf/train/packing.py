@@ -19,8 +19,6 @@ the loss is ``sum(w * CE) / sum(w)``.
 from __future__ import annotations
 
 import math
-import threading
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -190,7 +188,11 @@ def loss_weights(n_supervised: int, reduction: str) -> float:
 
 
 def collate(
-    rows: list[list[Sample]], pad_id: int = 0, loss_reduction: str = "token", mask_2d_if_unpacked: bool = True
+    rows: list[list[Sample]],
+    pad_id: int = 0,
+    loss_reduction: str = "token",
+    mask_2d_if_unpacked: bool = True,
+    block_mask: bool = True,
 ) -> dict[str, Any]:
     """Tensors for one micro-batch.
 
@@ -199,11 +201,12 @@ def collate(
         targets long [B, S] (the next token to predict at each position, -100 = no loss; already shifted,
             so a sample never predicts the first token of the next one);
         loss_weight float [B, S]; attention_mask: bool [B, 1, S, S] (packed) or long [B, S] (padding
-            mask, when every row holds one sample and ``mask_2d_if_unpacked``);
+            mask, when every row holds one sample and ``mask_2d_if_unpacked``); None instead of the
+            [B, 1, S, S] mask when ``block_mask`` is False (the model then attends by ``cu_seqlens``);
         pixel_values float [N_tiles, 3, H, W] or None (all tiles of all rows, row-major);
         segments: per row, the (start, length) of each sample and of the trailing padding;
         cu_seqlens int32 [n_segments + 1] over the flattened batch, padding runs as their own segments
-            (for variable-length kernels);
+            (for variable-length attention: the model's ``cu_seqlens``), max_seqlen (longest segment);
         num_samples, num_tokens (non-pad) and num_supervised.
     """
     B = len(rows)
@@ -236,7 +239,7 @@ def collate(
             cu.append(cu[-1] + S - start)
     packed = any(len(row) > 1 for row in rows)
     if packed or not mask_2d_if_unpacked:
-        attention_mask = block_causal_mask(lengths, S)
+        attention_mask = block_causal_mask(lengths, S) if block_mask else None
     else:
         attention_mask = torch.zeros((B, S), dtype=torch.long)
         for b, lens in enumerate(lengths):
@@ -257,6 +260,7 @@ def collate(
         "attention_mask": attention_mask,
         "pixel_values": torch.cat(pixel_values, dim=0) if pixel_values else None,
         "cu_seqlens": torch.tensor(cu, dtype=torch.int32),
+        "max_seqlen": max(b - a for a, b in zip(cu[:-1], cu[1:])),
         "num_samples": sum(len(r) for r in rows),
         "num_tokens": sum(sum(lens) for lens in lengths),
         "num_supervised": n_sup,
@@ -272,64 +276,3 @@ def weighted_loss(
     )
     w = weight.flatten().to(ce.dtype)
     return (ce * w).sum(), w.sum()
-
-
-# ---------------------------------------------------------------------------------------------------
-# variable-length attention for packed rows
-
-_ACTIVE = threading.local()
-_ORIGINAL_SDPA = torch.nn.functional.scaled_dot_product_attention
-
-
-def _segment_sdpa(
-    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
-):
-    """SDPA that, for the packed mask registered by :func:`segment_attention`, attends causally inside
-    each sample instead of over the whole (mostly masked) square: the same result as the block-diagonal
-    mask, at the cost of the samples' own lengths (the "varlen" computation, in plain PyTorch)."""
-    plan = getattr(_ACTIVE, "plan", None)
-    if plan is None or attn_mask is not plan[0] or query.shape[-2] != key.shape[-2]:
-        return _ORIGINAL_SDPA(
-            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-            enable_gqa=enable_gqa,
-        )  # fmt: skip
-    rows = []
-    for b, segs in enumerate(plan[1]):
-        parts = [
-            _ORIGINAL_SDPA(
-                query[b : b + 1, :, st : st + n],
-                key[b : b + 1, :, st : st + n],
-                value[b : b + 1, :, st : st + n],
-                dropout_p=dropout_p,
-                is_causal=True,
-                scale=scale,
-                enable_gqa=enable_gqa,
-            )  # fmt: skip
-            for st, n in segs
-            if n > 0
-        ]
-        rows.append(torch.cat(parts, dim=2))
-    return torch.cat(rows, dim=0)
-
-
-@contextmanager
-def segment_attention(mask: torch.Tensor | None, segments: list[list[tuple[int, int]]] | None = None):
-    """While active, attention calls given exactly ``mask`` (the packed block-causal mask from
-    :func:`collate`) run per sample; any other attention call is untouched. ``mask`` None: no-op."""
-    if mask is None:
-        yield
-        return
-    previous = getattr(_ACTIVE, "plan", None)
-    _ACTIVE.plan = (mask, segments)
-    torch.nn.functional.scaled_dot_product_attention = _segment_sdpa
-    try:
-        yield
-    finally:
-        _ACTIVE.plan = previous
-        if previous is None:
-            torch.nn.functional.scaled_dot_product_attention = _ORIGINAL_SDPA
-
-
-def active_plan() -> tuple | None:
-    """The (mask, segments) in force, so that activation recomputation can run under the same plan."""
-    return getattr(_ACTIVE, "plan", None)

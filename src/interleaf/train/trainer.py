@@ -37,7 +37,7 @@ from interleaf.errors import CheckpointError, ConfigError
 from interleaf.train.config import TrainConfig
 from interleaf.train.data import IGNORE_INDEX, ConversationDataset, CorpusDataset, DataArgs, SkipLog
 from interleaf.train.lora import LLM_TARGETS, VIT_TARGETS, apply_lora, has_lora, merge_lora
-from interleaf.train.packing import Batcher, SampleStream, active_plan, collate, segment_attention
+from interleaf.train.packing import Batcher, SampleStream, collate
 
 PARTS = (("vision", "vision_model."), ("mlp", "mlp1."), ("llm", "language_model."))
 
@@ -135,13 +135,8 @@ def enable_grad_checkpointing(model: nn.Module) -> None:
         def forward(*args, _inner=inner, **kwargs):
             if not torch.is_grad_enabled():
                 return _inner(*args, **kwargs)
-            plan = active_plan()  # the backward recomputation must attend exactly as the forward did
-
-            def run(*a, **k):
-                with segment_attention(*(plan or (None, None))):
-                    return _inner(*a, **k)
-
-            return checkpoint(run, *args, use_reentrant=False, **kwargs)
+            # every input (cu_seqlens included) is an argument, so the recomputation attends as before
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
 
         layer.forward = forward
         layer._interleaf_ckpt = True
@@ -170,13 +165,16 @@ class TrainStep(nn.Module):
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.model
         mask = batch["attention_mask"]
-        varlen = segment_attention(mask, batch["segments"]) if mask.dim() == 4 else nullcontext()
-        with _hidden_instead_of_logits(model) as head, varlen:
+        # packed rows (block mask, or none built): variable-length attention over the samples
+        varlen = mask is None or mask.dim() == 4
+        with _hidden_instead_of_logits(model) as head:
             out = model(
                 input_ids=batch["input_ids"],
                 pixel_values=batch["pixel_values"],
-                attention_mask=batch["attention_mask"],
+                attention_mask=None if varlen else mask,
                 position_ids=batch["position_ids"],
+                cu_seqlens=batch["cu_seqlens"] if varlen else None,
+                max_seqlen=batch.get("max_seqlen") if varlen else None,
             )
         targets = batch["targets"]
         sel = targets != IGNORE_INDEX
@@ -538,7 +536,7 @@ class Trainer:
         total_loss = 0.0
         tokens = samples = 0
         for micro in range(cfg.grad_accum):
-            batch = collate(self.batcher.next_batch(), self.pad_id, cfg.loss_reduction)
+            batch = collate(self.batcher.next_batch(), self.pad_id, cfg.loss_reduction, block_mask=False)
             tokens += batch["num_tokens"]
             samples += batch["num_samples"]
             batch = self._to_device(batch)
