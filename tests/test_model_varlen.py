@@ -117,3 +117,24 @@ def test_installed_torch_kernel_resolves():
     params = inspect.signature(varlen.varlen_attn).parameters
     if "window_size" in params or "is_causal" in params:
         assert llm._resolve_varlen_kernel() is not None
+
+
+def test_mono_attention_experts_varlen_equals_block_mask():
+    """Mono-InternVL (routed visual attention experts) packed via cu_seqlens == the 4-D block mask."""
+    from interleaf.model.mono_checkpoint import build_mono_model, mono_preset_config
+
+    cfg = mono_preset_config("tiny-mono", vocab_size=512, visual_attention_experts=True)
+    cfg.img_context_token_id = 500
+    model = build_mono_model(cfg, seed=0, copy_experts=False).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 400, (2, 256 + 20), generator=g)
+    ids[0, 5 : 5 + 256] = 500  # row 0: one tile inside its first sample; row 1: text only
+    px = torch.randn(1, 3, 448, 448, generator=g)
+    lengths = [[200 + 70, 6], [100, 150, 26]]
+    mask = block_causal_mask(lengths, 276)
+    cu = torch.tensor([0, 270, 276, 376, 526, 552], dtype=torch.int32)
+    pos = torch.cat([torch.arange(n) for lens in lengths for n in lens]).view(2, 276)
+    with torch.no_grad():
+        a = model(input_ids=ids, pixel_values=px, attention_mask=mask, position_ids=pos).logits
+        b = model(input_ids=ids, pixel_values=px, cu_seqlens=cu).logits
+    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)

@@ -136,7 +136,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # the flattened [B * S] tokens (segments never cross rows). Each segment attends causally to itself only.
 
 _VARLEN_KERNEL: list = []  # [callable or None], resolved on first use
-_VARLEN_WARNED = False
+_VARLEN_WARNED = False  # set once the fused kernel proved unusable here
+_VARLEN_REASONS: set[str] = set()
 
 
 def _resolve_varlen_kernel():
@@ -171,6 +172,18 @@ def _resolve_varlen_kernel():
         return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **extra)
 
     return kernel
+
+
+def _warn_once(reason: str, disable: bool = True) -> None:
+    """One warning per process; ``disable``: stop trying the kernel (it cannot work in this process)."""
+    global _VARLEN_WARNED
+    if disable:
+        _VARLEN_WARNED = True
+    if reason not in _VARLEN_REASONS:
+        _VARLEN_REASONS.add(reason)
+        import warnings
+
+        warnings.warn(f"{reason}: packed attention runs per segment (slower)", stacklevel=3)
 
 
 def varlen_kernel():
@@ -230,15 +243,17 @@ def varlen_attention(
     One fused call over all segments when a varlen kernel applies (``kernel``, or on CUDA in fp16/bf16
     the torch one), else :func:`segment_loop_attention` (the CPU path; exactly the per-sample maths).
     """
-    global _VARLEN_WARNED
     b, _, s, _ = q.shape
     if kernel is None and q.is_cuda and not _VARLEN_WARNED:
         kernel = varlen_kernel()
         if torch.is_autocast_enabled(q.device.type):  # rope may have upcast q/k; SDPA would downcast
             dt = torch.get_autocast_dtype(q.device.type)
             q, k, v = q.to(dt), k.to(dt), v.to(dt)
-        if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype):
+        if kernel is None:
+            _warn_once("torch has no usable torch.nn.attention.varlen.varlen_attn")
+        elif q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype):
             kernel = None
+            _warn_once(f"the varlen kernel needs fp16/bf16 (got {q.dtype}; use autocast)", disable=False)
     if kernel is not None:
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
@@ -250,10 +265,7 @@ def varlen_attention(
         except Exception as err:  # noqa: BLE001 - an unsupported shape/dtype/build: use the loop from now on
             if not q.is_cuda:
                 raise
-            import warnings
-
-            _VARLEN_WARNED = True
-            warnings.warn(f"varlen attention kernel failed ({err}); using per-segment SDPA", stacklevel=2)
+            _warn_once(f"the varlen attention kernel failed ({type(err).__name__}: {err})")
     return segment_loop_attention(q, k, v, cu_seqlens)
 
 
