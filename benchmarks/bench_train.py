@@ -207,6 +207,25 @@ def step_flops(model, rows: list[list]) -> float:
     return 3 * total
 
 
+def varlen_check() -> dict:
+    """Is the fused varlen kernel used on this GPU, and does it match the per-segment loop (bf16)?"""
+    from interleaf.model import llm
+    from interleaf.model.llm import segment_loop_attention, varlen_attention, varlen_kernel
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(2, 14, 300, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(2, 2, 300, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(2, 2, 300, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    cu = torch.tensor([0, 17, 150, 300, 301, 480, 600], dtype=torch.int32, device="cuda")
+    fused = varlen_attention(q, k, v, cu, 179)
+    diff = (fused.float() - segment_loop_attention(q, k, v, cu).float()).abs().max().item()
+    used = varlen_kernel() is not None and not llm._VARLEN_WARNED
+    print(
+        f"varlen kernel: {'fused varlen_attn' if used else 'per-segment SDPA'}; max |fused - loop| {diff:.2e}"
+    )
+    return {"varlen_kernel": used, "varlen_max_diff": diff}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -226,6 +245,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if a.device == "cuda":
+            results.update(varlen_check())
             steps = a.steps or (10 if a.quick else 30)
             model_dir = init_model("internvl2-1b", tmp / "model", dtype="bfloat16")
             meta = build_data(tmp / "data", 448)

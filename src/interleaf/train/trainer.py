@@ -3,7 +3,7 @@
     for step in range(start, max_steps):
         for micro in range(grad_accum):
             rows  = batcher.next_batch()                  # packed or single samples
-            batch = collate(rows)                          # ids, positions, block-causal mask, weights
+            batch = collate(rows)                          # ids, positions, cu_seqlens, weights
             loss  = sum(w * CE) / sum(w) / grad_accum      # token | sample | square reduction
             loss.backward()
         clip_grad_norm_; optimizer.step(); scheduler.step()
