@@ -18,15 +18,6 @@ from interleaf.generation.engine import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny models: thread start-up costs more than it saves, and CI runs two test workers on two cores
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def chat(tiny_ckpt_hf):
     return ChatModel.from_pretrained(tiny_ckpt_hf)
@@ -271,6 +262,25 @@ def test_interleaved_streams_do_not_share_a_static_cache(chat):
         got_b.append(int(tb[0]))
     assert [got_a, got_b] == expected
     assert not static._busy
+
+
+def test_streams_leave_the_callers_grad_mode_alone(chat):
+    """Interleaved streams that finish out of order, or one abandoned half-way, must not leave the
+    thread in inference mode (later training in the same process would silently get no gradients)."""
+    ids = torch.tensor([chat.prepare("a question")[1]])
+    sa, sb = chat.generator.stream(ids, max_new_tokens=6), chat.generator.stream(ids, max_new_tokens=3)
+    next(sa)
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    next(sb)
+    for _ in sa:
+        assert torch.is_grad_enabled()
+    for _ in sb:
+        pass
+    abandoned = chat.generator.stream(ids, max_new_tokens=6)
+    next(abandoned)
+    del abandoned
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    assert torch.ones(1, requires_grad=True).mul(2).requires_grad
 
 
 def test_graph_step_buffers_on_cpu(chat):

@@ -251,6 +251,26 @@ class _GraphedDecodeStep:
 # the engine
 
 
+
+def _inference_steps(steps: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """Advance ``steps`` under ``torch.inference_mode`` but hand each item over outside it.
+
+    A grad-mode context held across a ``yield`` leaks into the caller between steps, and two
+    interleaved streams would restore each other's saved mode in the wrong order (leaving grad
+    disabled for whatever runs next in the thread).
+    """
+    try:
+        while True:
+            with torch.inference_mode():
+                try:
+                    item = next(steps)
+                except StopIteration:
+                    return
+            yield item
+    finally:
+        steps.close()
+
+
 class Generator:
     """Generation on an ``InternVLChatModel`` (or any model with the same forward and ``make_cache``).
 
@@ -343,8 +363,7 @@ class Generator:
         Finished rows yield ``pad_token_id``; the iteration ends when every row has stopped.
         """
         config = _merge(config, kwargs)
-        with torch.inference_mode():
-            yield from self._run(input_ids, attention_mask, pixel_values, config, _timing)
+        return _inference_steps(self._run(input_ids, attention_mask, pixel_values, config, _timing))
 
     # -------------------------------------------------------------- the loop
     def _run(self, input_ids, attention_mask, pixel_values, cfg: GenerationConfig, record):
