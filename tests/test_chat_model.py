@@ -13,14 +13,6 @@ from interleaf.cli import main
 from interleaf.errors import InputError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def chat(tiny_ckpt):
     return interleaf.load(tiny_ckpt)

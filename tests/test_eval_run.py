@@ -15,16 +15,6 @@ from interleaf.eval.mini import make_mini_mmiu, make_mini_mmniah
 DATA = Path(__file__).parent / "data" / "eval"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two xdist workers on two cores: one torch thread each avoids OpenMP oversubscription."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory) -> dict[str, Path]:

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import json
 
-import torch
-
 from interleaf.train.demo import run_demo
-
-torch.set_num_threads(1)
 
 
 def test_demo_end_to_end_small(tmp_path):

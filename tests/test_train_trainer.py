@@ -14,8 +14,6 @@ from interleaf.train.config import build_config, load_config
 from interleaf.train.lora import LLM_TARGETS, VIT_TARGETS, apply_lora, merge_lora
 from interleaf.train.trainer import Trainer, train
 
-torch.set_num_threads(1)
-
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
