@@ -65,9 +65,17 @@ def load_samples(meta: Path, model_dir: Path, n: int) -> list:
 
 
 def run_interleaf(
-    model_dir: Path, samples: list, steps: int, warmup: int, pack_tokens: int, device: str, bf16: bool
+    model_dir: Path,
+    samples: list,
+    steps: int,
+    warmup: int,
+    pack_tokens: int,
+    device: str,
+    bf16: bool,
+    profile_steps: int = 0,
 ):
-    """Tokens/s and seconds per step of interleaf's train step (packing on) over ``samples``, in order."""
+    """Tokens/s and seconds per step of interleaf's train step (packing on) over ``samples``, in order.
+    ``profile_steps`` > 0: that many more steps under ``torch.profiler``, whose top ops are printed."""
     from interleaf.model import load_checkpoint
     from interleaf.train.config import build_config
     from interleaf.train.packing import collate
@@ -90,10 +98,14 @@ def run_interleaf(
         row.append(s)
         n += s.num_tokens
     rows.append(row)
-    if len(rows) < steps + warmup:
-        raise SystemExit(f"not enough samples for {steps + warmup} packed steps")
+    if len(rows) < steps + warmup + profile_steps:
+        raise SystemExit(f"not enough samples for {steps + warmup + profile_steps} packed steps")
     times, tokens = [], []
-    for k in range(steps + warmup):
+    prof = None
+    for k in range(steps + warmup + profile_steps):
+        if k == steps + warmup:
+            prof = torch.profiler.profile(record_shapes=False)
+            prof.start()
         batch = collate([rows[k]], tok.pad_token_id or 0, block_mask=False)  # varlen attention
         batch = {key: (v.to(device) if torch.is_tensor(v) else v) for key, v in batch.items()}
         if device == "cuda":
@@ -108,9 +120,13 @@ def run_interleaf(
         opt.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
-        if k >= warmup:
+        if warmup <= k < warmup + steps:
             times.append(time.perf_counter() - t0)
             tokens.append(batch["num_tokens"])
+    if prof is not None:
+        prof.stop()
+        sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=30))
     return sum(tokens) / sum(times), statistics.median(times), rows[warmup : warmup + steps], model
 
 
@@ -235,6 +251,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator peak bf16 dense TFLOP/s")
     p.add_argument("--json", help="write results here")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="profile N more steps (top ops)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -249,8 +266,10 @@ def main() -> None:
             steps = a.steps or (10 if a.quick else 30)
             model_dir = init_model("internvl2-1b", tmp / "model", dtype="bfloat16")
             meta = build_data(tmp / "data", 448)
-            samples = load_samples(meta, model_dir, 40 * (steps + 3))
-            tps, med, rows, model = run_interleaf(model_dir, samples, steps, 3, 8192, "cuda", bf16=True)
+            samples = load_samples(meta, model_dir, 40 * (steps + 3 + a.profile))
+            tps, med, rows, model = run_interleaf(
+                model_dir, samples, steps, 3, 8192, "cuda", bf16=True, profile_steps=a.profile
+            )
             flops = statistics.mean(step_flops(model, [r]) for r in rows)
             mfu = flops / med / (a.peak_tflops * 1e12)
             results.update(
