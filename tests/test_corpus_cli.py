@@ -8,11 +8,6 @@ import pytest
 
 from interleaf.cli import main
 
-pytest.importorskip("interleaf.corpus.extract")
-pytest.importorskip("interleaf.corpus.warc")
-pytest.importorskip("interleaf.corpus.formats")
-pytest.importorskip("interleaf.corpus.filters")
-
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
@@ -41,7 +36,6 @@ def test_build_on_embedded_sample(built, capsys):
 
 
 def test_convert(built, tmp_path):
-    pytest.importorskip("interleaf.corpus.convert")
     for kind in ("text", "pairs", "mmc4"):
         dest = tmp_path / f"{kind}.jsonl"
         assert main(["corpus", "convert", str(built), "--to", kind, "-o", str(dest)]) == 0

@@ -19,9 +19,6 @@ from interleaf.corpus.sample import iter_sample_pages, write_warc
 from interleaf.errors import ConfigError, InputError
 
 # the per-document parts (readers, extractor) come from interleaf.corpus.{warc,extract}
-pytest.importorskip("interleaf.corpus.extract")
-pytest.importorskip("interleaf.corpus.warc")
-pytest.importorskip("interleaf.corpus.formats")
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent

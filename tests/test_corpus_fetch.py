@@ -172,9 +172,6 @@ class CorpusHandler(Handler):
 
 
 def test_fetch_corpus_over_loopback(tmp_path):
-    pytest.importorskip("interleaf.corpus.extract")
-    pytest.importorskip("interleaf.corpus.warc")
-    pytest.importorskip("interleaf.corpus.formats")
     import json
     import shutil
 

@@ -6,16 +6,12 @@ import json
 import os
 
 import pytest
+import ray
 
-pytest.importorskip("interleaf.corpus.extract")
-pytest.importorskip("interleaf.corpus.warc")
-pytest.importorskip("interleaf.corpus.formats")
-ray = pytest.importorskip("ray")
-
-from interleaf.corpus import engine as E  # noqa: E402
-from interleaf.corpus import pipeline as P  # noqa: E402
-from interleaf.corpus import ray_engine as R  # noqa: E402
-from test_corpus_engine import TESTS, _cfg, _outputs, _stats_wo_time, make_test_warc  # noqa: E402
+from interleaf.corpus import engine as E
+from interleaf.corpus import pipeline as P
+from interleaf.corpus import ray_engine as R
+from test_corpus_engine import TESTS, _cfg, _outputs, _stats_wo_time, make_test_warc
 
 
 @pytest.fixture(scope="module")
