@@ -20,7 +20,6 @@ from interleaf.model.checkpoint import read_weights
 from interleaf.model.presets import _phi3_longrope
 from interleaf.model.tokenizer import build_offline_tokenizer
 
-transformers = pytest.importorskip("transformers")
 ATOL = 1e-4
 
 

@@ -17,6 +17,7 @@ import json
 
 import pytest
 import torch
+import transformers
 from PIL import Image, ImageDraw
 
 from interleaf.generation.chat import ChatModel
@@ -24,8 +25,6 @@ from interleaf.model import load_checkpoint
 from interleaf.model.tokenizer import HF_NAMED_TOKENS, build_offline_tokenizer, hf_chat_template
 from interleaf.processing import preprocess_image
 from interleaf.processing.templates import get_template
-
-transformers = pytest.importorskip("transformers")
 
 
 def _load_processor(path):
