@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from interleaf.errors import InputError
+from interleaf.model.cache import KVCache
 
 # ----------------------------------------------------------------------------------------------------
 # configuration and sampling
@@ -251,7 +252,6 @@ class _GraphedDecodeStep:
 # the engine
 
 
-
 def _inference_steps(steps: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
     """Advance ``steps`` under ``torch.inference_mode`` but hand each item over outside it.
 
@@ -397,9 +397,6 @@ class Generator:
         b, s = input_ids.shape
         max_len = cache.max_len
         n_valid = mask.sum(-1, keepdim=True)  # [B, 1]: the first generated token's position
-        generator = None
-        if not cfg.greedy and cfg.seed is not None:
-            generator = torch.Generator(device=device).manual_seed(cfg.seed)
         logits = model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -429,23 +426,39 @@ class Generator:
             step_mask = torch.ones(b, max_len, dtype=torch.long, device=device)
             step_mask[:, :s] = mask
 
-        def step(nxt: torch.Tensor, i: int) -> torch.Tensor:
-            if graphed is not None:
+        if graphed is not None:
+
+            def step(nxt: torch.Tensor, i: int) -> torch.Tensor:
                 return graphed(nxt, n_valid + i, s + i)
-            return model(
+
+        else:
+            step = self._eager_step(cache, step_mask, n_valid, s)
+        yield from self._decode(logits, step, cfg, record, t0)
+
+    def _eager_step(
+        self, cache: KVCache, mask: torch.Tensor | None, positions: torch.Tensor, first_slot: int
+    ):
+        """``step(next_ids [B], i)`` -> logits [B, V]: one eager decode step at ``positions + i``, written
+        to cache slot ``first_slot + i``."""
+
+        def step(nxt: torch.Tensor, i: int) -> torch.Tensor:
+            return self.model(
                 input_ids=nxt[:, None],
-                attention_mask=step_mask,
-                position_ids=n_valid + i,
+                attention_mask=mask,
+                position_ids=positions + i,
                 kv_cache=cache,
-                cache_position=torch.tensor([s + i], device=device),
+                cache_position=torch.tensor([first_slot + i], device=self.device),
                 logits_to_keep=1,
             ).logits[:, -1]
 
-        yield from self._decode(logits, step, cfg, generator, record, t0)
+        return step
 
-    def _decode(self, logits, step, cfg: GenerationConfig, generator, record, t0):
+    def _decode(self, logits, step, cfg: GenerationConfig, record, t0):
         """Pick tokens from ``logits`` [B, V]; ``step(next_ids [B], i)`` -> the next step's logits."""
         device = self.device
+        generator = None
+        if not cfg.greedy and cfg.seed is not None:
+            generator = torch.Generator(device=device).manual_seed(cfg.seed)
         b = logits.shape[0]
         stop_ids = torch.tensor(() if cfg.ignore_eos else cfg.stop_token_ids, dtype=torch.long, device=device)
         finished = torch.zeros(b, dtype=torch.bool, device=device)
@@ -564,21 +577,9 @@ class Generator:
             mask[r, lens[r] : width] = 0
         step_mask = mask if min(lens) < width else None
         positions = torch.tensor(lens, device=device)[:, None]  # [B, 1]
-        generator = None
-        if not cfg.greedy and cfg.seed is not None:
-            generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
-        def step(nxt: torch.Tensor, i: int) -> torch.Tensor:
-            return model(
-                input_ids=nxt[:, None],
-                attention_mask=step_mask,
-                position_ids=positions + i,
-                kv_cache=cache,
-                cache_position=torch.tensor([width + i], device=device),
-                logits_to_keep=1,
-            ).logits[:, -1]
-
-        yield from self._decode(logits, step, cfg, generator, record, t0)
+        step = self._eager_step(cache, step_mask, positions, width)
+        yield from self._decode(logits, step, cfg, record, t0)
 
 
 def _row_view(cache, row: int):
