@@ -81,8 +81,11 @@ class Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("lora", [0, 4])
-def test_resume_continues_the_same_loss_curve(tiny_dir, meta, tmp_path, monkeypatch, lora):
+@pytest.mark.parametrize("lora,dtype", [(0, "fp32"), (4, "fp32"), (0, "bf16-master"), (4, "bf16-master")])
+def test_resume_continues_the_same_loss_curve(tiny_dir, meta, tmp_path, monkeypatch, lora, dtype):
+    def _cfg(*args, **kw):  # noqa: F811 - the module's, in the precision under test
+        return globals()["_cfg"](*args, dtype=dtype, **kw)
+
     straight = train(_cfg(tiny_dir, meta, tmp_path / "a", use_llm_lora=lora, save_steps=3), log=None)
     assert straight["skipped"] == {"missing_image": 1}
 
@@ -317,3 +320,50 @@ def test_unmerged_lora_saves_base_plus_adapter(tiny_dir, meta, tmp_path):
     orig, _ = load_checkpoint(tiny_dir)
     for (n, p), (_, q) in zip(base.language_model.named_parameters(), orig.language_model.named_parameters()):
         assert torch.equal(p, q), n
+
+
+def test_bf16_master_weights(tiny_dir, meta, tmp_path):
+    """bf16-master: a bf16 model, fp32 masters in AdamW, the model = the rounded masters after each
+    step, fp32 masters in the checkpoint; the loss curve follows fp32 training."""
+    from interleaf.model.checkpoint import load_checkpoint
+
+    curves = {}
+    for dtype in ("fp32", "bf16-master"):
+        trainer = Trainer(_cfg(tiny_dir, meta, tmp_path / dtype, dtype=dtype, max_steps=3), log=None).setup()
+        model = trainer.raw_model
+        masters = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+        assert {m.dtype for m in masters} == {torch.float32}
+        if dtype == "bf16-master":
+            assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+            assert all(b.dtype == torch.float32 for n, b in model.named_buffers() if "freq" in n)
+            assert not any(m is p for m in masters for p in model.parameters())
+        curves[dtype] = [trainer.train_step()["loss"] for _ in range(3)]
+        if dtype == "bf16-master":
+            for name, m in trainer.master.named_masters(model):
+                assert torch.equal(model.get_parameter(name), m.to(torch.bfloat16)), name
+            trainer.step = 3
+            saved, _ = load_checkpoint(trainer.save())
+            named = dict(trainer.master.named_masters(model))
+            for name, p in saved.named_parameters():
+                if name in named:
+                    assert p.dtype == torch.float32 and torch.equal(p, named[name].cpu()), name
+    for a, b in zip(curves["fp32"], curves["bf16-master"]):
+        assert abs(a - b) < 0.05 * abs(a)
+
+
+def test_compiled_layers_train_like_eager(tiny_dir, meta, tmp_path):
+    """``compile: true`` (torch.compile per layer) gives the eager losses and gradients."""
+    from interleaf.train.packing import collate
+
+    grads, losses = [], []
+    for compiled in (False, True):
+        trainer = Trainer(_cfg(tiny_dir, meta, tmp_path / str(compiled), compile=compiled), log=None).setup()
+        batch = collate(trainer.batcher.next_batch(), trainer.pad_id)
+        loss_sum, w_sum = trainer.step_module(batch)
+        (loss_sum / w_sum).backward()
+        losses.append((loss_sum / w_sum).item())
+        grads.append({n: p.grad for n, p in trainer.raw_model.named_parameters() if p.grad is not None})
+    assert abs(losses[0] - losses[1]) < 1e-5
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-5, rtol=1e-4)

@@ -98,8 +98,11 @@ class TrainConfig:
 
     # --- precision and memory ----------------------------------------------------------------
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto (bf16 autocast on cuda, fp32 on cpu) | fp32 | bf16
+    # auto (bf16-master on cuda, fp32 on cpu) | fp32 | bf16 (autocast over fp32 weights) |
+    # bf16-master (bf16 weights, fp32 master weights in the optimizer; see train/precision.py)
+    dtype: str = "auto"
     grad_checkpointing: bool = False
+    compile: bool = False  # torch.compile each ViT block and decoder layer (fuses norms, RoPE, SwiGLU)
     distributed: str = "ddp"  # ddp | fsdp (under torchrun)
 
     # --- saving and logging ------------------------------------------------------------------
@@ -121,7 +124,7 @@ class TrainConfig:
 _CHOICES = {
     "loss_reduction": ("token", "sample", "square"),
     "device": ("auto", "cpu", "cuda"),
-    "dtype": ("auto", "fp32", "bf16"),
+    "dtype": ("auto", "fp32", "bf16", "bf16-master"),
     "save_layout": ("internvl_chat", "hf"),
     "distributed": ("ddp", "fsdp"),
 }

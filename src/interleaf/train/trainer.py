@@ -38,6 +38,7 @@ from interleaf.train.config import TrainConfig
 from interleaf.train.data import IGNORE_INDEX, ConversationDataset, CorpusDataset, DataArgs, SkipLog
 from interleaf.train.lora import LLM_TARGETS, VIT_TARGETS, apply_lora, has_lora, merge_lora
 from interleaf.train.packing import Batcher, SampleStream, collate
+from interleaf.train.precision import MasterWeights, resolve_dtype
 
 PARTS = (("vision", "vision_model."), ("mlp", "mlp1."), ("llm", "language_model."))
 
@@ -79,9 +80,11 @@ def set_trainable(model: nn.Module, cfg: TrainConfig) -> dict[str, int]:
     return counts
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig, master: MasterWeights | None = None
+) -> torch.optim.Optimizer:
     """AdamW with a (decay, no-decay) group pair per part; 1-D tensors (norms, biases, LayerScale,
-    CLS/position embeddings) get no weight decay."""
+    CLS/position embeddings) get no weight decay. With ``master`` it updates the fp32 master copies."""
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     seen: set[int] = set()
     for name, p in model.named_parameters():
@@ -89,7 +92,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
             continue
         seen.add(id(p))
         decay = p.dim() >= 2 and "position_embedding" not in name and "class_embedding" not in name
-        groups.setdefault((part_of(name), decay), []).append(p)
+        groups.setdefault((part_of(name), decay), []).append(p if master is None else master.master_of(p))
     param_groups = [
         {
             "params": params,
@@ -123,11 +126,7 @@ def enable_grad_checkpointing(model: nn.Module) -> None:
     """Recompute every decoder and ViT layer in the backward pass instead of storing activations."""
     from torch.utils.checkpoint import checkpoint
 
-    layers = list(model.language_model.model.layers)
-    encoder = getattr(model.vision_model, "encoder", None)
-    if encoder is not None and hasattr(encoder, "layers"):
-        layers += list(encoder.layers)
-    for layer in layers:
+    for layer in transformer_layers(model):
         if getattr(layer, "_interleaf_ckpt", False):
             continue
         inner = layer.forward
@@ -140,6 +139,23 @@ def enable_grad_checkpointing(model: nn.Module) -> None:
 
         layer.forward = forward
         layer._interleaf_ckpt = True
+
+
+def transformer_layers(model: nn.Module) -> list[nn.Module]:
+    """The LLM's decoder layers and the ViT's blocks (Mono-InternVL has no ViT blocks)."""
+    layers = list(model.language_model.model.layers)
+    encoder = getattr(model.vision_model, "encoder", None)
+    if encoder is not None and hasattr(encoder, "layers"):
+        layers += list(encoder.layers)
+    return layers
+
+
+def compile_layers(model: nn.Module) -> None:
+    """``torch.compile`` every decoder layer and ViT block on its own (regional compilation): the
+    norms, RoPE, SwiGLU, LayerScale and residual adds around each layer's matmuls fuse into a few
+    kernels; all layers of a kind share one compiled graph, so compiling costs seconds, not minutes."""
+    for layer in transformer_layers(model):
+        layer.compile()
 
 
 @contextmanager
@@ -294,9 +310,8 @@ class Trainer:
         self.device = self._device()
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.autocast_dtype = None
-        if cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda"):
-            self.autocast_dtype = torch.bfloat16
+        self.precision = resolve_dtype(cfg.dtype, self.device)
+        self.autocast_dtype = torch.bfloat16 if self.precision == "bf16" else None
         seed_everything(cfg.seed + self.rank)
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -359,16 +374,29 @@ class Trainer:
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = int(pad) if isinstance(pad, int) else 0
 
-        # model on device, wrapped
+        # model on device, in its training precision, compiled, wrapped
         model.to(self.device)
+        fsdp = self.world > 1 and cfg.distributed == "fsdp"
+        self.master = None
+        if self.precision == "bf16-master" and not fsdp:
+            self.master = MasterWeights(model)
+        if cfg.compile:
+            compile_layers(model)
         step_module: nn.Module = TrainStep(model)
         if self.world > 1:
-            if cfg.distributed == "fsdp":
-                from torch.distributed.fsdp import fully_shard
+            if fsdp:
+                from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+                mp = {}
+                if self.precision == "bf16-master":  # fp32 sharded weights, bf16 compute
+                    mp = {
+                        "mp_policy": MixedPrecisionPolicy(
+                            param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+                        )
+                    }
                 for layer in model.language_model.model.layers:
-                    fully_shard(layer)
-                fully_shard(step_module)
+                    fully_shard(layer, **mp)
+                fully_shard(step_module, **mp)
             else:
                 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -378,7 +406,7 @@ class Trainer:
                     find_unused_parameters=True,
                 )
         self.step_module = step_module
-        self.optimizer = build_optimizer(model, cfg)
+        self.optimizer = build_optimizer(model, cfg, self.master)
         self.scheduler = cosine_schedule(self.optimizer, cfg)
         if resume_dir is not None:
             self._load_state(resume_dir, lora)
@@ -400,7 +428,10 @@ class Trainer:
                 self.raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
             )
             return sd if self.is_main else None
-        return {k: v.detach().cpu() for k, v in self.raw_model.state_dict().items()}
+        state = {k: v.detach().cpu() for k, v in self.raw_model.state_dict().items()}
+        if self.master is not None:  # save the fp32 masters: a resumed run continues exactly
+            state.update((k, m.detach().cpu()) for k, m in self.master.named_masters(self.raw_model))
+        return state
 
     def _export_model(self, state: dict[str, torch.Tensor], out_dir: Path) -> None:
         """Save the model (LoRA merged when asked) in the configured layout with MODEL's writer."""
@@ -494,6 +525,8 @@ class Trainer:
             missing = self.raw_model.load_state_dict(state["trainable"], strict=False)
             if missing.unexpected_keys:
                 raise CheckpointError(f"{ckpt}: unexpected trainable weights {missing.unexpected_keys[:3]}")
+            if self.master is not None:
+                self.master.load(state["trainable"], self.raw_model)
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
         else:
@@ -550,12 +583,16 @@ class Trainer:
                 loss = loss_sum / w_sum.clamp_min(1e-8)
                 (loss / cfg.grad_accum).backward()
             total_loss += float(loss.detach()) / cfg.grad_accum
+        if self.master is not None:
+            self.master.grads_to_master()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(
             params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         )
         lrs = {f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups if "no_decay" not in g["name"]}
         self.optimizer.step()
+        if self.master is not None:
+            self.master.copy_to_model()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.world > 1:
