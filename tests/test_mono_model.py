@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from interleaf.model import InternVLChatModel
+from interleaf.errors import InputError
+from interleaf.model import InternVLChatModel, mono_internvl
 from interleaf.model.intern_vit import pixel_shuffle
 from interleaf.model.llm import apply_rope
 from interleaf.model.mono_checkpoint import (
@@ -16,7 +17,12 @@ from interleaf.model.mono_checkpoint import (
     load_mono_chat,
     mono_preset_config,
 )
-from interleaf.model.mono_internvl import MonoAttention, MonoDecoderLayer, MonoInternVLChatModel
+from interleaf.model.mono_internvl import (
+    MonoAttention,
+    MonoDecoderLayer,
+    MonoInternVLChatModel,
+    modality_route,
+)
 
 CTX = 500  # <IMG_CONTEXT> id for the tokenizer-free models below
 TOKENS = 256  # per 448 px tile
@@ -66,6 +72,7 @@ def test_gathered_routing_equals_dense_formula_and_runs_each_expert_on_its_token
     counter = _RowCounter({"text": layer.mlp.gate_proj, "visual": layer.feed_forward_ve.w1})
     with torch.no_grad():
         got = layer.feed_forward(x, mask)
+    assert mask._interleaf_route.segments is None  # a random mask has many runs: gather / scatter
     counter.close()
     assert counter.rows == {"text": int((~mask).sum()), "visual": int(mask.sum())}  # no token runs twice
     with torch.no_grad():
@@ -163,6 +170,145 @@ def test_visual_attention_experts_match_dense_reference():
     ids, px = _prompt(n_tiles=1, batch=1)
     with torch.no_grad():
         assert model(input_ids=ids, pixel_values=px).logits.isfinite().all()
+
+
+# image-token layouts per batch row: (start, number of 256-token tiles) runs in a 600-token row
+LAYOUTS = {
+    "one image": [[(12, 1)]],
+    "two images split by text": [[(5, 1), (300, 1)]],
+    "image at start and at end": [[(0, 1), (600 - TOKENS, 1)]],
+    "only image tokens": [[(0, 2)]],
+    "batch of 2, different layouts": [[(20, 2)], [(0, 1), (330, 1)]],
+    "batch of 2, runs across rows": [[(600 - TOKENS, 1)], [(0, 1), (300, 1)]],
+}
+
+
+def _layout_ids(rows: list[list[tuple[int, int]]], length: int = 600, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    length = max(length, max(start + n * TOKENS for row in rows for start, n in row))
+    ids = torch.randint(10, 400, (len(rows), length), generator=g)
+    for r, row in enumerate(rows):
+        for start, n in row:
+            ids[r, start : start + n * TOKENS] = CTX
+    n_tiles = int((ids == CTX).sum()) // TOKENS
+    return ids, torch.randn(n_tiles, 3, 448, 448, generator=g)
+
+
+def _rope(model, x):
+    b, s, _ = x.shape
+    cos, sin = model.language_model.model.rotary_emb(torch.arange(s)[None].expand(b, s))
+    return cos[:, None], sin[:, None]
+
+
+def _forward_layer(model, layer, x, mask):
+    """One decoder layer (attention + FFN) over x [B, S, H], causal, no cache."""
+    s = x.shape[1]
+    return layer(x, *_rope(model, x), None, True, None, torch.arange(s), s, mask)
+
+
+@pytest.mark.parametrize("attention_experts", [False, True], ids=["ffn-experts", "attn-experts"])
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_segment_routing_equals_gather_routing_and_dense_formula(layout, attention_experts, monkeypatch):
+    """Real prompts hold images as contiguous runs: the experts then run on slices (views) of the
+    hidden states. Same numbers as gathering (bit for bit) and as upstream's dense formula."""
+    model = _model(attention_experts=attention_experts).eval()
+    lm = model.language_model
+    ids, px = _layout_ids(LAYOUTS[layout])
+    mask = ids == CTX
+    route = modality_route(mask.clone())
+    assert route.segments is not None and route.num_visual == int(mask.sum())
+    assert [(a, b) for a, b, v in route.segments if v] == _runs(mask.reshape(-1))
+    layer = lm.model.layers[0]
+    x = torch.randn(*ids.shape, model.config.llm.hidden_size, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        seg_ffn, seg_layer = (
+            layer.feed_forward(x, mask.clone()),
+            _forward_layer(model, layer, x, mask.clone()),
+        )
+        seg_logits = model(input_ids=ids, pixel_values=px).logits
+        embeds = model.embed(ids, px)  # the model core's masked_scatter
+        monkeypatch.setattr(mono_internvl, "MAX_SEGMENT_RUNS", 0)  # force gather / scatter
+        gathered = mask.clone()
+        gat_ffn, gat_layer = layer.feed_forward(x, gathered), _forward_layer(model, layer, x, gathered)
+        assert gathered._interleaf_route.segments is None
+        gat_logits = model(input_ids=ids, pixel_values=px).logits
+        # dense references: FFN and, with attention experts, every projection on every token
+        dense_ffn = layer.dense_feed_forward(x, mask)
+        h = x
+        if attention_experts:
+            cos, sin = _rope(model, x)
+            h = x + _dense_attention(layer.self_attn, layer.input_layernorm(x), mask, cos, sin)
+        else:
+            h = x + layer.self_attn(
+                layer.input_layernorm(x), *_rope(model, x), None, True, None, None, x.shape[1]
+            )
+        dense_layer = h + layer.dense_feed_forward(layer.post_attention_layernorm(h), mask)
+    assert torch.equal(seg_ffn, gat_ffn) and torch.equal(seg_layer, gat_layer)
+    assert torch.equal(seg_logits, gat_logits)
+    assert torch.allclose(seg_ffn, dense_ffn, atol=1e-6, rtol=1e-5)
+    assert torch.allclose(seg_layer, dense_layer, atol=1e-5, rtol=1e-4)
+    # the slice-filled input embeddings are exactly the model core's
+    with torch.no_grad():
+        monkeypatch.setattr(mono_internvl, "MAX_SEGMENT_RUNS", 8)
+        seg_route = modality_route(mask.clone())
+        assert torch.equal(model._embed_runs(ids, seg_route, px, None), embeds)
+    if not attention_experts:  # whole model against the dense FFN formula
+        with torch.no_grad():
+            for layer in lm.model.layers:
+                layer.feed_forward = layer.dense_feed_forward
+            ref = model(input_ids=ids, pixel_values=px).logits
+        assert torch.allclose(seg_logits, ref, atol=1e-4, rtol=1e-4)
+
+
+def _runs(flat: torch.Tensor) -> list[tuple[int, int]]:
+    """Reference run finder, one token at a time."""
+    runs, start = [], None
+    for i, v in enumerate(flat.tolist() + [False]):
+        if v and start is None:
+            start = i
+        elif not v and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def test_single_image_reaches_its_expert_without_a_copy_and_many_runs_fall_back_to_gather():
+    model = _model()
+    layer = model.language_model.model.layers[0]
+    seen = []
+    handle = layer.feed_forward_ve.w1.register_forward_hook(lambda m, a, o: seen.append(a[0]))
+    x = torch.randn(2, 600, model.config.llm.hidden_size)
+    one = torch.zeros(2, 600, dtype=torch.bool)
+    one[1, 100 : 100 + TOKENS] = True
+    # nine images, each between text tokens: more runs than MAX_SEGMENT_RUNS
+    many = torch.zeros(1, 9 * (TOKENS + 3), dtype=torch.bool)
+    for i in range(9):
+        many[0, i * (TOKENS + 3) + 2 : (i + 1) * (TOKENS + 3) - 1] = True
+    assert len(_runs(many.reshape(-1))) == 9 > mono_internvl.MAX_SEGMENT_RUNS
+    xm = torch.randn(1, many.shape[1], model.config.llm.hidden_size)
+    with torch.no_grad():
+        layer.feed_forward(x, one.clone())
+        view = seen.pop()
+        assert view._is_view() and view.data_ptr() == x[1, 100].data_ptr()  # the hidden states themselves
+        m = many.clone()
+        got = layer.feed_forward(xm, m)
+        assert m._interleaf_route.segments is None and not seen.pop()._is_view()
+        assert torch.allclose(got, layer.dense_feed_forward(xm, many), atol=1e-6, rtol=1e-5)
+        as_segments = modality_route(many.clone(), max_runs=9)
+        assert as_segments.segments is not None
+        assert torch.equal(mono_internvl.routed(xm, as_segments, layer.mlp, layer.feed_forward_ve), got)
+        # and through the whole model (9 images -> 9 tiles): fallback equals the segment route
+        ids = torch.randint(10, 400, many.shape)
+        ids[many] = CTX
+        px = torch.randn(9, 3, 448, 448)
+        fallback = model(input_ids=ids, pixel_values=px).logits
+    handle.remove()
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mono_internvl, "MAX_SEGMENT_RUNS", 9)
+        assert torch.equal(model(input_ids=ids, pixel_values=px).logits, fallback)
+    # a wrong number of image tokens is still the model's one-line error
+    with pytest.raises(InputError, match="IMG_CONTEXT"):
+        model(input_ids=ids[:, : 3 * TOKENS], pixel_values=px)
 
 
 @pytest.fixture(scope="module")

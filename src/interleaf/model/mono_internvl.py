@@ -10,10 +10,11 @@ FFN expert ``feed_forward_ve`` beside the text FFN; routing is static by modalit
     visual_mask[b, s] = input_ids[b, s] == <IMG_CONTEXT>
     h[visual] -> feed_forward_ve(h[visual]),   h[~visual] -> mlp(h[~visual])
 
-Tokens are *gathered* per modality, each expert runs on its own tokens only, and the results are
-scattered back, so each token costs one FFN (upstream training code computes both experts on every
-token and mixes them with the mask: ``FFN_t(h) * (1 - m) + FFN_v(h) * m``; the two are equal). Decode
-steps (one new token) always use the text FFN, as upstream. With a text-only input the layer runs the
+Each expert runs on its own tokens only, so each token costs one FFN: in real prompts every image is
+one contiguous run of tokens, so the experts run on slices of the hidden states (views; outputs joined
+by one ``cat``); with many image runs tokens are gathered per modality and scattered back
+(:class:`ModalityRoute`). Upstream's training code computes both experts on every token and mixes
+them with the mask, ``FFN_t(h) * (1 - m) + FFN_v(h) * m``; the results are equal. Decode steps (one new token) always use the text FFN, as upstream. With a text-only input the layer runs the
 text path of the original LLM unchanged, so frozen-LLM training (EViP) keeps text logits bit-identical.
 
 Optional visual *attention* experts (Mono-InternVL-1.5) sit behind ``llm.extra["visual_attention_experts"]``:
@@ -124,42 +125,107 @@ class InternVisionPatchModel(nn.Module):
 
 
 # ----------------------------------------------------------------------------- routing
+MAX_SEGMENT_RUNS = 8  # at most this many image-token runs per forward: route by slices, else gather
+
+
+@dataclass(frozen=True, eq=False)
+class ModalityRoute:
+    """Where the text and the image tokens of one forward are, over the flattened [B * S] rows.
+
+    Two forms, with the same results (each expert sees the same rows, in the same order):
+
+    - ``segments`` (real prompts: each image is one contiguous run of 256 x tiles tokens): the
+      ``(start, end, visual)`` runs that tile ``[0, B * S)`` in order. Each modality's rows are a
+      view (one run) or one ``cat`` of the runs, and the outputs are joined by one ``cat``: no
+      index kernels, and a single image's tokens reach their expert without a copy.
+    - ``text_idx`` / ``visual_idx`` (more than :data:`MAX_SEGMENT_RUNS` image runs, e.g. a batch of
+      many images or arbitrary masks): flat indices for ``index_select`` / ``index_copy_``.
+    """
+
+    num_text: int
+    num_visual: int
+    segments: tuple[tuple[int, int, bool], ...] | None = None
+    text_idx: torch.Tensor | None = None
+    visual_idx: torch.Tensor | None = None
+
+    def split(self, flat: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """[B * S, D] -> (text rows [num_text, D] or None, image rows [num_visual, D])."""
+        if self.segments is None:
+            text = flat.index_select(0, self.text_idx) if self.num_text else None
+            return text, flat.index_select(0, self.visual_idx)
+        text = [flat[start:end] for start, end, visual in self.segments if not visual]
+        visual = [flat[start:end] for start, end, visual in self.segments if visual]
+        return _join(text), _join(visual)
+
+    def merge(self, text: torch.Tensor | None, visual: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`split` for the experts' outputs: -> [B * S, D_out]."""
+        if self.segments is None:
+            out = visual.new_empty(self.num_text + self.num_visual, visual.shape[-1])
+            if text is not None:
+                out.index_copy_(0, self.text_idx, text)
+            return out.index_copy_(0, self.visual_idx, visual)
+        if len(self.segments) == 1:  # image tokens only
+            return visual
+        pieces, offset = [], {False: 0, True: 0}
+        for start, end, is_visual in self.segments:
+            rows, at = (visual if is_visual else text), offset[is_visual]
+            pieces.append(rows[at : at + end - start])
+            offset[is_visual] = at + end - start
+        return torch.cat(pieces)
+
+
+def _join(rows: list[torch.Tensor]) -> torch.Tensor | None:
+    """One run is a view (no copy); several are concatenated once."""
+    return None if not rows else rows[0] if len(rows) == 1 else torch.cat(rows)
+
+
 _NO_ROUTE = object()
 
 
-def modality_route(visual_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Flat token indices ``(text_idx, visual_idx)`` of a bool mask [B, S]; None without image tokens.
+def modality_route(visual_mask: torch.Tensor, max_runs: int | None = None) -> ModalityRoute | None:
+    """The :class:`ModalityRoute` of a bool mask [B, S]; None without image tokens. Segments when
+    the image tokens form at most ``max_runs`` (default :data:`MAX_SEGMENT_RUNS`) runs, else indices.
 
-    Computed once per forward (one host sync for ``nonzero``) and cached on the mask tensor itself:
-    the same mask object reaches every layer, so the other layers reuse the indices. (So do not edit a
-    mask in place between forwards; :class:`MonoInternVLChatModel` always passes a fresh one.)
+    One host sync per forward (the run boundaries), then cached on the mask tensor itself: the same
+    mask object reaches every layer, so the other layers reuse the route. (So do not edit a mask in
+    place between forwards; :class:`MonoInternVLChatModel` always passes a fresh one.)
     """
     cached = getattr(visual_mask, "_interleaf_route", _NO_ROUTE)
     if cached is not _NO_ROUTE:
         return cached
     flat = visual_mask.reshape(-1)
-    visual = flat.nonzero().squeeze(1)
-    route = None if visual.numel() == 0 else ((~flat).nonzero().squeeze(1), visual)
+    host = flat.to("cpu", torch.int8)  # the one host sync (the mask is tiny)
+    n = host.numel()
+    # with a text sentinel at both ends, the changes of the mask are [start0, end0, start1, end1, ...]
+    padded = F.pad(host, (1, 1))
+    edges = (padded[1:] != padded[:-1]).nonzero().squeeze(1).tolist()
+    runs = list(zip(edges[0::2], edges[1::2]))
+    num_visual = sum(end - start for start, end in runs)
+    if not runs:
+        route = None
+    elif len(runs) <= (MAX_SEGMENT_RUNS if max_runs is None else max_runs):
+        segments, at = [], 0
+        for start, end in runs:
+            if start > at:
+                segments.append((at, start, False))
+            segments.append((start, end, True))
+            at = end
+        if at < n:
+            segments.append((at, n, False))
+        route = ModalityRoute(n - num_visual, num_visual, segments=tuple(segments))
+    else:
+        text_idx, visual_idx = ((host == v).nonzero().squeeze(1).to(flat.device) for v in (0, 1))
+        route = ModalityRoute(n - num_visual, num_visual, text_idx=text_idx, visual_idx=visual_idx)
     visual_mask._interleaf_route = route
     return route
 
 
-def routed(
-    x: torch.Tensor,
-    route: tuple[torch.Tensor, torch.Tensor],
-    text_fn: nn.Module,
-    visual_fn: nn.Module,
-    out_features: int | None = None,
-) -> torch.Tensor:
+def routed(x: torch.Tensor, route: ModalityRoute, text_fn: nn.Module, visual_fn: nn.Module) -> torch.Tensor:
     """Apply ``text_fn`` to the text tokens and ``visual_fn`` to the image tokens of x [B, S, D_in]
-    (gather, run each on its own rows, scatter back) -> [B, S, D_out]."""
-    text_idx, visual_idx = route
+    (each expert on its own rows only) -> [B, S, D_out]."""
     b, s, d = x.shape
-    flat = x.reshape(b * s, d)
-    out = flat.new_empty(b * s, out_features or d)
-    if text_idx.numel():
-        out.index_copy_(0, text_idx, text_fn(flat.index_select(0, text_idx)))
-    out.index_copy_(0, visual_idx, visual_fn(flat.index_select(0, visual_idx)))
+    text, visual = route.split(x.reshape(b * s, d))
+    out = route.merge(None if text is None else text_fn(text), visual_fn(visual))
     return out.view(b, s, -1)
 
 
@@ -209,25 +275,28 @@ class MonoAttention(Attention):
             return super().forward(
                 x, cos, sin, attn_mask, is_causal, kv_cache, cache_position, kv_len, cu_seqlens, max_seqlen
             )
-        b, s, _ = x.shape
+        b, s, h = x.shape
         d = self.head_dim
-        q = routed(x, route, self.q_proj, self.q_proj_ve, self.num_heads * d)
-        k = routed(x, route, self.k_proj, self.k_proj_ve, self.num_kv_heads * d)
-        v = routed(x, route, self.v_proj, self.v_proj_ve, self.num_kv_heads * d)
-        q = q.view(b, s, self.num_heads, d).transpose(1, 2)
-        k = k.view(b, s, self.num_kv_heads, d).transpose(1, 2)
-        v = v.view(b, s, self.num_kv_heads, d).transpose(1, 2)
+        text, visual = route.split(x.reshape(b * s, h))  # once for q, k and v
+
+        def project(text_fn: nn.Module, visual_fn: nn.Module, heads: int) -> torch.Tensor:
+            out = route.merge(None if text is None else text_fn(text), visual_fn(visual))
+            return out.view(b, s, heads, d).transpose(1, 2)
+
+        q = project(self.q_proj, self.q_proj_ve, self.num_heads)
+        k = project(self.k_proj, self.k_proj_ve, self.num_kv_heads)
+        v = project(self.v_proj, self.v_proj_ve, self.num_kv_heads)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cu_seqlens is not None:  # packed samples: variable-length attention
             out = varlen_attention(q, k, v, cu_seqlens, max_seqlen).reshape(b, s, self.num_heads * d)
-            return routed(out, route, self.o_proj, self.o_proj_ve, self.o_proj.out_features)
+            return routed(out, route, self.o_proj, self.o_proj_ve)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v, cache_position, kv_len)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads
         )
         out = out.transpose(1, 2).reshape(b, s, self.num_heads * d)
-        return routed(out, route, self.o_proj, self.o_proj_ve, self.o_proj.out_features)
+        return routed(out, route, self.o_proj, self.o_proj_ve)
 
 
 class MonoDecoderLayer(DecoderLayer):
@@ -242,9 +311,8 @@ class MonoDecoderLayer(DecoderLayer):
 
     def feed_forward(self, x: torch.Tensor, visual_mask: torch.Tensor | None) -> torch.Tensor:
         """x [B, S, H] (normed). Image-context tokens -> ``feed_forward_ve``, all others -> ``mlp``."""
-        if (
-            visual_mask is None or x.shape[1] == 1
-        ):  # decode steps: text FFN (also keeps CUDA graphs sync-free)
+        # decode steps: text FFN (also keeps CUDA graphs sync-free)
+        if visual_mask is None or x.shape[1] == 1:
             return self.mlp(x)
         route = modality_route(visual_mask)
         if route is None:
@@ -315,11 +383,20 @@ class MonoInternVLChatModel(InternVLChatModel):
     ) -> ModelOutput:
         """As :meth:`InternVLChatModel.forward`. ``visual_mask`` may also be given as upstream's float
         [B, S, 1] mask; it is derived from ``input_ids`` when None."""
+        derived = visual_mask is None and input_ids is not None
         if visual_mask is not None:
             if visual_mask.dim() == 3:
                 visual_mask = visual_mask.squeeze(-1)
-            # a private copy: routing indices get cached on the mask object (see modality_route)
+            # a private copy: the route gets cached on the mask object (see modality_route)
             visual_mask = visual_mask.to(torch.bool, copy=True)
+        elif derived and self.config.img_context_token_id is not None:
+            visual_mask = input_ids == self.config.img_context_token_id
+        # Prefill: route now, so that its host sync waits for nothing but the mask; every layer then
+        # reuses it. Decode steps (one token) never route: they stay sync-free for CUDA graphs.
+        route = modality_route(visual_mask) if visual_mask is not None and visual_mask.shape[1] > 1 else None
+        has_images = pixel_values is not None or image_embeds is not None
+        if inputs_embeds is None and derived and has_images and route is not None and route.segments:
+            inputs_embeds = self._embed_runs(input_ids, route, pixel_values, image_embeds)
         return super().forward(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -335,6 +412,28 @@ class MonoInternVLChatModel(InternVLChatModel):
             cu_seqlens=cu_seqlens,
             max_seqlen=max_seqlen,
         )
+
+    def _embed_runs(
+        self,
+        input_ids: torch.Tensor,
+        route: ModalityRoute,
+        pixel_values: torch.Tensor | None,
+        image_embeds: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """:meth:`embed` for a segment route: the image features are copied into the runs of image
+        tokens by slice (no ``masked_scatter``, and the token count is known without a sync)."""
+        embeds = self.language_model.model.embed_tokens(input_ids)
+        if image_embeds is None:
+            image_embeds = self.extract_feature(pixel_values)
+        feats = image_embeds.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+        if feats.shape[0] != route.num_visual:
+            return self.embed(input_ids, None, image_embeds)  # raises the model's one-line error
+        flat, at = embeds.view(-1, embeds.shape[-1]), 0
+        for start, end, visual in route.segments:
+            if visual:
+                flat[start:end] = feats[at : at + end - start]
+                at += end - start
+        return embeds
 
     @torch.no_grad()
     def copy_experts_from_text(self) -> None:
