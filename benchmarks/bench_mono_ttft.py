@@ -12,11 +12,15 @@ cache + the first sampled token, inputs already tiled.
     .venv/bin/python benchmarks/bench_mono_ttft.py --quick              # CPU, 1 repeat (2 cores: ~10 min)
     .venv/bin/python benchmarks/bench_mono_ttft.py --quick --threads 1  # shared CPU: CPU time is exact
     .venv/bin/python benchmarks/bench_mono_ttft.py --device cuda --quick
+    .venv/bin/python benchmarks/bench_mono_ttft.py --device cuda --quick --compare-gather --compare-dense
 
 Prints a table (medians) and the TTFT reduction ``1 - mono / internvl`` per tile count; ``--json PATH``
 also writes the numbers. On CPU it also prints the process CPU time of each prefill: on a machine
 shared with other jobs the wall time swings, and with one thread the CPU time is the compute itself
-(with several, OpenMP threads spin while a sibling is descheduled, which inflates it). Target (paper: up to 67% lower first-token latency): >= 50% on an H100.
+(with several, OpenMP threads spin while a sibling is descheduled, which inflates it).
+``--compare-gather`` / ``--compare-dense`` also time Mono with index gather/scatter routing (instead of
+slices of the image runs) / with upstream's dense formula (both experts on every token).
+Target (paper: up to 67% lower first-token latency): >= 50% on an H100.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import torch
 from torch import nn
 
 from interleaf.generation.engine import GenerationConfig, Generator
-from interleaf.model import VisionConfig, preset_config
+from interleaf.model import VisionConfig, mono_internvl, preset_config
 from interleaf.model.mono_checkpoint import PATCH_2B, PATCH_TINY
 from interleaf.model.mono_internvl import MonoInternVLChatModel, MonoInternVLConfig
 from interleaf.model.presets import make_tokenizer
@@ -73,7 +77,7 @@ def build_pair(shape: str, dtype: torch.dtype, device: str, share_expert_weights
     to halve CPU memory - views of the text FFN's (same FLOPs and bytes moved per token).
     Parameters are created and initialised directly on ``device``."""
     from interleaf.model import InternVLChatModel
-    from interleaf.model.checkpoint import _rebuild_buffers
+    from interleaf.model.checkpoint import rebuild_buffers
 
     base, patch = SHAPES[shape]
     tok = make_tokenizer("internlm2")
@@ -86,7 +90,7 @@ def build_pair(shape: str, dtype: torch.dtype, device: str, share_expert_weights
         internvl = InternVLChatModel(cfg)
     _materialise(internvl, device, dtype, gen, layer_scale=cfg.vision.initializer_factor)
     internvl.language_model.tie_weights()
-    _rebuild_buffers(internvl)  # RoPE tables (made on the CPU)
+    rebuild_buffers(internvl)  # RoPE tables (made on the CPU)
     internvl.to(device)
 
     mono_cfg = MonoInternVLConfig.from_internvl(cfg)
@@ -165,7 +169,7 @@ def vision_time(model: nn.Module, px: torch.Tensor) -> float:
 
 @contextmanager
 def dense_routing(model: nn.Module):
-    """Swap the gathered routing for upstream's dense formula ``FFN_t(h)(1-m) + FFN_v(h)m``."""
+    """Swap the routed experts for upstream's dense formula ``FFN_t(h)(1-m) + FFN_v(h)m``."""
     layers = list(model.language_model.model.layers)
     for layer in layers:
         layer.feed_forward = layer.dense_feed_forward
@@ -174,6 +178,18 @@ def dense_routing(model: nn.Module):
     finally:
         for layer in layers:
             del layer.feed_forward
+
+
+@contextmanager
+def gather_routing():
+    """Force the index gather / scatter routing (the fallback for many image runs) instead of
+    routing the contiguous image runs by slices."""
+    saved = mono_internvl.MAX_SEGMENT_RUNS
+    mono_internvl.MAX_SEGMENT_RUNS = 0
+    try:
+        yield
+    finally:
+        mono_internvl.MAX_SEGMENT_RUNS = saved
 
 
 def cpu_name() -> str:
@@ -204,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="experts reuse the text FFN tensors (auto: yes on CPU to fit memory, no on GPU)")  # fmt: skip
     ap.add_argument("--compare-dense", action="store_true",
                     help="also time Mono with upstream's dense routing (both experts on every token)")  # fmt: skip
+    ap.add_argument("--compare-gather", action="store_true",
+                    help="also time Mono with index gather/scatter routing instead of slices of the image runs")  # fmt: skip
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
@@ -258,11 +276,16 @@ def main(argv: list[str] | None = None) -> int:
                 wall, used = ttft(g, ids, px)
                 times[key].append(wall)
                 cpu[key].append(used)
-        if args.compare_dense:
-            with dense_routing(mono):
+        variants = {"mono_dense": (args.compare_dense, lambda: dense_routing(mono)),
+                    "mono_gather": (args.compare_gather, gather_routing)}  # fmt: skip
+        for key, (wanted, routing) in variants.items():
+            if not wanted:
+                continue
+            with routing():
                 if device.type == "cuda":
                     ttft(gens["mono"], ids, px)
-                times["mono_dense"] = [ttft(gens["mono"], ids, px)[0] for _ in range(repeats)]
+                runs = [ttft(gens["mono"], ids, px) for _ in range(repeats)]
+            times[key], cpu[key] = [r[0] for r in runs], [r[1] for r in runs]
         vis = {"internvl": vision_time(internvl, px), "mono": vision_time(mono, px)}
         med = {k: statistics.median(v) for k, v in times.items()}
         row = {
@@ -280,15 +303,19 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_runs": cpu,
         }
         row["cpu_reduction"] = 1 - row["mono_cpu_s"] / row["internvl_cpu_s"]
-        dense = ""
-        if args.compare_dense:
-            row["mono_dense_ttft_s"] = statistics.median(times["mono_dense"])
-            dense = f" | Mono dense routing {row['mono_dense_ttft_s'] * 1e3:.1f} ms"
+        extra = ""
+        for key, label in (("mono_dense", "dense"), ("mono_gather", "gather")):
+            if key in times:
+                row[f"{key}_ttft_s"] = statistics.median(times[key])
+                row[f"{key}_cpu_s"] = statistics.median(cpu[key])
+                extra += f" | Mono {label} routing {row[f'{key}_ttft_s'] * 1e3:.1f} ms"
+                if device.type == "cpu":
+                    extra += f" (CPU-time {row[f'{key}_cpu_s']:.2f}s)"
         rows.append(row)
         print(
             f"tiles {tiles:>2} | tokens {row['tokens']:>5} | InternVL {med['internvl'] * 1e3:9.1f} ms "
             f"(ViT {vis['internvl'] * 1e3:8.1f}{'' if device.type == 'cuda' else ' cpu'}) | Mono {med['mono'] * 1e3:9.1f} ms (patch {vis['mono'] * 1e3:6.1f}{'' if device.type == 'cuda' else ' cpu'}) "
-            f"| reduction {row['reduction'] * 100:5.1f}% | speedup {row['speedup']:.2f}x{dense}"
+            f"| reduction {row['reduction'] * 100:5.1f}% | speedup {row['speedup']:.2f}x{extra}"
             + (
                 f" | CPU-time {row['internvl_cpu_s']:.2f}s vs {row['mono_cpu_s']:.2f}s: "
                 f"reduction {row['cpu_reduction'] * 100:.1f}%"

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from interleaf.errors import CheckpointError, ConfigError
 from interleaf.model import init_model, load_checkpoint, save_checkpoint
-from interleaf.model.checkpoint import llm_state_to_disk as _llm_to_disk
+from interleaf.model.checkpoint import llm_state_to_disk
 from interleaf.model.mono_checkpoint import (
     init_mono_from_llm,
     load_any_checkpoint,
@@ -334,7 +334,7 @@ def test_init_from_bare_llm_checkpoint_grows_vocab_for_image_tokens(tmp_path, to
     llm_dir = tmp_path / "internlm2-bare"
     llm_dir.mkdir()
     save_file(
-        {k: v.contiguous() for k, v in _llm_to_disk(sd, cfg, "internlm2").items()},
+        {k: v.contiguous() for k, v in llm_state_to_disk(sd, cfg, "internlm2").items()},
         str(llm_dir / "model.safetensors"),
     )
     (llm_dir / "config.json").write_text(

@@ -364,8 +364,13 @@ def test_ttft_benchmark_script_runs(tmp_path):
     spec.loader.exec_module(bench)
     out = tmp_path / "ttft.json"
     assert (
-        bench.main(["--shape", "tiny", "--tiles", "1", "--quick", "--dtype", "fp32", "--json", str(out)]) == 0
+        bench.main(
+            ["--shape", "tiny", "--tiles", "1", "--quick", "--dtype", "fp32", "--json", str(out)]
+            + ["--compare-gather", "--compare-dense"]
+        )
+        == 0
     )
     row = json.loads(out.read_text())["rows"][0]
+    assert row["mono_gather_ttft_s"] > 0 and row["mono_dense_ttft_s"] > 0
     assert row["tiles"] == 1 and row["tokens"] > TOKENS
     assert row["internvl_ttft_s"] > 0 and row["mono_ttft_s"] > 0

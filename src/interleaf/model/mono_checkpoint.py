@@ -150,10 +150,10 @@ def _tensor_names(path: Path) -> set[str]:
     """Names of every tensor in a checkpoint directory (safetensors headers only; .bin files are read)."""
     from safetensors import safe_open
 
-    from interleaf.model.checkpoint import weight_files as _weight_files
+    from interleaf.model.checkpoint import weight_files
 
     names: set[str] = set()
-    for f in _weight_files(path):
+    for f in weight_files(path):
         try:
             if f.suffix == ".safetensors":
                 with safe_open(str(f), framework="pt") as handle:
@@ -260,9 +260,7 @@ def save_mono_checkpoint(model: MonoInternVLChatModel, tokenizer: Any, out_dir: 
 # ----------------------------------------------------------------------------- init from an LLM
 def _read_llm_only(path: Path, template: str | None) -> tuple[LLMConfig, dict[str, torch.Tensor], Any]:
     """A bare decoder-LLM checkpoint (Qwen2 / InternLM2 / Phi-3 / Llama ``config.json`` + weights)."""
-    from interleaf.model.checkpoint import llm_state_from_disk as _llm_from_disk
-    from interleaf.model.checkpoint import parse_llm_config as _parse_llm
-    from interleaf.model.checkpoint import read_weights
+    from interleaf.model.checkpoint import llm_state_from_disk, parse_llm_config, read_weights
     from interleaf.model.tokenizer import load_tokenizer
 
     source = str(path / "config.json")
@@ -270,7 +268,7 @@ def _read_llm_only(path: Path, template: str | None) -> tuple[LLMConfig, dict[st
         raw = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{source}: cannot read ({str(exc).splitlines()[0]})") from None
-    llm = _parse_llm(raw, source, "config")
+    llm = parse_llm_config(raw, source, "config")
     if (raw.get("architectures") or [None])[0] == VE_ARCH:
         raise CheckpointError(f"{source}: already an LLM with visual experts; load it as a Mono checkpoint")
     disk, _ = read_weights(path)
@@ -279,7 +277,7 @@ def _read_llm_only(path: Path, template: str | None) -> tuple[LLMConfig, dict[st
         raise CheckpointError(
             f"{path.name}: visual-expert tensors {_listing(stray)} in a plain {llm.family} LLM checkpoint"
         )
-    sd = _llm_from_disk(disk, llm, llm.family)
+    sd = llm_state_from_disk(disk, llm, llm.family)
     tok = load_tokenizer(path, template or FAMILY_TEMPLATE[llm.family])
     return llm, sd, tok
 
