@@ -9,7 +9,9 @@ transformers side pads each batch to its longest sample, as its default collatio
     .venv/bin/python benchmarks/bench_train.py                       # CPU, demo-size model
     .venv/bin/python benchmarks/bench_train.py --device cuda --quick # H100: MFU of the 1B shape, bf16, packing
 
-``--device cuda`` reports model FLOPs utilisation for the ``internvl2-1b`` preset: FLOPs per step =
+``--device cuda`` reports model FLOPs utilisation for the ``internvl2-1b`` preset, for each of the
+trainer's GPU precisions (``--variants``: bf16 autocast, bf16 weights with fp32 masters, the latter with
+``compile``) in one run: FLOPs per step =
 6 x parameters x tokens for every matmul (ViT per tile, projector per image token, LLM per token,
 lm_head per supervised token) + the attention score/value matmuls (x3 for backward) / step time /
 peak bf16 (989 TFLOP/s for an H100 SXM; ``--peak-tflops`` to change).
@@ -71,22 +73,28 @@ def run_interleaf(
     warmup: int,
     pack_tokens: int,
     device: str,
-    bf16: bool,
+    precision: str = "fp32",
+    compile: bool = False,
     profile_steps: int = 0,
 ):
-    """Tokens/s and seconds per step of interleaf's train step (packing on) over ``samples``, in order.
+    """Tokens/s and seconds per step of interleaf's train step (packing on) over ``samples``, in order,
+    in the trainer's ``precision`` (fp32 | bf16 autocast | bf16-master) with its ``compile`` option.
     ``profile_steps`` > 0: that many more steps under ``torch.profiler``, whose top ops are printed."""
     from interleaf.model import load_checkpoint
     from interleaf.train.config import build_config
     from interleaf.train.packing import collate
-    from interleaf.train.trainer import TrainStep, build_optimizer, cosine_schedule
+    from interleaf.train.precision import MasterWeights
+    from interleaf.train.trainer import TrainStep, build_optimizer, compile_layers, cosine_schedule
 
     model, tok = load_checkpoint(model_dir)
     model = model.float().to(device).train()
     cfg = build_config(
         {"model_path": str(model_dir), "meta_path": "x", "lr": 1e-5, "max_steps": steps + warmup}
     )
-    opt = build_optimizer(model, cfg)
+    master = MasterWeights(model) if precision == "bf16-master" else None
+    if compile:
+        compile_layers(model)
+    opt = build_optimizer(model, cfg, master)
     sched = cosine_schedule(opt, cfg)
     step_mod = TrainStep(model)
     # pack greedily, in order, up to the token budget (what the trainer's Batcher does)
@@ -111,11 +119,15 @@ def run_interleaf(
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss_sum, w_sum = step_mod(batch)
         (loss_sum / w_sum).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if master is not None:
+            master.grads_to_master()
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
+        if master is not None:
+            master.copy_to_model()
         sched.step()
         opt.zero_grad(set_to_none=True)
         if device == "cuda":
@@ -127,6 +139,7 @@ def run_interleaf(
         prof.stop()
         sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
         print(prof.key_averages().table(sort_by=sort, row_limit=30))
+    print("  step ms:", " ".join(f"{t * 1e3:.0f}" for t in times), flush=True)
     return sum(tokens) / sum(times), statistics.median(times), rows[warmup : warmup + steps], model
 
 
@@ -252,6 +265,15 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator peak bf16 dense TFLOP/s")
     p.add_argument("--json", help="write results here")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="profile N more steps (top ops)")
+    p.add_argument(
+        "--variants",
+        default="bf16,bf16-master,bf16-master+compile",
+        help="GPU: comma-separated trainer precisions (bf16 = autocast over fp32 weights, bf16-master), "
+        "each optionally +compile",
+    )
+    p.add_argument(
+        "--pack-tokens", type=int, default=8192, help="GPU: tokens per packed row (one row per step)"
+    )
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -264,19 +286,32 @@ def main() -> None:
         if a.device == "cuda":
             results.update(varlen_check())
             steps = a.steps or (10 if a.quick else 30)
+            warm = 3
             model_dir = init_model("internvl2-1b", tmp / "model", dtype="bfloat16")
             meta = build_data(tmp / "data", 448)
-            samples = load_samples(meta, model_dir, 40 * (steps + 3 + a.profile))
-            tps, med, rows, model = run_interleaf(
-                model_dir, samples, steps, 3, 8192, "cuda", bf16=True, profile_steps=a.profile
-            )
-            flops = statistics.mean(step_flops(model, [r]) for r in rows)
-            mfu = flops / med / (a.peak_tflops * 1e12)
-            results.update(
-                device=torch.cuda.get_device_name(), preset="internvl2-1b", tokens_per_s=tps, step_s=med,
-                tflops_per_step=flops / 1e12, mfu=mfu,
-            )  # fmt: skip
-            print(f"interleaf 1B bf16 packed 8192: {tps:,.0f} tok/s, {med * 1e3:.0f} ms/step, MFU {mfu:.1%}")
+            samples = load_samples(meta, model_dir, 20 * (steps + warm + a.profile) * a.pack_tokens // 4096)
+            results.update(device=torch.cuda.get_device_name(), preset="internvl2-1b", runs=[])
+            for variant in a.variants.split(","):
+                precision, _, extra = variant.partition("+")
+                compiled = extra == "compile"
+                # compiled layers recompile once for dynamic shapes: two more warm-up steps
+                tps, med, rows, model = run_interleaf(
+                    model_dir, samples, steps, warm + 2 * compiled, a.pack_tokens, "cuda", precision,
+                    compiled, profile_steps=a.profile,
+                )  # fmt: skip
+                flops = statistics.mean(step_flops(model, [r]) for r in rows)
+                mfu = flops / med / (a.peak_tflops * 1e12)
+                results["runs"].append(
+                    dict(variant=variant, pack_tokens=a.pack_tokens, tokens_per_s=tps, step_s=med,
+                         tflops_per_step=flops / 1e12, mfu=mfu)
+                )  # fmt: skip
+                print(
+                    f"interleaf 1B {variant:24s} packed {a.pack_tokens}: {tps:,.0f} tok/s, "
+                    f"{med * 1e3:.0f} ms/step, MFU {mfu:.1%}",
+                    flush=True,
+                )
+                del model
+                torch.cuda.empty_cache()
         else:
             steps = a.steps or (6 if a.quick else 20)
             warm = 2
@@ -285,7 +320,7 @@ def main() -> None:
             save_checkpoint(model, tok, tmp / "model-hf", layout="hf")
             meta = build_data(tmp / "data", a.image_size)
             samples = load_samples(meta, model_dir, 12 * (steps + warm))
-            ours, ours_med, rows, _ = run_interleaf(model_dir, samples, steps, warm, 1024, "cpu", bf16=False)
+            ours, ours_med, rows, _ = run_interleaf(model_dir, samples, steps, warm, 1024, "cpu")
             n_used = sum(len(r) for r in rows)
             batch = max(1, round(n_used / steps))  # same samples per step on both sides
             theirs, theirs_med = run_transformers(

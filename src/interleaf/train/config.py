@@ -62,7 +62,7 @@ class TrainConfig:
 
     # --- packing and loss --------------------------------------------------------------------
     packing: bool = True
-    max_packed_tokens: int = 4096
+    max_packed_tokens: int = 16384  # upstream InternVL2.5 packed training
     max_packed_images: int = 48  # tiles per packed sequence (upstream num_images_expected)
     pack_lookahead: int = 8  # pending samples that may wait for a later pack
     loss_reduction: str = "token"  # token | sample | square

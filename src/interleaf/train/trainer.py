@@ -153,9 +153,11 @@ def transformer_layers(model: nn.Module) -> list[nn.Module]:
 def compile_layers(model: nn.Module) -> None:
     """``torch.compile`` every decoder layer and ViT block on its own (regional compilation): the
     norms, RoPE, SwiGLU, LayerScale and residual adds around each layer's matmuls fuse into a few
-    kernels; all layers of a kind share one compiled graph, so compiling costs seconds, not minutes."""
+    kernels; all layers of a kind share one compiled graph, so compiling costs seconds, not minutes.
+    Shapes are dynamic from the start: packed rows change length (and the ViT its tile count) every
+    step, and specialising first would only recompile."""
     for layer in transformer_layers(model):
-        layer.compile()
+        layer.compile(dynamic=True)
 
 
 @contextmanager
