@@ -272,8 +272,9 @@ def main() -> None:
         "each optionally +compile",
     )
     p.add_argument(
-        "--pack-tokens", type=int, default=8192, help="GPU: tokens per packed row (one row per step)"
-    )
+        "--pack-tokens", type=int, default=16384,
+        help="GPU: tokens per packed row, one row per step (default: upstream InternVL2.5's max_packed_tokens)",
+    )  # fmt: skip
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
