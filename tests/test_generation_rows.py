@@ -112,3 +112,20 @@ def test_eval_adapter_prefetch_and_bad_sample(chat, tiny_ckpt, tmp_path):
     assert any("one by one" in note for note in adapter.notes)
     adapter.prefetch = False
     assert {i: v for i, v in adapter.generate(reqs, batch_size=2) if i != 2} == loop
+
+
+def test_parallel_preparation_matches_serial(chat, questions, monkeypatch, tmp_path):
+    """prepare_batch tiles in worker threads where cores allow: same ids and pixels, in order, and a
+    bad image still fails the call with its one-line error."""
+    qs, images, budgets = questions
+    monkeypatch.setattr(chat, "prep_workers", 1)
+    serial = chat.prepare_batch(qs, images, budgets)
+    monkeypatch.setattr(chat, "prep_workers", 4)
+    monkeypatch.setattr(chat, "_prep_pool", None)
+    parallel = chat.prepare_batch(qs, images, budgets)
+    assert chat._prep_pool is not None
+    assert [ids for ids, _ in parallel] == [ids for ids, _ in serial]
+    for (_, a), (_, b) in zip(parallel, serial):
+        assert (a is None and b is None) or torch.equal(a, b)
+    with pytest.raises(InputError, match="nope.png"):
+        chat.prepare_batch(qs[:2], [images[0], str(tmp_path / "nope.png")], 2)

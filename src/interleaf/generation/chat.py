@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -65,6 +66,10 @@ class ChatModel:
         # (transformers resets its truncation/padding state on every call); prepare_batch may run
         # in a worker thread while replies are decoded
         self._tokenizer_lock = threading.Lock()
+        # prepare_batch tiles a batch's images in parallel threads (PIL and numpy release the GIL);
+        # half the cores, so a CPU model's own threads keep theirs (one on a 2-core machine: serial)
+        self.prep_workers = min(8, (os.cpu_count() or 1) // 2)
+        self._prep_pool: ThreadPoolExecutor | None = None
         self.stop_token_ids = self._stop_ids()
         pad = tokenizer.pad_token_id
         if pad is None:
@@ -248,11 +253,18 @@ class ChatModel:
         budgets = [max_num] * len(questions) if max_num is None or isinstance(max_num, int) else list(max_num)
         if len(budgets) != len(questions):
             raise InputError(f"batch_chat: {len(questions)} questions but {len(budgets)} max_num entries")
-        prepared = []
-        for q, im, budget in zip(questions, per_q, budgets):
+
+        def one(job: tuple) -> tuple[list[int], torch.Tensor | None]:
+            q, im, budget = job
             _, ids, px, _ = self.prepare(q, im, max_num=budget)
-            prepared.append((ids, px))
-        return prepared
+            return ids, px
+
+        jobs = list(zip(questions, per_q, budgets))
+        if len(jobs) < 2 or self.prep_workers < 2:
+            return [one(job) for job in jobs]
+        if self._prep_pool is None:
+            self._prep_pool = ThreadPoolExecutor(self.prep_workers, thread_name_prefix="interleaf-tiles")
+        return list(self._prep_pool.map(one, jobs))  # in order; the first failure is raised
 
     def generate_batch(
         self,
