@@ -29,6 +29,7 @@ w2 = down), so that layout loads without renaming.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,9 +154,9 @@ class ModalityRoute:
         if self.segments is None:
             text = flat.index_select(0, self.text_idx) if self.num_text else None
             return text, flat.index_select(0, self.visual_idx)
-        text = [flat[start:end] for start, end, visual in self.segments if not visual]
-        visual = [flat[start:end] for start, end, visual in self.segments if visual]
-        return _join(text), _join(visual)
+        sizes, text_at, visual_at, _ = self._plan
+        parts = flat.split(sizes) if len(sizes) > 1 else (flat,)  # views, one op
+        return _join([parts[i] for i in text_at]), _join([parts[i] for i in visual_at])
 
     def merge(self, text: torch.Tensor | None, visual: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`split` for the experts' outputs: -> [B * S, D_out]."""
@@ -164,14 +165,31 @@ class ModalityRoute:
             if text is not None:
                 out.index_copy_(0, self.text_idx, text)
             return out.index_copy_(0, self.visual_idx, visual)
-        if len(self.segments) == 1:  # image tokens only
+        sizes, text_at, visual_at, order = self._plan
+        if len(sizes) == 1:  # image tokens only
             return visual
-        pieces, offset = [], {False: 0, True: 0}
-        for start, end, is_visual in self.segments:
-            rows, at = (visual if is_visual else text), offset[is_visual]
-            pieces.append(rows[at : at + end - start])
-            offset[is_visual] = at + end - start
-        return torch.cat(pieces)
+        # each modality's rows cut back into its runs (views), then all runs in their order
+        parts = (
+            _cut(text, [sizes[i] for i in text_at]),
+            _cut(visual, [sizes[i] for i in visual_at]),
+        )
+        return torch.cat([parts[v][i] for v, i in order])
+
+    @functools.cached_property
+    def _plan(self) -> tuple[list[int], list[int], list[int], list[tuple[int, int]]]:
+        """Run lengths; positions of the text / image runs among them; for each run, (0 text / 1
+        image, its index among its modality's runs)."""
+        sizes = [end - start for start, end, _ in self.segments]
+        text_at = [i for i, (_, _, v) in enumerate(self.segments) if not v]
+        visual_at = [i for i, (_, _, v) in enumerate(self.segments) if v]
+        order = [
+            (int(v), (visual_at if v else text_at).index(i)) for i, (_, _, v) in enumerate(self.segments)
+        ]
+        return sizes, text_at, visual_at, order
+
+
+def _cut(rows: torch.Tensor | None, sizes: list[int]) -> tuple[torch.Tensor, ...]:
+    return () if rows is None else rows.split(sizes) if len(sizes) > 1 else (rows,)
 
 
 def _join(rows: list[torch.Tensor]) -> torch.Tensor | None:
