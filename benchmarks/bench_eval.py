@@ -17,7 +17,7 @@ default ``max_new_tokens``, 64 for MMIU):
 
 It checks that the answers agree (greedy), prints samples/s (median of repeats) and the ratios, and
 a per-stage breakdown (ms per sample; one extra untimed pass of ``loop`` and ``batched_sync`` with
-timers around image preprocessing, ViT, LLM prefill and decode steps). Default model: the tiny
+timers around input preparation, ViT, LLM prefill and decode steps). Default model: the tiny
 random-weight preset made offline (it never emits the stop token, so every answer is 64 tokens).
 
     .venv/bin/python benchmarks/bench_eval.py --threads 1        # CPU, tiny model
@@ -37,17 +37,28 @@ from pathlib import Path
 
 
 def stage_breakdown(chat, fn, n: int) -> dict[str, float]:
-    """Run ``fn`` once with timers around the pipeline stages; ms per sample for each stage."""
+    """Run ``fn`` once with timers around the pipeline stages; ms per sample for each stage.
+
+    Input preparation is timed as wall clock around ``prepare_batch`` (batched) or ``prepare``
+    (loop); the image part inside it is summed over ``prepare_batch``'s worker threads, so it is
+    reported as "of which" and left out of the sum. On a GPU the model stages synchronise, so each
+    gets its kernels' time."""
+    import torch
+
     import interleaf.generation.chat as chat_mod
 
     model, lm = chat.model, chat.model.language_model
+    sync = torch.cuda.synchronize if chat.device.type == "cuda" else (lambda: None)
     acc: dict[str, float] = {}
 
-    def timed(f, name):
+    def timed(f, name, synced=False):
         def g(*a, **k):
             t = time.perf_counter()
             try:
-                return f(*a, **k)
+                out = f(*a, **k)
+                if synced:
+                    sync()
+                return out
             finally:
                 key = name(a, k) if callable(name) else name
                 acc[key] = acc.get(key, 0.0) + time.perf_counter() - t
@@ -58,21 +69,24 @@ def stage_breakdown(chat, fn, n: int) -> dict[str, float]:
         x = k.get("inputs_embeds")
         return "LLM prefill" if x is not None and x.shape[1] > 1 else "LLM decode steps"
 
-    saved = (chat_mod.preprocess_images, chat.prepare, model.extract_feature, lm.forward)
-    chat_mod.preprocess_images = timed(saved[0], "image load+tile+normalise")
+    saved = (chat_mod.preprocess_images, chat.prepare, chat.prepare_batch, model.extract_feature, lm.forward)
+    chat_mod.preprocess_images = timed(saved[0], "_images")
     chat.prepare = timed(saved[1], "_prepare")
-    model.extract_feature = timed(saved[2], "ViT + projector")
-    lm.forward = timed(saved[3], llm_stage)
+    chat.prepare_batch = timed(saved[2], "_prepare_batch")
+    model.extract_feature = timed(saved[3], "ViT + projector", synced=True)
+    lm.forward = timed(saved[4], llm_stage, synced=True)
     try:
         t0 = time.perf_counter()
         fn()
         total = time.perf_counter() - t0
     finally:
         chat_mod.preprocess_images = saved[0]
-        del chat.prepare, model.extract_feature, lm.forward
-    acc["tokenise (prompt build)"] = acc.pop("_prepare", 0.0) - acc.get("image load+tile+normalise", 0.0)
+        del chat.prepare, chat.prepare_batch, model.extract_feature, lm.forward
+    images, prepare = acc.pop("_images", 0.0), acc.pop("_prepare", 0.0)
+    acc["prepare inputs: load, tile, tokenise (wall)"] = acc.pop("_prepare_batch", prepare)
     acc["other (Python, sampling, detokenise)"] = total - sum(acc.values())
     acc["total"] = total
+    acc["  of which image load+tile+normalise (thread time)"] = images
     return {k: 1000 * v / n for k, v in acc.items()}
 
 
@@ -192,9 +206,9 @@ def main() -> int:
         "loop": stage_breakdown(chat, loop, n),
         "batched_sync": stage_breakdown(chat, variant(prefetch=False), n),
     }
-    print("\nper-stage ms / sample      " + "".join(f"{k:>14s}" for k in prof))
+    print("\nper-stage ms / sample" + " " * 30 + "".join(f"{k:>14s}" for k in prof))
     for stage in prof["loop"]:
-        print(f"{stage:36s}" + "".join(f"{prof[k].get(stage, 0.0):14.1f}" for k in prof))
+        print(f"{stage:52s}" + "".join(f"{prof[k].get(stage, 0.0):14.1f}" for k in prof))
     ok = all(answers[k] == answers["loop"] for k in answers)
     if args.json:
         Path(args.json).write_text(
