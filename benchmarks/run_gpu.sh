@@ -11,7 +11,7 @@ mkdir -p "$OUT"
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/machine.txt"
-BENCHES="${BENCHES:-generation mono_ttft train eval}"
+BENCHES="${BENCHES:-generation mono_ttft train train_loop eval}"
 run() {  # run NAME SECONDS ARGS...
   local name=$1 limit=$2; shift 2
   case " $BENCHES " in *" $name "*) ;; *) return 0 ;; esac
@@ -20,5 +20,6 @@ run() {  # run NAME SECONDS ARGS...
 }
 run generation "${GEN_LIMIT:-240}" benchmarks/bench_generation.py --device cuda ${GEN_ARGS:---quick --presets tiny,internvl2-1b}
 run mono_ttft "${MONO_LIMIT:-150}" benchmarks/bench_mono_ttft.py --device cuda --quick
-run train "${TRAIN_LIMIT:-150}" benchmarks/bench_train.py --device cuda --quick
+run train "${TRAIN_LIMIT:-300}" benchmarks/bench_train.py --device cuda --quick
+run train_loop "${TRAIN_LOOP_LIMIT:-300}" benchmarks/bench_train_loop.py --device cuda --preset internvl2-1b --compile
 run eval "${EVAL_LIMIT:-150}" benchmarks/bench_eval.py --device cuda --quick

@@ -81,10 +81,13 @@ class Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("lora,dtype", [(0, "fp32"), (4, "fp32"), (0, "bf16-master"), (4, "bf16-master")])
-def test_resume_continues_the_same_loss_curve(tiny_dir, meta, tmp_path, monkeypatch, lora, dtype):
-    def _cfg(*args, **kw):  # noqa: F811 - the module's, in the precision under test
-        return globals()["_cfg"](*args, dtype=dtype, **kw)
+@pytest.mark.parametrize(
+    "lora,dtype,workers",
+    [(0, "fp32", 0), (4, "fp32", 0), (0, "bf16-master", 0), (4, "bf16-master", 0), (0, "fp32", 3)],
+)
+def test_resume_continues_the_same_loss_curve(tiny_dir, meta, tmp_path, monkeypatch, lora, dtype, workers):
+    def _cfg(*args, **kw):  # noqa: F811 - the module's, in the precision and data workers under test
+        return globals()["_cfg"](*args, dtype=dtype, num_workers=workers, **kw)
 
     straight = train(_cfg(tiny_dir, meta, tmp_path / "a", use_llm_lora=lora, save_steps=3), log=None)
     assert straight["skipped"] == {"missing_image": 1}
@@ -367,3 +370,14 @@ def test_compiled_layers_train_like_eager(tiny_dir, meta, tmp_path):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-5, rtol=1e-4)
+
+
+def test_data_workers_change_nothing(tiny_dir, meta, tmp_path):
+    """Read-ahead data threads: the same losses, skips and log as loading in the training loop."""
+    runs = [
+        train(_cfg(tiny_dir, meta, tmp_path / str(w), num_workers=w, max_steps=4), log=None) for w in (0, 3)
+    ]
+    assert runs[0]["losses"] == runs[1]["losses"]
+    assert runs[0]["skipped"] == runs[1]["skipped"] == {"missing_image": 1}
+    skips = [(tmp_path / str(w) / "skipped.rank0.jsonl").read_text() for w in (0, 3)]
+    assert skips[0] == skips[1] and skips[0].count("\n") == 1

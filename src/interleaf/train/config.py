@@ -65,6 +65,7 @@ class TrainConfig:
     max_packed_tokens: int = 16384  # upstream InternVL2.5 packed training
     max_packed_images: int = 48  # tiles per packed sequence (upstream num_images_expected)
     pack_lookahead: int = 8  # pending samples that may wait for a later pack
+    num_workers: int = -1  # data-loading threads (-1: half the cores, at most 8, on a GPU; 0 on CPU)
     loss_reduction: str = "token"  # token | sample | square
     batch_size: int = 1  # sequences (packed or not) per micro-batch
 

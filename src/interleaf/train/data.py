@@ -32,7 +32,10 @@ import json
 import os
 import random
 import re
+import threading
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,8 +71,27 @@ class SkipLog:
         self.echo = echo  # callable(str) for a log line (the first ``echo_limit`` skips), or None
         self.echo_limit = echo_limit
         self._seen: set[tuple[str, int]] = set()
+        self._local = threading.local()
+
+    @contextmanager
+    def deferred(self) -> Iterator[list[tuple]]:
+        """Collect this thread's skips in a list instead of recording them (a data-loading worker
+        reads ahead; its skips count only once the trainer consumes the sample: :meth:`replay`)."""
+        self._local.pending = pending = []
+        try:
+            yield pending
+        finally:
+            self._local.pending = None
+
+    def replay(self, skips: list[tuple]) -> None:
+        for skip in skips:
+            self.add(*skip)
 
     def add(self, dataset: str, index: int, sample_id: Any, exc: SkipSample) -> None:
+        pending = getattr(self._local, "pending", None)
+        if pending is not None:
+            pending.append((dataset, index, sample_id, exc))
+            return
         key = (dataset, index)
         if key in self._seen:  # the same sample skipped again in a later epoch: counted once
             return
@@ -133,12 +155,18 @@ class Sample:
 # tokenisation helpers
 
 
+# a fast tokenizer called from two threads at once can fail ("Already borrowed": transformers resets
+# its truncation/padding state on every call); data-loading workers share one
+_TOKENIZER_LOCK = threading.Lock()
+
+
 def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids and character offsets of ``text`` (a transformers fast tokenizer or a ``tokenizers.Tokenizer``)."""
-    if hasattr(tokenizer, "encode_batch") and not hasattr(tokenizer, "convert_tokens_to_ids"):
-        enc = tokenizer.encode(text, add_special_tokens=add_special_tokens)
-        return list(enc.ids), [tuple(o) for o in enc.offsets]
-    enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    with _TOKENIZER_LOCK:
+        if hasattr(tokenizer, "encode_batch") and not hasattr(tokenizer, "convert_tokens_to_ids"):
+            enc = tokenizer.encode(text, add_special_tokens=add_special_tokens)
+            return list(enc.ids), [tuple(o) for o in enc.offsets]
+        enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
     return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
 

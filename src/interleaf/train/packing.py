@@ -19,6 +19,8 @@ the loss is ``sum(w * CE) / sum(w)``.
 from __future__ import annotations
 
 import math
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -28,10 +30,23 @@ from interleaf.train.data import IGNORE_INDEX, Sample
 
 
 class SampleStream:
-    """Endless, seeded, resumable walk over a dataset (``dataset.get(i, epoch) -> Sample | None``)."""
+    """Endless, seeded, resumable walk over a dataset (``dataset.get(i, epoch) -> Sample | None``).
+
+    With ``workers`` > 0, threads build the epoch's next samples ahead of time (image decoding and
+    tiling release the GIL, so a GPU step no longer waits for them) and hand them over in order: the
+    stream yields exactly what it yields without them. Skips found while reading ahead are recorded
+    in ``skip_log`` only when the sample is consumed, so a checkpoint counts exactly what it used.
+    """
 
     def __init__(
-        self, dataset: Any, seed: int = 42, shuffle: bool = True, rank: int = 0, world_size: int = 1
+        self,
+        dataset: Any,
+        seed: int = 42,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        workers: int = 0,
+        skip_log: Any = None,
     ):
         if len(dataset) == 0:
             raise InterleafError("training data: the dataset has no samples")
@@ -44,6 +59,11 @@ class SampleStream:
         self.cursor = 0
         self._order: list[int] | None = None
         self._good_this_epoch = 0
+        self.workers = workers
+        self.depth = 8 * workers  # samples read ahead (each holds its tiles in memory)
+        self.skip_log = skip_log if skip_log is not None else getattr(dataset, "skip_log", None)
+        self._ahead: deque[tuple[int, Future]] = deque()  # (position in the epoch's order, result)
+        self._pool: ThreadPoolExecutor | None = None
 
     def _epoch_order(self) -> list[int]:
         if self._order is None:
@@ -71,16 +91,52 @@ class SampleStream:
                 self._good_this_epoch = 0
                 continue
             idx = order[self.cursor]
+            sample = self._get(order, self.cursor) if self.workers > 0 else self.dataset.get(idx, self.epoch)
             self.cursor += 1
-            sample = self.dataset.get(idx, self.epoch)
             if sample is not None:
                 self._good_this_epoch += 1
                 return self.epoch, idx, sample
+
+    def _fetch(self, idx: int, epoch: int) -> tuple[Any, list]:
+        if self.skip_log is None:
+            return self.dataset.get(idx, epoch), []
+        with self.skip_log.deferred() as skipped:
+            sample = self.dataset.get(idx, epoch)
+        return sample, skipped
+
+    def _get(self, order: list[int], pos: int) -> Any:
+        """The sample at ``pos`` of this epoch's order, keeping ``depth`` positions in flight."""
+        if self._ahead and self._ahead[0][0] != pos:
+            self._drop_ahead()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="interleaf-data")
+        nxt = self._ahead[-1][0] + 1 if self._ahead else pos
+        while len(self._ahead) < self.depth and nxt < len(order):
+            self._ahead.append((nxt, self._pool.submit(self._fetch, order[nxt], self.epoch)))
+            nxt += 1
+        sample, skipped = self._ahead.popleft()[1].result()
+        if self.skip_log is not None:
+            self.skip_log.replay(skipped)
+        return sample
+
+    def _drop_ahead(self) -> None:
+        for _, fut in self._ahead:
+            fut.cancel()
+        self._ahead.clear()
+
+    def close(self) -> None:
+        """Stop the read-ahead workers (a closed stream still works, without them)."""
+        self._drop_ahead()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self.workers = 0
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "cursor": self.cursor, "good": self._good_this_epoch}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        self._drop_ahead()
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self._good_this_epoch = int(state.get("good", 1))
         self._order = None

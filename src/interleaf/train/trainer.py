@@ -364,7 +364,12 @@ class Trainer:
         else:
             dataset = CorpusDataset(cfg.corpus_paths, tokenizer, args, self.skip_log)
         self.dataset = dataset
-        stream = SampleStream(dataset, cfg.seed, cfg.shuffle, self.rank, self.world)
+        workers = cfg.num_workers
+        if workers < 0:  # a CPU run's own threads need the cores; a GPU step should not wait for data
+            workers = min(8, (os.cpu_count() or 1) // 2) if self.device.type == "cuda" else 0
+        stream = SampleStream(
+            dataset, cfg.seed, cfg.shuffle, self.rank, self.world, workers=workers, skip_log=self.skip_log
+        )
         self.batcher = Batcher(
             stream,
             cfg.batch_size,
@@ -673,6 +678,9 @@ class Trainer:
         }
 
     def close(self) -> None:
+        batcher = getattr(self, "batcher", None)
+        if batcher is not None:
+            batcher.stream.close()
         if self.world > 1:
             import torch.distributed as dist
 

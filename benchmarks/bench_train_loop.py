@@ -1,0 +1,91 @@
+"""The whole training loop, data loading included: tokens/s of ``Trainer`` with and without read-ahead
+data-loading threads.
+
+``bench_train.py`` times the train step on samples prepared beforehand (the model's speed). Here the
+trainer does everything a run does each step - read JSONL records, decode and tile the images,
+tokenise, pack, collate, forward/backward/AdamW - on the demo's digits/shapes data in InternVL's
+format, once with ``num_workers: 0`` (samples built in the loop) and once with read-ahead threads.
+Checkpoint saving is left out (the loop calls ``train_step`` as ``train`` does).
+
+    .venv/bin/python benchmarks/bench_train_loop.py                     # CPU, tiny preset
+    .venv/bin/python benchmarks/bench_train_loop.py --device cuda --preset internvl2-1b --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bench_train import build_data  # noqa: E402
+
+
+def run(model_dir: Path, meta: Path, out: Path, a, workers: int) -> dict:
+    from interleaf.train.config import build_config
+    from interleaf.train.trainer import Trainer
+
+    cfg = build_config(
+        {
+            "model_path": str(model_dir), "meta_path": str(meta), "output_dir": str(out),
+            "max_steps": a.steps + a.warmup, "lr": 1e-5, "packing": True, "device": a.device,
+            "max_packed_tokens": a.pack_tokens, "max_seq_length": min(a.pack_tokens, 8192),
+            "num_workers": workers, "compile": a.compile, "log_steps": 10**9,
+        }
+    )  # fmt: skip
+    trainer = Trainer(cfg, log=None).setup()
+    times, tokens = [], []
+    try:
+        for k in range(a.steps + a.warmup):
+            t0 = time.perf_counter()
+            stats = trainer.train_step()  # ends with a host sync (the loss value)
+            if k >= a.warmup:
+                times.append(time.perf_counter() - t0)
+                tokens.append(stats["tokens"])
+    finally:
+        trainer.close()
+    return {
+        "workers": workers,
+        "tokens_per_s": sum(tokens) / sum(times),
+        "median_step_s": statistics.median(times),
+        "tokens_per_step": sum(tokens) / len(tokens),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--pack-tokens", type=int, default=16384)
+    p.add_argument("--workers", default="0,8", help="comma-separated num_workers values to compare")
+    p.add_argument("--compile", action="store_true", help="compile: true (per-layer torch.compile)")
+    p.add_argument("--json", help="write results here")
+    a = p.parse_args()
+    from interleaf.model import init_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model_dir = init_model(a.preset, tmp / "model", dtype="bfloat16")
+        meta = build_data(tmp / "data", 448)
+        results = [run(model_dir, meta, tmp / f"run{w}", a, int(w)) for w in a.workers.split(",")]
+    base = results[0]["tokens_per_s"]
+    for r in results:
+        print(
+            f"{a.preset} {a.device} compile={a.compile} num_workers={r['workers']}: "
+            f"{r['tokens_per_s']:,.0f} tok/s ({r['median_step_s'] * 1e3:.0f} ms/step, "
+            f"{r['tokens_per_step']:,.0f} tokens/step), {r['tokens_per_s'] / base:.2f}x",
+            flush=True,
+        )
+    if a.json:
+        Path(a.json).write_text(json.dumps({"args": vars(a), "runs": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
