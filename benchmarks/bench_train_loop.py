@@ -23,23 +23,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_train import build_data  # noqa: E402
+from bench_train import build_data, step_flops  # noqa: E402
 
 
 def run(model_dir: Path, meta: Path, out: Path, a, workers: int) -> dict:
-    from interleaf.train.config import build_config
+    from interleaf.train.config import build_config, parse_override
     from interleaf.train.trainer import Trainer
 
-    cfg = build_config(
-        {
-            "model_path": str(model_dir), "meta_path": str(meta), "output_dir": str(out),
-            "max_steps": a.steps + a.warmup, "lr": 1e-5, "packing": True, "device": a.device,
-            "max_packed_tokens": a.pack_tokens, "max_seq_length": min(a.pack_tokens, 8192),
-            "num_workers": workers, "compile": a.compile, "log_steps": 10**9,
-        }
-    )  # fmt: skip
-    trainer = Trainer(cfg, log=None).setup()
-    times, tokens = [], []
+    values = {
+        "model_path": str(model_dir), "meta_path": str(meta), "output_dir": str(out),
+        "max_steps": a.steps + a.warmup, "lr": 1e-5, "packing": True, "device": a.device,
+        "max_packed_tokens": a.pack_tokens, "max_seq_length": min(a.pack_tokens, 8192),
+        "num_workers": workers, "compile": a.compile, "log_steps": 10**9,
+    }  # fmt: skip
+    values.update(parse_override(o) for o in a.set)
+    trainer = Trainer(build_config(values), log=None).setup()
+    rows: list = []
+    next_batch = trainer.batcher.next_batch
+    trainer.batcher.next_batch = lambda: rows.append(next_batch()) or rows[-1]  # to count FLOPs
+    times, tokens, flops = [], [], []
     try:
         for k in range(a.steps + a.warmup):
             t0 = time.perf_counter()
@@ -47,13 +49,17 @@ def run(model_dir: Path, meta: Path, out: Path, a, workers: int) -> dict:
             if k >= a.warmup:
                 times.append(time.perf_counter() - t0)
                 tokens.append(stats["tokens"])
+                flops.append(step_flops(trainer.raw_model, [r for batch in rows for r in batch]))
+            rows.clear()
     finally:
         trainer.close()
+    med = statistics.median(times)
     return {
         "workers": workers,
         "tokens_per_s": sum(tokens) / sum(times),
-        "median_step_s": statistics.median(times),
+        "median_step_s": med,
         "tokens_per_step": sum(tokens) / len(tokens),
+        "mfu": statistics.mean(flops) / med / (a.peak_tflops * 1e12) if a.device == "cuda" else None,
     }
 
 
@@ -66,6 +72,8 @@ def main() -> None:
     p.add_argument("--pack-tokens", type=int, default=16384)
     p.add_argument("--workers", default="0,8", help="comma-separated num_workers values to compare")
     p.add_argument("--compile", action="store_true", help="compile: true (per-layer torch.compile)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more trainer config")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator peak bf16 dense TFLOP/s")
     p.add_argument("--json", help="write results here")
     a = p.parse_args()
     from interleaf.model import init_model
@@ -80,7 +88,8 @@ def main() -> None:
         print(
             f"{a.preset} {a.device} compile={a.compile} num_workers={r['workers']}: "
             f"{r['tokens_per_s']:,.0f} tok/s ({r['median_step_s'] * 1e3:.0f} ms/step, "
-            f"{r['tokens_per_step']:,.0f} tokens/step), {r['tokens_per_s'] / base:.2f}x",
+            f"{r['tokens_per_step']:,.0f} tokens/step), {r['tokens_per_s'] / base:.2f}x"
+            + (f", MFU {r['mfu']:.1%}" if r["mfu"] is not None else ""),
             flush=True,
         )
     if a.json:

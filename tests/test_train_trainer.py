@@ -114,6 +114,9 @@ def test_resume_continues_the_same_loss_curve(tiny_dir, meta, tmp_path, monkeypa
         assert abs(x - y) < 1e-6
     log = [json.loads(ln) for ln in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    # the skip log of the killed + resumed run is the uninterrupted run's: nothing written twice
+    skips = [(tmp_path / d / "skipped.rank0.jsonl").read_text() for d in "ab"]
+    assert skips[0] == skips[1] and skips[0].count("\n") == 1
 
 
 def test_lora_merge_matches_unmerged(tiny_dir):
@@ -381,3 +384,43 @@ def test_data_workers_change_nothing(tiny_dir, meta, tmp_path):
     assert runs[0]["skipped"] == runs[1]["skipped"] == {"missing_image": 1}
     skips = [(tmp_path / str(w) / "skipped.rank0.jsonl").read_text() for w in (0, 3)]
     assert skips[0] == skips[1] and skips[0].count("\n") == 1
+
+
+def test_resume_writes_each_skip_once(tiny_dir, tmp_path, monkeypatch):
+    """Skips met after the last checkpoint and before a kill are met again after resuming: the skip
+    log and counts end as the uninterrupted run's, each bad sample once."""
+    rows = []
+    for i in range(18):
+        Image.new("RGB", (40, 40), (255, 0, 0)).save(tmp_path / f"{i}.png")
+        rows.append(
+            {"id": i, "image": f"{i}.png" if i % 3 else "missing.png",
+             "conversations": [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red"}]}
+        )  # fmt: skip
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "meta.json").write_text(json.dumps({"d": {"root": str(tmp_path), "annotation": "t.jsonl"}}))
+
+    def cfg(out):
+        return _cfg(tiny_dir, tmp_path / "meta.json", tmp_path / out, packing=False, grad_accum=1,
+                    max_steps=8, save_steps=2)  # fmt: skip
+
+    straight = train(cfg("a"), log=None)
+    real_step = Trainer.train_step
+
+    def dying_step(self):
+        before = self.skip_log.total
+        out = real_step(self)
+        if self.step >= 4 and self.skip_log.total > before:
+            raise Killed  # dies in a step after checkpoint-4 that met a bad sample
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", dying_step)
+    with pytest.raises(Killed):
+        train(cfg("b"), log=None)
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    killed = (tmp_path / "b" / "skipped.rank0.jsonl").read_text().count("\n")
+    state = torch.load(tmp_path / "b" / "checkpoint-4" / "train_state.pt", weights_only=False)
+    assert killed > sum(state["ranks"][0]["skips"].values())  # skips were written after the checkpoint
+    resumed = train(cfg("b"), log=None)
+    assert resumed["skipped"] == straight["skipped"] and straight["skipped"]["missing_image"] > killed - 1
+    files = [(tmp_path / d / "skipped.rank0.jsonl").read_text() for d in "ab"]
+    assert files[0] == files[1] and files[0].count("\n") == straight["skipped"]["missing_image"]

@@ -102,7 +102,8 @@ class TrainConfig:
     # auto (bf16-master on cuda, fp32 on cpu) | fp32 | bf16 (autocast over fp32 weights) |
     # bf16-master (bf16 weights, fp32 master weights in the optimizer; see train/precision.py)
     dtype: str = "auto"
-    grad_checkpointing: bool = False
+    # recompute layers in backward; None: on a GPU (as upstream, so 16k-token packs fit), off on CPU
+    grad_checkpointing: bool | None = None
     compile: bool = False  # torch.compile each ViT block and decoder layer (fuses norms, RoPE, SwiGLU)
     distributed: str = "ddp"  # ddp | fsdp (under torchrun)
 

@@ -113,6 +113,23 @@ class SkipLog:
             more = " (further skips: see the skip log)" if len(self.records) == self.echo_limit else ""
             self.echo(f"skipped sample {dataset}[{index}] (id={sample_id}): {exc}{more}")
 
+    def restore(self, counts: dict[str, int]) -> None:
+        """Resume at a checkpoint that had seen ``counts`` skips: the log file keeps its first
+        records (those the checkpoint counted; later ones will be met again), and counts, records
+        and the seen set are rebuilt from them, so nothing is counted or written twice."""
+        n = sum(counts.values())
+        kept: list[dict[str, Any]] = []
+        if self.path is not None and self.path.exists():
+            lines = [ln for ln in self.path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            kept = [json.loads(ln) for ln in lines[:n]]
+            self.path.write_text("".join(ln + "\n" for ln in lines[:n]), encoding="utf-8")
+        if len(kept) == n:
+            self.records = kept
+            self.counts = Counter(r["reason"] for r in kept)
+            self._seen = {(r["dataset"], r["index"]) for r in kept}
+        else:  # no (complete) file: trust the checkpoint's counts
+            self.counts = Counter(counts)
+
     @property
     def total(self) -> int:
         return sum(self.counts.values())

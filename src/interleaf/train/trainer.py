@@ -335,7 +335,8 @@ class Trainer:
             f"model from {load_dir}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
             f"trainable vision={counts['vision'] / 1e6:.2f}M mlp={counts['mlp'] / 1e6:.2f}M llm={counts['llm'] / 1e6:.2f}M"
         )
-        if cfg.grad_checkpointing:
+        ckpt = cfg.grad_checkpointing
+        if ckpt if ckpt is not None else self.device.type == "cuda":
             enable_grad_checkpointing(model)
 
         # data
@@ -543,7 +544,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         mine = state["ranks"][self.rank]
         self.batcher.load_state_dict(mine["data"])
-        self.skip_log.counts.update(mine.get("skips", {}))
+        self.skip_log.restore(mine.get("skips", {}))
         set_rng_state(mine["rng"])
         self.step = int(state["step"])
         self.losses = [tuple(x) for x in state["losses"]]
