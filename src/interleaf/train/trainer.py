@@ -2,11 +2,12 @@
 
     for step in range(start, max_steps):
         for micro in range(grad_accum):
-            rows  = batcher.next_batch()                  # packed or single samples
+            rows  = batcher.next_batch()                  # packed or single samples (built by data threads)
             batch = collate(rows)                          # ids, positions, cu_seqlens, weights
             loss  = sum(w * CE) / sum(w) / grad_accum      # token | sample | square reduction
             loss.backward()
-        clip_grad_norm_; optimizer.step(); scheduler.step()
+        clip_grad_norm_; optimizer.step(); scheduler.step()   # fp32 masters in bf16-master
+        collate the next step's first micro-batch while the GPU works; one host sync for the stats
         log JSONL; every save_steps: atomic checkpoint (model + optimizer + scheduler + RNG + data position)
 
 AdamW has one parameter group per part (vision / projector / LLM, each split into decay / no-decay)
@@ -262,6 +263,7 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.losses: list[tuple[int, float]] = []
         self.step = 0
+        self._ahead: tuple[dict[str, Any], dict[str, Any]] | None = None  # (micro-batch, data position)
 
     def log(self, msg: str) -> None:
         if self.is_main and self._print is not None:
@@ -477,7 +479,7 @@ class Trainer:
         tmp = self.out / f".tmp-{name}"
         state = self._model_state_for_save()
         per_rank = _all_gather_object(
-            {"rng": rng_state(), "data": self.batcher.state_dict(), "skips": dict(self.skip_log.counts)},
+            {"rng": rng_state(), **self._data_position()},
             self.world,
         )
         optim = self.optimizer.state_dict()
@@ -566,21 +568,42 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return {
-            k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()
-        }
+        if self.device.type == "cpu":
+            return batch
+        # from pinned memory the copy runs behind the kernels already queued instead of blocking the host
+        return {k: (v.pin_memory().to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
+                for k, v in batch.items()}  # fmt: skip
+
+    def _data_position(self) -> dict[str, Any]:
+        """Where the data stands for a checkpoint: before the micro-batch read ahead, if there is one."""
+        if self._ahead is not None:
+            return self._ahead[1]
+        return {"data": self.batcher.state_dict(), "skips": dict(self.skip_log.counts)}
+
+    def _next_micro_batch(self) -> dict[str, Any]:
+        """The next micro-batch, on the device: the one read ahead during the last step, or a new one."""
+        if self._ahead is not None:
+            batch, self._ahead = self._ahead[0], None
+            return batch
+        rows = self.batcher.next_batch()
+        return self._to_device(collate(rows, self.pad_id, self.cfg.loss_reduction, block_mask=False))
+
+    def _read_ahead(self) -> None:
+        """Build the next step's first micro-batch while the GPU still runs this step (the position
+        before it is kept for checkpoints, so a resumed run reads it again)."""
+        position = self._data_position()
+        self._ahead = (self._next_micro_batch(), position)
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns its statistics."""
         cfg = self.cfg
         self.step_module.train()
-        total_loss = 0.0
+        losses = []
         tokens = samples = 0
         for micro in range(cfg.grad_accum):
-            batch = collate(self.batcher.next_batch(), self.pad_id, cfg.loss_reduction, block_mask=False)
+            batch = self._next_micro_batch()
             tokens += batch["num_tokens"]
             samples += batch["num_samples"]
-            batch = self._to_device(batch)
             last = micro == cfg.grad_accum - 1
             sync = nullcontext()
             if self.world > 1 and cfg.distributed == "ddp" and not last:
@@ -590,7 +613,7 @@ class Trainer:
                     loss_sum, w_sum = self.step_module(batch)
                 loss = loss_sum / w_sum.clamp_min(1e-8)
                 (loss / cfg.grad_accum).backward()
-            total_loss += float(loss.detach()) / cfg.grad_accum
+            losses.append(loss.detach())  # no host sync: the next micro-batch is built meanwhile
         if self.master is not None:
             self.master.grads_to_master()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -603,6 +626,10 @@ class Trainer:
             self.master.copy_to_model()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.step + 1 < cfg.max_steps:
+            self._read_ahead()
+        # the one host sync of the step, after everything is queued
+        total_loss = sum(x / cfg.grad_accum for x in torch.stack(losses).tolist())
         if self.world > 1:
             import torch.distributed as dist
 
@@ -643,6 +670,7 @@ class Trainer:
             tokens_total += stats["tokens"]
             self.losses.append((self.step, stats["loss"]))
             if self.is_main and (self.step % max(1, cfg.log_steps) == 0 or self.step == cfg.max_steps):
+                position = self._data_position()
                 record = {
                     "step": self.step,
                     "loss": stats["loss"],
@@ -650,8 +678,8 @@ class Trainer:
                     "tokens": stats["tokens"],
                     "samples": stats["samples"],
                     "tokens_per_s": stats["tokens"] / dt,
-                    "epoch": self.batcher.stream.epoch,
-                    "skipped": self.skip_log.total,
+                    "epoch": position["data"]["stream"]["epoch"],
+                    "skipped": sum(position["skips"].values()),
                     **{k: v for k, v in stats.items() if k.startswith("lr_")},
                 }
                 with log_path.open("a") as fh:
