@@ -220,8 +220,10 @@ def test_cli_train_smoke_and_bad_config(tiny_dir, meta, tmp_path, capsys):
     assert err.count("\n") == 1 and "unknown config key 'warmup'" in err
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_torchrun_two_processes_gloo(tiny_dir, meta, tmp_path, mode):
+@pytest.mark.parametrize(
+    "mode,dtype", [("ddp", "fp32"), ("fsdp", "fp32"), ("ddp", "bf16-master"), ("fsdp", "bf16-master")]
+)
+def test_torchrun_two_processes_gloo(tiny_dir, meta, tmp_path, mode, dtype):
     """The multi-process path: torchrun, 2 CPU ranks, gloo, DDP or FSDP2 (fully_shard)."""
     import os
     import subprocess
@@ -231,7 +233,7 @@ def test_torchrun_two_processes_gloo(tiny_dir, meta, tmp_path, mode):
     cfg_path.write_text(
         f"model_path: {tiny_dir}\nmeta_path: {meta}\noutput_dir: {tmp_path / 'out'}\nmax_steps: 2\ndevice: cpu\n"
         "max_packed_tokens: 160\nmax_seq_length: 160\nmax_dynamic_patch: 1\nsave_steps: 1\n"
-        f"distributed: {mode}\n"
+        f"distributed: {mode}\ndtype: {dtype}\nnum_workers: 1\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "interleaf.cli"]
