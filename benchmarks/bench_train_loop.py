@@ -19,6 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -38,19 +39,21 @@ def run(model_dir: Path, meta: Path, out: Path, a, workers: int) -> dict:
     }  # fmt: skip
     values.update(parse_override(o) for o in a.set)
     trainer = Trainer(build_config(values), log=None).setup()
-    rows: list = []
+    # FLOPs are counted from the rows each step used: batches are drawn in the order they are trained
+    # on (the trainer reads the next step's first one ahead), so a step uses the oldest grad_accum
+    produced: deque = deque()
     next_batch = trainer.batcher.next_batch
-    trainer.batcher.next_batch = lambda: rows.append(next_batch()) or rows[-1]  # to count FLOPs
+    trainer.batcher.next_batch = lambda: produced.append(next_batch()) or produced[-1]
     times, tokens, flops = [], [], []
     try:
         for k in range(a.steps + a.warmup):
             t0 = time.perf_counter()
             stats = trainer.train_step()  # ends with a host sync (the loss value)
+            used = [produced.popleft() for _ in range(trainer.cfg.grad_accum)]
             if k >= a.warmup:
                 times.append(time.perf_counter() - t0)
                 tokens.append(stats["tokens"])
-                flops.append(step_flops(trainer.raw_model, [r for batch in rows for r in batch]))
-            rows.clear()
+                flops.append(step_flops(trainer.raw_model, [r for batch in used for r in batch]))
     finally:
         trainer.close()
     med = statistics.median(times)
