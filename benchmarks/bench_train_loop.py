@@ -50,6 +50,7 @@ def run(model_dir: Path, meta: Path, out: Path, a, workers: int) -> dict:
             t0 = time.perf_counter()
             stats = trainer.train_step()  # ends with a host sync (the loss value)
             used = [produced.popleft() for _ in range(trainer.cfg.grad_accum)]
+            assert sum(smp.num_tokens for b in used for row in b for smp in row) == stats["tokens"]
             if k >= a.warmup:
                 times.append(time.perf_counter() - t0)
                 tokens.append(stats["tokens"])
