@@ -426,3 +426,53 @@ def test_resume_writes_each_skip_once(tiny_dir, tmp_path, monkeypatch):
     assert resumed["skipped"] == straight["skipped"] and straight["skipped"]["missing_image"] > killed - 1
     files = [(tmp_path / d / "skipped.rank0.jsonl").read_text() for d in "ab"]
     assert files[0] == files[1] and files[0].count("\n") == straight["skipped"]["missing_image"]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-internlm2", "tiny-phi3"])
+def test_lora_on_fused_projections_is_upstreams(preset):
+    """InternLM2 (wqkv) and Phi-3 (qkv_proj, gate_up_proj) hold fused matrices upstream, whose LoRA is
+    one A and a split B: the same trainable parameters here, and the same merged fused matrix."""
+    from interleaf.model.presets import build_model, preset_config
+    from interleaf.train.lora import FUSED_GROUPS, apply_llm_lora
+
+    model = build_model(preset_config(preset))
+    r = 4
+    apply_llm_lora(model, r)
+    model.eval()  # no LoRA dropout
+    groups = FUSED_GROUPS.get(model.config.llm.family, ())
+    layer = model.language_model.model.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    shared_qkv = attn.q_proj.lora_A is attn.k_proj.lora_A is attn.v_proj.lora_A
+    assert shared_qkv == (("q_proj", "k_proj", "v_proj") in groups)
+    assert (mlp.gate_proj.lora_A is mlp.up_proj.lora_A) == (("gate_proj", "up_proj") in groups)
+    assert attn.o_proj.lora_A is not attn.q_proj.lora_A
+    # trainable parameters = upstream's adapters: one (A, B) per matrix of the original layout
+    h = model.config.llm.hidden_size
+    sizes = {"q_proj": attn.q_proj, "k_proj": attn.k_proj, "v_proj": attn.v_proj, "o_proj": attn.o_proj,
+             "gate_proj": mlp.gate_proj, "up_proj": mlp.up_proj, "down_proj": mlp.down_proj}  # fmt: skip
+    matrices = [list(g) for g in groups] + [
+        [n] for n in sizes if not any(n in g for g in groups)
+    ]  # the original layout's matrices
+    expect = sum(
+        r * sizes[g[0]].base.in_features + sum(sizes[n].base.out_features for n in g) * r for g in matrices
+    )
+    per_layer = sum(p.numel() for n, p in layer.named_parameters() if "lora_" in n)
+    assert per_layer == expect
+    if not shared_qkv:
+        return  # Qwen2: separate matrices upstream too
+    # merging gives the fused matrix W + s * [B_q; B_k; B_v] @ A
+    g = torch.Generator().manual_seed(0)
+    for m in (attn.q_proj, attn.k_proj, attn.v_proj):
+        m.lora_B.data = torch.randn(m.lora_B.shape, generator=g)
+    fused_w = torch.cat([m.base.weight for m in (attn.q_proj, attn.k_proj, attn.v_proj)])
+    fused_b = torch.cat([m.lora_B for m in (attn.q_proj, attn.k_proj, attn.v_proj)])
+    expect_w = fused_w + attn.q_proj.scaling * fused_b @ attn.q_proj.lora_A
+    x = torch.randn(3, h, generator=g)
+    out = torch.cat([m(x) for m in (attn.q_proj, attn.k_proj, attn.v_proj)], dim=-1)
+    bias = torch.cat([m.base.bias if m.base.bias is not None else torch.zeros(m.base.out_features)
+                      for m in (attn.q_proj, attn.k_proj, attn.v_proj)])  # fmt: skip
+    torch.testing.assert_close(out, x @ expect_w.t() + bias)
+    merge_lora(model)
+    merged = torch.cat([attn_m.weight for attn_m in (layer.self_attn.q_proj, layer.self_attn.k_proj,
+                                                      layer.self_attn.v_proj)])  # fmt: skip
+    torch.testing.assert_close(merged, expect_w)

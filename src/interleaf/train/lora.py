@@ -5,6 +5,12 @@ so a freshly wrapped model computes exactly what the base model does. Upstream s
 dropout 0.05; targets (spec 1.7) in interleaf's unfused layout: the LLM's q/k/v/o projections and
 gate/up/down MLP projections (InternLM2 ``wqkv``/``wo``/``w1-3`` and Phi-3 ``qkv_proj``/``gate_up_proj``
 map onto these on load), the ViT's ``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``.
+
+Where upstream's checkpoint holds several projections as one matrix (InternLM2 ``wqkv``, Phi-3
+``qkv_proj`` and ``gate_up_proj``), upstream's LoRA is one adapter on the fused matrix: one A, and a B
+whose rows split across the projections. The members of such a group here share one ``lora_A``
+parameter and keep their slice of B, which is the same parametrisation (same trainable parameters, same
+update ``B_member @ A``); only the dropout mask is drawn per member.
 """
 
 from __future__ import annotations
@@ -16,6 +22,11 @@ from torch import nn
 
 LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VIT_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+# projections fused into one matrix in each LLM family's original checkpoints
+FUSED_GROUPS = {
+    "internlm2": (("q_proj", "k_proj", "v_proj"),),
+    "phi3": (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")),
+}
 
 
 class LoRALinear(nn.Module):
@@ -60,9 +71,17 @@ class LoRALinear(nn.Module):
 
 
 def apply_lora(
-    module: nn.Module, targets: tuple[str, ...], r: int, alpha: float | None = None, dropout: float = 0.05
+    module: nn.Module,
+    targets: tuple[str, ...],
+    r: int,
+    alpha: float | None = None,
+    dropout: float = 0.05,
+    fused: tuple[tuple[str, ...], ...] = (),
 ) -> list[str]:
-    """Wrap every ``nn.Linear`` under ``module`` whose name ends with a target; returns the wrapped names."""
+    """Wrap every ``nn.Linear`` under ``module`` whose name ends with a target; returns the wrapped names.
+
+    ``fused``: groups of sibling attribute names (e.g. ``("q_proj", "k_proj", "v_proj")``) that share one
+    ``lora_A``, as LoRA on the fused matrix they come from."""
     alpha = 2 * r if alpha is None else alpha
     wrapped = []
     for name, child in list(module.named_modules()):
@@ -73,7 +92,19 @@ def apply_lora(
                 continue
             setattr(parent, attr, LoRALinear(child, r, alpha, dropout))
             wrapped.append(name)
+    for parent in module.modules():
+        for group in fused:
+            members = [getattr(parent, a, None) for a in group]
+            if all(isinstance(m, LoRALinear) for m in members):
+                for m in members[1:]:
+                    m.lora_A = members[0].lora_A
     return wrapped
+
+
+def apply_llm_lora(model: nn.Module, r: int, dropout: float = 0.05) -> list[str]:
+    """LoRA on an InternVL model's LLM, with the LLM family's fused groups sharing A (as upstream)."""
+    groups = FUSED_GROUPS.get(model.config.llm.family, ())
+    return apply_lora(model.language_model, LLM_TARGETS, r, dropout=dropout, fused=groups)
 
 
 def merge_lora(module: nn.Module, merge: bool = True) -> int:

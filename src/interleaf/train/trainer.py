@@ -37,7 +37,7 @@ from torch import nn
 from interleaf.errors import CheckpointError, ConfigError
 from interleaf.train.config import TrainConfig
 from interleaf.train.data import IGNORE_INDEX, ConversationDataset, CorpusDataset, DataArgs, SkipLog
-from interleaf.train.lora import LLM_TARGETS, VIT_TARGETS, apply_lora, has_lora, merge_lora
+from interleaf.train.lora import VIT_TARGETS, apply_llm_lora, apply_lora, has_lora, merge_lora
 from interleaf.train.packing import Batcher, SampleStream, collate
 from interleaf.train.precision import MasterWeights, resolve_dtype
 
@@ -63,7 +63,7 @@ def set_trainable(model: nn.Module, cfg: TrainConfig) -> dict[str, int]:
     if cfg.use_llm_lora:
         for p in model.language_model.parameters():
             p.requires_grad_(False)
-        apply_lora(model.language_model, LLM_TARGETS, cfg.use_llm_lora, dropout=cfg.lora_dropout)
+        apply_llm_lora(model, cfg.use_llm_lora, dropout=cfg.lora_dropout)
     if cfg.use_backbone_lora:
         for p in model.vision_model.parameters():
             p.requires_grad_(False)
@@ -453,7 +453,7 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             model = type(self.raw_model)(copy.deepcopy(self.raw_model.config))
             if cfg.use_llm_lora:
-                apply_lora(model.language_model, LLM_TARGETS, cfg.use_llm_lora, dropout=cfg.lora_dropout)
+                apply_llm_lora(model, cfg.use_llm_lora, dropout=cfg.lora_dropout)
             if cfg.use_backbone_lora:
                 apply_lora(model.vision_model, VIT_TARGETS, cfg.use_backbone_lora, dropout=cfg.lora_dropout)
         model.load_state_dict(state)
@@ -469,7 +469,8 @@ class Trainer:
         if adapter is not None:
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in adapter.items()}, str(out_dir / "adapter.safetensors"))
+            # clones: the members of a fused group share one A tensor, which safetensors will not write twice
+            save_file({k: v.clone() for k, v in adapter.items()}, str(out_dir / "adapter.safetensors"))
 
     def save(self, final: bool = False) -> Path:
         """Atomic checkpoint: written to a temporary folder, then renamed into place."""
