@@ -195,12 +195,13 @@ class TrainStep(nn.Module):
                 cu_seqlens=batch["cu_seqlens"] if varlen else None,
                 max_seqlen=batch.get("max_seqlen") if varlen else None,
             )
-        targets = batch["targets"]
-        sel = targets != IGNORE_INDEX
-        hidden = out.logits[sel]  # [N_sup, H]
+        sup = batch.get("supervised")  # flat positions with a loss (collate computes them)
+        if sup is None:
+            sup = (batch["targets"].reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+        hidden = out.logits.reshape(-1, out.logits.shape[-1]).index_select(0, sup)  # [N_sup, H]
         logits = head(hidden).float()  # [N_sup, V]
-        ce = nn.functional.cross_entropy(logits, targets[sel], reduction="none")
-        w = batch["loss_weight"][sel].to(ce.dtype)
+        ce = nn.functional.cross_entropy(logits, batch["targets"].reshape(-1)[sup], reduction="none")
+        w = batch["loss_weight"].reshape(-1)[sup].to(ce.dtype)
         return (ce * w).sum(), w.sum()
 
 
