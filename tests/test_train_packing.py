@@ -63,6 +63,9 @@ def test_packed_logits_equal_separate(tiny, samples):
     packed = collate([samples], pad_id=0)
     assert packed["attention_mask"].shape[-1] == sum(s.num_tokens for s in samples)
     assert packed["position_ids"][0, samples[0].num_tokens].item() == 0  # restarts per sample
+    flat_targets = packed["targets"].reshape(-1)
+    assert packed["supervised"].tolist() == [i for i, t in enumerate(flat_targets.tolist()) if t != -100]
+    assert len(packed["supervised"]) == packed["num_supervised"]
     with torch.no_grad():
         out = model(
             input_ids=packed["input_ids"],
