@@ -150,8 +150,17 @@ def test_logits_to_keep_and_hidden_states(tiny):
 def test_image_token_count_mismatch_is_input_error(tiny):
     model, tok = tiny
     ids = _ids(tok, n_tiles=1)
-    with pytest.raises(InputError, match="256 <IMG_CONTEXT> tokens but 512 image embeddings"):
-        model(input_ids=ids, pixel_values=torch.randn(2, 3, 448, 448))
+    calls = []
+    real = model.extract_feature
+    model.extract_feature = lambda px: calls.append(px) or real(px)
+    try:
+        with pytest.raises(InputError, match="256 <IMG_CONTEXT> tokens but 512 image embeddings"):
+            model(input_ids=ids, pixel_values=torch.randn(2, 3, 448, 448))
+        assert not calls  # refused before the vision pass (whose count sync would wait for it)
+        with pytest.raises(InputError, match="256 <IMG_CONTEXT> tokens but 512 image embeddings"):
+            model(input_ids=ids, image_embeds=torch.randn(2, 256, model.config.llm.hidden_size))
+    finally:
+        del model.extract_feature
 
 
 def test_visual_mask_reaches_every_layer_feed_forward(tiny_ckpt):

@@ -71,9 +71,7 @@ class InternVLChatModel(nn.Module):
     ) -> torch.Tensor:
         """Token embeddings with image features at the ``<IMG_CONTEXT>`` positions: [B, S, H]."""
         embeds = self.language_model.model.embed_tokens(input_ids)
-        if image_embeds is None and pixel_values is not None:
-            image_embeds = self.extract_feature(pixel_values)
-        if image_embeds is None:
+        if image_embeds is None and pixel_values is None:
             return embeds
         ctx = self.config.img_context_token_id
         if ctx is None:
@@ -81,14 +79,24 @@ class InternVLChatModel(nn.Module):
                 "config: img_context_token_id is not set (no <IMG_CONTEXT> token in the tokenizer)"
             )
         mask = input_ids == ctx
-        feats = image_embeds.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+        # counted before the vision pass is queued, so this host sync does not wait for the ViT
         n_tokens = int(mask.sum())
-        if n_tokens != feats.shape[0]:
+        if image_embeds is not None:
             n_tiles = image_embeds.shape[0] if image_embeds.dim() == 3 else "?"
+            n_feats = image_embeds.numel() // embeds.shape[-1]
+        else:  # the ViT's patch grid after pixel shuffle, per tile
+            patch = self.config.vision.patch_size
+            grid = (pixel_values.shape[-2] // patch) * (pixel_values.shape[-1] // patch)
+            n_tiles = pixel_values.shape[0]
+            n_feats = n_tiles * int(grid * self.config.downsample_ratio**2)
+        if n_tokens != n_feats:
             raise InputError(
-                f"input_ids: {n_tokens} <IMG_CONTEXT> tokens but {feats.shape[0]} image embeddings "
+                f"input_ids: {n_tokens} <IMG_CONTEXT> tokens but {n_feats} image embeddings "
                 f"({n_tiles} tiles x {self.num_image_token})"
             )
+        if image_embeds is None:
+            image_embeds = self.extract_feature(pixel_values)
+        feats = image_embeds.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
         return embeds.masked_scatter(mask.unsqueeze(-1), feats)
 
     # ------------------------------------------------------------------ forward
