@@ -84,7 +84,13 @@ def run_interleaf(
     from interleaf.train.config import build_config
     from interleaf.train.packing import collate
     from interleaf.train.precision import MasterWeights
-    from interleaf.train.trainer import TrainStep, build_optimizer, compile_layers, cosine_schedule
+    from interleaf.train.trainer import (
+        TrainStep,
+        build_optimizer,
+        compile_layers,
+        cosine_schedule,
+        optimizer_step,
+    )
 
     model, tok = load_checkpoint(model_dir)
     model = model.float().to(device).train()
@@ -122,12 +128,7 @@ def run_interleaf(
         with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss_sum, w_sum = step_mod(batch)
         (loss_sum / w_sum).backward()
-        if master is not None:
-            master.grads_to_master()
-        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
-        opt.step()
-        if master is not None:
-            master.copy_to_model()
+        optimizer_step(opt, master, 1.0)
         sched.step()
         opt.zero_grad(set_to_none=True)
         if device == "cuda":

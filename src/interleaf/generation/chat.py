@@ -26,7 +26,7 @@ from PIL import Image
 
 from interleaf.errors import InputError
 from interleaf.generation.engine import GenerationConfig, Generator, optimize_for_cpu
-from interleaf.processing.image import preprocess_images
+from interleaf.processing.image import background_threads, preprocess_images
 from interleaf.processing.prompt import add_placeholders, expand_image_placeholders
 from interleaf.processing.templates import ChatTemplate, get_template
 from interleaf.processing.video import frames_to_pixels, read_video_frames
@@ -66,9 +66,8 @@ class ChatModel:
         # (transformers resets its truncation/padding state on every call); prepare_batch may run
         # in a worker thread while replies are decoded
         self._tokenizer_lock = threading.Lock()
-        # prepare_batch tiles a batch's images in parallel threads (PIL and numpy release the GIL);
-        # half the cores, so a CPU model's own threads keep theirs (one on a 2-core machine: serial)
-        self.prep_workers = min(8, (os.cpu_count() or 1) // 2)
+        # prepare_batch tiles a batch's images in parallel threads (PIL and numpy release the GIL)
+        self.prep_workers = background_threads()
         self._prep_pool: ThreadPoolExecutor | None = None
         self.stop_token_ids = self._stop_ids()
         pad = tokenizer.pad_token_id

@@ -212,6 +212,12 @@ def preprocess_image(
     return _normalize(arr)
 
 
+def background_threads() -> int:
+    """Threads for image loading and tiling beside a running model: half the cores, so the model's
+    own threads keep theirs, at most 8 (a 2-core machine gets 1: serial)."""
+    return min(8, (os.cpu_count() or 1) // 2)
+
+
 def images_budget(max_num: int, n_images: int) -> int:
     """Per-image tile budget when several images share one prompt: ``max(1, max_num // n_images)``."""
     return max(1, max_num // max(1, n_images))

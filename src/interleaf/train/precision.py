@@ -19,8 +19,6 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-DTYPES = ("auto", "fp32", "bf16", "bf16-master")
-
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:
     """``auto`` -> ``bf16-master`` on a GPU, ``fp32`` on the CPU; other values unchanged."""

@@ -35,8 +35,9 @@ import torch
 from torch import nn
 
 from interleaf.errors import CheckpointError, ConfigError
+from interleaf.processing.image import background_threads
 from interleaf.train.config import TrainConfig
-from interleaf.train.data import IGNORE_INDEX, ConversationDataset, CorpusDataset, DataArgs, SkipLog
+from interleaf.train.data import ConversationDataset, CorpusDataset, DataArgs, SkipLog
 from interleaf.train.lora import VIT_TARGETS, apply_llm_lora, apply_lora, has_lora, merge_lora
 from interleaf.train.packing import Batcher, SampleStream, collate
 from interleaf.train.precision import MasterWeights, resolve_dtype
@@ -161,6 +162,21 @@ def compile_layers(model: nn.Module) -> None:
         layer.compile(dynamic=True)
 
 
+def optimizer_step(
+    optimizer: torch.optim.Optimizer, master: MasterWeights | None, max_grad_norm: float
+) -> torch.Tensor:
+    """Clip the gradients (``max_grad_norm`` <= 0: only measure them), step, and with fp32 master
+    weights move the gradients to them first and round them into the model after; returns the norm."""
+    if master is not None:
+        master.grads_to_master()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    optimizer.step()
+    if master is not None:
+        master.copy_to_model()
+    return grad_norm
+
+
 @contextmanager
 def _hidden_instead_of_logits(model: nn.Module):
     """Run the LLM without its lm_head (returns the final hidden states as ``logits``), so the head
@@ -195,9 +211,7 @@ class TrainStep(nn.Module):
                 cu_seqlens=batch["cu_seqlens"] if varlen else None,
                 max_seqlen=batch.get("max_seqlen") if varlen else None,
             )
-        sup = batch.get("supervised")  # flat positions with a loss (collate computes them)
-        if sup is None:
-            sup = (batch["targets"].reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+        sup = batch["supervised"]  # flat positions with a loss (collate finds them on the host)
         hidden = out.logits.reshape(-1, out.logits.shape[-1]).index_select(0, sup)  # [N_sup, H]
         logits = head(hidden).float()  # [N_sup, V]
         ce = nn.functional.cross_entropy(logits, batch["targets"].reshape(-1)[sup], reduction="none")
@@ -370,7 +384,7 @@ class Trainer:
         self.dataset = dataset
         workers = cfg.num_workers
         if workers < 0:  # a CPU run's own threads need the cores; a GPU step should not wait for data
-            workers = min(8, (os.cpu_count() or 1) // 2) if self.device.type == "cuda" else 0
+            workers = background_threads() if self.device.type == "cuda" else 0
         stream = SampleStream(
             dataset, cfg.seed, cfg.shuffle, self.rank, self.world, workers=workers, skip_log=self.skip_log
         )
@@ -616,16 +630,8 @@ class Trainer:
                 loss = loss_sum / w_sum.clamp_min(1e-8)
                 (loss / cfg.grad_accum).backward()
             losses.append(loss.detach())  # no host sync: the next micro-batch is built meanwhile
-        if self.master is not None:
-            self.master.grads_to_master()
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        )
         lrs = {f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups if "no_decay" not in g["name"]}
-        self.optimizer.step()
-        if self.master is not None:
-            self.master.copy_to_model()
+        grad_norm = optimizer_step(self.optimizer, self.master, cfg.max_grad_norm)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.step + 1 < cfg.max_steps:
