@@ -22,6 +22,8 @@ import time
 from collections import deque
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_train import build_data, step_flops  # noqa: E402
@@ -33,7 +35,7 @@ def run(model_dir: Path, meta: Path, out: Path, a, workers: int) -> dict:
 
     values = {
         "model_path": str(model_dir), "meta_path": str(meta), "output_dir": str(out),
-        "max_steps": a.steps + a.warmup, "lr": 1e-5, "packing": True, "device": a.device,
+        "max_steps": a.steps + a.warmup + a.profile, "lr": 1e-5, "packing": True, "device": a.device,
         "max_packed_tokens": a.pack_tokens, "max_seq_length": min(a.pack_tokens, 8192),
         "num_workers": workers, "compile": a.compile, "log_steps": 10**9,
     }  # fmt: skip
@@ -45,18 +47,27 @@ def run(model_dir: Path, meta: Path, out: Path, a, workers: int) -> dict:
     next_batch = trainer.batcher.next_batch
     trainer.batcher.next_batch = lambda: produced.append(next_batch()) or produced[-1]
     times, tokens, flops = [], [], []
+    prof = None
     try:
-        for k in range(a.steps + a.warmup):
+        for k in range(a.steps + a.warmup + a.profile):
+            if k == a.steps + a.warmup:  # the profiled steps come after the timed ones
+                prof = torch.profiler.profile()
+                prof.start()
             t0 = time.perf_counter()
             stats = trainer.train_step()  # ends with a host sync (the loss value)
             used = [produced.popleft() for _ in range(trainer.cfg.grad_accum)]
             assert sum(smp.num_tokens for b in used for row in b for smp in row) == stats["tokens"]
-            if k >= a.warmup:
+            if a.warmup <= k < a.warmup + a.steps:
                 times.append(time.perf_counter() - t0)
                 tokens.append(stats["tokens"])
                 flops.append(step_flops(trainer.raw_model, [r for batch in used for r in batch]))
     finally:
+        if prof is not None:
+            prof.stop()
         trainer.close()
+    if prof is not None:  # host-side hot spots: what keeps the GPU waiting between steps
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    print(f"  workers={workers} step ms:", " ".join(f"{t * 1e3:.0f}" for t in times), flush=True)
     med = statistics.median(times)
     return {
         "workers": workers,
@@ -78,6 +89,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="compile: true (per-layer torch.compile)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more trainer config")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator peak bf16 dense TFLOP/s")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="profile N more steps (host ops)")
     p.add_argument("--json", help="write results here")
     a = p.parse_args()
     from interleaf.model import init_model
