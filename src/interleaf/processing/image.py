@@ -154,14 +154,21 @@ def num_tiles(
     return n + 1 if use_thumbnail and n > 1 else n
 
 
+_MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
+_STD = np.asarray(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
+
+
 def _normalize(pixels: np.ndarray) -> torch.Tensor:
-    """uint8 [..., H, W, 3] -> float32 [..., 3, H, W], scaled to [0, 1] then ImageNet-normalised."""
-    if not pixels.flags.writeable:  # arrays viewing PIL buffers are read-only
-        pixels = pixels.copy()
-    x = torch.from_numpy(np.ascontiguousarray(pixels)).movedim(-1, -3).to(torch.float32).div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
-    return x.sub_(mean).div_(std)
+    """uint8 [..., H, W, 3] -> float32 [..., 3, H, W], scaled to [0, 1] then ImageNet-normalised.
+
+    In numpy, not torch: single-threaded with the GIL released, so the data and tiling threads do not
+    each start a team of intra-op threads beside a busy training or generation loop (same float32
+    operations in the same order as torch's, so the values are identical)."""
+    x = np.moveaxis(pixels, -1, -3).astype(np.float32)  # keeps the HWC memory order, as before
+    np.divide(x, np.float32(255.0), out=x)
+    np.subtract(x, _MEAN, out=x)
+    np.divide(x, _STD, out=x)
+    return torch.from_numpy(x)
 
 
 def dynamic_tiles(
