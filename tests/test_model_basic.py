@@ -20,3 +20,26 @@ def test_tiny_fixtures_load_and_agree(tiny_ckpt, tiny_ckpt_hf):
     assert a.shape == (1, ids.shape[1], model.config.llm.vocab_size)
     assert torch.isfinite(a).all()
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_image_features_placed_as_masked_scatter(tiny_ckpt):
+    """``embed`` writes image features by index (no host sync in the backward); values and gradients
+    are those of transformers' formulation, ``masked_scatter`` at the ``<IMG_CONTEXT>`` positions."""
+    model, tok = load_checkpoint(tiny_ckpt)
+    model = model.float()
+    text = "a<img>" + "<IMG_CONTEXT>" * 256 + "</img> b <img>" + "<IMG_CONTEXT>" * 256 + "</img> c"
+    ids = tok([text, text], return_tensors="pt").input_ids
+    ids[1, :3] = ids[0, -3:]  # rows differ outside the images
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(4, 256, model.config.llm.hidden_size, generator=g, requires_grad=True)
+    upstream = torch.randn(*ids.shape, model.config.llm.hidden_size, generator=g)
+    table = model.language_model.model.embed_tokens.weight
+    ours = model.embed(ids, image_embeds=feats)
+    grads_ours = torch.autograd.grad((ours * upstream).sum(), (feats, table))
+    tokens = model.language_model.model.embed_tokens(ids)
+    mask = (ids == model.config.img_context_token_id).unsqueeze(-1)
+    ref = tokens.masked_scatter(mask, feats.reshape(-1, tokens.shape[-1]))
+    grads_ref = torch.autograd.grad((ref * upstream).sum(), (feats, table))
+    assert torch.equal(ours, ref)
+    for a, b in zip(grads_ours, grads_ref):
+        assert torch.equal(a, b)

@@ -78,9 +78,10 @@ class InternVLChatModel(nn.Module):
             raise InputError(
                 "config: img_context_token_id is not set (no <IMG_CONTEXT> token in the tokenizer)"
             )
-        mask = input_ids == ctx
-        # counted before the vision pass is queued, so this host sync does not wait for the ViT
-        n_tokens = int(mask.sum())
+        # found before the vision pass is queued, so this host sync does not wait for
+        # the ViT; writing by index keeps the backward sync-free too (masked_scatter's uses masked_select)
+        positions = (input_ids == ctx).flatten().nonzero().squeeze(1)
+        n_tokens = positions.numel()
         if image_embeds is not None:
             n_tiles = image_embeds.shape[0] if image_embeds.dim() == 3 else "?"
             n_feats = image_embeds.numel() // embeds.shape[-1]
@@ -97,7 +98,7 @@ class InternVLChatModel(nn.Module):
         if image_embeds is None:
             image_embeds = self.extract_feature(pixel_values)
         feats = image_embeds.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
-        return embeds.masked_scatter(mask.unsqueeze(-1), feats)
+        return embeds.flatten(0, 1).index_copy(0, positions, feats).view_as(embeds)
 
     # ------------------------------------------------------------------ forward
     def forward(
