@@ -26,6 +26,7 @@ import random
 import re
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -278,7 +279,10 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.losses: list[tuple[int, float]] = []
         self.step = 0
-        self._ahead: tuple[dict[str, Any], dict[str, Any]] | None = None  # (micro-batch, data position)
+        # the next micro-batch, built (or being built) ahead, and the data position before it
+        self._ahead: tuple[Future, dict[str, Any]] | None = None
+        self._loader: ThreadPoolExecutor | None = None  # builds that micro-batch beside the step
+        self._copy_stream: torch.cuda.Stream | None = None  # its host-to-device copy, beside the kernels
 
     def log(self, msg: str) -> None:
         if self.is_main and self._print is not None:
@@ -396,6 +400,10 @@ class Trainer:
             cfg.max_packed_images,
             cfg.pack_lookahead,
         )
+        if workers > 0:
+            self._loader = ThreadPoolExecutor(1, thread_name_prefix="interleaf-batch")
+        if self.device.type == "cuda":
+            self._copy_stream = torch.cuda.Stream(self.device)
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = int(pad) if isinstance(pad, int) else 0
 
@@ -583,12 +591,16 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        if self.device.type == "cpu":
-            return batch
-        # from pinned memory the copy runs behind the kernels already queued instead of blocking the host
-        return {k: (v.pin_memory().to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
-                for k, v in batch.items()}  # fmt: skip
+    def _stage(self) -> tuple[dict[str, Any], Any]:
+        """Build the next micro-batch and start its copy to the device: (batch, copy-done event)."""
+        batch = collate(self.batcher.next_batch(), self.pad_id, self.cfg.loss_reduction, block_mask=False)
+        if self._copy_stream is None:
+            return batch, None
+        # pinned memory and a side stream: the copy overlaps the kernels already queued
+        with torch.cuda.stream(self._copy_stream):
+            batch = {k: (v.pin_memory().to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
+                     for k, v in batch.items()}  # fmt: skip
+            return batch, self._copy_stream.record_event()
 
     def _data_position(self) -> dict[str, Any]:
         """Where the data stands for a checkpoint: before the micro-batch read ahead, if there is one."""
@@ -597,18 +609,31 @@ class Trainer:
         return {"data": self.batcher.state_dict(), "skips": dict(self.skip_log.counts)}
 
     def _next_micro_batch(self) -> dict[str, Any]:
-        """The next micro-batch, on the device: the one read ahead during the last step, or a new one."""
+        """The next micro-batch, on the device: the one read ahead, or a new one."""
         if self._ahead is not None:
-            batch, self._ahead = self._ahead[0], None
-            return batch
-        rows = self.batcher.next_batch()
-        return self._to_device(collate(rows, self.pad_id, self.cfg.loss_reduction, block_mask=False))
+            batch, copied = self._ahead[0].result()
+            self._ahead = None
+        else:
+            batch, copied = self._stage()
+        if copied is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(copied)
+            for v in batch.values():
+                if torch.is_tensor(v):
+                    v.record_stream(compute)  # allocated on the copy stream, used on this one
+        return batch
 
     def _read_ahead(self) -> None:
-        """Build the next step's first micro-batch while the GPU still runs this step (the position
-        before it is kept for checkpoints, so a resumed run reads it again)."""
+        """Start building the next step's first micro-batch: in the loader thread while this step's
+        kernels are queued and run, or here (the position before it is kept for checkpoints, so a
+        resumed run reads it again)."""
         position = self._data_position()
-        self._ahead = (self._next_micro_batch(), position)
+        if self._loader is not None:
+            self._ahead = (self._loader.submit(self._stage), position)
+        else:
+            done: Future = Future()
+            done.set_result(self._stage())
+            self._ahead = (done, position)
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns its statistics."""
@@ -616,11 +641,14 @@ class Trainer:
         self.step_module.train()
         losses = []
         tokens = samples = 0
+        more = self.step + 1 < cfg.max_steps
         for micro in range(cfg.grad_accum):
             batch = self._next_micro_batch()
             tokens += batch["num_tokens"]
             samples += batch["num_samples"]
             last = micro == cfg.grad_accum - 1
+            if last and more and self._loader is not None:
+                self._read_ahead()  # the loader thread works while this micro-batch's kernels are queued
             sync = nullcontext()
             if self.world > 1 and cfg.distributed == "ddp" and not last:
                 sync = self.step_module.no_sync()
@@ -634,8 +662,8 @@ class Trainer:
         grad_norm = optimizer_step(self.optimizer, self.master, cfg.max_grad_norm)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.step + 1 < cfg.max_steps:
-            self._read_ahead()
+        if more and self._loader is None:
+            self._read_ahead()  # built here, while the queued kernels run
         # the one host sync of the step, after everything is queued
         total_loss = sum(x / cfg.grad_accum for x in torch.stack(losses).tolist())
         if self.world > 1:
@@ -715,6 +743,9 @@ class Trainer:
         }
 
     def close(self) -> None:
+        if self._loader is not None:
+            self._loader.shutdown(wait=True)
+            self._loader = None
         batcher = getattr(self, "batcher", None)
         if batcher is not None:
             batcher.stream.close()
