@@ -400,10 +400,13 @@ class Trainer:
             cfg.max_packed_images,
             cfg.pack_lookahead,
         )
-        if workers > 0:
-            self._loader = ThreadPoolExecutor(1, thread_name_prefix="interleaf-batch")
         if self.device.type == "cuda":
             self._copy_stream = torch.cuda.Stream(self.device)
+        if workers > 0:  # on a GPU the thread works on this rank's device (not device 0's context)
+            on_device = (torch.cuda.set_device, (self.device,)) if self.device.type == "cuda" else (None, ())
+            self._loader = ThreadPoolExecutor(
+                1, thread_name_prefix="interleaf-batch", initializer=on_device[0], initargs=on_device[1]
+            )
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = int(pad) if isinstance(pad, int) else 0
 
