@@ -10,5 +10,7 @@ def test_help_lists_commands(capsys):
 
 
 def test_unknown_command_exits_nonzero():
-    proc = subprocess.run([sys.executable, "-m", "interleaf.cli", "no-such-command"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "interleaf.cli", "no-such-command"], capture_output=True, text=True
+    )
     assert proc.returncode != 0

@@ -15,7 +15,6 @@ from interleaf.eval.mini import make_mini_mmiu, make_mini_mmniah
 DATA = Path(__file__).parent / "data" / "eval"
 
 
-
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("mini")

@@ -26,6 +26,7 @@ def chat(tiny_ckpt_hf):
 @pytest.fixture(scope="module")
 def hf_model(tiny_ckpt_hf):
     import transformers
+
     return transformers.InternVLForConditionalGeneration.from_pretrained(
         tiny_ckpt_hf, dtype=torch.float32
     ).eval()

@@ -110,6 +110,7 @@ def test_multiview_stitching(tmp_path):
 
 def test_video_to_frames(tmp_path):
     import av
+
     path = tmp_path / "clip.mp4"
     with av.open(str(path), "w") as container:
         stream = container.add_stream("mpeg4", rate=10)
