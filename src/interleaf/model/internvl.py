@@ -78,8 +78,8 @@ class InternVLChatModel(nn.Module):
             raise InputError(
                 "config: img_context_token_id is not set (no <IMG_CONTEXT> token in the tokenizer)"
             )
-        # found before the vision pass is queued, so this host sync does not wait for
-        # the ViT; writing by index keeps the backward sync-free too (masked_scatter's uses masked_select)
+        # found before the vision pass is queued, so this host sync does not wait for the ViT; writing
+        # by index keeps the backward sync-free too (masked_scatter's backward is a masked_select)
         positions = (input_ids == ctx).flatten().nonzero().squeeze(1)
         n_tokens = positions.numel()
         if image_embeds is not None:

@@ -28,6 +28,7 @@ import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -402,11 +403,9 @@ class Trainer:
         )
         if self.device.type == "cuda":
             self._copy_stream = torch.cuda.Stream(self.device)
-        if workers > 0:  # on a GPU the thread works on this rank's device (not device 0's context)
-            on_device = (torch.cuda.set_device, (self.device,)) if self.device.type == "cuda" else (None, ())
-            self._loader = ThreadPoolExecutor(
-                1, thread_name_prefix="interleaf-batch", initializer=on_device[0], initargs=on_device[1]
-            )
+        if workers > 0:  # on a GPU the thread works on this rank's device, not in a context on device 0
+            init = partial(torch.cuda.set_device, self.device) if self.device.type == "cuda" else None
+            self._loader = ThreadPoolExecutor(1, thread_name_prefix="interleaf-batch", initializer=init)
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = int(pad) if isinstance(pad, int) else 0
 
