@@ -125,15 +125,11 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more trainer config")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator peak bf16 dense TFLOP/s")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="profile N more steps (host ops)")
-    p.add_argument(
-        "--sync-debug",
-        type=int,
-        default=0,
-        choices=(0, 1),
-        help="1: one more step that prints its host syncs",
-    )
+    p.add_argument("--sync-debug", action="store_true", help="one more step that prints its host syncs")
     p.add_argument("--json", help="write results here")
     a = p.parse_args()
+    if a.sync_debug and a.device != "cuda":
+        p.error("--sync-debug reports CUDA host syncs: it needs --device cuda")
     from interleaf.model import init_model
 
     with tempfile.TemporaryDirectory() as tmp:
