@@ -40,6 +40,7 @@ from torch import nn
 
 from interleaf.generation.engine import GenerationConfig, Generator
 from interleaf.model import VisionConfig, mono_internvl, preset_config
+from interleaf.model.checkpoint import parameter_counts
 from interleaf.model.mono_checkpoint import PATCH_2B, PATCH_TINY
 from interleaf.model.mono_internvl import MonoInternVLChatModel, MonoInternVLConfig
 from interleaf.model.presets import make_tokenizer
@@ -119,23 +120,6 @@ def build_pair(shape: str, dtype: torch.dtype, device: str, share_expert_weights
     leftovers = [n for n, p in list(mono.named_parameters()) + list(mono.named_buffers()) if p.is_meta]
     assert not leftovers, leftovers
     return internvl.eval(), mono.eval(), tok
-
-
-def params(model: nn.Module) -> dict[str, float]:
-    seen, out = set(), {"vision": 0, "projector": 0, "llm": 0}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if p.data_ptr() in seen:
-            continue
-        seen.add(p.data_ptr())
-        key = (
-            "vision"
-            if name.startswith("vision_model.")
-            else "projector"
-            if name.startswith("mlp1.")
-            else "llm"
-        )
-        out[key] += p.numel()
-    return {k: v / 1e6 for k, v in out.items()}
 
 
 def prompt_inputs(tok, template: str, tiles: int, device: str, dtype: torch.dtype, seed: int = 0):
@@ -252,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# built in {time.perf_counter() - t0:.0f}s; experts {'share' if share else 'own'} weights; repeats {repeats}"
     )
     for name, m in (("InternVL", internvl), ("Mono-InternVL", mono)):
-        p = params(m)
+        p = {k: v / 1e6 for k, v in parameter_counts(m).items()}
         print(
             f"# {name:<14} params (M): vision {p['vision']:.1f}, projector {p['projector']:.1f}, llm {p['llm']:.1f}"
         )
