@@ -93,6 +93,22 @@ class StepStats:
         )
         return docs_ok and imgs_ok
 
+    def run(self, fn: Any, item: Any, label: str) -> Any:
+        """``fn(item)`` counted and timed here; an exception becomes ``Drop(error=True)`` (reason
+        ``label:ExceptionType``), and a drop is counted by its reason. Image counts are the caller's."""
+        self.docs_in += 1
+        t0 = time.perf_counter()
+        try:
+            out = fn(item)
+        except Exception as exc:  # noqa: BLE001 - one bad document must not stop a run
+            out = Drop(reason=f"{label}:{type(exc).__name__}", detail=str(exc)[:500], error=True)
+        self.time_s += time.perf_counter() - t0
+        if isinstance(out, Drop):
+            (self.errors_by_reason if out.error else self.excluded_by_reason)[out.reason] += 1
+        else:
+            self.docs_out += 1
+        return out
+
     def merge(self, other: StepStats) -> StepStats:
         """Add ``other``'s counters into this one (in place) and return self."""
         self.docs_in += other.docs_in
@@ -165,26 +181,15 @@ class Step:
         """Run ``process`` with bookkeeping; exceptions become ``Drop(error=True)``."""
         st = self.stats
         n_img = doc.n_images
-        st.docs_in += 1
         st.images_in += n_img
         pending = self.__dict__.setdefault("_pending", Counter())
         pending.clear()
-        t0 = time.perf_counter()
-        try:
-            out = self.process(doc)
-        except Exception as exc:  # noqa: BLE001 - one bad document must not stop a run
-            out = Drop(reason=f"{self.name}:{type(exc).__name__}", detail=str(exc)[:500], error=True)
-        st.time_s += time.perf_counter() - t0
+        out = st.run(self.process, doc, self.name)
         if isinstance(out, Drop):
             # removals recorded before the drop count as images of the dropped document
             pending.clear()
             st.images_in_dropped_docs += n_img
-            if out.error:
-                st.errors_by_reason[out.reason] += 1
-            else:
-                st.excluded_by_reason[out.reason] += 1
             return out
-        st.docs_out += 1
         n_out = out.n_images
         st.images_out += n_out
         unrecorded = n_img - n_out - sum(pending.values())

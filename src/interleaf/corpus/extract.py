@@ -149,24 +149,14 @@ class Extractor:
         self.stats = StepStats(name=self.name)
 
     def __call__(self, page: RawPage) -> Document | Drop:
-        import time
-
         st = self.stats
-        st.docs_in += 1
         drops: Counter = Counter()
-        t0 = time.perf_counter()
-        try:
-            out = _extract(page, self.config, drops)
-        except Exception as exc:  # noqa: BLE001 - one bad page must not stop a run
-            out = Drop(reason=f"extract:{type(exc).__name__}", detail=str(exc)[:500], error=True)
-        st.time_s += time.perf_counter() - t0
+        out = st.run(lambda p: _extract(p, self.config, drops), page, self.name)
         seen = drops.pop(_SEEN, 0)  # <img> elements in the page; images_in counts them
         if isinstance(out, Drop):
-            (st.errors_by_reason if out.error else st.excluded_by_reason)[out.reason] += 1
             st.images_in += seen
             st.images_in_dropped_docs += seen
             return out
-        st.docs_out += 1
         kept = out.n_images
         other = seen - kept - sum(drops.values())
         if other > 0:

@@ -244,28 +244,12 @@ class Extraction:
             self._fn = lambda page: X.extract(page, **dict(opts))
 
     def __call__(self, page):
-        import time
-
         from interleaf.corpus.base import Drop
 
-        st = self.stats
-        st.docs_in += 1
-        t0 = time.perf_counter()
-        try:
-            out = self._fn(page)
-        except Exception as exc:  # noqa: BLE001 - one bad page must not stop a run
-            out = Drop(reason=f"extract:{type(exc).__name__}", detail=str(exc)[:500], error=True)
-        st.time_s += time.perf_counter() - t0
-        if isinstance(out, Drop):
-            if out.error:
-                st.errors_by_reason[out.reason] += 1
-            else:
-                st.excluded_by_reason[out.reason] += 1
-        else:
-            # images are born here: count them in and out so the stage stays balanced
-            st.docs_out += 1
-            st.images_in += out.n_images
-            st.images_out += out.n_images
+        out = self.stats.run(self._fn, page, "extract")
+        if not isinstance(out, Drop):  # images are born here: count them in and out, balanced
+            self.stats.images_in += out.n_images
+            self.stats.images_out += out.n_images
         return out
 
 
