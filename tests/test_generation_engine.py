@@ -230,6 +230,29 @@ def test_static_full_length_cache_matches_and_is_reused(chat):
     assert len(static._caches) == 2 and all(c.full_attention for c in static._caches.values())
 
 
+def test_static_cache_prefill_takes_the_causal_kernel(chat, monkeypatch):
+    """With the CUDA-graph cache layout an unpadded prefill still attends only the prompt's slots with
+    ``is_causal`` (a fused kernel on a GPU); only the decode steps attend the whole buffer under a mask."""
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
+        calls.append((q.shape[-2], k.shape[-2], attn_mask is None, is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    static = Generator(chat.model, static_cache=True)
+    ids = torch.tensor([chat.prepare("a question about colours")[1]])
+    kw = dict(max_new_tokens=3, ignore_eos=True)
+    expected = chat.generator.generate(ids, **kw).tokens
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    assert static.generate(ids, **kw).tokens == expected
+    s, layers = ids.shape[1], chat.model.config.llm.num_hidden_layers
+    max_len = static._cache_len(s + 3)
+    assert max_len > s
+    assert calls[:layers] == [(s, s, True, True)] * layers  # prefill: causal kernel, prompt slots only
+    assert calls[layers:] and all(c[1] == max_len and not c[2] for c in calls[layers:])  # decode: masked
+
+
 def test_packed_linear_follows_weight_changes():
     lin = torch.nn.Linear(16, 8).to(torch.bfloat16)
     if optimize_for_cpu(lin) == 0:

@@ -12,7 +12,8 @@ or after ``max_new_tokens``. ``Generator.stream`` yields each step's tokens as t
 ``Generator.generate`` collects them.
 
 On CUDA the KV cache is static with ``full_attention`` (every decode step has the same shapes) and the
-decode step is captured once per (batch, cache length) in a CUDA graph and replayed. On CPU the decode
+decode step is captured once per (batch, cache length) in a CUDA graph and replayed; the prefill still
+attends only the prompt's slots (a fused causal kernel unless rows are padded). On CPU the decode
 step runs eagerly under ``torch.inference_mode``; ``optimize_for_cpu`` (applied by ``ChatModel`` on CPU)
 runs bf16 linear layers on oneDNN-prepacked weights (large) or fp32 copies (small), which makes batch-1
 bf16 matrix-vector products several times faster than the default kernel.
@@ -397,12 +398,14 @@ class Generator:
         b, s = input_ids.shape
         max_len = cache.max_len
         n_valid = mask.sum(-1, keepdim=True)  # [B, 1]: the first generated token's position
+        # the prefill fills slots [0, s) of the empty cache and attends only those (no cache_position:
+        # even a static cache then takes the causal kernel unless rows are padded); the decode steps
+        # below pass their slots and, with a static cache, attend the whole buffer
         logits = model(
             input_ids=input_ids,
             pixel_values=pixel_values,
-            attention_mask=mask if padded or cache.full_attention else None,
+            attention_mask=mask if padded else None,
             kv_cache=cache,
-            cache_position=torch.arange(s, device=device),
             logits_to_keep=1,
         ).logits[:, -1]
 

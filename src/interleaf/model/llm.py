@@ -435,8 +435,10 @@ class DecoderLM(nn.Module):
         shorter masks are padded with ones), or 4-D bool [B, 1, S, S_kv] (True = attend) used as is.
         ``position_ids`` default: from the 2-D mask (cumsum - 1) or the cache positions.
         With ``kv_cache``, the new keys/values go to slots ``cache_position`` (default: after the
-        cache's current length) and attention covers the filled prefix (or the whole buffer when
-        ``kv_cache.full_attention``, for CUDA graphs).
+        cache's current length) and attention covers the filled prefix - or, when ``cache_position``
+        is given and ``kv_cache.full_attention`` is set, the whole buffer under a mask, so a CUDA graph
+        sees the same shapes at every step. Without ``cache_position`` the keys attended are always
+        the filled prefix: a prefill into an empty cache runs the fused causal kernel.
         """
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, s, _ = x.shape
@@ -455,7 +457,7 @@ class DecoderLM(nn.Module):
             if cache_position is None:
                 cache_position = torch.arange(kv_cache.length, kv_cache.length + s, device=device)
                 start_known_zero = kv_cache.length == 0
-                kv_len = kv_cache.max_len if kv_cache.full_attention else kv_cache.length + s
+                kv_len = kv_cache.length + s
                 kv_cache.length += s
             elif kv_cache.full_attention:
                 kv_len, start_known_zero = kv_cache.max_len, False
