@@ -42,7 +42,8 @@ def stage_breakdown(chat, fn, n: int) -> dict[str, float]:
     Input preparation is timed as wall clock around ``prepare_batch`` (batched) or ``prepare``
     (loop); the image part inside it is summed over ``prepare_batch``'s worker threads, so it is
     reported as "of which" and left out of the sum. On a GPU the model stages synchronise, so each
-    gets its kernels' time."""
+    gets its kernels' time, and the decode steps run eagerly (a synchronising timer cannot sit inside
+    a CUDA graph's capture)."""
     import torch
 
     import interleaf.generation.chat as chat_mod
@@ -75,6 +76,7 @@ def stage_breakdown(chat, fn, n: int) -> dict[str, float]:
     chat.prepare_batch = timed(saved[2], "_prepare_batch")
     model.extract_feature = timed(saved[3], "ViT + projector", synced=True)
     lm.forward = timed(saved[4], llm_stage, synced=True)
+    graphs, chat.generator.cuda_graphs = chat.generator.cuda_graphs, False
     try:
         t0 = time.perf_counter()
         fn()
@@ -82,6 +84,7 @@ def stage_breakdown(chat, fn, n: int) -> dict[str, float]:
     finally:
         chat_mod.preprocess_images = saved[0]
         del chat.prepare, chat.prepare_batch, model.extract_feature, lm.forward
+        chat.generator.cuda_graphs = graphs
     images, prepare = acc.pop("_images", 0.0), acc.pop("_prepare", 0.0)
     acc["prepare inputs: load, tile, tokenise (wall)"] = acc.pop("_prepare_batch", prepare)
     acc["other (Python, sampling, detokenise)"] = total - sum(acc.values())
