@@ -9,8 +9,9 @@ default ``max_new_tokens``, 64 for MMIU):
 - ``batched``: the harness's ``InterleafAdapter.generate`` with ``--batch-size`` (default 8) over
   length-sorted batches: ``ChatModel.generate_batch`` (CPU: one ViT pass over the batch's tiles,
   each prompt prefilled alone into its row of a shared cache, batched decode), the next batch loaded
-  and tiled in a worker thread;
-- ``batched_sync``: the same without the worker thread (preparation on the critical path);
+  and tiled in a worker thread where a core is free for it (beside a GPU, or on CPU when torch's
+  threads leave a core over);
+- ``batched_sync`` / ``batched_prefetch``: the same with the worker thread forced off / on;
 - ``padded`` (CPU) / ``rows`` (GPU): the same batches with the other prefill (left-padded, the
   GPU default / row by row into a shared cache, the CPU default);
 - ``hf_loop``: transformers' ``InternVLForConditionalGeneration`` one sample at a time.
@@ -157,7 +158,8 @@ def main() -> int:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    runs = [("loop", loop), ("batched", batched), ("batched_sync", variant(prefetch=False))]
+    runs = [("loop", loop), ("batched", batched), ("batched_sync", variant(prefetch=False)),
+            ("batched_prefetch", variant(prefetch=True))]  # fmt: skip
     if args.device == "cpu":  # the other prefill for comparison
         runs.append(("padded", variant(prefill="padded")))
     else:
@@ -189,8 +191,9 @@ def main() -> int:
           f"max_new_tokens {max_new}" + (" (harness default)" if args.max_new_tokens is None else ""))  # fmt: skip
     labels = {
         "loop": "one-sample loop, ChatModel.chat (VLMEvalKit style)",
-        "batched": f"interleaf batched (bs={args.batch_size})",
+        "batched": f"interleaf batched (bs={args.batch_size}; prefetch thread {'on' if adapter._use_prefetch() else 'off'})",
         "batched_sync": f"interleaf batched, no prefetch thread (bs={args.batch_size})",
+        "batched_prefetch": f"interleaf batched, prefetch thread (bs={args.batch_size})",
         "padded": f"left-padded prefill batch (bs={args.batch_size})",
         "rows": f"row-by-row prefill, batched decode (bs={args.batch_size})",
         "hf_loop": "one-sample loop, transformers InternVL (lmms-eval hf)",
@@ -198,7 +201,7 @@ def main() -> int:
     for k in times:
         secs = ", ".join(f"{t:.2f}" for t in times[k])
         same = sum(a == b for a, b in zip(answers[k], answers["loop"]))
-        print(f"{labels[k]:62s} {rate[k]:7.2f} samples/s  {rate[k] / rate['loop']:5.2f}x loop  "
+        print(f"{labels[k]:70s} {rate[k]:7.2f} samples/s  {rate[k] / rate['loop']:5.2f}x loop  "
               f"identical {same}/{n}  (runs s: {secs})")  # fmt: skip
     print(f"speedup batched / loop: {rate['batched'] / rate['loop']:.2f}x (target >= 3x at batch 8 on CPU)")
     if "hf_loop" in rate:

@@ -105,6 +105,7 @@ def test_eval_adapter_prefetch_and_bad_sample(chat, tiny_ckpt, tmp_path):
         Request("No image.", [], max_new_tokens=5),
     ]
     adapter = InterleafAdapter(str(tiny_ckpt), chat_model=chat)
+    adapter.prefetch = True
     got = dict(adapter.generate(reqs, batch_size=2))
     assert isinstance(got[2], Exception) and "missing.png" in str(got[2])
     loop = {i: adapter._one(r) for i, r in enumerate(reqs) if i != 2}
@@ -112,6 +113,21 @@ def test_eval_adapter_prefetch_and_bad_sample(chat, tiny_ckpt, tmp_path):
     assert any("one by one" in note for note in adapter.notes)
     adapter.prefetch = False
     assert {i: v for i, v in adapter.generate(reqs, batch_size=2) if i != 2} == loop
+
+
+def test_eval_adapter_prefetches_only_with_a_free_core(chat, tiny_ckpt, monkeypatch):
+    import os
+
+    from interleaf.eval.adapters import InterleafAdapter
+
+    adapter = InterleafAdapter(str(tiny_ckpt), chat_model=chat)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert adapter._use_prefetch() is False  # torch's threads take every core (CPU model)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert adapter._use_prefetch() is True
+    adapter.prefetch = False
+    assert adapter._use_prefetch() is False  # an explicit choice wins
 
 
 def test_parallel_preparation_matches_serial(chat, questions, monkeypatch, tmp_path):
