@@ -3,6 +3,7 @@
 * ``tiny_ckpt``: path to a tiny Qwen2-style checkpoint (template Hermes-2) in the original
   InternVL-Chat layout (``interleaf init-model --preset tiny``).
 * ``tiny_ckpt_hf``: the same weights saved in the transformers-native ``-hf`` layout.
+* ``noise_image(seed, w=500, h=300)``: a seeded RGB PIL image of uniform random pixels.
 
 Both directories are read-only by convention: copy them before modifying anything.
 """
@@ -39,3 +40,14 @@ def tiny_ckpt_hf(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
     model, tokenizer = load_checkpoint(tiny_ckpt)
     return save_checkpoint(model, tokenizer, tmp_path_factory.mktemp("ckpt") / "tiny-hf", layout="hf")
+
+
+@pytest.fixture(scope="session")
+def noise_image():
+    import numpy as np
+    from PIL import Image
+
+    def make(seed: int, w: int = 500, h: int = 300) -> Image.Image:
+        return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+    return make

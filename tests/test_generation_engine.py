@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from interleaf.errors import InputError
 from interleaf.generation.chat import ChatModel
@@ -32,10 +30,6 @@ def hf_model(tiny_ckpt_hf):
     ).eval()
 
 
-def _image(seed: int, w: int = 500, h: int = 300) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
 def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -55,8 +49,8 @@ def _hf_new_tokens(seq: torch.Tensor, prompt_len: int, stop_ids, pad: int) -> li
     return out
 
 
-def test_greedy_matches_transformers_generate(chat, hf_model):
-    _, ids, px, _ = chat.prepare("What is in the image?", images=_image(0), max_num=2)
+def test_greedy_matches_transformers_generate(chat, hf_model, noise_image):
+    _, ids, px, _ = chat.prepare("What is in the image?", images=noise_image(0), max_num=2)
     input_ids = torch.tensor([ids])
     ours = chat.generator.generate(
         input_ids, pixel_values=px, max_new_tokens=24, stop_token_ids=chat.stop_token_ids
@@ -75,10 +69,10 @@ def test_greedy_matches_transformers_generate(chat, hf_model):
     assert len(ours.tokens[0]) > 0
 
 
-def test_left_padded_batch_matches_transformers_and_single_rows(chat, hf_model):
+def test_left_padded_batch_matches_transformers_and_single_rows(chat, hf_model, noise_image):
     # text-only rows of different lengths plus a row with an image
     prompts = [chat.prepare(q)[1] for q in ("hello", "describe the red car on the left of the street")]
-    _, img_ids, px, _ = chat.prepare("what colour?", images=_image(1, 200, 200), max_num=1)
+    _, img_ids, px, _ = chat.prepare("what colour?", images=noise_image(1, 200, 200), max_num=1)
     rows = [prompts[0], img_ids, prompts[1]]
     ids, mask = _left_pad(rows, chat.pad_token_id)
     kw = dict(max_new_tokens=12, stop_token_ids=chat.stop_token_ids, pad_token_id=chat.pad_token_id)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import interleaf
 from interleaf.errors import InputError
@@ -16,14 +14,15 @@ def chat(tiny_ckpt):
     return interleaf.load(tiny_ckpt)
 
 
-def _image(seed: int, w: int, h: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
 @pytest.fixture(scope="module")
-def questions():
+def questions(noise_image):
     qs = ["Compare the two pictures.", "Say something long about nothing.", "What is it?", "Which one?"]
-    images = [[_image(0, 500, 300), _image(1, 200, 300)], None, _image(2, 300, 300), [_image(3, 900, 300)]]
+    images = [
+        [noise_image(0, 500, 300), noise_image(1, 200, 300)],
+        None,
+        noise_image(2, 300, 300),
+        [noise_image(3, 900, 300)],
+    ]
     return qs, images, [4, None, 1, 3]
 
 
@@ -90,13 +89,13 @@ def test_bad_batch_input(chat, questions):
     assert chat.batch_chat([]) == []
 
 
-def test_eval_adapter_prefetch_and_bad_sample(chat, tiny_ckpt, tmp_path):
+def test_eval_adapter_prefetch_and_bad_sample(chat, tiny_ckpt, tmp_path, noise_image):
     from interleaf.eval.adapters import InterleafAdapter, Request
 
     paths = []
     for k, (w, h) in enumerate([(500, 300), (200, 300), (300, 300), (640, 200)]):
         paths.append(str(tmp_path / f"{k}.png"))
-        _image(k, w, h).save(paths[-1])
+        noise_image(k, w, h).save(paths[-1])
     reqs = [
         Request("<image>\nWhat is it?", paths[:1], max_new_tokens=5, max_num=4),
         Request("Image-1: <image>\nImage-2: <image>\nSame?", paths[1:3], max_new_tokens=5, max_num=2),

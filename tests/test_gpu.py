@@ -7,10 +7,8 @@ Skipped without a GPU (CI has none); run them on a GPU machine: ``pytest tests/t
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from interleaf.generation.chat import ChatModel
 from interleaf.model.mono_checkpoint import init_mono_model, load_mono_chat
@@ -37,13 +35,9 @@ def pair(request, tiny_ckpt_hf, tmp_path_factory):
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def _image(seed: int, w: int = 500, h: int = 300) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-def test_static_cache_prefill_matches_cpu(pair):
+def test_static_cache_prefill_matches_cpu(pair, noise_image):
     cpu, gpu = pair
-    _, ids, px, _ = cpu.prepare("What is in the image?", images=_image(0), max_num=2)
+    _, ids, px, _ = cpu.prepare("What is in the image?", images=noise_image(0), max_num=2)
     ids = torch.tensor([ids])
     with torch.inference_mode():
         ref = cpu.model(input_ids=ids, pixel_values=px).logits
@@ -53,10 +47,10 @@ def test_static_cache_prefill_matches_cpu(pair):
     torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
 
 
-def test_generation_matches_cpu(pair):
+def test_generation_matches_cpu(pair, noise_image):
     cpu, gpu = pair
     questions = ["What is in the image?", "Describe the colours of both pictures in detail, please.", "hi"]
-    images = [_image(1), [_image(2, 300, 500), _image(3)], None]
+    images = [noise_image(1), [noise_image(2, 300, 500), noise_image(3)], None]
     kw = dict(max_num=2, max_new_tokens=12)
     expected = [cpu.chat(q, im, **kw) for q, im in zip(questions, images)]
     assert all(expected)
