@@ -2,8 +2,10 @@
 
 One ``[B, n_kv, max_len, d]`` buffer per layer for keys and for values. Attention writes the new
 keys/values at absolute slots ``cache_position`` (``index_copy_``, no reallocation) and then attends
-over the filled prefix ``[:kv_len]`` (CPU), or over the whole buffer with a causal mask when
-``full_attention`` is set - then every shape is static and a CUDA graph can capture a decode step.
+over the filled prefix ``[:kv_len]``, or - for a call that passes ``cache_position`` while
+``full_attention`` is set, i.e. a decode step - over the whole buffer with a causal mask, so every
+shape is static and a CUDA graph can capture the step. A prefill into an empty cache always attends
+just the prompt.
 """
 
 from __future__ import annotations
