@@ -293,7 +293,12 @@ def test_expert_weights_under_a_plain_config_are_named(tmp_path):
 
 @pytest.mark.parametrize(
     "preset, layout, attention_experts",
-    [("tiny-internlm2", "internvl_chat", True), ("tiny", "hf", False)],  # InternLM2 / Qwen2, both layouts
+    [
+        ("tiny-internlm2", "internvl_chat", True),  # InternLM2
+        ("tiny", "hf", False),  # Qwen2, the transformers-native layout
+        ("tiny-phi3", "internvl_chat", False),
+        ("tiny-llama", "hf", True),
+    ],
 )
 def test_init_from_internvl_checkpoint_copies_ffn_to_experts(tmp_path, preset, layout, attention_experts):
     base_dir = init_model(preset, tmp_path / "ivl", seed=5, layout=layout)
@@ -370,6 +375,49 @@ def test_init_from_bare_llm_checkpoint_grows_vocab_for_image_tokens(tmp_path, to
         got = model(input_ids=ids).logits[..., :n_old]
         want = ivl(input_ids=ids).logits[..., :n_old]
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-phi3", "tiny-llama"])  # Qwen2 / Phi-3 / Llama
+def test_init_from_bare_llm_of_every_family(tmp_path, preset):
+    ivl_dir = init_model(preset, tmp_path / "ivl", seed=4)
+    ivl, tok = load_checkpoint(ivl_dir)
+    cfg = ivl.config.llm
+    sd = {
+        k[len("language_model.") :]: v for k, v in ivl.state_dict().items() if k.startswith("language_model.")
+    }
+    llm_dir = tmp_path / "bare"
+    llm_dir.mkdir()
+    disk = llm_state_to_disk(sd, cfg, cfg.family)
+    save_file({k: v.contiguous().clone() for k, v in disk.items()}, str(llm_dir / "model.safetensors"))
+    # the LLM's own transformers config.json, as InternVL embeds it (rope scaling and all)
+    llm_config = json.loads((ivl_dir / "config.json").read_text())["llm_config"]
+    (llm_dir / "config.json").write_text(json.dumps(llm_config))
+    tok.save_pretrained(str(llm_dir))
+
+    model, tok2 = init_mono_from_llm(llm_dir, visual_attention_experts=True)
+    assert model.config.llm.family == cfg.family
+    layer = model.language_model.model.layers[0]
+    assert torch.equal(layer.feed_forward_ve.w1.weight, layer.mlp.gate_proj.weight)
+    assert torch.equal(layer.self_attn.k_proj_ve.weight, layer.self_attn.k_proj.weight)
+    ids = torch.tensor([tok("a plain text question about the weather")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, ivl(input_ids=ids).logits)
+    reloaded, _ = load_any_checkpoint(save_mono_checkpoint(model, tok2, tmp_path / "mono"))
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), model.state_dict().values()))
+
+
+def test_mono_presets_through_the_core_init_and_its_command(tmp_path):
+    from interleaf.cli import main
+
+    out = init_model("tiny-mono", tmp_path / "a", seed=1, overrides={"llm.num_hidden_layers": 1})
+    model, _ = load_any_checkpoint(out)
+    assert isinstance(model, MonoInternVLChatModel) and len(model.language_model.model.layers) == 1
+    assert main(["init-model", "--preset", "tiny-mono", str(tmp_path / "b")]) == 0
+    assert isinstance(load_any_checkpoint(tmp_path / "b")[0], MonoInternVLChatModel)
+    with pytest.raises(ConfigError, match="internvl_chat layout only"):
+        init_model("tiny-mono", tmp_path / "c", layout="hf")
+    with pytest.raises(ConfigError, match="'llm.no_such_field'"):
+        init_model("tiny", tmp_path / "d", overrides={"llm.no_such_field": 1})
 
 
 def test_command_line_builds_from_llm_and_reports_errors_in_one_line(tmp_path, capsys):

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from interleaf.errors import ConfigError
 from interleaf.model import init_model, load_checkpoint
 from interleaf.model.mono_checkpoint import (
     init_mono_from_llm,
@@ -59,7 +60,7 @@ def setup(tmp_path_factory) -> dict:
     return {"root": root, "llm": llm_ckpt, "mono": mono_dir, "meta": data / "meta.json"}
 
 
-def _train(stage: str, model_path: Path, meta: Path, out: Path, steps: int) -> Path:
+def _train(stage: str, model_path: Path, meta: Path, out: Path, steps: int, dtype: str = "fp32") -> Path:
     cfg = evip_stage_config(
         stage,
         model_path=str(model_path),
@@ -73,7 +74,7 @@ def _train(stage: str, model_path: Path, meta: Path, out: Path, steps: int) -> P
         max_packed_tokens=1024,
         batch_size=1,
         device="cpu",
-        dtype="fp32",
+        dtype=dtype,
         weight_decay=0.1,
         log_steps=1,
     )
@@ -158,3 +159,48 @@ def test_evip_stages_are_known_to_a_fresh_trainer_config():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.startswith("True") and "feed_forward_ve" in out
+
+
+def test_s1_in_bf16_master_with_attention_experts_keeps_the_llm_exact(setup):
+    # bf16-master (the GPU default) rounds the frozen fp32 LLM into bf16 for the forward; the saved
+    # checkpoint must still hold the original weights, or "no language ability lost" breaks.
+    base, tok = load_checkpoint(setup["llm"])
+    mono, tok2 = init_mono_from_llm(setup["llm"], visual_attention_experts=True, seed=12)
+    start_dir = save_mono_checkpoint(mono, tok2, setup["root"] / "mono-attn-s0")
+    ckpt = _train(
+        "evip-s1.1", start_dir, setup["meta"], setup["root"] / "run-bf16", steps=1, dtype="bf16-master"
+    )
+    trained, _ = load_mono_checkpoint(ckpt)
+    ids = torch.tensor([tok("The weather today is")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(trained(input_ids=ids).logits, base(input_ids=ids).logits)
+    before, after = mono.state_dict(), trained.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any("_proj_ve." in k for k in changed)  # the attention experts trained
+    assert not {k for k in changed if k.startswith("language_model.") and "_ve." not in k}
+
+
+def test_evip_stages_need_a_mono_model(setup):
+    plain, _ = load_checkpoint(setup["llm"])  # InternVL: a ViT, no visual experts
+    for stage in EVIP_PRESETS:
+        with pytest.raises(ConfigError, match=f"{stage} needs a Mono-InternVL model"):
+            apply_evip_stage(plain, stage)
+
+
+def test_mono_preset_trains_from_scratch_and_a_layout_it_lacks_fails_before_training(setup, tmp_path):
+    common = dict(meta_path=str(setup["meta"]), max_steps=1, max_dynamic_patch=1, max_seq_length=1024,
+                  max_packed_tokens=1024, batch_size=1, device="cpu", dtype="fp32", log_steps=1)  # fmt: skip
+    cfg = evip_stage_config(
+        "evip-s1.1", model_preset="tiny-mono", model_overrides={"llm.num_hidden_layers": 1},
+        output_dir=str(tmp_path / "a"), **common,
+    )  # fmt: skip
+    trainer = Trainer(cfg, log=None).setup()
+    assert isinstance(trainer.raw_model, MonoInternVLChatModel)
+    assert len(trainer.raw_model.language_model.model.layers) == 1
+    assert Path(trainer.train()["checkpoint"]).is_dir()
+    cfg = evip_stage_config("evip-s1.1", model_path=str(setup["mono"]), save_layout="hf",
+                            output_dir=str(tmp_path / "b"), **common)  # fmt: skip
+    with pytest.raises(ConfigError, match="no transformers-native"):
+        Trainer(cfg, log=None).setup()
+    with pytest.raises(ConfigError, match="model_overrides"):
+        evip_stage_config("evip-s1.1", model_path=str(setup["mono"]), model_overrides={"llm.x": 1}, **common)

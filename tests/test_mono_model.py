@@ -311,9 +311,10 @@ def test_single_image_reaches_its_expert_without_a_copy_and_many_runs_fall_back_
         model(input_ids=ids[:, : 3 * TOKENS], pixel_values=px)
 
 
-@pytest.fixture(scope="module")
-def mono_ckpt(tmp_path_factory):
-    return init_mono_model("tiny-mono", tmp_path_factory.mktemp("mono") / "tiny-mono", seed=3)
+@pytest.fixture(scope="module", params=[False, True], ids=["ffn-experts", "attn-experts"])
+def mono_ckpt(tmp_path_factory, request):
+    out = tmp_path_factory.mktemp("mono") / "tiny-mono"
+    return init_mono_model("tiny-mono", out, seed=3, visual_attention_experts=request.param)
 
 
 def test_generation_end_to_end_with_runtime_engine(mono_ckpt):
@@ -334,13 +335,20 @@ def test_generation_end_to_end_with_runtime_engine(mono_ckpt):
     assert px.shape[0] == 3  # 2 tiles + thumbnail, as InternVL tiles it
     cfg = GenerationConfig(max_new_tokens=6, ignore_eos=True)
     layer0 = model.language_model.model.layers[0]
-    counter = _RowCounter({"visual": layer0.feed_forward_ve.w1, "text": layer0.mlp.gate_proj})
+    hooked = {"visual": layer0.feed_forward_ve.w1, "text": layer0.mlp.gate_proj}
+    if model.config.visual_attention_experts:
+        hooked.update(visual_attn=layer0.self_attn.q_proj_ve, text_attn=layer0.self_attn.q_proj)
+    counter = _RowCounter(hooked)
     out = Generator(model).generate(ids, pixel_values=px, config=cfg)
     counter.close()
     n_img = px.shape[0] * TOKENS
     # prefill: image tokens once through the expert; the 5 decode steps only through the text FFN
+    # (and, with attention experts, the text attention projections)
     assert counter.rows["visual"] == n_img
     assert counter.rows["text"] == ids.shape[1] - n_img + 5
+    if model.config.visual_attention_experts:
+        assert counter.rows["visual_attn"] == n_img
+        assert counter.rows["text_attn"] == ids.shape[1] - n_img + 5
 
     # greedy tokens equal a cache-free loop that recomputes the whole sequence each step
     seq = ids

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 PRESET_NAMES = ("tiny", "tiny-internlm2", "tiny-phi3", "tiny-llama", "internvl2-1b", "internvl2-2b",
-                "internvl2-4b", "internvl2_5-1b", "internvl2_5-4b")  # fmt: skip
+                "internvl2-4b", "internvl2_5-1b", "internvl2_5-4b", "tiny-mono", "mono-internvl-2b")  # fmt: skip
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -102,13 +102,14 @@ def init_mono_model(
     seed: int = 0,
     dtype: torch.dtype | str | None = None,
     visual_attention_experts: bool = False,
+    overrides: dict[str, Any] | None = None,
 ) -> Path:
     """Write a random-weight Mono-InternVL checkpoint (released layout, offline tokenizer) to ``out_dir``.
 
     Expert weights are independent random tensors here (not copies), so tests see both paths differ.
     """
     from interleaf.model.checkpoint import parse_dtype
-    from interleaf.model.presets import make_tokenizer
+    from interleaf.model.presets import apply_overrides, make_tokenizer
 
     if preset not in MONO_PRESETS:
         raise ConfigError(
@@ -126,6 +127,7 @@ def init_mono_model(
             f"preset {preset}: tokenizer has {len(tok)} tokens > vocab_size {cfg.llm.vocab_size}"
         )
     _set_token_ids(cfg, tok)
+    apply_overrides(cfg, overrides)
     model = build_mono_model(cfg, seed=seed, dtype=dtype, copy_experts=False)
     return save_mono_checkpoint(model, tok, out_dir)
 

@@ -9,9 +9,11 @@ a smooth stand-in with the same shape and scaling type.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -195,20 +197,47 @@ def make_tokenizer(family: str, vocab_size: int | None = None):
     return build_offline_tokenizer(bos=family in _BOS_FAMILIES)
 
 
+def apply_overrides(cfg: InternVLConfig, overrides: dict[str, Any] | None) -> InternVLConfig:
+    """Set dotted config fields in place (``{"llm.num_hidden_layers": 2, "max_dynamic_patch": 6}``)."""
+    for key, value in (overrides or {}).items():
+        *path, last = str(key).split(".")
+        target = cfg
+        for part in path:
+            target = getattr(target, part, None)
+        if (
+            target is None
+            or not dataclasses.is_dataclass(target)
+            or last not in {f.name for f in dataclasses.fields(target)}
+        ):
+            raise ConfigError(f"model override {key!r}: no such config field")
+        setattr(target, last, value)
+    return cfg
+
+
 def init_model(
     preset: str,
     out_dir: str | Path,
     layout: str = "internvl_chat",
     seed: int = 0,
     dtype: torch.dtype | str | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> Path:
     """Write a random-weight checkpoint of ``preset`` (with the offline tokenizer) to ``out_dir``.
 
-    ``dtype`` default: float32 for tiny presets, bfloat16 for real shapes.
+    ``dtype`` default: float32 for tiny presets, bfloat16 for real shapes. Mono-InternVL presets
+    (``tiny-mono``, ``mono-internvl-2b``) are written in their released layout. ``overrides`` set
+    config fields by dotted name before the weights are made.
     """
     from interleaf.model.checkpoint import parse_dtype, save_checkpoint
+    from interleaf.model.mono_checkpoint import MONO_PRESETS, init_mono_model
     from interleaf.model.tokenizer import IMG_CONTEXT, IMG_END, IMG_START
 
+    if preset in MONO_PRESETS:
+        if layout != "internvl_chat":
+            raise ConfigError(
+                f"layout: Mono-InternVL preset {preset} is saved in the internvl_chat layout only"
+            )
+        return init_mono_model(preset, out_dir, seed=seed, dtype=dtype, overrides=overrides)
     if preset not in PRESETS:
         raise ConfigError(f"preset: unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
     dtype = parse_dtype(dtype) or (torch.float32 if preset.startswith("tiny") else torch.bfloat16)
@@ -226,5 +255,6 @@ def init_model(
     cfg.llm.bos_token_id = vocab.get("<s>") if family in _BOS_FAMILIES else None
     cfg.llm.eos_token_id = vocab["<|end|>"] if cfg.template == "phi3-chat" else vocab["<|im_end|>"]
     cfg.llm.pad_token_id = vocab["<|endoftext|>"]
+    apply_overrides(cfg, overrides)
     model = build_model(cfg, seed=seed, dtype=dtype)
     return save_checkpoint(model, tok, out_dir, layout=layout)

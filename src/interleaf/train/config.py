@@ -205,6 +205,8 @@ def build_config(values: dict[str, Any], source: str = "config") -> TrainConfig:
     cfg = TrainConfig(**merged)
     if cfg.model_path is None and cfg.model_preset is None:
         raise ConfigError("config key 'model_path': set model_path (a checkpoint) or model_preset")
+    if cfg.model_overrides and cfg.model_path is not None:
+        raise ConfigError("config key 'model_overrides': applies to model_preset only, not to model_path")
     if cfg.meta_path is None and not cfg.corpus_paths:
         raise ConfigError("config key 'meta_path': set meta_path (InternVL meta JSON) or corpus_paths")
     for key in ("max_seq_length", "max_steps", "grad_accum", "batch_size", "max_packed_tokens"):

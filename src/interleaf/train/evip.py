@@ -71,4 +71,4 @@ def apply_evip_stage(model: nn.Module, stage: str) -> dict[str, int]:
     if stage not in EVIP_PRESETS:
         raise ConfigError(f"stage: unknown EViP stage {stage!r} (choose from {', '.join(EVIP_PRESETS)})")
     preset = {k: v for k, v in EVIP_PRESETS[stage].items() if k != "lr"}
-    return set_trainable(model, TrainConfig(model_preset="-", meta_path="-", **preset))
+    return set_trainable(model, TrainConfig(model_preset="-", meta_path="-", stage=stage, **preset))

@@ -37,14 +37,17 @@ class MasterWeights:
         clip_grad_norm_(...); optimizer.step()
         masters.copy_to_model()    # round the updated masters into the bf16 model
 
-    Frozen weights are converted too (they only feed the forward) and get no master. Buffers (RoPE
-    tables) keep their dtype.
+    Frozen weights are converted too (they only feed the forward) and get no master; their original
+    values are kept on the CPU where the conversion loses precision, so a saved checkpoint holds
+    them unchanged (EViP's frozen LLM must come out bit for bit as it went in). Buffers (RoPE tables)
+    keep their dtype.
     """
 
     def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:
         self.params: list[nn.Parameter] = []
         self.masters: list[torch.Tensor] = []
         self._by_id: dict[int, torch.Tensor] = {}
+        self._frozen: dict[int, torch.Tensor] = {}
         for p in model.parameters():  # tied weights appear once
             if p.requires_grad:
                 m = p.detach().to(torch.float32, copy=True).requires_grad_(True)
@@ -54,7 +57,10 @@ class MasterWeights:
         with torch.no_grad():
             for p in model.parameters():
                 if p.is_floating_point() and p.dtype != dtype:
-                    p.data = p.data.to(dtype)
+                    low = p.data.to(dtype)
+                    if not p.requires_grad and not torch.equal(low.to(p.dtype), p.data):
+                        self._frozen[id(p)] = p.data.detach().to("cpu", copy=True)
+                    p.data = low
 
     def master_of(self, p: nn.Parameter) -> torch.Tensor:
         return self._by_id[id(p)]
@@ -65,6 +71,13 @@ class MasterWeights:
             m = self._by_id.get(id(t))
             if m is not None:
                 yield name, m
+
+    def named_originals(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        """(state-dict key, value before the conversion) for frozen weights the conversion rounded."""
+        for name, t in model.state_dict(keep_vars=True).items():
+            o = self._frozen.get(id(t))
+            if o is not None:
+                yield name, o
 
     @torch.no_grad()
     def grads_to_master(self) -> None:

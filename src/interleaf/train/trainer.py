@@ -60,6 +60,14 @@ def part_of(name: str) -> str:
 
 def set_trainable(model: nn.Module, cfg: TrainConfig) -> dict[str, int]:
     """Apply freeze flags, LoRA and ``trainable_patterns``; returns trainable parameter counts per part."""
+    from interleaf.model.mono_internvl import is_mono_config
+
+    if (cfg.stage or "").startswith("evip-") and not is_mono_config(model.config):
+        # the expert patterns would match nothing and "S1.1" would train the whole ViT instead
+        raise ConfigError(
+            f"config key 'stage': {cfg.stage} needs a Mono-InternVL model (visual experts), "
+            f"got a {type(model).__name__} without them"
+        )
     frozen = {"vision": cfg.freeze_vit, "mlp": cfg.freeze_mlp, "llm": cfg.freeze_llm}
     for name, p in model.named_parameters():
         p.requires_grad_(not frozen[part_of(name)])
@@ -72,9 +80,15 @@ def set_trainable(model: nn.Module, cfg: TrainConfig) -> dict[str, int]:
             p.requires_grad_(False)
         apply_lora(model.vision_model, VIT_TARGETS, cfg.use_backbone_lora, dropout=cfg.lora_dropout)
     patterns = [re.compile(p) for p in cfg.trainable_patterns]
+    matched = 0
     for name, p in model.named_parameters():
         if patterns and any(rx.search(name) for rx in patterns):
             p.requires_grad_(True)
+            matched += 1
+    if patterns and not matched:  # a typo would otherwise train nothing it names, silently
+        raise ConfigError(
+            f"config key 'trainable_patterns': {cfg.trainable_patterns} match no parameter of the model"
+        )
     counts = {"vision": 0, "mlp": 0, "llm": 0}
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -312,7 +326,9 @@ class Trainer:
 
                 tmp = self.out / ".init-tmp"
                 shutil.rmtree(tmp, ignore_errors=True)
-                init_model(cfg.model_preset, str(tmp), seed=cfg.seed, dtype="float32")
+                init_model(
+                    cfg.model_preset, str(tmp), seed=cfg.seed, dtype="float32", overrides=cfg.model_overrides
+                )
                 os.replace(tmp, init_dir)
             self._barrier()
         return init_dir
@@ -350,6 +366,8 @@ class Trainer:
         load_dir = resume_dir if (resume_dir is not None and not lora) else self.base_dir
         model, tokenizer = load_checkpoint(str(load_dir), device="cpu")
         model = model.float()
+        if cfg.save_layout == "hf":
+            model.config.to_hf_dict()  # a layout the model cannot be saved in fails now, not at step N
         counts = set_trainable(model, cfg)
         self.tokenizer = tokenizer
         self.raw_model = model
@@ -466,6 +484,7 @@ class Trainer:
         state = {k: v.detach().cpu() for k, v in self.raw_model.state_dict().items()}
         if self.master is not None:  # save the fp32 masters: a resumed run continues exactly
             state.update((k, m.detach().cpu()) for k, m in self.master.named_masters(self.raw_model))
+            state.update(self.master.named_originals(self.raw_model))  # frozen weights, unrounded
         return state
 
     def _export_model(self, state: dict[str, torch.Tensor], out_dir: Path) -> None:
