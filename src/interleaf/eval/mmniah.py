@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 import os
 import re
 from collections.abc import Iterable
@@ -166,35 +167,47 @@ def vqa_match(response: str, answer: Any) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _mc_correct(answer: int, response: str) -> float:
+def _mc_choice(response: str) -> int | None:
+    """The option index the official multiple-choice parser reads, None where it finds none."""
     if response.isdigit():
         try:
-            return float(int(response) == answer)
+            return int(response)
         except ValueError:  # unicode digits such as '²' pass isdigit but not int()
-            return 0.0
+            return None
     response = response.lower().replace("the answer is", "").replace("*", "")
     if "." in response:
         response = response.split(".")[0].replace(",", "").strip()
     response = response.strip()
     if response == "none":
-        return 0.0
+        return None
     if "the camera is moving left" in response:
         response = "a"
     elif "the camera is moving right" in response:
         response = "b"
     if len(response) != 1:
-        return 0.0
-    return float(ord(response) - ord("a") == answer)
+        return None
+    return ord(response) - ord("a")
 
 
-def _counting_correct(answer: list, response: str) -> float:
+def _mc_correct(answer: int, response: str) -> float:
+    choice = _mc_choice(response)
+    return float(choice is not None and choice == answer)
+
+
+def _counting_list(response: str) -> list | tuple | None:
+    """The list the official counting parser reads (dicts flattened), None where it finds none."""
     try:
         parsed = json.loads(response.replace("json", "").replace("```", "").strip())
         if isinstance(parsed, dict):
             parsed = sum(list(parsed.values()), start=[])
     except Exception:  # noqa: BLE001 - any unparsable answer scores 0, as upstream
-        return 0.0
-    if not isinstance(parsed, (list, tuple)) or not answer:
+        return None
+    return parsed if isinstance(parsed, (list, tuple)) else None
+
+
+def _counting_correct(answer: list, response: str) -> float:
+    parsed = _counting_list(response)
+    if parsed is None or not answer:
         return 0.0
     match = sum(1 for pred, gt in zip(parsed, answer) if pred == gt)
     return match / len(answer)
@@ -214,6 +227,22 @@ def is_correct(answer: Any, response: str) -> float:
     if isinstance(answer, list):
         return _counting_correct(answer, response)
     return float(vqa_match(response, answer))
+
+
+def is_parsed(answer: Any, response: str) -> bool | None:
+    """Whether the official parser reads an answer from ``response`` (what ``is_correct`` scores).
+
+    Multiple choice: an option letter or number; counting: a JSON list. Open short answers are
+    matched as whole words anywhere in the response, so they have no notion of unparsable: None.
+    """
+    response = response.strip(".")
+    if isinstance(answer, bool):
+        answer = int(answer)
+    if isinstance(answer, int):
+        return _mc_choice(response) is not None
+    if isinstance(answer, list):
+        return _counting_list(response) is not None
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,6 +284,10 @@ class TaskScore:
     n_samples: int
     n_dropped_short: int  # samples under 1K tokens (dropped, as upstream)
     warnings: list[str] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # {"id", "error"} of records that cannot be scored
+    # responses the official parser reads no answer from (multiple choice, counting); None for
+    # open short answers, which have no notion of unparsable
+    n_unparsed: int | None = None
 
     @property
     def overall(self) -> float:
@@ -271,27 +304,125 @@ def task_answer(task: str, answer: Any) -> Any:
     return answer
 
 
+# --------------------------------------------------------------------------------------------
+# Field types: checked before a record is asked or scored, so one bad record never stops a run
+# --------------------------------------------------------------------------------------------
+
+
+def _is_number(v: Any) -> bool:
+    # bool is an int in Python; NaN/inf would crash the depth bin (int(nan))
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_depth(v: Any) -> bool:
+    return _is_number(v) or (isinstance(v, list) and bool(v) and all(_is_number(x) for x in v))
+
+
+def _is_str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _is_index(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# field check = (predicate, what the field must be)
+_STR = (lambda v: isinstance(v, str), "a string")
+_STR_LIST = (_is_str_list, "a list of strings")
+_OPT_STR_LIST = (lambda v: v is None or _is_str_list(v), "a list of strings or null")
+_NUMBER = (_is_number, "a number")
+_DEPTH = (_is_depth, "a number or a non-empty list of numbers")
+_ID = (lambda v: _is_index(v) or isinstance(v, str), "an int or a string")
+RECORD_TYPES = {"id": _ID, "images_list": _STR_LIST, "context": _STR, "question": _STR}
+META_TYPES = {
+    "context_length": _NUMBER,
+    "placed_depth": _DEPTH,
+    "choices": _OPT_STR_LIST,
+    "choices_image_path": _OPT_STR_LIST,
+}
+RESULT_TYPES = {"context_length": _NUMBER, "placed_depth": _DEPTH}
+
+
+def _type_problem(name: str, value: Any, check: tuple) -> str | None:
+    ok, want = check
+    return None if ok(value) else f"field {name!r} must be {want}, got {type(value).__name__}"
+
+
+def _is_count_answer(task: str, answer: Any) -> bool:
+    try:
+        return isinstance(task_answer(task, answer), list)
+    except InputError:
+        return False
+
+
+def answer_problem(task: str, answer: Any, multiple_choice: bool = False) -> str | None:
+    """Why ``answer`` cannot be scored for ``task`` (counting: a list or JSON list string;
+    multiple choice: an option index; else an int, string or list), None when it can."""
+    if "counting" in task:
+        check = (lambda a: _is_count_answer(task, a), "a list (or a JSON list string) for counting")
+    elif multiple_choice:
+        check = (_is_index, "an option index (int)")
+    else:
+        check = (lambda a: _is_index(a) or isinstance(a, (str, list)), "an int, a string or a list")
+    return _type_problem("answer", answer, check)
+
+
+def result_problem(entry: Any, task: str) -> str | None:
+    """Why one result record cannot be scored (naming the field), None when it can."""
+    if not isinstance(entry, dict):
+        return "record is not a JSON object"
+    for key in ("answer", "response", "context_length", "placed_depth"):
+        if key not in entry:
+            return f"no field {key!r}"
+    for key, check in RESULT_TYPES.items():
+        if problem := _type_problem(key, entry[key], check):
+            return problem
+    return answer_problem(task, entry["answer"])
+
+
+def _record_id(entry: Any, index: int) -> Any:
+    qid = entry.get("question_id") if isinstance(entry, dict) else None
+    return qid if isinstance(qid, (int, str)) else f"record {index}"
+
+
 def score_records(records: Iterable[dict], task: str, model: str = "model", split: str = "val") -> TaskScore:
-    """Score result records (``answer``, ``response``, ``context_length``, ``placed_depth``)."""
+    """Score result records (``answer``, ``response``, ``context_length``, ``placed_depth``).
+
+    A record that cannot be scored (missing or wrong-typed field) is skipped and listed in
+    ``skipped``, never raised: the official scorer would stop on it, so it has no official score.
+    Records carrying an ``error`` (the model was never asked) are scored as upstream but get no
+    parse flag, so ``n_unparsed`` counts only answers the model gave.
+    """
     import numpy as np
 
     total = np.zeros((len(X_BINS) + 1, N_DEPTH))
     correct = np.zeros((len(X_BINS) + 1, N_DEPTH))
     warnings: list[str] = []
+    skipped: list[dict] = []
     n = 0
+    n_unparsed: int | None = None
     for i, entry in enumerate(records):
-        for key in ("answer", "response", "context_length", "placed_depth"):
-            if key not in entry:
-                raise InputError(f"{task}: result record {i} has no field {key!r}")
-        response = entry["response"]
-        if not isinstance(response, str):
-            warnings.append(f"record {i}: response is {type(response).__name__}, scored as ''")
-            response = ""
-        x = length_bin(entry["context_length"])
-        y = depth_bin(entry["placed_depth"])
+        problem = result_problem(entry, task)
+        if problem is None:
+            response = entry["response"]
+            if not isinstance(response, str):
+                warnings.append(f"record {i}: response is {type(response).__name__}, scored as ''")
+                response = ""
+            try:
+                answer = task_answer(task, entry["answer"])
+                x, y = length_bin(entry["context_length"]), depth_bin(entry["placed_depth"])
+                value = is_correct(answer, response)
+            except Exception as exc:  # noqa: BLE001 - one bad record is reported, never fatal
+                problem = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        if problem is not None:
+            skipped.append({"id": _record_id(entry, i), "error": problem})
+            continue
         total[x][y] += 1
-        correct[x][y] += is_correct(task_answer(task, entry["answer"]), response)
+        correct[x][y] += value
         n += 1
+        parsed = is_parsed(answer, response)
+        if parsed is not None:  # a task with a parser: count the answers the model gave
+            n_unparsed = (n_unparsed or 0) + int(not parsed and "error" not in entry)
     result = np.divide(correct, total, out=np.zeros_like(correct), where=total != 0)
     kept = result[1:]  # [11, 5]; bin 0 (< 1K tokens) is dropped
     scores = [round(v, 6) for v in kept.T.mean(axis=0).tolist()]
@@ -305,6 +436,8 @@ def score_records(records: Iterable[dict], task: str, model: str = "model", spli
         n_samples=n,
         n_dropped_short=int(total[0].sum()),
         warnings=warnings,
+        skipped=skipped,
+        n_unparsed=n_unparsed,
     )
 
 
@@ -320,25 +453,38 @@ def parse_result_name(path: str | os.PathLike) -> tuple[str, str, str]:
     raise InputError(f"{path}: no split (one of {', '.join(SPLITS)}) at the end of the file name")
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
+def read_jsonl(path: str | os.PathLike, bad: list[dict] | None = None) -> list[dict]:
+    """The JSON lines of ``path``. Without ``bad`` any invalid line raises; with it, invalid lines
+    are listed there (``{"id": "line N", "error"}``) and skipped, and only a file with no valid
+    line at all raises."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
+    invalid: list[dict] = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    if bad is None:
+                        raise InputError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
+                    invalid.append({"id": f"line {lineno}", "error": f"not valid JSON ({exc.msg})"})
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read ({type(exc).__name__}: {exc})".splitlines()[0]) from exc
+    if invalid and not records:
+        raise InputError(f"{path}: not JSON lines ({invalid[0]['id']}: {invalid[0]['error']})")
+    if bad is not None:
+        bad.extend(invalid)
     return records
 
 
 def score_files(paths: Iterable[str | os.PathLike]) -> dict:
     """Score official result files; returns ``{model: {split: {...}}}``.
 
-    Per split: ``tasks`` = ``{task: {"scores": [11], "overall": mean}}`` plus, when all six tasks
-    are present, ``overall`` = ``{"scores": [11 per-bin means over tasks], "overall": mean}``,
-    and ``context_ranges`` (the bin labels).
+    Per split: ``tasks`` = ``{task: {"scores": [11], "overall": mean, "skipped", "unparsable"}}``
+    plus, when all six tasks are present, ``overall`` = ``{"scores": [11 per-bin means over
+    tasks], "overall": mean}``, ``unparsable`` (the total) and ``context_ranges`` (the bin labels).
     """
     grouped = collect(paths)
     return {
@@ -347,10 +493,17 @@ def score_files(paths: Iterable[str | os.PathLike]) -> dict:
 
 
 def collect(paths: Iterable[str | os.PathLike]) -> dict[str, dict[str, list[TaskScore]]]:
+    """Score each result file; bad lines and records are skipped and reported in the TaskScore, a
+    file with no scorable record at all is an error."""
     grouped: dict[str, dict[str, list[TaskScore]]] = {}
     for path in paths:
         model, task, split = parse_result_name(path)
-        ts = score_records(read_jsonl(path), task=task, model=model, split=split)
+        bad: list[dict] = []
+        ts = score_records(read_jsonl(path, bad), task=task, model=model, split=split)
+        ts.skipped[:0] = bad
+        if not ts.n_samples:
+            why = f" ({ts.skipped[0]['id']}: {ts.skipped[0]['error']})" if ts.skipped else ""
+            raise InputError(f"{path}: no scorable record{why}")
         grouped.setdefault(model, {}).setdefault(split, []).append(ts)
     return grouped
 
@@ -366,10 +519,16 @@ def split_summary(task_scores: list[TaskScore]) -> dict:
             "overall": ts.overall,
             "n_samples": ts.n_samples,
             "n_dropped_short": ts.n_dropped_short,
+            "unparsable": ts.n_unparsed,  # None: open short answers (no notion of unparsable)
+            "skipped": {"count": len(ts.skipped), "samples": ts.skipped[:1000]},
         }
         if ts.warnings:
             tasks[ts.task]["warnings"] = ts.warnings
-    summary: dict[str, Any] = {"tasks": tasks, "context_ranges": CONTEXT_RANGES}
+    summary: dict[str, Any] = {
+        "tasks": tasks,
+        "unparsable": sum(ts.n_unparsed or 0 for ts in task_scores),
+        "context_ranges": CONTEXT_RANGES,
+    }
     if len(task_scores) == len(TASKS):
         per_bin = np.array([ts.scores for ts in task_scores]).mean(axis=0).tolist()
         summary["overall"] = {
@@ -410,7 +569,9 @@ class NiahSample:
     max_new_tokens: int
 
 
-def check_record(rec: Any, where: str) -> None:
+def check_record(rec: Any, where: str, task: str = "") -> None:
+    """Raise an InputError naming the first missing or wrong-typed field the loader, the prompt
+    builder or the scorer uses (so a bad record is a per-sample error, not a crash later)."""
     if not isinstance(rec, dict):
         raise InputError(f"{where}: record is not a JSON object")
     for key in REQUIRED_FIELDS:
@@ -421,6 +582,22 @@ def check_record(rec: Any, where: str) -> None:
     for key in REQUIRED_META:
         if key not in rec["meta"]:
             raise InputError(f"{where}: missing field 'meta.{key}'")
+    problem = record_problem(rec, task)
+    if problem:
+        raise InputError(f"{where}: {problem}")
+
+
+def record_problem(rec: dict, task: str) -> str | None:
+    """The first wrong-typed field of an annotation record (all fields present), None when fine."""
+    meta = rec["meta"]
+    for key, check in RECORD_TYPES.items():
+        if problem := _type_problem(key, rec[key], check):
+            return problem
+    for key, check in META_TYPES.items():
+        if problem := _type_problem(f"meta.{key}", meta.get(key), check):
+            return problem
+    multiple_choice = bool(meta.get("choices") or meta.get("choices_image_path"))
+    return answer_problem(task, rec["answer"], multiple_choice)
 
 
 def build_input(rec: dict) -> tuple[str, list[str], str, Any]:
@@ -464,7 +641,7 @@ def load_task(annotation: str | os.PathLike, image_root: str | os.PathLike, task
             where = f"{annotation}:{lineno}"
             try:
                 rec = json.loads(line)
-                check_record(rec, where)
+                check_record(rec, where, task)
                 context, images, question, answer = build_input(rec)
             except (json.JSONDecodeError, InputError) as exc:
                 sid = f"line{lineno}"

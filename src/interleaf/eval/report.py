@@ -66,19 +66,23 @@ def _mmiu_markdown(s: dict) -> list[str]:
 
 
 def _mmniah_markdown(s: dict) -> list[str]:
-    head = "| task | " + " | ".join(mmniah.CONTEXT_RANGES) + " | Overall |"
+    head = "| task | " + " | ".join(mmniah.CONTEXT_RANGES) + " | Overall | unparsable |"
     lines = [
         f"Split: {s.get('split', '?')}. Scores (%) per context-length bin, official MM-NIAH scorer.",
-        "",
-        head,
+        f"Unparsable responses: {s.get('unparsable', 0)} (multiple choice: no option letter; counting: "
+        "no JSON list; open short answers: n/a).",
     ]
-    lines.append("|---" * (len(mmniah.CONTEXT_RANGES) + 2) + "|")
+    skipped = sum(t.get("skipped", {}).get("count", 0) for t in s.get("tasks", {}).values())
+    if skipped:
+        lines.append(f"**{skipped} records could not be scored** (see `skipped` per task).")
+    lines += ["", head, "|---" * (len(mmniah.CONTEXT_RANGES) + 3) + "|"]
     rows = list(s.get("tasks", {}).items())
     if "overall" in s:
-        rows.append(("**Overall**", s["overall"]))
+        rows.append(("**Overall**", {**s["overall"], "unparsable": s.get("unparsable")}))
     for name, t in rows:
         cells = " | ".join(_pct(v) for v in t["scores"])
-        lines.append(f"| {name} | {cells} | {_pct(t['overall'])} |")
+        unparsable = "n/a" if t.get("unparsable") is None else t["unparsable"]
+        lines.append(f"| {name} | {cells} | {_pct(t['overall'])} | {unparsable} |")
     if "overall" not in s:
         lines += ["", "Benchmark overall needs all six tasks."]
     heat = [t for t in s.get("tasks", {})]

@@ -235,17 +235,21 @@ def finish_mmniah(items: list[Item], out: Path, model_name: str, split: str) -> 
             continue
         response = it.response if it.response is not None else ""  # errors score 0, and are counted
         rec = mmniah.result_record(it.sample, response)
+        if it.error:
+            rec["error"] = it.error  # never asked: scored as upstream, but no parse flag
         by_task.setdefault(it.sample.task, []).append(rec)
         row = {"id": it.id, "task": it.sample.task, **rec}
-        if it.error:
-            row["error"] = it.error
+        if not it.error:
+            answer = mmniah.task_answer(it.sample.task, it.sample.answer)
+            row["parsed"] = mmniah.is_parsed(answer, response)  # None: open answer, nothing to parse
         rows.append(row)
     _write_jsonl(out / "predictions.jsonl", rows)
     res_dir = out / "mmniah_results"
     res_dir.mkdir(exist_ok=True)
     task_scores = []
     for task, recs in by_task.items():
-        _write_jsonl(res_dir / f"{model_name}_{task}-{split}.jsonl", recs)
+        official = [{k: v for k, v in r.items() if k != "error"} for r in recs]  # the official layout
+        _write_jsonl(res_dir / f"{model_name}_{task}-{split}.jsonl", official)
         task_scores.append(mmniah.score_records(recs, task=task, model=model_name, split=split))
     _write_json(res_dir / f"scores_{split}.json", mmniah.official_scores_json(task_scores))
     report.mmniah_heatmaps(task_scores, out / "heatmaps")

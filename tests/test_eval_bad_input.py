@@ -1,0 +1,189 @@
+"""Bad input never stops a run or a re-score: bad records are per-sample errors, bad result rows are
+counted and skipped, unparsable answers are flagged and counted (the scores themselves unchanged)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from interleaf.cli import main
+from interleaf.eval import mmniah, runner
+from interleaf.eval.adapters import Adapter
+from interleaf.eval.mini import make_mini_mmniah
+
+DATA = Path(__file__).parent / "data" / "eval"
+
+
+class FixedAdapter(Adapter):
+    """Answers every request with the same text (no model), recording the requests."""
+
+    name = "fixed"
+
+    def __init__(self, text: str):
+        self.text, self.fingerprint, self.notes, self.requests = text, f"fixed:{text}", [], []
+
+    def generate(self, requests, batch_size=8):
+        for i, r in enumerate(requests):
+            self.requests.append(r)
+            yield i, self.text
+
+
+def _preds(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def mini_niah(tmp_path_factory) -> Path:
+    return make_mini_mmniah(tmp_path_factory.mktemp("niah"), per_task=2, seed=0, lengths=(1000,))
+
+
+# ------------------------------------------------------------------------------------------ MM-NIAH
+
+COUNTING = {
+    "id": 90, "images_list": [], "context": "one apple, two apples", "question": "How many?",
+    "answer": [1, 2], "meta": {"placed_depth": [0.2, 0.6], "context_length": 1500, "choices": None,
+                               "choices_image_path": None},
+}  # fmt: skip
+# (field path, bad value, the field the error must name): each of these once ended a whole run
+BAD_NIAH = [
+    ("answer", "two", "answer"),
+    ("meta.placed_depth", [], "meta.placed_depth"),
+    ("meta.context_length", "1500", "meta.context_length"),
+    ("meta.context_length", None, "meta.context_length"),
+    ("images_list", None, "images_list"),
+    ("context", None, "context"),
+    ("meta.choices", "abc", "meta.choices"),
+    ("id", {"x": 1}, "id"),
+]
+
+
+def _with(rec: dict, path: str, value) -> dict:
+    rec = json.loads(json.dumps(rec))
+    *parents, key = path.split(".")
+    target = rec
+    for p in parents:
+        target = target[p]
+    target[key] = value
+    return rec
+
+
+@pytest.mark.parametrize("path,value,field", BAD_NIAH)
+def test_mmniah_loader_names_the_wrong_typed_field(tmp_path, path, value, field):
+    ann = tmp_path / "counting-text.jsonl"
+    ann.write_text(json.dumps(COUNTING) + "\n" + json.dumps(_with(COUNTING, path, value)) + "\n")
+    samples, errors = mmniah.load_task(ann, tmp_path)
+    assert [s.id for s in samples] == [90]
+    assert len(errors) == 1 and errors[0][0] == "line2"
+    assert f"field {field!r} must be" in errors[0][1] and f"got {type(value).__name__}" in errors[0][1]
+
+
+def test_mmniah_loader_answer_type_per_task(tmp_path):
+    mc = _with(COUNTING, "meta.choices", ["red", "blue"])
+    ann = tmp_path / "retrieval-image.jsonl"
+    ann.write_text(json.dumps(_with(mc, "answer", 1)) + "\n" + json.dumps(_with(mc, "answer", "B")) + "\n")
+    samples, errors = mmniah.load_task(ann, tmp_path)
+    assert len(samples) == 1 and "field 'answer' must be an option index (int), got str" in errors[0][1]
+    # a counting answer stored as a JSON string is fine (decoded as upstream)
+    ann = tmp_path / "counting-image.jsonl"
+    ann.write_text(json.dumps(_with(COUNTING, "answer", "[1, 2]")) + "\n")
+    assert len(mmniah.load_task(ann, tmp_path)[0]) == 1
+
+
+def test_mmniah_run_goes_on_past_bad_records_and_counts_unparsable(mini_niah, tmp_path):
+    data = tmp_path / "mm_niah_val"
+    shutil.copytree(mini_niah, data)
+    ann = data / "annotations" / "counting-text.jsonl"
+    with open(ann, "a") as f:
+        for path, value, _ in BAD_NIAH:
+            f.write(json.dumps(_with(COUNTING, path, value)) + "\n")
+    adapter = FixedAdapter("I am not sure")
+    scores = runner.run(adapter, "mmniah", str(data), tmp_path / "out", progress=False)
+    errors = scores["errors"]
+    assert errors["count"] == len(BAD_NIAH) and errors["by_kind"] == {"bad_record": len(BAD_NIAH)}
+    assert all("must be" in e["error"] for e in errors["samples"])
+    assert len(adapter.requests) == 6 * 2  # every good sample was asked
+    # "I am not sure" parses as no option letter and no JSON list; open answers have no parse notion
+    tasks = scores["tasks"]
+    for task in mmniah.TASKS:
+        want = None if task in ("retrieval-text", "reasoning-text") else 2
+        assert tasks[task]["unparsable"] == want, task
+    assert scores["unparsable"] == 8
+    rows = [p for p in _preds(tmp_path / "out") if "error" not in p]
+    assert len(rows) == 12
+    assert {p["parsed"] for p in rows if p["task"].startswith(("counting", "retrieval-image"))} == {False}
+    open_tasks = ("retrieval-text", "reasoning-text")
+    assert {p["parsed"] for p in rows if p["task"] in open_tasks} == {None}
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "Unparsable responses: 8" in report and "| n/a |" in report
+
+
+def test_mmniah_model_errors_are_not_counted_as_unparsable():
+    recs = [
+        {"answer": 1, "response": "B", "context_length": 1500, "placed_depth": 0.5},
+        {"answer": 1, "response": "maybe", "context_length": 1500, "placed_depth": 0.5},
+        {"answer": 1, "response": "", "context_length": 1500, "placed_depth": 0.5, "error": "model error: x"},
+    ]
+    ts = mmniah.score_records(recs, "retrieval-image")
+    assert ts.n_unparsed == 1 and ts.n_samples == 3
+    open_answer = [{**recs[1], "answer": "oak"}]
+    assert mmniah.score_records(open_answer, "retrieval-text").n_unparsed is None
+
+
+@pytest.mark.parametrize(
+    "answer,response,want",
+    [
+        (2, "C", True), (2, "The answer is C.", True), (2, "2", True), (0, "none", False), (2, "AC", False),
+        (2, "I am not sure", False), ([1, 2], "```json\n[1, 2]\n```", True), ([1, 2], '{"a": [1]}', True),
+        ([1, 2], "two", False), ([1, 2], '"[1]"', False), ("oak", "no idea", None),
+    ],
+)  # fmt: skip
+def test_mmniah_is_parsed(answer, response, want):
+    assert mmniah.is_parsed(answer, response) is want
+
+
+def _result_rows() -> list[dict]:
+    return mmniah.read_jsonl(DATA / "mmniah" / "results" / "mymodel_counting-text-val.jsonl")
+
+
+def test_mmniah_scoring_skips_bad_rows_and_scores_the_rest_unchanged():
+    good = _result_rows()
+    bad = [
+        {**good[0], "context_length": "1500"},
+        {**good[1], "placed_depth": []},
+        {**good[2], "answer": "two"},
+        {k: v for k, v in good[3].items() if k != "response"},
+        ["not", "an", "object"],
+    ]
+    want = mmniah.score_records(good, "counting-text")
+    got = mmniah.score_records(bad[:2] + good + bad[2:], "counting-text")
+    assert got.scores == want.scores and got.grid == want.grid and got.n_samples == len(good)
+    assert [s["error"] for s in got.skipped] == [
+        "field 'context_length' must be a number, got str",
+        "field 'placed_depth' must be a number or a non-empty list of numbers, got list",
+        "field 'answer' must be a list (or a JSON list string) for counting, got str",
+        "no field 'response'",
+        "record is not a JSON object",
+    ]
+    assert got.skipped[0]["id"] == good[0]["question_id"]
+    assert got.skipped[4]["id"] == f"record {len(good) + 4}"
+
+
+def test_cli_score_mmniah_reports_bad_rows_and_refuses_whole_bad_files(tmp_path, capsys):
+    good = _result_rows()
+    path = tmp_path / "m_counting-text-val.jsonl"
+    lines = [json.dumps(r) for r in good] + ["{oops", json.dumps({**good[0], "placed_depth": None})]
+    path.write_text("\n".join(lines) + "\n")
+    assert main(["eval", "score", "mmniah", str(path), "--json"]) == 0
+    task = json.loads(capsys.readouterr().out)["m"]["val"]["tasks"]["counting-text"]
+    assert task["skipped"]["count"] == 2 and task["n_samples"] == len(good)
+    assert [s["id"] for s in task["skipped"]["samples"]] == [f"line {len(good) + 1}", good[0]["question_id"]]
+    assert task["scores"] == mmniah.score_records(good, "counting-text").scores
+    path.write_text(json.dumps({**good[0], "context_length": None}) + "\n")
+    assert main(["eval", "score", "mmniah", str(path)]) == 1
+    assert "no scorable record" in capsys.readouterr().err
+    path.write_text("not json\nat all\n")
+    assert main(["eval", "score", "mmniah", str(path)]) == 1
+    assert "not JSON lines" in capsys.readouterr().err
