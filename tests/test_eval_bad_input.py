@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from interleaf.cli import main
-from interleaf.eval import mmniah, runner
+from interleaf.eval import mmiu, mmniah, runner
 from interleaf.eval.adapters import Adapter
-from interleaf.eval.mini import make_mini_mmniah
+from interleaf.eval.mini import make_mini_mmiu, make_mini_mmniah
 
 DATA = Path(__file__).parent / "data" / "eval"
 
@@ -187,3 +187,104 @@ def test_cli_score_mmniah_reports_bad_rows_and_refuses_whole_bad_files(tmp_path,
     path.write_text("not json\nat all\n")
     assert main(["eval", "score", "mmniah", str(path)]) == 1
     assert "not JSON lines" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ MMIU
+
+
+@pytest.fixture(scope="module")
+def mini_mmiu(tmp_path_factory) -> Path:
+    return make_mini_mmiu(tmp_path_factory.mktemp("mmiu"), per_task=1, seed=0).parent
+
+
+# (field, bad value, expected message part): each of these once ended a whole run
+BAD_MMIU = [
+    ("task", ["x"], "field 'task' must be a string, got list"),
+    ("input_image_path", 5, "field 'input_image_path' must be a string or a list of strings, got int"),
+    ("options", 3, "field 'options' must be a string or a list of strings, got int"),
+    ("output", 1, "field 'output' must be a string or null, got int"),
+    ("question", None, "has no field 'question'"),
+]
+
+
+def _bad_mmiu_data(mini_mmiu: Path, tmp_path: Path) -> tuple[Path, int]:
+    data = tmp_path / "mmiu"
+    shutil.copytree(mini_mmiu, data)
+    recs = json.loads((data / "all.json").read_text())
+    n_good = len(recs)
+    recs += [{**recs[0], field: value} for field, value, _ in BAD_MMIU] + ["junk"]
+    (data / "all.json").write_text(json.dumps(recs))
+    return data, n_good
+
+
+def test_mmiu_loader_names_the_wrong_typed_field(mini_mmiu, tmp_path):
+    data, n_good = _bad_mmiu_data(mini_mmiu, tmp_path)
+    samples, errors = mmiu.load(data)
+    assert len(samples) == n_good
+    assert [e[1].split(f"record {n_good + k} ", 1)[1] for k, e in enumerate(errors[:-1])] == [
+        m for _, _, m in BAD_MMIU
+    ]
+    assert errors[-1][1].endswith(f"record {n_good + len(BAD_MMIU)} is not an object")
+
+
+def test_mmiu_run_and_rescore_go_on_past_bad_records(mini_mmiu, tmp_path, capsys):
+    data, n_good = _bad_mmiu_data(mini_mmiu, tmp_path)
+    out = tmp_path / "out"
+    scores = runner.run(FixedAdapter("A"), "mmiu", str(data), out, progress=False)
+    n_bad = len(BAD_MMIU) + 1
+    assert scores["errors"]["by_kind"] == {"bad_record": n_bad} and scores["num_scored"] == n_good
+    # the run's own predictions re-score: the bad rows are skipped and listed, the rest scores the same
+    capsys.readouterr()
+    assert main(["eval", "score", "mmiu", str(out / "predictions.jsonl"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["overall"] == scores["overall"] and res["per_task"] == scores["per_task"]
+    assert res["skipped"]["count"] == n_bad
+    assert [s["id"] for s in res["skipped"]["samples"]] == [e["id"] for e in scores["errors"]["samples"]]
+    assert "must be a string" in res["skipped"]["samples"][0]["error"]
+    # an invalid line and a row without a string response are reported too
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    row = json.loads(lines[0])
+    (tmp_path / "p.jsonl").write_text("\n".join([*lines, "{oops", json.dumps({**row, "response": 3})]) + "\n")
+    assert main(["eval", "score", "mmiu", str(tmp_path / "p.jsonl"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["skipped"]["count"] == n_bad + 2 and res["num_scored"] == n_good
+    assert {"id": f"line {len(lines) + 1}", "error": "not valid JSON (Expecting property name enclosed in "
+            "double quotes)"} in res["skipped"]["samples"]  # fmt: skip
+    assert {"id": row["id"], "error": "has no string field 'response'"} in res["skipped"]["samples"]
+    (tmp_path / "p.jsonl").write_text("[1, 2]\n")
+    assert main(["eval", "score", "mmiu", str(tmp_path / "p.jsonl")]) == 1
+    assert "no scorable record (record 0: record is not a JSON object)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("answer,unparsed", [("I am not sure", True), ("A", False), ("(b).", False)])
+def test_mmiu_unparsable_responses_are_flagged_and_counted(mini_mmiu, tmp_path, answer, unparsed):
+    data = tmp_path / "mmiu"
+    shutil.copytree(mini_mmiu, data)
+    missing = json.loads((data / "all.json").read_text())[0]["input_image_path"][0]
+    (data / missing).unlink()  # a sample never asked: no parse flag, not counted
+    scores = runner.run(FixedAdapter(answer), "mmiu", str(data), tmp_path / "out", progress=False)
+    preds = _preds(tmp_path / "out")
+    assert preds[0]["parsed"] is None and preds[0]["error"].startswith("missing image")
+    assert {p["parsed"] for p in preds[1:]} == {not unparsed}
+    assert scores["unparsable"] == (len(preds) - 1 if unparsed else 0)
+    assert sum(t["unparsable"] for t in scores["per_task"].values()) == scores["unparsable"]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert f"Unparsable responses (no option found): {scores['unparsable']}." in report
+
+
+def test_mmiu_scores_unchanged_by_parse_flags_and_bad_rows():
+    records = mmniah.read_jsonl(DATA / "mmiu" / "predictions.jsonl")
+    clean, _ = mmiu.score(records)
+    noisy, rows = mmiu.score([{"task": "x"}, *records, "junk"])
+    for key in (
+        "overall",
+        "overall_paper_tasks",
+        "micro_accuracy",
+        "per_task",
+        "per_relationship",
+        "baselines",
+    ):
+        assert noisy[key] == clean[key], key
+    assert noisy["skipped"]["count"] == 2 and rows[0]["skipped"] == "has no field 'options'"
+    # the judge-less matcher leaves Z where no option text is found: those are the unparsable ones
+    assert clean["unparsable"] == sum(1 for r in rows[1:-1] if r["choice"] == "Z" and r["parsed"] is False)

@@ -293,5 +293,10 @@ def test_mmiu_baselines_and_relationships():
     assert scores["overall"] == pytest.approx((2 / 3 + 0.5) / 2)
     assert scores["micro_accuracy"] == pytest.approx(3 / 5)
     assert set(scores["per_relationship"]) == {"High-level-obj-semantic", "2D-spatial"}
-    with pytest.raises(InputError, match="response"):
-        mmiu.score([_mmiu_rec("x")])
+    # a record without a string response is skipped and listed, never raised
+    scores, rows = mmiu.score([_mmiu_rec("x")])
+    assert scores["skipped"] == {
+        "count": 1,
+        "samples": [{"id": "record 0", "error": "has no string field 'response'"}],
+    }
+    assert scores["num_scored"] == 0 and rows[0]["skipped"]

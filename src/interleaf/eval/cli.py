@@ -104,12 +104,18 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _score_mmiu(args: argparse.Namespace) -> int:
+    from interleaf.errors import InputError
     from interleaf.eval import mmiu
     from interleaf.eval.adapters import make_judge
     from interleaf.eval.mmniah import read_jsonl
 
     judge = make_judge(args.judge) if args.judge else None
-    scores, _ = mmiu.score(read_jsonl(args.pred), judge=judge)
+    bad: list[dict] = []  # invalid JSON lines: skipped and reported with the unscorable records
+    scores, _ = mmiu.score(read_jsonl(args.pred, bad), judge=judge)
+    skipped = bad + scores["skipped"]["samples"]
+    if not scores["num_scored"] and skipped:
+        raise InputError(f"{args.pred}: no scorable record ({skipped[0]['id']}: {skipped[0]['error']})")
+    scores["skipped"] = {"count": len(bad) + scores["skipped"]["count"], "samples": skipped[:1000]}
     _print({"benchmark": "mmiu", "model": args.pred, **scores}, args.json)
     return 0
 

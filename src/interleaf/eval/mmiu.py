@@ -50,11 +50,13 @@ TASKS_EXIST = frozenset(
 )  # fmt: skip
 SUFFIX = "\nPlease answer the option directly like A,B,C,D..."
 LETTERS = frozenset("abcdefghijklmn")
+CHOICES = frozenset(c.upper() for c in LETTERS)  # what a parsed answer is (Z: no option matched)
 REFUSALS = frozenset({"image none", "model error or image error", "image error", "model error", ""})
 MISSING_IMAGE_RESPONSE = "image none"
 MODEL_ERROR_RESPONSE = "model error or image error"
 JUDGE_ERROR = "GPT error"
 REQUIRED_FIELDS = ("task", "options", "question", "context", "input_image_path", "output")
+SCORE_FIELDS = ("task", "options", "question", "output")  # what scoring reads (besides the response)
 
 RELATIONSHIPS = {
     "Low-level-semantic": ["forensic_detection_blink", "forensic_detection_forgerynet", "visual_quality_assessment_ve_lol_l"],
@@ -103,7 +105,8 @@ def relationship_of(record: dict) -> str:
     rel = TASK_RELATIONSHIP.get(record.get("task", ""))
     if rel:
         return rel
-    for p in record.get("input_image_path") or []:
+    paths = record.get("input_image_path")
+    for p in [paths] if isinstance(paths, str) else paths if isinstance(paths, list) else []:
         parts = [x for x in str(p).replace(ORIGINAL_PREFIX, "").split("/") if x not in ("", ".")]
         if parts and parts[0] in RELATIONSHIPS:
             return parts[0]
@@ -113,6 +116,32 @@ def relationship_of(record: dict) -> str:
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
+
+
+def _is_str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+# field -> (predicate, what it must be); ``output`` may be null (the official metric skips it)
+FIELD_TYPES = {
+    "task": (lambda v: isinstance(v, str), "a string"),
+    "question": (lambda v: isinstance(v, str), "a string"),
+    "context": (lambda v: isinstance(v, str), "a string"),
+    "options": (lambda v: isinstance(v, str) or _is_str_list(v), "a string or a list of strings"),
+    "input_image_path": (lambda v: isinstance(v, str) or _is_str_list(v), "a string or a list of strings"),
+    "output": (lambda v: v is None or isinstance(v, str), "a string or null"),
+}
+
+
+def field_problem(rec: dict, fields: Iterable[str]) -> str | None:
+    """The first of ``fields`` that is missing (null, except ``output``) or wrong-typed, else None."""
+    for key in fields:
+        if key not in rec or (rec[key] is None and key != "output"):
+            return f"has no field {key!r}"
+        ok, want = FIELD_TYPES[key]
+        if not ok(rec[key]):
+            return f"field {key!r} must be {want}, got {type(rec[key]).__name__}"
+    return None
 
 
 def _flatten(rec: dict) -> dict:
@@ -215,9 +244,9 @@ def load(path: str | os.PathLike, image_root: str | os.PathLike | None = None):
                 errors.append((sid, f"{file}: record {i} is not an object", order))
                 continue
             rec = _flatten(raw)
-            missing = [k for k in REQUIRED_FIELDS if k not in rec or (rec[k] is None and k != "output")]
-            if missing:
-                errors.append((sid, f"{file}: record {i} has no field {missing[0]!r}", order))
+            problem = field_problem(rec, REQUIRED_FIELDS)  # a bad record is a per-sample error
+            if problem:
+                errors.append((sid, f"{file}: record {i} {problem}", order))
                 continue
             paths = rec["input_image_path"]
             if isinstance(paths, str):
@@ -393,6 +422,34 @@ def parallel_judge(judge: Judge, records: list[dict], workers: int = 10) -> Judg
     return lookup
 
 
+def score_problem(rec: Any) -> str | None:
+    """Why a record cannot be scored at all (it is skipped and listed), None when it can."""
+    if not isinstance(rec, dict):
+        return "record is not a JSON object"
+    problem = field_problem(rec, SCORE_FIELDS)
+    if problem and isinstance(rec.get("error"), str):
+        return rec["error"]  # a run's row for a record it could not load: its own reason
+    if problem:
+        return problem
+    if not isinstance(rec.get("response"), str):
+        return "has no string field 'response'"
+    return None
+
+
+def is_parsed(rec: dict, choice: str, method: str) -> bool | None:
+    """Whether an option was found in the response: not when the letter rule, the matcher or the
+    judge leave ``Z`` (or the judge answers no letter). None when the model was never asked
+    (``error``: missing image, model error) or the judge failed (counted as ``judge_error``)."""
+    if "error" in rec or method == "judge_error":
+        return None
+    return choice.strip().upper() in CHOICES
+
+
+def _record_id(rec: Any, index: int) -> Any:
+    rid = rec.get("id", rec.get("index")) if isinstance(rec, dict) else None
+    return rid if isinstance(rid, (int, str)) else f"record {index}"
+
+
 def score(
     records: Iterable[dict], judge: Judge | None = None, judge_workers: int = 10
 ) -> tuple[dict, list[dict]]:
@@ -400,34 +457,46 @@ def score(
 
     Records that already carry ``choice`` (e.g. a re-score of predictions.jsonl with the same
     extraction) are re-extracted all the same, so scores never depend on a stale choice. Judge
-    calls run ``judge_workers`` at a time.
+    calls run ``judge_workers`` at a time. A record that cannot be scored (missing or wrong-typed
+    field, no string ``response``) is skipped and listed in ``skipped``, never raised; the others
+    are scored as if it were absent. ``num_skipped`` counts every record outside the accuracy
+    denominators (these, plus the official skips: judge errors and records without ``output``).
     """
     records = list(records)
+    problems = [score_problem(r) for r in records]
+    valid = [r for r, p in zip(records, problems) if p is None]
     if judge is not None and judge_workers > 1:
-        judge = parallel_judge(judge, records, judge_workers)
+        judge = parallel_judge(judge, valid, judge_workers)
     rows = []
+    skipped = []
     tasks: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # task -> [correct, count]
+    unparsed: Counter = Counter()
     methods: Counter = Counter()
-    for i, rec in enumerate(records):
-        for key in ("task", "options", "question", "output"):
-            if key not in rec:
-                raise InputError(f"record {i} has no field {key!r}")
-        response = rec.get("response")
-        if not isinstance(response, str):
-            raise InputError(f"record {i} has no string field 'response'")
-        choice, method = extract_choice(rec, response, judge)
+    for i, (rec, problem) in enumerate(zip(records, problems)):
+        if problem is not None:
+            skipped.append({"id": _record_id(rec, i), "error": problem})
+            rows.append(
+                {"choice": None, "extraction": None, "correct": None, "parsed": None, "skipped": problem}
+            )
+            continue
+        choice, method = extract_choice(rec, rec["response"], judge)
         methods[method] += 1
-        row = {"choice": choice, "extraction": method, "correct": None}
+        parsed = is_parsed(rec, choice, method)
+        unparsed[rec["task"]] += parsed is False
+        row = {"choice": choice, "extraction": method, "correct": None, "parsed": parsed}
         if choice.strip() != JUDGE_ERROR and rec["output"] is not None:
             ok = is_correct(choice, str(rec["output"]))
             row["correct"] = ok
             tasks[rec["task"]][0] += int(ok)
             tasks[rec["task"]][1] += 1
         rows.append(row)
-    per_task = {t: {"accuracy": c / n, "correct": c, "count": n} for t, (c, n) in sorted(tasks.items())}
+    per_task = {
+        t: {"accuracy": c / n, "correct": c, "count": n, "unparsable": unparsed[t]}
+        for t, (c, n) in sorted(tasks.items())
+    }
     mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
     rel_tasks: dict[str, list[str]] = defaultdict(list)
-    rel_of = {r["task"]: relationship_of(r) for r in records}
+    rel_of = {r["task"]: relationship_of(r) for r in valid}
     for t in per_task:
         rel_tasks[rel_of[t]].append(t)
     per_rel = {
@@ -458,10 +527,12 @@ def score(
         "num_scored": total_n,
         "num_records": len(records),
         "num_skipped": len(records) - total_n,
+        "skipped": {"count": len(skipped), "samples": skipped[:1000]},
+        "unparsable": sum(unparsed.values()),  # responses in which no option was found
         "extraction": extraction,
         "extraction_counts": dict(methods),
         "per_relationship": per_rel,
         "per_task": per_task,
-        "baselines": baselines(records),
+        "baselines": baselines(valid),
     }
     return scores, rows

@@ -43,6 +43,11 @@ def _mmiu_markdown(s: dict) -> list[str]:
     b = s.get("baselines", {})
     lines = [
         f"Extraction: {s['extraction']} ({', '.join(f'{k} {v}' for k, v in sorted(s['extraction_counts'].items()))}).",
+        f"Unparsable responses (no option found): {s.get('unparsable', 0)}.",
+    ]
+    if s.get("skipped", {}).get("count"):
+        lines.append(f"**{s['skipped']['count']} records could not be scored**; see `skipped`.")
+    lines += [
         "",
         "| metric | accuracy (%) |",
         "|---|---|",
@@ -59,9 +64,9 @@ def _mmiu_markdown(s: dict) -> list[str]:
         lines.append(
             f"| {rel} | {r['tasks']} | {r['count']} | {_pct(r['accuracy'])} | {_pct(r['micro_accuracy'])} |"
         )
-    lines += ["", "| task | questions | accuracy (%) |", "|---|---|---|"]
+    lines += ["", "| task | questions | accuracy (%) | unparsable |", "|---|---|---|---|"]
     for task, t in s["per_task"].items():
-        lines.append(f"| {task} | {t['count']} | {_pct(t['accuracy'])} |")
+        lines.append(f"| {task} | {t['count']} | {_pct(t['accuracy'])} | {t.get('unparsable', 0)} |")
     return lines
 
 
