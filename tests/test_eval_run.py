@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from interleaf.cli import main
@@ -138,3 +139,47 @@ def test_batched_paths_match_the_per_sample_loop(mini, tiny_ckpt):
     padded = dict(adapter.generate(reqs, batch_size=4))
     assert [rowwise[i] for i in range(4)] == loop == [padded[i] for i in range(4)]
     assert len({len(r.images) for r in reqs}) > 1  # different tile budgets share the batch
+
+
+def test_fingerprint_reads_every_byte_of_every_file(tmp_path):
+    from interleaf.eval.adapters import directory_fingerprint
+
+    rng = np.random.default_rng(0)
+    weights = rng.integers(0, 256, 5 << 20, dtype=np.uint8).tobytes()
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        (d / "sub").mkdir(parents=True)
+        (d / "config.json").write_text("{}")
+        (d / "sub" / "extra.bin").write_bytes(b"x" * 10)
+    middle = len(weights) // 2
+    (a / "model.safetensors").write_bytes(weights)
+    (b / "model.safetensors").write_bytes(
+        weights[:middle] + bytes([weights[middle] ^ 1]) + weights[middle + 1 :]
+    )
+    assert directory_fingerprint(a) != directory_fingerprint(b)  # same size, same first/last MiB
+    (b / "model.safetensors").write_bytes(weights)
+    assert directory_fingerprint(a) == directory_fingerprint(b)
+    (b / "sub" / "extra.bin").write_bytes(b"y" * 10)  # files in subfolders count too
+    assert directory_fingerprint(a) != directory_fingerprint(b)
+    (b / "sub" / "extra.bin").rename(b / "extra.bin")
+    assert directory_fingerprint(a) != directory_fingerprint(b)
+
+
+def test_dtype_and_device_kind_are_in_the_resume_key(mini, tiny_ckpt, tiny_ckpt_hf):
+    import torch
+
+    from interleaf.eval.adapters import HFAdapter
+
+    base = InterleafAdapter(str(tiny_ckpt))
+    bf16 = InterleafAdapter(str(tiny_ckpt), dtype=torch.bfloat16)
+    assert base.settings() == {"do_sample": False, "dtype": "stored", "device": "cpu"}
+    assert bf16.settings()["dtype"] == InterleafAdapter(str(tiny_ckpt), dtype="bfloat16").settings()["dtype"]
+    assert InterleafAdapter(str(tiny_ckpt), device="cuda:1").settings()["device"] == "cuda"
+    assert HFAdapter(str(tiny_ckpt_hf), dtype="float16").settings()["dtype"] == "float16"
+    keys = []
+    for adapter in (base, bf16, InterleafAdapter(str(tiny_ckpt), device="cuda")):
+        items = runner.mmiu_items(str(mini["mmiu"]), 2, 5, None)
+        runner._keys(items, adapter)  # keys only: nothing is loaded
+        keys.append([it.key for it in items])
+    assert len({k for ks in keys for k in ks}) == 6
+    assert base._chat_model is None

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from interleaf.errors import InputError
+from interleaf.eval.store import file_digest
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -74,23 +75,24 @@ class Adapter:
 
 
 def directory_fingerprint(path: str | os.PathLike) -> str:
-    """SHA-256 over config/tokenizer files and, for weights, name + size + first/last MiB."""
+    """SHA-256 over every file below ``path`` (subfolders too): relative path + xxh3-128 of its
+    full content. Sampling parts of the weights let checkpoints that differ only in the middle of
+    a file (a stage that trains a few layers) share resume keys, so every byte is read."""
     root = Path(path)
     h = hashlib.sha256()
-    for f in sorted(root.iterdir()):
-        if not f.is_file():
-            continue
-        h.update(f.name.encode())
-        size = f.stat().st_size
-        h.update(str(size).encode())
-        with open(f, "rb") as fh:
-            if f.suffix in (".json", ".txt", ".model", ".py", ".jinja") or size <= 2 << 20:
-                h.update(fh.read())
-            else:
-                h.update(fh.read(1 << 20))
-                fh.seek(size - (1 << 20))
-                h.update(fh.read())
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + file_digest(f).encode() + b"\n")
     return h.hexdigest()
+
+
+def _dtype_name(dtype: Any) -> str:
+    """ "bfloat16" for torch.bfloat16 or "bfloat16"; "stored" for None (the checkpoint's own)."""
+    return "stored" if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _device_type(device: Any) -> str:
+    """ "cuda" for "cuda:1" or torch.device("cuda", 1): the kind of device changes answers."""
+    return str(device).split(":")[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,6 +119,10 @@ class InterleafAdapter(Adapter):
         # prepare the next batch in a worker thread: True, False, or None = where it pays (see below)
         self.prefetch: bool | None = None
         self.notes = []
+
+    def settings(self) -> dict[str, Any]:
+        # the compute dtype and device kind change greedy answers: part of the resume key
+        return {**super().settings(), "dtype": _dtype_name(self.dtype), "device": _device_type(self.device)}
 
     @property
     def chat_model(self) -> Any:
@@ -232,13 +238,13 @@ class HFAdapter(Adapter):
     ``InterleafAdapter`` (the ``-hf`` directories interleaf writes carry no processor config).
     """
 
-    def __init__(self, path: str, device: str = "cpu", template: str | None = None):
+    def __init__(self, path: str, device: str = "cpu", template: str | None = None, dtype: Any = None):
         if not Path(path).is_dir():
             raise InputError(f"{path}: not a checkpoint directory")
         self.path = path
         self.name = Path(path).resolve().name
         self.fingerprint = "hf:" + directory_fingerprint(path)
-        self.device = device
+        self.device, self.dtype = device, dtype
         cfg = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
         extra = cfg.get("interleaf") or {}
         self.template_name = template or extra.get("template") or "Hermes-2"
@@ -249,11 +255,16 @@ class HFAdapter(Adapter):
         self._model = None
         self.notes = ["transformers InternVLForConditionalGeneration reference, one sample at a time"]
 
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "dtype": _dtype_name(self.dtype), "device": _device_type(self.device)}
+
     def _load(self):
         if self._model is None:
             from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
-            self._model = InternVLForConditionalGeneration.from_pretrained(self.path).to(self.device).eval()
+            dtype = "auto" if self.dtype is None else self.dtype  # "auto": the stored dtype
+            model = InternVLForConditionalGeneration.from_pretrained(self.path, dtype=dtype)
+            self._model = model.to(self.device).eval()
             self._tokenizer = AutoTokenizer.from_pretrained(self.path)
         return self._model, self._tokenizer
 
