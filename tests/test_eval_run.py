@@ -183,3 +183,32 @@ def test_dtype_and_device_kind_are_in_the_resume_key(mini, tiny_ckpt, tiny_ckpt_
         keys.append([it.key for it in items])
     assert len({k for ks in keys for k in ks}) == 6
     assert base._chat_model is None
+
+
+def test_tile_budgets_reach_the_adapter(tiny_ckpt, tmp_path):
+    """MMIU: VLMEvalKit's InternVL budget, min(6, 64 // n) tiles per image (+ thumbnail); MM-NIAH: one
+    448 tile per image, whatever its shape (the official setting)."""
+    from PIL import Image
+
+    Image.new("RGB", (6 * 448, 448), (10, 20, 30)).save(tmp_path / "wide.png")  # 6:1 fills any budget
+    adapter = InterleafAdapter(str(tiny_ckpt))
+    recs = [
+        {"task": "jigsaw_puzzle_solving", "options": "A: x\nB: y", "question": "Q?", "context": "C.",
+         "input_image_path": ["wide.png"] * n, "output": "A"}
+        for n in (1, 11, 16)
+    ]  # fmt: skip
+    (tmp_path / "all.json").write_text(json.dumps(recs))
+    items = runner.mmiu_items(str(tmp_path), None, 4, None)
+    assert [it.request.max_num for it in items] == [runner.mmiu_tiles(n) for n in (1, 11, 16)] == [6, 55, 64]
+    tiles = [px.shape[0] for _, px in adapter._prepare([it.request for it in items])]
+    assert tiles == [1 * (6 + 1), 11 * (5 + 1), 16 * (4 + 1)]
+    ann = tmp_path / "mm_niah_val" / "annotations"
+    ann.mkdir(parents=True)
+    (tmp_path / "mm_niah_val" / "images").mkdir()
+    (tmp_path / "mm_niah_val" / "images" / "wide.png").write_bytes((tmp_path / "wide.png").read_bytes())
+    rec = {"id": 0, "images_list": ["wide.png"] * 3, "context": "<image> a <image> b <image>", "question": "Q?",
+           "answer": "a", "meta": {"placed_depth": 0.5, "context_length": 1500}}  # fmt: skip
+    (ann / "retrieval-text.jsonl").write_text(json.dumps(rec) + "\n")
+    (item,), _ = runner.mmniah_items(str(tmp_path / "mm_niah_val"), None, None, None)
+    assert (item.request.max_num, item.request.dynamic) == (1, False)
+    assert [px.shape[0] for _, px in adapter._prepare([item.request])] == [3]

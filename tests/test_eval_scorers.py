@@ -177,6 +177,65 @@ def test_tvr_bad_files(tmp_path):
         tvr.load_predictions(p)
 
 
+def test_tvr_missing_queries_warn_in_both_modes(caplog):
+    gt = tvr.load_split(DATA / "tvr" / "gt.json")
+    pred = tvr.load_predictions(DATA / "tvr" / "pred.json")
+    dropped = sorted(pred)[:2]
+    partial = {q: p for q, p in pred.items() if q not in dropped}
+    n_absent = len(gt) - len(partial)
+    res = {}
+    for mode, words in (("skip", "skipped, as the official code"), ("zero", "counted as 0")):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="interleaf.eval.tvr"):
+            res[mode] = tvr.ndcg_iou(gt, partial, ks=(10,), mus=(0.3,), missing=mode)["NDCG@10"]["0.3"]
+        (rec,) = [r for r in caplog.records if "have no predictions" in r.getMessage()]
+        assert (
+            rec.getMessage() == f"{n_absent} of {len(gt)} ground-truth queries have no predictions ({words})"
+        )
+    # skip: the mean over the predicted queries; zero: the same sum over all queries
+    assert res["zero"] == pytest.approx(res["skip"] * len(partial) / len(gt))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="interleaf.eval.tvr"):
+        tvr.ndcg_iou({q: gt[q] for q in partial}, partial)
+    assert not caplog.records  # nothing missing, nothing said
+
+
+def test_tvr_video_corpus(tmp_path, caplog, capsys):
+    from interleaf.cli import main
+
+    gt = tvr.load_split(DATA / "tvr" / "gt.json")
+    pred = tvr.load_predictions(DATA / "tvr" / "pred.json")
+    videos = {m["video_name"] for ms in gt.values() for m in ms}
+    corpus = {v: 90.0 for v in videos}
+    path = tmp_path / "video_corpus.json"
+    path.write_text(json.dumps(corpus))
+    assert tvr.load_video_corpus(path) == corpus
+    predicted = {p["video_name"] for ps in pred.values() for p in ps}
+    with caplog.at_level("WARNING", logger="interleaf.eval.tvr"):
+        n_unknown = tvr.check_videos(gt, pred, corpus)
+    outside = sum(p["video_name"] not in videos for ps in pred.values() for p in ps)
+    assert n_unknown == outside and (outside == 0) == (predicted <= videos)
+    assert tvr.check_videos(gt, pred, {v: 1.0 for v in videos | predicted}) == 0
+    with pytest.raises(InputError, match="is not in the video corpus"):
+        tvr.check_videos(gt, pred, {"other": 1.0})
+    for bad, match in (([1], "non-empty object"), ({}, "non-empty object"), ({"v": "90"}, "video 'v' must be"),
+                       ({"v": True}, "must be a non-negative"), ({"v": -1}, "must be a non-negative")):  # fmt: skip
+        path.write_text(json.dumps(bad))
+        with pytest.raises(InputError, match=match):
+            tvr.load_video_corpus(path)
+    # the CLI checks the names when given the corpus, and scores as without it
+    path.write_text(json.dumps(corpus))
+    args = ["eval", "score", "tvr-ranking", "--gt", str(DATA / "tvr" / "gt.json"), "--pred",
+            str(DATA / "tvr" / "pred.json"), "--json"]  # fmt: skip
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main([*args, "--video-corpus", str(path)]) == 0
+    assert capsys.readouterr().out == plain
+    path.write_text(json.dumps({"other": 1.0}))
+    assert main([*args, "--video-corpus", str(path)]) == 1
+    assert "is not in the video corpus" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------ MMIU
 
 

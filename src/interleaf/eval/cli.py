@@ -55,6 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     st.add_argument("--mu", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     st.add_argument("--inclusive", action="store_true", help="IoU >= mu (the paper) instead of > (the code)")
     st.add_argument("--missing", choices=["skip", "zero"], default="skip", help="queries without predictions")
+    st.add_argument(
+        "--video-corpus", default=None, help="video_corpus.json: check the video names against it"
+    )
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_score_tvr)
 
@@ -150,9 +153,12 @@ def _score_mmniah(args: argparse.Namespace) -> int:
 def _score_tvr(args: argparse.Namespace) -> int:
     from interleaf.eval import tvr
 
+    gt, pred = tvr.load_split(args.gt), tvr.load_predictions(args.pred)
+    if args.video_corpus:
+        tvr.check_videos(gt, pred, tvr.load_video_corpus(args.video_corpus))
     res = tvr.ndcg_iou(
-        tvr.load_split(args.gt),
-        tvr.load_predictions(args.pred),
+        gt,
+        pred,
         ks=tuple(args.k),
         mus=tuple(args.mu),
         inclusive=args.inclusive,

@@ -152,8 +152,31 @@ def load_predictions(path: str | os.PathLike) -> dict[str, list[dict]]:
 
 
 def load_video_corpus(path: str | os.PathLike) -> dict[str, float]:
-    """``video_corpus.json``: ``{video_name: duration}``."""
+    """``video_corpus.json``: ``{video_name: duration in seconds}`` (the official layout), checked."""
     data = _load_json(path)
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected an object mapping video_name to duration")
+    if not isinstance(data, dict) or not data:
+        raise InputError(f"{path}: expected a non-empty object mapping video_name to duration")
+    for name, duration in data.items():
+        ok = isinstance(duration, (int, float)) and not isinstance(duration, bool) and duration >= 0
+        if not ok or not math.isfinite(duration):
+            raise InputError(
+                f"{path}: duration of video {name!r} must be a non-negative number, got {duration!r}"
+            )
     return data
+
+
+def check_videos(gt: dict[Any, list[dict]], pred: dict[Any, list[dict]], corpus: dict[str, float]) -> int:
+    """Check both sides against the corpus. A ground-truth video outside it means the split and the
+    corpus do not belong together (an error); predicted videos outside it can only score 0 (the
+    official code does not check): they are warned about and their number returned."""
+    for qid, moments in gt.items():
+        for m in moments:
+            if m["video_name"] not in corpus:
+                raise InputError(
+                    f"ground-truth video {m['video_name']!r} (query {qid}) is not in the video corpus"
+                )
+    unknown = [p["video_name"] for preds in pred.values() for p in preds if p["video_name"] not in corpus]
+    if unknown:
+        log.warning("%d predicted moments name videos outside the corpus (first: %s); they score 0",
+                    len(unknown), unknown[0])  # fmt: skip
+    return len(unknown)
