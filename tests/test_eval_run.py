@@ -163,6 +163,11 @@ def test_fingerprint_reads_every_byte_of_every_file(tmp_path):
     assert directory_fingerprint(a) != directory_fingerprint(b)
     (b / "sub" / "extra.bin").rename(b / "extra.bin")
     assert directory_fingerprint(a) != directory_fingerprint(b)
+    before = directory_fingerprint(a)
+    (a / ".cache" / "huggingface").mkdir(parents=True)  # hub download metadata, a git folder: not the model
+    (a / ".cache" / "huggingface" / "model.safetensors.metadata").write_text("etag 1")
+    (a / ".gitattributes").write_text("*.safetensors filter=lfs")
+    assert directory_fingerprint(a) == before
 
 
 def test_dtype_and_device_kind_are_in_the_resume_key(mini, tiny_ckpt, tiny_ckpt_hf):

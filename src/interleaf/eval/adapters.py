@@ -77,11 +77,15 @@ class Adapter:
 def directory_fingerprint(path: str | os.PathLike) -> str:
     """SHA-256 over every file below ``path`` (subfolders too): relative path + xxh3-128 of its
     full content. Sampling parts of the weights let checkpoints that differ only in the middle of
-    a file (a stage that trains a few layers) share resume keys, so every byte is read."""
+    a file (a stage that trains a few layers) share resume keys, so every byte is read. Hidden
+    entries (``.git``, the hub's ``.cache``) are skipped: they change without the model changing."""
     root = Path(path)
     h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(f.relative_to(root).as_posix().encode() + b"\0" + file_digest(f).encode() + b"\n")
+    files = (p for p in root.rglob("*") if p.is_file())
+    for rel, f in sorted((f.relative_to(root), f) for f in files):
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        h.update(rel.as_posix().encode() + b"\0" + file_digest(f).encode() + b"\n")
     return h.hexdigest()
 
 
