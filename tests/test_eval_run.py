@@ -217,3 +217,11 @@ def test_tile_budgets_reach_the_adapter(tiny_ckpt, tmp_path):
     (item,), _ = runner.mmniah_items(str(tmp_path / "mm_niah_val"), None, None, None)
     assert (item.request.max_num, item.request.dynamic) == (1, False)
     assert [px.shape[0] for _, px in adapter._prepare([item.request])] == [3]
+    # images kept elsewhere (the official mm_niah.json names the image root apart from the annotations)
+    (tmp_path / "mm_niah_val" / "images").rename(tmp_path / "elsewhere")
+    (item,), _ = runner.mmniah_items(str(tmp_path / "mm_niah_val"), None, None, None)
+    assert item.error and item.error.startswith("missing image")
+    (item,), _ = runner.mmniah_items(
+        str(tmp_path / "mm_niah_val"), None, None, None, str(tmp_path / "elsewhere")
+    )
+    assert item.error is None and [px.shape[0] for _, px in adapter._prepare([item.request])] == [3]

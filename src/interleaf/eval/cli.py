@@ -25,7 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-new-tokens", type=int, default=None, help="default: MMIU 64, MM-NIAH 16 (32 counting)"
     )
     r.add_argument("--judge", default=None, help="MMIU answer-matching judge, openai:URL#MODEL")
-    r.add_argument("--image-root", default=None, help="MMIU image root (default: the data directory)")
+    r.add_argument(
+        "--image-root",
+        default=None,
+        help="image root (default: for MMIU the data directory, for MM-NIAH the split's images/)",
+    )
     r.add_argument("--tasks", nargs="*", default=None, help="MM-NIAH tasks to run (default: all found)")
     r.add_argument("--device", default="cpu")
     r.add_argument("--concurrency", type=int, default=8, help="parallel requests for openai: models")

@@ -71,9 +71,14 @@ def mmiu_items(
 
 
 def mmniah_items(
-    data: str, limit: int | None, max_new_tokens: int | None, tasks: list[str] | None
+    data: str,
+    limit: int | None,
+    max_new_tokens: int | None,
+    tasks: list[str] | None,
+    image_root: str | None = None,
 ) -> tuple[list[Item], str]:
-    ann_dir, image_root, split = mmniah.find_split_dir(data)
+    ann_dir, split_images, split = mmniah.find_split_dir(data)
+    image_root = Path(image_root) if image_root else split_images  # as the official mm_niah.json sets it
     items: list[Item] = []
     found = [t for t in mmniah.TASKS if (ann_dir / f"{t}.jsonl").is_file()]
     if tasks:
@@ -284,7 +289,7 @@ def run(
     if bench == "mmiu":
         items = mmiu_items(data, limit, max_new_tokens, image_root)
     else:
-        items, split = mmniah_items(data, limit, max_new_tokens, tasks)
+        items, split = mmniah_items(data, limit, max_new_tokens, tasks, image_root)
     if not items:
         raise InputError(f"{data}: no samples")
     adapter = (
