@@ -357,3 +357,76 @@ def test_bad_inputs_are_counted_and_the_run_goes_on(tmp_path):
     assert any(e["stage"] == "read" for e in errors)  # truncated record / malformed rows
     assert len([e for e in errors if e["stage"] == "read"]) >= 3, reasons
     assert "j1" in {d.id for d in E.iter_output_documents(tmp_path / "out")}
+
+
+def _site(root: Path, n: int = 3, seed: int = 11) -> list[str]:
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(n):
+        (root / f"p{i}.html").write_text(_article(rng, f"page{i}"))
+        names.append(f"p{i}.html")
+    return names
+
+
+def test_a_folder_yields_every_input_in_it(tmp_path):
+    site = tmp_path / "site"
+    _site(site)
+    (site / "sub").mkdir()
+    (site / "sub" / "p9.html").write_text(_article(random.Random(2), "nested"))
+    (site / "searchindex.json").write_text('{"doc_urls": ["p0.html"]}\n')  # mdBook's, not a corpus
+    good = {
+        "texts": ["Some text.", None],
+        "images": [None, "http://x.example/a.jpg"],
+        "general_metadata": {"id": "j1", "url": "http://x.example/1"},
+    }
+    (site / "rows.jsonl").write_text(json.dumps(good) + "\n")
+    (site / "notes.txt").write_text("not a page")
+    for asset in ("style.css", "logo.png", "app.js"):  # a site's assets: not inputs, not counted
+        (site / asset).write_text("x")
+    (site / ".git").mkdir()
+    (site / ".git" / "index.html").write_text(_article(random.Random(3), "hidden"))
+    paths = E.expand_inputs([site])
+    assert paths == [
+        site.resolve(),
+        *(site.resolve() / n for n in ("rows.jsonl", "searchindex.json", "notes.txt")),
+    ]
+    cfg = P.load_config(_cfg(tmp_path))
+    stats = E.build([site], tmp_path / "out", cfg, workers=1, progress=False)
+    assert stats["balanced"] and stats["records_in"] == 4 + 1 + 1 + 1
+    urls = {d.url for d in E.iter_output_documents(tmp_path / "out")}
+    assert {(site / f"p{i}.html").resolve().as_uri() for i in range(3)} <= urls
+    assert (site / "sub" / "p9.html").resolve().as_uri() in urls and "http://x.example/1" in urls
+    errors = [
+        json.loads(x)
+        for p in (tmp_path / "out" / "errors").glob("*.jsonl")
+        for x in p.read_text().splitlines()
+    ]
+    assert {(Path(e["source"]).name, e["reason"]) for e in errors} == {
+        ("searchindex.json", "bad_row"),
+        ("notes.txt", "unsupported_file"),
+    }
+    # a folder with nothing to read is an error naming it; an unknown file named explicitly too
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "logo.png").write_text("x")
+    with pytest.raises(InputError, match="empty: folder holds no"):
+        E.expand_inputs([tmp_path / "empty"])
+    with pytest.raises(InputError, match="notes.txt: unknown input type"):
+        E.expand_inputs([site / "notes.txt"])
+
+
+def test_single_gz_and_shtml_pages_are_inputs(tmp_path):
+    import gzip
+
+    _site(tmp_path / "site", n=2)
+    page, other = tmp_path / "site" / "p0.html", tmp_path / "site" / "p1.html"
+    gz = tmp_path / "manual.html.gz"
+    gz.write_bytes(gzip.compress(page.read_bytes()))
+    shtml = tmp_path / "index.shtml"
+    shtml.write_bytes(other.read_bytes())
+    assert E.expand_inputs([gz, shtml]) == [gz.resolve(), shtml.resolve()]
+    cfg = P.load_config(_cfg(tmp_path))
+    stats = E.build([gz, shtml], tmp_path / "out", cfg, workers=1, progress=False)
+    assert stats["records_in"] == 2 and stats["errors"] == 0 and stats["docs_out"] == 2
+    urls = [d.url for d in E.iter_output_documents(tmp_path / "out")]
+    assert urls == [(tmp_path / "manual.html").resolve().as_uri(), shtml.resolve().as_uri()]

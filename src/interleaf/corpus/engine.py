@@ -57,42 +57,64 @@ WORK = "_work"
 # inputs
 
 
+# files in an input folder that are a site's assets, not pages or corpora: skipped without a count
+# (a page's images are read through its <img> tags, never as inputs); any other file that is not
+# a supported input is recorded as a read error ("unsupported_file"), never skipped silently
+_ASSET_SUFFIXES = (
+    ".png", ".jpg", ".jpeg", ".gif", ".webp", ".svg", ".ico", ".bmp", ".tif", ".tiff", ".avif",
+    ".css", ".js", ".mjs", ".map", ".woff", ".woff2", ".ttf", ".otf", ".eot",
+)  # fmt: skip
+
+
 def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
-    """Input paths in a fixed order (a resumed run must see the records in the same order)."""
+    """Input paths in a fixed order (a resumed run must see the records in the same order).
+
+    A folder yields everything in it: its HTML pages as one input (the folder itself, read by
+    ``read_html``, so ``read.shard_by: files`` keeps a site in one shard), then its WARC and
+    corpus files, then its unsupported files (each read as one ``unsupported_file`` error), each
+    group in sorted order. Hidden entries (``.git``, ``.DS_Store``) and assets are not inputs.
+    """
+    from interleaf.corpus.warc import folder_files
+
     out: list[Path] = []
     for raw in inputs:
         p = Path(raw)
         if not p.exists():
             raise InputError(f"{p}: input does not exist")
         p = p.resolve()
-        if p.is_dir():
-            # a folder of WARCs / corpus files is read file by file (sorted); otherwise it is a
-            # folder of HTML pages
-            files = sorted(f for f in p.rglob("*") if f.is_file() and _kind_or_none(f) in ("warc", "corpus"))
-            out.extend(files or [p])
-        else:
+        if not p.is_dir():
+            if _kind(p) == "unsupported":  # named explicitly: a mistake worth stopping for
+                raise InputError(f"{p}: unknown input type (expected WARC, HTML file/dir, Parquet or JSONL)")
             out.append(p)
+            continue
+        groups: dict[str, list[Path]] = {"html": [], "warc": [], "corpus": [], "unsupported": []}
+        for f in folder_files(p):
+            if not f.name.lower().endswith(_ASSET_SUFFIXES):
+                groups[_kind(f)].append(f)
+        if not any(groups.values()):
+            raise InputError(f"{p}: folder holds no WARC, HTML, Parquet or JSONL files")
+        if groups["html"]:
+            out.append(p)
+        out.extend(groups["warc"] + groups["corpus"] + groups["unsupported"])
     return out
 
 
-def _kind_or_none(path: Path) -> str | None:
-    try:
-        return _kind(path)
-    except InputError:
-        return None
+CORPUS_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson")
 
 
 def _kind(path: Path) -> str:
+    from interleaf.corpus.warc import HTML_SUFFIXES, WARC_SUFFIXES
+
     name = path.name.lower()
     if path.is_dir():
         return "html"
-    if name.endswith((".warc", ".warc.gz", ".arc.gz", ".warc.zst")):
+    if name.endswith((*WARC_SUFFIXES, ".warc.zst")):
         return "warc"
-    if name.endswith((".html", ".htm", ".xhtml")):
+    if name.endswith(HTML_SUFFIXES):
         return "html"
-    if name.endswith((".parquet", ".jsonl", ".jsonl.gz", ".json", ".ndjson")):
+    if name.endswith(CORPUS_SUFFIXES):
         return "corpus"
-    raise InputError(f"{path}: unknown input type (expected WARC, HTML file/dir, Parquet or JSONL)")
+    return "unsupported"
 
 
 def iter_records(paths: list[Path]) -> Iterator[RawPage | Document | ReadError]:
@@ -107,10 +129,12 @@ def iter_records(paths: list[Path]) -> Iterator[RawPage | Document | ReadError]:
             from interleaf.corpus.warc import read_html
 
             yield from read_html(str(path))
-        else:
+        elif kind == "corpus":
             from interleaf.corpus.formats import read_corpus
 
             yield from read_corpus(str(path))
+        else:
+            yield ReadError(str(path), None, "unsupported_file", "not a WARC, HTML, Parquet or JSONL file")
 
 
 def _record_ident(rec: Any) -> dict:

@@ -493,7 +493,7 @@ def read_html(path: str | os.PathLike, base_url: str | None = None) -> Iterator[
     """
     root = Path(path)
     if root.is_dir():
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.name.lower().endswith(HTML_SUFFIXES))
+        files = [p for p in folder_files(root) if p.name.lower().endswith(HTML_SUFFIXES)]
     else:
         files = [root]
     for f in files:
@@ -521,6 +521,15 @@ def read_html(path: str | os.PathLike, base_url: str | None = None) -> Iterator[
             crawl_date=mtime.strftime("%Y-%m-%dT%H:%M:%SZ"),
             record_id=None,
         )
+
+
+def folder_files(root: Path) -> list[Path]:
+    """Files below ``root`` in sorted order, hidden files and folders (``.git``, ``.DS_Store``) left out."""
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
 
 
 def is_warc_path(path: str | os.PathLike) -> bool:
