@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import ray
@@ -84,3 +85,38 @@ def test_shard_by_files_tasks_read_their_own_files(ray_instance, tmp_path):
     assert local["shards"] == remote["shards"] == 3
     assert _outputs(tmp_path / "ray") == _outputs(tmp_path / "local")
     assert _stats_wo_time(tmp_path / "ray") == _stats_wo_time(tmp_path / "local")
+
+
+def test_shard_by_files_task_streams_its_file(tmp_path, monkeypatch):
+    # the task body without Ray: it must hand records to the pool as it reads them, never hold
+    # a whole input file (a 1 GB WARC) in memory
+    warc = tmp_path / "crawl.warc.gz"
+    make_test_warc(warc, n=40, seed=8, hang=False, crash=False)
+    cfg = P.load_config(_cfg(tmp_path, read={"shard_by": "files"}))
+    read = 0
+    real_iter, real_imap = E.iter_records, E.IsolatedPool.imap
+    lag: list[int] = []
+
+    def counting_iter(paths):
+        nonlocal read
+        for rec in real_iter(paths):
+            read += 1
+            yield rec
+
+    def watching_imap(self, items):
+        for n, got in enumerate(real_imap(self, items), 1):
+            lag.append(read - n)  # records read but not yet processed
+            yield got
+
+    monkeypatch.setattr(E, "iter_records", counting_iter)
+    monkeypatch.setattr(E.IsolatedPool, "imap", watching_imap)
+    plan = E.prepare_run([warc], tmp_path / "out", cfg)
+    assert R._stage1_task(str(plan.out), 0, str(warc), cfg) == 0
+    assert read > 40 and len(lag) == read
+    assert max(lag) <= 2 * 8 + 1  # at most a batch in the worker and the next being gathered
+    monkeypatch.undo()
+    E.build([warc], tmp_path / "local", cfg, workers=1, progress=False)
+    shard = Path(E.shard_name(0))
+    for name in ("docs.jsonl", "keys.jsonl", "errors.jsonl", "excluded.jsonl"):
+        got = (E.stage1_dir(plan.out) / shard / name).read_bytes()
+        assert got == (E.stage1_dir(tmp_path / "local") / shard / name).read_bytes(), name

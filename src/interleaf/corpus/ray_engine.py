@@ -28,14 +28,16 @@ from interleaf.corpus import pipeline as P
 
 
 def _stage1_task(out: str, shard: int, records: list | str, cfg: dict) -> int:
-    if isinstance(records, str):  # read.shard_by: files -> the task reads its own input file
-        records = list(E.iter_records([Path(records)]))
+    if isinstance(records, str):
+        # read.shard_by: files -> the task streams its own input file into the pool (a Common
+        # Crawl WARC is ~1 GB: only the records in flight are held, as in the local engine)
+        records = E.iter_records([Path(records)])
     pool = E.IsolatedPool(cfg, workers=1)
     results: dict[int, dict] = {}
     for pos, outcome in pool.imap(enumerate(records)):
         results[pos] = outcome
     E.commit_stage1_shard(
-        Path(out), shard, [results[i] for i in range(len(records))], P.minhash_config(cfg).num_perm
+        Path(out), shard, [results[i] for i in range(len(results))], P.minhash_config(cfg).num_perm
     )
     return shard
 
