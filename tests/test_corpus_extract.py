@@ -331,3 +331,25 @@ def test_extractor_accounts_for_every_image():
     }
     ex(_page("<p>only text, no image</p><nav><img src='x.png'></nav>"))  # dropped: its image counted too
     assert st.images_in == 8 and st.images_in_dropped_docs == 1 and st.balanced()
+
+
+def test_pipeline_page_size_limit_is_read_max_page_bytes():
+    from interleaf.corpus import pipeline as P
+    from interleaf.errors import ConfigError
+
+    body = "<p>" + "All work and no play makes a long page. " * 150_000 + "</p><img src='a.jpg'>"
+    big = _page(f"<html><body>{body}</body></html>")
+    assert 5_000_000 < len(big.html) < 10_000_000
+    # above the extractor's old 5 MB cap: extracted under the default and a raised limit alike
+    for cfg in (P.load_config(), P.load_config({"read": {"max_page_bytes": 20_000_000}})):
+        assert isinstance(P.Extraction(cfg)(big), Document)
+    # both sides of a lowered limit: at it extracted, one byte over an error (not an exclusion)
+    html = "<html><body><p>Some text worth keeping here.</p><img src='a.jpg'></body></html>"
+    limit = len(html.encode())
+    step = P.Extraction(P.load_config({"read": {"max_page_bytes": limit}}))
+    assert isinstance(step(_page(html)), Document)
+    out = step(_page(html + " "))
+    assert out == Drop("page_too_large", f"{limit + 1} bytes > read.max_page_bytes={limit}", error=True)
+    assert step.stats.errors_by_reason == {"page_too_large": 1} and step.stats.balanced()
+    with pytest.raises(ConfigError, match="read.max_page_bytes"):
+        P.Extraction(P.load_config({"extract": {"options": {"max_bytes": 1}}}))

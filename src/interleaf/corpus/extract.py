@@ -111,7 +111,9 @@ class ExtractConfig:
     """Extraction options (defaults as in the module docstring)."""
 
     drop_no_images: bool = True  # OmniCorpus: HTML documents without images are dropped
-    max_bytes: int = 5_000_000  # larger payloads -> Drop("too_large")
+    # larger payloads -> Drop("too_large"); the pipeline sets it to read.max_page_bytes and records
+    # larger pages as errors before extraction, so one limit applies there
+    max_bytes: int = 10_000_000
     max_depth: int = 512  # element nesting deeper than this -> Drop("too_deeply_nested")
     link_density: float = 0.5  # blocks whose text is more than this fraction link text are removed
     min_link_block_words: int = 0  # ... unless they hold at least this many words (0: no exception)

@@ -225,13 +225,20 @@ class Extraction:
         from interleaf.corpus.base import StepStats
 
         self.stats = StepStats(name=self.name)
+        # one size limit, read.max_page_bytes: a larger page is an error, never extracted
+        self.max_bytes = int(cfg["read"]["max_page_bytes"])
         opts = dict(cfg["extract"]["options"])
+        if "max_bytes" in opts:
+            raise ConfigError(
+                "pipeline config: 'extract.options.max_bytes' is not an option; use 'read.max_page_bytes'"
+            )
         impl = cfg["extract"]["impl"]
         if impl:
             self._fn = _import(impl, "'extract.impl'")(**opts)
         else:
             from interleaf.corpus import extract as X
 
+            opts["max_bytes"] = self.max_bytes  # the extractor's own guard must not cut in first
             try:  # check the options once, here, rather than fail on every page
                 X.ExtractConfig(
                     **{("drop_no_images" if k == "drop_without_images" else k): v for k, v in opts.items()}
@@ -243,10 +250,19 @@ class Extraction:
                 ) from None
             self._fn = lambda page: X.extract(page, **dict(opts))
 
+    def _guarded(self, page):
+        from interleaf.corpus.base import Drop
+
+        size = len(getattr(page, "html", b""))
+        if size > self.max_bytes:
+            detail = f"{size} bytes > read.max_page_bytes={self.max_bytes}"
+            return Drop("page_too_large", detail, error=True)
+        return self._fn(page)
+
     def __call__(self, page):
         from interleaf.corpus.base import Drop
 
-        out = self.stats.run(self._fn, page, "extract")
+        out = self.stats.run(self._guarded, page, "extract")
         if not isinstance(out, Drop):  # images are born here: count them in and out, balanced
             self.stats.images_in += out.n_images
             self.stats.images_out += out.n_images
