@@ -44,13 +44,14 @@ def trained_text(tokenizer, labels):
     return tokenizer.decode([t for t in labels.tolist() if t != IGNORE_INDEX])
 
 
-# Hand-derived from spec 7: loss on each reply plus its end token; internlm2-chat and internvl2_5 strip
-# values; internvl2_5's "\n" after <|im_end|> is not learned.
+# Hand-derived from spec 7: loss on each reply plus its end token; only internlm2-chat strips values
+# (upstream preprocess_internlm; preprocess_internvl2_5 does not); internvl2_5's "\n" after <|im_end|>
+# is not learned.
 EXPECTED = {
     "Hermes-2": "It is 7.<|im_end|> yes <|im_end|>",
     "internlm2-chat": "It is 7.<|im_end|>yes<|im_end|>",
     "phi3-chat": "It is 7.<|end|> yes <|end|>",
-    "internvl2_5": "It is 7.<|im_end|>yes<|im_end|>",
+    "internvl2_5": "It is 7.<|im_end|> yes <|im_end|>",
 }
 
 
@@ -67,7 +68,7 @@ def test_mask_per_template(template, bos, tok, tok_bos):
     ctx = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
     assert int((ids == ctx).sum()) == 5 and not bool(sel[ids == ctx].any())
     # the input is exactly the runtime's rendering of the conversation, image expanded
-    strip = template in ("internlm2-chat", "internvl2_5")
+    strip = template == "internlm2-chat"
     msgs = [{"from": t["from"], "value": t["value"].strip() if strip else t["value"]} for t in CONV]
     text = get_template(template).render(msgs).replace("<image>", "<img>" + "<IMG_CONTEXT>" * 5 + "</img>")
     assert tokenizer.decode(ids.tolist()) == (("<s>" if bos else "") + text)
@@ -131,6 +132,34 @@ def test_hermes_and_internlm_masks_equal_upstream_algorithms(tok, tok_bos):
     ids, labels = tokenize_conversation(tok_bos, "internlm2-chat", conv, [])
     ref_ids, ref_labels = _upstream_internlm_labels(tok_bos, t.render(stripped), t.roles[0], t.roles[1])
     assert ids.tolist() == ref_ids and labels.tolist() == ref_labels
+
+
+def _upstream_internvl2_5_labels(tokenizer, conversations, system):
+    """Spec 7 ``preprocess_internvl2_5`` (no BOS): one block per turn, values as given (no strip);
+    loss on a reply block minus its ``<|im_start|>assistant\\n`` header and trailing ``\\n``."""
+    blocks = [("system", f"<|im_start|>system\n{system}<|im_end|>\n")]
+    for m in conversations:
+        role = "user" if m["from"] == "human" else "assistant"
+        blocks.append((m["from"], f"<|im_start|>{role}\n{m['value']}<|im_end|>\n"))
+    ignore_len = len(tokenizer("<|im_start|>assistant\n")["input_ids"])
+    ids, target = [], []
+    for who, text in blocks:
+        block = tokenizer(text)["input_ids"]
+        ids += block
+        if who == "gpt":
+            target += [IGNORE_INDEX] * ignore_len + block[ignore_len:-1] + [IGNORE_INDEX]
+        else:
+            target += [IGNORE_INDEX] * len(block)
+    return ids, target
+
+
+def test_internvl2_5_mask_equals_upstream_algorithm_without_stripping(tok):
+    conv = [dict(t) for t in CONV]
+    conv[0]["value"] = "  What digit is this?\n"  # upstream keeps the spaces and the newline
+    ids, labels = tokenize_conversation(tok, "internvl2_5", conv, [])
+    ref_ids, ref_labels = _upstream_internvl2_5_labels(tok, conv, get_template("internvl2_5").system_message)
+    assert ids.tolist() == ref_ids and labels.tolist() == ref_labels
+    assert "user\n  What digit is this?\n<|im_end|>" in tok.decode(ids.tolist())
 
 
 def test_system_turn_overrides_system_message(tok):

@@ -13,7 +13,8 @@ Conversation data (InternVL ``internvl_chat_finetune.py`` format)
 Loss masks (labels = -100 except what the model must learn), per template as upstream:
     * ``Hermes-2``, ``phi3-chat``, ``internlm2-chat``: the whole conversation is tokenised in one go;
       the loss covers each assistant reply plus its separator (``<|im_end|>`` / ``<|end|>``).
-      ``internlm2-chat`` strips message values, its BOS is ignored.
+      ``internlm2-chat`` strips message values (the only template whose upstream preprocessing does),
+      its BOS is ignored.
     * ``internvl2_5``: each turn block is tokenised on its own and concatenated (BOS once, first);
       the loss covers the reply plus ``<|im_end|>``, not the ``<|im_start|>assistant\\n`` header and
       not the trailing ``\\n``.
@@ -238,7 +239,7 @@ def conversation_segments(
     turn for ``internvl2_5``, whose turns upstream tokenises separately.
     """
     template = _template(template_name, system_message)
-    strip = template_name in ("internlm2-chat", "internvl2_5")
+    strip = template_name == "internlm2-chat"  # upstream's preprocess_internlm; internvl2_5 does not strip
     msgs = []
     for i, turn in enumerate(conversations):
         role, value = turn.get("from"), turn.get("value")
