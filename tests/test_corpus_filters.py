@@ -382,3 +382,46 @@ def test_every_filter_survives_odd_documents():
             if isinstance(out, Drop):
                 assert not out.error, (name, out)
         assert f.stats.balanced() and f.stats.docs_in == len(odd)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (
+            {"gopher_quality": {"min_doc_words": "x"}},
+            "gopher_quality: option 'min_doc_words' must be an integer",
+        ),
+        ({"gopher_quality": {"max_symbol_word_ratio": True}}, "'max_symbol_word_ratio' must be a number"),
+        ({"c4_quality": {"filter_curly_bracket": 1}}, "'filter_curly_bracket' must be true or false"),
+        ({"gopher_repetition": {"top_n_grams": [[2, "x"]]}}, "'top_n_grams' must be a list of"),
+        ({"omnicorpus_en": {"flagged_words": "sex"}}, "'flagged_words' must be a list of strings or null"),
+        ({"fineweb_quality": {"min_words": 3}}, "fineweb_quality: unknown option 'min_words' \\(known: "),
+    ],
+)
+def test_filter_option_types_are_checked_when_built(spec, message):
+    from interleaf.corpus import pipeline as P
+
+    with pytest.raises(ConfigError, match=message) as exc:
+        F.build_filters([spec])
+    assert "\n" not in str(exc.value)
+    with pytest.raises(ConfigError, match=message):  # the pipeline's config path says the same
+        P.build_filters(P.load_config({"filters": [spec]}))
+
+
+def test_filter_options_of_the_right_type_are_accepted():
+    steps = F.build_filters(
+        [
+            {"gopher_quality": {"min_avg_word_length": 2, "max_doc_words": None, "stop_words": ["a", "b"]}},
+            {"gopher_repetition": {"top_n_grams": [[2, 0.3]], "dup_n_grams": []}},
+            {"image_nodes": {"valid_formats": None, "min_aspect_ratio": 1}},
+            {"image_text_ratio": {"max_images": None}},
+        ]
+    )
+    assert steps[0].min_avg_word_length == 2 and steps[1].top_n_grams == [(2, 0.3)]
+    # every filter accepts its own defaults
+    import inspect
+
+    for name, cls in F.FILTERS.items():
+        params = inspect.signature(cls.__init__).parameters
+        defaults = {k: p.default for k, p in params.items() if k != "self"}
+        F.check_options(name, cls, {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()})

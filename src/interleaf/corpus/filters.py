@@ -33,9 +33,12 @@ datatrove given the same tokeniser).
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 import string
+import types
+import typing
 from collections import Counter
 from functools import lru_cache
 from typing import Any
@@ -351,8 +354,15 @@ class GopherRepetition(TextStep):
         dup_para_frac: float | None = 0.3,
         dup_line_char_frac: float | None = 0.2,
         dup_para_char_frac: float | None = 0.2,
-        top_n_grams: list = ((2, 0.2), (3, 0.18), (4, 0.16)),
-        dup_n_grams: list = ((5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10)),
+        top_n_grams: list[tuple[int, float]] = ((2, 0.2), (3, 0.18), (4, 0.16)),
+        dup_n_grams: list[tuple[int, float]] = (
+            (5, 0.15),
+            (6, 0.14),
+            (7, 0.13),
+            (8, 0.12),
+            (9, 0.11),
+            (10, 0.10),
+        ),
     ) -> None:
         super().__init__(
             dup_line_frac=dup_line_frac,
@@ -1185,7 +1195,7 @@ class ImageNodes(TextStep):
 
     def __init__(
         self,
-        valid_formats: list[str] = ("jpg", "jpeg", "png", "webp"),
+        valid_formats: list[str] | None = ("jpg", "jpeg", "png", "webp"),
         min_side: int = 150,
         max_side: int = 20000,
         min_aspect_ratio: float = 0.5,
@@ -1280,7 +1290,7 @@ class ImageTextRatio(TextStep):
     def __init__(
         self,
         min_images: int = 1,
-        max_images: int = 30,
+        max_images: int | None = 30,
         max_images_without_ratio: int = 2,
         min_words_per_image: float = 50,
     ) -> None:
@@ -1349,8 +1359,78 @@ def build_filters(spec: list | None = None) -> list[Step]:
             raise ConfigError(f"unknown filter 'filters.{name}' (known: {', '.join(sorted(FILTERS))})")
         if not isinstance(kwargs, dict):
             raise ConfigError(f"filters.{name}: options must be a mapping, got {kwargs!r}")
+        check_options(name, FILTERS[name], kwargs)
         try:
             steps.append(FILTERS[name](**kwargs))
         except TypeError as exc:
             raise ConfigError(f"filters.{name}: {exc}") from None
     return steps
+
+
+def check_options(name: str, cls: type, options: dict) -> None:
+    """Raise ``ConfigError`` for an option ``cls`` does not take or whose value has the wrong type.
+
+    Types come from the constructor's annotations (else the default's type); a number option takes
+    an int or a float but not a bool, a list option a list (YAML has no tuples). Checked once when
+    the filters are built: a wrong type would otherwise turn every document into an error.
+    """
+    params = inspect.signature(cls.__init__).parameters
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    known = [k for k, p in params.items() if k != "self" and p.kind is p.POSITIONAL_OR_KEYWORD]
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # noqa: BLE001 - an unresolvable annotation: fall back to the defaults' types
+        hints = {}
+    for key, value in options.items():
+        if key not in known:
+            if open_ended:
+                continue
+            raise ConfigError(f"filters.{name}: unknown option {key!r} (known: {', '.join(known)})")
+        expected = hints.get(key)
+        default = params[key].default
+        if expected is None and default is not inspect.Parameter.empty and default is not None:
+            expected = type(default)
+        if expected is not None and not _fits(value, expected):
+            raise ConfigError(f"filters.{name}: option {key!r} must be {_type_name(expected)}, got {value!r}")
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    """Whether a config value fits annotation ``tp`` (the forms used by the filter constructors)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp in (int, float):  # an int is a fine float; True is no number
+        ok = (int,) if tp is int else (int, float)
+        return isinstance(value, ok) and not isinstance(value, bool)
+    if tp in (list, tuple) or origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is list and args:
+            return all(_fits(v, args[0]) for v in value)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+        return True
+    return isinstance(value, origin or tp)
+
+
+def _type_name(tp: Any, plural: bool = False) -> str:
+    """``tp`` in words for an error message ("an integer or null", "a list of strings")."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a, plural) for a in args)
+    if tp is type(None):
+        return "null"
+    if origin is list and args:
+        return f"a list of {_type_name(args[0], plural=True)}"
+    if origin is tuple and args:
+        inner = ", ".join(_type_name(a).split()[-1] for a in args)
+        return f"[{inner}] lists" if plural else f"a [{inner}] list"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list"}
+    name = names.get(tp, getattr(tp, "__name__", str(tp)))
+    return name.split(" ", 1)[-1] + "s" if plural and tp in (int, float, str, list) else name
