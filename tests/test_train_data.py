@@ -367,3 +367,42 @@ def test_data_augment_is_random_jpeg_but_reproducible(tmp_path, tok):
     a, b = ds.get(0, epoch=0), ds.get(0, epoch=0)
     assert torch.equal(a.pixel_values, b.pixel_values)  # same sample, same epoch: same bytes (exact resume)
     assert not torch.equal(a.pixel_values, plain.get(0).pixel_values)
+
+
+# ---------------------------------------------------------------------------------------------------
+# data keys of the training config
+
+
+def test_frame_range_is_checked_with_the_config():
+    from interleaf.errors import ConfigError
+    from interleaf.train.config import build_config
+
+    base = {"model_preset": "tiny", "meta_path": "m.json"}
+    with pytest.raises(ConfigError, match="'max_num_frame': 4 is below min_num_frame 8") as exc:
+        build_config({**base, "max_num_frame": 4})
+    assert "\n" not in str(exc.value)
+    with pytest.raises(ConfigError, match="'min_num_frame': must be positive"):
+        build_config({**base, "min_num_frame": 0, "max_num_frame": 0})
+    with pytest.raises(ConfigError, match="'max_dynamic_patch': must be positive"):
+        build_config({**base, "max_dynamic_patch": 0})
+    assert build_config({**base, "min_num_frame": 4, "max_num_frame": 4}).max_num_frame == 4
+
+
+def test_corpus_paths_resolve_against_the_yaml_folder(tmp_path, monkeypatch):
+    from interleaf.train.config import load_config
+
+    conf = tmp_path / "conf"
+    (conf / "corp" / "data").mkdir(parents=True)
+    (conf / "pairs.jsonl").write_text("")
+    (conf / "train.yaml").write_text(
+        "model_preset: tiny\ncorpus_paths: [corp/data, pairs.jsonl, /abs/elsewhere, not/here]\n"
+    )
+    monkeypatch.chdir(tmp_path)  # not the YAML's folder: relative paths must not depend on it
+    cfg = load_config(conf / "train.yaml")
+    assert cfg.corpus_paths == [
+        str(conf / "corp/data"),
+        str(conf / "pairs.jsonl"),
+        "/abs/elsewhere",
+        "not/here",
+    ]
+    assert cfg.output_dir == "runs/train"  # keys not in the file keep their defaults

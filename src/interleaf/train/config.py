@@ -209,9 +209,23 @@ def build_config(values: dict[str, Any], source: str = "config") -> TrainConfig:
         raise ConfigError("config key 'model_overrides': applies to model_preset only, not to model_path")
     if cfg.meta_path is None and not cfg.corpus_paths:
         raise ConfigError("config key 'meta_path': set meta_path (InternVL meta JSON) or corpus_paths")
-    for key in ("max_seq_length", "max_steps", "grad_accum", "batch_size", "max_packed_tokens"):
+    for key in (
+        "max_seq_length",
+        "max_steps",
+        "grad_accum",
+        "batch_size",
+        "max_packed_tokens",
+        "max_dynamic_patch",
+        "min_dynamic_patch",
+        "min_num_frame",
+    ):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"config key '{key}': must be positive, got {getattr(cfg, key)}")
+    # checked here, not per video: a frame range that cannot be drawn from would skip every video
+    if cfg.max_num_frame < cfg.min_num_frame:
+        raise ConfigError(
+            f"config key 'max_num_frame': {cfg.max_num_frame} is below min_num_frame {cfg.min_num_frame}"
+        )
     return cfg
 
 
@@ -227,6 +241,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError as exc:
         raise ConfigError(f"override '{key}': cannot parse value {raw!r}: {exc}") from None
     return key.strip(), value
+
+
+def _beside(config_path: Path, value: Any) -> Any:
+    """A relative path that exists next to the YAML file, made relative to it; else ``value`` as is."""
+    if isinstance(value, str) and not Path(value).is_absolute() and (config_path.parent / value).exists():
+        return str(config_path.parent / value)
+    return value
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
@@ -248,9 +269,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{path}: expected a mapping of keys to values")
         values.update(loaded)
         for key in ("model_path", "meta_path", "output_dir"):
-            value = values.get(key)
-            if isinstance(value, str) and not Path(value).is_absolute() and (path.parent / value).exists():
-                values[key] = str(path.parent / value)
+            if key in values:
+                values[key] = _beside(path, values[key])
+        if isinstance(values.get("corpus_paths"), list):
+            values["corpus_paths"] = [_beside(path, p) for p in values["corpus_paths"]]
     for item in overrides or []:
         key, value = parse_override(item)
         values[key] = value
