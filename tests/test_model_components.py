@@ -208,3 +208,92 @@ def test_ps_version_v1_transposes_the_token_grid(tiny):
     grid2 = v2.reshape(side, side, -1)
     torch.testing.assert_close(v1.reshape(side, side, -1), grid2.transpose(0, 1), rtol=0, atol=0)
     assert not torch.equal(v1, v2)
+
+
+# ----------------------------------------------------------------------------- tokenizer formats
+def _save_as_vocab_merges(tok, folder, tokenizer_class="Qwen2Tokenizer"):
+    """Store ``tok`` the way the Qwen2-based InternVL checkpoints do: vocab.json + merges.txt +
+    added_tokens.json + tokenizer_config.json, and no tokenizer.json."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.backend_tokenizer.model.save(str(folder))
+    added = {i: t for i, t in tok.added_tokens_decoder.items()}
+    (folder / "added_tokens.json").write_text(json.dumps({t.content: i for i, t in added.items()}))
+    entry = {"lstrip": False, "rstrip": False, "normalized": False, "single_word": False, "special": True}
+    config = {
+        "tokenizer_class": tokenizer_class,
+        "added_tokens_decoder": {str(i): dict(entry, content=t.content) for i, t in added.items()},
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 32768,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_vocab_merges_tokenizer_loads_like_transformers(tiny_ckpt, tmp_path):
+    """InternVL2-1B / 2.5-1B/4B ship vocab.json + merges.txt without tokenizer.json."""
+    from transformers import AutoTokenizer
+
+    from interleaf.model import load_tokenizer
+    from interleaf.model.tokenizer import INTERNVL_TOKENS
+    from interleaf.processing.prompt import build_prompt
+    from interleaf.processing.templates import get_template
+
+    _, tok = load_checkpoint(tiny_ckpt)
+    folder = _save_as_vocab_merges(tok, tmp_path / "tok")
+    assert not (folder / "tokenizer.json").exists()
+    ours = load_tokenizer(folder, "Hermes-2")
+    ref = AutoTokenizer.from_pretrained(str(folder))  # the reference: transformers' own reading
+    assert ours.get_vocab() == ref.get_vocab() and len(ours) == len(ref)
+    texts = [
+        "Hello world, the cat sat on 12345 mats!",
+        "  leading spaces\tand tabs\n\nnew lines",
+        "你好，世界 — ünïcödé ✓",
+        "<img><IMG_CONTEXT><IMG_CONTEXT></img>\nWhat is <ref>this</ref><box>[[1, 2, 3, 4]]</box>?",
+    ]
+    for template in ("Hermes-2", "internvl2_5"):
+        texts.append(build_prompt(get_template(template), "Describe it.", num_tiles=[2], num_image_token=3))
+    for text in texts:
+        assert ours(text).input_ids == ref(text).input_ids, text
+        assert ours.decode(ours(text).input_ids) == ref.decode(ref(text).input_ids)
+    ids = ref.convert_tokens_to_ids(INTERNVL_TOKENS)
+    assert ours.convert_tokens_to_ids(INTERNVL_TOKENS) == ids == list(range(ids[0], ids[0] + 9))
+    assert ours.convert_tokens_to_ids("<|im_end|>") == ref.convert_tokens_to_ids("<|im_end|>")
+    assert "<|im_end|>" in ours.all_special_tokens and ours.eos_token == "<|im_end|>"
+
+
+def test_vocab_merges_checkpoint_chats(tiny_ckpt, tmp_path):
+    """A whole checkpoint whose tokenizer is stored as vocab.json + merges.txt loads and runs."""
+    import shutil
+
+    import interleaf
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, ckpt)
+    _, tok = load_checkpoint(tiny_ckpt)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (ckpt / name).unlink(missing_ok=True)
+    _save_as_vocab_merges(tok, ckpt)
+    chat = interleaf.load(ckpt)
+    assert chat.model.config.img_context_token_id == tok.convert_tokens_to_ids("<IMG_CONTEXT>")
+    assert isinstance(chat.chat("hello", max_new_tokens=3), str)
+
+
+@pytest.mark.parametrize(
+    "tokenizer_class, message",
+    [(None, "field 'tokenizer_class'"), ("InternLM2Tokenizer", "not a transformers tokenizer")],
+)
+def test_vocab_merges_tokenizer_needs_a_transformers_class(tiny_ckpt, tmp_path, tokenizer_class, message):
+    from interleaf.errors import CheckpointError
+    from interleaf.model import load_tokenizer
+
+    _, tok = load_checkpoint(tiny_ckpt)
+    folder = _save_as_vocab_merges(tok, tmp_path / "tok", tokenizer_class)
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_tokenizer(folder)
+    assert "tokenizer_config.json" in str(info.value) and "\n" not in str(info.value)

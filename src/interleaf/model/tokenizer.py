@@ -56,7 +56,9 @@ def ensure_special_tokens(tok, template: str | None = None) -> None:
 
 
 def load_tokenizer(path: str | Path, template: str | None = None):
-    """Tokenizer of a checkpoint directory (``tokenizer.json``, else a converted sentencepiece ``tokenizer.model``).
+    """Tokenizer of a checkpoint directory: ``tokenizer.json``, else a byte-level BPE stored as
+    ``vocab.json`` + ``merges.txt`` (the Qwen2 tokenizers of InternVL2-1B, InternVL2.5-1B/4B), else a
+    converted sentencepiece ``tokenizer.model``.
 
     ``template`` names the chat template whose tokens must be special (see ``TEMPLATE_TOKENS``).
     """
@@ -70,14 +72,59 @@ def load_tokenizer(path: str | Path, template: str | None = None):
             raise CheckpointError(
                 f"{path / 'tokenizer.json'}: cannot load tokenizer ({str(exc).splitlines()[0]})"
             ) from None
+    elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        tok = tokenizer_from_vocab_merges(path)
     elif (path / "tokenizer.model").is_file():
         tok = tokenizer_from_sentencepiece(path)
     else:
         raise CheckpointError(
-            f"{path}: no tokenizer.json (or sentencepiece tokenizer.model) in the checkpoint directory"
+            f"{path}: no tokenizer.json (nor vocab.json + merges.txt, nor a sentencepiece tokenizer.model) "
+            "in the checkpoint directory"
         )
     ensure_special_tokens(tok, template)
     return tok
+
+
+def tokenizer_from_vocab_merges(path: str | Path):
+    """A byte-level BPE stored the "slow" way: ``vocab.json`` + ``merges.txt`` (+ ``added_tokens.json``).
+
+    The class is the ``tokenizer_class`` of ``tokenizer_config.json`` (``Qwen2Tokenizer`` in the
+    InternVL checkpoints built on Qwen2 / Qwen2.5); it must be a class of transformers itself, as
+    remote code is never loaded. transformers builds the fast tokenizer from the two files (its
+    pre-tokenizer regex, its added tokens) exactly as ``AutoTokenizer`` does.
+    """
+    import json
+
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    path = Path(path)
+    config_file = path / "tokenizer_config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{config_file}: missing; it must name the tokenizer_class of vocab.json + merges.txt"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{config_file}: not valid JSON ({str(exc).splitlines()[0]})") from None
+    name = config.get("tokenizer_class") if isinstance(config, dict) else None
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(
+            f"{config_file}: field 'tokenizer_class' must name the tokenizer of vocab.json + merges.txt"
+        )
+    cls = tokenizer_class_from_name(name)
+    if cls is None or not issubclass(cls, PreTrainedTokenizerFast):
+        raise CheckpointError(
+            f"{config_file}: tokenizer_class {name!r} is not a transformers tokenizer that reads "
+            "vocab.json + merges.txt (remote code is never loaded)"
+        )
+    try:
+        return cls.from_pretrained(str(path), **_without_named_tokens(path))
+    except Exception as exc:  # noqa: BLE001 - report any parse failure as one line
+        raise CheckpointError(
+            f"{path / 'vocab.json'}: cannot load tokenizer ({str(exc).splitlines()[0]})"
+        ) from None
 
 
 def _without_named_tokens(path: Path) -> dict:
