@@ -128,3 +128,65 @@ def test_vectorised_tokeniser_matches_regex_reference():
     a, b = dedup.batch_shingle_hashes(["a b c d e f", "x a b c d e"])
     assert len(set(a.tolist()) & set(b.tolist())) == 1
     assert not set(dedup.shingle_hashes("e d c b a").tolist()) & set(a.tolist())
+
+
+def _pairs_of_jaccard(n_pairs: int, seed: int = 3) -> tuple[list[str], list[float]]:
+    """``n_pairs`` document pairs sharing a long middle run of words: 5-gram Jaccard ~0.64."""
+    rng = random.Random(seed)
+    docs, sims = [], []
+    for k in range(n_pairs):
+        fresh = (f"p{k}x{i}" for i in itertools.count())
+        shared = [next(fresh) for _ in range(150)]
+        a = [next(fresh) for _ in range(rng.randint(39, 43))] + shared
+        b = shared + [next(fresh) for _ in range(rng.randint(39, 43))]
+        docs += [" ".join(a), " ".join(b)]
+        sims.append(dedup.exact_jaccard(dedup.shingle_set(docs[-2]), dedup.shingle_set(docs[-1])))
+    return docs, sims
+
+
+def test_lowered_threshold_gets_a_layout_that_finds_its_pairs():
+    from interleaf.corpus import pipeline as P
+
+    docs, sims = _pairs_of_jaccard(200)
+    assert 0.6 < min(sims) and max(sims) < 0.7
+    cfg = P.minhash_config(P.load_config({"dedup": {"minhash": {"threshold": 0.5}}}))
+    assert cfg.num_perm == 112 and (cfg.num_bands, cfg.rows_per_band) != (16, 7)
+    assert cfg.recall_at_threshold >= 0.95
+    mh = MinHasher(cfg)
+    sigs = mh.signatures(docs)
+    got = dedup.minhash_duplicates(mh.band_keys(sigs), sigs, [None] * len(docs), cfg)
+    merged = sum(got[2 * k + 1] == 2 * k for k in range(200))
+    assert merged >= 198, merged  # 16 x 7 merged 94 of them
+    assert MinHashConfig(threshold=0.5) == cfg  # the library default chooses the same way
+
+
+def test_lsh_layout_keeps_the_hash_count_and_the_published_default():
+    assert dedup.lsh_layout(0.8) == (16, 7)
+    assert (MinHashConfig().num_bands, MinHashConfig().rows_per_band) == (16, 7)
+    from interleaf.corpus import pipeline as P
+
+    mh = P.load_config()["dedup"]["minhash"]
+    assert (mh["num_bands"], mh["rows_per_band"]) == (16, 7)
+    for t in (0.3, 0.5, 0.6, 0.7, 0.75, 0.85, 0.9, 0.95):
+        b, r = dedup.lsh_layout(t)
+        assert b * r == 112 and dedup.s_curve(t, b, r) >= 0.95, t
+        # no other split of the 112 hashes with that recall lets in fewer false positives
+        fewer = [(bb, 112 // bb) for bb in range(1, 113) if 112 % bb == 0 and 112 // bb > r]
+        assert all(dedup.s_curve(t, bb, rr) < 0.95 for bb, rr in fewer), t
+    # one of bands / rows given: the other keeps its default
+    assert (MinHashConfig(num_bands=20).num_bands, MinHashConfig(num_bands=20).rows_per_band) == (20, 7)
+
+
+def test_layout_set_by_hand_that_misses_pairs_is_warned_about(caplog):
+    from interleaf.corpus import pipeline as P
+
+    with caplog.at_level("WARNING", logger="interleaf.corpus.pipeline"):
+        cfg = P.load_config({"dedup": {"minhash": {"threshold": 0.5, "num_bands": 16, "rows_per_band": 7}}})
+    assert (cfg["dedup"]["minhash"]["num_bands"], cfg["dedup"]["minhash"]["rows_per_band"]) == (16, 7)
+    [rec] = caplog.records
+    assert "16 bands x 7 rows" in rec.getMessage() and "probability 0.12" in rec.getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="interleaf.corpus.pipeline"):
+        P.load_config({"dedup": {"minhash": {"threshold": 0.8, "num_bands": 16, "rows_per_band": 7}}})
+        P.load_config({"dedup": {"minhash": {"threshold": 0.5}}})
+    assert not caplog.records

@@ -30,6 +30,12 @@ removes the false positives the low midpoint lets in::
     s      0.5    0.6    0.7    0.8    0.9    0.95
     P(s)   0.118  0.364  0.738  0.977  0.99998 ~1
 
+Bands and rows left unset are chosen for the threshold (``lsh_layout``): of the ways to split the
+112 hashes into ``b x r``, the one with the fewest expected false positives + false negatives
+(areas under / above the S-curve on each side of the threshold, datasketch's criterion) among
+those that catch a pair *at* the threshold with probability >= 0.95 -- verification removes
+false positives, nothing brings missed pairs back. At 0.8 that is 16 x 7; at 0.5, 56 x 2.
+
 Exact URL dedup keeps, per URL, the document with the latest crawl date (OBELICS keeps the most
 recent crawl). Image URL frequency: OBELICS/OmniCorpus remove images whose URL occurs more than
 10 times across the corpus (logos, banners, tracking pixels); every occurrence in a kept
@@ -64,25 +70,79 @@ _SHINGLE_MULT = np.array(
 )
 
 
+DEFAULT_NUM_PERM = 112  # hashes per signature: 16 bands x 7 rows, the layout chosen for 0.8
+LSH_MIN_RECALL = 0.95  # a chosen layout catches a pair at the threshold at least this often
+
+
 @dataclass
 class MinHashConfig:
-    """MinHash LSH parameters (defaults: word 5-grams, Jaccard 0.8, 16 bands x 7 rows)."""
+    """MinHash LSH parameters (defaults: word 5-grams, Jaccard 0.8, 16 bands x 7 rows).
+
+    ``num_bands`` and ``rows_per_band`` both None (the default): ``lsh_layout(threshold)``; one of
+    them None: that one takes its default (16 bands, 7 rows).
+    """
 
     n_grams: int = 5
-    num_bands: int = 16
-    rows_per_band: int = 7
+    num_bands: int | None = None
+    rows_per_band: int | None = None
     threshold: float = 0.8
     seed: int = 1
     verify: bool = True  # check candidates' estimated Jaccard >= threshold before merging
+
+    def __post_init__(self) -> None:
+        if self.num_bands is None and self.rows_per_band is None:
+            self.num_bands, self.rows_per_band = lsh_layout(self.threshold)
+        if self.num_bands is None:
+            self.num_bands = 16
+        if self.rows_per_band is None:
+            self.rows_per_band = 7
 
     @property
     def num_perm(self) -> int:
         return self.num_bands * self.rows_per_band
 
+    @property
+    def recall_at_threshold(self) -> float:
+        """Probability that a pair of Jaccard exactly ``threshold`` becomes a candidate."""
+        return float(s_curve(self.threshold, self.num_bands, self.rows_per_band))
+
 
 def s_curve(s: float | np.ndarray, num_bands: int, rows_per_band: int) -> float | np.ndarray:
     """Probability that two documents of Jaccard ``s`` become LSH candidates."""
     return 1.0 - (1.0 - np.asarray(s, dtype=np.float64) ** rows_per_band) ** num_bands
+
+
+def lsh_layout(
+    threshold: float, num_perm: int = DEFAULT_NUM_PERM, min_recall: float = LSH_MIN_RECALL
+) -> tuple[int, int]:
+    """``(num_bands, rows_per_band)`` with ``b * r == num_perm`` for a Jaccard ``threshold``.
+
+    Among the layouts whose probability of catching a pair at the threshold is >= ``min_recall``,
+    the one minimising the false-positive area (``P(s)`` for ``s < threshold``) plus the
+    false-negative area (``1 - P(s)`` above it); when none reaches ``min_recall``, the one with
+    the highest recall there.
+    """
+    t = float(threshold)
+    lo = np.linspace(0.0, t, 201)
+    hi = np.linspace(t, 1.0, 201)
+    best: tuple[float, int, int] | None = None
+    fallback: tuple[float, int, int] | None = None
+    for b in range(1, num_perm + 1):
+        if num_perm % b:
+            continue
+        r = num_perm // b
+        recall = float(s_curve(t, b, r))
+        if fallback is None or recall > fallback[0]:
+            fallback = (recall, b, r)
+        if recall < min_recall:
+            continue
+        # areas: the curve's mean on an even grid times the interval's length
+        fp = float(np.mean(s_curve(lo, b, r))) * t
+        fn = float(np.mean(1.0 - s_curve(hi, b, r))) * (1.0 - t)
+        if best is None or fp + fn < best[0]:
+            best = (fp + fn, b, r)
+    chosen = best or fallback
+    return chosen[1], chosen[2]
 
 
 # Words are maximal runs of ASCII letters, digits, "_" and non-ASCII characters, after lower

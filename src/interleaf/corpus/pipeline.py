@@ -28,11 +28,14 @@ import copy
 import hashlib
 import importlib
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from interleaf.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # Published defaults. None for `filters` means "the default filter list of interleaf.corpus.filters".
 DEFAULTS: dict[str, Any] = {
@@ -56,6 +59,9 @@ DEFAULTS: dict[str, Any] = {
             "enabled": True,
             "n_grams": 5,
             "threshold": 0.8,
+            # left unset, bands x rows are chosen for the threshold from 112 hashes
+            # (dedup.lsh_layout: 16 x 7 at 0.8); set, a layout that misses pairs at the threshold
+            # is warned about
             "num_bands": 16,
             "rows_per_band": 7,
             "seed": 1,
@@ -183,7 +189,31 @@ def load_config(source: str | Path | dict | None = None, **overrides: Any) -> di
         if where != "pipeline config":
             raise ConfigError(str(exc).replace("pipeline config", where, 1)) from None
         raise
+    _lsh_layout(cfg["dedup"]["minhash"], user.get("dedup", {}).get("minhash", {}), where)
     return cfg
+
+
+def _lsh_layout(mh: dict, given: dict, where: str) -> None:
+    """Bands x rows for the threshold unless the user set them; a layout set that misses pairs at
+    the threshold is warned about (the S-curve alone decides which pairs are ever compared)."""
+    from interleaf.corpus.dedup import lsh_layout, s_curve
+
+    threshold = float(mh["threshold"])
+    if "num_bands" not in given and "rows_per_band" not in given:
+        mh["num_bands"], mh["rows_per_band"] = lsh_layout(threshold)
+        return
+    b, r = int(mh["num_bands"]), int(mh["rows_per_band"])
+    recall = float(s_curve(threshold, b, r))
+    if recall < 0.9:
+        log.warning(
+            "%s: dedup.minhash: %d bands x %d rows catch a pair of Jaccard %g with probability %.2f "
+            "only (near-duplicates missed); leave num_bands and rows_per_band unset to have them chosen",
+            where,
+            b,
+            r,
+            threshold,
+            recall,
+        )
 
 
 def config_fingerprint(cfg: dict) -> str:
