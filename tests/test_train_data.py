@@ -406,3 +406,67 @@ def test_corpus_paths_resolve_against_the_yaml_folder(tmp_path, monkeypatch):
         "not/here",
     ]
     assert cfg.output_dir == "runs/train"  # keys not in the file keep their defaults
+
+
+# ---------------------------------------------------------------------------------------------------
+# one bad record is skipped and recorded; a bad meta file is refused at load
+
+
+def test_bad_field_types_skip_the_record_naming_the_field(data_dir, tok):
+    q = [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]
+    rows = [
+        {"id": "int_image", "image": 5, "conversations": q},
+        {"id": "mixed_list", "image": ["a.png", 3], "conversations": q},
+        {"id": "dict_image", "image": {"path": "a.png"}, "conversations": q},
+        {"id": "list_video", "video": ["clip"], "conversations": q},
+        {"id": "good", "image": "a.png", "conversations": q},
+    ]
+    (data_dir / "bad.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (data_dir / "meta_bad.json").write_text(json.dumps({"b": {"root": "imgs", "annotation": "bad.jsonl"}}))
+    log = SkipLog()
+    args = DataArgs(
+        template="internvl2_5", num_image_token=4, image_size=56, min_num_frame=2, max_num_frame=2
+    )
+    ds = ConversationDataset(data_dir / "meta_bad.json", tok, args, log)
+    samples = [ds.get(i) for i in range(len(ds))]
+    assert [s is not None for s in samples] == [False, False, False, False, True]
+    assert dict(log.counts) == {"bad_image": 3, "bad_video": 1}
+    by_id = {r["id"]: r["detail"] for r in log.records}
+    assert "field 'image'" in by_id["int_image"] and "int" in by_id["int_image"]
+    assert "field 'image'" in by_id["mixed_list"] and "dict" in by_id["dict_image"]
+    assert "field 'video'" in by_id["list_video"] and "list" in by_id["list_video"]
+
+
+@pytest.mark.parametrize(
+    "entry, key",
+    [
+        ({"max_dynamic_patch": "6"}, "max_dynamic_patch"),
+        ({"max_dynamic_patch": 0}, "max_dynamic_patch"),
+        ({"max_dynamic_patch": True}, "max_dynamic_patch"),
+        ({"data_augment": "false"}, "data_augment"),
+        ({"data_augment": 1}, "data_augment"),
+        ({"root": 5}, "root"),
+        ({"annotation": ["train.jsonl"]}, "annotation"),
+        ({"repeat_time": "2"}, "repeat_time"),
+        ({"repeat_time": True}, "repeat_time"),
+    ],
+)
+def test_meta_value_types_refused_at_load(data_dir, tok, entry, key):
+    from interleaf.errors import ConfigError
+
+    meta = data_dir / "meta_types.json"
+    meta.write_text(json.dumps({"set": {"root": "imgs", "annotation": "train.jsonl", **entry}}))
+    with pytest.raises(ConfigError) as exc:
+        ConversationDataset(meta, tok, DataArgs(template="Hermes-2"))
+    msg = str(exc.value)
+    assert str(meta) in msg and f"key '{key}'" in msg and "'set'" in msg and "\n" not in msg
+
+
+def test_meta_tile_budget_and_augment_flag_are_used(data_dir, tok):
+    meta = data_dir / "meta_ok.json"
+    entry = {"root": "imgs", "annotation": "train.jsonl", "max_dynamic_patch": 1, "data_augment": False}
+    meta.write_text(json.dumps({"set": entry}))
+    args = DataArgs(template="internvl2_5", num_image_token=4, image_size=56, max_seq_length=256)
+    ds = ConversationDataset(meta, tok, args)
+    assert ds.specs[0].max_dynamic_patch == 1 and ds.specs[0].data_augment is False
+    assert ds.get(2).num_tiles == [1, 1]  # the 112x56 image gets one tile, not 2 + thumbnail

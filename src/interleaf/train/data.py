@@ -369,6 +369,7 @@ def read_meta(path: str | Path) -> list[DatasetSpec]:
             raise ConfigError(f"{path}: dataset '{name}': unknown key '{sorted(unknown)[0]}'")
         if "annotation" not in entry:
             raise ConfigError(f"{path}: dataset '{name}': missing key 'annotation'")
+        _check_meta_types(path, name, entry)
         annotation = Path(entry["annotation"])
         if not annotation.is_absolute():
             annotation = path.parent / annotation
@@ -377,20 +378,42 @@ def read_meta(path: str | Path) -> list[DatasetSpec]:
         root = Path(entry.get("root", "") or ".")
         if not root.is_absolute():
             root = path.parent / root
-        repeat = entry.get("repeat_time", 1)
-        if not isinstance(repeat, (int, float)) or repeat <= 0:
-            raise ConfigError(f"{path}: dataset '{name}': repeat_time must be a positive number")
         specs.append(
             DatasetSpec(
                 name,
                 str(root),
                 str(annotation),
-                float(repeat),
+                float(entry.get("repeat_time", 1)),
                 entry.get("max_dynamic_patch"),
-                bool(entry.get("data_augment", False)),
+                entry.get("data_augment", False),
             )
         )
     return specs
+
+
+def _check_meta_types(path: Path, name: str, entry: dict) -> None:
+    """Wrong value types in a meta entry are refused at load: read as they are, ``"6"`` would fail at
+    the first sample and ``"false"`` would turn augmentation on."""
+
+    def bad(key: str, expected: str) -> ConfigError:
+        value = entry[key]
+        return ConfigError(
+            f"{path}: dataset '{name}': key '{key}' must be {expected}, got {type(value).__name__} {value!r}"
+        )
+
+    for key in ("annotation", "root"):
+        if key in entry and not isinstance(entry[key], str):
+            raise bad(key, "a path (string)")
+    if not entry["annotation"]:
+        raise bad("annotation", "a path (string)")
+    repeat = entry.get("repeat_time", 1)
+    if isinstance(repeat, bool) or not isinstance(repeat, (int, float)) or not repeat > 0:
+        raise bad("repeat_time", "a positive number")
+    patch = entry.get("max_dynamic_patch")
+    if patch is not None and (isinstance(patch, bool) or not isinstance(patch, int) or patch < 1):
+        raise bad("max_dynamic_patch", "a positive integer")
+    if "data_augment" in entry and not isinstance(entry["data_augment"], bool):
+        raise bad("data_augment", "true or false")
 
 
 @dataclass
@@ -487,6 +510,14 @@ class ConversationDataset:
         video = record.get("video")
         pixel_values: torch.Tensor | None = None
         num_tiles: list[int] = []
+        if video is not None and not isinstance(video, str):
+            raise SkipSample("bad_video", f"field 'video' must be a path, got {type(video).__name__}")
+        if images is not None and not (
+            isinstance(images, str) or (isinstance(images, list) and all(isinstance(p, str) for p in images))
+        ):
+            raise SkipSample(
+                "bad_image", f"field 'image' must be a path or a list of paths, got {_describe(images)}"
+            )
         if video:
             frames = self._video_frames(video, spec.root, rng)
             conversations = _expand_video(conversations, len(frames))
@@ -494,8 +525,6 @@ class ConversationDataset:
             num_tiles = [1] * len(frames)
         elif images:
             paths = [images] if isinstance(images, str) else list(images)
-            if not all(isinstance(p, str) for p in paths):
-                raise SkipSample("bad_image", "'image' must be a path or a list of paths")
             conversations = _ensure_placeholders(conversations, len(paths))
             per_image = max_patch if len(paths) == 1 else max(1, max_patch // len(paths))
             augment = rng if (spec.data_augment or args.data_augment) else None
@@ -570,6 +599,14 @@ class ConversationDataset:
             return [frames[k] for k in picks]
         except InputError as exc:
             raise SkipSample("bad_video", str(exc)) from None
+
+
+def _describe(value: Any) -> str:
+    """The type of a bad field value for a skip record (a list by its element types)."""
+    if isinstance(value, list):
+        kinds = sorted({type(v).__name__ for v in value})
+        return f"a list of {', '.join(kinds)}" if kinds else "an empty list"
+    return type(value).__name__
 
 
 def _rand_segments(total: int, n: int, rng: random.Random) -> list[int]:
