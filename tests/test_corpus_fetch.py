@@ -131,6 +131,12 @@ def test_local_files_only_under_roots(tmp_path):
     outside.write_bytes(_png(200, 160, 4))
     assert f.fetch(outside.as_uri()).reason == "local_file_refused"
     assert f.fetch((root / "missing.png").as_uri()).reason == "not_found"
+    # bytes stored by a run with wider permissions are not taken by a run without them
+    narrow = F.ImageFetcher(tmp_path / "img")
+    assert narrow.fetch((root / "a.png").as_uri()).reason == "local_file_refused"
+    narrow._store("http://127.0.0.1:9/x.png", _png(200, 160, 5))
+    assert narrow.fetch("http://127.0.0.1:9/x.png").reason == "private_address"
+    assert F.ImageFetcher(tmp_path / "img", allow_private=True).fetch("http://127.0.0.1:9/x.png").ok
 
 
 def test_perceptual_hashes_near_duplicates():
@@ -228,7 +234,7 @@ def test_fetch_corpus_over_loopback(tmp_path):
         assert st2["docs_out"] == 0 and st2["balanced"]
         logs = [
             json.loads(x)
-            for p in (refused / "_work" / "fetch").glob("*.results.jsonl")
+            for p in (refused / "_work" / "fetch").glob("run-*/*.results.jsonl")
             for x in p.read_text().splitlines()
         ]
         assert logs and all(r["reason"] == "private_address" for r in logs)
@@ -245,6 +251,219 @@ def test_fetch_corpus_over_loopback(tmp_path):
         st3 = E.build([warc], tmp_path / "inline", cfg2, workers=1, progress=False)
         assert (tmp_path / "inline" / "_SUCCESS").exists() and st3["balanced"]
         assert [d.url for d in E.iter_output_documents(tmp_path / "inline")] == [d.url for d in docs]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the fetch stage over a built corpus: settings, preserved input, kill and resume
+
+_TEXT = "The garden by the river had many old trees and a small bridge near the {} house."
+
+
+def _page(i: int, srcs: list[str]) -> str:
+    text = " ".join([_TEXT.format(f"number {i}")] * 6)
+    tags = "".join(f'<p>{text}</p><img src="{x}" width="300" height="200" alt="photo {i}">' for x in srcs)
+    return f"<html><head><title>P{i}</title></head><body><article><h1>Page {i}</h1>{tags}<p>{text}</p></article></body></html>"
+
+
+def _local_site(root, n: int = 8):
+    """HTML pages whose images are local files; page 1's images are missing (it is excluded)."""
+    (root / "img").mkdir(parents=True)
+    for i in range(n):
+        srcs = [f"img/{i}-a.png", f"img/{i}-b.png"]
+        for k, src in enumerate(srcs):
+            if i != 1:
+                (root / src).write_bytes(
+                    _png(300 - 40 * k, 200, 10 * i + k) if i != 3 or k else _png(90, 90, i)
+                )
+        (root / f"p{i}.html").write_text(_page(i, srcs))
+
+
+def _built(tmp_path, inputs, shard_size: int = 2):
+    from interleaf.corpus import engine as E
+    from interleaf.corpus import pipeline as P
+
+    cfg = P.load_config(
+        {"read": {"shard_size": shard_size}, "filters": [], "dedup": {"minhash": {"enabled": False}}}
+    )
+    out = tmp_path / "built"
+    E.build(inputs, out, cfg, workers=1, progress=False)
+    return out
+
+
+def _state(out):
+    from test_corpus_engine import _outputs, _stats_wo_time
+
+    return _outputs(out), _stats_wo_time(out)
+
+
+def test_fetch_images_config_flags_and_changed_settings(tmp_path, capsys):
+    import json
+    import shutil
+
+    import yaml
+
+    from interleaf.cli import main
+
+    site = tmp_path / "site"
+    _local_site(site)
+    built = _built(tmp_path, [site])
+    a, b, c = (tmp_path / x for x in "abc")
+    for d in (a, b, c):
+        shutil.copytree(built, d)
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(yaml.safe_dump({"fetch": {"local_roots": [str(site)]}}))
+    # the config's local_roots are kept when no --local-root is given
+    assert main(["corpus", "fetch-images", str(a), "--config", str(cfg), "--no-progress"]) == 0
+    first = _state(a)
+    stats = json.loads((a / "stats.json").read_text())
+    fetch = next(s for s in stats["stages"] if s["name"] == "fetch")
+    assert stats["docs_out"] == 7 and fetch["excluded_by_reason"] == {"no_images_after_fetch": 1}
+    assert fetch["images_removed_by_reason"] == {"too_small": 1} and fetch["images_out"] == 13
+    # other settings redo the work from the pre-fetch shards: as a first run with them
+    assert main(["corpus", "fetch-images", str(a), "--no-progress"]) == 0
+    assert main(["corpus", "fetch-images", str(b), "--no-progress"]) == 0
+    assert _state(a) == _state(b)
+    assert json.loads((a / "stats.json").read_text())["docs_out"] == 0  # every local file refused
+    # and back: --local-root gives what the config gave
+    assert main(["corpus", "fetch-images", str(a), "--local-root", str(site), "--no-progress"]) == 0
+    assert main(["corpus", "fetch-images", str(c), "--config", str(cfg), "--no-progress"]) == 0
+    assert _state(a) == _state(c) == first
+    assert len(list((a / "_work" / "fetch").glob("run-*"))) == 1  # only the current settings' state
+
+
+def test_fetch_resume_after_every_interleaving(tmp_path):
+    import os
+    import shutil
+
+    site = tmp_path / "site"
+    _local_site(site)
+    built = _built(tmp_path, [site])
+    fc = {"local_roots": [str(site)]}
+    ref = tmp_path / "ref"
+    shutil.copytree(built, ref)
+    F.fetch_corpus(ref, fc, progress=False)
+    expected = _state(ref)
+    assert expected[1]["excluded"] == 1 and expected[1]["shards"] == 4
+
+    out = tmp_path / "out"
+    shutil.copytree(built, out)
+    F.fetch_corpus(out, fc, progress=False)
+    work = out / "_work" / "fetch"
+
+    def markers():
+        return sorted(work.rglob("s-*.done.json"))
+
+    n = len(markers())
+    assert n == 4
+    # a kill between the shard's rewrite and its marker (data and exclusions written, or only
+    # the data), in pass 2, and in pass 1: each rerun ends as the uninterrupted run
+    for s in range(n):
+        markers()[s].unlink()
+        F.fetch_corpus(out, fc, progress=False)
+        assert _state(out) == expected, s
+        markers()[s].unlink()
+        (out / "excluded" / f"fetch-{s:05d}.jsonl").unlink()
+        F.fetch_corpus(out, fc, progress=False)
+        assert _state(out) == expected, s
+    for m in markers():
+        m.unlink()
+    next(work.rglob("phash_common.json")).unlink()
+    for log in sorted(work.rglob("*.results.jsonl"))[2:]:
+        log.unlink()
+    # temporaries of a killed run (data, work, image store) are cleaned
+    (out / "data" / f".part-00000.parquet.tmp-{os.getpid() + 999999}").write_bytes(b"x")
+    (next(work.glob("run-*")) / ".s-00001.done.json.tmp-1").write_bytes(b"x")
+    (out / "images" / ".tmp").mkdir(exist_ok=True)
+    (out / "images" / ".tmp" / "999999999-1-abc").write_bytes(b"x")
+    F.fetch_corpus(out, fc, progress=False)
+    assert _state(out) == expected
+    assert not [q for q in out.rglob("*") if ".tmp" in q.name and q.is_file()]
+
+
+class SlowImages(BaseHTTPRequestHandler):
+    """Distinct 300x200 PNGs at /img/N.png, each after 40 ms; 404 elsewhere."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):  # noqa: N802
+        time.sleep(0.04)
+        if self.path.startswith("/img/"):
+            body = _png(300, 200, int(self.path[5:].split(".")[0]))
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+        else:
+            body = b"nope"
+            self.send_response(404)
+            self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_fetch_images_killed_anywhere_resumes_to_identical_output(tmp_path):
+    import shutil
+
+    import yaml
+
+    from interleaf.corpus.sample import write_warc
+    from test_corpus_engine import _kill_when, _run_cli
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), SlowImages)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        pages = []
+        for i in range(12):
+            srcs = (
+                [f"{base}/gone/{i}.png"] * 2
+                if i == 4
+                else [f"{base}/img/{2 * i}.png", f"{base}/img/{2 * i + 1}.png"]
+            )
+            pages.append(
+                (f"http://pages.example/{i}", _page(i, srcs).encode(), "text/html", "2024-01-01T00:00:00Z")
+            )
+        warc = tmp_path / "p.warc.gz"
+        write_warc(warc, pages)
+        built = _built(tmp_path, [warc])
+        cfg = tmp_path / "p.yaml"
+        cfg.write_text(yaml.safe_dump({"fetch": {"allow_private": True, "concurrency": 1, "retries": 0}}))
+        ref, out = tmp_path / "ref", tmp_path / "out"
+        shutil.copytree(built, ref)
+        shutil.copytree(built, out)
+        args = ["corpus", "fetch-images", str(ref), "--config", str(cfg), "--no-progress"]
+        r = _run_cli(args)
+        _, err = r.communicate(timeout=120)
+        assert r.returncode == 0, err.decode()
+        expected = _state(ref)
+        assert expected[1]["shards"] == 6 and expected[1]["excluded"] == 1 and expected[1]["docs_out"] == 11
+
+        work = out / "_work" / "fetch"
+
+        def count(pattern: str) -> int:
+            return len([p for p in work.rglob(pattern) if ".tmp" not in p.name])
+
+        kill_points = [
+            lambda: count("input/part-*") >= 1,  # before any fetch
+            lambda: count("*.results.jsonl") >= 2,  # mid pass 1
+            lambda: count("*.results.jsonl") >= 5,
+            lambda: count("phash_common.json") + count("*.done.json") >= 1,  # pass 2 / 3
+            lambda: count("*.done.json") >= 3,  # mid pass 3
+        ]
+        args[2] = str(out)
+        killed = 0
+        for cond in kill_points:
+            p = _run_cli(args)
+            killed += _kill_when(p, cond)
+        assert killed >= 3, killed
+        p = _run_cli(args)
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err.decode()
+        assert _state(out) == expected
+        assert not [q for q in out.rglob("*") if ".tmp" in q.name and q.is_file()]
     finally:
         srv.shutdown()
         srv.server_close()

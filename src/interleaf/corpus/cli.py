@@ -4,7 +4,7 @@
                            [--engine local|ray] [--format parquet|jsonl]
     interleaf corpus stats OUT
     interleaf corpus convert OUT --to text|pairs|mmc4 -o DEST
-    interleaf corpus fetch-images OUT [--allow-private] [--local-root DIR]...
+    interleaf corpus fetch-images OUT [--config PIPELINE.yaml] [--allow-private] [--local-root DIR]...
     interleaf corpus config [--config PIPELINE.yaml]
 
 With no INPUT, ``build`` runs on the embedded sample (the libxslt HTML manual in a WARC).
@@ -54,7 +54,12 @@ def register(subparsers) -> None:
     f.add_argument(
         "--allow-private", action="store_true", help="allow loopback/private addresses and local files"
     )
-    f.add_argument("--local-root", action="append", default=[], help="directory whose files may be read")
+    f.add_argument(
+        "--local-root",
+        action="append",
+        default=[],
+        help="directory whose files may be read (replaces the config's fetch.local_roots)",
+    )
     f.add_argument("--config", help="pipeline YAML (its 'fetch' section is used)")
     f.add_argument("--from-sample", action="store_true", help="serve the embedded sample's images offline")
     f.add_argument("--no-progress", action="store_true")
@@ -157,8 +162,11 @@ def _fetch(args: argparse.Namespace) -> int:
     from interleaf.corpus.fetch import fetch_corpus
 
     cfg = P.load_config(args.config)["fetch"]
-    cfg["allow_private"] = bool(args.allow_private or cfg["allow_private"])
-    cfg["local_roots"] = list(args.local_root)
+    # a flag overrides the config only when given
+    if args.allow_private:
+        cfg["allow_private"] = True
+    if args.local_root:
+        cfg["local_roots"] = list(args.local_root)
     sources = None
     if args.from_sample:
         from interleaf.corpus.sample import warc_image_source

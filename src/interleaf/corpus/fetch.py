@@ -15,7 +15,8 @@ the pixel filters with the published defaults: failed downloads removed; width o
 aspect ratio outside [0.5, 2] (MMC4, OmniCorpus); perceptual duplicates: a repeat of the same
 pHash inside a document, and images whose pHash occurs in more than 10 documents of the corpus
 (OmniCorpus: pHash + dHash). Documents left without images are excluded (OmniCorpus keeps only
-documents with images). Per-shard markers make it resumable.
+documents with images). It computes from a kept copy of the pre-fetch shards, with per-shard
+markers keyed by its settings: resumable, and a rerun with other settings redoes the work.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ import io
 import ipaddress
 import json
 import os
+import shutil
 import socket
 import ssl
+import threading
 import time
 import urllib.parse
 from collections import Counter
@@ -120,6 +123,18 @@ def hamming(a: str, b: str) -> int:
 # the fetcher
 
 
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def address_allowed(ip: str) -> bool:
     """False for private, loopback, link-local, multicast, reserved and unspecified addresses."""
     addr = ipaddress.ip_address(ip)
@@ -182,10 +197,23 @@ class ImageFetcher:
     def _store(self, url: str, data: bytes) -> Path:
         p = self.path_for(url)
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}-{id(data)}")
+        # temporaries live in one folder, named by process, so that clean_tmp finds a killed run's
+        tmp_dir = self.store_dir / ".tmp"
+        tmp_dir.mkdir(exist_ok=True)
+        tmp = tmp_dir / f"{os.getpid()}-{threading.get_ident()}-{p.name}"
         tmp.write_bytes(data)
         os.replace(tmp, p)
         return p
+
+    def clean_tmp(self) -> None:
+        """Remove the temporaries of fetchers that died (a live process may share the store)."""
+        tmp_dir = self.store_dir / ".tmp"
+        if not tmp_dir.is_dir():
+            return
+        for p in tmp_dir.iterdir():
+            pid = p.name.split("-", 1)[0]
+            if not pid.isdigit() or not _alive(int(pid)):
+                p.unlink(missing_ok=True)
 
     # -- one URL ---------------------------------------------------------------------------
     def fetch(self, url: str) -> FetchResult:
@@ -194,6 +222,7 @@ class ImageFetcher:
         stored = self.path_for(url)
         try:
             if stored.exists():
+                self._check_stored(url, stored)
                 data, ctype = stored.read_bytes(), None
             else:
                 data, ctype = self._download_with_retries(url, res)
@@ -207,6 +236,26 @@ class ImageFetcher:
         except Exception as exc:  # noqa: BLE001 - every failure is recorded, none is fatal
             res.reason, res.detail = f"error:{type(exc).__name__}", str(exc)[:300]
         return res
+
+    def _check_stored(self, url: str, stored: Path) -> None:
+        """The checks that need no network, for bytes another run stored: a run with narrower
+        ``local_roots`` or a smaller ``max_bytes`` must not take them (its first run would not)."""
+        if self.sources is not None and url in self.sources:
+            return
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme in ("", "file"):
+            self._local_path(urllib.parse.unquote(parsed.path) if parsed.scheme else url)
+        elif not self.allow_private:  # an address literal is checked without DNS; a name is not
+            host = parsed.hostname or ""
+            ip = "127.0.0.1" if host == "localhost" else host
+            try:
+                allowed = address_allowed(ip)
+            except ValueError:  # a host name
+                allowed = True
+            if not allowed:
+                raise FetchError("private_address", host)
+        if stored.stat().st_size > self.max_bytes:
+            raise FetchError("too_large", f"{stored.stat().st_size} bytes")
 
     def _download_with_retries(self, url: str, res: FetchResult) -> tuple[bytes, str | None]:
         last: FetchError | None = None
@@ -247,10 +296,14 @@ class ImageFetcher:
             return body, ctype
         raise FetchError("too_many_redirects", url)
 
-    def _read_local(self, path: str) -> bytes:
+    def _local_path(self, path: str) -> Path:
         p = Path(path).resolve()
         if not self.allow_private and not any(p.is_relative_to(r) for r in self._roots):
             raise FetchError("local_file_refused", f"{p} is outside local_roots")
+        return p
+
+    def _read_local(self, path: str) -> bytes:
+        p = self._local_path(path)
         if not p.is_file():
             raise FetchError("not_found", str(p))
         if p.stat().st_size > self.max_bytes:
@@ -360,6 +413,22 @@ def pixel_verdict(res: FetchResult, cfg: dict) -> str | None:
     return None
 
 
+# fetch settings that do not change the stage's output: a rerun with other values reuses the work
+_NO_OUTPUT_EFFECT = ("enabled", "concurrency")
+
+
+def settings_key(fc: dict, sources: dict[str, bytes] | None = None) -> str:
+    """Hash of what the fetch stage's output depends on: its settings (fetcher and pixel filters)
+    and the offline sources' URLs and bytes."""
+    relevant: dict[str, Any] = {k: v for k, v in fc.items() if k not in _NO_OUTPUT_EFFECT}
+    if sources is not None:
+        h = hashlib.sha256()
+        for url in sorted(sources):
+            h.update(url.encode("utf-8") + b"\0" + hashlib.sha256(sources[url]).digest())
+        relevant["sources"] = h.hexdigest()
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def fetch_corpus(
     out: str | Path,
     cfg: dict | None = None,
@@ -370,10 +439,15 @@ def fetch_corpus(
 
     ``cfg``: the ``fetch`` section of the pipeline config (defaults from ``pipeline.DEFAULTS``).
     Returns the updated ``stats.json`` content.
+
+    The stage never reads what it writes: the pre-fetch shards are kept (hard links) under
+    ``_work/fetch/input`` before the first rewrite, and every pass computes from them. Its state
+    (per-shard fetch results, pHash counts, done markers) lives in ``_work/fetch/run-KEY``, KEY a
+    hash of the settings (``settings_key``): a rerun with the same settings resumes, one with
+    other settings starts over from the kept input, and both end as a first run would.
     """
     from interleaf.corpus import engine as E
     from interleaf.corpus import pipeline as P
-    from interleaf.corpus.base import StepStats
     from interleaf.errors import InputError
 
     out = Path(out)
@@ -384,8 +458,32 @@ def fetch_corpus(
     fc.update(cfg or {})
     stats = json.loads(stats_path.read_text(encoding="utf-8"))
     fmt = stats.get("format", "parquet")
-    work = out / E.WORK / "fetch"
-    work.mkdir(parents=True, exist_ok=True)
+    ext = "parquet" if fmt == "parquet" else "jsonl"
+    shards = int(stats["shards"])
+    parts = [f"part-{s:05d}.{ext}" for s in range(shards)]
+    root = out / E.WORK / "fetch"
+    if (root / "phash_common.json").exists():
+        raise InputError(
+            f"{out}: images were fetched by an older interleaf, which rewrote the shards in place; "
+            "build the corpus again to fetch its images"
+        )
+    inputs, work = root / "input", root / f"run-{settings_key(fc, sources)}"
+    for d in (root, inputs, out / "data", out / "excluded"):
+        d.mkdir(parents=True, exist_ok=True)
+        E._clean_tmp(d)
+    for name in parts:  # before anything is rewritten
+        _preserve(out / "data" / name, inputs / name)
+    for old in root.iterdir():  # the state of other settings describes shards no longer there
+        if old.is_dir() and old.name.startswith("run-") and old != work:
+            stale = old.with_name(f"{old.name}.tmp-stale")
+            os.replace(old, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+    for legacy in root.glob("s-*.results.jsonl"):  # an older version's pass 1: shards untouched
+        legacy.unlink()
+    work.mkdir(exist_ok=True)
+    E._clean_tmp(work)
+    if not (work / "settings.json").exists():  # for people: what this state was computed with
+        E._atomic_write(work / "settings.json", json.dumps(fc, indent=1, sort_keys=True, default=str))
     fetcher = ImageFetcher(
         store_dir=fc.get("images_dir") or out / "images",
         timeout_s=float(fc["timeout_s"]),
@@ -396,14 +494,13 @@ def fetch_corpus(
         local_roots=list(fc.get("local_roots") or []),
         sources=sources,
     )
-    ext = "parquet" if fmt == "parquet" else "jsonl"
-    shards = int(stats["shards"])
+    fetcher.clean_tmp()
     # pass 1 (per shard, resumable): fetch and record each image's result
-    for s in range(shards):
+    for s, name in enumerate(parts):
         log = work / f"{E.shard_name(s)}.results.jsonl"
         if log.exists():
             continue
-        docs = _read_docs(out / "data" / f"part-{s:05d}.{ext}")
+        docs = _read_docs(inputs / name)
         results = fetcher.fetch_many((u for d in docs for u in d.image_urls), progress=progress)
         E._atomic_write(log, E._jsonl(r.to_dict() for r in results.values()))
     # pass 2 (global, computed once and kept so that a resumed run decides the same way):
@@ -413,84 +510,108 @@ def fetch_corpus(
         too_common = set(json.loads(common_path.read_text(encoding="utf-8")))
     else:
         phash_docs: Counter = Counter()
-        for s in range(shards):
+        for s, name in enumerate(parts):
             res = _load_results(work, s)
-            for d in _read_docs(out / "data" / f"part-{s:05d}.{ext}"):
+            for d in _read_docs(inputs / name):
                 hs = {res[u].p_hash for u in d.image_urls if u in res and pixel_verdict(res[u], fc) is None}
                 phash_docs.update(hs)
         too_common = {h for h, c in phash_docs.items() if c > int(fc["max_phash_occurrences"])}
         E._atomic_write(common_path, json.dumps(sorted(too_common)))
-    # pass 3 (per shard, resumable): rewrite the shard with metadata and the filters applied
+    # pass 3 (per shard, resumable): rewrite the shard with metadata and the filters applied;
+    # each file is renamed into place, the done marker last, so a kill anywhere redoes the shard
     book = E.StatsBook()
-    for s in range(shards):
+    for s, name in enumerate(parts):
         done = work / f"{E.shard_name(s)}.done.json"
         if done.exists():
             book.merge(E.StatsBook.from_list(json.loads(done.read_text())["stats"]))
             continue
-        res = _load_results(work, s)
-        st = StepStats(name="fetch")
-        kept_docs, excluded = [], []
-        for j, d in enumerate(_read_docs(out / "data" / f"part-{s:05d}.{ext}")):
-            n_img = d.n_images
-            st.docs_in += 1
-            st.images_in += n_img
-            d = d.copy()
-            keep, seen, removed = [], set(), Counter()
-            for x, m in zip(d.images, d.metadata):
-                if x is None:
-                    keep.append(True)
-                    continue
-                r = res.get(x) or FetchResult(url=x, ok=False, reason="not_fetched")
-                why = pixel_verdict(r, fc)
-                if why is None and r.p_hash in seen:
-                    why = "phash_duplicate_in_document"
-                if why is None and r.p_hash in too_common:
-                    why = "phash_frequent"
-                if r.ok:
-                    m.update(
-                        real_width=r.real_width,
-                        real_height=r.real_height,
-                        sha256=r.sha256,
-                        p_hash=r.p_hash,
-                        d_hash=r.d_hash,
-                        bytes_path=os.path.relpath(r.bytes_path, out),
-                    )
-                if why is not None:
-                    removed[why] += 1
-                    keep.append(False)
-                else:
-                    seen.add(r.p_hash)
-                    keep.append(True)
-            d = d.select(keep)
-            if fc["drop_documents_without_images"] and d.n_images == 0 and n_img > 0:
-                # all its images failed: the document goes, its images count as in a dropped doc
-                st.excluded_by_reason["no_images_after_fetch"] += 1
-                st.images_in_dropped_docs += n_img
-                excluded.append(
-                    {
-                        "id": d.id,
-                        "url": d.url,
-                        "shard": s,
-                        "index": j,
-                        "stage": "fetch",
-                        "reason": "no_images_after_fetch",
-                        "detail": ", ".join(f"{k}={v}" for k, v in sorted(removed.items())),
-                    }
-                )
-                continue
-            st.images_removed_by_reason.update(removed)
-            st.docs_out += 1
-            st.images_out += d.n_images
-            kept_docs.append(d)
-        E.write_documents(
-            out / "data" / f"part-{s:05d}.{ext}", kept_docs, fmt, stats.get("layout", "obelics")
-        )
+        docs = _read_docs(inputs / name)
+        st, kept_docs, excluded = _filter_shard(out, s, docs, _load_results(work, s), too_common, fc)
+        E.write_documents(out / "data" / name, kept_docs, fmt, stats.get("layout", "obelics"))
         E._atomic_write(out / "excluded" / f"fetch-{s:05d}.jsonl", E._jsonl(excluded))
         shard_book = E.StatsBook()
         shard_book.add(st)
         E._atomic_write(done, json.dumps({"stats": shard_book.to_list(), "excluded": len(excluded)}))
         book.merge(shard_book)
     return _update_stats(out, stats, book, work, shards)
+
+
+def _preserve(src: Path, dst: Path) -> None:
+    """Keep the pre-fetch shard ``src`` as ``dst``, once, atomically."""
+    if dst.exists() or not src.exists():
+        return
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)  # no copy needed: every writer replaces a shard by rename, never in place
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _filter_shard(
+    out: Path, s: int, docs: list, res: dict[str, FetchResult], too_common: set[str], fc: dict
+) -> tuple[Any, list, list[dict]]:
+    """Shard ``s`` with the fetch metadata added and the pixel filters applied.
+
+    Returns its ``StepStats``, the documents kept and the exclusion records."""
+    from interleaf.corpus.base import StepStats
+
+    st = StepStats(name="fetch")
+    kept_docs, excluded = [], []
+    for j, d in enumerate(docs):
+        n_img = d.n_images
+        st.docs_in += 1
+        st.images_in += n_img
+        d = d.copy()
+        keep, seen, removed = [], set(), Counter()
+        for x, m in zip(d.images, d.metadata):
+            if x is None:
+                keep.append(True)
+                continue
+            r = res.get(x) or FetchResult(url=x, ok=False, reason="not_fetched")
+            why = pixel_verdict(r, fc)
+            if why is None and r.p_hash in seen:
+                why = "phash_duplicate_in_document"
+            if why is None and r.p_hash in too_common:
+                why = "phash_frequent"
+            if r.ok:
+                m.update(
+                    real_width=r.real_width,
+                    real_height=r.real_height,
+                    sha256=r.sha256,
+                    p_hash=r.p_hash,
+                    d_hash=r.d_hash,
+                    bytes_path=os.path.relpath(r.bytes_path, out),
+                )
+            if why is not None:
+                removed[why] += 1
+                keep.append(False)
+            else:
+                seen.add(r.p_hash)
+                keep.append(True)
+        d = d.select(keep)
+        if fc["drop_documents_without_images"] and d.n_images == 0 and n_img > 0:
+            # all its images failed: the document goes, its images count as in a dropped doc
+            st.excluded_by_reason["no_images_after_fetch"] += 1
+            st.images_in_dropped_docs += n_img
+            excluded.append(
+                {
+                    "id": d.id,
+                    "url": d.url,
+                    "shard": s,
+                    "index": j,
+                    "stage": "fetch",
+                    "reason": "no_images_after_fetch",
+                    "detail": ", ".join(f"{k}={v}" for k, v in sorted(removed.items())),
+                }
+            )
+            continue
+        st.images_removed_by_reason.update(removed)
+        st.docs_out += 1
+        st.images_out += d.n_images
+        kept_docs.append(d)
+    return st, kept_docs, excluded
 
 
 def _read_docs(path: Path) -> list:
