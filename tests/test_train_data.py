@@ -470,3 +470,52 @@ def test_meta_tile_budget_and_augment_flag_are_used(data_dir, tok):
     ds = ConversationDataset(meta, tok, args)
     assert ds.specs[0].max_dynamic_patch == 1 and ds.specs[0].data_augment is False
     assert ds.get(2).num_tiles == [1, 1]  # the 112x56 image gets one tile, not 2 + thumbnail
+
+
+# ---------------------------------------------------------------------------------------------------
+# video samples decode only the frames they use
+
+
+def _gray_video(path, n_frames: int) -> None:
+    """Lossless clip whose frame k is a flat gray image of level 8*k (a frame tells its own index)."""
+    import av
+    import numpy as np
+
+    container = av.open(str(path), "w")
+    stream = container.add_stream("ffv1", rate=10)
+    stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv444p"
+    for k in range(n_frames):
+        arr = np.full((48, 64, 3), 8 * k, np.uint8)
+        for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+
+
+def test_video_sample_decodes_only_its_frames_and_the_right_ones(data_dir, tok, monkeypatch):
+    import random
+
+    import numpy as np
+
+    from interleaf.train.data import _rand_segments
+
+    _gray_video(data_dir / "imgs" / "clip.mkv", 30)
+    args = DataArgs(
+        template="internvl2_5", num_image_token=4, image_size=56, min_num_frame=4, max_num_frame=6
+    )
+    ds = ConversationDataset(data_dir / "meta.json", tok, args)
+    converted = []
+    convert = Image.Image.convert
+    monkeypatch.setattr(
+        Image.Image, "convert", lambda im, *a, **k: converted.append(1) or convert(im, *a, **k)
+    )
+    for seed in range(5):
+        converted.clear()
+        frames = ds._video_frames("clip.mkv", ds.specs[0].root, random.Random(seed))
+        # the draw is the one the dataset always made: a frame count, then one frame per segment of
+        # the clip's 30 frames; the images are those frames (frame k has gray level 8k)
+        rng = random.Random(seed)
+        picks = _rand_segments(30, rng.randint(4, 6), rng)
+        assert [round(float(np.asarray(f).mean()) / 8) for f in frames] == picks
+        assert len(converted) <= len(set(picks))  # not one image per frame of the clip

@@ -87,11 +87,19 @@ def read_video_frames(
     path: str | os.PathLike, num_segments: int = 8, bound: tuple[float, float] | None = None
 ) -> list[Image.Image]:
     """Decode the ``num_segments`` uniformly sampled frames of a video as RGB PIL images."""
+    path = os.fspath(path)
+    num_frames, fps = video_info(path)
+    return read_frames_at(path, segment_indices(num_frames, num_segments, fps, bound))
+
+
+def read_frames_at(path: str | os.PathLike, wanted: Sequence[int]) -> list[Image.Image]:
+    """Decode the frames numbered ``wanted`` (any order, repeats allowed) as RGB PIL images; only
+    those are converted and kept, decoding stops after the last one."""
     import av
 
     path = os.fspath(path)
-    num_frames, fps = video_info(path)
-    wanted = segment_indices(num_frames, num_segments, fps, bound)
+    if not wanted:
+        return []
     needed = set(wanted)
     last_needed = max(wanted)
     frames: dict[int, Image.Image] = {}

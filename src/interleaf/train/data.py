@@ -589,14 +589,13 @@ class ConversationDataset:
                 raise SkipSample("bad_video", f"{path}: {exc}") from None
         if not os.path.exists(path):
             raise SkipSample("missing_video", f"video not found: {path}")
-        from interleaf.processing.video import read_video_frames, video_info
+        from interleaf.processing.video import read_frames_at, video_info
 
         try:
             total, _ = video_info(path)
             n_frames = min(n_frames, total)
-            frames = read_video_frames(path, num_segments=total)  # every frame, then pick segments
-            picks = _rand_segments(len(frames), n_frames, rng)
-            return [frames[k] for k in picks]
+            # only the picked frames are decoded to images (a 600-frame clip: 8-32 images, not 600)
+            return read_frames_at(path, _rand_segments(total, n_frames, rng))
         except InputError as exc:
             raise SkipSample("bad_video", str(exc)) from None
 
