@@ -135,3 +135,56 @@ def test_unrecorded_image_removals_are_still_counted():
     assert (
         out.n_images == 0 and step.stats.images_removed_by_reason == {"silent": 2} and step.stats.balanced()
     )
+
+
+def _scored() -> list[Document]:
+    """Documents carrying the scores the filters record (ints and rounded floats, flat keys)."""
+    from interleaf.corpus import filters as F
+
+    words = "the river and the mountain of a village with the garden to have that".split()
+    text = " ".join(words[i % len(words)] + ("." if i % 11 == 10 else "") for i in range(120)) + "."
+    docs = []
+    for k in range(3):
+        d = _doc()
+        d.general_metadata = {"id": f"d{k}", "url": f"http://e.org/{k}"}
+        d.texts[0] = text
+        # struct columns need one metadata schema (a key missing from one image reads back as None)
+        d.metadata[3] = {"url": d.images[3], "alt_text": None, "width": None, "height": None}
+        out = run_steps(d, [F.GopherQuality(), F.FineWebQuality(), F.ImageTextRatio()])
+        assert isinstance(out, Document), out
+        docs.append(out)
+    scores = docs[0].general_metadata["filter_scores"]
+    assert scores["gopher_quality.words"] == 123 and 0 < scores["fineweb_quality.list_ratio"] < 0.3
+    return docs
+
+
+@pytest.mark.parametrize(
+    "how", ["parquet-obelics", "parquet-omnicorpus", "jsonl-canonical", "jsonl-obelics", "mmc4"]
+)
+def test_filter_scores_round_trip_every_format(tmp_path, how):
+    from interleaf.corpus import formats as F
+
+    docs = _scored()
+    kind, layout = how.split("-") if "-" in how else ("mmc4", None)
+    if kind == "parquet":
+        F.write_parquet(tmp_path / "x.parquet", docs, layout=layout)
+        back = list(F.read_corpus(tmp_path / "x.parquet"))
+    elif kind == "jsonl":
+        F.write_jsonl(tmp_path / "x.jsonl", docs, layout=layout)
+        back = list(F.read_corpus(tmp_path / "x.jsonl"))
+    else:
+        F.write_jsonl(tmp_path / "x.jsonl", docs, layout="mmc4")
+        back = list(F.read_corpus(tmp_path / "x.jsonl"))
+        assert [F.from_mmc4(F.to_mmc4(d)) for d in docs] == docs
+    assert back == docs
+    assert back[0].general_metadata["filter_scores"] == docs[0].general_metadata["filter_scores"]
+
+
+def test_copy_does_not_share_filter_scores():
+    from interleaf.corpus import filters as F
+
+    d = _scored()[0]
+    c = d.copy()
+    F.record_scores(c, "again", {"x": 1})
+    assert "again.x" in c.general_metadata["filter_scores"]
+    assert "again.x" not in d.general_metadata["filter_scores"]

@@ -425,3 +425,48 @@ def test_filter_options_of_the_right_type_are_accepted():
         params = inspect.signature(cls.__init__).parameters
         defaults = {k: p.default for k, p in params.items() if k != "self"}
         F.check_options(name, cls, {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()})
+
+
+def test_filters_record_what_they_measured(real_docs):
+    rng = random.Random(5)
+    prose = "\n\n".join(_prose(rng, 80) for _ in range(4))
+    doc = _doc(prose, ("img", "http://e.org/a.jpg", {"width": 300, "height": 200}), _prose(rng, 60))
+    steps = [cls() for cls in F.FILTERS.values()]
+    out = run_steps(doc, [s for s in steps if s.name != "c4_paragraph"])
+    assert isinstance(out, Document), out
+    fs = out.general_metadata["filter_scores"]
+    text = doc.text
+    ws = [w for w in F.words(text) if w[:1].isalnum()]
+    # gopher_quality: exactly the quantities compared with its thresholds
+    assert fs["gopher_quality.words"] == len(ws)
+    assert fs["gopher_quality.mean_word_length"] == round(sum(map(len, ws)) / len(ws), 4)
+    assert {k.split(".", 1)[1] for k in fs if k.startswith("gopher_quality.")} == {
+        "words", "mean_word_length", "hash_ratio", "ellipsis_ratio", "bullet_lines_ratio",
+        "ellipsis_lines_ratio", "alpha_words_ratio", "stop_words",
+    }  # fmt: skip
+    assert fs["gopher_repetition.top_2_gram"] <= 0.2 and "gopher_repetition.duplicated_10_n_grams" in fs
+    assert fs["c4_quality.lines"] >= fs["c4_quality.lines_removed"] >= 0 and fs["c4_quality.sentences"] >= 5
+    for k in ("line_punct_ratio", "short_line_ratio", "char_dup_ratio", "list_ratio"):
+        assert 0 <= fs[f"fineweb_quality.{k}"] <= 1, k
+    assert fs["omnicorpus_en.stop_words"] >= 2 and fs["omnicorpus_en.max_paragraph_words"] >= 35
+    assert fs["obelics_paragraph.paragraphs"] >= fs["obelics_paragraph.paragraphs_removed"]
+    assert fs["obelics_document.images"] == 1 and 0 < fs["obelics_document.stopword_ratio"] < 1
+    assert fs["image_nodes.images"] == 1 and fs["image_nodes.images_removed"] == 0
+    assert fs["image_text_ratio.images"] == 1
+    # JSON-friendly: plain ints and floats rounded to 4 decimals
+    for k, v in fs.items():
+        assert type(v) in (int, float) and (type(v) is int or round(v, 4) == v), (k, v)
+    # a dropped document carries the scores up to the failing rule (full exclusion records)
+    short = _doc(_prose(rng, 30))
+    assert F.GopherQuality()(short).reason == "gopher_short_doc"
+    assert short.general_metadata["filter_scores"] == {"gopher_quality.words": 30}
+    # the default list on real pages: every kept document has the scores of every step
+    steps = F.build_filters(None)
+    kept = [r for d in real_docs for r in [run_steps(d.copy(), steps)] if not isinstance(r, Drop)]
+    for r in kept:
+        names = {k.split(".", 1)[0] for k in r.general_metadata["filter_scores"]}
+        assert names == {s.name for s in steps}, names
+    assert all(
+        "filter_scores" not in d.general_metadata or not d.general_metadata["filter_scores"]
+        for d in real_docs
+    )

@@ -8,7 +8,10 @@ metadata dict). This is the layout of ``HuggingFaceM4/OBELICS`` and ``OpenGVLab/
 
 ``general_metadata`` keys (all optional except ``id``):
     id, url, domain, crawl_date (ISO 8601 string), warc_filename, warc_record_offset,
-    warc_record_length (when read from a WARC), title, filter_scores (dict name -> float).
+    warc_record_length (when read from a WARC), title, filter_scores (dict name -> number: the
+    text filters record what they measured as ``'<filter>.<quantity>'``, e.g.
+    ``'gopher_quality.mean_word_length'``; one flat mapping, the OmniCorpus layout's
+    ``map<string, float64>``).
 Image metadata keys:
     url (resolved absolute URL, equal to ``images[i]``), src (the attribute as written),
     alt_text, width, height (from the page's attributes, may be None); after fetching:
@@ -81,11 +84,14 @@ class Document:
 
     def copy(self) -> Document:
         """A copy whose lists and metadata dicts can be changed without touching this one."""
+        gm = dict(self.general_metadata)
+        if isinstance(gm.get("filter_scores"), dict):  # filters add to it in place
+            gm["filter_scores"] = dict(gm["filter_scores"])
         return Document(
             texts=list(self.texts),
             images=list(self.images),
             metadata=[dict(m) if m is not None else None for m in self.metadata],
-            general_metadata=dict(self.general_metadata),
+            general_metadata=gm,
         )
 
     # ---- accessors ----------------------------------------------------------------------

@@ -118,6 +118,23 @@ def _paragraphs(text: str) -> list[str]:
     return text.split("\n\n")
 
 
+def record_scores(doc: Document, step: str, scores: dict[str, float]) -> None:
+    """Store a step's measured quantities in ``general_metadata['filter_scores']``.
+
+    Keys are ``'<step>.<quantity>'`` (``'gopher_quality.mean_word_length'``): one flat mapping of
+    numbers, as the OmniCorpus Parquet layout stores it (``map<string, float64>``). Counts stay
+    ints, ratios are rounded to 4 decimals (JSON-friendly, and enough to re-check a threshold).
+    """
+    if not scores:
+        return
+    gm = doc.general_metadata
+    out = gm.get("filter_scores")
+    if not isinstance(out, dict):
+        out = gm["filter_scores"] = {}
+    for k, v in scores.items():
+        out[f"{step}.{k}"] = int(v) if isinstance(v, (int, np.integer)) else round(float(v), 4)
+
+
 class TextStep(Step):
     """A step whose thresholds are keyword arguments; ``config()`` lists them."""
 
@@ -125,6 +142,12 @@ class TextStep(Step):
         super().__init__()
         for k, v in kwargs.items():
             setattr(self, k, v)
+
+    def _verdict(self, doc: Document, scores: dict, drop: Drop | None = None) -> Document | Drop:
+        """``doc`` (or ``drop``) with ``scores`` recorded on ``doc``: a kept document carries the
+        quantities its filters measured, and so does a dropped one in a full exclusion record."""
+        record_scores(doc, self.name, scores)
+        return doc if drop is None else drop
 
 
 def _edit_paragraphs(doc: Document, keep_fn, image_aware: bool = False) -> Document:
@@ -229,36 +252,44 @@ class GopherQuality(TextStep):
             return Drop("gopher_short_doc", "no words")
         non_symbol = [w for w in ws if _is_word(w)]
         n = len(non_symbol)
+        sc: dict[str, float] = {"words": n}
         if self.min_doc_words and n < self.min_doc_words:
-            return Drop("gopher_short_doc", f"{n} words")
+            return self._verdict(doc, sc, Drop("gopher_short_doc", f"{n} words"))
         if self.max_doc_words and n > self.max_doc_words:
-            return Drop("gopher_long_doc", f"{n} words")
-        avg = sum(map(len, non_symbol)) / n if n else 0.0
+            return self._verdict(doc, sc, Drop("gopher_long_doc", f"{n} words"))
+        avg = sc["mean_word_length"] = sum(map(len, non_symbol)) / n if n else 0.0
         if self.min_avg_word_length and avg < self.min_avg_word_length:
-            return Drop("gopher_below_avg_word_length", f"{avg:.2f}")
+            return self._verdict(doc, sc, Drop("gopher_below_avg_word_length", f"{avg:.2f}"))
         if self.max_avg_word_length and avg > self.max_avg_word_length:
-            return Drop("gopher_above_avg_word_length", f"{avg:.2f}")
+            return self._verdict(doc, sc, Drop("gopher_above_avg_word_length", f"{avg:.2f}"))
         if self.max_symbol_word_ratio:
-            if text.count("#") / n_words > self.max_symbol_word_ratio:
-                return Drop("gopher_too_many_hashes")
-            if (text.count("...") + text.count("…")) / n_words > self.max_symbol_word_ratio:
-                return Drop("gopher_too_many_ellipsis")
+            r = sc["hash_ratio"] = text.count("#") / n_words
+            if r > self.max_symbol_word_ratio:
+                return self._verdict(doc, sc, Drop("gopher_too_many_hashes"))
+            r = sc["ellipsis_ratio"] = (text.count("...") + text.count("…")) / n_words
+            if r > self.max_symbol_word_ratio:
+                return self._verdict(doc, sc, Drop("gopher_too_many_ellipsis"))
         lines = text.splitlines()
         if lines and self.max_bullet_lines_ratio:
             bullets = sum(1 for s in lines if s.lstrip().startswith(("•", "-")))
-            if bullets / len(lines) > self.max_bullet_lines_ratio:
-                return Drop("gopher_too_many_bullets")
+            r = sc["bullet_lines_ratio"] = bullets / len(lines)
+            if r > self.max_bullet_lines_ratio:
+                return self._verdict(doc, sc, Drop("gopher_too_many_bullets"))
         if lines and self.max_ellipsis_lines_ratio:
             ell = sum(1 for s in lines if s.rstrip().endswith(("...", "…")))
-            if ell / len(lines) > self.max_ellipsis_lines_ratio:
-                return Drop("gopher_too_many_end_ellipsis")
+            r = sc["ellipsis_lines_ratio"] = ell / len(lines)
+            if r > self.max_ellipsis_lines_ratio:
+                return self._verdict(doc, sc, Drop("gopher_too_many_end_ellipsis"))
         if self.max_non_alpha_words_ratio:
             alpha = sum(1 for w in ws if w.isalpha() or _has_alpha(w))
-            if alpha / n_words < self.max_non_alpha_words_ratio:
-                return Drop("gopher_below_alpha_threshold", f"{alpha / n_words:.2f}")
-        if self.min_stop_words and len(self._stop.intersection(ws)) < self.min_stop_words:
-            return Drop("gopher_enough_stop_words")
-        return doc
+            r = sc["alpha_words_ratio"] = alpha / n_words
+            if r < self.max_non_alpha_words_ratio:
+                return self._verdict(doc, sc, Drop("gopher_below_alpha_threshold", f"{r:.2f}"))
+        if self.min_stop_words:
+            stop = sc["stop_words"] = len(self._stop.intersection(ws))
+            if stop < self.min_stop_words:
+                return self._verdict(doc, sc, Drop("gopher_enough_stop_words"))
+        return self._verdict(doc, sc)
 
 
 _ALPHA = re.compile(r"[^\W\d_]")
@@ -390,35 +421,44 @@ class GopherRepetition(TextStep):
         if not text:
             return Drop("empty")
         size = len(text)
+        sc: dict[str, float] = {}
         paras = re.split(r"\n{2,}", text.strip())
         n, chars = self._dups(paras)
-        if self.dup_para_frac and n / len(paras) > self.dup_para_frac:
-            return Drop("dup_para_frac")
-        if self.dup_para_char_frac and chars / size > self.dup_para_char_frac:
-            return Drop("dup_para_char_frac")
+        sc["dup_para_frac"], sc["dup_para_char_frac"] = n / len(paras), chars / size
+        if self.dup_para_frac and sc["dup_para_frac"] > self.dup_para_frac:
+            return self._verdict(doc, sc, Drop("dup_para_frac"))
+        if self.dup_para_char_frac and sc["dup_para_char_frac"] > self.dup_para_char_frac:
+            return self._verdict(doc, sc, Drop("dup_para_char_frac"))
         lines = re.split(r"\n+", text)
         n, chars = self._dups(lines)
-        if self.dup_line_frac and n / len(lines) > self.dup_line_frac:
-            return Drop("dup_line_frac")
-        if self.dup_line_char_frac and chars / size > self.dup_line_char_frac:
-            return Drop("dup_line_char_frac")
+        sc["dup_line_frac"], sc["dup_line_char_frac"] = n / len(lines), chars / size
+        if self.dup_line_frac and sc["dup_line_frac"] > self.dup_line_frac:
+            return self._verdict(doc, sc, Drop("dup_line_frac"))
+        if self.dup_line_char_frac and sc["dup_line_char_frac"] > self.dup_line_char_frac:
+            return self._verdict(doc, sc, Drop("dup_line_char_frac"))
         ws = words(text)
         if not ws:
-            return doc
+            return self._verdict(doc, sc)
         grams = _NGramIndex(ws)
         for n_, frac in self.top_n_grams:
-            if len(ws) >= n_ and grams.top_chars(n_) / size > frac:
-                return Drop(f"top_{n_}_gram")
+            if len(ws) >= n_:
+                r = sc[f"top_{n_}_gram"] = grams.top_chars(n_) / size
+                if r > frac:
+                    return self._verdict(doc, sc, Drop(f"top_{n_}_gram"))
         no_dup_from = None  # if n-grams of size n never repeat, larger ones never do
         for n_, frac in sorted(self.dup_n_grams):
-            if len(ws) < n_ or (no_dup_from is not None and n_ >= no_dup_from):
+            if len(ws) < n_:
+                continue
+            if no_dup_from is not None and n_ >= no_dup_from:
+                sc[f"duplicated_{n_}_n_grams"] = 0.0
                 continue
             rep = grams.duplicated_chars(n_)
             if rep == 0:
                 no_dup_from = n_
-            if rep / size > frac:
-                return Drop(f"duplicated_{n_}_n_grams")
-        return doc
+            r = sc[f"duplicated_{n_}_n_grams"] = rep / size
+            if r > frac:
+                return self._verdict(doc, sc, Drop(f"duplicated_{n_}_n_grams"))
+        return self._verdict(doc, sc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,15 +535,17 @@ class C4Quality(TextStep):
         return line
 
     def process(self, doc: Document) -> Document | Drop:
-        sentences = 0
+        sentences = n_lines = n_kept = 0
         verdict: list[Drop] = []
 
         def keep(par: str, _ctx: dict) -> str | None:
-            nonlocal sentences
+            nonlocal sentences, n_lines, n_kept
             if verdict:
                 return None
             kept = []
-            for line in par.splitlines():
+            lines = par.splitlines()
+            n_lines += len(lines)
+            for line in lines:
                 r = self._line(line)
                 if isinstance(r, Drop):
                     verdict.append(r)
@@ -512,14 +554,18 @@ class C4Quality(TextStep):
                     kept.append(r)
                     if self.min_num_sentences != -1:
                         sentences += count_sentences(r)
+            n_kept += len(kept)
             return "\n".join(kept) if kept else None
 
         out = _edit_paragraphs(doc, keep)
-        if verdict:
+        if verdict:  # a whole-document rule fired part-way: the counts so far would mislead
             return verdict[0]
+        sc: dict[str, float] = {"lines": n_lines, "lines_removed": n_lines - n_kept}
+        if self.min_num_sentences != -1:
+            sc["sentences"] = sentences
         if sentences < self.min_num_sentences:
-            return Drop("too_few_sentences", f"{sentences} sentences")
-        return out
+            return self._verdict(doc, sc, Drop("too_few_sentences", f"{sentences} sentences"))
+        return self._verdict(out, sc)
 
 
 class C4Paragraph(TextStep):
@@ -533,9 +579,10 @@ class C4Paragraph(TextStep):
     def process(self, doc: Document) -> Document | Drop:
         lines = doc.text.split("\n")
         long_ = sum(1 for ln in lines if len(ln) >= self.min_paragraph_len)
+        sc = {"lines": len(lines), "long_lines": long_}
         if len(lines) < self.min_paragraphs or long_ < self.min_paragraphs:
-            return Drop("c4_too_few_paragraphs")
-        return doc
+            return self._verdict(doc, sc, Drop("c4_too_few_paragraphs"))
+        return self._verdict(doc, sc)
 
 
 class FineWebQuality(TextStep):
@@ -573,20 +620,27 @@ class FineWebQuality(TextStep):
         lines = [ln for ln in text.split("\n") if ln.strip() != ""]
         if not lines:
             return Drop("empty")
-        ratio = sum(1 for ln in lines if ln.endswith(self._stop)) / len(lines)
+        sc: dict[str, float] = {}
+        ratio = sc["line_punct_ratio"] = sum(1 for ln in lines if ln.endswith(self._stop)) / len(lines)
         if ratio < self.line_punct_thr and not (ratio == 0 and self.line_punct_exclude_zero):
-            return Drop("line_punct_ratio", f"{ratio:.3f}")
+            return self._verdict(doc, sc, Drop("line_punct_ratio", f"{ratio:.3f}"))
         ratio = sum(1 for ln in lines if len(ln) <= self.short_line_length) / len(lines)
+        sc["short_line_ratio"] = ratio
         if ratio > self.short_line_thr:
-            return Drop("short_line_ratio", f"{ratio:.3f}")
+            return self._verdict(doc, sc, Drop("short_line_ratio", f"{ratio:.3f}"))
         dup_chars = GopherRepetition._dups(lines)[1]
         denom = len(text) - text.count("\n")
-        if denom and dup_chars / denom > self.char_duplicates_ratio:
-            return Drop("char_dup_ratio", f"{dup_chars / denom:.3f}")
+        if denom:
+            ratio = sc["char_dup_ratio"] = dup_chars / denom
+            if ratio > self.char_duplicates_ratio:
+                return self._verdict(doc, sc, Drop("char_dup_ratio", f"{ratio:.3f}"))
         n_words = len(words(text))
-        if n_words == 0 or text.count("\n") / n_words > self.new_line_ratio:
-            return Drop("list_ratio")
-        return doc
+        if n_words == 0:
+            return self._verdict(doc, sc, Drop("list_ratio"))
+        ratio = sc["list_ratio"] = text.count("\n") / n_words
+        if ratio > self.new_line_ratio:
+            return self._verdict(doc, sc, Drop("list_ratio"))
+        return self._verdict(doc, sc)
 
 
 # sentence-final marks: Unicode punctuation named FULL STOP / QUESTION MARK / EXCLAMATION MARK /
@@ -905,32 +959,38 @@ class OmniCorpusEnglish(TextStep):
         text = doc.text
         toks = words(text)
         n = len(toks)
+        sc: dict[str, float] = {"words": n}
         if n == 0 or not self.min_doc_words <= n <= self.max_doc_words:
-            return Drop("omnicorpus_word_count", f"{n} tokens")
-        mean = sum(map(len, toks)) / n
+            return self._verdict(doc, sc, Drop("omnicorpus_word_count", f"{n} tokens"))
+        mean = sc["mean_word_length"] = sum(map(len, toks)) / n
         if not self.min_mean_word_length <= mean <= self.max_mean_word_length:
-            return Drop("omnicorpus_mean_word_length", f"{mean:.2f}")
-        alpha = sum(1 for w in toks if w.isalpha() or _has_alpha(w))
-        if alpha / n <= self.min_alpha_words_ratio:
-            return Drop("omnicorpus_alpha_words", f"{alpha / n:.2f}")
-        if sum(1 for w in toks if w in OMNI_STOPWORDS) < self.min_stop_words:
-            return Drop("omnicorpus_stop_words")
+            return self._verdict(doc, sc, Drop("omnicorpus_mean_word_length", f"{mean:.2f}"))
+        alpha = sc["alpha_words_ratio"] = sum(1 for w in toks if w.isalpha() or _has_alpha(w)) / n
+        if alpha <= self.min_alpha_words_ratio:
+            return self._verdict(doc, sc, Drop("omnicorpus_alpha_words", f"{alpha:.2f}"))
+        stop = sc["stop_words"] = sum(1 for w in toks if w in OMNI_STOPWORDS)
+        if stop < self.min_stop_words:
+            return self._verdict(doc, sc, Drop("omnicorpus_stop_words"))
         if self._flagged is not None:
             ow = obelics_words(text)
-            if ow and sum(1 for w in ow if w in self._flagged) / len(ow) > self.max_flagged_ratio:
-                return Drop("omnicorpus_flagged_words")
+            if ow:
+                r = sc["flagged_ratio"] = sum(1 for w in ow if w in self._flagged) / len(ow)
+                if r > self.max_flagged_ratio:
+                    return self._verdict(doc, sc, Drop("omnicorpus_flagged_words"))
         n_img = doc.n_images
-        n_words = len(text.split())
-        if n_img > self.max_images_without_ratio and n_words / n_img < self.min_words_per_image:
-            return Drop("omnicorpus_image_text_ratio", f"{n_words} words, {n_img} images")
+        if n_img > self.max_images_without_ratio:
+            n_words = len(text.split())
+            sc["words_per_image"] = n_words / n_img
+            if n_words / n_img < self.min_words_per_image:
+                detail = f"{n_words} words, {n_img} images"
+                return self._verdict(doc, sc, Drop("omnicorpus_image_text_ratio", detail))
         lengths = [len(p.split()) for t in doc.texts if t is not None for p in _paragraphs(t)]
-        if (
-            lengths
-            and max(lengths) < self.min_max_paragraph_words
-            and sum(lengths) / len(lengths) < self.min_mean_paragraph_words
-        ):
-            return Drop("omnicorpus_paragraph_lengths")
-        return doc
+        if lengths:
+            sc["max_paragraph_words"] = longest = max(lengths)
+            sc["mean_paragraph_words"] = mean = sum(lengths) / len(lengths)
+            if longest < self.min_max_paragraph_words and mean < self.min_mean_paragraph_words:
+                return self._verdict(doc, sc, Drop("omnicorpus_paragraph_lengths"))
+        return self._verdict(doc, sc)
 
 
 _SENT_PIECES = re.compile(r"((?<![A-Z][a-z]\.)(?<=[.?!])[\"']?\s)")  # sentence ends, not after "Mr."
@@ -1023,50 +1083,42 @@ _OBELICS_PUNCT_TOKENS = re.compile(r"[\w']+|[.,!?;:…]")
 
 
 class _ObelicsRules(TextStep):
-    def _check(self, text: str, prefix: str) -> str | None:
-        """The first failed rule's name for ``text`` (None: all pass)."""
+    def _check(self, text: str, prefix: str, sc: dict | None = None) -> str | None:
+        """The first failed rule's name for ``text`` (None: all pass); the measured quantities go
+        to ``sc`` when given (documents; paragraphs are too many to record)."""
+        sc = {} if sc is None else sc
         ws = obelics_words(text)
-        n = len(ws)
+        n = sc["words"] = len(ws)
         if not self.min_words <= n <= self.max_words:
             return f"{prefix}_word_count"
-        if (
-            self.max_char_repetition is not None
-            and char_repetition_ratio(text, self.char_repetition_length) > self.max_char_repetition
-        ):
-            return f"{prefix}_char_repetition"
-        if (
-            self.max_word_repetition is not None
-            and word_repetition_ratio(ws, self.word_repetition_length) > self.max_word_repetition
-        ):
-            return f"{prefix}_word_repetition"
-        if (
-            self.max_special_char_ratio is not None
-            and special_character_ratio(text) > self.max_special_char_ratio
-        ):
-            return f"{prefix}_special_characters"
-        if (
-            self.min_stopword_ratio is not None
-            and n
-            and sum(1 for w in ws if w in self._stop) / n < self.min_stopword_ratio
-        ):
-            return f"{prefix}_stopwords"
-        if (
-            self._flagged is not None
-            and n
-            and sum(1 for w in ws if w in self._flagged) / n > self.max_flagged_ratio
-        ):
-            return f"{prefix}_flagged_words"
-        if (
-            self.min_punctuation_ratio is not None
-            and punctuation_ratio(text, self.punctuation_min_words) < self.min_punctuation_ratio
-        ):
-            return f"{prefix}_punctuation"
-        if (
-            self._common is not None
-            and n
-            and sum(1 for w in ws if w in self._common) / n < self.min_common_word_ratio
-        ):
-            return f"{prefix}_common_words"
+        if self.max_char_repetition is not None:
+            r = sc["char_repetition"] = char_repetition_ratio(text, self.char_repetition_length)
+            if r > self.max_char_repetition:
+                return f"{prefix}_char_repetition"
+        if self.max_word_repetition is not None:
+            r = sc["word_repetition"] = word_repetition_ratio(ws, self.word_repetition_length)
+            if r > self.max_word_repetition:
+                return f"{prefix}_word_repetition"
+        if self.max_special_char_ratio is not None:
+            r = sc["special_char_ratio"] = special_character_ratio(text)
+            if r > self.max_special_char_ratio:
+                return f"{prefix}_special_characters"
+        if self.min_stopword_ratio is not None and n:
+            r = sc["stopword_ratio"] = sum(1 for w in ws if w in self._stop) / n
+            if r < self.min_stopword_ratio:
+                return f"{prefix}_stopwords"
+        if self._flagged is not None and n:
+            r = sc["flagged_ratio"] = sum(1 for w in ws if w in self._flagged) / n
+            if r > self.max_flagged_ratio:
+                return f"{prefix}_flagged_words"
+        if self.min_punctuation_ratio is not None:
+            r = sc["punctuation_ratio"] = punctuation_ratio(text, self.punctuation_min_words)
+            if r < self.min_punctuation_ratio:
+                return f"{prefix}_punctuation"
+        if self._common is not None and n:
+            r = sc["common_word_ratio"] = sum(1 for w in ws if w in self._common) / n
+            if r < self.min_common_word_ratio:
+                return f"{prefix}_common_words"
         return None
 
     def _setup(self, stopwords, flagged_words, common_words) -> None:
@@ -1108,9 +1160,18 @@ class ObelicsParagraph(_ObelicsRules):
         self._setup(stopwords, flagged_words, common_words)
 
     def process(self, doc: Document) -> Document | Drop:
-        return _edit_paragraphs(
-            doc, lambda p, _ctx: p if self._check(p, "obelics_paragraph") is None else None
-        )
+        n = removed = 0
+
+        def keep(p: str, _ctx: dict) -> str | None:
+            nonlocal n, removed
+            n += 1
+            if self._check(p, "obelics_paragraph") is None:
+                return p
+            removed += 1
+            return None
+
+        out = _edit_paragraphs(doc, keep)
+        return self._verdict(out, {"paragraphs": n, "paragraphs_removed": removed})
 
 
 class ObelicsDocument(_ObelicsRules):
@@ -1145,10 +1206,11 @@ class ObelicsDocument(_ObelicsRules):
 
     def process(self, doc: Document) -> Document | Drop:
         n_img = doc.n_images
+        sc: dict[str, float] = {"images": n_img}
         if not self.min_images <= n_img <= self.max_images:
-            return Drop("obelics_document_image_count", f"{n_img} images")
-        reason = self._check(doc.text, "obelics_document")
-        return Drop(reason) if reason else doc
+            return self._verdict(doc, sc, Drop("obelics_document_image_count", f"{n_img} images"))
+        reason = self._check(doc.text, "obelics_document", sc)
+        return self._verdict(doc, sc, Drop(reason) if reason else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1249,20 +1311,22 @@ class ImageNodes(TextStep):
 
     def process(self, doc: Document) -> Document | Drop:
         keep = []
-        removed = False
+        n_img = n_removed = 0
         for url, meta in zip(doc.images, doc.metadata):
             if url is None:
                 keep.append(True)
                 continue
+            n_img += 1
             reason = self.image_reason(url, meta)
             if reason is not None:
                 self.remove_image(reason)
-                removed = True
+                n_removed += 1
             keep.append(reason is None)
-        out = doc.select(keep) if removed else doc
+        sc = {"images": n_img, "images_removed": n_removed}
+        out = doc.select(keep) if n_removed else doc
         if self.drop_if_no_images and out.n_images == 0:
-            return Drop("no_images_left")
-        return _merge_adjacent_texts(out) if removed else out
+            return self._verdict(doc, sc, Drop("no_images_left"))
+        return self._verdict(_merge_adjacent_texts(out) if n_removed else out, sc)
 
 
 def _merge_adjacent_texts(doc: Document) -> Document:
@@ -1303,15 +1367,18 @@ class ImageTextRatio(TextStep):
 
     def process(self, doc: Document) -> Document | Drop:
         n_img = doc.n_images
+        sc: dict[str, float] = {"images": n_img}
         if n_img < self.min_images:
-            return Drop("too_few_images", f"{n_img} images")
+            return self._verdict(doc, sc, Drop("too_few_images", f"{n_img} images"))
         if self.max_images is not None and n_img > self.max_images:
-            return Drop("too_many_images", f"{n_img} images")
+            return self._verdict(doc, sc, Drop("too_many_images", f"{n_img} images"))
         if n_img > self.max_images_without_ratio:
             n_words = sum(len(t.split()) for t in doc.texts if t is not None)
+            sc["words_per_image"] = n_words / n_img
             if n_words / n_img < self.min_words_per_image:
-                return Drop("low_words_per_image", f"{n_words} words, {n_img} images")
-        return doc
+                detail = f"{n_words} words, {n_img} images"
+                return self._verdict(doc, sc, Drop("low_words_per_image", detail))
+        return self._verdict(doc, sc)
 
 
 # ---------------------------------------------------------------------------------------------
