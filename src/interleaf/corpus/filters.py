@@ -4,6 +4,9 @@ Document-level text rules look at the pure-text view ``doc.text`` (text nodes jo
 lines; images excluded, as the OmniCorpus English rules do). Line- and paragraph-level rules edit
 text nodes in place and keep every image where it stood; a text node left empty disappears.
 Image rules remove image nodes (counted per reason in ``stats.images_removed_by_reason``).
+Each filter records the quantities it compared with its thresholds in
+``general_metadata['filter_scores']`` as ``'<filter>.<quantity>'`` (``record_scores``), on the
+documents it keeps and, up to the failing rule, on those it drops.
 
 Sources of the defaults (thresholds are constructor keyword arguments, so a YAML config can set
 any of them; ``FILTERS`` maps config names to classes):
