@@ -153,11 +153,13 @@ def test_image_token_count_mismatch_is_input_error(tiny):
     calls = []
     real = model.extract_feature
     model.extract_feature = lambda px: calls.append(px) or real(px)
+    ctx = model.config.img_context_token_id
     try:
-        with pytest.raises(InputError, match="256 <IMG_CONTEXT> tokens but 512 image embeddings"):
+        message = rf"256 <IMG_CONTEXT> tokens \(image token id {ctx}\) but 512 image embeddings"
+        with pytest.raises(InputError, match=message):
             model(input_ids=ids, pixel_values=torch.randn(2, 3, 448, 448))
         assert not calls  # refused before the vision pass (whose count sync would wait for it)
-        with pytest.raises(InputError, match="256 <IMG_CONTEXT> tokens but 512 image embeddings"):
+        with pytest.raises(InputError, match=message):
             model(input_ids=ids, image_embeds=torch.randn(2, 256, model.config.llm.hidden_size))
     finally:
         del model.extract_feature

@@ -107,13 +107,13 @@ def test_hf_configs_in_both_transformers_styles():
         (lambda c: c.update(some_new_knob=1), "unknown config key 'some_new_knob'"),
         (lambda c: c.update(template="vicuna"), "field 'template'"),
         (lambda c: c.update(downsample_ratio=0.25), "field 'downsample_ratio'"),
-        (lambda c: c.update(select_layer="last"), "field 'select_layer' has the wrong type"),
+        (lambda c: c.update(select_layer="last"), "select_layer must be an int, got str"),
         (lambda c: c["llm_config"].update(num_key_value_heads=5), "num_key_value_heads"),
         (
             lambda c: c["llm_config"].update(rope_scaling={"type": "yarn", "factor": 2}),
             "rope scaling type 'yarn'",
         ),
-        (lambda c: c["vision_config"].update(norm_type="batch_norm"), "field 'norm_type'"),
+        (lambda c: c["vision_config"].update(norm_type="batch_norm"), "vision_config.norm_type must be"),
         (lambda c: c.update(llm_config=[]), "field 'llm_config' must be an object"),
     ],
 )

@@ -17,6 +17,7 @@ configs serialise dozens of generic keys); the keys that matter are read, the re
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,6 +174,18 @@ class InternVLConfig:
         return self.force_image_size or self.vision.image_size
 
     @property
+    def image_token_id(self) -> int | None:
+        """The ``<IMG_CONTEXT>`` id image embeddings go to.
+
+        ``img_context_token_id`` when known (the loader sets it from the tokenizer when the config does
+        not name one); otherwise, for the hf layout, transformers' default (151667), as transformers
+        would use for a config without ``image_token_id``.
+        """
+        if self.img_context_token_id is not None:
+            return self.img_context_token_id
+        return HF_DEFAULT_IMAGE_TOKEN_ID if self.layout == "hf" else None
+
+    @property
     def num_image_token(self) -> int:
         """Tokens per tile: (448 / 14)^2 * 0.5^2 = 256."""
         return int((self.image_size // self.vision.patch_size) ** 2 * self.downsample_ratio**2)
@@ -269,7 +282,7 @@ class InternVLConfig:
             "model_type": "internvl",
             "vision_config": vision,
             "text_config": _llm_to_hf(self.llm),
-            "image_token_id": self.img_context_token_id,
+            "image_token_id": self.image_token_id,
             "image_seq_length": self.num_image_token,
             "downsample_ratio": self.downsample_ratio,
             "projector_hidden_act": "gelu",
@@ -297,21 +310,91 @@ def _check_keys(raw: dict[str, Any], known: frozenset[str], source: str, where: 
             raise ConfigError(f"{source}: unknown config key {where}{key!r}")
 
 
-def _typed(raw: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any, source: str) -> Any:
+_KIND_NAMES = {int: "an int", float: "a number", bool: "true or false", str: "a string", dict: "an object"}
+
+
+def _typed(
+    raw: dict[str, Any],
+    key: str,
+    kind: type | tuple[type, ...],
+    default: Any,
+    source: str,
+    where: str = "",
+    check: Any = None,
+    want: str | None = None,
+) -> Any:
+    """``raw[key]`` checked against ``kind`` (absent or null: ``default``) and, when given, ``check``.
+
+    Errors are one line naming the file and the key: ``ckpt/config.json: llm_config.head_dim must be
+    a positive int, got str``. ``where`` is the dotted prefix of nested configs (``llm_config.``).
+    """
     value = raw.get(key, default)
     if value is None:
         return default
+    want = want or _KIND_NAMES.get(kind, getattr(kind, "__name__", str(kind)))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"{source}: field {key!r} has the wrong type ({type(value).__name__})")
+    if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
+        raise ConfigError(f"{source}: {where}{key} must be {want}, got {type(value).__name__}")
+    if check is not None and not check(value):
+        raise ConfigError(f"{source}: {where}{key} must be {want}, got {value!r}")
     return value
 
 
-def _first_int(value: Any) -> int | None:
-    if isinstance(value, (list, tuple)):
-        return int(value[0]) if value else None
-    return None if value is None else int(value)
+def _pos_int(raw: dict[str, Any], key: str, default: Any, source: str, where: str = "") -> Any:
+    return _typed(raw, key, int, default, source, where, lambda v: v > 0, "a positive int")
+
+
+def _count(raw: dict[str, Any], key: str, default: Any, source: str, where: str = "") -> Any:
+    return _typed(raw, key, int, default, source, where, lambda v: v >= 0, "a non-negative int")
+
+
+def _pos_num(raw: dict[str, Any], key: str, default: Any, source: str, where: str = "") -> Any:
+    return _typed(raw, key, float, default, source, where, lambda v: v > 0, "a positive number")
+
+
+def _rate(raw: dict[str, Any], key: str, default: Any, source: str, where: str = "") -> Any:
+    return _typed(raw, key, float, default, source, where, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def _flag(raw: dict[str, Any], key: str, default: bool, source: str, where: str = "") -> bool:
+    """A boolean; 0 / 1 are accepted too (upstream writes ``use_backbone_lora: 0`` style ints)."""
+    value = raw.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    shown = repr(value) if isinstance(value, int) else type(value).__name__
+    raise ConfigError(f"{source}: {where}{key} must be true or false, got {shown}")
+
+
+def _token_id(raw: dict[str, Any], key: str, source: str, where: str = "", many: bool = False) -> Any:
+    """A token id (``many``: or a list of them, as ``eos_token_id`` may be); None when absent."""
+    value = raw.get(key)
+    if many and isinstance(value, list):
+        if all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+            return value
+    elif value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    want = "a token id (non-negative int)" + (" or a list of them" if many else "")
+    shown = repr(value) if isinstance(value, (int, list)) else type(value).__name__
+    raise ConfigError(f"{source}: {where}{key} must be {want}, got {shown}")
+
+
+def _size(raw: dict[str, Any], key: str, default: int, source: str, where: str = "") -> int:
+    """A square size: an int (original layout) or ``[n, n]`` (hf layout)."""
+    value = raw.get(key, default)
+    if value is None:
+        return default
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if (
+        1 <= len(items) <= 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in items)
+        and len(set(items)) == 1
+    ):
+        return items[0]
+    shown = repr(value) if isinstance(value, (int, list)) else type(value).__name__
+    raise ConfigError(f"{source}: {where}{key} must be a positive int or a square [n, n], got {shown}")
 
 
 VISION_USED = {
@@ -325,43 +408,46 @@ VISION_USED = {
 def _parse_vision(raw: dict[str, Any], source: str, hf: bool) -> VisionConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: field 'vision_config' must be an object")
-    src = f"{source} (vision_config)"
+    w = "vision_config."
     mt = raw.get("model_type")
     if mt is not None and mt not in ("intern_vit_6b", "internvl_vision", "intern_vit_patch"):
-        raise ConfigError(f"{src}: unsupported vision model_type {mt!r}")
+        raise ConfigError(f"{source}: {w}model_type {mt!r} is not a supported vision model")
     cfg = VisionConfig(
-        hidden_size=_typed(raw, "hidden_size", int, 1024, src),
-        num_hidden_layers=_typed(raw, "num_hidden_layers", int, 24, src),
-        num_attention_heads=_typed(raw, "num_attention_heads", int, 16, src),
-        intermediate_size=_typed(raw, "intermediate_size", int, 4096, src),
-        patch_size=_first_int(raw.get("patch_size", 14)),
-        image_size=_first_int(raw.get("image_size", 448)),
-        num_channels=_typed(raw, "num_channels", int, 3, src),
-        hidden_act=_typed(raw, "hidden_act", str, "gelu", src),
-        norm_type=_typed(raw, "norm_type", str, "layer_norm", src),
-        layer_norm_eps=_typed(raw, "layer_norm_eps", float, 1e-6, src),
-        initializer_range=_typed(raw, "initializer_range", float, 0.02, src),
-        drop_path_rate=_typed(raw, "drop_path_rate", float, 0.0, src),
-        attention_dropout=_typed(raw, "attention_dropout", float, 0.0, src),
+        hidden_size=_pos_int(raw, "hidden_size", 1024, source, w),
+        num_hidden_layers=_count(
+            raw, "num_hidden_layers", 24, source, w
+        ),  # 0: Mono-InternVL's patch embedding
+        num_attention_heads=_pos_int(raw, "num_attention_heads", 16, source, w),
+        intermediate_size=_pos_int(raw, "intermediate_size", 4096, source, w),
+        patch_size=_size(raw, "patch_size", 14, source, w),
+        image_size=_size(raw, "image_size", 448, source, w),
+        num_channels=_pos_int(raw, "num_channels", 3, source, w),
+        hidden_act=_typed(raw, "hidden_act", str, "gelu", source, w),
+        norm_type=_typed(raw, "norm_type", str, "layer_norm", source, w),
+        layer_norm_eps=_pos_num(raw, "layer_norm_eps", 1e-6, source, w),
+        initializer_range=_typed(raw, "initializer_range", float, 0.02, source, w),
+        drop_path_rate=_rate(raw, "drop_path_rate", 0.0, source, w),
+        attention_dropout=_rate(raw, "attention_dropout", 0.0, source, w),
     )
     if hf:
-        cfg.qkv_bias = _typed(raw, "attention_bias", bool, False, src)
-        cfg.qk_normalization = _typed(raw, "use_qk_norm", bool, False, src)
-        cfg.initializer_factor = _typed(raw, "layer_scale_init_value", float, 0.1, src)
-        cfg.dropout = _typed(raw, "hidden_dropout_prob", float, 0.0, src)
+        cfg.qkv_bias = _flag(raw, "attention_bias", False, source, w)
+        cfg.qk_normalization = _flag(raw, "use_qk_norm", False, source, w)
+        cfg.initializer_factor = _typed(raw, "layer_scale_init_value", float, 0.1, source, w)
+        cfg.dropout = _rate(raw, "hidden_dropout_prob", 0.0, source, w)
     else:
-        cfg.qkv_bias = _typed(raw, "qkv_bias", bool, False, src)
-        cfg.qk_normalization = _typed(raw, "qk_normalization", bool, False, src)
-        cfg.initializer_factor = _typed(raw, "initializer_factor", float, 1.0, src)
-        cfg.dropout = _typed(raw, "dropout", float, 0.0, src)
+        cfg.qkv_bias = _flag(raw, "qkv_bias", False, source, w)
+        cfg.qk_normalization = _flag(raw, "qk_normalization", False, source, w)
+        cfg.initializer_factor = _typed(raw, "initializer_factor", float, 1.0, source, w)
+        cfg.dropout = _rate(raw, "dropout", 0.0, source, w)
     if cfg.norm_type not in ("layer_norm", "rms_norm"):
-        raise ConfigError(
-            f"{src}: field 'norm_type' must be 'layer_norm' or 'rms_norm', got {cfg.norm_type!r}"
-        )
+        raise ConfigError(f"{source}: {w}norm_type must be 'layer_norm' or 'rms_norm', got {cfg.norm_type!r}")
     if cfg.hidden_act not in ("gelu", "gelu_pytorch_tanh", "quick_gelu", "silu"):
-        raise ConfigError(f"{src}: unsupported hidden_act {cfg.hidden_act!r}")
+        raise ConfigError(f"{source}: {w}hidden_act {cfg.hidden_act!r} is not supported")
     if cfg.hidden_size % cfg.num_attention_heads:
-        raise ConfigError(f"{src}: hidden_size is not a multiple of num_attention_heads")
+        raise ConfigError(
+            f"{source}: {w}hidden_size ({cfg.hidden_size}) is not a multiple of num_attention_heads "
+            f"({cfg.num_attention_heads})"
+        )
     cfg.extra = {k: v for k, v in raw.items() if k not in VISION_USED}
     return cfg
 
@@ -375,89 +461,204 @@ LLM_USED = {
 }  # fmt: skip
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _parse_rope(raw: dict[str, Any], source: str, w: str) -> tuple[dict[str, Any] | None, Any]:
+    """``(rope scaling dict or None, rope_theta or None)`` from ``rope_parameters`` (transformers 5,
+    theta inside) or ``rope_scaling`` + ``rope_theta`` (4.x and the remote-code configs).
+
+    The dict gets ``rope_type`` (``su`` read as ``longrope``; an original ``type`` key is kept for the
+    save) and is checked for the keys its type needs (per-type checks come after head_dim is known).
+    """
+    key = "rope_parameters" if raw.get("rope_parameters") is not None else "rope_scaling"
+    rope = raw.get(key)
+    if rope is not None and not isinstance(rope, dict):
+        raise ConfigError(
+            f'{source}: {w}{key} must be an object such as {{"type": "linear", "factor": 2.0}} or null, '
+            f"got {type(rope).__name__} {rope!r}"
+        )
+    rope = dict(rope) if rope else None
+    theta = raw.get("rope_theta")
+    if rope is not None and "rope_theta" in rope:
+        theta = rope.pop("rope_theta")
+    if theta is not None and not (_number(theta) and theta > 0):
+        raise ConfigError(f"{source}: {w}rope_theta must be a positive number, got {theta!r}")
+    if rope is None:
+        return None, theta
+    rope.pop("partial_rotary_factor", None)
+    rtype = rope.get("rope_type") or rope.get("type") or "default"
+    if not isinstance(rtype, str):
+        raise ConfigError(f"{source}: {w}{key}.type must be a string, got {type(rtype).__name__}")
+    rope["rope_type"] = "longrope" if rtype == "su" else rtype  # ``type`` keeps the original spelling
+    if rope["rope_type"] not in ("default", "linear", "dynamic", "longrope", "llama3"):
+        raise ConfigError(f"{source}: {w}{key}: unsupported rope scaling type {rtype!r}")
+    if rope["rope_type"] == "default":
+        return None, theta
+    needs = {
+        "linear": ("factor",),
+        "dynamic": ("factor",),
+        "longrope": ("short_factor", "long_factor"),
+        "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    }[rope["rope_type"]]
+    for name in needs:
+        if name not in rope:
+            raise ConfigError(f"{source}: {w}{key} of type {rtype!r} needs the key '{name}'")
+    for name in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        value = rope.get(name)
+        if value is not None and not (_number(value) and value > 0):
+            raise ConfigError(f"{source}: {w}{key}.{name} must be a positive number, got {value!r}")
+    if rope.get("attention_factor") is not None and not _number(rope["attention_factor"]):
+        raise ConfigError(
+            f"{source}: {w}{key}.attention_factor must be a number, got {rope['attention_factor']!r}"
+        )
+    if rope["rope_type"] == "llama3" and rope["low_freq_factor"] == rope["high_freq_factor"]:
+        raise ConfigError(f"{source}: {w}{key}: low_freq_factor and high_freq_factor must differ")
+    rope["_key"] = key  # where it came from, for the per-type checks below; removed there
+    return rope, theta
+
+
 def _parse_llm(raw: dict[str, Any], source: str, key: str) -> LLMConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: field {key!r} must be an object")
-    src = f"{source} ({key})"
+    w = "" if key == "config" else f"{key}."
     archs = raw.get("architectures") or []
+    if not isinstance(archs, list):
+        raise ConfigError(f"{source}: {w}architectures must be a list, got {type(archs).__name__}")
     family = None
     if archs:
         family = ARCH_TO_FAMILY.get(archs[0])
         if family is None:
             raise ConfigError(
-                f"{src}: unsupported LLM architecture {archs[0]!r} (supported: {', '.join(ARCH_TO_FAMILY)})"
+                f"{source}: {w}architectures: unsupported LLM architecture {archs[0]!r} "
+                f"(supported: {', '.join(ARCH_TO_FAMILY)})"
             )
     if family is None:
-        family = MODEL_TYPE_TO_FAMILY.get(raw.get("model_type", ""))
+        mt = raw.get("model_type", "")
+        family = MODEL_TYPE_TO_FAMILY.get(mt) if isinstance(mt, str) else None
         if family is None:
-            raise ConfigError(f"{src}: unsupported LLM model_type {raw.get('model_type')!r}")
+            raise ConfigError(
+                f"{source}: {w}model_type: unsupported LLM model_type {raw.get('model_type')!r}"
+            )
     if raw.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ConfigError(f"{src}: partial_rotary_factor != 1 is not supported")
-    # rope: transformers 5 writes ``rope_parameters`` (with rope_theta inside), 4.x ``rope_theta`` + ``rope_scaling``
-    rope = raw.get("rope_parameters") or raw.get("rope_scaling")
-    rope = dict(rope) if isinstance(rope, dict) else None
-    theta = raw.get("rope_theta")
-    if rope is not None and "rope_theta" in rope:
-        theta = rope.pop("rope_theta")
-    if rope is not None:
-        rope.pop("partial_rotary_factor", None)
-        rtype = rope.get("rope_type") or rope.get("type") or "default"
-        rope["rope_type"] = "longrope" if rtype == "su" else rtype  # ``type`` keeps the original spelling
-        if rope["rope_type"] not in ("default", "linear", "dynamic", "longrope", "llama3"):
-            raise ConfigError(f"{src}: unsupported rope scaling type {rtype!r}")
-        if rope["rope_type"] == "default":
-            rope = None
-    hidden = _typed(raw, "hidden_size", int, 4096, src)
-    heads = _typed(raw, "num_attention_heads", int, 32, src)
-    kv_heads = _typed(raw, "num_key_value_heads", int, heads, src)
-    if kv_heads <= 0 or heads % kv_heads:
+        raise ConfigError(f"{source}: {w}partial_rotary_factor != 1 is not supported")
+    rope, theta = _parse_rope(raw, source, w)
+    hidden = _pos_int(raw, "hidden_size", 4096, source, w)
+    heads = _pos_int(raw, "num_attention_heads", 32, source, w)
+    kv_heads = _pos_int(raw, "num_key_value_heads", heads, source, w)
+    if heads % kv_heads:
         raise ConfigError(
-            f"{src}: num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})"
+            f"{source}: {w}num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})"
         )
+    head_dim = _pos_int(raw, "head_dim", None, source, w)
+    if head_dim is None and hidden % heads:
+        raise ConfigError(
+            f"{source}: {w}hidden_size ({hidden}) is not a multiple of num_attention_heads ({heads}) "
+            "and no head_dim is given"
+        )
+    if (head_dim or hidden // heads) % 2:
+        raise ConfigError(f"{source}: {w}head_dim ({head_dim or hidden // heads}) must be even for RoPE")
     cfg = LLMConfig(
         family=family,
-        vocab_size=_typed(raw, "vocab_size", int, 32000, src),
+        vocab_size=_pos_int(raw, "vocab_size", 32000, source, w),
         hidden_size=hidden,
-        intermediate_size=_typed(raw, "intermediate_size", int, 11008, src),
-        num_hidden_layers=_typed(raw, "num_hidden_layers", int, 32, src),
+        intermediate_size=_pos_int(raw, "intermediate_size", 11008, source, w),
+        num_hidden_layers=_pos_int(raw, "num_hidden_layers", 32, source, w),
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        head_dim=raw.get("head_dim") or None,
-        hidden_act=_typed(raw, "hidden_act", str, "silu", src),
-        max_position_embeddings=_typed(raw, "max_position_embeddings", int, 2048, src),
-        rms_norm_eps=_typed(raw, "rms_norm_eps", float, 1e-6, src),
+        head_dim=head_dim,
+        hidden_act=_typed(raw, "hidden_act", str, "silu", source, w),
+        max_position_embeddings=_pos_int(raw, "max_position_embeddings", 2048, source, w),
+        rms_norm_eps=_pos_num(raw, "rms_norm_eps", 1e-6, source, w),
         rope_theta=float(theta if theta is not None else 10000.0),
         rope_scaling=rope,
-        original_max_position_embeddings=raw.get("original_max_position_embeddings"),
-        tie_word_embeddings=_typed(raw, "tie_word_embeddings", bool, False, src),
-        initializer_range=_typed(raw, "initializer_range", float, 0.02, src),
-        bos_token_id=raw.get("bos_token_id"),
-        eos_token_id=raw.get("eos_token_id"),
-        pad_token_id=raw.get("pad_token_id"),
+        original_max_position_embeddings=_pos_int(raw, "original_max_position_embeddings", None, source, w),
+        tie_word_embeddings=_flag(raw, "tie_word_embeddings", False, source, w),
+        initializer_range=_typed(raw, "initializer_range", float, 0.02, source, w),
+        bos_token_id=_token_id(raw, "bos_token_id", source, w),
+        eos_token_id=_token_id(raw, "eos_token_id", source, w, many=True),
+        pad_token_id=_token_id(raw, "pad_token_id", source, w),
     )
     if family == "qwen2":
         cfg.qkv_bias, cfg.o_bias = True, False
     elif family == "internlm2":
-        bias = _typed(raw, "bias", bool, True, src)
+        bias = _flag(raw, "bias", True, source, w)
         cfg.qkv_bias = cfg.o_bias = bias
     elif family == "llama":
-        bias = _typed(raw, "attention_bias", bool, False, src)
+        bias = _flag(raw, "attention_bias", False, source, w)
         cfg.qkv_bias = cfg.o_bias = bias
-        cfg.mlp_bias = _typed(raw, "mlp_bias", bool, False, src)
+        cfg.mlp_bias = _flag(raw, "mlp_bias", False, source, w)
     elif family == "phi3":
         cfg.qkv_bias = cfg.o_bias = False
     if cfg.hidden_act != "silu":
-        raise ConfigError(f"{src}: unsupported hidden_act {cfg.hidden_act!r} (only 'silu')")
+        raise ConfigError(f"{source}: {w}hidden_act {cfg.hidden_act!r} is not supported (only 'silu')")
+    _check_sliding_window(raw, cfg, source, w)
+    if rope is not None:
+        rkey = rope.pop("_key")
+        if cfg.rope_type == "longrope":
+            half = cfg.head_dim // 2
+            for name in ("short_factor", "long_factor"):
+                value = rope[name]
+                if not (isinstance(value, list) and len(value) == half and all(_number(v) for v in value)):
+                    shown = f"{len(value)} entries" if isinstance(value, list) else type(value).__name__
+                    raise ConfigError(
+                        f"{source}: {w}{rkey}.{name} must be a list of {half} numbers (head_dim / 2), got {shown}"
+                    )
     if cfg.rope_type == "longrope" and cfg.original_max_position_embeddings is None:
-        cfg.original_max_position_embeddings = (rope or {}).get("original_max_position_embeddings")
-        if cfg.original_max_position_embeddings is None:
-            raise ConfigError(f"{src}: longrope needs original_max_position_embeddings")
+        orig = (rope or {}).get("original_max_position_embeddings")
+        if orig is None:
+            raise ConfigError(f"{source}: {w}original_max_position_embeddings is needed by longrope scaling")
+        cfg.original_max_position_embeddings = int(orig)
     cfg.extra = {k: v for k, v in raw.items() if k not in LLM_USED}
     return cfg
 
 
+def _check_sliding_window(raw: dict[str, Any], cfg: LLMConfig, source: str, w: str) -> None:
+    """Refuse a sliding attention window that could take effect: it is not implemented.
+
+    Qwen2 applies ``sliding_window`` only with ``use_sliding_window: true`` (InternVL's Qwen2 configs
+    ship false); transformers' Phi-3 applies it whenever it is set (Phi-3-mini-128k: 262144, beyond
+    its 131072 positions, so it never binds). A window at least ``max_position_embeddings`` long is
+    the same as full causal attention and is accepted.
+    """
+    window = raw.get("sliding_window")
+    if cfg.family == "qwen2":
+        if not _flag(raw, "use_sliding_window", False, source, w):
+            return
+        # transformers 4.x windows the layers from max_window_layers on, 5.x those that layer_types
+        # marks "sliding_attention": refused when either reading puts a window on some layer
+        layer_types = raw.get("layer_types")
+        marked = isinstance(layer_types, list) and "sliding_attention" in layer_types
+        if not marked and _count(raw, "max_window_layers", 0, source, w) >= cfg.num_hidden_layers:
+            return
+    elif cfg.family != "phi3":
+        return
+    if window is None:
+        return
+    if not (isinstance(window, int) and not isinstance(window, bool) and window > 0):
+        raise ConfigError(f"{source}: {w}sliding_window must be a positive int or null, got {window!r}")
+    if window < cfg.max_position_embeddings:
+        raise ConfigError(
+            f"{source}: {w}sliding_window {window} is shorter than max_position_embeddings "
+            f"{cfg.max_position_embeddings}: sliding-window attention is not supported"
+            + (" (set use_sliding_window to false)" if cfg.family == "qwen2" else "")
+        )
+
+
 def _parse_original(raw: dict[str, Any], source: str) -> InternVLConfig:
     _check_keys(raw, ORIGINAL_KEYS, source)
+    normalize = _typed(raw, "normalize_type", str, "imagenet", source)
+    if normalize != "imagenet":
+        # a training-data option upstream (imagenet / clip / siglip mean-std); upstream inference and
+        # evaluation always normalise with the ImageNet mean/std, and so does interleaf
+        raise ConfigError(
+            f"{source}: normalize_type {normalize!r} is not supported (InternVL inference normalises "
+            "images with the ImageNet mean/std: 'imagenet')"
+        )
+    # ``pad2square`` only changes upstream's non-dynamic *training* transform (model-card inference and
+    # the evaluation scripts never read it): kept for the round trip, type-checked, otherwise unused.
+    # ``image_fold`` is not read by upstream's internvl_chat code at all (older configs carry null).
     cfg = InternVLConfig(
         vision=_parse_vision(raw.get("vision_config") or {}, source, hf=False),
         llm=_parse_llm(raw["llm_config"], source, "llm_config"),
@@ -465,17 +666,21 @@ def _parse_original(raw: dict[str, Any], source: str) -> InternVLConfig:
         downsample_ratio=_typed(raw, "downsample_ratio", float, 0.5, source),
         ps_version=_typed(raw, "ps_version", str, "v1", source),  # upstream default when absent
         select_layer=_typed(raw, "select_layer", int, -1, source),
-        force_image_size=raw.get("force_image_size"),
-        min_dynamic_patch=_typed(raw, "min_dynamic_patch", int, 1, source),
-        max_dynamic_patch=_typed(raw, "max_dynamic_patch", int, 6, source),
-        use_thumbnail=bool(raw.get("use_thumbnail", False)),
-        dynamic_image_size=bool(raw.get("dynamic_image_size", False)),
-        pad2square=bool(raw.get("pad2square", False)),
-        system_message=raw.get("system_message"),
+        force_image_size=_pos_int(raw, "force_image_size", None, source),
+        min_dynamic_patch=_pos_int(raw, "min_dynamic_patch", 1, source),
+        max_dynamic_patch=_pos_int(raw, "max_dynamic_patch", 6, source),
+        use_thumbnail=_flag(raw, "use_thumbnail", False, source),
+        dynamic_image_size=_flag(raw, "dynamic_image_size", False, source),
+        pad2square=_flag(raw, "pad2square", False, source),
+        system_message=_typed(raw, "system_message", str, None, source),
         layout="internvl_chat",
     )
     _validate(cfg, source)
     return cfg
+
+
+# transformers' ``InternVLConfig`` default ``image_token_id``: ``<IMG_CONTEXT>`` of the Qwen2.5 tokenizers.
+HF_DEFAULT_IMAGE_TOKEN_ID = 151667
 
 
 def _parse_hf(raw: dict[str, Any], source: str) -> InternVLConfig:
@@ -486,7 +691,7 @@ def _parse_hf(raw: dict[str, Any], source: str) -> InternVLConfig:
         raise ConfigError(f"{source}: field 'interleaf' must be an object")
     llm = _parse_llm(text, source, "text_config")
     if "tie_word_embeddings" in raw:
-        llm.tie_word_embeddings = bool(raw["tie_word_embeddings"])
+        llm.tie_word_embeddings = _flag(raw, "tie_word_embeddings", True, source)
     elif "tie_word_embeddings" not in text:
         llm.tie_word_embeddings = True  # InternVLConfig class default
     if ours.get("llm_family") in ("internlm2",) and llm.family == "llama":
@@ -496,20 +701,24 @@ def _parse_hf(raw: dict[str, Any], source: str) -> InternVLConfig:
     if raw.get("projector_hidden_act", "gelu") != "gelu":
         raise ConfigError(f"{source}: field 'projector_hidden_act' must be 'gelu'")
     vision_raw = raw.get("vision_config") or {}
+    vision = _parse_vision(vision_raw, source, hf=True)
+    i = "interleaf."
     cfg = InternVLConfig(
-        vision=_parse_vision(vision_raw, source, hf=True),
+        vision=vision,
         llm=llm,
-        template=ours.get("template") or DEFAULT_HF_TEMPLATE,
+        template=_typed(ours, "template", str, DEFAULT_HF_TEMPLATE, source, i),
         downsample_ratio=_typed(raw, "downsample_ratio", float, 0.5, source),
         ps_version="v2",
         select_layer=_typed(raw, "vision_feature_layer", int, -1, source),
-        force_image_size=ours.get("force_image_size") or _first_int(vision_raw.get("image_size", 448)),
-        min_dynamic_patch=int(ours.get("min_dynamic_patch", 1)),
-        max_dynamic_patch=int(ours.get("max_dynamic_patch", 12)),
-        use_thumbnail=bool(ours.get("use_thumbnail", True)),
-        dynamic_image_size=bool(ours.get("dynamic_image_size", True)),
-        system_message=ours.get("system_message"),
-        img_context_token_id=raw.get("image_token_id", 151667),
+        force_image_size=_pos_int(ours, "force_image_size", vision.image_size, source, i),
+        min_dynamic_patch=_pos_int(ours, "min_dynamic_patch", 1, source, i),
+        max_dynamic_patch=_pos_int(ours, "max_dynamic_patch", 12, source, i),
+        use_thumbnail=_flag(ours, "use_thumbnail", True, source, i),
+        dynamic_image_size=_flag(ours, "dynamic_image_size", True, source, i),
+        system_message=_typed(ours, "system_message", str, None, source, i),
+        # absent: the tokenizer's <IMG_CONTEXT> id when the checkpoint loader has the tokenizer, else
+        # transformers' default (see ``InternVLConfig.image_token_id``)
+        img_context_token_id=_token_id(raw, "image_token_id", source),
         layout="hf",
     )
     if ours.get("ps_version") not in (None, "v2"):
@@ -527,6 +736,11 @@ def _validate(cfg: InternVLConfig, source: str) -> None:
     if cfg.template not in TEMPLATES:
         raise ConfigError(
             f"{source}: field 'template' is {cfg.template!r}; supported: {', '.join(TEMPLATES)}"
+        )
+    if cfg.min_dynamic_patch > cfg.max_dynamic_patch:
+        raise ConfigError(
+            f"{source}: min_dynamic_patch ({cfg.min_dynamic_patch}) is above max_dynamic_patch "
+            f"({cfg.max_dynamic_patch})"
         )
     if cfg.downsample_ratio != 0.5:
         raise ConfigError(f"{source}: field 'downsample_ratio' must be 0.5, got {cfg.downsample_ratio}")
@@ -581,6 +795,51 @@ def _rope_out(c: LLMConfig) -> dict[str, Any] | None:
     return rope
 
 
+def _rope_to_original(c: LLMConfig) -> dict[str, Any] | None:
+    """``llm_config.rope_scaling`` as the remote-code configs of the original layout validate it.
+
+    Phi-3 (``Phi3Config._rope_scaling_validation``) wants exactly ``{type: su|yarn, short_factor,
+    long_factor}`` with ``original_max_position_embeddings`` at the top level; InternLM2 exactly
+    ``{type: linear|dynamic, factor: float}``. Keys those cannot carry must hold their default values
+    (else the original layout cannot express the model: a ConfigError).
+    """
+    if not c.rope_scaling:
+        return None
+    rope = c.rope_scaling
+    if c.family == "phi3" and c.rope_type == "longrope":
+        orig = c.original_max_position_embeddings
+        factor = rope.get("factor") or c.max_position_embeddings / orig
+        default_attn = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+        lost = {
+            "factor": not math.isclose(factor, c.max_position_embeddings / orig),
+            "attention_factor": rope.get("attention_factor") is not None
+            and not math.isclose(rope["attention_factor"], default_attn),
+            "original_max_position_embeddings": rope.get("original_max_position_embeddings")
+            not in (None, orig),
+        }
+        extra = set(rope) - {"type", "rope_type", "short_factor", "long_factor", *lost}
+        bad = sorted(k for k, v in lost.items() if v) + sorted(extra)
+        if bad:
+            raise ConfigError(
+                f"llm_config.rope_scaling: {', '.join(bad)} cannot be written in the original layout "
+                "(Phi-3 takes exactly type, short_factor and long_factor there); save in the hf layout"
+            )
+        return {
+            "type": "su",
+            "short_factor": list(rope["short_factor"]),
+            "long_factor": list(rope["long_factor"]),
+        }
+    if c.family == "internlm2" and c.rope_type in ("linear", "dynamic"):
+        extra = sorted(set(rope) - {"type", "rope_type", "factor"})
+        if extra:
+            raise ConfigError(
+                f"llm_config.rope_scaling: {', '.join(extra)} cannot be written in the original layout "
+                "(InternLM2 takes exactly type and factor there)"
+            )
+        return {"type": c.rope_type, "factor": float(rope["factor"])}
+    return _rope_out(c)
+
+
 def _llm_common(c: LLMConfig) -> dict[str, Any]:
     return {
         "vocab_size": c.vocab_size,
@@ -605,6 +864,7 @@ def _llm_common(c: LLMConfig) -> dict[str, Any]:
 def _llm_to_original(c: LLMConfig) -> dict[str, Any]:
     out = {k: v for k, v in c.extra.items() if k not in ("architectures", "model_type")}
     out.update(_llm_common(c))
+    out["rope_scaling"] = _rope_to_original(c)
     out["architectures"] = [FAMILY_TO_ARCH[c.family]]
     out["model_type"] = c.family
     if c.head_dim != c.hidden_size // c.num_attention_heads:

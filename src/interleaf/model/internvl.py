@@ -73,7 +73,7 @@ class InternVLChatModel(nn.Module):
         embeds = self.language_model.model.embed_tokens(input_ids)
         if image_embeds is None and pixel_values is None:
             return embeds
-        ctx = self.config.img_context_token_id
+        ctx = self.config.image_token_id
         if ctx is None:
             raise InputError(
                 "config: img_context_token_id is not set (no <IMG_CONTEXT> token in the tokenizer)"
@@ -92,8 +92,8 @@ class InternVLChatModel(nn.Module):
             n_feats = n_tiles * int(grid * self.config.downsample_ratio**2)
         if n_tokens != n_feats:
             raise InputError(
-                f"input_ids: {n_tokens} <IMG_CONTEXT> tokens but {n_feats} image embeddings "
-                f"({n_tiles} tiles x {self.num_image_token})"
+                f"input_ids: {n_tokens} <IMG_CONTEXT> tokens (image token id {ctx}) but {n_feats} image "
+                f"embeddings ({n_tiles} tiles x {self.num_image_token})"
             )
         if image_embeds is None:
             image_embeds = self.extract_feature(pixel_values)
@@ -125,8 +125,8 @@ class InternVLChatModel(nn.Module):
             if input_ids is None:
                 raise InputError("forward: pass input_ids or inputs_embeds")
             inputs_embeds = self.embed(input_ids, pixel_values, image_embeds)
-        if visual_mask is None and input_ids is not None and self.config.img_context_token_id is not None:
-            visual_mask = input_ids == self.config.img_context_token_id
+        if visual_mask is None and input_ids is not None and self.config.image_token_id is not None:
+            visual_mask = input_ids == self.config.image_token_id
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
