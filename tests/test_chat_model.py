@@ -100,6 +100,9 @@ def test_bad_input_is_a_one_line_input_error(chat, image_file, tmp_path):
         chat.batch_chat(["a", "b"], images=[image_file])
     with pytest.raises(InputError, match="either images or a video"):
         chat.chat("x", images=image_file, video=image_file)
+    for bad in (0, -1, 2.5, "4"):  # no silent fall-back to one tile
+        with pytest.raises(InputError, match="max_num must be a positive int"):
+            chat.chat("x", images=image_file, max_num=bad)
 
 
 def test_cli_chat_streams_the_reply(tiny_ckpt, image_file, chat, capsys):
@@ -115,6 +118,8 @@ def test_cli_chat_streams_the_reply(tiny_ckpt, image_file, chat, capsys):
         (["--image", "missing.jpg"], "missing.jpg"),
         (["--video", "missing.mp4"], "missing.mp4"),
         (["--max-new-tokens", "0"], "max-new-tokens"),
+        (["--max-num", "0"], "--max-num must be >= 1"),
+        (["--max-num", "-3"], "--max-num must be >= 1"),
     ],
 )
 def test_cli_bad_input_exits_1_with_one_line(tiny_ckpt, tmp_path, capsys, extra, needle):

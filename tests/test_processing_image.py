@@ -163,3 +163,19 @@ def test_decompression_bombs_are_refused(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="decompression bomb"):
         load_image(Image.new("RGB", (40, 40)))
     assert load_image(small).size == (20, 20)
+
+
+@pytest.mark.parametrize(
+    "min_num, max_num, message",
+    [(1, 0, "max_num must be a positive int"), (0, 4, "min_num must be a positive int"),
+     (3, 2, r"min_num \(3\) is above max_num \(2\)"), (1, 2.0, "max_num must be a positive int")],
+)  # fmt: skip
+def test_empty_tile_budget_is_refused(min_num, max_num, message):
+    """Upstream silently falls back to a single tile when no grid fits; here it is an error."""
+    image = Image.new("RGB", (900, 300))
+    with pytest.raises(InputError, match=message):
+        preprocess_image(image, max_num=max_num, min_num=min_num)
+    with pytest.raises(InputError, match=message):
+        preprocess_images([image, image], max_num=max_num, min_num=min_num)
+    with pytest.raises(InputError, match=message):
+        tile_grid(900, 300, min_num, max_num)

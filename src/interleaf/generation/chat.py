@@ -103,9 +103,11 @@ class ChatModel:
         cfg = self.config
         if max_num is None:
             max_num = cfg.max_dynamic_patch if cfg.dynamic_image_size else 1
+        elif isinstance(max_num, bool) or not isinstance(max_num, int) or max_num < 1:
+            raise InputError(f"max_num must be a positive int (tiles per prompt), got {max_num!r}")
         return dict(
             max_num=max_num,
-            min_num=cfg.min_dynamic_patch,
+            min_num=min(cfg.min_dynamic_patch, max_num),  # an explicit smaller budget wins
             image_size=cfg.image_size,
             use_thumbnail=cfg.use_thumbnail,
             dynamic=cfg.dynamic_image_size,

@@ -40,6 +40,8 @@ def _chat(args: argparse.Namespace) -> int:
 
     if args.image and args.video:
         raise InputError("give --image or --video, not both")
+    if args.max_num is not None and args.max_num < 1:
+        raise InputError(f"--max-num must be >= 1 (tiles per prompt), got {args.max_num}")
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.device.startswith("cuda"):

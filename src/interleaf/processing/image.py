@@ -133,10 +133,20 @@ def find_best_grid(
     return best
 
 
+def check_tile_budget(min_num: int, max_num: int) -> None:
+    """Refuse a tile budget with no candidate grid (upstream silently falls back to one tile)."""
+    for name, value in (("min_num", min_num), ("max_num", max_num)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{name} must be a positive int (tiles per image), got {value!r}")
+    if min_num > max_num:
+        raise InputError(f"min_num ({min_num}) is above max_num ({max_num}): no tile grid fits")
+
+
 def tile_grid(
     width: int, height: int, min_num: int = 1, max_num: int = 12, image_size: int = 448
 ) -> tuple[int, int]:
     """The (cols, rows) grid dynamic tiling uses for an image of this size."""
+    check_tile_budget(min_num, max_num)
     return find_best_grid(width, height, candidate_grids(min_num, max_num), image_size)
 
 
@@ -244,6 +254,7 @@ def preprocess_images(
         pixel_values: float32 [sum(num_tiles), 3, S, S] (tiles of all images, in order) and
         num_tiles: the tile count of each image.
     """
+    check_tile_budget(min_num, max_num)
     per_image = max_num if len(images) <= 1 else images_budget(max_num, len(images))
     tensors = [
         preprocess_image(im, per_image, min(min_num, per_image), image_size, use_thumbnail, dynamic)
