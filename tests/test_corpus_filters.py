@@ -470,3 +470,21 @@ def test_filters_record_what_they_measured(real_docs):
         "filter_scores" not in d.general_metadata or not d.general_metadata["filter_scores"]
         for d in real_docs
     )
+
+
+def test_default_c4_step_is_fineweb_published_setting():
+    """The default C4 step is datatrove's C4QualityFilter as FineWeb ran it: its own defaults with
+    filter_no_terminal_punct=False (the curly-bracket rule stays on)."""
+    import inspect
+
+    from datatrove.pipeline.filters.c4_filters import C4QualityFilter
+
+    (c4,) = [s for s in F.build_filters(None) if isinstance(s, F.C4Quality)]
+    published = {
+        name: p.default
+        for name, p in inspect.signature(C4QualityFilter.__init__).parameters.items()
+        if hasattr(c4, name)
+    }
+    published["filter_no_terminal_punct"] = False
+    assert len(published) >= 8
+    assert {name: getattr(c4, name) for name in published} == published

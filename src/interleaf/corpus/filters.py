@@ -1400,14 +1400,15 @@ FILTERS: dict[str, type[Step]] = {
     "image_text_ratio": ImageTextRatio,
 }
 
-# The default text-filter stage, cheapest first (OmniCorpus stage 2 "Gopher + C4 rules"; C4 with
-# FineWeb's setting filter_no_terminal_punct=False and without the curly-bracket rule, which
-# removes every page with code; the OmniCorpus human-feedback rules run late, as in the paper).
+# The default text-filter stage, cheapest first (OmniCorpus stage 2 "Gopher + C4 rules"; C4 as
+# FineWeb published it, filter_no_terminal_punct=False with every other rule on, the curly-bracket
+# rule included: it drops pages with code, so a code-heavy corpus may want it off in its config;
+# the OmniCorpus human-feedback rules run late, as in the paper).
 DEFAULT_FILTERS: list = [
     "image_nodes",
     "gopher_repetition",
     "gopher_quality",
-    {"c4_quality": {"filter_no_terminal_punct": False, "filter_curly_bracket": False}},
+    {"c4_quality": {"filter_no_terminal_punct": False}},
     "fineweb_quality",
     "image_text_ratio",
 ]
