@@ -299,3 +299,64 @@ def test_vocab_merges_tokenizer_needs_a_transformers_class(tiny_ckpt, tmp_path, 
     with pytest.raises(CheckpointError, match=message) as info:
         load_tokenizer(folder)
     assert "tokenizer_config.json" in str(info.value) and "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------- stochastic depth
+def test_drop_path_is_identity_in_eval_and_keeps_weight_names():
+    cfg = preset_config("tiny", vocab_size=128)
+    plain = build_model(cfg, seed=0)
+    cfg.vision.drop_path_rate = 0.1  # what the upstream fine-tune scripts set
+    dropped = build_model(cfg, seed=0)
+    assert list(plain.state_dict()) == list(dropped.state_dict())
+    layers = dropped.vision_model.encoder.layers
+    want = torch.linspace(0, 0.1, len(layers)).tolist()  # upstream ``dpr``: 0 at the first block
+    assert [b.drop_path1.p for b in layers] == [b.drop_path2.p for b in layers] == want
+    px = torch.randn(3, 3, 448, 448)
+    plain.eval(), dropped.eval()
+    with torch.no_grad():
+        assert torch.equal(plain.vision_model(px), dropped.vision_model(px))
+        dropped.train()
+        assert not torch.equal(plain.vision_model(px), dropped.vision_model(px))
+        plain.train()  # rate 0: training mode changes nothing either
+        assert torch.equal(plain.vision_model(px), dropped.eval().vision_model(px))
+
+
+def test_drop_path_drops_whole_samples_at_its_rate():
+    from interleaf.model.intern_vit import DropPath
+
+    torch.manual_seed(0)
+    drop = DropPath(0.3).train()
+    x = torch.ones(20000, 5, 4)
+    y = drop(x)
+    kept = y[:, 0, 0] != 0
+    assert abs(1 - kept.float().mean().item() - 0.3) < 0.015  # per-sample drop rate
+    assert torch.equal(y[kept], torch.full_like(y[kept], 1 / 0.7))  # survivors rescaled, whole samples
+    assert torch.equal(y[~kept], torch.zeros_like(y[~kept]))
+    assert abs(y.mean().item() - 1.0) < 0.03  # unbiased in expectation
+    assert torch.equal(drop.eval()(x), x) and torch.equal(DropPath(0.0).train()(x), x)
+
+
+def test_drop_path_in_a_training_step_of_the_vision_tower():
+    """A block whose residual branches are dropped passes its input through unchanged."""
+    from interleaf.model.intern_vit import VisionBlock
+
+    cfg = preset_config("tiny", vocab_size=128).vision
+    block = VisionBlock(cfg, drop_path_rate=0.5).train()
+    x = torch.randn(64, 10, cfg.hidden_size)
+    torch.manual_seed(1)
+    y = block(x)
+    same = (y == x).flatten(1).all(1)  # both branches dropped for these tiles: p = 0.25
+    assert 0.05 < same.float().mean().item() < 0.5
+    with torch.no_grad():
+        assert not (block.eval()(x) == x).flatten(1).all(1).any()  # in eval no branch is dropped
+
+
+def test_set_drop_path_rate_on_a_loaded_model(tiny_ckpt):
+    model, _ = load_checkpoint(tiny_ckpt)
+    vit = model.vision_model
+    vit.set_drop_path_rate(0.1)
+    n = len(vit.encoder.layers)
+    assert [b.drop_path2.p for b in vit.encoder.layers] == torch.linspace(0, 0.1, n).tolist()
+    assert model.config.vision.drop_path_rate == 0.1
+    with pytest.raises(ValueError, match="drop_path_rate must be a number in"):
+        vit.set_drop_path_rate(1.0)

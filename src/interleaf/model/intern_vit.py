@@ -128,10 +128,32 @@ class VisionMLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class VisionBlock(nn.Module):
-    """Pre-norm block with LayerScale: ``x += ls1 * attn(norm1(x)); x += ls2 * mlp(norm2(x))``."""
+class DropPath(nn.Module):
+    """Stochastic depth (timm's ``DropPath``, as upstream InternViT uses it): in training, each sample
+    (tile) of the batch keeps the residual branch with probability ``1 - p``, scaled by ``1 / (1 - p)``
+    so its expectation is unchanged, and loses it otherwise. The identity in eval mode or at ``p == 0``.
+    No parameters, so weight names are unaffected."""
 
-    def __init__(self, cfg: VisionConfig) -> None:
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:g}"
+
+
+class VisionBlock(nn.Module):
+    """Pre-norm block with LayerScale: ``x += drop_path(ls1 * attn(norm1(x)));
+    x += drop_path(ls2 * mlp(norm2(x)))`` (``drop_path`` only acts in training, see :class:`DropPath`)."""
+
+    def __init__(self, cfg: VisionConfig, drop_path_rate: float = 0.0) -> None:
         super().__init__()
         c = cfg.hidden_size
         self.norm1 = make_norm(cfg.norm_type, c, cfg.layer_norm_eps)
@@ -140,16 +162,21 @@ class VisionBlock(nn.Module):
         self.norm2 = make_norm(cfg.norm_type, c, cfg.layer_norm_eps)
         self.mlp = VisionMLP(cfg)
         self.ls2 = nn.Parameter(cfg.initializer_factor * torch.ones(c))
+        self.drop_path1 = DropPath(drop_path_rate)
+        self.drop_path2 = DropPath(drop_path_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.ls1 * self.attn(self.norm1(x))
-        return x + self.ls2 * self.mlp(self.norm2(x))
+        x = x + self.drop_path1(self.ls1 * self.attn(self.norm1(x)))
+        return x + self.drop_path2(self.ls2 * self.mlp(self.norm2(x)))
 
 
 class VisionEncoder(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.num_hidden_layers))
+        # stochastic depth grows linearly over the blocks, from 0 to ``drop_path_rate`` (upstream ``dpr``)
+        n = cfg.num_hidden_layers
+        rates = torch.linspace(0, cfg.drop_path_rate, n, device="cpu").tolist() if n else []
+        self.layers = nn.ModuleList(VisionBlock(cfg, rate) for rate in rates)
 
 
 class InternVisionModel(nn.Module):
@@ -160,6 +187,17 @@ class InternVisionModel(nn.Module):
         self.config = cfg
         self.embeddings = VisionEmbeddings(cfg)
         self.encoder = VisionEncoder(cfg)
+
+    def set_drop_path_rate(self, rate: float) -> None:
+        """Change stochastic depth after construction (e.g. a loaded checkpoint fine-tuned with the
+        upstream scripts' ``--drop_path_rate 0.1``): block ``i`` of ``L`` drops with
+        ``rate * i / (L - 1)``; ``config.drop_path_rate`` follows, so a saved config records it."""
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+            raise ValueError(f"drop_path_rate must be a number in [0, 1), got {rate!r}")
+        n = len(self.encoder.layers)
+        for block, p in zip(self.encoder.layers, torch.linspace(0, rate, n, device="cpu").tolist()):
+            block.drop_path1.p = block.drop_path2.p = p
+        self.config.drop_path_rate = float(rate)
 
     def forward(self, pixel_values: torch.Tensor, select_layer: int = -1) -> torch.Tensor:
         """[N, 3, H, W] -> [N, 1 + P, C].
