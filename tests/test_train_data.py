@@ -519,3 +519,57 @@ def test_video_sample_decodes_only_its_frames_and_the_right_ones(data_dir, tok, 
         picks = _rand_segments(30, rng.randint(4, 6), rng)
         assert [round(float(np.asarray(f).mean()) / 8) for f in frames] == picks
         assert len(converted) <= len(set(picks))  # not one image per frame of the clip
+
+
+# ---------------------------------------------------------------------------------------------------
+# corpus rows: bad ones are skipped with the field named; tiling and augmentation as for conversations
+
+
+def test_corpus_rows_with_bad_fields_are_skipped_naming_the_field(tmp_path, tok):
+    _img(tmp_path / "x.png")
+    docs = [
+        {"texts": ["T", None], "images": [None, "x.png"], "metadata": "[null, {bad json"},
+        {"texts": ["T", None, None], "images": [None, "x.png", "x.png"], "metadata": [None, {}]},
+        {"texts": ["T", None], "images": [None, "x.png"], "metadata": {"bytes_path": "x.png"}},
+        {"texts": "T", "images": [None]},
+        {"texts": [5, None], "images": [None, "x.png"]},
+        {"image": "x.png", "text": None},
+        ["not", "an", "object"],
+        {"texts": ["T", None], "images": [None, "x.png"], "metadata": "[null, {}]"},  # fine: a JSON string
+    ]
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+    log = SkipLog()
+    ds = CorpusDataset(
+        [str(tmp_path / "docs.jsonl")],
+        tok,
+        DataArgs(template="Hermes-2", num_image_token=4, image_size=56),
+        log,
+    )
+    samples = [ds.get(i) for i in range(len(ds))]
+    assert [s is not None for s in samples] == [False] * 7 + [True]
+    assert dict(log.counts) == {"bad_document": 6, "bad_json": 1}
+    details = [r["detail"] for r in log.records]
+    assert "field 'metadata'" in details[0] and "JSON" in details[0]
+    assert "field 'metadata'" in details[1] and "2 entries for 3" in details[1]
+    assert "field 'metadata'" in details[2]
+    assert "'texts'" in details[3] and "'texts'" in details[4] and "'text'" in details[5]
+    assert samples[7].num_tiles == [1]
+
+
+def test_corpus_images_follow_the_tiling_and_augment_settings(tmp_path, tok):
+    import numpy as np
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (56, 112, 3), dtype=np.uint8)).save(
+        tmp_path / "wide.png"
+    )
+    (tmp_path / "p.jsonl").write_text(json.dumps({"image": "wide.png", "text": "a wide picture"}) + "\n")
+
+    def sample(epoch=0, **kw):
+        args = DataArgs(template="Hermes-2", num_image_token=4, image_size=56, **kw)
+        return CorpusDataset([str(tmp_path / "p.jsonl")], tok, args).get(0, epoch)
+
+    assert sample().num_tiles == [3]  # 2x1 grid + thumbnail
+    assert sample(dynamic_image_size=False).num_tiles == [1]
+    assert sample(min_dynamic_patch=4, max_dynamic_patch=6).num_tiles == [7]  # 3x2 grid (>= 4) + thumbnail
+    plain, aug = sample().pixel_values, sample(data_augment=True).pixel_values
+    assert not torch.equal(plain, aug) and torch.equal(aug, sample(data_augment=True).pixel_values)

@@ -547,28 +547,7 @@ class ConversationDataset:
         return Sample(ids, labels, pixel_values, num_tiles)
 
     def _load_image(self, path: str, max_num: int, augment: random.Random | None = None) -> torch.Tensor:
-        from interleaf.processing.image import load_image, preprocess_image
-
-        a = self.args
-        try:
-            image: Any = path
-            if augment is not None:  # upstream's train transform: random JPEG re-encode, quality 75-100
-                import io
-
-                buf = io.BytesIO()
-                load_image(path).save(buf, format="JPEG", quality=augment.randint(75, 100))
-                image = buf.getvalue()
-            return preprocess_image(
-                image,
-                max_num,
-                min(a.min_dynamic_patch, max_num),
-                a.image_size,
-                a.use_thumbnail,
-                a.dynamic_image_size,
-            )
-        except InputError as exc:
-            reason = "missing_image" if "not found" in str(exc) else "bad_image"
-            raise SkipSample(reason, str(exc)) from None
+        return load_training_image(self.args, path, max_num, augment)
 
     def _video_frames(self, video: str, root: str, rng: random.Random) -> list:
         """Frames of a video file or a folder of frame images (random count and 'rand' sampling)."""
@@ -598,6 +577,35 @@ class ConversationDataset:
             return read_frames_at(path, _rand_segments(total, n_frames, rng))
         except InputError as exc:
             raise SkipSample("bad_video", str(exc)) from None
+
+
+def load_training_image(
+    args: DataArgs, path: str, max_num: int, augment: random.Random | None = None
+) -> torch.Tensor:
+    """One image as tiles [N, 3, H, W] with the run's tiling settings (``min_dynamic_patch``,
+    ``dynamic_image_size``, thumbnail); ``augment`` (an rng) applies upstream's train transform, a
+    random JPEG re-encode at quality 75-100. A missing or unreadable file skips the sample."""
+    from interleaf.processing.image import load_image, preprocess_image
+
+    try:
+        image: Any = path
+        if augment is not None:
+            import io
+
+            buf = io.BytesIO()
+            load_image(path).save(buf, format="JPEG", quality=augment.randint(75, 100))
+            image = buf.getvalue()
+        return preprocess_image(
+            image,
+            max_num,
+            min(args.min_dynamic_patch, max_num),
+            args.image_size,
+            args.use_thumbnail,
+            args.dynamic_image_size,
+        )
+    except InputError as exc:
+        reason = "missing_image" if "not found" in str(exc) else "bad_image"
+        raise SkipSample(reason, str(exc)) from None
 
 
 def _describe(value: Any) -> str:
@@ -664,12 +672,52 @@ def _expand_video(conversations: list[dict], n_frames: int) -> list[dict]:
 # interleaved documents and image-text pairs (pretraining)
 
 
+CORPUS_SUFFIXES = (".jsonl", ".parquet")
+
+
+def is_corpus_build(folder: Path) -> bool:
+    """A corpus-engine build folder: ``data/`` beside ``stats.json`` (finished) or ``_work/`` (under way)."""
+    return (folder / "data").is_dir() and ((folder / "stats.json").is_file() or (folder / "_work").is_dir())
+
+
+def corpus_build_root(file: Path) -> Path | None:
+    """The build folder a corpus file lies in (its nearest such ancestor), or None."""
+    for folder in Path(os.path.abspath(file)).parents:
+        if is_corpus_build(folder):
+            return folder
+    return None
+
+
+def corpus_files(path: Path) -> list[Path]:
+    """The files a ``corpus_paths`` entry names: a file itself; of a build folder only its ``data/``
+    shards (``errors/``, ``excluded/`` and ``_work/`` hold JSONL that is not training data); of any
+    other folder its JSONL and Parquet files below it, build folders among them read the same way.
+    Hidden files (a writer's temporary files) are left out."""
+    if not path.is_dir():
+        return [path]
+    if is_corpus_build(path):
+        path = path / "data"
+    out: list[Path] = []
+    for child in sorted(path.iterdir()):
+        if child.name.startswith("."):
+            continue
+        if child.is_dir():
+            out += corpus_files(child)
+        elif child.suffix in CORPUS_SUFFIXES:
+            out.append(child)
+    return out
+
+
 class CorpusDataset:
     """Interleaved documents (``texts``/``images``/``metadata`` rows, JSONL or Parquet) and image-text
-    pairs (``{"image", "text"}`` or ``{"image", "caption"}``): next-token loss on text, images in place.
+    pairs (``{"image", "text"}`` or ``{"image", "caption"}``, with an optional ``metadata`` object as
+    ``interleaf corpus convert --to pairs`` writes): next-token loss on text, images in place.
 
-    Image nodes resolve to local files: ``metadata[i]["bytes_path"]`` when the corpus engine fetched
-    them, else the node itself when it is a local path or ``file://`` URL (relative to the file).
+    A path may be a corpus build folder (its ``data/`` shards are read), any folder, or a file.
+    Image nodes resolve to local files: ``metadata["bytes_path"]`` when ``corpus fetch-images``
+    stored the image, relative to the build folder the file lies in (the file's own folder when it
+    is in none); else the node itself when it is a local path or ``file://`` URL (relative to the
+    file). Tiling follows the run's settings; ``data_augment`` re-encodes images as for conversations.
     """
 
     def __init__(self, paths: list[str], tokenizer: Any, args: DataArgs, skip_log: SkipLog | None = None):
@@ -677,14 +725,13 @@ class CorpusDataset:
         self.args = args
         self.skip_log = skip_log or SkipLog()
         self.rows: list[tuple[str, Any]] = []  # (file, row: dict or raw line)
+        self.build_roots: dict[str, Path | None] = {}  # file -> the build folder it lies in
         for p in paths:
             path = Path(p)
             if not path.exists():
                 raise ConfigError(f"corpus_paths: file not found: {path}")
-            files = (
-                sorted(path.rglob("*.jsonl")) + sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
-            )
-            for f in files:
+            for f in corpus_files(path):
+                self.build_roots[str(f)] = corpus_build_root(f)
                 if f.suffix == ".parquet":
                     import pyarrow.parquet as pq
 
@@ -709,36 +756,53 @@ class CorpusDataset:
                     row = json.loads(row)
                 except json.JSONDecodeError as exc:
                     raise SkipSample("bad_json", exc.msg) from None
-            sample = self.build(row, Path(file).parent)
+            if not isinstance(row, dict):
+                raise SkipSample("bad_json", "not an object")
+            rng = random.Random(f"{self.args.seed}-{epoch}-corpus-{i}") if self.args.data_augment else None
+            sample = self.build(row, Path(file).parent, self.build_roots.get(file), rng)
             sample.key = f"{name}:{i}"
             return sample
         except SkipSample as exc:
-            ident = row.get("id") if isinstance(row, dict) else None
-            if isinstance(row, dict) and isinstance(row.get("general_metadata"), dict):
-                ident = row["general_metadata"].get("id", ident)
-            self.skip_log.add(name, i, ident, exc)
+            self.skip_log.add(name, i, _row_id(row), exc)
             return None
 
-    def build(self, row: dict, base: Path) -> Sample:
+    def build(
+        self, row: dict, base: Path, root: Path | None = None, augment: random.Random | None = None
+    ) -> Sample:
+        """One row as a sample; image nodes resolve against ``base`` (the file's folder), stored
+        images (``bytes_path``) against ``root`` (the build folder; default ``base``)."""
+        # outside a build folder, bytes_path falls back to the file's folder; a miss there says why
+        hint = "" if root else " (bytes_path is relative to the corpus build folder; this file is in none)"
+        root = root or base
         nodes: list[tuple[str, Any]] = []
         if "texts" in row and "images" in row:
             texts, images = row.get("texts") or [], row.get("images") or []
-            metadata = row.get("metadata") or [None] * len(images)
-            if isinstance(metadata, str):
-                metadata = json.loads(metadata)
+            if not isinstance(texts, list) or not isinstance(images, list):
+                raise SkipSample("bad_document", "fields 'texts' and 'images' must be lists")
             if len(texts) != len(images):
                 raise SkipSample("bad_document", "texts and images differ in length")
-            for t, im, meta in zip(texts, images, metadata):
+            metadata = _json_field(row, "metadata")
+            if metadata is None:
+                metadata = [None] * len(images)
+            if not isinstance(metadata, list) or len(metadata) != len(images):
+                got = f"{len(metadata)} entries" if isinstance(metadata, list) else type(metadata).__name__
+                raise SkipSample("bad_document", f"field 'metadata': {got} for {len(images)} positions")
+            for k, (t, im, meta) in enumerate(zip(texts, images, metadata)):
                 if t is not None and im is None:
+                    if not isinstance(t, str):
+                        raise SkipSample("bad_document", f"field 'texts': position {k} is {type(t).__name__}")
                     nodes.append(("text", t))
                 elif im is not None and t is None:
-                    nodes.append(("image", _image_file(im, meta, base)))
+                    nodes.append(("image", _image_file(im, meta, base, root)))
                 else:
                     raise SkipSample("bad_document", "a position must hold exactly one of text and image")
         elif "image" in row and ("text" in row or "caption" in row):
+            text = row.get("text") if row.get("text") is not None else row.get("caption")
+            if not isinstance(text, str):
+                raise SkipSample("bad_document", f"field 'text' must be a string, got {type(text).__name__}")
             nodes = [
-                ("image", _image_file(row["image"], None, base)),
-                ("text", row.get("text", row.get("caption"))),
+                ("image", _image_file(row["image"], _json_field(row, "metadata"), base, root)),
+                ("text", text),
             ]
         else:
             raise SkipSample("bad_document", "expected texts/images lists or an image with text")
@@ -752,18 +816,17 @@ class CorpusDataset:
         bos = _encode(self.tokenizer, "", add_special_tokens=True)[0]
         ids += bos
         labels += [IGNORE_INDEX] * len(bos)
-        from interleaf.processing.image import preprocess_image
-
         for kind, value in nodes:
             if kind == "image":
-                if value is None:
+                path, stored = value
+                if path is None:
                     raise SkipSample("missing_image", "image node without a local file")
                 try:
-                    t = preprocess_image(value, per_image, 1, self.args.image_size, self.args.use_thumbnail)
-                except InputError as exc:
-                    raise SkipSample(
-                        "missing_image" if "not found" in str(exc) else "bad_image", str(exc)
-                    ) from None
+                    t = load_training_image(self.args, path, per_image, augment)
+                except SkipSample as exc:
+                    if stored and exc.reason == "missing_image":
+                        exc = SkipSample(exc.reason, exc.detail + hint)
+                    raise exc from None
                 tiles.append(t)
                 seg, _ = _encode(self.tokenizer, IMG_START_TOKEN, False)
                 end, _ = _encode(self.tokenizer, IMG_END_TOKEN + "\n", False)
@@ -786,14 +849,39 @@ class CorpusDataset:
         return Sample(input_ids, label_t, pv, [t.shape[0] for t in tiles])
 
 
-def _image_file(node: Any, meta: dict | None, base: Path) -> str | None:
+def _json_field(row: dict, key: str) -> Any:
+    """``row[key]``, decoded when a Parquet row stores it as a JSON string (OBELICS layout)."""
+    value = row.get(key)
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise SkipSample("bad_document", f"field '{key}' is not valid JSON ({exc.msg})") from None
+    return value
+
+
+def _row_id(row: Any) -> Any:
+    """A corpus row's id for the skip log: ``general_metadata.id`` (documents), else ``id``."""
+    if not isinstance(row, dict):
+        return None
+    try:
+        general = _json_field(row, "general_metadata")
+    except SkipSample:
+        general = None
+    if isinstance(general, dict) and general.get("id") is not None:
+        return general["id"]
+    return row.get("id")
+
+
+def _image_file(node: Any, meta: Any, base: Path, root: Path) -> tuple[str | None, bool]:
+    """(local file of an image node or None, whether it is a stored ``bytes_path``)."""
     if isinstance(meta, dict) and meta.get("bytes_path"):
-        p = Path(meta["bytes_path"])
-        return str(p if p.is_absolute() else base / p)
+        p = Path(str(meta["bytes_path"]))
+        return str(p if p.is_absolute() else root / p), True
     if isinstance(node, str):
         if node.startswith("file://"):
-            return node[len("file://") :]
+            return node[len("file://") :], False
         if "://" not in node:
             p = Path(node)
-            return str(p if p.is_absolute() else base / p)
-    return None
+            return str(p if p.is_absolute() else base / p), False
+    return None, False

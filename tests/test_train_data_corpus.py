@@ -1,0 +1,73 @@
+"""Training on the corpus engine's own output: build the embedded sample, fetch its images offline,
+then read the build (folder, data/ folder, shard) and its image-text pairs as training data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from interleaf.cli import main
+from interleaf.train.data import CorpusDataset, DataArgs, SkipLog
+
+ARGS = DataArgs(template="Hermes-2", num_image_token=4, image_size=56, max_seq_length=100_000)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from interleaf.model.tokenizer import build_offline_tokenizer
+
+    return build_offline_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train_corpus")
+    out = tmp / "corp"
+    # no quality filters: the default ones keep one or two documents of the small sample (fewer as
+    # the defaults follow the published settings), too few to show every image arriving
+    (tmp / "pipeline.yaml").write_text("filters: []\n")
+    build = ["corpus", "build", "-o", str(out), "--config", str(tmp / "pipeline.yaml"), "--workers", "1"]
+    assert main([*build, "--no-progress"]) == 0
+    assert main(["corpus", "fetch-images", str(out), "--from-sample", "--no-progress"]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["docs_out"] > 0 and stats["images_out"] > 0
+    # the build also holds JSONL that is not training data
+    assert list((out / "errors").glob("*.jsonl")) and list((out / "excluded").glob("*.jsonl"))
+    return out, stats
+
+
+def _all(ds: CorpusDataset) -> list:
+    return [ds.get(i) for i in range(len(ds))]
+
+
+@pytest.mark.parametrize("which", ["build", "data", "shard"])
+def test_fetched_corpus_trains_with_its_images(corpus, tok, which):
+    out, stats = corpus
+    path = {"build": out, "data": out / "data", "shard": sorted((out / "data").glob("part-*"))[0]}[which]
+    log = SkipLog()
+    samples = _all(CorpusDataset([str(path)], tok, ARGS, log))
+    assert log.total == 0, log.records[:3]
+    # only the documents of data/ (not errors/, excluded/ or _work/), each with all its images
+    assert len(samples) == stats["docs_out"]
+    assert sum(len(s.num_tiles) for s in samples) == stats["images_out"]
+    assert all(s.pixel_values is not None and s.num_supervised > 0 for s in samples)
+
+
+def test_pairs_of_a_fetched_corpus_train_with_their_images(corpus, tok, tmp_path):
+    out, stats = corpus
+    pairs = out / "pairs.jsonl"  # inside the build folder: bytes_path resolves against it
+    assert main(["corpus", "convert", str(out), "--to", "pairs", "-o", str(pairs)]) == 0
+    rows = [json.loads(ln) for ln in pairs.read_text().splitlines()]
+    assert rows and all(r["metadata"].get("bytes_path") for r in rows)
+    log = SkipLog()
+    samples = _all(CorpusDataset([str(pairs)], tok, ARGS, log))
+    assert log.total == 0, log.records[:3]
+    assert len(samples) == stats["images_out"] and all(s.num_tiles for s in samples)
+    # the same file outside any build folder cannot find its images: skipped, and the record says why
+    moved = tmp_path / "pairs.jsonl"
+    moved.write_text(pairs.read_text())
+    log = SkipLog()
+    assert _all(CorpusDataset([str(moved)], tok, ARGS, log)) == [None] * len(rows)
+    assert dict(log.counts) == {"missing_image": len(rows)}
+    assert "corpus build folder" in log.records[0]["detail"]
