@@ -316,18 +316,42 @@ def test_random_init_from_a_preset(meta, tmp_path):
     assert result["steps"] == 1
 
 
-def test_unmerged_lora_saves_base_plus_adapter(tiny_dir, meta, tmp_path):
+def test_unmerged_lora_checkpoint_loads_with_its_adapter(tiny_dir, meta, tmp_path):
+    """merge_lora_on_save: false writes the base weights + adapter.safetensors + adapter_config.json;
+    loading the checkpoint merges the adapter: the same logits as the checkpoint saved merged."""
     from safetensors.torch import load_file
 
+    import interleaf
     from interleaf.model.checkpoint import load_checkpoint
 
-    train(_cfg(tiny_dir, meta, tmp_path, use_llm_lora=2, merge_lora_on_save=False, max_steps=1), log=None)
-    adapter = load_file(tmp_path / "checkpoint-1" / "adapter.safetensors")
+    ckpts = {}
+    for merge in (True, False):
+        out = tmp_path / str(merge)
+        train(_cfg(tiny_dir, meta, out, use_llm_lora=2, use_backbone_lora=2, merge_lora_on_save=merge,
+                   max_steps=2), log=None)  # fmt: skip
+        ckpts[merge] = out / "checkpoint-2"
+    adapter = load_file(ckpts[False] / "adapter.safetensors")
     assert adapter and all("lora_" in k for k in adapter)
-    base, _ = load_checkpoint(tmp_path / "checkpoint-1")  # the base weights, a plain checkpoint
+    assert any(k.startswith("vision_model.") for k in adapter)
+    meta_json = json.loads((ckpts[False] / "adapter_config.json").read_text())
+    assert meta_json["parts"]["llm"] == {"r": 2, "alpha": 4, "targets": list(LLM_TARGETS)}
+    assert meta_json["parts"]["vision"]["r"] == 2
+    assert not (ckpts[True] / "adapter.safetensors").exists()
+    # adapter=False: the base weights (the LLM and ViT untouched; the projector trained in full)
+    base, _ = load_checkpoint(ckpts[False], adapter=False)
     orig, _ = load_checkpoint(tiny_dir)
-    for (n, p), (_, q) in zip(base.language_model.named_parameters(), orig.language_model.named_parameters()):
-        assert torch.equal(p, q), n
+    for (n, p), (_, q) in zip(base.named_parameters(), orig.named_parameters()):
+        assert torch.equal(p, q) != n.startswith("mlp1."), n
+    ids = torch.randint(0, 100, (1, 24))
+    ids[0, 3:7] = base.config.img_context_token_id
+    pv = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = {m: load_checkpoint(c)[0](input_ids=ids, pixel_values=pv).logits for m, c in ckpts.items()}
+        plain = base(input_ids=ids, pixel_values=pv).logits
+        chat = interleaf.load(str(ckpts[False])).model(input_ids=ids, pixel_values=pv).logits
+    assert torch.equal(logits[False], logits[True])  # the same fp32 merge as on save
+    assert torch.equal(chat, logits[True])
+    assert not torch.allclose(plain, logits[True])  # the adapter trained something
 
 
 def test_bf16_master_weights(tiny_dir, meta, tmp_path):

@@ -320,6 +320,60 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, origin
 
 
+ADAPTER_FILE = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def merge_adapter(sd: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """Fold the LoRA adapter saved beside a checkpoint's weights into ``sd`` (internal names).
+
+    ``adapter.safetensors`` holds ``<linear>.lora_A`` [r, in] and ``<linear>.lora_B`` [out, r] for each
+    adapted linear layer (as the trainer writes with ``merge_lora_on_save: false``);
+    ``adapter_config.json`` gives each part's rank and alpha (without it: alpha = 2r, the trainer's and
+    upstream's setting). Each ``<linear>.weight`` becomes ``W + alpha / r * B @ A``, computed in fp32
+    as the trainer's own merge, so the result equals a checkpoint saved merged.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = path / ADAPTER_FILE
+    try:
+        adapter = load_file(str(file))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"{file}: cannot read the LoRA adapter ({str(exc).splitlines()[0]})") from None
+    parts: dict[str, Any] = {}
+    if (path / ADAPTER_CONFIG).is_file():
+        try:
+            parts = json.loads((path / ADAPTER_CONFIG).read_text())["parts"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path / ADAPTER_CONFIG}: not a valid adapter config ({exc})") from None
+    sd = dict(sd)
+    for key_a in sorted(k for k in adapter if k.endswith(".lora_A")):
+        name = key_a[: -len(".lora_A")]
+        a, b = adapter[key_a], adapter.get(name + ".lora_B")
+        target = name + ".weight"
+        if b is None or target not in sd:
+            raise CheckpointError(
+                f"{file}: {name} has no {'lora_B' if b is None else 'weight in the checkpoint'} to merge into"
+            )
+        w = sd[target]
+        r = a.shape[0]
+        if b.shape[1] != r or tuple(w.shape) != (b.shape[0], a.shape[1]):
+            raise CheckpointError(
+                f"{file}: {name}: lora_B {list(b.shape)} @ lora_A {list(a.shape)} does not fit the weight "
+                f"{list(w.shape)}"
+            )
+        part = parts.get("vision" if name.startswith("vision_model.") else "llm") or {}
+        if part.get("r", r) != r:
+            raise CheckpointError(f"{file}: {name} has rank {r}, {ADAPTER_CONFIG} says {part['r']}")
+        scaling = float(part.get("alpha", 2 * r)) / r
+        sd[target] = (w.float() + scaling * (b.float() @ a.float())).to(w.dtype)
+    stray = [k for k in adapter if not k.endswith((".lora_A", ".lora_B"))]
+    if stray:
+        raise CheckpointError(f"{file}: not LoRA tensors: {_listing(stray)}")
+    return sd
+
+
 def _listing(names: list[str], limit: int = 5) -> str:
     shown = ", ".join(sorted(names)[:limit])
     return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
@@ -341,11 +395,15 @@ def load_checkpoint(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
     model_cls: Callable[..., InternVLChatModel] = InternVLChatModel,
+    adapter: bool = True,
 ) -> tuple[InternVLChatModel, Any]:
     """Load a checkpoint directory of either layout: ``(model, tokenizer)``, model in eval mode.
 
     ``dtype`` None keeps the stored floating dtype. ``model_cls`` lets a subclass (e.g. with expert
     FFNs) be built; its extra parameters must be present in the checkpoint under their own names.
+    A LoRA adapter saved beside the weights (``adapter.safetensors``, from training with
+    ``merge_lora_on_save: false``) is merged into them (:func:`merge_adapter`); ``adapter=False``
+    loads the base weights alone.
     """
     from interleaf.model.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, load_tokenizer
 
@@ -357,6 +415,10 @@ def load_checkpoint(
         if is_mono_config(cfg):  # the released Mono-InternVL layout: visual experts in the LLM
             from interleaf.model.mono_checkpoint import load_mono_checkpoint
 
+            if not adapter:  # the base weights alone (load_mono_checkpoint merges an adapter)
+                from interleaf.model.mono_internvl import MonoInternVLChatModel
+
+                return load_checkpoint(path, device, dtype, model_cls=MonoInternVLChatModel, adapter=False)
             return load_mono_checkpoint(path, device=device, dtype=dtype)
     tokenizer = load_tokenizer(path, cfg.template)
     vocab = tokenizer.get_vocab()
@@ -367,6 +429,8 @@ def load_checkpoint(
 
     disk, origin = read_weights(path)
     sd = from_disk(disk, cfg, cfg.layout)
+    if adapter and (path / ADAPTER_FILE).is_file():
+        sd = merge_adapter(sd, path)
     head, embed = sd.get("language_model.lm_head.weight"), sd.get("language_model.model.embed_tokens.weight")
     if cfg.llm.tie_word_embeddings and head is not None:
         if embed is not None and head.shape == embed.shape and not torch.equal(head, embed):

@@ -40,7 +40,7 @@ from interleaf.errors import CheckpointError, ConfigError
 from interleaf.processing.image import background_threads
 from interleaf.train.config import TrainConfig
 from interleaf.train.data import ConversationDataset, CorpusDataset, DataArgs, SkipLog
-from interleaf.train.lora import VIT_TARGETS, apply_llm_lora, apply_lora, has_lora, merge_lora
+from interleaf.train.lora import LLM_TARGETS, VIT_TARGETS, apply_llm_lora, apply_lora, has_lora, merge_lora
 from interleaf.train.packing import Batcher, SampleStream, collate
 from interleaf.train.precision import MasterWeights, resolve_dtype
 
@@ -513,8 +513,23 @@ class Trainer:
         if adapter is not None:
             from safetensors.torch import save_file
 
+            from interleaf.model.checkpoint import ADAPTER_CONFIG, ADAPTER_FILE
+
             # clones: the members of a fused group share one A tensor, which safetensors will not write twice
-            save_file({k: v.clone() for k, v in adapter.items()}, str(out_dir / "adapter.safetensors"))
+            save_file({k: v.clone() for k, v in adapter.items()}, str(out_dir / ADAPTER_FILE))
+            # what rebuilds it (interleaf's loader merges it at load: W + alpha / r * B @ A)
+            parts = {}
+            if cfg.use_llm_lora:
+                parts["llm"] = {
+                    "r": cfg.use_llm_lora,
+                    "alpha": 2 * cfg.use_llm_lora,
+                    "targets": list(LLM_TARGETS),
+                }
+            if cfg.use_backbone_lora:
+                r = cfg.use_backbone_lora
+                parts["vision"] = {"r": r, "alpha": 2 * r, "targets": list(VIT_TARGETS)}
+            meta = {"format": "interleaf-lora", "parts": parts, "lora_dropout": cfg.lora_dropout}
+            (out_dir / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=1) + "\n")
 
     def save(self, final: bool = False) -> Path:
         """Atomic checkpoint: written to a temporary folder, then renamed into place."""
