@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -352,6 +353,72 @@ def test_unmerged_lora_checkpoint_loads_with_its_adapter(tiny_dir, meta, tmp_pat
     assert torch.equal(logits[False], logits[True])  # the same fp32 merge as on save
     assert torch.equal(chat, logits[True])
     assert not torch.allclose(plain, logits[True])  # the adapter trained something
+
+
+def test_checkpoint_records_the_training_template_and_tiling(tiny_dir, meta, tmp_path):
+    """template / tiling set for training are saved in config.json; interleaf.load prompts with them."""
+    import interleaf
+    from interleaf.processing.templates import get_template
+
+    cfg = _cfg(tiny_dir, meta, tmp_path, template="internvl2_5", max_steps=1, max_dynamic_patch=3,
+               min_dynamic_patch=2, use_thumbnail=False, dynamic_image_size=True)  # fmt: skip
+    result = train(cfg, log=None)
+    saved = json.loads((tmp_path / "checkpoint-1" / "config.json").read_text())
+    assert (
+        saved["template"] == "internvl2_5"
+        and json.loads((tiny_dir / "config.json").read_text())["template"] == "Hermes-2"
+    )
+    assert (saved["max_dynamic_patch"], saved["min_dynamic_patch"], saved["use_thumbnail"]) == (3, 2, False)
+    chat = interleaf.load(result["checkpoint"])
+    assert chat.template.name == "internvl2_5"
+    expect = get_template("internvl2_5", chat.config.system_message).chat_prompt("Hi?", None)
+    assert chat.template.chat_prompt("Hi?", None) == expect
+    assert chat._image_settings(None)["max_num"] == 3 and chat._image_settings(None)["use_thumbnail"] is False
+
+
+def test_a_fresh_run_starts_its_logs_and_checkpoints_fresh(tiny_dir, meta, tmp_path):
+    """resume: false into a used output_dir: log.jsonl and the skip log are the new run's alone, and
+    the earlier run's checkpoints are removed (a later resume must not pick them up)."""
+    train(_cfg(tiny_dir, meta, tmp_path, max_steps=3, save_steps=1, save_total_limit=5), log=None)
+    assert (tmp_path / "checkpoint-3").exists()
+    train(_cfg(tiny_dir, meta, tmp_path, max_steps=2, resume=False), log=None)
+    log = [json.loads(ln) for ln in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2]
+    assert (tmp_path / "skipped.rank0.jsonl").read_text().count("\n") == 1
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]
+    # resume: true with no checkpoint (a run killed before its first save) starts the log fresh too
+    for p in tmp_path.glob("checkpoint-*"):
+        shutil.rmtree(p)
+    train(_cfg(tiny_dir, meta, tmp_path, max_steps=1), log=None)
+    assert [json.loads(ln)["step"] for ln in (tmp_path / "log.jsonl").read_text().splitlines()] == [1]
+
+
+def test_dummy_tile_gives_zero_vision_gradients_on_a_text_only_batch(tiny_dir, meta, tmp_path):
+    """The FSDP dummy tile: a text-only micro-batch still gives the ViT and projector gradients (zero),
+    and leaves the loss and every other gradient as they were."""
+    from interleaf.train.packing import collate
+    from interleaf.train.trainer import TrainStep
+
+    trainer = Trainer(_cfg(tiny_dir, meta, tmp_path, packing=False, shuffle=False), log=None).setup()
+    batch = None
+    for _ in range(20):
+        batch = collate(trainer.batcher.next_batch(), trainer.pad_id)
+        if batch["pixel_values"] is None:
+            break
+    assert batch["pixel_values"] is None  # the text-only sample
+    model = trainer.raw_model
+    runs = []
+    for dummy in (None, torch.zeros(1, 3, 56, 56)):
+        model.zero_grad(set_to_none=True)
+        loss_sum, _ = TrainStep(model, dummy_tile=dummy)(batch)
+        loss_sum.backward()
+        runs.append((loss_sum.item(), {n: p.grad for n, p in model.named_parameters()}))
+    assert runs[0][0] == runs[1][0]
+    for n, g in runs[1][1].items():
+        if n.startswith(("vision_model.", "mlp1.")):
+            assert runs[0][1][n] is None and g is not None and not g.any(), n
+        else:
+            assert (g is None) == (runs[0][1][n] is None) and (g is None or torch.equal(g, runs[0][1][n])), n
 
 
 def test_bf16_master_weights(tiny_dir, meta, tmp_path):

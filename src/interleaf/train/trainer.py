@@ -98,6 +98,19 @@ def set_trainable(model: nn.Module, cfg: TrainConfig) -> dict[str, int]:
     return counts
 
 
+def apply_training_settings(config: Any, cfg: TrainConfig) -> None:
+    """Record the chat template and image tiling the model is trained with in its config, so the
+    saved checkpoint prompts and tiles as in training (upstream's fine-tuning sets ``template``,
+    ``min/max_dynamic_patch``, ``use_thumbnail`` and ``dynamic_image_size`` from its arguments; the
+    pixel-shuffle version and ViT layer are the model's own here, not training options)."""
+    if cfg.template:
+        config.template = cfg.template
+    config.max_dynamic_patch = cfg.max_dynamic_patch
+    config.min_dynamic_patch = cfg.min_dynamic_patch
+    config.use_thumbnail = cfg.use_thumbnail
+    config.dynamic_image_size = cfg.dynamic_image_size
+
+
 def build_optimizer(
     model: nn.Module, cfg: TrainConfig, master: MasterWeights | None = None
 ) -> torch.optim.Optimizer:
@@ -207,11 +220,20 @@ def _hidden_instead_of_logits(model: nn.Module):
 
 
 class TrainStep(nn.Module):
-    """Model + loss in one module (what DDP/FSDP wrap): returns (sum(w * CE), sum(w), n_supervised)."""
+    """Model + loss in one module (what DDP/FSDP wrap): returns (sum(w * CE), sum(w)).
 
-    def __init__(self, model: nn.Module) -> None:
+    ``dummy_tile`` ([1, 3, H, W] zeros, set under FSDP while the ViT or projector trains): a
+    micro-batch without images still runs the vision path on it, and its features enter the loss
+    multiplied by zero, as upstream's ``image_flags == 0`` dummy image. Every rank then reduces a
+    gradient (zero where there was no image) for the same parameters: FSDP reduce-scatters only the
+    parameters that got one, so a text-only micro-batch on one rank would otherwise leave the ranks'
+    collectives mismatched. The loss value and the other gradients are unchanged.
+    """
+
+    def __init__(self, model: nn.Module, dummy_tile: torch.Tensor | None = None) -> None:
         super().__init__()
         self.model = model
+        self.dummy_tile = dummy_tile
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.model
@@ -232,7 +254,10 @@ class TrainStep(nn.Module):
         logits = head(hidden).float()  # [N_sup, V]
         ce = nn.functional.cross_entropy(logits, batch["targets"].reshape(-1)[sup], reduction="none")
         w = batch["loss_weight"].reshape(-1)[sup].to(ce.dtype)
-        return (ce * w).sum(), w.sum()
+        loss_sum = (ce * w).sum()
+        if batch["pixel_values"] is None and self.dummy_tile is not None:
+            loss_sum = loss_sum + model.extract_feature(self.dummy_tile).float().sum() * 0.0
+        return loss_sum, w.sum()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -352,9 +377,13 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.precision = resolve_dtype(cfg.dtype, self.device)
         self.autocast_dtype = torch.bfloat16 if self.precision == "bf16" else None
-        seed_everything(cfg.seed + self.rank)
+        # the model's randomness (LoRA init) is the same on every rank: FSDP does not broadcast
+        # weights; the data and dropout streams get a seed per rank once the model is built
+        seed_everything(cfg.seed)
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            if not (cfg.resume and self.latest_checkpoint() is not None):
+                self._start_fresh(checkpoints=not cfg.resume)
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         self._barrier()
 
@@ -366,9 +395,12 @@ class Trainer:
         load_dir = resume_dir if (resume_dir is not None and not lora) else self.base_dir
         model, tokenizer = load_checkpoint(str(load_dir), device="cpu")
         model = model.float()
+        apply_training_settings(model.config, cfg)
         if cfg.save_layout == "hf":
             model.config.to_hf_dict()  # a layout the model cannot be saved in fails now, not at step N
         counts = set_trainable(model, cfg)
+        if self.rank:
+            seed_everything(cfg.seed + self.rank)
         self.tokenizer = tokenizer
         self.raw_model = model
         self.log(
@@ -435,7 +467,10 @@ class Trainer:
             self.master = MasterWeights(model)
         if cfg.compile:
             compile_layers(model)
-        step_module: nn.Module = TrainStep(model)
+        dummy = None
+        if fsdp and any(p.requires_grad for n, p in model.named_parameters() if part_of(n) != "llm"):
+            dummy = torch.zeros(1, 3, mcfg.image_size, mcfg.image_size, device=self.device)
+        step_module: nn.Module = TrainStep(model, dummy_tile=dummy)
         if self.world > 1:
             if fsdp:
                 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -450,6 +485,10 @@ class Trainer:
                 for layer in model.language_model.model.layers:
                     fully_shard(layer, **mp)
                 fully_shard(step_module, **mp)
+                if hasattr(step_module, "set_reduce_scatter_unused_params"):
+                    # zero gradients for any other parameter a rank's micro-batch left unused (e.g.
+                    # Mono-InternVL's visual experts on a text-only batch), where torch offers it
+                    step_module.set_reduce_scatter_unused_params(True)
             else:
                 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -466,6 +505,22 @@ class Trainer:
         return self
 
     # -- checkpoints ----------------------------------------------------------------------------
+    def _start_fresh(self, checkpoints: bool) -> None:
+        """A run that does not resume starts its logs anew: log.jsonl, the skip logs and (with
+        ``checkpoints``, i.e. ``resume: false``) the checkpoints an earlier run left in output_dir are
+        removed, so no step is logged twice and a later resume cannot pick up the earlier run's state."""
+        old = []
+        if checkpoints:
+            old = [p for p in self.out.glob("checkpoint-*") if p.is_dir()] + list(
+                self.out.glob(".tmp-checkpoint-*")
+            )
+        if old:
+            self.log(f"resume: false: removing {len(old)} checkpoint(s) of an earlier run in {self.out}")
+        for p in old:
+            shutil.rmtree(p, ignore_errors=True)
+        for p in [self.out / "log.jsonl", *self.out.glob("skipped.rank*.jsonl"), *self.out.glob(".optim-*")]:
+            p.unlink(missing_ok=True)
+
     def latest_checkpoint(self) -> Path | None:
         if not self.out.is_dir():
             return None
