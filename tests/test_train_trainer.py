@@ -421,6 +421,33 @@ def test_dummy_tile_gives_zero_vision_gradients_on_a_text_only_batch(tiny_dir, m
             assert (g is None) == (runs[0][1][n] is None) and (g is None or torch.equal(g, runs[0][1][n])), n
 
 
+def test_the_loss_is_normalised_over_the_whole_step(tiny_dir, tmp_path):
+    """sum(w * CE) / sum(w) over all micro-batches of a step: two packs of two samples (grad_accum 2)
+    train exactly as one pack of the four, for every loss reduction."""
+    words = "one two three four five six seven eight nine".split()
+    rows = [
+        {"id": i, "conversations": [{"from": "human", "value": f"Count to {k}"},
+                                    {"from": "gpt", "value": " ".join(words[:k])}]}
+        for i, k in enumerate([1, 6, 3, 8, 2, 7, 4, 5])
+    ]  # fmt: skip
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "meta.json").write_text(json.dumps({"d": {"root": str(tmp_path), "annotation": "t.jsonl"}}))
+    for reduction in ("square", "sample", "token"):
+        losses = []
+        for accum, budget in ((2, 100), (1, 200)):  # 42-49 tokens a sample: 2 or 4 per pack
+            cfg = _cfg(tiny_dir, tmp_path / "meta.json", tmp_path / f"{reduction}{accum}", grad_accum=accum,
+                       max_packed_tokens=budget, max_seq_length=100, pack_lookahead=1, shuffle=False,
+                       loss_reduction=reduction, max_steps=2, lr=5e-3, warmup_steps=0)  # fmt: skip
+            result = train(cfg, log=None)
+            log = [
+                json.loads(ln)
+                for ln in (tmp_path / f"{reduction}{accum}" / "log.jsonl").read_text().splitlines()
+            ]
+            assert [r["samples"] for r in log] == [4, 4]
+            losses.append([loss for _, loss in result["losses"]])
+        assert losses[0] == pytest.approx(losses[1], rel=1e-5), reduction
+
+
 def test_bf16_master_weights(tiny_dir, meta, tmp_path):
     """bf16-master: a bf16 model, fp32 masters in AdamW, the model = the rounded masters after each
     step, fp32 masters in the checkpoint; the loss curve follows fp32 training."""

@@ -192,13 +192,21 @@ def compile_layers(model: nn.Module) -> None:
 
 
 def optimizer_step(
-    optimizer: torch.optim.Optimizer, master: MasterWeights | None, max_grad_norm: float
+    optimizer: torch.optim.Optimizer,
+    master: MasterWeights | None,
+    max_grad_norm: float,
+    grad_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Clip the gradients (``max_grad_norm`` <= 0: only measure them), step, and with fp32 master
-    weights move the gradients to them first and round them into the model after; returns the norm."""
+    """Scale the gradients by ``grad_scale`` (the loss normaliser), clip them (``max_grad_norm`` <= 0:
+    only measure them), step, and with fp32 master weights move the gradients to them first and round
+    them into the model after; returns the norm."""
     if master is not None:
         master.grads_to_master()
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    if grad_scale != 1.0:
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, grad_scale)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
     optimizer.step()
     if master is not None:
@@ -281,6 +289,25 @@ def _all_gather_object(obj: Any, world: int) -> list[Any]:
     out: list[Any] = [None] * world
     dist.all_gather_object(out, obj)
     return out
+
+
+def _print_as_rank(print_fn, rank: int, msg: str) -> None:
+    print_fn(f"[rank {rank}] {msg}")
+
+
+def _merge_counts(per_rank: list[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for counts in per_rank:
+        for reason, n in counts.items():
+            total[reason] = total.get(reason, 0) + int(n)
+    return dict(sorted(total.items()))
+
+
+def _skip_summary(counts: dict[str, int]) -> str:
+    if not counts:
+        return "no samples skipped"
+    parts = ", ".join(f"{reason}={n}" for reason, n in counts.items())
+    return f"{sum(counts.values())} samples skipped ({parts})"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -413,7 +440,10 @@ class Trainer:
 
         # data
         mcfg = model.config
-        self.skip_log = SkipLog(self.out / f"skipped.rank{self.rank}.jsonl", echo=self.log)
+        echo = self.log
+        if not self.is_main and self._print is not None:  # every rank's skips are shown, not rank 0's only
+            echo = partial(_print_as_rank, self._print, self.rank)
+        self.skip_log = SkipLog(self.out / f"skipped.rank{self.rank}.jsonl", echo=echo)
         max_len = min(cfg.max_seq_length, cfg.max_packed_tokens) if cfg.packing else cfg.max_seq_length
         args = DataArgs(
             template=cfg.template or mcfg.template,
@@ -685,6 +715,7 @@ class Trainer:
     def _stage(self) -> tuple[dict[str, Any], Any]:
         """Build the next micro-batch and start its copy to the device: (batch, copy-done event)."""
         batch = collate(self.batcher.next_batch(), self.pad_id, self.cfg.loss_reduction, block_mask=False)
+        batch["weight_sum"] = float(batch["loss_weight"].sum(dtype=torch.float64))  # on the host: no sync
         if self._copy_stream is None:
             return batch, None
         # pinned memory and a side stream: the copy overlaps the kernels already queued
@@ -727,16 +758,25 @@ class Trainer:
             self._ahead = (done, position)
 
     def train_step(self) -> dict[str, float]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns its statistics."""
+        """One optimizer step over ``grad_accum`` micro-batches; returns its statistics.
+
+        The loss is ``sum(w * CE) / sum(w)`` over every micro-batch of every rank in the step (for the
+        ``token``, ``sample`` and ``square`` weights alike), so a step's update does not depend on how
+        its samples are split into micro-batches and ranks: 2 processes give what 1 process gives
+        with twice the ``grad_accum``. Each micro-batch backpropagates its unnormalised ``sum(w * CE)``;
+        the gradients are divided by the step's weight sum (all-reduced, one number) before clipping.
+        """
         cfg = self.cfg
         self.step_module.train()
         losses = []
         tokens = samples = 0
+        weight = 0.0
         more = self.step + 1 < cfg.max_steps
         for micro in range(cfg.grad_accum):
             batch = self._next_micro_batch()
             tokens += batch["num_tokens"]
             samples += batch["num_samples"]
+            weight += batch["weight_sum"]
             last = micro == cfg.grad_accum - 1
             if last and more and self._loader is not None:
                 self._read_ahead()  # the loader thread works while this micro-batch's kernels are queued
@@ -745,31 +785,40 @@ class Trainer:
                 sync = self.step_module.no_sync()
             with sync:
                 with self._autocast():
-                    loss_sum, w_sum = self.step_module(batch)
-                loss = loss_sum / w_sum.clamp_min(1e-8)
-                (loss / cfg.grad_accum).backward()
-            losses.append(loss.detach())  # no host sync: the next micro-batch is built meanwhile
+                    loss_sum, _ = self.step_module(batch)
+                loss_sum.backward()
+            losses.append(loss_sum.detach())  # no host sync: the next micro-batch is built meanwhile
         lrs = {f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups if "no_decay" not in g["name"]}
-        grad_norm = optimizer_step(self.optimizer, self.master, cfg.max_grad_norm)
+        if self.world > 1:  # the step's weight sum over all ranks (DDP and FSDP average the gradients)
+            import torch.distributed as dist
+
+            t = torch.tensor([weight], device=self.device, dtype=torch.float64)
+            dist.all_reduce(t)
+            weight = float(t[0])
+        weight = max(weight, 1e-8)
+        grad_norm = optimizer_step(self.optimizer, self.master, cfg.max_grad_norm, self.world / weight)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if more and self._loader is None:
             self._read_ahead()  # built here, while the queued kernels run
         # the one host sync of the step, after everything is queued
-        total_loss = sum(x / cfg.grad_accum for x in torch.stack(losses).tolist())
-        if self.world > 1:
-            import torch.distributed as dist
-
+        loss_sum = float(torch.stack(losses).double().sum())
+        # skips up to the micro-batch read ahead (what a checkpoint now would count)
+        skipped = sum((self._ahead[1]["skips"] if self._ahead is not None else self.skip_log.counts).values())
+        if self.world > 1:  # loss, counts and skips of all ranks (the skips for the log)
             t = torch.tensor(
-                [total_loss, float(tokens), float(samples)], device=self.device, dtype=torch.float64
+                [loss_sum, float(tokens), float(samples), float(skipped)],
+                device=self.device,
+                dtype=torch.float64,
             )
             dist.all_reduce(t)
-            total_loss, tokens, samples = float(t[0]) / self.world, int(t[1]), int(t[2])
+            loss_sum, tokens, samples, skipped = float(t[0]), int(t[1]), int(t[2]), int(t[3])
         return {
-            "loss": total_loss,
+            "loss": loss_sum / weight,
             "grad_norm": float(grad_norm),
             "tokens": tokens,
             "samples": samples,
+            "skipped": skipped,
             **lrs,
         }
 
@@ -806,7 +855,7 @@ class Trainer:
                     "samples": stats["samples"],
                     "tokens_per_s": stats["tokens"] / dt,
                     "epoch": position["data"]["stream"]["epoch"],
-                    "skipped": sum(position["skips"].values()),
+                    "skipped": stats["skipped"],  # all ranks'
                     **{k: v for k, v in stats.items() if k.startswith("lr_")},
                 }
                 with log_path.open("a") as fh:
@@ -821,16 +870,19 @@ class Trainer:
                 )
             if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < cfg.max_steps:
                 self.save()
+        skipped = _merge_counts(_all_gather_object(dict(self.skip_log.counts), self.world))  # all ranks'
+        # (gathered before the save, which ends on a barrier: a rank leaving straight after an
+        # all-gather can tear gloo's connections down while its peer is still in it)
         ckpt = self.save(final=True)
         elapsed = time.perf_counter() - t_start
         if writer is not None:
             writer.close()
-        self.log(f"done: {self.step} steps in {elapsed:.1f}s; {self.skip_log.summary()}; checkpoint {ckpt}")
+        self.log(f"done: {self.step} steps in {elapsed:.1f}s; {_skip_summary(skipped)}; checkpoint {ckpt}")
         return {
             "checkpoint": str(ckpt),
             "steps": self.step,
             "losses": self.losses,
-            "skipped": dict(self.skip_log.counts),
+            "skipped": skipped,
         }
 
     def close(self) -> None:
