@@ -151,3 +151,24 @@ def test_phi3_template_stops_on_its_end_token(tmp_path_factory):
 def test_cli_chat_bf16_text_only(tiny_ckpt, capsys):
     assert main(["chat", str(tiny_ckpt), "--dtype", "bfloat16", "--max-new-tokens", "4", "hello"]) == 0
     assert capsys.readouterr().out.endswith("\n")
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_refused_per_prompt(tiny_ckpt, tmp_path, caplog, capsys):
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, ckpt)
+    tok = interleaf.load(ckpt).tokenizer
+    vocab_size = interleaf.load(ckpt).config.llm.vocab_size
+    extra = [f"zzword{i}" for i in range(vocab_size - len(tok) + 5)]  # the last 5 ids past the vocabulary
+    tok.add_tokens(extra)
+    tok.save_pretrained(str(ckpt))
+    with caplog.at_level("WARNING"):
+        chat = interleaf.load(ckpt)
+    assert "vocab_size" in caplog.text
+    assert isinstance(chat.chat("hi", max_new_tokens=2), str)  # prompts within the vocabulary still work
+    last = extra[-1]
+    with pytest.raises(InputError, match=f"'{last}' has id .*past the model's vocab_size {vocab_size}"):
+        chat.chat(f"hi {last}", max_new_tokens=2)
+    assert main(["chat", str(ckpt), f"hi {last}"]) == 1
+    assert "vocab_size" in capsys.readouterr().err

@@ -154,6 +154,13 @@ class ChatModel:
         text = expand_image_placeholders(text, tiles, self.config.num_image_token)
         with self._tokenizer_lock:
             ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        vocab = self.config.llm.vocab_size
+        if max(ids, default=0) >= vocab:  # the embedding lookup would fail with a bare IndexError
+            bad = next(i for i in ids if i >= vocab)
+            raise InputError(
+                f"token {self.tokenizer.convert_ids_to_tokens(bad)!r} has id {bad}, past the model's "
+                f"vocab_size {vocab}: the tokenizer does not belong to this model"
+            )
         return question, ids, pixel_values, text
 
     def _config(self, generation: dict) -> GenerationConfig:

@@ -17,6 +17,7 @@ Weights: ``model.safetensors``, sharded safetensors with ``model.safetensors.ind
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,8 @@ import torch
 from interleaf.errors import CheckpointError, ConfigError
 from interleaf.model.config import InternVLConfig, LLMConfig
 from interleaf.model.internvl import InternVLChatModel
+
+log = logging.getLogger(__name__)
 
 LAYOUTS = ("internvl_chat", "hf")
 SHARD_BYTES = 4 * 1024**3
@@ -421,6 +424,11 @@ def load_checkpoint(
                 return load_checkpoint(path, device, dtype, model_cls=MonoInternVLChatModel, adapter=False)
             return load_mono_checkpoint(path, device=device, dtype=dtype)
     tokenizer = load_tokenizer(path, cfg.template)
+    if len(tokenizer) > cfg.llm.vocab_size:  # not fatal: only prompts using the extra ids fail
+        log.warning(
+            "%s: the tokenizer has %d tokens, the model's vocab_size is %d; prompts with ids past it are refused",
+            path.name, len(tokenizer), cfg.llm.vocab_size,
+        )  # fmt: skip
     vocab = tokenizer.get_vocab()
     if cfg.layout == "internvl_chat" or cfg.img_context_token_id is None:
         cfg.img_context_token_id = vocab.get(IMG_CONTEXT)
