@@ -376,6 +376,20 @@ def test_checkpoint_records_the_training_template_and_tiling(tiny_dir, meta, tmp
     assert chat._image_settings(None)["max_num"] == 3 and chat._image_settings(None)["use_thumbnail"] is False
 
 
+def test_drop_path_rate_trains_with_stochastic_depth_and_is_saved(tiny_dir, meta, tmp_path):
+    cfg = _cfg(tiny_dir, meta, tmp_path, max_steps=1, drop_path_rate=0.1)
+    trainer = Trainer(cfg, log=None).setup()
+    blocks = trainer.raw_model.vision_model.encoder.layers
+    want = torch.linspace(0, 0.1, len(blocks)).tolist()  # upstream's per-block schedule
+    assert [b.drop_path1.p for b in blocks] == pytest.approx(want) == [b.drop_path2.p for b in blocks]
+    assert trainer.raw_model.config.vision.drop_path_rate == pytest.approx(0.1)
+    trainer.train()
+    saved = json.loads((tmp_path / "checkpoint-1" / "config.json").read_text())
+    assert saved["vision_config"]["drop_path_rate"] == pytest.approx(0.1)
+    with pytest.raises(ConfigError, match="drop_path_rate"):
+        _cfg(tiny_dir, meta, tmp_path, drop_path_rate=1.5)
+
+
 def test_a_fresh_run_starts_its_logs_and_checkpoints_fresh(tiny_dir, meta, tmp_path):
     """resume: false into a used output_dir: log.jsonl and the skip log are the new run's alone, and
     the earlier run's checkpoints are removed (a later resume must not pick them up)."""

@@ -423,6 +423,13 @@ class Trainer:
         model, tokenizer = load_checkpoint(str(load_dir), device="cpu")
         model = model.float()
         apply_training_settings(model.config, cfg)
+        if cfg.drop_path_rate is not None:  # recorded in the vision config, so the checkpoint keeps it
+            set_rate = getattr(model.vision_model, "set_drop_path_rate", None)
+            if set_rate is None:
+                raise ConfigError(
+                    f"config key 'drop_path_rate': {type(model.vision_model).__name__} has no ViT blocks to drop"
+                )
+            set_rate(cfg.drop_path_rate)
         if cfg.save_layout == "hf":
             model.config.to_hf_dict()  # a layout the model cannot be saved in fails now, not at step N
         counts = set_trainable(model, cfg)
