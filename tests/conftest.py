@@ -4,6 +4,8 @@
   InternVL-Chat layout (``interleaf init-model --preset tiny``).
 * ``tiny_ckpt_hf``: the same weights saved in the transformers-native ``-hf`` layout.
 * ``noise_image(seed, w=500, h=300)``: a seeded RGB PIL image of uniform random pixels.
+* ``gray_video(path, n_frames, codec="ffv1", pix_fmt="yuv444p", rate=10)``: writes a 64x48 clip whose
+  frame k is flat gray level 8*k, so a decoded frame tells its own index.
 
 Both directories are read-only by convention: copy them before modifying anything.
 """
@@ -51,3 +53,23 @@ def noise_image():
         return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def gray_video():
+    def write(path, n_frames: int, codec: str = "ffv1", pix_fmt: str = "yuv444p", rate: int = 10) -> None:
+        import av
+        import numpy as np
+
+        container = av.open(str(path), "w")
+        stream = container.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, pix_fmt
+        for k in range(n_frames):
+            arr = np.full((48, 64, 3), 8 * k, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+        container.close()
+
+    return write

@@ -12,20 +12,6 @@ from interleaf.processing.image import preprocess_image
 from interleaf.processing.video import load_video, read_video_frames, segment_indices, video_info
 
 
-def _encode(path, n_frames: int, codec: str, pix_fmt: str, rate: int = 10) -> None:
-    """Frame k is a flat gray image of level 8*k, so a decoded frame tells its own index."""
-    container = av.open(str(path), "w")
-    stream = container.add_stream(codec, rate=rate)
-    stream.width, stream.height, stream.pix_fmt = 64, 48, pix_fmt
-    for k in range(n_frames):
-        arr = np.full((48, 64, 3), 8 * k, np.uint8)
-        for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
-            container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)
-    container.close()
-
-
 def _frame_ids(frames) -> list[int]:
     return [round(float(np.asarray(f).mean()) / 8) for f in frames]
 
@@ -54,9 +40,9 @@ def test_segment_indices_formula():
 @pytest.mark.parametrize(
     ("suffix", "codec", "pix_fmt"), [("mkv", "ffv1", "yuv444p"), ("mp4", "mpeg4", "yuv420p")]
 )
-def test_decodes_the_sampled_frames(tmp_path, suffix, codec, pix_fmt):
+def test_decodes_the_sampled_frames(tmp_path, suffix, codec, pix_fmt, gray_video):
     path = tmp_path / f"clip.{suffix}"
-    _encode(path, 30, codec, pix_fmt)
+    gray_video(path, 30, codec, pix_fmt)
     assert video_info(path) == (30, 10.0)
     frames = read_video_frames(path, num_segments=8)
     assert _frame_ids(frames) == segment_indices(30, 8) == [1, 5, 8, 12, 15, 19, 23, 26]
@@ -67,9 +53,9 @@ def test_decodes_the_sampled_frames(tmp_path, suffix, codec, pix_fmt):
     )
 
 
-def test_load_video_one_tile_per_frame(tmp_path):
+def test_load_video_one_tile_per_frame(tmp_path, gray_video):
     path = tmp_path / "clip.mkv"
-    _encode(path, 12, "ffv1", "yuv444p")
+    gray_video(path, 12)
     px = load_video(path, num_segments=4)
     assert px.shape == (4, 3, 448, 448) and px.dtype == torch.float32
     frames = read_video_frames(path, 4)

@@ -317,6 +317,14 @@ def test_repeat_time_fraction_and_multiple(data_dir, tok):
     assert ds.describe(0) == ("a", 0) and ds.describe(6) == ("b", 0)
 
 
+def _corpus_dataset(tmp_path, docs: list, tok) -> tuple[CorpusDataset, SkipLog]:
+    """``docs`` written as one JSONL file, read back as a corpus dataset with its skip log."""
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+    log = SkipLog()
+    args = DataArgs(template="Hermes-2", num_image_token=4, image_size=56)
+    return CorpusDataset([str(tmp_path / "docs.jsonl")], tok, args, log), log
+
+
 def test_corpus_documents_and_pairs(tmp_path, tok):
     _img(tmp_path / "x.png")
     docs = [
@@ -325,14 +333,7 @@ def test_corpus_documents_and_pairs(tmp_path, tok):
         {"image": "x.png", "text": "a caption"},
         {"texts": ["only text", None], "images": [None, "https://example.com/missing.png"], "general_metadata": {"id": "d3"}},
     ]  # fmt: skip
-    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps(d) for d in docs) + "\n")
-    log = SkipLog()
-    ds = CorpusDataset(
-        [str(tmp_path / "docs.jsonl")],
-        tok,
-        DataArgs(template="Hermes-2", num_image_token=4, image_size=56),
-        log,
-    )
+    ds, log = _corpus_dataset(tmp_path, docs, tok)
     a, b, c = ds.get(0), ds.get(1), ds.get(2)
     assert c is None and dict(log.counts) == {"missing_image": 1} and log.records[0]["id"] == "d3"
     text = tok.decode(a.input_ids.tolist())
@@ -476,31 +477,14 @@ def test_meta_tile_budget_and_augment_flag_are_used(data_dir, tok):
 # video samples decode only the frames they use
 
 
-def _gray_video(path, n_frames: int) -> None:
-    """Lossless clip whose frame k is a flat gray image of level 8*k (a frame tells its own index)."""
-    import av
-    import numpy as np
-
-    container = av.open(str(path), "w")
-    stream = container.add_stream("ffv1", rate=10)
-    stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv444p"
-    for k in range(n_frames):
-        arr = np.full((48, 64, 3), 8 * k, np.uint8)
-        for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
-            container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)
-    container.close()
-
-
-def test_video_sample_decodes_only_its_frames_and_the_right_ones(data_dir, tok, monkeypatch):
+def test_video_sample_decodes_only_its_frames_and_the_right_ones(data_dir, tok, monkeypatch, gray_video):
     import random
 
     import numpy as np
 
     from interleaf.train.data import _rand_segments
 
-    _gray_video(data_dir / "imgs" / "clip.mkv", 30)
+    gray_video(data_dir / "imgs" / "clip.mkv", 30)
     args = DataArgs(
         template="internvl2_5", num_image_token=4, image_size=56, min_num_frame=4, max_num_frame=6
     )
@@ -537,14 +521,7 @@ def test_corpus_rows_with_bad_fields_are_skipped_naming_the_field(tmp_path, tok)
         ["not", "an", "object"],
         {"texts": ["T", None], "images": [None, "x.png"], "metadata": "[null, {}]"},  # fine: a JSON string
     ]
-    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps(d) for d in docs) + "\n")
-    log = SkipLog()
-    ds = CorpusDataset(
-        [str(tmp_path / "docs.jsonl")],
-        tok,
-        DataArgs(template="Hermes-2", num_image_token=4, image_size=56),
-        log,
-    )
+    ds, log = _corpus_dataset(tmp_path, docs, tok)
     samples = [ds.get(i) for i in range(len(ds))]
     assert [s is not None for s in samples] == [False] * 7 + [True]
     assert dict(log.counts) == {"bad_document": 6, "bad_json": 1}
