@@ -291,6 +291,18 @@ def test_dataset_builds_good_samples_and_accounts_for_bad_ones(data_dir, tok):
     assert "8 samples skipped" in log.summary()
 
 
+def test_a_record_with_image_and_video_uses_the_image_as_upstream(data_dir, tok):
+    row = {"image": "a.png", "video": "clip",
+           "conversations": [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A"}]}  # fmt: skip
+    (data_dir / "both.jsonl").write_text(json.dumps(row) + "\n")
+    (data_dir / "both.json").write_text(json.dumps({"s": {"root": "imgs", "annotation": "both.jsonl"}}))
+    args = DataArgs(
+        template="internvl2_5", num_image_token=4, image_size=56, min_num_frame=4, max_num_frame=4
+    )
+    sample = ConversationDataset(data_dir / "both.json", tok, args).get(0)
+    assert sample is not None and sample.num_tiles == [1]  # the 40x40 image, not 4 video frames
+
+
 def test_truncation_keeps_images_whole(data_dir, tok):
     args = DataArgs(
         template="Hermes-2", num_image_token=4, image_size=56, max_seq_length=60, system_message="Hi"

@@ -518,12 +518,7 @@ class ConversationDataset:
             raise SkipSample(
                 "bad_image", f"field 'image' must be a path or a list of paths, got {_describe(images)}"
             )
-        if video:
-            frames = self._video_frames(video, spec.root, rng)
-            conversations = _expand_video(conversations, len(frames))
-            pixel_values = _frames_pixels(frames, args.image_size)
-            num_tiles = [1] * len(frames)
-        elif images:
+        if images:  # an image wins over a video in the same record, as upstream's __getitem__ decides
             paths = [images] if isinstance(images, str) else list(images)
             conversations = _ensure_placeholders(conversations, len(paths))
             per_image = max_patch if len(paths) == 1 else max(1, max_patch // len(paths))
@@ -533,6 +528,11 @@ class ConversationDataset:
                 tensors.append(self._load_image(os.path.join(spec.root, p), per_image, augment))
             num_tiles = [t.shape[0] for t in tensors]
             pixel_values = torch.cat(tensors, dim=0)
+        elif video:
+            frames = self._video_frames(video, spec.root, rng)
+            conversations = _expand_video(conversations, len(frames))
+            pixel_values = _frames_pixels(frames, args.image_size)
+            num_tiles = [1] * len(frames)
         else:
             n = sum(str(t.get("value", "")).count(IMAGE_PLACEHOLDER) for t in conversations)
             if n:
