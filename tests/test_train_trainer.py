@@ -608,3 +608,33 @@ def test_lora_on_fused_projections_is_upstreams(preset):
     merged = torch.cat([attn_m.weight for attn_m in (layer.self_attn.q_proj, layer.self_attn.k_proj,
                                                       layer.self_attn.v_proj)])  # fmt: skip
     torch.testing.assert_close(merged, expect_w)
+
+
+def test_a_one_micro_batch_step_backpropagates_the_plain_mean_loss(tiny_dir, meta, tmp_path, monkeypatch):
+    """One process, grad_accum 1: the gradients are exactly those of sum(w * CE) / sum(w), the step's
+    rescale is exactly 1.0 (the step-wide normalisation must not perturb the common case)."""
+    import copy
+
+    import interleaf.train.trainer as T
+
+    tr = Trainer(_cfg(tiny_dir, meta, tmp_path, max_steps=1, grad_accum=1, max_grad_norm=0), log=None).setup()
+    reference = copy.deepcopy(tr.step_module)
+    seen, real_next, real_step = {}, tr._next_micro_batch, T.optimizer_step
+
+    def next_batch():
+        seen["batch"] = real_next()
+        return seen["batch"]
+
+    def step(optimizer, master, max_grad_norm, grad_scale=1.0):
+        seen["scale"] = grad_scale
+        seen["grads"] = {n: p.grad.clone() for n, p in tr.raw_model.named_parameters() if p.grad is not None}
+        return real_step(optimizer, master, max_grad_norm, grad_scale)
+
+    monkeypatch.setattr(tr, "_next_micro_batch", next_batch)
+    monkeypatch.setattr(T, "optimizer_step", step)
+    tr.train_step()
+    loss_sum, weight = reference(seen["batch"])
+    (loss_sum / weight).backward()
+    want = {n: p.grad for n, p in reference.model.named_parameters() if p.grad is not None}
+    assert seen["scale"] == 1.0 and seen["grads"].keys() == want.keys() and want
+    assert all(torch.equal(seen["grads"][n], want[n]) for n in want)

@@ -770,20 +770,27 @@ class Trainer:
         The loss is ``sum(w * CE) / sum(w)`` over every micro-batch of every rank in the step (for the
         ``token``, ``sample`` and ``square`` weights alike), so a step's update does not depend on how
         its samples are split into micro-batches and ranks: 2 processes give what 1 process gives
-        with twice the ``grad_accum``. Each micro-batch backpropagates its unnormalised ``sum(w * CE)``;
-        the gradients are divided by the step's weight sum (all-reduced, one number) before clipping.
+        with twice the ``grad_accum``. Each micro-batch backpropagates ``sum(w * CE)`` (one process:
+        divided by its first micro-batch's ``sum(w)``); the gradients are rescaled to the step's weight
+        sum (all-reduced, one number) before clipping.
         """
         cfg = self.cfg
         self.step_module.train()
         losses = []
         tokens = samples = 0
         weight = 0.0
+        # one process divides by its first micro-batch's weight sum before backward, so a step of one
+        # micro-batch is bit for bit the plain mean loss (the rescale below is then exactly 1.0); ranks
+        # backpropagate unnormalised sums, as their weight sums differ until the all-reduce
+        ref = None if self.world == 1 else 1.0
         more = self.step + 1 < cfg.max_steps
         for micro in range(cfg.grad_accum):
             batch = self._next_micro_batch()
             tokens += batch["num_tokens"]
             samples += batch["num_samples"]
             weight += batch["weight_sum"]
+            if ref is None:
+                ref = max(batch["weight_sum"], 1e-8)
             last = micro == cfg.grad_accum - 1
             if last and more and self._loader is not None:
                 self._read_ahead()  # the loader thread works while this micro-batch's kernels are queued
@@ -793,7 +800,7 @@ class Trainer:
             with sync:
                 with self._autocast():
                     loss_sum, _ = self.step_module(batch)
-                loss_sum.backward()
+                (loss_sum / ref).backward()
             losses.append(loss_sum.detach())  # no host sync: the next micro-batch is built meanwhile
         lrs = {f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups if "no_decay" not in g["name"]}
         if self.world > 1:  # the step's weight sum over all ranks (DDP and FSDP average the gradients)
@@ -803,7 +810,7 @@ class Trainer:
             dist.all_reduce(t)
             weight = float(t[0])
         weight = max(weight, 1e-8)
-        grad_norm = optimizer_step(self.optimizer, self.master, cfg.max_grad_norm, self.world / weight)
+        grad_norm = optimizer_step(self.optimizer, self.master, cfg.max_grad_norm, ref / weight * self.world)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if more and self._loader is None:
