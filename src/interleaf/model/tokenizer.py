@@ -113,8 +113,11 @@ def tokenizer_from_vocab_merges(path: str | Path):
         raise CheckpointError(
             f"{config_file}: field 'tokenizer_class' must name the tokenizer of vocab.json + merges.txt"
         )
-    cls = tokenizer_class_from_name(name)
-    if cls is None or not issubclass(cls, PreTrainedTokenizerFast):
+    # transformers 4.x keeps "Qwen2Tokenizer" (slow) apart from "Qwen2TokenizerFast"; 5.x merged them
+    candidates = [name] if name.endswith("Fast") else [name + "Fast", name]
+    found = [tokenizer_class_from_name(n) for n in candidates]
+    cls = next((c for c in found if c is not None and issubclass(c, PreTrainedTokenizerFast)), None)
+    if cls is None:
         raise CheckpointError(
             f"{config_file}: tokenizer_class {name!r} is not a transformers tokenizer that reads "
             "vocab.json + merges.txt (remote code is never loaded)"
