@@ -190,3 +190,14 @@ def test_layout_set_by_hand_that_misses_pairs_is_warned_about(caplog):
         P.load_config({"dedup": {"minhash": {"threshold": 0.8, "num_bands": 16, "rows_per_band": 7}}})
         P.load_config({"dedup": {"minhash": {"threshold": 0.5}}})
     assert not caplog.records
+
+
+def test_null_layout_means_unset():
+    """num_bands / rows_per_band: null was a TypeError in int(None); it means 'choose'."""
+    from interleaf.corpus import pipeline as P
+
+    mh = P.load_config({"dedup": {"minhash": {"threshold": 0.5, "num_bands": None, "rows_per_band": None}}})
+    assert (mh["dedup"]["minhash"]["num_bands"], mh["dedup"]["minhash"]["rows_per_band"]) == (56, 2)
+    mh = P.load_config({"dedup": {"minhash": {"num_bands": 20, "rows_per_band": None}}})["dedup"]["minhash"]
+    assert (mh["num_bands"], mh["rows_per_band"]) == (20, 7)  # as if rows_per_band were absent
+    assert P.minhash_config(P.load_config({"dedup": {"minhash": {"num_bands": None}}})).num_bands == 16

@@ -467,3 +467,53 @@ def test_fetch_images_killed_anywhere_resumes_to_identical_output(tmp_path):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_fetch_section_types_are_checked(tmp_path):
+    """A string local_roots was one root per character ('/' among them: any file readable)."""
+    from interleaf.corpus import pipeline as P
+    from interleaf.errors import ConfigError
+
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("fetch: {local_roots: /tmp/x}\n")
+    with pytest.raises(ConfigError, match=r"p\.yaml: 'fetch\.local_roots' must be a list of strings"):
+        P.load_config(cfg)
+    site = tmp_path / "site"
+    _local_site(site, n=2)
+    built = _built(tmp_path, [site])
+    before = _state(built)
+    with pytest.raises(ConfigError, match=r"'fetch\.local_roots' must be a list of strings"):
+        F.fetch_corpus(built, {"local_roots": "/tmp/x"}, progress=False)
+    assert _state(built) == before
+    for fc, msg in (
+        ({"local_roots": [1]}, "'fetch.local_roots' must be a list of strings"),
+        ({"timeout_s": None}, "'fetch.timeout_s' must not be null"),
+        ({"timeout_s": "5"}, "'fetch.timeout_s' must be a number"),
+        ({"retries": 1.5}, "'fetch.retries' must be a whole number"),
+        ({"concurrency": 0}, "'fetch.concurrency' must be > 0"),
+        ({"allow_private": "yes"}, "'fetch.allow_private' must be true or false"),
+        ({"images_dir": 3}, "'fetch.images_dir' must be a string or null"),
+    ):
+        with pytest.raises(ConfigError, match=msg.replace(".", r"\.")):
+            P.load_config({"fetch": fc})
+        with pytest.raises(ConfigError, match=msg.replace(".", r"\.")):
+            F.fetch_corpus(built, fc, progress=False)
+    # the library refuses a string too
+    with pytest.raises(ConfigError, match="local_roots"):
+        P.fetch_config({"local_roots": "/"})
+
+
+def test_relative_local_roots_are_absolute_in_the_settings_key(tmp_path, monkeypatch):
+    from interleaf.corpus import pipeline as P
+
+    for d in ("a/site", "b/site"):
+        (tmp_path / d).mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a")
+    in_a = P.load_config({"fetch": {"local_roots": ["site"], "images_dir": "img"}})["fetch"]
+    assert in_a["local_roots"] == [str(tmp_path / "a" / "site")]
+    assert in_a["images_dir"] == str(tmp_path / "a" / "img")
+    monkeypatch.chdir(tmp_path / "b")
+    in_b = P.fetch_config({"local_roots": ["site"], "images_dir": "img"})
+    assert in_b["local_roots"] == [str(tmp_path / "b" / "site")]
+    assert F.settings_key(in_a) != F.settings_key(in_b)
+    assert F.settings_key(P.fetch_config(in_b)) == F.settings_key(in_b)

@@ -454,8 +454,7 @@ def fetch_corpus(
     stats_path = out / "stats.json"
     if not stats_path.exists():
         raise InputError(f"{out}: not a finished corpus build (no stats.json)")
-    fc = dict(P.DEFAULTS["fetch"])
-    fc.update(cfg or {})
+    fc = P.fetch_config(cfg)  # types checked (a string local_roots is no list of roots), paths absolute
     stats = json.loads(stats_path.read_text(encoding="utf-8"))
     fmt = stats.get("format", "parquet")
     ext = "parquet" if fmt == "parquet" else "jsonl"
@@ -491,7 +490,7 @@ def fetch_corpus(
         retries=int(fc["retries"]),
         concurrency=int(fc["concurrency"]),
         allow_private=bool(fc["allow_private"]),
-        local_roots=list(fc.get("local_roots") or []),
+        local_roots=list(fc["local_roots"]),
         sources=sources,
     )
     fetcher.clean_tmp()

@@ -101,6 +101,12 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+# keys whose null means "not set": the value is chosen from the others
+_NULL_MEANS_UNSET = ("dedup.minhash.num_bands", "dedup.minhash.rows_per_band")
+# keys whose default is null and whose value, when set, is a string
+_STRING_OR_NULL = ("fetch.images_dir", "extract.impl")
+
+
 def _merge(base: dict, override: dict, prefix: str) -> dict:
     out = copy.deepcopy(base)
     for key, value in override.items():
@@ -116,13 +122,27 @@ def _merge(base: dict, override: dict, prefix: str) -> dict:
             if not isinstance(value, dict):
                 raise ConfigError(f"pipeline config: {path!r} must be a mapping")
             out[key] = dict(value)
+        elif isinstance(default, list):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"pipeline config: {path!r} must be a list of strings")
+            out[key] = list(value)
+        elif path in _NULL_MEANS_UNSET and value is None:
+            pass  # the default stays; _lsh_layout chooses the layout as if the key were absent
+        elif path in _STRING_OR_NULL:
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"pipeline config: {path!r} must be a string or null")
+            out[key] = value
         else:
-            if default is not None and value is not None:
+            if default is not None and value is None:
+                raise ConfigError(f"pipeline config: {path!r} must not be null")
+            if default is not None:
                 if isinstance(default, bool) and not isinstance(value, bool):
                     raise ConfigError(f"pipeline config: {path!r} must be true or false")
                 if isinstance(default, (int, float)) and not isinstance(default, bool):
                     if isinstance(value, bool) or not isinstance(value, (int, float)):
                         raise ConfigError(f"pipeline config: {path!r} must be a number")
+                    if isinstance(default, int) and not float(value).is_integer():
+                        raise ConfigError(f"pipeline config: {path!r} must be a whole number")
                 if isinstance(default, str) and not isinstance(value, str):
                     raise ConfigError(f"pipeline config: {path!r} must be a string")
             out[key] = value
@@ -148,6 +168,13 @@ def _check(cfg: dict) -> None:
         raise ConfigError("pipeline config: 'write.exclusions' must be 'ids' or 'full'")
     if cfg["write"]["layout"] not in ("obelics", "omnicorpus"):
         raise ConfigError("pipeline config: 'write.layout' must be 'obelics' or 'omnicorpus'")
+    fc = cfg["fetch"]
+    for k, low in (("timeout_s", 0), ("max_bytes", 0), ("concurrency", 0)):
+        if float(fc[k]) <= low:
+            raise ConfigError(f"pipeline config: 'fetch.{k}' must be > {low}")
+    for k in ("retries", "min_side", "max_phash_occurrences"):
+        if float(fc[k]) < 0:
+            raise ConfigError(f"pipeline config: 'fetch.{k}' must be >= 0")
     flt = cfg["filters"]
     if flt is not None and not isinstance(flt, list):
         raise ConfigError("pipeline config: 'filters' must be a list of filter names or {name: {...}}")
@@ -185,6 +212,7 @@ def load_config(source: str | Path | dict | None = None, **overrides: Any) -> di
     try:
         cfg = _merge(DEFAULTS, user, "")
         _check(cfg)
+        cfg["fetch"] = _absolute_paths(cfg["fetch"])
     except ConfigError as exc:
         if where != "pipeline config":
             raise ConfigError(str(exc).replace("pipeline config", where, 1)) from None
@@ -193,12 +221,34 @@ def load_config(source: str | Path | dict | None = None, **overrides: Any) -> di
     return cfg
 
 
+def _absolute_paths(fc: dict) -> dict:
+    """``fc`` with its local roots and images folder as absolute paths: they enter the fetch
+    stage's settings key, and a relative path means another folder in another working directory."""
+    fc = dict(fc)
+    fc["local_roots"] = [str(Path(r).resolve()) for r in fc["local_roots"]]
+    if fc["images_dir"] is not None:
+        fc["images_dir"] = str(Path(fc["images_dir"]).resolve())
+    return fc
+
+
+def fetch_config(fc: dict | None) -> dict:
+    """The ``fetch`` section ``fc`` (a mapping, e.g. a config's or the API's) checked like a
+    config's, over the defaults, with its paths absolute."""
+    if fc is not None and not isinstance(fc, dict):
+        raise ConfigError("pipeline config: 'fetch' must be a mapping")
+    cfg = copy.deepcopy(DEFAULTS)
+    cfg["fetch"] = _merge(DEFAULTS["fetch"], fc or {}, "fetch.")
+    _check(cfg)
+    return _absolute_paths(cfg["fetch"])
+
+
 def _lsh_layout(mh: dict, given: dict, where: str) -> None:
     """Bands x rows for the threshold unless the user set them; a layout set that misses pairs at
     the threshold is warned about (the S-curve alone decides which pairs are ever compared)."""
     from interleaf.corpus.dedup import lsh_layout, s_curve
 
     threshold = float(mh["threshold"])
+    given = {k: v for k, v in given.items() if v is not None}  # null: not set
     if "num_bands" not in given and "rows_per_band" not in given:
         mh["num_bands"], mh["rows_per_band"] = lsh_layout(threshold)
         return
