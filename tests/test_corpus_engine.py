@@ -230,6 +230,31 @@ def test_config_errors(tmp_path):
         E.build([warc], tmp_path / "o2", other, workers=1, progress=False)
 
 
+def test_run_of_an_older_format_is_not_resumed(tmp_path):
+    """A build started before today's output changes (C4 default, filter_scores, page size limit)
+    has the same config fingerprint: the run format is what tells it apart."""
+    warc = tmp_path / "in.warc.gz"
+    make_test_warc(warc, n=10, hang=False, crash=False)
+    cfg = P.load_config(_cfg(tmp_path))
+    out = tmp_path / "o"
+    E.build([warc], out, cfg, workers=1, progress=False)
+    manifest = json.loads((out / E.WORK / "run.json").read_text())
+    assert manifest["format"] == E.RUN_FORMAT >= 2
+    # as an older interleaf left it, interrupted before the end
+    (out / E.WORK / "run.json").write_text(json.dumps(manifest | {"format": 1}))
+    (out / "_SUCCESS").unlink()
+    before = _outputs(out)
+    with pytest.raises(ConfigError) as info:
+        E.build([warc], out, cfg, workers=1, progress=False)
+    msg = str(info.value)
+    assert "\n" not in msg and "run format 1" in msg and "build again in a new output directory" in msg
+    assert _outputs(out) == before and not (out / "_SUCCESS").exists()
+    # a finished older build is not taken for done either
+    (out / "_SUCCESS").write_text("")
+    with pytest.raises(ConfigError, match="build again"):
+        E.build([warc], out, cfg, workers=1, progress=False)
+
+
 def _run_cli(args: list[str], **kw) -> subprocess.Popen:
     # the corpus commands alone (interleaf.cli would also import the model parts: slower start)
     env = dict(os.environ, PYTHONPATH=f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")

@@ -50,7 +50,10 @@ from interleaf.corpus.base import Drop, RawPage, ReadError, StepStats
 from interleaf.corpus.document import Document
 from interleaf.errors import ConfigError, InputError
 
-RUN_FORMAT = 1
+# the version of what a build writes; a build started by a version that wrote otherwise is not
+# resumed (its finished shards would be mixed with new ones). 2: the C4 default of FineWeb,
+# general_metadata.filter_scores, read.max_page_bytes the extractor's one size limit
+RUN_FORMAT = 2
 WORK = "_work"
 
 # --------------------------------------------------------------------------------------------
@@ -785,6 +788,12 @@ def prepare_run(inputs: list[str | Path], out: str | Path, cfg: dict) -> RunPlan
     mpath = work / "run.json"
     if mpath.exists():
         old = json.loads(mpath.read_text(encoding="utf-8"))
+        if old.get("format") != RUN_FORMAT:
+            raise ConfigError(
+                f"{out}: holds a run started by another interleaf version (run format "
+                f"{old.get('format')}, this version writes {RUN_FORMAT}), which cannot be resumed; "
+                "build again in a new output directory"
+            )
         if old != manifest:
             raise ConfigError(
                 f"{out}: holds a run with other inputs or another config; use a new output directory"
