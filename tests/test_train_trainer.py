@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -638,3 +639,40 @@ def test_a_one_micro_batch_step_backpropagates_the_plain_mean_loss(tiny_dir, met
     want = {n: p.grad for n, p in reference.model.named_parameters() if p.grad is not None}
     assert seen["scale"] == 1.0 and seen["grads"].keys() == want.keys() and want
     assert all(torch.equal(seen["grads"][n], want[n]) for n in want)
+
+
+def test_a_fresh_run_keeps_the_checkpoint_it_starts_from(tiny_dir, meta, tmp_path):
+    """Stage 2 from out/checkpoint-1 into out/ with resume: false must not delete its own start."""
+    train(_cfg(tiny_dir, meta, tmp_path, max_steps=1), log=None)
+    start = tmp_path / "checkpoint-1"
+    result = train(_cfg(start, meta, tmp_path, max_steps=2, resume=False), log=None)
+    assert start.is_dir() and Path(result["checkpoint"]).name == "checkpoint-2"
+
+
+def test_preset_init_folder_follows_preset_and_overrides(meta, tmp_path):
+    common = dict(meta_path=str(meta), output_dir=str(tmp_path), max_steps=1, max_dynamic_patch=1,
+                  max_seq_length=160, max_packed_tokens=160, device="cpu", dtype="fp32", resume=False)  # fmt: skip
+    t = Trainer(build_config({"model_preset": "tiny", **common}), log=None).setup()
+    assert t.raw_model.config.llm.family == "qwen2"
+    cfg = build_config(
+        {"model_preset": "tiny-internlm2", "model_overrides": {"llm.num_hidden_layers": 1}, **common}
+    )
+    t = Trainer(cfg, log=None).setup()
+    assert t.raw_model.config.llm.family == "internlm2" and len(t.raw_model.language_model.model.layers) == 1
+    with pytest.raises(ConfigError, match="'llm.num_hidden_layers': must be int"):
+        Trainer(build_config({"model_preset": "tiny", "model_overrides": {"llm.num_hidden_layers": "2"}, **common}),
+                log=None).setup()  # fmt: skip
+
+
+def test_tile_range_and_drop_path_defaults(tiny_dir, meta, tmp_path):
+    with pytest.raises(ConfigError, match="min_dynamic_patch': 4 is above max_dynamic_patch 2"):
+        _cfg(tiny_dir, meta, tmp_path, min_dynamic_patch=4, max_dynamic_patch=2)
+    # a checkpoint whose config carries a rate (released fine-tunes do) trains without it unless asked
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["vision_config"]["drop_path_rate"] = 0.1
+    (ckpt / "config.json").write_text(json.dumps(config))
+    t = Trainer(_cfg(ckpt, meta, tmp_path / "run"), log=None).setup()
+    assert all(b.drop_path1.p == 0.0 for b in t.raw_model.vision_model.encoder.layers)
+    assert t.raw_model.config.vision.drop_path_rate == 0.0

@@ -210,8 +210,25 @@ def apply_overrides(cfg: InternVLConfig, overrides: dict[str, Any] | None) -> In
             or last not in {f.name for f in dataclasses.fields(target)}
         ):
             raise ConfigError(f"model override {key!r}: no such config field")
+        current = getattr(target, last)
+        if not _same_kind(current, value):
+            raise ConfigError(
+                f"model override {key!r}: must be {type(current).__name__} like the preset's {current!r}, "
+                f"got {type(value).__name__}"
+            )
         setattr(target, last, value)
     return cfg
+
+
+def _same_kind(current: Any, value: Any) -> bool:
+    """Whether ``value`` may replace ``current`` (bool is not a number; an int is a float)."""
+    if current is None:
+        return True
+    if isinstance(current, bool) or isinstance(value, bool):
+        return isinstance(current, bool) and isinstance(value, bool)
+    if isinstance(current, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(current))
 
 
 def init_model(

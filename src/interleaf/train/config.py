@@ -45,9 +45,8 @@ class TrainConfig:
         default_factory=dict
     )  # preset field overrides (e.g. {"llm.num_hidden_layers": 2})
     template: str | None = None  # chat template; default: the checkpoint's
-    drop_path_rate: float | None = (
-        None  # InternViT stochastic depth (upstream scripts: 0.1); default: the checkpoint's
-    )
+    # InternViT stochastic depth, always set on the model as upstream's --drop_path_rate (its scripts: 0.1)
+    drop_path_rate: float = 0.0
     output_dir: str = "runs/train"
 
     # --- data ------------------------------------------------------------------------------
@@ -224,7 +223,12 @@ def build_config(values: dict[str, Any], source: str = "config") -> TrainConfig:
     ):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"config key '{key}': must be positive, got {getattr(cfg, key)}")
-    if cfg.drop_path_rate is not None and not 0 <= cfg.drop_path_rate < 1:
+    if cfg.min_dynamic_patch > cfg.max_dynamic_patch:  # the saved checkpoint could not be loaded
+        raise ConfigError(
+            f"config key 'min_dynamic_patch': {cfg.min_dynamic_patch} is above "
+            f"max_dynamic_patch {cfg.max_dynamic_patch}"
+        )
+    if not 0 <= cfg.drop_path_rate < 1:
         raise ConfigError(f"config key 'drop_path_rate': must be in [0, 1), got {cfg.drop_path_rate}")
     # checked here, not per video: a frame range that cannot be drawn from would skip every video
     if cfg.max_num_frame < cfg.min_num_frame:

@@ -372,17 +372,25 @@ class Trainer:
         if cfg.model_path:
             return Path(cfg.model_path)
         init_dir = self.out / "init"
-        if not (init_dir / "config.json").exists():
-            if self.is_main:
-                from interleaf.model import init_model
+        # what the folder was made from: another preset, override or seed makes it again
+        made_from = {"preset": cfg.model_preset, "overrides": cfg.model_overrides, "seed": cfg.seed}
+        marker = init_dir / "interleaf_init.json"
+        try:
+            current = (init_dir / "config.json").exists() and json.loads(marker.read_text()) == made_from
+        except (OSError, ValueError):  # no marker (made by older code) or unreadable: make it again
+            current = False
+        if not current and self.is_main:
+            from interleaf.model import init_model
 
-                tmp = self.out / ".init-tmp"
-                shutil.rmtree(tmp, ignore_errors=True)
-                init_model(
-                    cfg.model_preset, str(tmp), seed=cfg.seed, dtype="float32", overrides=cfg.model_overrides
-                )
-                os.replace(tmp, init_dir)
-            self._barrier()
+            tmp = self.out / ".init-tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            init_model(
+                cfg.model_preset, str(tmp), seed=cfg.seed, dtype="float32", overrides=cfg.model_overrides
+            )
+            (tmp / marker.name).write_text(json.dumps(made_from))
+            shutil.rmtree(init_dir, ignore_errors=True)
+            os.replace(tmp, init_dir)
+        self._barrier()  # every rank, whatever it saw: a rank that found the new folder must not skip it
         return init_dir
 
     def _barrier(self) -> None:
@@ -423,13 +431,15 @@ class Trainer:
         model, tokenizer = load_checkpoint(str(load_dir), device="cpu")
         model = model.float()
         apply_training_settings(model.config, cfg)
-        if cfg.drop_path_rate is not None:  # recorded in the vision config, so the checkpoint keeps it
-            set_rate = getattr(model.vision_model, "set_drop_path_rate", None)
-            if set_rate is None:
-                raise ConfigError(
-                    f"config key 'drop_path_rate': {type(model.vision_model).__name__} has no ViT blocks to drop"
-                )
+        # always set, as upstream's fine-tuning does: a released config's own rate (0.1 in some) must
+        # not switch stochastic depth on unasked; recorded in the vision config the checkpoint saves
+        set_rate = getattr(model.vision_model, "set_drop_path_rate", None)
+        if set_rate is not None:
             set_rate(cfg.drop_path_rate)
+        elif cfg.drop_path_rate:
+            raise ConfigError(
+                f"config key 'drop_path_rate': {type(model.vision_model).__name__} has no ViT blocks to drop"
+            )
         if cfg.save_layout == "hf":
             model.config.to_hf_dict()  # a layout the model cannot be saved in fails now, not at step N
         counts = set_trainable(model, cfg)
@@ -551,6 +561,9 @@ class Trainer:
             old = [p for p in self.out.glob("checkpoint-*") if p.is_dir()] + list(
                 self.out.glob(".tmp-checkpoint-*")
             )
+            start = Path(self.cfg.model_path).resolve() if self.cfg.model_path else None
+            # never the checkpoint this run starts from (stage 2 from out/checkpoint-N into out/)
+            old = [p for p in old if start is None or not start.is_relative_to(p.resolve())]
         if old:
             self.log(f"resume: false: removing {len(old)} checkpoint(s) of an earlier run in {self.out}")
         for p in old:
