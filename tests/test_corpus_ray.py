@@ -97,9 +97,9 @@ def test_shard_by_files_task_streams_its_file(tmp_path, monkeypatch):
     real_iter, real_imap = E.iter_records, E.IsolatedPool.imap
     lag: list[int] = []
 
-    def counting_iter(paths):
+    def counting_iter(paths, *args):
         nonlocal read
-        for rec in real_iter(paths):
+        for rec in real_iter(paths, *args):
             read += 1
             yield rec
 

@@ -240,3 +240,80 @@ def test_oversized_records_are_reported_unread(tmp_path, backend):
     assert [x.url for x in items if isinstance(x, RawPage)] == [real[0].url, real[1].url]
     (err,) = [x for x in items if isinstance(x, ReadError)]
     assert err.reason == "record_too_large" and "http://e.org/big" in err.detail
+
+
+def _bomb(n: int) -> bytes:
+    """A page of ``n`` bytes that gzip makes a thousand times smaller."""
+    return gzip.compress(b"<html><body><p>" + b" " * n + b"</p></body></html>", 9)
+
+
+def test_gzip_html_page_is_inflated_up_to_the_limit_only(tmp_path):
+    """A 1.4 MB .html.gz inflating to 420 MB was decompressed in full (866 MB RSS) to be refused."""
+    import tracemalloc
+
+    from interleaf.corpus import engine as E
+    from interleaf.corpus import pipeline as P
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "big.html.gz").write_bytes(_bomb(60_000_000))
+    (site / "small.html.gz").write_bytes(gzip.compress(b"<html><body><p>ok</p></body></html>"))
+    (site / "plain.html").write_bytes(b"<html><body><p>" + b"x" * 5000 + b"</p></body></html>")
+    tracemalloc.start()
+    try:
+        pages = list(read_html(site, max_bytes=1000))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5_000_000, peak
+    assert [len(p.html) for p in pages] == [1001, 1001, len(b"<html><body><p>ok</p></body></html>")]
+    assert len(next(read_html(site / "big.html.gz", max_bytes=None)).html) > 60_000_000  # no limit: whole
+    cfg = P.load_config({"read": {"max_page_bytes": 1000}, "filters": []})
+    out = tmp_path / "o"
+    E.build([site], out, cfg, workers=1, progress=False)
+    errors = [r for p in sorted((out / "errors").glob("*.jsonl")) for r in E._read_jsonl(p)]
+    assert [(e["reason"], e["detail"]) for e in errors] == [
+        ("page_too_large", "more than read.max_page_bytes=1000"),
+        ("page_too_large", "more than read.max_page_bytes=1000"),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_warc_content_encoding_is_inflated_up_to_the_limit_only(tmp_path, backend):
+    real = _real_pages(2)
+    html = [("Content-Type", "text/html")]
+    gz = html + [("Content-Encoding", "gzip")]
+    _write_warc(
+        tmp_path / "b.warc.gz",
+        [
+            ("http://e.org/bomb", _bomb(30_000_000), gz, "200 OK"),
+            (real[0].url, gzip.compress(real[0].html) + gzip.compress(b"<!-- 2nd member -->"), gz, "200 OK"),
+            (real[1].url, gzip.compress(real[1].html)[:-30], gz, "200 OK"),  # truncated stream
+        ],
+        True,
+    )
+    items = list(read_warc(tmp_path / "b.warc.gz", backend=backend, max_record_bytes=1_000_000))
+    bomb, page, bad = items
+    assert isinstance(bomb, RawPage) and len(bomb.html) == 1_000_001
+    assert page.html == real[0].html + b"<!-- 2nd member -->"
+    assert isinstance(bad, ReadError) and bad.reason == "bad_content_encoding"
+
+
+def test_build_reads_warc_records_up_to_the_page_limit(tmp_path):
+    """read.max_page_bytes is the WARC reader's record limit too (plus the HTTP headers' allowance)."""
+    from interleaf.corpus import engine as E
+    from interleaf.corpus.warc import HTTP_HEADER_ALLOWANCE
+
+    real = _real_pages(1)
+    html = [("Content-Type", "text/html")]
+    big = b"<html><body>" + b"<p>x</p>" * 200_000 + b"</body></html>"
+    assert len(big) > HTTP_HEADER_ALLOWANCE
+    _write_warc(
+        tmp_path / "b.warc.gz",
+        [(real[0].url, real[0].html, html, "200 OK"), ("http://e.org/big", big, html, "200 OK")],
+        True,
+    )
+    limit = len(big) - HTTP_HEADER_ALLOWANCE - 1000  # the record (page + headers) is over limit + allowance
+    page, err = E.iter_records([tmp_path / "b.warc.gz"], limit)
+    assert page.url == real[0].url and err.reason == "record_too_large"
+    assert [type(x) for x in E.iter_records([tmp_path / "b.warc.gz"], len(big))] == [RawPage, RawPage]

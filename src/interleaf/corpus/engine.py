@@ -120,18 +120,26 @@ def _kind(path: Path) -> str:
     return "unsupported"
 
 
-def iter_records(paths: list[Path]) -> Iterator[RawPage | Document | ReadError]:
-    """Every record of every input, in order: pages to extract, corpus rows, or read errors."""
+def iter_records(
+    paths: list[Path], max_page_bytes: int | None = None
+) -> Iterator[RawPage | Document | ReadError]:
+    """Every record of every input, in order: pages to extract, corpus rows, or read errors.
+
+    ``max_page_bytes`` (``read.max_page_bytes``): no more than one byte over it is read or
+    decompressed of a page (the worker refuses the page as ``page_too_large``); WARC records over
+    it by more than the HTTP headers' allowance are ``record_too_large`` read errors, unread.
+    """
     for path in paths:
         kind = _kind(path)
         if kind == "warc":
-            from interleaf.corpus.warc import read_warc
+            from interleaf.corpus.warc import HTTP_HEADER_ALLOWANCE, MAX_RECORD_BYTES, read_warc
 
-            yield from read_warc(str(path))
+            limit = MAX_RECORD_BYTES if max_page_bytes is None else max_page_bytes + HTTP_HEADER_ALLOWANCE
+            yield from read_warc(str(path), max_record_bytes=limit)
         elif kind == "html":
             from interleaf.corpus.warc import read_html
 
-            yield from read_html(str(path))
+            yield from read_html(str(path), max_bytes=max_page_bytes)
         elif kind == "corpus":
             from interleaf.corpus.formats import read_corpus
 
@@ -188,11 +196,13 @@ class DocProcessor:
             if len(rec.html) > self.max_bytes:
                 st = StepStats(name="extract", docs_in=1)
                 st.errors_by_reason["page_too_large"] += 1
+                # the readers stop one byte over the limit: the page's size is not known
+                size = "more than" if len(rec.html) == self.max_bytes + 1 else f"{len(rec.html)} bytes >"
                 return {
                     "status": "error",
                     "stage": "extract",
                     "reason": "page_too_large",
-                    "detail": f"{len(rec.html)} bytes > read.max_page_bytes={self.max_bytes}",
+                    "detail": f"{size} read.max_page_bytes={self.max_bytes}",
                     "stats": [st],
                     **ident,
                 }
@@ -831,6 +841,7 @@ def run_stage1_local(plan: RunPlan, workers: int, progress: bool = True) -> int:
     n_records = 0
 
     by_files = cfg["read"]["shard_by"] == "files"
+    max_page = int(cfg["read"]["max_page_bytes"])
 
     def items() -> Iterator[tuple[tuple[int, int], Any]]:
         nonlocal n_records
@@ -840,13 +851,13 @@ def run_stage1_local(plan: RunPlan, workers: int, progress: bool = True) -> int:
                     continue
                 buffers.setdefault(s, {})
                 pos = 0
-                for rec in iter_records([path]):
+                for rec in iter_records([path], max_page):
                     yield (s, pos), rec
                     pos += 1
                 expected[s] = pos
             return
         count: dict[int, int] = {}
-        for idx, rec in enumerate(iter_records(plan.inputs)):
+        for idx, rec in enumerate(iter_records(plan.inputs, max_page)):
             n_records = idx + 1
             s, pos = divmod(idx, size)
             count[s] = pos + 1

@@ -31,7 +31,7 @@ def _stage1_task(out: str, shard: int, records: list | str, cfg: dict) -> int:
     if isinstance(records, str):
         # read.shard_by: files -> the task streams its own input file into the pool (a Common
         # Crawl WARC is ~1 GB: only the records in flight are held, as in the local engine)
-        records = E.iter_records([Path(records)])
+        records = E.iter_records([Path(records)], int(cfg["read"]["max_page_bytes"]))
     pool = E.IsolatedPool(cfg, workers=1)
     results: dict[int, dict] = {}
     for pos, outcome in pool.imap(enumerate(records)):
@@ -134,7 +134,7 @@ def build_ray(
                 nonlocal n_records
                 buf: list[Any] = []
                 shard = 0
-                for rec in E.iter_records(plan.inputs):
+                for rec in E.iter_records(plan.inputs, int(cfg["read"]["max_page_bytes"])):
                     n_records += 1
                     buf.append(rec)
                     if len(buf) == size:

@@ -175,17 +175,33 @@ def _dechunk(body: bytes) -> bytes:
         pos = start + size + 2
 
 
-def _decode_content(body: bytes, encoding: str) -> bytes:
+def _inflate(body: bytes, wbits: int, limit: int) -> bytes:
+    """``body`` decompressed (every gzip member), at most ``limit + 1`` bytes of it: a small
+    compressed page that inflates to gigabytes is not inflated in full to be refused."""
+    out = bytearray()
+    while True:
+        d = zlib.decompressobj(wbits)
+        out += d.decompress(body, limit + 1 - len(out))
+        if len(out) > limit:  # over the limit: the rest is never inflated
+            return bytes(out)
+        if not d.eof:
+            raise EOFError("compressed data ended before the end-of-stream marker was reached")
+        body = d.unused_data
+        if wbits != 31 or not body:
+            return bytes(out)
+
+
+def _decode_content(body: bytes, encoding: str, limit: int | None = None) -> bytes:
     encoding = encoding.lower().strip()
     if encoding in ("", "identity", "none"):
         return body
     if encoding in ("gzip", "x-gzip"):
-        return gzip.decompress(body)
+        return gzip.decompress(body) if limit is None else _inflate(body, 31, limit)
     if encoding == "deflate":
         try:
-            return zlib.decompress(body)
+            return zlib.decompress(body) if limit is None else _inflate(body, 15, limit)
         except zlib.error:
-            return zlib.decompress(body, -zlib.MAX_WBITS)
+            return zlib.decompress(body, -zlib.MAX_WBITS) if limit is None else _inflate(body, -15, limit)
     if encoding == "br":
         import brotli  # type: ignore[import-not-found]  # optional
 
@@ -208,8 +224,12 @@ def _record_to_page(
     content_length: int,
     offset: int,
     length: int | None,
+    max_bytes: int | None = None,
 ) -> RawPage | ReadError:
-    """Turn one response record into a RawPage, or a ReadError saying why not."""
+    """Turn one response record into a RawPage, or a ReadError saying why not.
+
+    A compressed body is inflated to at most ``max_bytes + 1`` bytes (a larger page is refused
+    later as ``page_too_large`` anyway)."""
     url = warc_headers.get("warc-target-uri", "")
     if len(block) < content_length or not url:
         return ReadError(source, offset, "truncated_record", f"{len(block)} of {content_length} bytes")
@@ -221,7 +241,7 @@ def _record_to_page(
     try:
         if "chunked" in http.get("transfer-encoding", "").lower():
             body = _dechunk(body)
-        body = _decode_content(body, http.get("content-encoding", ""))
+        body = _decode_content(body, http.get("content-encoding", ""), max_bytes)
     except Exception as exc:  # noqa: BLE001 - any decoding failure is this record's reason
         return ReadError(source, offset, "bad_content_encoding", f"{url}: {exc}"[:300])
     content_type = warc_headers.get("warc-identified-payload-type") or http.get("content-type", "")
@@ -270,6 +290,9 @@ def _next_record_start(path: str, after: int, gz: bool) -> int | None:
 
 
 MAX_RECORD_BYTES = 50_000_000  # larger response records are not read (a video is not a page)
+# a response record is the page and its HTTP headers: a build reads records of up to
+# read.max_page_bytes + this, so that no page within the limit is refused for its headers
+HTTP_HEADER_ALLOWANCE = 1 << 20
 
 
 def read_warc(
@@ -390,7 +413,7 @@ def _iter_fastwarc(path: str, start: int, size: int, max_bytes: int) -> Iterator
                 pos = base + rec.stream_pos
                 if pending is not None:
                     yield _record_to_page(
-                        path, pending[1], pending[2], pending[3], pending[0], pos - pending[0]
+                        path, pending[1], pending[2], pending[3], pending[0], pos - pending[0], max_bytes
                     )
                     pending = None
                 if prev is not None:
@@ -418,13 +441,15 @@ def _iter_fastwarc(path: str, start: int, size: int, max_bytes: int) -> Iterator
                     bad = start if prev is None else (_record_end(path, mm, gz, *prev) or prev[0])
                     if pending is not None:
                         yield _record_to_page(
-                            path, pending[1], pending[2], pending[3], pending[0], bad - pending[0]
+                            path, pending[1], pending[2], pending[3], pending[0], bad - pending[0], max_bytes
                         )
                 yield ReadError(path, bad, "corrupt_record", f"{type(exc).__name__}: {exc}"[:300])
                 yield _Resync(bad)
                 return
         if pending is not None:
-            yield _record_to_page(path, pending[1], pending[2], pending[3], pending[0], size - pending[0])
+            yield _record_to_page(
+                path, pending[1], pending[2], pending[3], pending[0], size - pending[0], max_bytes
+            )
         if prev is not None and mm is not None:
             skipped = _skipped_bytes(mm, prev[0], prev[1], size)
             if skipped is not None:
@@ -467,7 +492,7 @@ def _iter_warcio(path: str, start: int, size: int, max_bytes: int) -> Iterator[R
                 if too_large:
                     yield _too_large(path, pos, headers, content_length, max_bytes)
                     continue
-                yield _record_to_page(path, headers, block, content_length, pos, length)
+                yield _record_to_page(path, headers, block, content_length, pos, length, max_bytes)
             except StopIteration:
                 break
             except Exception as exc:  # noqa: BLE001 - ArchiveLoadFailed, zlib.error, EOFError, ...
@@ -485,11 +510,15 @@ def _iter_warcio(path: str, start: int, size: int, max_bytes: int) -> Iterator[R
 # ---------------------------------------------------------------------------------------------
 # HTML files
 # ---------------------------------------------------------------------------------------------
-def read_html(path: str | os.PathLike, base_url: str | None = None) -> Iterator[RawPage | ReadError]:
+def read_html(
+    path: str | os.PathLike, base_url: str | None = None, max_bytes: int | None = None
+) -> Iterator[RawPage | ReadError]:
     """Yield a ``RawPage`` per HTML file under ``path`` (a file or a directory, walked in sorted order).
 
     The page URL is ``base_url`` joined with the file's relative path when given, else the
-    file's ``file://`` URL, so relative image ``src`` values resolve to real files.
+    file's ``file://`` URL, so relative image ``src`` values resolve to real files. With
+    ``max_bytes``, at most ``max_bytes + 1`` bytes of a page are read (a ``.gz`` page is inflated
+    as it is read): a larger page is refused as ``page_too_large`` without being held whole.
     """
     root = Path(path)
     if root.is_dir():
@@ -498,9 +527,13 @@ def read_html(path: str | os.PathLike, base_url: str | None = None) -> Iterator[
         files = [root]
     for f in files:
         try:
-            data = f.read_bytes()
-            if f.name.lower().endswith(".gz"):  # Debian ships many manuals as .html.gz
-                data = gzip.decompress(data)
+            size = -1 if max_bytes is None else max_bytes + 1
+            with open(f, "rb") as fh:
+                if f.name.lower().endswith(".gz"):  # Debian ships many manuals as .html.gz
+                    with gzip.GzipFile(fileobj=fh) as gz:
+                        data = gz.read(size)
+                else:
+                    data = fh.read(size)
             mtime = datetime.fromtimestamp(f.stat().st_mtime, tz=timezone.utc)
         except (OSError, EOFError, zlib.error) as exc:
             yield ReadError(str(f), None, "unreadable_file", str(exc))
