@@ -517,3 +517,54 @@ def test_relative_local_roots_are_absolute_in_the_settings_key(tmp_path, monkeyp
     assert in_b["local_roots"] == [str(tmp_path / "b" / "site")]
     assert F.settings_key(in_a) != F.settings_key(in_b)
     assert F.settings_key(P.fetch_config(in_b)) == F.settings_key(in_b)
+
+
+def _outcome(r):
+    return (r.ok, r.reason, r.detail, r.real_width, r.sha256, r.content_type)
+
+
+def test_stored_bytes_of_private_addresses_are_not_reused_without_allow_private(server, tmp_path):
+    """Bytes an allow_private run stored for http://127.1/... or a host name were taken by a
+    non-private run, whose first run gives private_address."""
+    assert [F.literal_ip(h) for h in ("127.1", "2130706433", "0x7f.1", "::1", "example.org")] == [
+        "127.0.0.1",
+        "127.0.0.1",
+        "127.0.0.1",
+        "::1",
+        None,
+    ]
+    port = server.rsplit(":", 1)[1]
+    urls = [f"http://{h}:{port}/ok.png" for h in ("127.1", "2130706433", "0x7f.1", "localhost")]
+    wide = F.ImageFetcher(tmp_path / "img", allow_private=True)
+    assert all(wide.fetch(u).ok for u in urls)
+    for u in urls:
+        again = F.ImageFetcher(tmp_path / "img").fetch(u)
+        first = F.ImageFetcher(tmp_path / f"fresh-{len(u)}").fetch(u)
+        assert again.reason == "private_address" and _outcome(again) == _outcome(first), u
+    # and an allow_private rerun still reuses them (no new request), exactly as it fetched them
+    n = COUNTS["/ok.png"]
+    assert _outcome(wide.fetch(urls[0])) == _outcome(
+        F.ImageFetcher(tmp_path / "fresh", allow_private=True).fetch(urls[0])
+    )
+    assert COUNTS["/ok.png"] == n + 1  # the fresh store's request only
+
+
+def test_stored_bytes_follow_the_offline_sources(server, tmp_path):
+    """Changed offline sources gave the old stored bytes (width 300 where a first run gives 100)."""
+    url = f"{server}/ok.png"
+    small = _png(100, 100, 7)
+    for sources in ({url: PNG}, {url: small}, None, {url: small}, {url: PNG}):
+        got = F.ImageFetcher(tmp_path / "img", allow_private=True, sources=sources).fetch(url)
+        first = F.ImageFetcher(tmp_path / "fresh", allow_private=True, sources=sources).fetch(url)
+        F.shutil.rmtree(tmp_path / "fresh")
+        assert _outcome(got) == _outcome(first)
+        assert got.real_width == (100 if sources and sources[url] == small else 300)
+        assert F.Path(got.bytes_path).read_bytes() == (sources or {url: PNG})[url]
+    # bytes stored from sources are not taken for downloaded ones by a run without the sources
+    F.ImageFetcher(tmp_path / "img2", sources={url: small}).fetch(url)
+    assert F.ImageFetcher(tmp_path / "img2").fetch(url).reason == "private_address"
+    # a kill between the record and the bytes leaves nothing reusable
+    f = F.ImageFetcher(tmp_path / "img3", allow_private=True)
+    assert f.fetch(url).real_width == 300
+    f.path_for(url).write_bytes(small)  # bytes that the record does not describe
+    assert f.fetch(url).real_width == 300

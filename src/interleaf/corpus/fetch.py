@@ -2,8 +2,9 @@
 
 ``ImageFetcher`` downloads image URLs concurrently (threads), each with a time limit, a size cap,
 a content-type check and retries on transient failures; the bytes are stored under
-``sha256(url)`` (a stored file is reused, which makes a re-run cheap and resumable) and every
-failure is returned with its reason. Addresses are checked after DNS resolution and the
+``sha256(url)`` with a record of how they were obtained (downloaded bytes are reused when the
+fetcher's settings would download them the same way, which makes a re-run cheap and resumable;
+offline sources and local files are read again) and every failure is returned with its reason. Addresses are checked after DNS resolution and the
 connection is pinned to the checked address (no DNS-rebinding window): private, loopback,
 link-local, multicast and reserved addresses are refused unless ``allow_private=True``. ``file://``
 URLs and local paths work offline, but only under ``local_roots`` (or with ``allow_private``):
@@ -150,6 +151,20 @@ def address_allowed(ip: str) -> bool:
     )
 
 
+def literal_ip(host: str) -> str | None:
+    """The address ``host`` names when it is an address literal in any form the network stack
+    takes (``127.1``, ``2130706433``, ``0x7f.1`` are 127.0.0.1, as ``inet_aton`` reads them);
+    None for a host name."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    try:
+        return socket.inet_ntoa(socket.inet_aton(host))
+    except (OSError, ValueError):
+        return None
+
+
 class _PinnedHTTP(http.client.HTTPConnection):
     def __init__(self, host: str, port: int, ip: str, timeout: float):
         super().__init__(host, port, timeout=timeout)
@@ -194,16 +209,37 @@ class ImageFetcher:
         h = hashlib.sha256(url.encode("utf-8")).hexdigest()
         return self.store_dir / h[:2] / h
 
-    def _store(self, url: str, data: bytes) -> Path:
+    def _store(self, url: str, data: bytes, how: dict | None = None) -> Path:
+        """Store ``data`` for ``url`` with ``how`` it was obtained (``_reusable`` reads it): the
+        record, written first, names the bytes' sha256, so a kill between the two writes leaves
+        a record that matches no bytes and nothing reusable."""
         p = self.path_for(url)
         p.parent.mkdir(parents=True, exist_ok=True)
+        if how is not None:
+            how = how | {"sha256": hashlib.sha256(data).hexdigest()}
+            if self._how(p) != how:
+                self._write(self._how_path(p), json.dumps(how, sort_keys=True).encode())
+        if not (p.exists() and p.stat().st_size == len(data) and p.read_bytes() == data):
+            self._write(p, data)
+        return p
+
+    def _write(self, p: Path, data: bytes) -> None:
         # temporaries live in one folder, named by process, so that clean_tmp finds a killed run's
         tmp_dir = self.store_dir / ".tmp"
         tmp_dir.mkdir(exist_ok=True)
         tmp = tmp_dir / f"{os.getpid()}-{threading.get_ident()}-{p.name}"
         tmp.write_bytes(data)
         os.replace(tmp, p)
-        return p
+
+    @staticmethod
+    def _how_path(p: Path) -> Path:
+        return p.with_name(p.name + ".json")
+
+    def _how(self, p: Path) -> dict | None:
+        try:
+            return json.loads(self._how_path(p).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
 
     def clean_tmp(self) -> None:
         """Remove the temporaries of fetchers that died (a live process may share the store)."""
@@ -221,14 +257,14 @@ class ImageFetcher:
         res = FetchResult(url=url, ok=False)
         stored = self.path_for(url)
         try:
-            if stored.exists():
-                self._check_stored(url, stored)
-                data, ctype = stored.read_bytes(), None
+            reused = self._reusable(url, stored)
+            if reused is not None:
+                data, ctype, how = reused, (self._how(stored) or {}).get("content_type"), None
             else:
-                data, ctype = self._download_with_retries(url, res)
+                data, ctype, how = self._download_with_retries(url, res)
             self._describe(res, data, ctype)
-            if not stored.exists():
-                self._store(url, data)
+            if how is not None:
+                self._store(url, data, how)
             res.bytes_path = str(stored)
             res.ok = True
         except FetchError as exc:
@@ -237,27 +273,38 @@ class ImageFetcher:
             res.reason, res.detail = f"error:{type(exc).__name__}", str(exc)[:300]
         return res
 
-    def _check_stored(self, url: str, stored: Path) -> None:
-        """The checks that need no network, for bytes another run stored: a run with narrower
-        ``local_roots`` or a smaller ``max_bytes`` must not take them (its first run would not)."""
+    def _reusable(self, url: str, stored: Path) -> bytes | None:
+        """The stored bytes of ``url`` when this fetcher's first run would obtain the same, else
+        None (obtain them again). Offline sources and local files are always read again (cheap, and
+        they may have changed); downloaded bytes are reused when they were downloaded (the record
+        written with them says so, for these very bytes) from addresses this fetcher may reach.
+        Bytes stored without a record (older versions) are reused only with ``allow_private``."""
         if self.sources is not None and url in self.sources:
-            return
+            return None
         parsed = urllib.parse.urlsplit(url)
-        if parsed.scheme in ("", "file"):
-            self._local_path(urllib.parse.unquote(parsed.path) if parsed.scheme else url)
-        elif not self.allow_private:  # an address literal is checked without DNS; a name is not
+        if parsed.scheme not in ("http", "https") or not stored.exists():
+            return None
+        if not self.allow_private:  # an address literal, in any form the network stack takes
             host = parsed.hostname or ""
-            ip = "127.0.0.1" if host == "localhost" else host
-            try:
-                allowed = address_allowed(ip)
-            except ValueError:  # a host name
-                allowed = True
-            if not allowed:
-                raise FetchError("private_address", host)
+            ip = literal_ip(host)
+            if ip is not None and not address_allowed(ip):
+                raise FetchError("private_address", f"{host} -> {ip}")
+        how = self._how(stored)
+        if how is None and not self.allow_private:
+            return None
+        if how is not None and how.get("via") != "network":
+            return None
         if stored.stat().st_size > self.max_bytes:
             raise FetchError("too_large", f"{stored.stat().st_size} bytes")
+        data = stored.read_bytes()
+        if how is not None:
+            if how.get("sha256") != hashlib.sha256(data).hexdigest():
+                return None  # a kill between the record and the bytes
+            if how.get("private") and not self.allow_private:
+                raise FetchError("private_address", how["private"])
+        return data
 
-    def _download_with_retries(self, url: str, res: FetchResult) -> tuple[bytes, str | None]:
+    def _download_with_retries(self, url: str, res: FetchResult) -> tuple[bytes, str | None, dict]:
         last: FetchError | None = None
         for attempt in range(self.retries + 1):
             res.attempts = attempt + 1
@@ -270,16 +317,20 @@ class ImageFetcher:
                 time.sleep(self.backoff_s * (2**attempt))
         raise last  # pragma: no cover
 
-    def _download(self, url: str) -> tuple[bytes, str | None]:
+    def _download(self, url: str) -> tuple[bytes, str | None, dict]:
+        """The bytes, their content type, and how they were obtained (stored with them)."""
         if self.sources is not None and url in self.sources:
-            return self.sources[url], None
+            return self.sources[url], None, {"via": "source"}
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme in ("", "file"):
-            return self._read_local(urllib.parse.unquote(parsed.path) if parsed.scheme else url), None
+            path = urllib.parse.unquote(parsed.path) if parsed.scheme else url
+            return self._read_local(path), None, {"via": "local"}
         if parsed.scheme not in ("http", "https"):
             raise FetchError("unsupported_scheme", parsed.scheme)
+        private = None  # the first private address on the way (allow_private only)
         for _ in range(self.max_redirects + 1):
-            status, headers, body = self._http_get(url)
+            status, headers, body, bad = self._http_get(url)
+            private = private or bad
             if status in (301, 302, 303, 307, 308):
                 loc = headers.get("location")
                 if not loc:
@@ -293,7 +344,7 @@ class ImageFetcher:
             ctype = (headers.get("content-type") or "").split(";")[0].strip().lower()
             if not ctype.startswith("image/"):
                 raise FetchError("bad_content_type", ctype or "(none)")
-            return body, ctype
+            return body, ctype, {"via": "network", "private": private, "content_type": ctype}
         raise FetchError("too_many_redirects", url)
 
     def _local_path(self, path: str) -> Path:
@@ -310,7 +361,8 @@ class ImageFetcher:
             raise FetchError("too_large", f"{p.stat().st_size} bytes")
         return p.read_bytes()
 
-    def _http_get(self, url: str) -> tuple[int, dict[str, str], bytes]:
+    def _http_get(self, url: str) -> tuple[int, dict[str, str], bytes, str | None]:
+        """Status, headers, body, and ``'HOST -> IP'`` when an address was private (else None)."""
         parsed = urllib.parse.urlsplit(url)
         host = parsed.hostname
         if not host:
@@ -322,10 +374,10 @@ class ImageFetcher:
         except socket.gaierror as exc:
             raise FetchError("dns_error", str(exc), transient=False) from None
         ips = [i[4][0] for i in infos]
-        if not self.allow_private:
-            bad = [ip for ip in ips if not address_allowed(ip)]
-            if bad:
-                raise FetchError("private_address", f"{host} -> {bad[0]}")
+        bad = [ip for ip in ips if not address_allowed(ip)]
+        private = f"{host} -> {bad[0]}" if bad else None
+        if private and not self.allow_private:
+            raise FetchError("private_address", private)
         cls = _PinnedHTTPS if parsed.scheme == "https" else _PinnedHTTP
         conn = cls(host, port, ips[0], self.timeout_s)
         path = parsed.path or "/"
@@ -336,7 +388,7 @@ class ImageFetcher:
             resp = conn.getresponse()
             headers = {k.lower(): v for k, v in resp.getheaders()}
             if resp.status != 200:
-                return resp.status, headers, b""
+                return resp.status, headers, b"", private
             ctype = (headers.get("content-type") or "").split(";")[0].strip().lower()
             if not ctype.startswith("image/"):
                 raise FetchError("bad_content_type", ctype or "(none)")
@@ -354,7 +406,7 @@ class ImageFetcher:
                 if total > self.max_bytes:
                     raise FetchError("too_large", f"> {self.max_bytes} bytes")
                 chunks.append(chunk)
-            return resp.status, headers, b"".join(chunks)
+            return resp.status, headers, b"".join(chunks), private
         except TimeoutError as exc:
             raise FetchError("timeout", str(exc) or f"{self.timeout_s:g} s", transient=True) from None
         except (ConnectionError, http.client.HTTPException, OSError) as exc:
