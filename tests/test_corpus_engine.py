@@ -414,7 +414,7 @@ def test_a_folder_yields_every_input_in_it(tmp_path):
     paths = E.expand_inputs([site])
     assert paths == [
         site.resolve(),
-        *(site.resolve() / n for n in ("rows.jsonl", "searchindex.json", "notes.txt")),
+        *(site.resolve() / n for n in ("rows.jsonl", "notes.txt", "searchindex.json")),
     ]
     cfg = P.load_config(_cfg(tmp_path))
     stats = E.build([site], tmp_path / "out", cfg, workers=1, progress=False)
@@ -428,7 +428,7 @@ def test_a_folder_yields_every_input_in_it(tmp_path):
         for x in p.read_text().splitlines()
     ]
     assert {(Path(e["source"]).name, e["reason"]) for e in errors} == {
-        ("searchindex.json", "bad_row"),
+        ("searchindex.json", "unsupported_file"),  # one error, not one per line
         ("notes.txt", "unsupported_file"),
     }
     # a folder with nothing to read is an error naming it; an unknown file named explicitly too
@@ -455,3 +455,30 @@ def test_single_gz_and_shtml_pages_are_inputs(tmp_path):
     assert stats["records_in"] == 2 and stats["errors"] == 0 and stats["docs_out"] == 2
     urls = [d.url for d in E.iter_output_documents(tmp_path / "out")]
     assert urls == [(tmp_path / "manual.html").resolve().as_uri(), shtml.resolve().as_uri()]
+
+
+def test_site_json_file_is_one_unsupported_file_error(tmp_path):
+    """A site's pretty-printed manifest.json was read as a corpus: one bad_json error per line."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text(
+        "<html><body><p>" + "A page of the site with enough words to keep. " * 20 + "</p></body></html>"
+    )
+    (site / "manifest.json").write_text(
+        json.dumps({"name": "site", "icons": [{"src": "a.png"}] * 3}, indent=2)
+    )
+    assert len((site / "manifest.json").read_text().splitlines()) > 10
+    row = {
+        "texts": ["A document of a JSON-lines corpus named .json.", None],
+        "images": [None, "http://e.org/a.png"],
+    }
+    (site / "rows.json").write_text("\n" + json.dumps(row) + "\n")
+    (site / "rows.jsonl").write_text(json.dumps(row) + "\n")
+    assert [p.name for p in E.expand_inputs([site])] == ["site", "rows.json", "rows.jsonl", "manifest.json"]
+    out = tmp_path / "o"
+    cfg = P.load_config({"filters": [], "dedup": {"minhash": {"enabled": False}, "url": {"enabled": False}}})
+    E.build([site], out, cfg, workers=1, progress=False)
+    errors = [r for p in sorted((out / "errors").glob("*.jsonl")) for r in E._read_jsonl(p)]
+    assert [(Path(e["source"]).name, e["reason"]) for e in errors] == [("manifest.json", "unsupported_file")]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["records_in"] == 4 and stats["errors"] == 1

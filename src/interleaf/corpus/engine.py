@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gzip
 import json
 import multiprocessing as mp
 import os
@@ -93,7 +94,10 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
         groups: dict[str, list[Path]] = {"html": [], "warc": [], "corpus": [], "unsupported": []}
         for f in folder_files(p):
             if not f.name.lower().endswith(_ASSET_SUFFIXES):
-                groups[_kind(f)].append(f)
+                kind = _kind(f)
+                if kind == "corpus" and not _corpus_file(f):  # a site's manifest.json, not a corpus
+                    kind = "unsupported"
+                groups[kind].append(f)
         if not any(groups.values()):
             raise InputError(f"{p}: folder holds no WARC, HTML, Parquet or JSONL files")
         if groups["html"]:
@@ -103,6 +107,27 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
 
 
 CORPUS_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson")
+
+
+_JSON_SUFFIXES = (".json", ".json.gz")  # a corpus (JSON lines) or any JSON file: looked into
+
+
+def _corpus_file(path: Path) -> bool:
+    """False for a ``.json`` file that is not a JSON-lines corpus: its first non-empty line is not
+    a complete JSON object with the fields of a corpus row (``texts`` and ``images``, or MMC4's
+    ``text_list``). Other corpus suffixes are corpora."""
+    if not path.name.lower().endswith(_JSON_SUFFIXES):
+        return True
+    try:
+        opener = gzip.open if path.name.lower().endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    row = json.loads(line)
+                    return isinstance(row, dict) and ({"texts", "images"} <= row.keys() or "text_list" in row)
+    except (OSError, EOFError, ValueError):
+        return False
+    return False
 
 
 def _kind(path: Path) -> str:
@@ -140,6 +165,10 @@ def iter_records(
             from interleaf.corpus.warc import read_html
 
             yield from read_html(str(path), max_bytes=max_page_bytes)
+        elif kind == "corpus" and not _corpus_file(path):
+            yield ReadError(
+                str(path), None, "unsupported_file", "a JSON file that is not a JSON-lines corpus"
+            )
         elif kind == "corpus":
             from interleaf.corpus.formats import read_corpus
 
