@@ -438,6 +438,17 @@ def test_a_folder_yields_every_input_in_it(tmp_path):
         E.expand_inputs([tmp_path / "empty"])
     with pytest.raises(InputError, match="notes.txt: unknown input type"):
         E.expand_inputs([site / "notes.txt"])
+    # .json: a pretty-printed document is not a corpus; JSON lines with a damaged first row or a BOM are
+    row = json.dumps({"texts": ["T", None], "images": [None, "http://x.example/i.png"]})
+    (tmp_path / "manifest.json").write_text(
+        json.dumps({"name": "site", "icons": [{"src": "a.png"}]}, indent=2)
+    )
+    (tmp_path / "damaged.json").write_text('{"texts": ["cut\n' + row + "\n" + row + "\n")
+    (tmp_path / "bom.json").write_text("\ufeff" + row + "\n", encoding="utf-8")
+    assert not E._corpus_file(tmp_path / "manifest.json")
+    assert E._corpus_file(tmp_path / "damaged.json") and E._corpus_file(tmp_path / "bom.json")
+    stats = E.build([tmp_path / "damaged.json"], tmp_path / "out-damaged", cfg, workers=1, progress=False)
+    assert (stats["records_in"], stats["errors"], stats["balanced"]) == (3, 1, True)
 
 
 def test_single_gz_and_shtml_pages_are_inputs(tmp_path):

@@ -112,22 +112,36 @@ CORPUS_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndj
 _JSON_SUFFIXES = (".json", ".json.gz")  # a corpus (JSON lines) or any JSON file: looked into
 
 
+_ONE_DOCUMENT_BYTES = 64 << 20  # a .json this small may be one (pretty-printed) JSON document
+
+
 def _corpus_file(path: Path) -> bool:
-    """False for a ``.json`` file that is not a JSON-lines corpus: its first non-empty line is not
-    a complete JSON object with the fields of a corpus row (``texts`` and ``images``, or MMC4's
-    ``text_list``). Other corpus suffixes are corpora."""
+    """False for a ``.json`` file that is not a JSON-lines corpus: its first non-empty line is a
+    JSON value but not a corpus row (``texts`` and ``images``, or MMC4's ``text_list``), or the
+    whole file is one multi-line JSON document (a site's ``manifest.json``). A first line that does
+    not parse in a file that is not one document is a damaged row of a corpus: read, and that line
+    counted as an error. Other corpus suffixes are corpora."""
     if not path.name.lower().endswith(_JSON_SUFFIXES):
         return True
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
-        opener = gzip.open if path.name.lower().endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    row = json.loads(line)
-                    return isinstance(row, dict) and ({"texts", "images"} <= row.keys() or "text_list" in row)
-    except (OSError, EOFError, ValueError):
+        with opener(path, "rt", encoding="utf-8-sig") as fh:
+            first = next((line for line in fh if line.strip()), None)
+            if first is None:
+                return False
+            try:
+                row = json.loads(first)
+            except ValueError:
+                if path.stat().st_size > _ONE_DOCUMENT_BYTES:
+                    return True
+                fh.seek(0)
+                json.loads(fh.read())  # parses: one pretty-printed document, not JSON lines
+                return False
+            return isinstance(row, dict) and ({"texts", "images"} <= row.keys() or "text_list" in row)
+    except (OSError, EOFError, UnicodeDecodeError):  # (UnicodeDecodeError is a ValueError too)
         return False
-    return False
+    except ValueError:  # not one document either: JSON lines with a damaged row
+        return True
 
 
 def _kind(path: Path) -> str:

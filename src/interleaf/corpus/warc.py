@@ -186,7 +186,7 @@ def _inflate(body: bytes, wbits: int, limit: int) -> bytes:
             return bytes(out)
         if not d.eof:
             raise EOFError("compressed data ended before the end-of-stream marker was reached")
-        body = d.unused_data
+        body = d.unused_data.lstrip(b"\0")  # zero padding between gzip members, as gzip.decompress allows
         if wbits != 31 or not body:
             return bytes(out)
 
