@@ -136,10 +136,15 @@ class SkipLog:
         return sum(self.counts.values())
 
     def summary(self) -> str:
-        if not self.counts:
-            return "no samples skipped"
-        parts = ", ".join(f"{reason}={n}" for reason, n in sorted(self.counts.items()))
-        return f"{self.total} samples skipped ({parts})"
+        return skip_summary(self.counts)
+
+
+def skip_summary(counts: dict[str, int]) -> str:
+    """``"3 samples skipped (bad_image=1, missing_image=2)"``, or ``"no samples skipped"``."""
+    if not counts:
+        return "no samples skipped"
+    parts = ", ".join(f"{reason}={n}" for reason, n in sorted(counts.items()))
+    return f"{sum(counts.values())} samples skipped ({parts})"
 
 
 @dataclass

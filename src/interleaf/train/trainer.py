@@ -39,7 +39,7 @@ from torch import nn
 from interleaf.errors import CheckpointError, ConfigError
 from interleaf.processing.image import background_threads
 from interleaf.train.config import TrainConfig
-from interleaf.train.data import ConversationDataset, CorpusDataset, DataArgs, SkipLog
+from interleaf.train.data import ConversationDataset, CorpusDataset, DataArgs, SkipLog, skip_summary
 from interleaf.train.lora import LLM_TARGETS, VIT_TARGETS, apply_llm_lora, apply_lora, has_lora, merge_lora
 from interleaf.train.packing import Batcher, SampleStream, collate
 from interleaf.train.precision import MasterWeights, resolve_dtype
@@ -301,13 +301,6 @@ def _merge_counts(per_rank: list[dict[str, int]]) -> dict[str, int]:
         for reason, n in counts.items():
             total[reason] = total.get(reason, 0) + int(n)
     return dict(sorted(total.items()))
-
-
-def _skip_summary(counts: dict[str, int]) -> str:
-    if not counts:
-        return "no samples skipped"
-    parts = ", ".join(f"{reason}={n}" for reason, n in counts.items())
-    return f"{sum(counts.values())} samples skipped ({parts})"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -904,7 +897,7 @@ class Trainer:
         elapsed = time.perf_counter() - t_start
         if writer is not None:
             writer.close()
-        self.log(f"done: {self.step} steps in {elapsed:.1f}s; {_skip_summary(skipped)}; checkpoint {ckpt}")
+        self.log(f"done: {self.step} steps in {elapsed:.1f}s; {skip_summary(skipped)}; checkpoint {ckpt}")
         return {
             "checkpoint": str(ckpt),
             "steps": self.step,
