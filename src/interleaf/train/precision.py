@@ -67,17 +67,11 @@ class MasterWeights:
 
     def named_masters(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         """(state-dict key, master) for every key backed by a master (tied weights: both keys)."""
-        for name, t in model.state_dict(keep_vars=True).items():
-            m = self._by_id.get(id(t))
-            if m is not None:
-                yield name, m
+        return _keyed(model, self._by_id)
 
     def named_originals(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         """(state-dict key, value before the conversion) for frozen weights the conversion rounded."""
-        for name, t in model.state_dict(keep_vars=True).items():
-            o = self._frozen.get(id(t))
-            if o is not None:
-                yield name, o
+        return _keyed(model, self._frozen)
 
     @torch.no_grad()
     def grads_to_master(self) -> None:
@@ -96,3 +90,11 @@ class MasterWeights:
             if name in state:
                 m.copy_(state[name])
         self.copy_to_model()
+
+
+def _keyed(model: nn.Module, by_id: dict[int, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(state-dict key, ``by_id[id(tensor)]``) for the model's tensors that have an entry."""
+    for name, t in model.state_dict(keep_vars=True).items():
+        value = by_id.get(id(t))
+        if value is not None:
+            yield name, value
