@@ -170,12 +170,15 @@ class VisionBlock(nn.Module):
         return x + self.drop_path2(self.ls2 * self.mlp(self.norm2(x)))
 
 
+def drop_path_rates(rate: float, n_blocks: int) -> list[float]:
+    """Stochastic depth per block: linear from 0 to ``rate`` over the blocks (upstream's ``dpr``)."""
+    return torch.linspace(0, rate, n_blocks, device="cpu").tolist() if n_blocks else []
+
+
 class VisionEncoder(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
-        # stochastic depth grows linearly over the blocks, from 0 to ``drop_path_rate`` (upstream ``dpr``)
-        n = cfg.num_hidden_layers
-        rates = torch.linspace(0, cfg.drop_path_rate, n, device="cpu").tolist() if n else []
+        rates = drop_path_rates(cfg.drop_path_rate, cfg.num_hidden_layers)
         self.layers = nn.ModuleList(VisionBlock(cfg, rate) for rate in rates)
 
 
@@ -194,8 +197,7 @@ class InternVisionModel(nn.Module):
         ``rate * i / (L - 1)``; ``config.drop_path_rate`` follows, so a saved config records it."""
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
             raise ValueError(f"drop_path_rate must be a number in [0, 1), got {rate!r}")
-        n = len(self.encoder.layers)
-        for block, p in zip(self.encoder.layers, torch.linspace(0, rate, n, device="cpu").tolist()):
+        for block, p in zip(self.encoder.layers, drop_path_rates(rate, len(self.encoder.layers))):
             block.drop_path1.p = block.drop_path2.p = p
         self.config.drop_path_rate = float(rate)
 
