@@ -191,17 +191,17 @@ def _inflate(body: bytes, wbits: int, limit: int) -> bytes:
             return bytes(out)
 
 
-def _decode_content(body: bytes, encoding: str, limit: int | None = None) -> bytes:
+def _decode_content(body: bytes, encoding: str, limit: int) -> bytes:
     encoding = encoding.lower().strip()
     if encoding in ("", "identity", "none"):
         return body
     if encoding in ("gzip", "x-gzip"):
-        return gzip.decompress(body) if limit is None else _inflate(body, 31, limit)
+        return _inflate(body, 31, limit)
     if encoding == "deflate":
         try:
-            return zlib.decompress(body) if limit is None else _inflate(body, 15, limit)
+            return _inflate(body, 15, limit)  # zlib-wrapped, as the RFC says
         except zlib.error:
-            return zlib.decompress(body, -zlib.MAX_WBITS) if limit is None else _inflate(body, -15, limit)
+            return _inflate(body, -15, limit)  # raw deflate, as many servers send it
     if encoding == "br":
         import brotli  # type: ignore[import-not-found]  # optional
 
@@ -224,7 +224,7 @@ def _record_to_page(
     content_length: int,
     offset: int,
     length: int | None,
-    max_bytes: int | None = None,
+    max_bytes: int,
 ) -> RawPage | ReadError:
     """Turn one response record into a RawPage, or a ReadError saying why not.
 
