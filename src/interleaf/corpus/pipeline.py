@@ -245,7 +245,7 @@ def fetch_config(fc: dict | None) -> dict:
 def _lsh_layout(mh: dict, given: dict, where: str) -> None:
     """Bands x rows for the threshold unless the user set them; a layout set that misses pairs at
     the threshold is warned about (the S-curve alone decides which pairs are ever compared)."""
-    from interleaf.corpus.dedup import lsh_layout, s_curve
+    from interleaf.corpus.dedup import MinHashConfig, lsh_layout
 
     threshold = float(mh["threshold"])
     given = {k: v for k, v in given.items() if v is not None}  # null: not set
@@ -253,7 +253,7 @@ def _lsh_layout(mh: dict, given: dict, where: str) -> None:
         mh["num_bands"], mh["rows_per_band"] = lsh_layout(threshold)
         return
     b, r = int(mh["num_bands"]), int(mh["rows_per_band"])
-    recall = float(s_curve(threshold, b, r))
+    recall = MinHashConfig(num_bands=b, rows_per_band=r, threshold=threshold).recall_at_threshold
     if recall < 0.9:
         log.warning(
             "%s: dedup.minhash: %d bands x %d rows catch a pair of Jaccard %g with probability %.2f "
