@@ -465,9 +465,10 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _parse_rope(raw: dict[str, Any], source: str, w: str) -> tuple[dict[str, Any] | None, Any]:
-    """``(rope scaling dict or None, rope_theta or None)`` from ``rope_parameters`` (transformers 5,
-    theta inside) or ``rope_scaling`` + ``rope_theta`` (4.x and the remote-code configs).
+def _parse_rope(raw: dict[str, Any], source: str, w: str) -> tuple[dict[str, Any] | None, Any, str]:
+    """``(rope scaling dict or None, rope_theta or None, the key it was read from)`` from
+    ``rope_parameters`` (transformers 5, theta inside) or ``rope_scaling`` + ``rope_theta`` (4.x and
+    the remote-code configs).
 
     The dict gets ``rope_type`` (``su`` read as ``longrope``; an original ``type`` key is kept for the
     save) and is checked for the keys its type needs (per-type checks come after head_dim is known).
@@ -486,7 +487,7 @@ def _parse_rope(raw: dict[str, Any], source: str, w: str) -> tuple[dict[str, Any
     if theta is not None and not (_number(theta) and theta > 0):
         raise ConfigError(f"{source}: {w}rope_theta must be a positive number, got {theta!r}")
     if rope is None:
-        return None, theta
+        return None, theta, key
     rope.pop("partial_rotary_factor", None)
     rtype = rope.get("rope_type") or rope.get("type") or "default"
     if not isinstance(rtype, str):
@@ -495,7 +496,7 @@ def _parse_rope(raw: dict[str, Any], source: str, w: str) -> tuple[dict[str, Any
     if rope["rope_type"] not in ("default", "linear", "dynamic", "longrope", "llama3"):
         raise ConfigError(f"{source}: {w}{key}: unsupported rope scaling type {rtype!r}")
     if rope["rope_type"] == "default":
-        return None, theta
+        return None, theta, key
     needs = {
         "linear": ("factor",),
         "dynamic": ("factor",),
@@ -515,8 +516,7 @@ def _parse_rope(raw: dict[str, Any], source: str, w: str) -> tuple[dict[str, Any
         )
     if rope["rope_type"] == "llama3" and rope["low_freq_factor"] == rope["high_freq_factor"]:
         raise ConfigError(f"{source}: {w}{key}: low_freq_factor and high_freq_factor must differ")
-    rope["_key"] = key  # where it came from, for the per-type checks below; removed there
-    return rope, theta
+    return rope, theta, key
 
 
 def _parse_llm(raw: dict[str, Any], source: str, key: str) -> LLMConfig:
@@ -543,7 +543,7 @@ def _parse_llm(raw: dict[str, Any], source: str, key: str) -> LLMConfig:
             )
     if raw.get("partial_rotary_factor", 1.0) != 1.0:
         raise ConfigError(f"{source}: {w}partial_rotary_factor != 1 is not supported")
-    rope, theta = _parse_rope(raw, source, w)
+    rope, theta, rkey = _parse_rope(raw, source, w)
     hidden = _pos_int(raw, "hidden_size", 4096, source, w)
     heads = _pos_int(raw, "num_attention_heads", 32, source, w)
     kv_heads = _pos_int(raw, "num_key_value_heads", heads, source, w)
@@ -595,7 +595,6 @@ def _parse_llm(raw: dict[str, Any], source: str, key: str) -> LLMConfig:
         raise ConfigError(f"{source}: {w}hidden_act {cfg.hidden_act!r} is not supported (only 'silu')")
     _check_sliding_window(raw, cfg, source, w)
     if rope is not None:
-        rkey = rope.pop("_key")
         if cfg.rope_type == "longrope":
             half = cfg.head_dim // 2
             for name in ("short_factor", "long_factor"):
