@@ -288,3 +288,19 @@ def test_mmiu_scores_unchanged_by_parse_flags_and_bad_rows():
     assert noisy["skipped"]["count"] == 2 and rows[0]["skipped"] == "has no field 'options'"
     # the judge-less matcher leaves Z where no option text is found: those are the unparsable ones
     assert clean["unparsable"] == sum(1 for r in rows[1:-1] if r["choice"] == "Z" and r["parsed"] is False)
+
+
+@pytest.mark.parametrize(
+    "flag,value",
+    [("--limit", "-1"), ("--limit", "0"), ("--batch-size", "0"), ("--max-new-tokens", "0"),
+     ("--concurrency", "0"), ("--retries", "-1"), ("--timeout", "0")],
+)  # fmt: skip
+def test_cli_run_refuses_impossible_numeric_options(mini_mmiu, tmp_path, capsys, flag, value):
+    # --limit -1 once dropped the last sample silently; --retries -1 made no request at all
+    out = tmp_path / "out"
+    args = ["eval", "run", "--model", "openai:http://127.0.0.1:9#m", "--bench", "mmiu",
+            "--data", str(mini_mmiu), "-o", str(out), "--no-progress", flag, value]  # fmt: skip
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {flag} must be") and "\n" not in err
+    assert not out.exists()
