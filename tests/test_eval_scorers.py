@@ -359,3 +359,43 @@ def test_mmiu_baselines_and_relationships():
         "samples": [{"id": "record 0", "error": "has no string field 'response'"}],
     }
     assert scores["num_scored"] == 0 and rows[0]["skipped"]
+
+
+@pytest.mark.parametrize(
+    "which,content,words",
+    [
+        ("gt", b"\xff\xfe[]", "cannot read (UnicodeDecodeError"),
+        ("gt", '[{"query_id": 1, "relevant_moment": 5}]', "query 1 field 'relevant_moment' must be a list"),
+        ("gt", '[{"query_id": 1, "relevant_moment": [5]}]', "query 1 moment 0 is not an object"),
+        ("gt", '[{"query_id": 1, "relevant_moment": [{"video_name": "v", "timestamp": [0, 1], "relevance": "x"}]}]',
+         "query 1 moment 0 field 'relevance' must be a number"),
+        ("pred", '{"1": [5]}', "query 1 prediction 0 is not an object"),
+        ("pred", '{"1": [{"video_name": "v", "timestamp": 3}]}', "query 1 prediction 0 field 'timestamp'"),
+        ("pred", '{"1": [{"video_name": "v", "timestamp": ["a", "b"]}]}', "query 1 prediction 0 field 'timestamp'"),
+        ("pred", '{"1": [{"video_name": ["v"], "timestamp": [0, 1]}]}', "prediction 0 field 'video_name'"),
+    ],
+)  # fmt: skip
+def test_tvr_cli_names_the_file_and_field_of_wrong_typed_input(tmp_path, capsys, which, content, words):
+    # each of these once ended in a bare TypeError / UnicodeDecodeError naming neither file nor field
+    from interleaf.cli import main
+
+    files = {"gt": tmp_path / "gt.json", "pred": tmp_path / "pred.json"}
+    files["gt"].write_text('[{"query_id": 1, "relevant_moment": []}]')
+    files["pred"].write_text('{"1": []}')
+    bad = files[which]
+    bad.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert main(["eval", "score", "tvr-ranking", "--gt", str(files["gt"]), "--pred", str(files["pred"])]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {bad}: ") and words in err and "\n" not in err
+
+
+@pytest.mark.parametrize("flag,value", [("--k", "0"), ("--k", "-1"), ("--mu", "2"), ("--mu", "-0.5")])
+def test_tvr_cli_refuses_impossible_k_and_mu(capsys, flag, value):
+    # --k -1 once printed an "NDCG@-1" score (a slice dropping the last prediction), --mu 2 all zeros
+    from interleaf.cli import main
+
+    args = ["eval", "score", "tvr-ranking", "--gt", str(DATA / "tvr" / "gt.json"),
+            "--pred", str(DATA / "tvr" / "pred.json"), flag, value]  # fmt: skip
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {flag} must be") and "\n" not in err

@@ -167,8 +167,13 @@ def _score_mmniah(args: argparse.Namespace) -> int:
 
 
 def _score_tvr(args: argparse.Namespace) -> int:
+    from interleaf.errors import InputError
     from interleaf.eval import tvr
 
+    if min(args.k) < 1:
+        raise InputError(f"--k must be >= 1, got {min(args.k)}")
+    if not all(0 <= mu <= 1 for mu in args.mu):
+        raise InputError(f"--mu must be IoU thresholds in [0, 1], got {' '.join(map(str, args.mu))}")
     gt, pred = tvr.load_split(args.gt), tvr.load_predictions(args.pred)
     if args.video_corpus:
         tvr.check_videos(gt, pred, tvr.load_video_corpus(args.video_corpus))

@@ -118,6 +118,28 @@ def _load_json(path: str | os.PathLike) -> Any:
         raise InputError(f"{path}: no such file") from exc
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: not valid JSON ({exc.msg})") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read ({type(exc).__name__}: {exc})".splitlines()[0]) from exc
+
+
+def _check_moment(path: str | os.PathLike, where: str, m: Any, keys: tuple[str, ...]) -> None:
+    """``m`` is an object with ``keys``: a string video_name, a timestamp [s, e], a number relevance."""
+    if not isinstance(m, dict):
+        raise InputError(f"{path}: {where} is not an object")
+    for key in keys:
+        if key not in m:
+            raise InputError(f"{path}: {where} has no field {key!r}")
+    ts = m["timestamp"]
+    if not isinstance(m["video_name"], str):
+        raise InputError(f"{path}: {where} field 'video_name' must be a string, got {m['video_name']!r}")
+    if not (isinstance(ts, list) and len(ts) == 2 and all(_is_number(t) for t in ts)):
+        raise InputError(f"{path}: {where} field 'timestamp' must be [start, end] in seconds, got {ts!r}")
+    if "relevance" in keys and not _is_number(m["relevance"]):
+        raise InputError(f"{path}: {where} field 'relevance' must be a number, got {m['relevance']!r}")
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def load_split(path: str | os.PathLike) -> dict[str, list[dict]]:
@@ -129,10 +151,12 @@ def load_split(path: str | os.PathLike) -> dict[str, list[dict]]:
     for i, q in enumerate(data):
         if not isinstance(q, dict) or "query_id" not in q or "relevant_moment" not in q:
             raise InputError(f"{path}: query {i} lacks 'query_id' or 'relevant_moment'")
+        if not isinstance(q["relevant_moment"], list):
+            raise InputError(f"{path}: query {q['query_id']} field 'relevant_moment' must be a list")
         for j, m in enumerate(q["relevant_moment"]):
-            for key in ("video_name", "timestamp", "relevance"):
-                if key not in m:
-                    raise InputError(f"{path}: query {q['query_id']} moment {j} has no field {key!r}")
+            _check_moment(
+                path, f"query {q['query_id']} moment {j}", m, ("video_name", "timestamp", "relevance")
+            )
         out[str(q["query_id"])] = q["relevant_moment"]
     return out
 
@@ -146,8 +170,7 @@ def load_predictions(path: str | os.PathLike) -> dict[str, list[dict]]:
         if not isinstance(preds, list):
             raise InputError(f"{path}: predictions of query {qid} are not a list")
         for j, p in enumerate(preds):
-            if "video_name" not in p or "timestamp" not in p or len(p["timestamp"]) != 2:
-                raise InputError(f"{path}: query {qid} prediction {j} needs video_name and timestamp [s, e]")
+            _check_moment(path, f"query {qid} prediction {j}", p, ("video_name", "timestamp"))
     return data
 
 
