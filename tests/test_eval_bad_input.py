@@ -304,3 +304,41 @@ def test_cli_run_refuses_impossible_numeric_options(mini_mmiu, tmp_path, capsys,
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {flag} must be") and "\n" not in err
     assert not out.exists()
+
+
+def test_invalid_utf8_is_named_not_a_bare_decode_error(mini_mmiu, mini_niah, tmp_path, capsys):
+    # an MMIU all.json with invalid UTF-8 ended the run in a bare UnicodeDecodeError naming no file
+    bad = tmp_path / "all.json"
+    bad.write_bytes(b"\xff\xfe[]")
+    assert main(["eval", "run", "--model", "openai:http://127.0.0.1:9#m", "--bench", "mmiu",
+                 "--data", str(bad), "-o", str(tmp_path / "o1"), "--no-progress"]) == 1  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {bad}: cannot read (UnicodeDecodeError") and "\n" not in err
+    # in an MM-NIAH annotation file it stopped the whole run; now that line alone is a bad record
+    data = tmp_path / "mm_niah_val"
+    shutil.copytree(mini_niah, data)
+    ann = data / "annotations" / "counting-text.jsonl"
+    n_lines = len(ann.read_text().splitlines())
+    with open(ann, "ab") as f:
+        f.write(b'{"id": "\xff"}\n')
+    samples, errors = mmniah.load_task(ann, data / "images")
+    assert len(samples) == n_lines and errors == [
+        (f"line{n_lines + 1}", f"{ann}:{n_lines + 1}: invalid UTF-8")
+    ]
+
+
+def test_cli_score_refuses_empty_input_and_missing_paths(tmp_path, capsys):
+    # an empty MMIU predictions file printed an empty report and exited 0
+    empty = tmp_path / "pred.jsonl"
+    empty.write_text("")
+    assert main(["eval", "score", "mmiu", str(empty)]) == 1
+    assert capsys.readouterr().err.strip() == f"error: {empty}: no scorable record (no records)"
+    # an MM-NIAH directory without result files printed nothing and exited 0
+    (tmp_path / "results").mkdir()
+    assert main(["eval", "score", "mmniah", str(tmp_path / "results")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {tmp_path / 'results'}: no result files") and "\n" not in err
+    # a path that does not exist was reported as a badly named result file
+    missing = tmp_path / "nothere.jsonl"
+    assert main(["eval", "score", "mmniah", str(missing)]) == 1
+    assert capsys.readouterr().err.strip() == f"error: {missing}: no such file or directory"

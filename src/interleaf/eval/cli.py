@@ -132,8 +132,9 @@ def _score_mmiu(args: argparse.Namespace) -> int:
     bad: list[dict] = []  # invalid JSON lines: skipped and reported with the unscorable records
     scores, _ = mmiu.score(read_jsonl(args.pred, bad), judge=judge)
     skipped = bad + scores["skipped"]["samples"]
-    if not scores["num_scored"] and skipped:
-        raise InputError(f"{args.pred}: no scorable record ({skipped[0]['id']}: {skipped[0]['error']})")
+    if not scores["num_scored"]:
+        why = f" ({skipped[0]['id']}: {skipped[0]['error']})" if skipped else " (no records)"
+        raise InputError(f"{args.pred}: no scorable record{why}")
     scores["skipped"] = {"count": len(bad) + scores["skipped"]["count"], "samples": skipped[:1000]}
     _print({"benchmark": "mmiu", "model": args.pred, **scores}, args.json)
     return 0
@@ -142,11 +143,20 @@ def _score_mmiu(args: argparse.Namespace) -> int:
 def _score_mmniah(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from interleaf.errors import InputError
     from interleaf.eval import mmniah
 
     files = []
     for r in args.results:
-        files += sorted(Path(r).glob("*.jsonl")) if Path(r).is_dir() else [Path(r)]
+        if Path(r).is_dir():
+            found = sorted(Path(r).glob("*.jsonl"))
+            if not found:
+                raise InputError(f"{r}: no result files (<model>_<task>-<split>.jsonl) in this directory")
+            files += found
+        elif Path(r).exists():
+            files.append(Path(r))
+        else:
+            raise InputError(f"{r}: no such file or directory")
     if args.official:
         grouped = mmniah.collect(files)
         _print(

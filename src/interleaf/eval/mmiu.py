@@ -171,6 +171,8 @@ def _read_records(path: Path) -> list[dict]:
             data = json.load(f)
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: not valid JSON ({exc.msg})") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read ({type(exc).__name__}: {exc})".splitlines()[0]) from exc
     if isinstance(data, dict):  # {"data": [...]} or a single record
         data = data.get("data", [data])
     if not isinstance(data, list):

@@ -634,18 +634,19 @@ def load_task(annotation: str | os.PathLike, image_root: str | os.PathLike, task
     task = task or annotation.stem
     samples: list[NiahSample] = []
     errors: list[tuple[str, str]] = []
-    with open(annotation, encoding="utf-8") as f:
+    with open(annotation, "rb") as f:  # decoded line by line: a bad line is that sample's error
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{annotation}:{lineno}"
             try:
-                rec = json.loads(line)
+                rec = json.loads(line.decode("utf-8"))
                 check_record(rec, where, task)
                 context, images, question, answer = build_input(rec)
-            except (json.JSONDecodeError, InputError) as exc:
+            except (json.JSONDecodeError, UnicodeDecodeError, InputError) as exc:
                 sid = f"line{lineno}"
-                errors.append((sid, str(exc) if isinstance(exc, InputError) else f"{where}: invalid JSON"))
+                bad = "invalid UTF-8" if isinstance(exc, UnicodeDecodeError) else "invalid JSON"
+                errors.append((sid, str(exc) if isinstance(exc, InputError) else f"{where}: {bad}"))
                 continue
             samples.append(
                 NiahSample(
