@@ -143,3 +143,16 @@ def test_config_prints_a_config_that_loads_back(tmp_path, capsys):
     cfg = P.load_config(p)  # every printed key is a known key
     assert cfg["dedup"]["minhash"]["threshold"] == 0.8 and cfg["dedup"]["image_urls"]["max_occurrences"] == 10
     assert cfg["fetch"]["min_side"] == 150 and isinstance(cfg["filters"], list) and cfg["filters"]
+
+
+def test_config_errors_name_the_file(tmp_path, capsys):
+    # a config with invalid UTF-8 ended in a bare UnicodeDecodeError naming no file
+    cfg = tmp_path / "p.yaml"
+    cfg.write_bytes(b"read:\n  shard_size: 5\n\xff: 1\n")
+    assert main(["corpus", "config", "--config", str(cfg)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {cfg}: cannot read pipeline config (not UTF-8") and "\n" not in err
+    # read.max_page_bytes <= 0 was accepted and made every page an error
+    cfg.write_text("read: {max_page_bytes: -1}\n")
+    assert main(["corpus", "config", "--config", str(cfg)]) == 1
+    assert capsys.readouterr().err.strip() == f"error: {cfg}: 'read.max_page_bytes' must be >= 1"

@@ -154,6 +154,8 @@ def _check(cfg: dict) -> None:
         raise ConfigError("pipeline config: 'read.shard_by' must be 'records' or 'files'")
     if int(cfg["read"]["shard_size"]) < 1:
         raise ConfigError("pipeline config: 'read.shard_size' must be >= 1")
+    if int(cfg["read"]["max_page_bytes"]) < 1:
+        raise ConfigError("pipeline config: 'read.max_page_bytes' must be >= 1")
     if float(cfg["extract"]["timeout_s"]) <= 0:
         raise ConfigError("pipeline config: 'extract.timeout_s' must be > 0")
     mh = cfg["dedup"]["minhash"]
@@ -197,6 +199,8 @@ def load_config(source: str | Path | dict | None = None, **overrides: Any) -> di
             text = Path(source).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"{source}: cannot read pipeline config ({exc.strerror})") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{source}: cannot read pipeline config (not UTF-8: {exc.reason})") from None
         try:
             user = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
