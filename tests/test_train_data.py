@@ -421,6 +421,18 @@ def test_corpus_paths_resolve_against_the_yaml_folder(tmp_path, monkeypatch):
     assert cfg.output_dir == "runs/train"  # keys not in the file keep their defaults
 
 
+def test_output_dir_resolves_against_the_yaml_folder_before_it_exists(tmp_path, monkeypatch):
+    from interleaf.train.config import load_config
+
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "train.yaml").write_text("model_preset: tiny\nmeta_path: m.json\noutput_dir: runs/x\n")
+    monkeypatch.chdir(tmp_path)
+    # a first run must write where a later run (output_dir existing beside the YAML) resumes from
+    assert load_config(conf / "train.yaml").output_dir == str(conf / "runs/x")
+    assert load_config(conf / "train.yaml", ["output_dir=elsewhere"]).output_dir == "elsewhere"
+
+
 # ---------------------------------------------------------------------------------------------------
 # one bad record is skipped and recorded; a bad meta file is refused at load
 

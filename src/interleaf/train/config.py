@@ -277,9 +277,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of keys to values")
         values.update(loaded)
-        for key in ("model_path", "meta_path", "output_dir"):
+        for key in ("model_path", "meta_path"):
             if key in values:
                 values[key] = _beside(path, values[key])
+        # output_dir is created by the run, so it cannot be looked up: always beside the YAML
+        # (as `interleaf adapt` does), or a first run and its resume would use different folders
+        out = values.get("output_dir")
+        if isinstance(out, str) and not Path(out).is_absolute():
+            values["output_dir"] = str(path.parent / out)
         if isinstance(values.get("corpus_paths"), list):
             values["corpus_paths"] = [_beside(path, p) for p in values["corpus_paths"]]
     for item in overrides or []:
