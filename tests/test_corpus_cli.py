@@ -156,3 +156,48 @@ def test_config_errors_name_the_file(tmp_path, capsys):
     cfg.write_text("read: {max_page_bytes: -1}\n")
     assert main(["corpus", "config", "--config", str(cfg)]) == 1
     assert capsys.readouterr().err.strip() == f"error: {cfg}: 'read.max_page_bytes' must be >= 1"
+
+
+def test_convert_never_overwrites_the_corpus(built, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "c"
+    shutil.copytree(built, out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # '-o OUT/stats.json' once replaced the corpus's stats with the converted text (exit 0)
+    for dest in (out / "stats.json", out / "data" / "part-00000.parquet", out / "_work" / "x.jsonl"):
+        assert main(["corpus", "convert", str(out), "--to", "text", "-o", str(dest)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err == f"error: {dest}: would overwrite part of the corpus {out}; write it elsewhere"
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert main(["corpus", "convert", str(out), "--to", "text", "-o", str(out / "text.jsonl")]) == 0
+    # a destination that is a directory, or a corpus that is not there, left a .tmp file behind
+    assert main(["corpus", "convert", str(out), "--to", "text", "-o", str(tmp_path)]) == 1
+    assert "is a directory" in capsys.readouterr().err
+    dest = tmp_path / "d" / "t.jsonl"
+    assert main(["corpus", "convert", str(tmp_path / "nothere"), "--to", "text", "-o", str(dest)]) == 1
+    assert "no stats.json" in capsys.readouterr().err
+    assert not list(tmp_path.glob(".*tmp*")) and not list((tmp_path / "d").glob("*"))
+
+
+@pytest.mark.parametrize(
+    "content,words",
+    [(b"{", "cannot read (JSONDecodeError"), (b"\xff", "cannot read (UnicodeDecodeError"),
+     (b"{}", "not the stats of a corpus build"), (b"[]", "not the stats of a corpus build")],
+)  # fmt: skip
+def test_stats_of_a_damaged_stats_json_name_it(tmp_path, capsys, content, words):
+    # these ended in a bare JSONDecodeError / KeyError / TypeError naming no file
+    (tmp_path / "stats.json").write_bytes(content)
+    for cmd in (["stats", str(tmp_path)], ["fetch-images", str(tmp_path), "--no-progress"]):
+        assert main(["corpus", *cmd]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {tmp_path / 'stats.json'}: {words}") and "\n" not in err
+
+
+@pytest.mark.parametrize("workers", ["0", "-2"])
+def test_build_refuses_workers_below_one(tmp_path, capsys, workers):
+    # --workers -2 ran silently with one worker, --workers 0 with the CPU count
+    out = tmp_path / "o"
+    assert main(["corpus", "build", "-o", str(out), "--workers", workers, "--no-progress"]) == 1
+    assert capsys.readouterr().err.strip() == f"error: --workers must be >= 1, got {workers}"
+    assert not out.exists()

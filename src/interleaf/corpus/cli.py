@@ -74,7 +74,10 @@ def register(subparsers) -> None:
 
 def _build(args: argparse.Namespace) -> int:
     from interleaf.corpus import pipeline as P
+    from interleaf.errors import InputError
 
+    if args.workers is not None and args.workers < 1:
+        raise InputError(f"--workers must be >= 1, got {args.workers}")
     overrides = {"write.format": args.format} if args.format else {}
     cfg = P.load_config(args.config, **overrides)
     inputs = args.inputs
@@ -126,7 +129,14 @@ def _load_stats(out: str) -> dict:
     p = Path(out) / "stats.json"
     if not p.exists():
         raise InputError(f"{out}: not a finished corpus build (no stats.json)")
-    return json.loads(p.read_text(encoding="utf-8"))
+    try:
+        stats = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{p}: cannot read ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+    keys = ("shards", "records_in", "docs_out", "images_out", "excluded", "errors", "stages")
+    if not isinstance(stats, dict) or not all(k in stats for k in keys):
+        raise InputError(f"{p}: not the stats of a corpus build (needs {', '.join(keys)})")
+    return stats
 
 
 def _stats(args: argparse.Namespace) -> int:

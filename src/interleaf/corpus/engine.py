@@ -1059,21 +1059,35 @@ def convert_corpus(out: str | Path, to: str, dest: str | Path) -> tuple[int, int
     if to not in fns:
         raise ConfigError(f"unknown conversion {to!r} (text, pairs, mmc4)")
     fn = fns[to]
-    dest = Path(dest)
+    out, dest = Path(out), Path(dest)
+    if not (out / "stats.json").exists():
+        raise InputError(f"{out}: not a finished corpus build (no stats.json)")
+    if dest.is_dir():
+        raise InputError(f"{dest}: is a directory (the destination is a JSONL file)")
+    where = dest.resolve()
+    if where.is_relative_to(out.resolve()) and where.relative_to(out.resolve()).parts[0] in _CORPUS_PARTS:
+        raise InputError(f"{dest}: would overwrite part of the corpus {out}; write it elsewhere")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     n_in = n_out = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for doc in iter_output_documents(out):
-            n_in += 1
-            res = fn(doc)
-            items = res if isinstance(res, list) or hasattr(res, "__next__") else [res]
-            for item in items:
-                if item is None:
-                    continue
-                if isinstance(item, str):
-                    item = {"id": doc.id, "text": item}
-                f.write(json.dumps(item, ensure_ascii=False) + "\n")
-                n_out += 1
-    os.replace(tmp, dest)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for doc in iter_output_documents(out):
+                n_in += 1
+                res = fn(doc)
+                items = res if isinstance(res, list) or hasattr(res, "__next__") else [res]
+                for item in items:
+                    if item is None:
+                        continue
+                    if isinstance(item, str):
+                        item = {"id": doc.id, "text": item}
+                    f.write(json.dumps(item, ensure_ascii=False) + "\n")
+                    n_out += 1
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
     return n_in, n_out
+
+
+# what a build (and fetch-images) writes in OUT: a conversion must not land on any of it
+_CORPUS_PARTS = ("stats.json", "_SUCCESS", "data", "excluded", "errors", "images", WORK)
