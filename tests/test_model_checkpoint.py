@@ -152,6 +152,29 @@ def test_missing_and_mismatched_tensors_are_named(tiny_ckpt, tmp_path):
         load_checkpoint(bad)
 
 
+def test_bad_weight_files_and_dtypes_are_checkpoint_errors(tiny_ckpt, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_ckpt, bad)
+    index = bad / "model.safetensors.index.json"
+    for weight_map in ([1, 2], {"a": 5}):  # AttributeError / TypeError before
+        index.write_text(json.dumps({"weight_map": weight_map}))
+        with pytest.raises(CheckpointError, match="model.safetensors.index.json: not a valid weight index"):
+            load_checkpoint(bad)
+    index.unlink()
+    tensors = load_file(str(bad / "model.safetensors"))
+    name = "language_model.model.layers.0.mlp.up_proj.weight"
+    save_file({**tensors, name: tensors[name].to(torch.int32)}, str(bad / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=f"tensor {name} has dtype int32"):  # a torch RuntimeError
+        load_checkpoint(bad)
+    for dtype in (torch.int8, 5):
+        with pytest.raises(ConfigError, match="dtype"):
+            load_checkpoint(tiny_ckpt, dtype=dtype)
+    (bad / "model.safetensors").unlink()
+    (bad / "pytorch_model.bin").write_bytes(b"not a pickle")  # pickle.UnpicklingError before
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: cannot read weights"):
+        load_checkpoint(bad)
+
+
 def test_cli_init_model_and_info(tmp_path, capsys):
     out = tmp_path / "cli-ckpt"
     assert main(["init-model", "--preset", "tiny-internlm2", str(out), "--layout", "hf", "--seed", "1"]) == 0

@@ -290,6 +290,10 @@ def weight_files(path: str | Path) -> list[Path]:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise CheckpointError(f"{index}: not a valid weight index ({exc})") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise CheckpointError(
+                    f"{index}: not a valid weight index ('weight_map' must map names to files)"
+                )
             files = [path / f for f in dict.fromkeys(weight_map.values())]
             for f in files:
                 if not f.is_file():
@@ -303,6 +307,8 @@ def weight_files(path: str | Path) -> list[Path]:
 
 def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors of a checkpoint directory, and the file each came from."""
+    from pickle import UnpicklingError
+
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -314,6 +320,8 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
                 part = load_file(str(f))
             else:
                 part = torch.load(str(f), map_location="cpu", weights_only=True)
+        except UnpicklingError:  # torch's message suggests weights_only=False, i.e. running the file's code
+            raise CheckpointError(f"{f}: cannot read weights (not a weights-only PyTorch file)") from None
         except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as exc:
             raise CheckpointError(f"{f}: cannot read weights ({str(exc).splitlines()[0]})") from None
         if not isinstance(part, dict):
@@ -459,14 +467,18 @@ def load_checkpoint(
     if extra:
         raise CheckpointError(f"{where}: tensors the config does not use: {_listing(extra)}")
     for k, v in expected.items():
+        src = origin.get(k, "")
         if tuple(sd[k].shape) != tuple(v.shape):
-            src = origin.get(k, "")
             raise CheckpointError(
                 f"{where}{'/' + src if src else ''}: tensor {k} has shape {list(sd[k].shape)}, "
                 f"the config expects {list(v.shape)}"
             )
-    if isinstance(dtype, str):
-        dtype = parse_dtype(dtype)
+        if v.is_floating_point() and not sd[k].is_floating_point():
+            raise CheckpointError(
+                f"{where}{'/' + src if src else ''}: tensor {k} has dtype {str(sd[k].dtype).replace('torch.', '')}, "
+                "the model needs floating-point weights"
+            )
+    dtype = parse_dtype(dtype)
     if dtype is None:
         floats = [t.dtype for t in sd.values() if t.is_floating_point()]
         dtype = max(set(floats), key=floats.count) if floats else torch.float32
@@ -496,7 +508,13 @@ def rebuild_buffers(model: InternVLChatModel) -> None:
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    if name is None or isinstance(name, torch.dtype):
+    if name is None:
+        return name
+    if isinstance(name, torch.dtype):
+        if not name.is_floating_point:
+            raise ConfigError(
+                f"dtype: {name} is not a floating-point dtype (use float32, bfloat16 or float16)"
+            )
         return name
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16, "auto": None}  # fmt: skip
