@@ -342,3 +342,21 @@ def test_cli_score_refuses_empty_input_and_missing_paths(tmp_path, capsys):
     missing = tmp_path / "nothere.jsonl"
     assert main(["eval", "score", "mmniah", str(missing)]) == 1
     assert capsys.readouterr().err.strip() == f"error: {missing}: no such file or directory"
+
+
+def test_cli_run_against_a_closed_port_fails_with_one_line(mini_mmiu, tmp_path, capsys):
+    # every request refused once ended in 'wrote ...' and exit 0, nothing on stderr
+    import socket
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    args = ["eval", "run", "--model", f"openai:http://127.0.0.1:{port}#m", "--bench", "mmiu",
+            "--data", str(mini_mmiu), "-o", str(out), "--no-progress", "--limit", "2", "--retries", "0"]  # fmt: skip
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: openai:http://127.0.0.1:{port}#m: all 2 requests failed (model error: ")
+    assert "Connection refused" in err and "\n" not in err
+    scores = json.loads((out / "scores.json").read_text())  # the per-sample errors are still recorded
+    assert scores["errors"]["by_kind"] == {"model_error": 2} and len(_preds(out)) == 2

@@ -115,6 +115,14 @@ def _run(args: argparse.Namespace) -> int:
         retries=args.retries,
         progress=not args.no_progress,
     )
+    counters = scores["run"]
+    if counters["failed"] and not counters["cached"] and not counters["generated"]:
+        errors = scores["errors"]["samples"]
+        first = next((e["error"] for e in errors if e["error"].startswith("model error")), "model error")
+        raise InputError(
+            f"{args.model}: all {counters['failed']} requests failed ({first}); "
+            f"{args.out} holds the errors, rerun to retry them"
+        )
     if args.json:
         _print(scores, True)
     else:
