@@ -432,6 +432,28 @@ def test_command_line_builds_from_llm_and_reports_errors_in_one_line(tmp_path, c
     assert err.startswith("error: ") and "missing" in err and "\n" not in err
 
 
+def test_command_line_refuses_bad_arguments_and_outputs_in_one_line(tmp_path, capsys):
+    from interleaf.model.mono_checkpoint import main
+
+    base = init_model("tiny-internlm2", tmp_path / "ivl", seed=7)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    bad_config = tmp_path / "bad-config"
+    bad_config.mkdir()
+    (bad_config / "config.json").write_text('{"llm_config": ')
+    cases = [
+        (["init", str(afile)], "afile: exists and is not a directory"),  # FileExistsError traceback before
+        (["from-llm", str(base), str(tmp_path / "m1"), "--patch-hidden-size", "-1"], "patch_hidden_size"),
+        (["from-llm", str(base), str(tmp_path / "m2"), "--template", "nope"], "unknown chat template 'nope'"),
+        (["from-llm", str(bad_config), str(tmp_path / "m3")], "config.json: not valid JSON"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, (argv, err)
+    assert not (tmp_path / "m2").exists()  # refused before anything is written
+
+
 def test_core_loader_and_interleaf_load_dispatch_to_mono(released):
     import interleaf
 

@@ -554,6 +554,8 @@ def save_checkpoint(
     if layout not in LAYOUTS:
         raise ConfigError(f"layout: must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     if tokenizer is not None:

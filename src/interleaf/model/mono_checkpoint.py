@@ -302,11 +302,21 @@ def init_mono_from_llm(
     the mean of the old ones, as upstream's fine-tune script does. Returns ``(model, tokenizer)``.
     """
     from interleaf.model.presets import DEFAULTS
+    from interleaf.processing.templates import get_template
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: not a checkpoint directory (no config.json)")
-    raw = json.loads((path / "config.json").read_text())
+    if patch_hidden_size is not None and (isinstance(patch_hidden_size, bool) or patch_hidden_size < 1):
+        raise ConfigError(f"patch_hidden_size: must be a positive int, got {patch_hidden_size!r}")
+    if template is not None:
+        get_template(template)  # an unknown name is refused here, not when the checkpoint is loaded
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path / 'config.json'}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path / 'config.json'}: expected a JSON object")
     if "llm_config" in raw or "text_config" in raw:
         base_cfg = load_config(path)
         if is_mono_config(base_cfg):
@@ -405,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--template", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attention-experts", action="store_true", help="also add visual attention experts")
+    ap.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "init":
@@ -420,8 +431,13 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
             )
             out = save_mono_checkpoint(model, tok, args.out)
-    except InterleafError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - as the interleaf CLI: every failure is one line
+        if args.debug:
+            raise
+        message = (
+            str(exc) if isinstance(exc, InterleafError) else f"{type(exc).__name__}: {exc}".splitlines()[0]
+        )
+        print(f"error: {message}", file=sys.stderr)
         return 1
     print(out)
     return 0
