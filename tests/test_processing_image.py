@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -127,6 +129,22 @@ def test_load_image_paths_bytes_and_modes(tmp_path):
     assert load_image(path.read_bytes()).size == (30, 20)
     assert load_image(Image.new("L", (5, 6))).mode == "RGB"
     assert load_image(str(path)).getpixel((0, 0)) == (10, 20, 30)
+
+
+def test_palette_images_with_transparency_load_without_a_pil_warning(tmp_path):
+    # GIFs and PNGs with per-index transparency made PIL warn on stderr under `interleaf chat`
+    # and `eval make-mini mmniah`; the RGB pixels must stay those of the palette
+    img = Image.new("P", (4, 2), 1)
+    img.putpalette([0, 0, 0, 200, 10, 10, 10, 200, 10] + [0] * 759)
+    img.putpixel((0, 0), 2)
+    path = tmp_path / "p.png"
+    img.save(path, transparency=bytes([0, 255, 128]))
+    for source in (path, path.read_bytes(), Image.open(path)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            rgb = load_image(source)
+        assert rgb.mode == "RGB"
+        assert rgb.getpixel((0, 0)) == (10, 200, 10) and rgb.getpixel((1, 0)) == (200, 10, 10)
 
 
 def test_load_image_errors_name_the_file(tmp_path):

@@ -184,6 +184,7 @@ def corpus_documents(out_dir: Path, limit: int = 40) -> list[dict]:
         from interleaf.corpus.document import Document
         from interleaf.corpus.extract import extract
         from interleaf.corpus.sample import iter_sample_pages
+        from interleaf.processing.image import to_rgb
 
         pages = list(iter_sample_pages())
     except Exception:  # noqa: BLE001 - optional source; the caller falls back to package text
@@ -194,7 +195,7 @@ def corpus_documents(out_dir: Path, limit: int = 40) -> list[dict]:
     for url, payload, ctype, _ in pages:
         if ctype.startswith("image/"):
             try:
-                img = Image.open(io.BytesIO(payload)).convert("RGB")
+                img = to_rgb(Image.open(io.BytesIO(payload)))
             except Exception:  # noqa: BLE001 - an undecodable image is simply not used
                 continue
             path = img_dir / f"{len(files)}.png"

@@ -52,7 +52,7 @@ def load_image(source: ImageInput) -> Image.Image:
     name = _describe(source)
     if isinstance(source, Image.Image):
         _check_pixels(source.size, name)
-        return source if source.mode == "RGB" else source.convert("RGB")
+        return source if source.mode == "RGB" else to_rgb(source)
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.exists(path):
@@ -72,7 +72,7 @@ def load_image(source: ImageInput) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(fp) as img:
                 img.load()  # force decoding now so that truncated files fail here
-                image = img.convert("RGB")
+                image = to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InputError(f"image refused as a possible decompression bomb: {name} ({exc})") from None
     except UnidentifiedImageError:
@@ -81,6 +81,14 @@ def load_image(source: ImageInput) -> Image.Image:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"corrupt or unreadable image: {name} ({first})") from None
     return image
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` in RGB. A palette image with transparency goes through RGBA (same RGB values): PIL's
+    direct conversion warns on stderr for every such GIF or PNG."""
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
 
 
 def _check_pixels(size: tuple[int, int], name: str) -> None:
