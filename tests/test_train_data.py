@@ -557,6 +557,34 @@ def test_corpus_rows_with_bad_fields_are_skipped_naming_the_field(tmp_path, tok)
     assert samples[7].num_tiles == [1]
 
 
+def test_a_line_that_is_not_utf8_skips_that_line_alone(tmp_path, tok):
+    from interleaf.errors import ConfigError
+    from interleaf.train.config import load_config
+
+    good = {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}
+    line = json.dumps(good).encode()
+    (tmp_path / "train.jsonl").write_bytes(line + b"\n" + b'{"id": "\xff\xfe"}\n' + line + b"\n")
+    (tmp_path / "meta.json").write_text(json.dumps({"ds": {"annotation": "train.jsonl"}}))
+    log = SkipLog()
+    ds = ConversationDataset(
+        tmp_path / "meta.json", tok, DataArgs(template="Hermes-2"), log
+    )  # UnicodeDecodeError before
+    assert [ds.get(i) is not None for i in range(len(ds))] == [True, False, True]
+    assert dict(log.counts) == {"bad_json": 1} and log.records[0]["detail"] == "line 2: not valid UTF-8"
+    (tmp_path / "docs.jsonl").write_bytes(
+        b"\xff\n" + json.dumps({"image": "x.png", "text": "t"}).encode() + b"\n"
+    )
+    corpus = CorpusDataset([str(tmp_path / "docs.jsonl")], tok, DataArgs(template="Hermes-2"), log)
+    assert corpus.get(0) is None and log.records[-1]["detail"] == "not valid UTF-8"
+    # a meta JSON or YAML config that is not UTF-8 is an error naming the file
+    (tmp_path / "meta.json").write_bytes(b'{"ds": {"annotation": "\xff"}}')
+    with pytest.raises(ConfigError, match="meta.json: not valid JSON"):
+        ConversationDataset(tmp_path / "meta.json", tok, DataArgs(template="Hermes-2"))
+    (tmp_path / "run.yaml").write_bytes(b"lr: \xff\n")
+    with pytest.raises(ConfigError, match="run.yaml: not valid YAML"):
+        load_config(tmp_path / "run.yaml")
+
+
 def test_corpus_images_follow_the_tiling_and_augment_settings(tmp_path, tok):
     import numpy as np
 

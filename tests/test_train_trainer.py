@@ -205,6 +205,28 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(cfg_path, ["bogus=1"])
 
 
+@pytest.mark.parametrize(
+    "key,value,message",
+    [("use_llm_lora", -1, "must be >= 0"), ("lr", -1e-4, "must be >= 0"), ("lr", "nan", "must be >= 0"),
+     ("lora_dropout", 2, r"must be in \[0, 1\)"), ("adam_beta1", 5, r"must be in \[0, 1\)"),
+     ("trainable_patterns", ["mlp1.("], "is not a regex")],
+)  # fmt: skip
+def test_out_of_range_values_are_refused_naming_the_key(key, value, message):
+    # before: a torch RuntimeError / ValueError / re.error mid-setup, or (lr) a silently diverging run
+    with pytest.raises(ConfigError, match=f"config key '{key}': .*{message}"):
+        build_config({"model_preset": "tiny", "meta_path": "m.json", key: value})
+
+
+def test_an_output_dir_that_is_a_file_is_a_config_error(tiny_dir, meta, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(f"model_path: {tiny_dir}\nmeta_path: {meta}\noutput_dir: {tmp_path / 'afile'}\n")
+    assert main(["train", str(cfg_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "config key 'output_dir': cannot create" in err and "afile" in err
+    assert (tmp_path / "afile").read_text() == "x"
+
+
 def test_cli_train_smoke_and_bad_config(tiny_dir, meta, tmp_path, capsys):
     cfg_path = tmp_path / "run.yaml"
     cfg_path.write_text(

@@ -8,6 +8,8 @@ freeze flags and learning rates of InternVL's recipes; keys given explicitly alw
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -228,8 +230,20 @@ def build_config(values: dict[str, Any], source: str = "config") -> TrainConfig:
             f"config key 'min_dynamic_patch': {cfg.min_dynamic_patch} is above "
             f"max_dynamic_patch {cfg.max_dynamic_patch}"
         )
-    if not 0 <= cfg.drop_path_rate < 1:
-        raise ConfigError(f"config key 'drop_path_rate': must be in [0, 1), got {cfg.drop_path_rate}")
+    for key in ("use_llm_lora", "use_backbone_lora", "lr", "vision_lr", "mlp_lr", "llm_lr"):
+        value = getattr(cfg, key)
+        if value is not None and not 0 <= value < math.inf:  # also refuses nan
+            raise ConfigError(f"config key '{key}': must be >= 0, got {value}")
+    for key in ("drop_path_rate", "lora_dropout", "adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(cfg, key) < 1:
+            raise ConfigError(f"config key '{key}': must be in [0, 1), got {getattr(cfg, key)}")
+    for pattern in cfg.trainable_patterns:
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as exc:
+            raise ConfigError(
+                f"config key 'trainable_patterns': {pattern!r} is not a regex ({exc})"
+            ) from None
     # checked here, not per video: a frame range that cannot be drawn from would skip every video
     if cfg.max_num_frame < cfg.min_num_frame:
         raise ConfigError(
@@ -271,8 +285,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of keys to values")

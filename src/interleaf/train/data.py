@@ -360,8 +360,8 @@ def read_meta(path: str | Path) -> list[DatasetSpec]:
     if not path.is_file():
         raise ConfigError(f"{path}: meta file not found")
     try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(meta, dict) or not meta:
         raise ConfigError(f"{path}: expected an object of datasets")
@@ -457,7 +457,7 @@ class ConversationDataset:
         self.lines: list[list[str]] = []
         self.index: list[tuple[int, int]] = []  # (dataset, line)
         for d, spec in enumerate(self.specs):
-            with open(spec.annotation, encoding="utf-8") as fh:
+            with open(spec.annotation, encoding="utf-8", errors="surrogateescape") as fh:  # see _parse_line
                 lines = [ln for ln in fh.read().splitlines() if ln.strip()]
             self.lines.append(lines)
             n = len(lines)
@@ -483,10 +483,7 @@ class ConversationDataset:
         raw = self.lines[d][line]
         sample_id: Any = line
         try:
-            try:
-                record = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise SkipSample("bad_json", f"line {line + 1}: {exc.msg}") from None
+            record = _parse_line(raw, f"line {line + 1}: ")
             if not isinstance(record, dict):
                 raise SkipSample("bad_json", f"line {line + 1}: not an object")
             sample_id = record.get("id", line)
@@ -611,6 +608,19 @@ def load_training_image(
     except InputError as exc:
         reason = "missing_image" if "not found" in str(exc) else "bad_image"
         raise SkipSample(reason, str(exc)) from None
+
+
+def _parse_line(raw: str, where: str = "") -> Any:
+    """A JSONL line as JSON, or :class:`SkipSample` ``bad_json``. Files are read with
+    ``errors="surrogateescape"``, so a line with bytes that are not UTF-8 skips that line alone."""
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SkipSample("bad_json", f"{where}not valid UTF-8") from None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise SkipSample("bad_json", f"{where}{exc.msg}") from None
 
 
 def _describe(value: Any) -> str:
@@ -742,7 +752,7 @@ class CorpusDataset:
 
                     self.rows += [(str(f), r) for r in pq.read_table(f).to_pylist()]
                 else:
-                    with open(f, encoding="utf-8") as fh:
+                    with open(f, encoding="utf-8", errors="surrogateescape") as fh:  # see _parse_line
                         self.rows += [(str(f), ln) for ln in fh.read().splitlines() if ln.strip()]
         self.context_id = token_id(tokenizer, IMG_CONTEXT_TOKEN)
         self.img_end_id = token_id(tokenizer, IMG_END_TOKEN)
@@ -757,10 +767,7 @@ class CorpusDataset:
         name = Path(file).name
         try:
             if isinstance(row, str):
-                try:
-                    row = json.loads(row)
-                except json.JSONDecodeError as exc:
-                    raise SkipSample("bad_json", exc.msg) from None
+                row = _parse_line(row)
             if not isinstance(row, dict):
                 raise SkipSample("bad_json", "not an object")
             rng = random.Random(f"{self.args.seed}-{epoch}-corpus-{i}") if self.args.data_augment else None

@@ -409,7 +409,12 @@ class Trainer:
         # weights; the data and dropout streams get a seed per rank once the model is built
         seed_everything(cfg.seed)
         if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # a file in the way, no permission ...
+                raise ConfigError(
+                    f"config key 'output_dir': cannot create {self.out} ({exc.strerror})"
+                ) from None
             if not (cfg.resume and self.latest_checkpoint() is not None):
                 self._start_fresh(checkpoints=not cfg.resume)
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
