@@ -61,6 +61,69 @@ def test_coco_detection_and_grounding(tmp_path):
     assert (out / meta["coco_det"]["root"] / "a.jpg").resolve() == (tmp_path / "a.jpg").resolve()
 
 
+def test_bad_coco_input_is_one_line_and_bad_annotations_are_counted(tmp_path, capsys):
+    (tmp_path / "imgs").mkdir()
+    good = {
+        "images": [{"id": 1, "file_name": "a.jpg", "width": 200, "height": 100}, {"id": 2, "file_name": "b.jpg", "width": "50", "height": 50}],
+        "annotations": [{"image_id": 1, "category_id": 3, "bbox": [20, 10, 50, 40]}, {"image_id": 1, "category_id": 3, "bbox": [1, 2]},
+                        {"image_id": 1, "category_id": 3}, {"image_id": 2, "category_id": 3, "bbox": [0, 0, 1, 1]}],
+        "categories": [{"id": 3, "name": "car"}],
+    }  # fmt: skip
+    (tmp_path / "ann.json").write_text(json.dumps(good))
+
+    def convert(ann, images="imgs", out="out"):
+        argv = ["adapt", "convert", "coco-det", str(tmp_path / ann), "--images", str(tmp_path / images)]
+        return main([*argv, "-o", str(tmp_path / out)])
+
+    assert convert("ann.json") == 0  # before: KeyError 'bbox', ValueError (short bbox), TypeError (str width)
+    out = capsys.readouterr().out
+    assert "'bad_size': 1" in out and "'bad_bbox': 2" in out
+    rows = (tmp_path / "out" / "coco_det.jsonl").read_text().splitlines()
+    assert len(rows) == 2 and "[[100, 100, 350, 500]]" in rows[0]
+    bad = {
+        "list.json": [1],
+        "catint.json": {**good, "categories": [5]},
+        "noname.json": {**good, "categories": [{"id": 3}]},
+        "annint.json": {**good, "annotations": [5]},
+    }
+    for name, content in bad.items():
+        (tmp_path / name).write_text(json.dumps(content))
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe")
+    cases = [("list.json", "imgs", "expected a COCO object"), ("catint.json", "imgs", "'categories' must be an object"),
+             ("noname.json", "imgs", "string 'name'"), ("annint.json", "imgs", "'annotations' must be an object"),
+             ("bin.json", "imgs", "bin.json: cannot read COCO JSON"), ("ann.json", "nowhere", "nowhere: not a folder")]  # fmt: skip
+    for ann, images, message in cases:
+        assert convert(ann, images, out=f"out-{ann}") == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and "Traceback" not in err, (ann, err)
+        assert not (tmp_path / f"out-{ann}").exists()
+    assert convert("ann.json", out="ann.json") == 1  # -o a file: FileExistsError before
+    assert "exists and is not a folder" in capsys.readouterr().err
+
+
+def test_bad_records_and_adapt_configs_are_one_line(tmp_path, capsys):
+    (tmp_path / "recs.jsonl").write_text(
+        '{"id": 1, "video": "v.mp4", "question": "q", "answer": "a"}\n{bad\n'
+    )
+    (tmp_path / "list.jsonl").write_text("[1]\n")
+    (tmp_path / "meta.json").write_text("[1]")
+    (tmp_path / "bad.yaml").write_text("{bad: [")
+    (tmp_path / "listmeta.yaml").write_text("domain_meta: meta.json\nmodel_path: x\n")
+    cases = [
+        (["adapt", "convert", "video", str(tmp_path / "recs.jsonl"), "-o", str(tmp_path / "o")], "recs.jsonl: line 2"),
+        (["adapt", "convert", "multiview", str(tmp_path / "list.jsonl"), "-o", str(tmp_path / "o")], "record 1 is not an object"),
+        (["adapt", str(tmp_path / "bad.yaml")], "bad.yaml: not valid YAML"),
+        (["adapt", str(tmp_path / "listmeta.yaml")], "meta.json: expected an object of datasets"),
+    ]  # fmt: skip
+    for (
+        argv,
+        message,
+    ) in cases:  # before: JSONDecodeError, AttributeError, a multi-line YAML error, AttributeError
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, (argv, err)
+
+
 def test_classification_multiple_choice(tmp_path):
     for label in ("cat", "dog", "owl"):
         (tmp_path / "src" / label).mkdir(parents=True)

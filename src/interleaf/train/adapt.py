@@ -51,12 +51,22 @@ def norm_box(box: list[float], width: int, height: int, xywh: bool = True) -> li
     return [scale(x1, width), scale(y1, height), scale(x2, width), scale(y2, height)]
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def box_text(name: str, boxes: list[list[int]]) -> str:
     inner = ", ".join(f"[{', '.join(str(v) for v in b)}]" for b in boxes)
     return f"<ref>{name}</ref><box>[{inner}]</box>"
 
 
+def _check_out(out: str | Path) -> None:
+    if Path(out).exists() and not Path(out).is_dir():
+        raise InputError(f"-o {out}: exists and is not a folder")
+
+
 def _write(out: Path, rows: list[dict], name: str, root: str) -> Path:
+    _check_out(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.jsonl"
     with path.open("w") as fh:
@@ -76,33 +86,51 @@ def convert_coco(
     ann_path: str, image_root: str, out: str, mode: str = "both", name: str = "coco_det", log=print
 ) -> dict[str, int]:
     """COCO detection JSON -> detection and/or grounding conversations. Returns counts."""
+    if not Path(image_root).is_dir():
+        raise InputError(f"--images {image_root}: not a folder")
+    _check_out(out)
     try:
-        coco = json.loads(Path(ann_path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        coco = json.loads(Path(ann_path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"{ann_path}: cannot read COCO JSON ({exc})") from None
+    if not isinstance(coco, dict):
+        raise InputError(f"{ann_path}: expected a COCO object with 'images', 'annotations', 'categories'")
     for key in ("images", "annotations", "categories"):
         if not isinstance(coco.get(key), list):
             raise InputError(f"{ann_path}: missing list '{key}'")
+        if not all(isinstance(entry, dict) for entry in coco[key]):
+            raise InputError(f"{ann_path}: every entry of '{key}' must be an object")
+    bad_cats = [c for c in coco["categories"] if "id" not in c or not isinstance(c.get("name"), str)]
+    if bad_cats:
+        raise InputError(f"{ann_path}: category {bad_cats[0]!r} needs an 'id' and a string 'name'")
     cats = {c["id"]: c["name"] for c in coco["categories"]}
     per_image: dict[Any, list[dict]] = {}
     for a in coco["annotations"]:
         per_image.setdefault(a.get("image_id"), []).append(a)
-    rows, skipped = [], {"no_annotations": 0, "bad_size": 0, "unknown_category": 0}
+    rows = []
+    skipped = {"no_annotations": 0, "bad_size": 0, "unknown_category": 0, "bad_bbox": 0, "no_file_name": 0}
     for img in coco["images"]:
         anns = per_image.get(img.get("id"), [])
         w, h = img.get("width"), img.get("height")
         if not anns:
             skipped["no_annotations"] += 1
             continue
-        if not w or not h:
+        if not (_is_number(w) and _is_number(h) and w > 0 and h > 0):
             skipped["bad_size"] += 1
+            continue
+        if not isinstance(img.get("file_name"), str):
+            skipped["no_file_name"] += 1
             continue
         grouped: dict[str, list[list[int]]] = {}
         for a in anns:
             if a.get("category_id") not in cats:
                 skipped["unknown_category"] += 1
                 continue
-            grouped.setdefault(cats[a["category_id"]], []).append(norm_box(a["bbox"], w, h))
+            box = a.get("bbox")
+            if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
+                skipped["bad_bbox"] += 1
+                continue
+            grouped.setdefault(cats[a["category_id"]], []).append(norm_box(box, w, h))
         if not grouped:
             continue
         base = {"image": img["file_name"], "width": w, "height": h}
@@ -155,17 +183,20 @@ def convert_classification(
                     items.append((f"{label_dir.name}/{f.name}", label_dir.name))
     elif src.is_file():
         root = image_root or str(src.parent)
-        with src.open(newline="") as fh:
-            for i, row in enumerate(csv.reader(fh)):
-                if len(row) < 2:
-                    raise InputError(f"{src}: line {i + 1}: expected 'path,label'")
-                if (
-                    i == 0
-                    and row[0].strip().lower() in ("path", "image", "file")
-                    and row[1].strip().lower() == "label"
-                ):
-                    continue
-                items.append((row[0].strip(), row[1].strip()))
+        try:
+            with src.open(newline="", encoding="utf-8") as fh:
+                for i, row in enumerate(csv.reader(fh)):
+                    if len(row) < 2:
+                        raise InputError(f"{src}: line {i + 1}: expected 'path,label'")
+                    if (
+                        i == 0
+                        and row[0].strip().lower() in ("path", "image", "file")
+                        and row[1].strip().lower() == "label"
+                    ):
+                        continue
+                    items.append((row[0].strip(), row[1].strip()))
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{src}: not a UTF-8 CSV file ({exc})") from None
     else:
         raise InputError(f"{source}: not a folder of class folders nor a CSV file")
     labels = sorted({lab for _, lab in items})
@@ -240,11 +271,25 @@ def _read_records(path: str) -> list[dict]:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{path}: file not found")
-    text = p.read_text()
-    if p.suffix == ".json":
-        data = json.loads(text)
-        return data if isinstance(data, list) else [data]
-    return [json.loads(ln) for ln in text.splitlines() if ln.strip()]
+    try:
+        text = p.read_text(encoding="utf-8")
+        if p.suffix == ".json":
+            data = json.loads(text)
+            records = data if isinstance(data, list) else [data]
+        else:
+            records = []
+            for i, ln in enumerate(text.splitlines()):
+                if ln.strip():
+                    try:
+                        records.append(json.loads(ln))
+                    except json.JSONDecodeError as exc:
+                        raise InputError(f"{path}: line {i + 1}: not valid JSON ({exc.msg})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: cannot read records ({exc})") from None
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise InputError(f"{path}: record {i + 1} is not an object")
+    return records
 
 
 def convert_multiview(
@@ -253,10 +298,13 @@ def convert_multiview(
     """Records ``{"id", "images": {CAM: path}, "conversations" | "question"+"answer"}`` -> stitched images."""
     root = Path(image_root or Path(records_path).parent)
     out_dir = Path(out)
+    _check_out(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     rows, skipped = [], 0
     for k, rec in enumerate(_read_records(records_path)):
         try:
+            if not isinstance(rec.get("images") or {}, dict):
+                raise InputError("field 'images' must map camera names to paths")
             views = {cam: str(root / p) for cam, p in (rec.get("images") or {}).items()}
             stitched = stitch_views(views)
             rel = f"images/{rec.get('id', k)}.jpg"
@@ -285,6 +333,9 @@ def convert_video(
 
     root = Path(video_root or Path(records_path).parent)
     out_dir = Path(out)
+    _check_out(out_dir)
+    if num_frames < 1:
+        raise InputError(f"--frames must be >= 1, got {num_frames}")
     rows, skipped = [], 0
     for k, rec in enumerate(_read_records(records_path)):
         ident = str(rec.get("id", k))
@@ -332,9 +383,11 @@ def mix_meta(domain_meta: str, general_meta: str | None, general_repeat: float, 
     def load(path: str) -> dict:
         p = Path(path)
         try:
-            meta = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            meta = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ConfigError(f"{path}: cannot read meta JSON ({exc})") from None
+        if not isinstance(meta, dict) or not all(isinstance(e, dict) for e in meta.values()):
+            raise ConfigError(f"{path}: expected an object of datasets, each an object")
         fixed = {}
         for name, entry in meta.items():
             entry = dict(entry)
@@ -363,7 +416,10 @@ def adapt_train(config_path: str, overrides: list[str]) -> dict[str, Any]:
     path = Path(config_path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    values = yaml.safe_load(path.read_text()) or {}
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values")
     for item in overrides:
@@ -373,12 +429,18 @@ def adapt_train(config_path: str, overrides: list[str]) -> dict[str, Any]:
     adapt = {k: values.pop(k) for k in ADAPT_KEYS if k in values}
     if "domain_meta" not in adapt:
         raise ConfigError(f"{path}: missing key 'domain_meta' (the converted domain data's meta.json)")
+    for key in ("domain_meta", "general_meta", "output_dir"):
+        value = values.get(key) if key == "output_dir" else adapt.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{path}: key '{key}' must be a path (string)")
     base = path.parent
 
     def resolve(p: str | None) -> str | None:
         return None if p is None else str(p if Path(p).is_absolute() else base / p)
 
     out_dir = Path(resolve(values.get("output_dir", "runs/adapt")))
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{path}: output_dir {out_dir} exists and is not a folder")
     values["output_dir"] = str(out_dir)
     for key in ("model_path",):
         if isinstance(values.get(key), str):
