@@ -167,6 +167,11 @@ def test_load_image_errors_name_the_file(tmp_path):
         load_image(tmp_path)
 
 
+def test_an_empty_in_memory_image_is_an_input_error():
+    with pytest.raises(InputError, match=r"empty image \(0x0 pixels\)"):  # ZeroDivisionError in tiling before
+        preprocess_images([Image.new("RGB", (0, 0))], max_num=6)
+
+
 def test_decompression_bombs_are_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     warn_zone = tmp_path / "warn.png"  # 1600 px: PIL only warns (between 1x and 2x the limit)

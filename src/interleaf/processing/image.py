@@ -92,6 +92,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _check_pixels(size: tuple[int, int], name: str) -> None:
+    if min(size) < 1:  # an in-memory PIL image can be 0 pixels wide; tiling would divide by zero
+        raise InputError(f"empty image ({size[0]}x{size[1]} pixels): {name}")
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and size[0] * size[1] > limit:
         raise InputError(
