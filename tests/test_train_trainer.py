@@ -217,6 +217,14 @@ def test_out_of_range_values_are_refused_naming_the_key(key, value, message):
         build_config({"model_preset": "tiny", "meta_path": "m.json", key: value})
 
 
+def test_an_override_that_is_not_yaml_is_one_line():
+    with pytest.raises(
+        ConfigError, match="override 'lr': cannot parse value"
+    ) as info:  # was the multi-line YAML error
+        load_config(None, ["lr=[1,"])
+    assert "\n" not in str(info.value)
+
+
 def test_an_output_dir_that_is_a_file_is_a_config_error(tiny_dir, meta, tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
     cfg_path = tmp_path / "run.yaml"

@@ -262,7 +262,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{key}': cannot parse value {raw!r}: {exc}") from None
+        raise ConfigError(
+            f"override '{key}': cannot parse value {raw!r}: {str(exc).splitlines()[0]}"
+        ) from None
     return key.strip(), value
 
 
