@@ -105,6 +105,50 @@ def test_bad_input_is_a_one_line_input_error(chat, image_file, tmp_path):
             chat.chat("x", images=image_file, max_num=bad)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        (dict(images=5), "images must be an image"),
+        (dict(history=[("a",)]), r"history\[0\] must be a \(question, answer\) pair"),
+        (dict(history=[(1, 2)]), r"history\[0\] must be a \(question, answer\) pair"),
+        (dict(history="abc"), "history must be a list"),
+        (dict(num_segments="4"), "num_segments must be a positive int"),
+        (dict(video=5), "video must be a file path"),
+        (
+            dict(pixel_values=torch.zeros(3, 448, 448)),
+            r"pixel_values must be a tensor \[tiles, 3, 448, 448\]",
+        ),
+        (dict(pixel_values=[1, 2]), "pixel_values must be a tensor"),
+        (dict(pixel_values=torch.zeros(1, 3, 448, 448), num_tiles=5), "num_tiles must be a list"),
+    ],
+)
+def test_wrongly_typed_api_arguments_are_input_errors_naming_them(chat, kwargs, needle):
+    """API misuse fails at the ChatModel boundary, not as a bare TypeError/ValueError deep inside."""
+    with pytest.raises(InputError, match=needle):
+        chat.chat("hi", max_new_tokens=2, **kwargs)
+    if "pixel_values" not in kwargs:  # stream_chat takes no preprocessed tiles
+        with pytest.raises(InputError, match=needle):
+            list(chat.stream_chat("hi", max_new_tokens=2, **kwargs))
+
+
+def test_batch_chat_refuses_a_bare_string(chat):
+    with pytest.raises(InputError, match="for one question use chat"):  # not two questions 'a' and 'b'
+        chat.batch_chat("ab", max_new_tokens=2)
+
+
+def test_load_refuses_unknown_or_unavailable_devices(tiny_ckpt, capsys):
+    from interleaf.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown device 'tpu'"):
+        interleaf.load(tiny_ckpt, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="'cuda' is not available"):
+            interleaf.load(tiny_ckpt, device="cuda")
+    assert main(["chat", str(tiny_ckpt), "hello", "--device", "tpu"]) == 1  # the CLI: the same check
+    err = capsys.readouterr().err
+    assert "unknown device 'tpu'" in err and err.count("\n") == 1 and "Traceback" not in err
+
+
 def test_cli_chat_streams_the_reply(tiny_ckpt, image_file, chat, capsys):
     assert main(["chat", str(tiny_ckpt), "--image", str(image_file), "--max-num", "1",
                  "--max-new-tokens", "8", "Describe the image."]) == 0  # fmt: skip

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from numbers import Integral
 from typing import Any
 
 import torch
@@ -39,7 +40,52 @@ def _as_list(images: Any) -> list:
         return []
     if isinstance(images, (str, os.PathLike, bytes, Image.Image)):
         return [images]
+    if not isinstance(images, Iterable):
+        raise InputError(
+            f"images must be an image (path, bytes or PIL image) or a list of them, got {type(images).__name__}"
+        )
     return list(images)
+
+
+def _check_inputs(
+    history: Any, video: Any, num_segments: Any, pixel_values: Any, num_tiles: Any, image_size: int
+) -> None:
+    """Refuse wrongly typed API arguments with one line naming the argument (they would otherwise fail
+    deep inside the template, the video reader or the vision encoder with a bare TypeError/ValueError)."""
+
+    def pos_int(n: Any) -> bool:
+        return isinstance(n, Integral) and not isinstance(n, bool) and n >= 1
+
+    if history is not None:
+        if isinstance(history, (str, bytes)) or not isinstance(history, Sequence):
+            raise InputError(
+                f"history must be a list of (question, answer) pairs, got {type(history).__name__}"
+            )
+        for i, turn in enumerate(history):
+            pair = isinstance(turn, Sequence) and not isinstance(turn, (str, bytes)) and len(turn) == 2
+            if not (pair and all(isinstance(t, str) for t in turn)):
+                raise InputError(
+                    f"history[{i}] must be a (question, answer) pair of strings, got {turn!r:.80}"
+                )
+    if video is not None and not isinstance(video, (str, os.PathLike)):
+        raise InputError(f"video must be a file path, got {type(video).__name__}")
+    if not pos_int(num_segments):
+        raise InputError(f"num_segments must be a positive int (video frames), got {num_segments!r:.40}")
+    if pixel_values is not None:
+        shape = list(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else None
+        if shape is None or shape[1:] != [3, image_size, image_size] or shape[0] < 1:
+            got = shape if shape is not None else type(pixel_values).__name__
+            raise InputError(
+                f"pixel_values must be a tensor [tiles, 3, {image_size}, {image_size}], got {got}"
+            )
+    if num_tiles is not None and (
+        isinstance(num_tiles, (str, bytes))
+        or not isinstance(num_tiles, Sequence)  # not an iterator: it would be used up here
+        or not all(map(pos_int, num_tiles))
+    ):
+        raise InputError(
+            f"num_tiles must be a list of positive ints (tiles per image), got {num_tiles!r:.60}"
+        )
 
 
 class ChatModel:
@@ -131,6 +177,7 @@ class ChatModel:
         """
         if not isinstance(question, str):
             raise InputError(f"question must be a string, got {type(question).__name__}")
+        _check_inputs(history, video, num_segments, pixel_values, num_tiles, self.config.image_size)
         image_list = _as_list(images)
         if video is not None and (image_list or pixel_values is not None):
             raise InputError("give either images or a video, not both")
@@ -254,6 +301,8 @@ class ChatModel:
         one tile budget for all questions or one per question. Thread-safe (image loading and tiling
         release the GIL), so an evaluation loop can prepare the next batch while one generates.
         """
+        if isinstance(questions, str):  # list("ab") would be two questions, "a" and "b"
+            raise InputError("batch_chat: questions must be a list of strings; for one question use chat")
         questions = list(questions)
         per_q = [None] * len(questions) if images is None else list(images)
         if len(per_q) != len(questions):

@@ -44,11 +44,6 @@ def _chat(args: argparse.Namespace) -> int:
         raise InputError(f"--max-num must be >= 1 (tiles per prompt), got {args.max_num}")
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise InputError(f"--device {args.device}: CUDA is not available on this machine")
     chat = ChatModel.from_pretrained(args.model_dir, device=args.device, dtype=args.dtype)
     pieces = chat.stream_chat(
         args.prompt,

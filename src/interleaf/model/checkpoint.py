@@ -419,6 +419,7 @@ def load_checkpoint(
     from interleaf.model.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, load_tokenizer
 
     path = Path(path)
+    device = parse_device(device)  # before the (slow) weights are read
     cfg = load_config(path)
     if model_cls is InternVLChatModel:
         from interleaf.model.mono_internvl import is_mono_config
@@ -505,6 +506,32 @@ def rebuild_buffers(model: InternVLChatModel) -> None:
     for name, buf in model.named_buffers():
         if buf.is_meta:
             raise CheckpointError(f"internal: buffer {name} was not initialised")
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    """``device`` ("cpu", "cuda", "cuda:1", "mps") as a ``torch.device`` that exists on this machine.
+
+    Checked before loading, so an unknown name or a missing GPU is one ``ConfigError`` instead of
+    torch's RuntimeError / AssertionError from deep inside ``model.to``.
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device: unknown device {device!r} (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cpu":
+        return dev
+    backend = getattr(torch, dev.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    if (
+        dev.type == "meta"
+        or not callable(getattr(backend, "is_available", None))
+        or not backend.is_available()
+    ):
+        raise ConfigError(f"device: {device!r} is not available on this machine")
+    if dev.index is not None and dev.index >= backend.device_count():
+        raise ConfigError(
+            f"device: {device!r} is not available ({backend.device_count()} {dev.type} device(s))"
+        )
+    return dev
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
