@@ -201,3 +201,59 @@ def test_build_refuses_workers_below_one(tmp_path, capsys, workers):
     assert main(["corpus", "build", "-o", str(out), "--workers", workers, "--no-progress"]) == 1
     assert capsys.readouterr().err.strip() == f"error: --workers must be >= 1, got {workers}"
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "yaml_text,words",
+    [
+        ("filters: [nosuch]\n", "unknown filter 'filters.nosuch'"),
+        ("filters: [{c4_quality: {nosuch: 3}}]\n", "filters.c4_quality: unknown option 'nosuch'"),
+        ('extract: {impl: "nosuch:x"}\n', "cannot import 'extract.impl' 'nosuch:x'"),
+        ("extract: {options: {nosuch: 1}}\n", "unknown key 'extract.options.nosuch'"),
+        ("extract: {options: {max_bytes: 5}}\n", "'extract.options.max_bytes' is not an option"),
+    ],
+)
+def test_config_refuses_what_build_refuses(tmp_path, capsys, yaml_text, words):
+    # 'corpus config' printed these configs with rc 0; 'corpus build' refused them, and left an
+    # OUT recording the bad config, so that the corrected config was refused as "another config"
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(yaml_text)
+    assert main(["corpus", "config", "--config", str(cfg)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert words in err and "\n" not in err
+    out = tmp_path / "out"
+    assert main(["corpus", "build", "-o", str(out), "--config", str(cfg), "--no-progress"]) == 1
+    assert capsys.readouterr().err.strip() == err and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "yaml_text,words",
+    [
+        ("dedup: {image_urls: {max_occurrences: -1}}\n", "'dedup.image_urls.max_occurrences' must be >= 0"),
+        ("fetch: {min_aspect: 3, max_aspect: 1}\n", "'fetch.min_aspect' (3) must be <= 'fetch.max_aspect' (1)"),
+        ("fetch: {max_aspect: 0}\n", "'fetch.max_aspect' must be > 0"),
+        ("fetch: {min_aspect: .nan}\n", "'fetch.min_aspect' must be >= 0"),
+        ("extract: {timeout_s: .nan}\n", "'extract.timeout_s' must be > 0"),
+        ("fetch: {timeout_s: .nan}\n", "'fetch.timeout_s' must be > 0"),
+        (
+            'extract: {options: {drop_without_images: "yes"}}\n',
+            "'extract.options': option 'drop_without_images' must be true or false, got 'yes'",
+        ),
+        ("extract: {options: {link_density: [1]}}\n", "option 'link_density' must be a number"),
+    ],
+)
+def test_config_values_out_of_range_are_refused(tmp_path, capsys, yaml_text, words):
+    # these were accepted: -1 removed every image, an empty aspect range every fetched image,
+    # NaN passed the "> 0" checks, and "yes" was a truthy string where a bool belongs
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(yaml_text)
+    assert main(["corpus", "config", "--config", str(cfg)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert words in err and "\n" not in err
+
+
+def test_config_accepts_valid_extract_options(tmp_path, capsys):
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("extract: {options: {drop_without_images: false, link_density: 1}}\n"
+                   "dedup: {image_urls: {max_occurrences: 0}}\nfetch: {min_aspect: 1, max_aspect: 1}\n")  # fmt: skip
+    assert main(["corpus", "config", "--config", str(cfg)]) == 0

@@ -103,8 +103,10 @@ def _build(args: argparse.Namespace) -> int:
 
 def _config(args: argparse.Namespace) -> int:
     from interleaf.corpus import pipeline as P
+    from interleaf.corpus.engine import DocProcessor
 
     cfg = P.load_config(args.config)
+    DocProcessor(cfg)  # the stages build checks (filters, extractor, options): refused here too
     if cfg["filters"] is None:  # show the default filter list that None stands for
         from interleaf.corpus.filters import DEFAULT_FILTERS
 

@@ -832,6 +832,9 @@ def prepare_run(inputs: list[str | Path], out: str | Path, cfg: dict) -> RunPlan
     paths = expand_inputs(inputs)
     if not paths:
         raise InputError("no input given")
+    # a bad filter/extractor config fails here, as one ConfigError, before OUT is written: a run
+    # recorded with it would refuse the corrected config as "another config"
+    DocProcessor(cfg)
     manifest = {
         "format": RUN_FORMAT,
         "inputs": [str(p) for p in paths],
@@ -876,7 +879,6 @@ def run_stage1_local(plan: RunPlan, workers: int, progress: bool = True) -> int:
     if marker.exists():
         return int(json.loads(marker.read_text())["shards"])
     size = int(cfg["read"]["shard_size"])
-    DocProcessor(cfg)  # a bad filter/extractor config fails here, as one ConfigError
     done = committed_stage1(out)
     num_perm = P.minhash_config(cfg).num_perm
     expected: dict[int, int] = {}

@@ -1438,13 +1438,18 @@ def build_filters(spec: list | None = None) -> list[Step]:
     return steps
 
 
-def check_options(name: str, cls: type, options: dict) -> None:
+def check_options(
+    name: str, cls: type, options: dict, where: str | None = None, aliases: dict[str, str] | None = None
+) -> None:
     """Raise ``ConfigError`` for an option ``cls`` does not take or whose value has the wrong type.
 
     Types come from the constructor's annotations (else the default's type); a number option takes
     an int or a float but not a bool, a list option a list (YAML has no tuples). Checked once when
     the filters are built: a wrong type would otherwise turn every document into an error.
+    Messages start with ``where`` (default ``filters.NAME``); ``aliases`` maps an option name
+    to the constructor parameter it stands for.
     """
+    where = where or f"filters.{name}"
     params = inspect.signature(cls.__init__).parameters
     open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     known = [k for k, p in params.items() if k != "self" and p.kind is p.POSITIONAL_OR_KEYWORD]
@@ -1453,16 +1458,17 @@ def check_options(name: str, cls: type, options: dict) -> None:
     except Exception:  # noqa: BLE001 - an unresolvable annotation: fall back to the defaults' types
         hints = {}
     for key, value in options.items():
-        if key not in known:
+        param = (aliases or {}).get(key, key)
+        if param not in known:
             if open_ended:
                 continue
-            raise ConfigError(f"filters.{name}: unknown option {key!r} (known: {', '.join(known)})")
-        expected = hints.get(key)
-        default = params[key].default
+            raise ConfigError(f"{where}: unknown option {key!r} (known: {', '.join(known)})")
+        expected = hints.get(param)
+        default = params[param].default
         if expected is None and default is not inspect.Parameter.empty and default is not None:
             expected = type(default)
         if expected is not None and not _fits(value, expected):
-            raise ConfigError(f"filters.{name}: option {key!r} must be {_type_name(expected)}, got {value!r}")
+            raise ConfigError(f"{where}: option {key!r} must be {_type_name(expected)}, got {value!r}")
 
 
 def _fits(value: Any, tp: Any) -> bool:

@@ -156,7 +156,8 @@ def _check(cfg: dict) -> None:
         raise ConfigError("pipeline config: 'read.shard_size' must be >= 1")
     if int(cfg["read"]["max_page_bytes"]) < 1:
         raise ConfigError("pipeline config: 'read.max_page_bytes' must be >= 1")
-    if float(cfg["extract"]["timeout_s"]) <= 0:
+    # "not x > 0" rather than "x <= 0": a YAML .nan compares false either way and must not pass
+    if not float(cfg["extract"]["timeout_s"]) > 0:
         raise ConfigError("pipeline config: 'extract.timeout_s' must be > 0")
     mh = cfg["dedup"]["minhash"]
     if not 0.0 < float(mh["threshold"]) <= 1.0:
@@ -164,6 +165,8 @@ def _check(cfg: dict) -> None:
     for k in ("n_grams", "num_bands", "rows_per_band"):
         if int(mh[k]) < 1:
             raise ConfigError(f"pipeline config: 'dedup.minhash.{k}' must be >= 1")
+    if not int(cfg["dedup"]["image_urls"]["max_occurrences"]) >= 0:  # < 0 would remove every image
+        raise ConfigError("pipeline config: 'dedup.image_urls.max_occurrences' must be >= 0")
     if cfg["write"]["format"] not in ("parquet", "jsonl"):
         raise ConfigError("pipeline config: 'write.format' must be 'parquet' or 'jsonl'")
     if cfg["write"]["exclusions"] not in ("ids", "full"):
@@ -171,12 +174,17 @@ def _check(cfg: dict) -> None:
     if cfg["write"]["layout"] not in ("obelics", "omnicorpus"):
         raise ConfigError("pipeline config: 'write.layout' must be 'obelics' or 'omnicorpus'")
     fc = cfg["fetch"]
-    for k, low in (("timeout_s", 0), ("max_bytes", 0), ("concurrency", 0)):
-        if float(fc[k]) <= low:
+    for k, low in (("timeout_s", 0), ("max_bytes", 0), ("concurrency", 0), ("max_aspect", 0)):
+        if not float(fc[k]) > low:
             raise ConfigError(f"pipeline config: 'fetch.{k}' must be > {low}")
-    for k in ("retries", "min_side", "max_phash_occurrences"):
-        if float(fc[k]) < 0:
+    for k in ("retries", "min_side", "max_phash_occurrences", "min_aspect"):
+        if not float(fc[k]) >= 0:
             raise ConfigError(f"pipeline config: 'fetch.{k}' must be >= 0")
+    if float(fc["min_aspect"]) > float(fc["max_aspect"]):  # an empty range would drop every image
+        raise ConfigError(
+            f"pipeline config: 'fetch.min_aspect' ({fc['min_aspect']}) must be <= 'fetch.max_aspect' "
+            f"({fc['max_aspect']})"
+        )
     flt = cfg["filters"]
     if flt is not None and not isinstance(flt, list):
         raise ConfigError("pipeline config: 'filters' must be a list of filter names or {name: {...}}")
@@ -321,17 +329,21 @@ class Extraction:
             self._fn = _import(impl, "'extract.impl'")(**opts)
         else:
             from interleaf.corpus import extract as X
+            from interleaf.corpus.filters import check_options
 
             opts["max_bytes"] = self.max_bytes  # the extractor's own guard must not cut in first
+            aliases = {"drop_without_images": "drop_no_images"}
             try:  # check the options once, here, rather than fail on every page
-                X.ExtractConfig(
-                    **{("drop_no_images" if k == "drop_without_images" else k): v for k, v in opts.items()}
-                )
+                X.ExtractConfig(**{aliases.get(k, k): v for k, v in opts.items()})
             except TypeError as exc:
                 bad = str(exc).rsplit(" ", 1)[-1]
                 raise ConfigError(
                     f"pipeline config: unknown key 'extract.options.{bad.strip(chr(39))}'"
                 ) from None
+            # and their types, as the filters' ("yes" for a bool would be truthy on every page)
+            check_options(
+                "extract", X.ExtractConfig, opts, where="pipeline config: 'extract.options'", aliases=aliases
+            )
             self._fn = lambda page: X.extract(page, **dict(opts))
 
     def _guarded(self, page):
