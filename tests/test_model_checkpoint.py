@@ -235,6 +235,18 @@ def test_load_tokenizer_adds_missing_internvl_tokens(tmp_path):
         load_tokenizer(tmp_path / "nowhere")
 
 
+@pytest.mark.parametrize(
+    ("text", "needle"), [('{"model_max_length": ', "not valid JSON"), ("[1, 2]", "JSON object")]
+)
+def test_broken_tokenizer_config_is_named_not_tokenizer_json(tiny_ckpt, tmp_path, text, needle):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_ckpt, bad)
+    (bad / "tokenizer_config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=needle) as info:
+        load_tokenizer(bad)
+    assert str(info.value).startswith(f"{bad / 'tokenizer_config.json'}: ")  # was blamed on tokenizer.json
+
+
 def test_sentencepiece_only_tokenizer_is_converted_offline(tmp_path):
     """A checkpoint that ships only tokenizer.model (InternLM2 style) loads without sentencepiece."""
     from transformers.convert_slow_tokenizer import import_protobuf

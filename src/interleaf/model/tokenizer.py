@@ -66,8 +66,9 @@ def load_tokenizer(path: str | Path, template: str | None = None):
 
     path = Path(path)
     if (path / "tokenizer.json").is_file():
+        overrides = _without_named_tokens(path)  # outside the try: names a broken tokenizer_config.json
         try:
-            tok = PreTrainedTokenizerFast.from_pretrained(str(path), **_without_named_tokens(path))
+            tok = PreTrainedTokenizerFast.from_pretrained(str(path), **overrides)
         except Exception as exc:  # noqa: BLE001 - report any parse failure as one line
             raise CheckpointError(
                 f"{path / 'tokenizer.json'}: cannot load tokenizer ({str(exc).splitlines()[0]})"
@@ -122,12 +123,30 @@ def tokenizer_from_vocab_merges(path: str | Path):
             f"{config_file}: tokenizer_class {name!r} is not a transformers tokenizer that reads "
             "vocab.json + merges.txt (remote code is never loaded)"
         )
+    overrides = _without_named_tokens(path)
     try:
-        return cls.from_pretrained(str(path), **_without_named_tokens(path))
+        return cls.from_pretrained(str(path), **overrides)
     except Exception as exc:  # noqa: BLE001 - report any parse failure as one line
         raise CheckpointError(
             f"{path / 'vocab.json'}: cannot load tokenizer ({str(exc).splitlines()[0]})"
         ) from None
+
+
+def _tokenizer_config(path: Path) -> dict:
+    """``tokenizer_config.json`` of a checkpoint ({} when absent). A broken one is an error naming it:
+    left to transformers, its parse error would be reported against ``tokenizer.json``."""
+    import json
+
+    config_file = path / "tokenizer_config.json"
+    if not config_file.is_file():
+        return {}
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"{config_file}: not valid JSON ({str(exc).splitlines()[0]})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
+    return config
 
 
 def _without_named_tokens(path: Path) -> dict:
@@ -137,14 +156,7 @@ def _without_named_tokens(path: Path) -> dict:
     or top-level ``*_token`` keys after a re-save); transformers would append any that is missing
     (``<video>``) to the vocabulary. interleaf does not use them, so the tokenizer stays as stored.
     """
-    import json
-
-    try:
-        config = json.loads((path / "tokenizer_config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(config, dict):
-        return {}
+    config = _tokenizer_config(path)
     overrides: dict = {name: None for name in HF_NAMED_TOKENS if name in config}
     if isinstance(config.get("extra_special_tokens"), dict):
         plain = config.get("additional_special_tokens")
@@ -169,8 +181,6 @@ def tokenizer_from_sentencepiece(path: str | Path):
     pieces become special tokens; ``tokenizer_config.json`` supplies ``add_bos_token``, the special
     token names and the extra added tokens (``added_tokens_decoder``).
     """
-    import json
-
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import generate_merges, import_protobuf
@@ -208,13 +218,8 @@ def tokenizer_from_sentencepiece(path: str | Path):
     # control pieces (type 3) are special tokens; user-defined pieces (type 4) are matched whole
     tk.add_tokens([AddedToken(p, special=t == 3, normalized=False) for p, _, t in pieces if t in (3, 4)])
 
-    config: dict = {}
     config_file = path / "tokenizer_config.json"
-    if config_file.is_file():
-        try:
-            config = json.loads(config_file.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{config_file}: not valid JSON ({exc})") from None
+    config = _tokenizer_config(path)
     added = sorted((config.get("added_tokens_decoder") or {}).items(), key=lambda kv: int(kv[0]))
     for tid, entry in added:
         content, special = entry.get("content"), bool(entry.get("special", True))
