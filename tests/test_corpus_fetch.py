@@ -568,3 +568,31 @@ def test_stored_bytes_follow_the_offline_sources(server, tmp_path):
     assert f.fetch(url).real_width == 300
     f.path_for(url).write_bytes(small)  # bytes that the record does not describe
     assert f.fetch(url).real_width == 300
+
+
+def test_a_local_root_that_is_no_folder_is_refused(tmp_path, capsys):
+    # '--local-root nonexist' succeeded, every local image refused without a word (a typo)
+    from interleaf.cli import main
+    from interleaf.corpus import pipeline as P
+    from interleaf.errors import ConfigError
+
+    site = tmp_path / "site"
+    _local_site(site, n=2)
+    built = _built(tmp_path, [site])
+    before = _state(built)
+    missing, a_file = tmp_path / "nonexist", site / "p0.html"
+    for root in (missing, a_file):
+        assert main(["corpus", "fetch-images", str(built), "--local-root", str(root), "--no-progress"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err == (
+            f"error: pipeline config: local root {root} ('fetch.local_roots', --local-root) "
+            "is not an existing folder"
+        )
+        assert _state(built) == before  # nothing rewritten
+    # a config's roots are checked where they are used: by fetch-images, or a build that fetches
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"fetch: {{enabled: true, local_roots: ['{missing}']}}\n")
+    with pytest.raises(ConfigError, match=rf"p\.yaml: local root {missing} "):
+        P.load_config(cfg)
+    assert P.load_config({"fetch": {"local_roots": [str(missing)]}})  # not fetching: not used
+    assert main(["corpus", "fetch-images", str(built), "--local-root", str(site), "--no-progress"]) == 0

@@ -225,6 +225,8 @@ def load_config(source: str | Path | dict | None = None, **overrides: Any) -> di
         cfg = _merge(DEFAULTS, user, "")
         _check(cfg)
         cfg["fetch"] = _absolute_paths(cfg["fetch"])
+        if cfg["fetch"]["enabled"]:  # the build fetches at its end: refuse a bad root before it starts
+            _check_local_roots(cfg["fetch"])
     except ConfigError as exc:
         if where != "pipeline config":
             raise ConfigError(str(exc).replace("pipeline config", where, 1)) from None
@@ -243,6 +245,15 @@ def _absolute_paths(fc: dict) -> dict:
     return fc
 
 
+def _check_local_roots(fc: dict) -> None:
+    # a root that is no folder (a typo) would refuse every local image without a word
+    for root in fc["local_roots"]:
+        if not Path(root).is_dir():
+            raise ConfigError(
+                f"pipeline config: local root {root} ('fetch.local_roots', --local-root) is not an existing folder"
+            )
+
+
 def fetch_config(fc: dict | None) -> dict:
     """The ``fetch`` section ``fc`` (a mapping, e.g. a config's or the API's) checked like a
     config's, over the defaults, with its paths absolute."""
@@ -251,7 +262,9 @@ def fetch_config(fc: dict | None) -> dict:
     cfg = copy.deepcopy(DEFAULTS)
     cfg["fetch"] = _merge(DEFAULTS["fetch"], fc or {}, "fetch.")
     _check(cfg)
-    return _absolute_paths(cfg["fetch"])
+    fc = _absolute_paths(cfg["fetch"])
+    _check_local_roots(fc)
+    return fc
 
 
 def _lsh_layout(mh: dict, given: dict, where: str) -> None:
