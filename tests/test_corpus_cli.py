@@ -230,7 +230,10 @@ def test_config_refuses_what_build_refuses(tmp_path, capsys, yaml_text, words):
     "yaml_text,words",
     [
         ("dedup: {image_urls: {max_occurrences: -1}}\n", "'dedup.image_urls.max_occurrences' must be >= 0"),
-        ("fetch: {min_aspect: 3, max_aspect: 1}\n", "'fetch.min_aspect' (3) must be <= 'fetch.max_aspect' (1)"),
+        (
+            "fetch: {min_aspect: 3, max_aspect: 1}\n",
+            "'fetch.min_aspect' (3) must be <= 'fetch.max_aspect' (1)",
+        ),
         ("fetch: {max_aspect: 0}\n", "'fetch.max_aspect' must be > 0"),
         ("fetch: {min_aspect: .nan}\n", "'fetch.min_aspect' must be >= 0"),
         ("extract: {timeout_s: .nan}\n", "'extract.timeout_s' must be > 0"),
@@ -257,3 +260,28 @@ def test_config_accepts_valid_extract_options(tmp_path, capsys):
     cfg.write_text("extract: {options: {drop_without_images: false, link_density: 1}}\n"
                    "dedup: {image_urls: {max_occurrences: 0}}\nfetch: {min_aspect: 1, max_aspect: 1}\n")  # fmt: skip
     assert main(["corpus", "config", "--config", str(cfg)]) == 0
+
+
+def test_a_build_missing_a_data_shard_is_an_error(built, tmp_path, capsys):
+    # with OUT/data/*.parquet gone, convert wrote '0 text records from 0 documents' and
+    # fetch-images reported success, while stats.json counts a shard holding documents
+    import shutil
+
+    out = tmp_path / "c"
+    shutil.copytree(built, out)
+    part = out / "data" / "part-00000.parquet"
+    part.unlink()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    dest = tmp_path / "t.jsonl"
+    for cmd in (
+        ["convert", str(out), "--to", "text", "-o", str(dest)],
+        ["fetch-images", str(out), "--no-progress"],
+    ):
+        assert main(["corpus", *cmd]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err == f"error: {part}: missing ({out / 'stats.json'} counts 1 data shards)"
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before and not dest.exists()
+    # a damaged stats.json is named by convert too
+    (out / "stats.json").write_text("{")
+    assert main(["corpus", "convert", str(out), "--to", "text", "-o", str(dest)]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {out / 'stats.json'}: cannot read (JSONDecodeError")

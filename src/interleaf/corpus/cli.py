@@ -164,6 +164,7 @@ def _stats(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from interleaf.corpus.engine import convert_corpus
 
+    _load_stats(args.output)  # a damaged stats.json is named, as by 'stats' and 'fetch-images'
     n_in, n_out = convert_corpus(args.output, args.to, args.dest)
     print(f"{args.dest}: {n_out} {args.to} records from {n_in} documents")
     return 0

@@ -1038,6 +1038,23 @@ def finish(plan: RunPlan, n_shards: int, progress: bool = True) -> dict:
 # conversion of a built corpus
 
 
+def data_shards(out: Path, stats: dict) -> list[str]:
+    """File names of the data shards of the finished build in ``out``: one per shard, empty ones
+    too, as its ``stats.json`` (``stats``) counts them.
+
+    One missing from ``out/data`` is an ``InputError`` naming it: every writer replaces a shard by
+    rename, so it was lost afterwards, and read without it the corpus looks whole but is short.
+    """
+    ext = "parquet" if stats.get("format", "parquet") == "parquet" else "jsonl"
+    names = [f"part-{s:05d}.{ext}" for s in range(int(stats["shards"]))]
+    for name in names:
+        if not (out / "data" / name).is_file():
+            raise InputError(
+                f"{out / 'data' / name}: missing ({out / 'stats.json'} counts {len(names)} data shards)"
+            )
+    return names
+
+
 def iter_output_documents(out: str | Path) -> Iterator[Document]:
     """Every document of a finished build, shard by shard, in order."""
     from interleaf.corpus.fetch import _read_docs
@@ -1045,9 +1062,15 @@ def iter_output_documents(out: str | Path) -> Iterator[Document]:
     out = Path(out)
     if not (out / "stats.json").exists():
         raise InputError(f"{out}: not a finished corpus build (no stats.json)")
-    for p in sorted((out / "data").glob("part-*")):
-        if p.name.endswith((".parquet", ".jsonl")):
-            yield from _read_docs(p)
+    try:
+        stats = json.loads((out / "stats.json").read_text(encoding="utf-8"))
+        int(stats["shards"])
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise InputError(
+            f"{out / 'stats.json'}: cannot read ({type(exc).__name__}: {exc})".splitlines()[0]
+        ) from None
+    for name in data_shards(out, stats):
+        yield from _read_docs(out / "data" / name)
 
 
 def convert_corpus(out: str | Path, to: str, dest: str | Path) -> tuple[int, int]:

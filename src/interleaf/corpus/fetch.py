@@ -509,10 +509,9 @@ def fetch_corpus(
     fc = P.fetch_config(cfg)  # types checked (a string local_roots is no list of roots), paths absolute
     stats = json.loads(stats_path.read_text(encoding="utf-8"))
     fmt = stats.get("format", "parquet")
-    ext = "parquet" if fmt == "parquet" else "jsonl"
     shards = int(stats["shards"])
-    parts = [f"part-{s:05d}.{ext}" for s in range(shards)]
     root = out / E.WORK / "fetch"
+    parts = E.data_shards(out, stats)  # a lost shard is an error, not 0 documents
     if (root / "phash_common.json").exists():
         raise InputError(
             f"{out}: images were fetched by an older interleaf, which rewrote the shards in place; "
