@@ -4,6 +4,7 @@ real one, random tiny weights), lossless round trip, initialisation from an LLM,
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -250,6 +251,19 @@ def test_missing_expert_weight_is_named(released, tmp_path):
     )
     with pytest.raises(
         CheckpointError, match=r"missing visual-expert tensors: .*layers\.1\.feed_forward_ve\.w2\.weight"
+    ):
+        load_mono_checkpoint(path)
+
+
+def test_wqkv_with_wrong_rows_names_layer_and_file(released, tmp_path):
+    name = "language_model.model.layers.1.attention.wqkv.weight"
+
+    def cut(w, c):
+        w[name] = w[name][:7].contiguous()
+
+    path = _broken(released, tmp_path, cut)
+    with pytest.raises(
+        CheckpointError, match=rf"^{path.name}/model\.safetensors: tensor {re.escape(name)} has 7 rows"
     ):
         load_mono_checkpoint(path)
 

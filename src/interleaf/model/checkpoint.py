@@ -130,13 +130,15 @@ def _fuse_wqkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LLMConfig
     return torch.cat([q, k, v], dim=1).reshape(n_kv * (g + 2) * d, *tail)
 
 
-def _split_wqkv(w: torch.Tensor, cfg: LLMConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _split_wqkv(
+    w: torch.Tensor, cfg: LLMConfig, label: str = "attention.wqkv"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n_kv, d = cfg.num_key_value_heads, cfg.head_dim
     g = cfg.num_attention_heads // n_kv
     tail = w.shape[1:]
     if w.shape[0] != n_kv * (g + 2) * d:
         raise CheckpointError(
-            f"attention.wqkv has {w.shape[0]} rows; the config expects {n_kv * (g + 2) * d} "
+            f"{label} has {w.shape[0]} rows; the config expects {n_kv * (g + 2) * d} "
             f"(kv_heads {n_kv} x (q/kv {g} + 2) x head_dim {d})"
         )
     w = w.reshape(n_kv, g + 2, d, *tail)
@@ -146,11 +148,15 @@ def _split_wqkv(w: torch.Tensor, cfg: LLMConfig) -> tuple[torch.Tensor, torch.Te
     return q, k, v
 
 
-def llm_state_from_disk(sd: dict[str, torch.Tensor], cfg: LLMConfig, family: str) -> dict[str, torch.Tensor]:
+def llm_state_from_disk(
+    sd: dict[str, torch.Tensor], cfg: LLMConfig, family: str, where: Callable[[str], str] | None = None
+) -> dict[str, torch.Tensor]:
     """Inverse of :func:`llm_state_to_disk`: a bare LLM checkpoint's tensors (names as ``family``
     stores them, no ``language_model.`` prefix) -> interleaf names. Fused tensors are split by ``cfg``;
-    a row count that does not fit the config raises :class:`CheckpointError`.
+    a row count that does not fit the config raises :class:`CheckpointError`, which names the tensor
+    as ``where(name)`` (e.g. its file and full name; default ``tensor <name>``).
     """
+    label = where or (lambda name: f"tensor {name}")
     if family in ("qwen2", "llama"):
         return dict(sd)
     out: dict[str, torch.Tensor] = {}
@@ -168,15 +174,17 @@ def llm_state_from_disk(sd: dict[str, torch.Tensor], cfg: LLMConfig, family: str
             continue
         kind = mm.group(2)
         if mm.group(1) == "attention.wqkv":
-            q, k, v = _split_wqkv(t, cfg)
+            q, k, v = _split_wqkv(t, cfg, label(name))
         elif mm.group(1) == "self_attn.qkv_proj":
             if t.shape[0] != q_rows + 2 * kv_rows:
-                raise CheckpointError(f"{name}: {t.shape[0]} rows, the config expects {q_rows + 2 * kv_rows}")
+                raise CheckpointError(
+                    f"{label(name)} has {t.shape[0]} rows; the config expects {q_rows + 2 * kv_rows}"
+                )
             q, k, v = t.split([q_rows, kv_rows, kv_rows], 0)
         else:
             if t.shape[0] % 2:
                 raise CheckpointError(
-                    f"{name}: odd number of rows {t.shape[0]} for a fused gate/up projection"
+                    f"{label(name)} has an odd number of rows {t.shape[0]} for a fused gate/up projection"
                 )
             gate, up = t.chunk(2, 0)
             out[f"{prefix}mlp.gate_proj.{kind}"], out[f"{prefix}mlp.up_proj.{kind}"] = gate, up
@@ -231,11 +239,19 @@ def to_disk(sd: dict[str, torch.Tensor], cfg: InternVLConfig, layout: str) -> di
     return out
 
 
-def from_disk(sd: dict[str, torch.Tensor], cfg: InternVLConfig, layout: str) -> dict[str, torch.Tensor]:
-    """Tensors as stored in ``layout`` -> internal state dict (unknown names pass through unchanged)."""
+def from_disk(
+    sd: dict[str, torch.Tensor], cfg: InternVLConfig, layout: str, where: Callable[[str], str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Tensors as stored in ``layout`` -> internal state dict (unknown names pass through unchanged).
+
+    ``where``: how errors name a stored tensor (see :func:`llm_state_from_disk`), given its full name.
+    """
     family = _disk_family(cfg.llm, layout)
+    label = where or (lambda name: f"tensor {name}")
     if layout == "internvl_chat":
-        llm = llm_state_from_disk(_split_prefix(sd, "language_model."), cfg.llm, family)
+        llm = llm_state_from_disk(
+            _split_prefix(sd, "language_model."), cfg.llm, family, lambda n: label("language_model." + n)
+        )
         out = {k: v for k, v in sd.items() if not k.startswith("language_model.")}
         out.update({"language_model." + k: v for k, v in llm.items()})
         return out
@@ -270,7 +286,12 @@ def from_disk(sd: dict[str, torch.Tensor], cfg: InternVLConfig, layout: str) -> 
         if set(parts) != {"q", "k", "v"}:
             raise CheckpointError(f"{key}: the checkpoint lacks some of the q/k/v projections")
         out[key] = torch.cat([parts["q"], parts["k"], parts["v"]], 0)
-    out.update({"language_model." + k: v for k, v in llm_state_from_disk(llm, cfg.llm, family).items()})
+
+    def stored(n: str) -> str:  # the hf name of an LLM tensor, for errors
+        return label(n if n.startswith("lm_head.") else "model.language_model." + n[len("model.") :])
+
+    llm = llm_state_from_disk(llm, cfg.llm, family, stored)
+    out.update({"language_model." + k: v for k, v in llm.items()})
     return out
 
 
@@ -445,7 +466,7 @@ def load_checkpoint(
     cfg.img_end_token_id = vocab.get(IMG_END)
 
     disk, origin = read_weights(path)
-    sd = from_disk(disk, cfg, cfg.layout)
+    sd = from_disk(disk, cfg, cfg.layout, lambda name: tensor_label(path, origin, name))
     if adapter and (path / ADAPTER_FILE).is_file():
         sd = merge_adapter(sd, path)
     head, embed = sd.get("language_model.lm_head.weight"), sd.get("language_model.model.embed_tokens.weight")
@@ -490,6 +511,12 @@ def load_checkpoint(
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def tensor_label(path: Path, origin: dict[str, str], name: str) -> str:
+    """How errors name a stored tensor: ``ckpt/model.safetensors: tensor <name>``."""
+    src = origin.get(name)
+    return f"{path.name}{'/' + src if src else ''}: tensor {name}"
 
 
 def rebuild_buffers(model: InternVLChatModel) -> None:

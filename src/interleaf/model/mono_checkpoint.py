@@ -262,7 +262,7 @@ def save_mono_checkpoint(model: MonoInternVLChatModel, tokenizer: Any, out_dir: 
 # ----------------------------------------------------------------------------- init from an LLM
 def _read_llm_only(path: Path, template: str | None) -> tuple[LLMConfig, dict[str, torch.Tensor], Any]:
     """A bare decoder-LLM checkpoint (Qwen2 / InternLM2 / Phi-3 / Llama ``config.json`` + weights)."""
-    from interleaf.model.checkpoint import llm_state_from_disk, parse_llm_config, read_weights
+    from interleaf.model.checkpoint import llm_state_from_disk, parse_llm_config, read_weights, tensor_label
     from interleaf.model.tokenizer import load_tokenizer
 
     source = str(path / "config.json")
@@ -273,13 +273,13 @@ def _read_llm_only(path: Path, template: str | None) -> tuple[LLMConfig, dict[st
     llm = parse_llm_config(raw, source, "config")
     if (raw.get("architectures") or [None])[0] == VE_ARCH:
         raise CheckpointError(f"{source}: already an LLM with visual experts; load it as a Mono checkpoint")
-    disk, _ = read_weights(path)
+    disk, origin = read_weights(path)
     stray = [n for n in disk if _EXPERT_RE.search("." + n)]
     if stray:
         raise CheckpointError(
             f"{path.name}: visual-expert tensors {_listing(stray)} in a plain {llm.family} LLM checkpoint"
         )
-    sd = llm_state_from_disk(disk, llm, llm.family)
+    sd = llm_state_from_disk(disk, llm, llm.family, lambda name: tensor_label(path, origin, name))
     tok = load_tokenizer(path, template or FAMILY_TEMPLATE[llm.family])
     return llm, sd, tok
 
