@@ -33,6 +33,9 @@ BAD = [
     (lambda c: c["llm_config"].update(eos_token_id="x"), "llm_config.eos_token_id must be a token id"),
     (lambda c: c["llm_config"].update(eos_token_id=[2, "x"]), "llm_config.eos_token_id must be a token id"),
     (lambda c: c["llm_config"].update(bos_token_id=-1), "llm_config.bos_token_id must be a token id"),
+    # an end token the model can never generate (its logits end at vocab_size)
+    (lambda c: c["llm_config"].update(eos_token_id=151655), r"llm_config.eos_token_id 151655 is past the vocabulary \(vocab_size 151655\)"),
+    (lambda c: c["llm_config"].update(eos_token_id=[151645, 10**6]), "llm_config.eos_token_id 1000000 is past the vocabulary"),
     (lambda c: c.update(force_image_size="448"), "force_image_size must be a positive int, got str"),
     (lambda c: c["llm_config"].update(hidden_size=896.0), "llm_config.hidden_size must be a positive int, got float"),
     (lambda c: c["llm_config"].update(rms_norm_eps="1e-6"), "llm_config.rms_norm_eps must be a positive number"),

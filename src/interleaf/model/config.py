@@ -580,6 +580,12 @@ def _parse_llm(raw: dict[str, Any], source: str, key: str) -> LLMConfig:
         eos_token_id=_token_id(raw, "eos_token_id", source, w, many=True),
         pad_token_id=_token_id(raw, "pad_token_id", source, w),
     )
+    eos = [cfg.eos_token_id] if isinstance(cfg.eos_token_id, int) else cfg.eos_token_id or []
+    past = [i for i in eos if i >= cfg.vocab_size]
+    if past:  # the logits end at vocab_size: this id is never generated, so generation would not stop
+        raise ConfigError(
+            f"{source}: {w}eos_token_id {past[0]} is past the vocabulary (vocab_size {cfg.vocab_size})"
+        )
     if family == "qwen2":
         cfg.qkv_bias, cfg.o_bias = True, False
     elif family == "internlm2":
