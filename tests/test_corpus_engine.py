@@ -493,3 +493,29 @@ def test_site_json_file_is_one_unsupported_file_error(tmp_path):
     assert [(Path(e["source"]).name, e["reason"]) for e in errors] == [("manifest.json", "unsupported_file")]
     stats = json.loads((out / "stats.json").read_text())
     assert stats["records_in"] == 4 and stats["errors"] == 1
+
+
+def test_warc_inputs_without_warc_data_are_counted_errors(tmp_path):
+    # a 0-byte x.warc.gz gave '0 records -> 0 documents', no error: as if the file had been read
+    import gzip
+
+    sample = Path(E.__file__).parent.parent / "data" / "corpus" / "sample.warc.gz"
+    files = {
+        "empty.warc.gz": b"",
+        "empty.warc": b"",
+        "nothing.warc.gz": gzip.compress(b""),
+        "cut.warc.gz": sample.read_bytes()[:12],  # a download cut inside its first gzip header
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    stats = E.build([tmp_path / n for n in files], tmp_path / "out", P.load_config(), progress=False)
+    assert stats["records_in"] == stats["errors"] == 4 and stats["balanced"]
+    read = next(s for s in stats["stages"] if s["name"] == "read")
+    assert read["errors_by_reason"] == {"empty_file": 3, "corrupt_record": 1}
+    errors = [r for p in sorted((tmp_path / "out" / "errors").glob("*.jsonl")) for r in E._read_jsonl(p)]
+    assert sorted((Path(r["source"]).name, r["reason"]) for r in errors) == [
+        ("cut.warc.gz", "corrupt_record"),
+        ("empty.warc", "empty_file"),
+        ("empty.warc.gz", "empty_file"),
+        ("nothing.warc.gz", "empty_file"),
+    ]

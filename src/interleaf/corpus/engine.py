@@ -37,6 +37,7 @@ import os
 import shutil
 import signal
 import time
+import zlib
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -144,6 +145,33 @@ def _corpus_file(path: Path) -> bool:
         return True
 
 
+def _no_warc_data(path: Path) -> ReadError | None:
+    """The error of a WARC input without a byte of WARC data: 0 bytes, gzip members holding none
+    (``empty_file``), or one gzip member broken before its first byte (``corrupt_record``, as the
+    reader records a file it cannot parse). ``read_warc`` yields nothing for these, and a build
+    would report 0 records as if the file had been read. None for anything else (the reader's)."""
+    try:
+        if path.stat().st_size == 0:
+            return ReadError(str(path), None, "empty_file", "0 bytes")
+        with open(path, "rb") as fh:
+            if fh.read(2) != b"\x1f\x8b":
+                return None
+            fh.seek(0)
+            try:
+                with gzip.GzipFile(fileobj=fh) as gz:
+                    if gz.read(1) == b"":
+                        return ReadError(str(path), None, "empty_file", "gzip data of 0 bytes")
+            except (OSError, EOFError, zlib.error) as exc:
+                from interleaf.corpus.warc import _next_record_start
+
+                if _next_record_start(str(path), 0, True) is not None:
+                    return None  # the reader records this member and resyncs on the next one
+                return ReadError(str(path), 0, "corrupt_record", f"{type(exc).__name__}: {exc}"[:300])
+    except OSError:  # unreadable: the reader records it
+        return None
+    return None
+
+
 def _kind(path: Path) -> str:
     from interleaf.corpus.warc import HTML_SUFFIXES, WARC_SUFFIXES
 
@@ -173,6 +201,10 @@ def iter_records(
         if kind == "warc":
             from interleaf.corpus.warc import HTTP_HEADER_ALLOWANCE, MAX_RECORD_BYTES, read_warc
 
+            error = _no_warc_data(path)
+            if error is not None:  # counted and recorded, as a file read_warc cannot parse is
+                yield error
+                continue
             limit = MAX_RECORD_BYTES if max_page_bytes is None else max_page_bytes + HTTP_HEADER_ALLOWANCE
             yield from read_warc(str(path), max_record_bytes=limit)
         elif kind == "html":
