@@ -209,12 +209,25 @@ def test_config_errors_name_the_key(tmp_path):
     "key,value,message",
     [("use_llm_lora", -1, "must be >= 0"), ("lr", -1e-4, "must be >= 0"), ("lr", "nan", "must be >= 0"),
      ("lora_dropout", 2, r"must be in \[0, 1\)"), ("adam_beta1", 5, r"must be in \[0, 1\)"),
-     ("trainable_patterns", ["mlp1.("], "is not a regex")],
+     ("trainable_patterns", ["mlp1.("], "is not a regex"),
+     # nonsense schedule / optimiser / data-loading values that were accepted silently
+     ("warmup_ratio", 1.5, r"must be in \[0, 1\]"), ("warmup_ratio", -0.1, r"must be in \[0, 1\]"),
+     ("min_lr_ratio", 2, r"must be in \[0, 1\]"), ("warmup_steps", -5, "must be >= 0"),
+     ("weight_decay", -0.01, "must be >= 0"), ("pack_lookahead", -1, "must be >= 0"),
+     ("num_workers", -2, "-1 for automatic"), ("max_packed_images", 0, "must be positive")],
 )  # fmt: skip
 def test_out_of_range_values_are_refused_naming_the_key(key, value, message):
     # before: a torch RuntimeError / ValueError / re.error mid-setup, or (lr) a silently diverging run
     with pytest.raises(ConfigError, match=f"config key '{key}': .*{message}"):
         build_config({"model_preset": "tiny", "meta_path": "m.json", key: value})
+
+
+def test_values_that_mean_off_or_auto_stay_accepted():
+    cfg = build_config(
+        {"model_preset": "tiny", "meta_path": "m.json", "num_workers": -1, "save_total_limit": 0,
+         "max_grad_norm": 0, "warmup_ratio": 0, "warmup_steps": 0, "min_lr_ratio": 1, "pack_lookahead": 0}
+    )  # fmt: skip
+    assert cfg.num_workers == -1 and cfg.save_total_limit == 0 and cfg.max_grad_norm == 0
 
 
 def test_an_override_that_is_not_yaml_is_one_line():

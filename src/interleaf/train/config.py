@@ -219,6 +219,7 @@ def build_config(values: dict[str, Any], source: str = "config") -> TrainConfig:
         "grad_accum",
         "batch_size",
         "max_packed_tokens",
+        "max_packed_images",
         "max_dynamic_patch",
         "min_dynamic_patch",
         "min_num_frame",
@@ -230,10 +231,20 @@ def build_config(values: dict[str, Any], source: str = "config") -> TrainConfig:
             f"config key 'min_dynamic_patch': {cfg.min_dynamic_patch} is above "
             f"max_dynamic_patch {cfg.max_dynamic_patch}"
         )
-    for key in ("use_llm_lora", "use_backbone_lora", "lr", "vision_lr", "mlp_lr", "llm_lr"):
+    if cfg.num_workers < -1:  # -1 (the default) means automatic
+        raise ConfigError(
+            f"config key 'num_workers': must be >= 0, or -1 for automatic; got {cfg.num_workers}"
+        )
+    for key in (
+        *("use_llm_lora", "use_backbone_lora", "lr", "vision_lr", "mlp_lr", "llm_lr"),
+        *("weight_decay", "warmup_steps", "pack_lookahead"),
+    ):
         value = getattr(cfg, key)
         if value is not None and not 0 <= value < math.inf:  # also refuses nan
             raise ConfigError(f"config key '{key}': must be >= 0, got {value}")
+    for key in ("warmup_ratio", "min_lr_ratio"):  # fractions of max_steps / of the peak lr
+        if not 0 <= getattr(cfg, key) <= 1:
+            raise ConfigError(f"config key '{key}': must be in [0, 1], got {getattr(cfg, key)}")
     for key in ("drop_path_rate", "lora_dropout", "adam_beta1", "adam_beta2"):
         if not 0 <= getattr(cfg, key) < 1:
             raise ConfigError(f"config key '{key}': must be in [0, 1), got {getattr(cfg, key)}")
