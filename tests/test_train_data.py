@@ -529,6 +529,26 @@ def test_video_sample_decodes_only_its_frames_and_the_right_ones(data_dir, tok, 
         assert len(converted) <= len(set(picks))  # not one image per frame of the clip
 
 
+def test_palette_frames_with_transparency_load_without_a_pil_warning(data_dir, tok):
+    import random
+    import warnings
+
+    frames = data_dir / "imgs" / "pclip"
+    frames.mkdir()
+    for i in range(4):
+        img = Image.new("P", (8, 8), 1)
+        img.putpalette([0, 0, 0, 200, 10, 10, 10, 200, 10] + [0] * 759)
+        img.save(frames / f"{i}.png", transparency=bytes([0, 255, 128]))  # per-index alpha: bytes
+    args = DataArgs(
+        template="internvl2_5", num_image_token=4, image_size=56, min_num_frame=4, max_num_frame=4
+    )
+    ds = ConversationDataset(data_dir / "meta.json", tok, args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL's "Palette images with Transparency" UserWarning
+        got = ds._video_frames("pclip", ds.specs[0].root, random.Random(0))
+    assert [(f.mode, f.getpixel((0, 0))) for f in got] == [("RGB", (200, 10, 10))] * 4
+
+
 # ---------------------------------------------------------------------------------------------------
 # corpus rows: bad ones are skipped with the field named; tiling and augmentation as for conversations
 

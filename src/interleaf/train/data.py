@@ -555,6 +555,8 @@ class ConversationDataset:
         """Frames of a video file or a folder of frame images (random count and 'rand' sampling)."""
         from PIL import Image
 
+        from interleaf.processing.image import to_rgb
+
         path = os.path.join(root, video)
         n_frames = rng.randint(self.args.min_num_frame, self.args.max_num_frame)
         if os.path.isdir(path):
@@ -565,7 +567,8 @@ class ConversationDataset:
                 raise SkipSample("bad_video", f"no frame images in {path}")
             picks = _rand_segments(len(files), n_frames, rng)
             try:
-                return [Image.open(os.path.join(path, files[k])).convert("RGB") for k in picks]
+                # to_rgb: palette frames with transparency go through RGBA, without PIL's warning
+                return [to_rgb(Image.open(os.path.join(path, files[k]))) for k in picks]
             except OSError as exc:
                 raise SkipSample("bad_video", f"{path}: {exc}") from None
         if not os.path.exists(path):
