@@ -360,3 +360,49 @@ def test_cli_run_against_a_closed_port_fails_with_one_line(mini_mmiu, tmp_path, 
     assert "Connection refused" in err and "\n" not in err
     scores = json.loads((out / "scores.json").read_text())  # the per-sample errors are still recorded
     assert scores["errors"]["by_kind"] == {"model_error": 2} and len(_preds(out)) == 2
+
+
+def _failing_judge(monkeypatch, fails) -> None:
+    """``make_judge`` gives a judge that raises, as after all retries, for the prompts ``fails`` picks."""
+    from interleaf.eval import adapters
+
+    def make_judge(spec, timeout=60.0, retries=3):
+        def judge(prompt: str) -> str:
+            if fails(prompt):
+                raise adapters.EndpointError("ConnectionRefusedError talking to http://127.0.0.1:9: refused")
+            return "A"
+
+        return judge
+
+    monkeypatch.setattr(adapters, "make_judge", make_judge)
+
+
+def test_cli_score_mmiu_says_when_judge_calls_failed(monkeypatch, capsys):
+    # against a closed port every judge call failed and the command exited 0, nothing on stderr:
+    # the failures showed only as 'judge_error N' in the report
+    pred, spec = str(DATA / "mmiu" / "predictions.jsonl"), "openai:http://127.0.0.1:9#j"
+    _failing_judge(monkeypatch, lambda prompt: True)
+    assert main(["eval", "score", "mmiu", pred, "--judge", spec, "--json"]) == 1
+    captured = capsys.readouterr()
+    res = json.loads(captured.out)  # the report is still printed, then one line
+    n = res["extraction_counts"]["judge_error"]
+    assert n > 0 and "judge" not in res["extraction_counts"]
+    assert captured.err == (
+        f"error: {spec}: all {n} judge calls failed (judge error: ConnectionRefusedError talking to "
+        "http://127.0.0.1:9: refused); those records are left out of the scores\n"
+    )
+    # some failed: the scores stand, with a one-line warning that counts them
+    _failing_judge(monkeypatch, lambda prompt: len(prompt) % 2 == 1)
+    assert main(["eval", "score", "mmiu", pred, "--judge", spec, "--json"]) == 0
+    captured = capsys.readouterr()
+    counts = json.loads(captured.out)["extraction_counts"]
+    failed, asked = counts["judge_error"], counts["judge_error"] + counts["judge"]
+    assert 0 < failed < asked
+    assert captured.err == (
+        f"warning: {spec}: {failed} of {asked} judge calls failed (judge error: ConnectionRefusedError "
+        "talking to http://127.0.0.1:9: refused); those records are left out of the scores\n"
+    )
+    _failing_judge(monkeypatch, lambda prompt: False)
+    assert main(["eval", "score", "mmiu", pred, "--judge", spec]) == 0
+    assert capsys.readouterr().err == ""
+

@@ -136,7 +136,18 @@ def _score_mmiu(args: argparse.Namespace) -> int:
     from interleaf.eval.adapters import make_judge
     from interleaf.eval.mmniah import read_jsonl
 
-    judge = make_judge(args.judge) if args.judge else None
+    judge = None
+    failures: list[str] = []  # why judge calls failed: the scores keep only a 'judge_error' count
+    if args.judge:
+        base = make_judge(args.judge)
+
+        def judge(prompt: str) -> str:
+            try:
+                return base(prompt)
+            except Exception as exc:
+                failures.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                raise
+
     bad: list[dict] = []  # invalid JSON lines: skipped and reported with the unscorable records
     scores, _ = mmiu.score(read_jsonl(args.pred, bad), judge=judge)
     skipped = bad + scores["skipped"]["samples"]
@@ -145,6 +156,21 @@ def _score_mmiu(args: argparse.Namespace) -> int:
         raise InputError(f"{args.pred}: no scorable record{why}")
     scores["skipped"] = {"count": len(bad) + scores["skipped"]["count"], "samples": skipped[:1000]}
     _print({"benchmark": "mmiu", "model": args.pred, **scores}, args.json)
+    # failed judge calls only showed as 'judge_error N' in the report: a mistyped judge URL
+    # looked like a scored run (as eval run does for the model: the report first, then one line)
+    counts = scores["extraction_counts"]
+    failed, asked = counts.get("judge_error", 0), counts.get("judge_error", 0) + counts.get("judge", 0)
+    if failed:
+        first = f" (judge error: {failures[0]})" if failures else ""
+        if failed == asked:
+            raise InputError(
+                f"{args.judge}: all {failed} judge calls failed{first}; those records are left out of the scores"
+            )
+        print(
+            f"warning: {args.judge}: {failed} of {asked} judge calls failed{first}; "
+            "those records are left out of the scores",
+            file=sys.stderr,
+        )
     return 0
 
 
