@@ -147,6 +147,21 @@ def test_palette_images_with_transparency_load_without_a_pil_warning(tmp_path):
         assert rgb.getpixel((0, 0)) == (10, 200, 10) and rgb.getpixel((1, 0)) == (200, 10, 10)
 
 
+def test_mmniah_haystack_palette_image_pastes_without_a_pil_warning(tmp_path):
+    import random
+
+    from interleaf.eval.mmniah_make import _paste, draw_shape
+
+    img = Image.new("P", (240, 240), 1)
+    img.putpalette([0, 0, 0, 200, 10, 10, 10, 200, 10] + [0] * 759)
+    path = tmp_path / "hay.png"
+    img.save(path, transparency=bytes([0, 255, 128]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a user's haystack image went through a bare convert("RGB")
+        out = _paste(str(path), [draw_shape("circle", "red")], random.Random(0))
+    assert out.mode == "RGB" and out.size == (240, 240)
+
+
 def test_load_image_errors_name_the_file(tmp_path):
     missing = tmp_path / "missing.jpg"
     with pytest.raises(InputError, match="missing.jpg"):

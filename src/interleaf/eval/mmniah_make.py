@@ -35,6 +35,7 @@ from PIL import Image, ImageDraw
 
 from interleaf.errors import InputError
 from interleaf.eval.mmniah import IMAGE_PLACEHOLDER, TASKS
+from interleaf.processing.image import to_rgb
 
 IMAGE_TOKENS = 256
 SHAPES = ("circle", "square", "triangle", "diamond")
@@ -202,7 +203,7 @@ def draw_shape(
 
 
 def _paste(base: str | Image.Image, needles: Sequence[Image.Image], rng: random.Random) -> Image.Image:
-    img = (Image.open(base) if isinstance(base, str) else base).convert("RGB")
+    img = to_rgb(Image.open(base) if isinstance(base, str) else base)  # a haystack GIF/PNG: no PIL warning
     side = max(img.width, img.height)
     if side < 224:  # small haystack images are upscaled so a needle stays visible
         scale = 224 / side
