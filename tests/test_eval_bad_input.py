@@ -406,3 +406,36 @@ def test_cli_score_mmiu_says_when_judge_calls_failed(monkeypatch, capsys):
     assert main(["eval", "score", "mmiu", pred, "--judge", spec]) == 0
     assert capsys.readouterr().err == ""
 
+
+@pytest.mark.parametrize("bad", ["data", "model"])
+def test_cli_run_leaves_no_output_folder_for_bad_data_or_model(mini_mmiu, tmp_path, capsys, bad):
+    # the -o folder was created before --data and --model were checked: an empty OUT was left
+    data = str(tmp_path / "nonexist") if bad == "data" else str(mini_mmiu)
+    model = str(tmp_path / "nomodel")
+    out = tmp_path / "out"
+    args = [
+        "eval",
+        "run",
+        "--model",
+        model,
+        "--bench",
+        "mmiu",
+        "--data",
+        data,
+        "-o",
+        str(out),
+        "--no-progress",
+    ]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {data if bad == 'data' else model}: ") and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_cli_score_mmniah_report_links_no_heatmaps_it_does_not_write(tmp_path, capsys, monkeypatch):
+    # the printed report linked heatmaps/<task>.png, which only 'eval run' writes
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "score", "mmniah", str(DATA / "mmniah" / "results")]) == 0
+    out = capsys.readouterr().out
+    assert "| **Overall** |" in out and "heatmaps" not in out and ".png" not in out
+    assert not list(tmp_path.iterdir())

@@ -75,6 +75,7 @@ def test_mmniah_end_to_end_official_layout(mini, tiny_ckpt, tmp_path, capsys):
     assert all(mmniah.parse_result_name(f)[0] == Path(tiny_ckpt).name for f in files)
     assert len(list((out / "heatmaps").glob("*.png"))) == 6
     assert "| **Overall** |" in (out / "report.md").read_text()
+    assert "![counting-text](heatmaps/counting-text.png)" in (out / "report.md").read_text()  # written
     official = json.loads((out / "mmniah_results" / "scores_val.json").read_text())
     assert len(official["overall"]) == 11
     # re-scoring the result files gives the same numbers

@@ -13,8 +13,12 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}"
 
 
-def markdown(scores: dict[str, Any]) -> str:
-    """A markdown report of an ``eval run`` (or ``eval score``) result."""
+def markdown(scores: dict[str, Any], heatmaps: bool = False) -> str:
+    """A markdown report of an ``eval run`` (or ``eval score``) result.
+
+    ``heatmaps``: link the MM-NIAH ``heatmaps/<task>.png`` that ``eval run`` writes next to its
+    report (``eval score`` prints the report and writes no heatmaps: no links to missing files).
+    """
     bench = scores.get("benchmark")
     lines = [f"# {bench} - {scores.get('model', 'model')}", ""]
     if "num_samples" in scores:
@@ -33,7 +37,7 @@ def markdown(scores: dict[str, Any]) -> str:
     if bench == "mmiu":
         lines += _mmiu_markdown(scores)
     elif bench == "mmniah":
-        lines += _mmniah_markdown(scores)
+        lines += _mmniah_markdown(scores, heatmaps)
     return "\n".join(lines) + "\n"
 
 
@@ -70,7 +74,7 @@ def _mmiu_markdown(s: dict) -> list[str]:
     return lines
 
 
-def _mmniah_markdown(s: dict) -> list[str]:
+def _mmniah_markdown(s: dict, heatmaps: bool) -> list[str]:
     head = "| task | " + " | ".join(mmniah.CONTEXT_RANGES) + " | Overall | unparsable |"
     lines = [
         f"Split: {s.get('split', '?')}. Scores (%) per context-length bin, official MM-NIAH scorer.",
@@ -90,7 +94,7 @@ def _mmniah_markdown(s: dict) -> list[str]:
         lines.append(f"| {name} | {cells} | {_pct(t['overall'])} | {unparsable} |")
     if "overall" not in s:
         lines += ["", "Benchmark overall needs all six tasks."]
-    heat = [t for t in s.get("tasks", {})]
+    heat = [t for t in s.get("tasks", {})] if heatmaps else []
     if heat:
         lines += ["", "Length x depth heatmaps:", ""]
         lines += [f"![{t}](heatmaps/{t}.png)" for t in heat]

@@ -284,7 +284,6 @@ def run(
     if bench not in BENCHES:
         raise InputError(f"unknown benchmark {bench!r} (one of {', '.join(BENCHES)})")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     split = None
     if bench == "mmiu":
         items = mmiu_items(data, limit, max_new_tokens, image_root)
@@ -295,6 +294,7 @@ def run(
     adapter = (
         model if isinstance(model, Adapter) else make_adapter(model, device, concurrency, timeout, retries)
     )
+    out.mkdir(parents=True, exist_ok=True)  # only once the data and model are known good: no empty OUT
     with ResponseStore(out / "responses.sqlite") as store:
         counters = answer(items, adapter, store, batch_size, progress)
         if bench == "mmiu":
@@ -312,5 +312,5 @@ def run(
         **scores,
     }
     _write_json(out / "scores.json", scores)
-    (out / "report.md").write_text(report.markdown(scores), encoding="utf-8")
+    (out / "report.md").write_text(report.markdown(scores, heatmaps=True), encoding="utf-8")
     return scores
