@@ -475,3 +475,16 @@ def test_core_loader_and_interleaf_load_dispatch_to_mono(released):
     assert isinstance(model, MonoInternVLChatModel)
     chat = interleaf.load(str(released))
     assert isinstance(chat.model, MonoInternVLChatModel)
+
+
+def test_command_line_into_a_closed_stdout_ends_quietly(tmp_path):
+    # 'python -m interleaf.model.mono_checkpoint init OUT | head -0' ended in a traceback
+    import sys
+
+    from test_cli import _run_into_closed_pipe
+
+    proc = _run_into_closed_pipe(
+        [sys.executable, "-m", "interleaf.model.mono_checkpoint", "init", str(tmp_path / "m")]
+    )
+    assert (proc.returncode, proc.stderr) == (141, "")
+    assert (tmp_path / "m" / "config.json").is_file()  # the work was done; only the output was lost

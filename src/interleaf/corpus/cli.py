@@ -202,7 +202,7 @@ def _fetch(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m interleaf.corpus.cli corpus ...``: the corpus commands without the other parts."""
-    from interleaf.errors import InterleafError
+    from interleaf.cli import run_handler
 
     parser = argparse.ArgumentParser(prog="interleaf")
     parser.add_argument("--debug", action="store_true")
@@ -211,14 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    try:
-        return int(args.func(args) or 0)
-    except Exception as exc:  # noqa: BLE001 - one line, exit 1, like interleaf.cli
-        if args.debug:
-            raise
-        msg = str(exc) if isinstance(exc, InterleafError) else f"{type(exc).__name__}: {exc}".splitlines()[0]
-        print(f"error: {msg}", file=sys.stderr)
-        return 1
+    return run_handler(lambda: args.func(args), args.debug)  # errors and a closed stdout as interleaf.cli
 
 
 if __name__ == "__main__":

@@ -393,9 +393,8 @@ def load_mono_chat(path: str | Path, device: str = "cpu", dtype: Any = None):
 def main(argv: list[str] | None = None) -> int:
     """``python -m interleaf.model.mono_checkpoint {init,from-llm} ...`` (errors as one line)."""
     import argparse
-    import sys
 
-    from interleaf.errors import InterleafError
+    from interleaf.cli import run_handler
 
     ap = argparse.ArgumentParser(
         prog="python -m interleaf.model.mono_checkpoint", description=__doc__.split("\n")[0]
@@ -417,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attention-experts", action="store_true", help="also add visual attention experts")
     ap.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     args = ap.parse_args(argv)
-    try:
+
+    def run() -> None:
         if args.cmd == "init":
             out = init_mono_model(
                 args.preset, args.out, seed=args.seed, visual_attention_experts=args.attention_experts
@@ -431,16 +431,9 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
             )
             out = save_mono_checkpoint(model, tok, args.out)
-    except Exception as exc:  # noqa: BLE001 - as the interleaf CLI: every failure is one line
-        if args.debug:
-            raise
-        message = (
-            str(exc) if isinstance(exc, InterleafError) else f"{type(exc).__name__}: {exc}".splitlines()[0]
-        )
-        print(f"error: {message}", file=sys.stderr)
-        return 1
-    print(out)
-    return 0
+        print(out)
+
+    return run_handler(run, args.debug)  # as the interleaf CLI: one error line, a closed stdout quietly
 
 
 if __name__ == "__main__":
