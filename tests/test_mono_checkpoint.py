@@ -434,6 +434,17 @@ def test_mono_presets_through_the_core_init_and_its_command(tmp_path):
         init_model("tiny", tmp_path / "d", overrides={"llm.no_such_field": 1})
 
 
+def test_info_describes_the_patch_embedding_and_skip_counts_agree_in_number(released, capsys):
+    from interleaf.cli import main
+    from interleaf.train.data import skip_summary
+
+    assert main(["info", str(released)]) == 0
+    out = capsys.readouterr().out
+    assert "Mono-InternVL = patch embedding (14px patches -> " in out and " x 0L)" not in out  # no ViT layers
+    assert skip_summary({"bad_image": 1}) == "1 sample skipped (bad_image=1)"  # was "1 samples"
+    assert skip_summary({"bad_image": 1, "missing_image": 2}).startswith("3 samples skipped")
+
+
 def test_command_line_builds_from_llm_and_reports_errors_in_one_line(tmp_path, capsys):
     from interleaf.model.mono_checkpoint import main
 

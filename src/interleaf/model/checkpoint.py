@@ -771,23 +771,28 @@ def describe(path: str | Path) -> str:
         dtype = json.loads((path / "config.json").read_text()).get("torch_dtype", "?")
     except (OSError, json.JSONDecodeError):
         dtype = "?"
-    model_cls, name, vit = InternVLChatModel, "InternVL-Chat", "InternViT"
+    v, llm = cfg.vision, cfg.llm
+    model_cls, name, vit = (
+        InternVLChatModel,
+        "InternVL-Chat",
+        f"InternViT ({v.hidden_size}w x {v.num_hidden_layers}L)",
+    )
     try:  # Mono-InternVL checkpoints (patch embedding + visual experts) parse as InternVL configs too
         from interleaf.model.mono_internvl import MonoInternVLChatModel, is_mono_config
 
-        if is_mono_config(cfg):
-            model_cls, name, vit = MonoInternVLChatModel, "Mono-InternVL", "patch embedding"
+        if is_mono_config(cfg):  # no ViT layers: the LLM's visual experts encode the patches
+            model_cls, name = MonoInternVLChatModel, "Mono-InternVL"
+            vit = f"patch embedding ({v.patch_size}px patches -> {v.hidden_size}w)"
     except ImportError:
         pass
     with torch.device("meta"):
         model = model_cls(cfg)
     counts = parameter_counts(model)
-    v, llm = cfg.vision, cfg.llm
     rope = llm.rope_type if llm.rope_scaling else "default"
     lines = [
         f"checkpoint:   {path}",
         f"layout:       {cfg.layout}",
-        f"architecture: {name} = {vit} ({v.hidden_size}w x {v.num_hidden_layers}L) + "
+        f"architecture: {name} = {vit} + "
         f"pixel shuffle {cfg.ps_version} + MLP projector + {llm.family} "
         f"({llm.hidden_size}w x {llm.num_hidden_layers}L, {llm.num_attention_heads} heads / "
         f"{llm.num_key_value_heads} kv, rope {rope}, vocab {llm.vocab_size}"

@@ -144,7 +144,8 @@ def skip_summary(counts: dict[str, int]) -> str:
     if not counts:
         return "no samples skipped"
     parts = ", ".join(f"{reason}={n}" for reason, n in sorted(counts.items()))
-    return f"{sum(counts.values())} samples skipped ({parts})"
+    total = sum(counts.values())
+    return f"{total} sample{'' if total == 1 else 's'} skipped ({parts})"
 
 
 @dataclass
