@@ -6,6 +6,8 @@
 * ``noise_image(seed, w=500, h=300)``: a seeded RGB PIL image of uniform random pixels.
 * ``gray_video(path, n_frames, codec="ffv1", pix_fmt="yuv444p", rate=10)``: writes a 64x48 clip whose
   frame k is flat gray level 8*k, so a decoded frame tells its own index.
+* ``torchrun(*args)``: ``interleaf`` under torchrun, 2 CPU ranks on a free port; returns the
+  ``CompletedProcess`` after asserting it succeeded.
 
 Both directories are read-only by convention: copy them before modifying anything.
 """
@@ -73,3 +75,24 @@ def gray_video():
         container.close()
 
     return write
+
+
+@pytest.fixture
+def torchrun():
+    """Runs ``torchrun --standalone --nproc_per_node 2 -m interleaf.cli *args``. ``--standalone``
+    picks a free rendezvous port: two xdist workers starting torchrun on the default port 29500 at
+    once joined each other's rendezvous, and a rank aborted."""
+    import os
+    import subprocess
+    import sys
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(
+            [*cmd, "-m", "interleaf.cli", *args], capture_output=True, text=True, env=env, timeout=240
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    return run

@@ -8,9 +8,6 @@ grad_accum); the training template and tiling saved with the checkpoint.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from PIL import Image
@@ -30,22 +27,11 @@ def tiny_dir(tmp_path_factory):
     return d
 
 
-def _torchrun(cfg_path, *overrides):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "interleaf.cli"]
-    sets = [x for o in overrides for x in ("--set", o)]
-    proc = subprocess.run(
-        [*cmd, "train", str(cfg_path), *sets], capture_output=True, text=True, env=env, timeout=240
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
 def _yaml(values):
     return "".join(f"{k}: {json.dumps(v)}\n" for k, v in values.items())
 
 
-def test_fsdp_text_only_batch_skips_on_both_ranks_and_saved_template(tiny_dir, tmp_path):
+def test_fsdp_text_only_batch_skips_on_both_ranks_and_saved_template(tiny_dir, tmp_path, torchrun):
     """Unpacked, unshuffled: rank 0 reads samples 0, 2, 4, ... and rank 1 samples 1, 3, 5, ...; at
     step 2 rank 1 has the text-only sample 3 while rank 0 has an image (its vision path would get no
     gradient: the ranks' FSDP reduce-scatters would not match); samples 2 and 5 (one per rank) have
@@ -72,7 +58,7 @@ def test_fsdp_text_only_batch_skips_on_both_ranks_and_saved_template(tiny_dir, t
                "max_steps": 4, "device": "cpu", "distributed": "fsdp", "packing": False, "shuffle": False,
                "max_seq_length": 160, "max_dynamic_patch": 2, "use_thumbnail": False, "lr": 1e-3})
     )  # fmt: skip
-    proc = _torchrun(cfg_path, "template=internvl2_5")
+    proc = torchrun("train", str(cfg_path), "--set", "template=internvl2_5")
     log = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert log[-1]["skipped"] == 2  # rank 0's and rank 1's
@@ -100,7 +86,7 @@ def _count_data(tmp_path, n=8):
 
 
 @pytest.mark.parametrize("mode", ["fsdp", "ddp"])
-def test_two_ranks_train_as_one_process_with_twice_the_grad_accum(tiny_dir, tmp_path, mode):
+def test_two_ranks_train_as_one_process_with_twice_the_grad_accum(tiny_dir, tmp_path, mode, torchrun):
     """LoRA (no dropout) with square-root loss weights on packed rows: step 1's loss needs the loss
     normalised over both ranks (not per rank), step 2's also the same LoRA init on both ranks."""
     meta = _count_data(tmp_path)
@@ -111,7 +97,7 @@ def test_two_ranks_train_as_one_process_with_twice_the_grad_accum(tiny_dir, tmp_
     one = train(build_config({**values, "output_dir": str(tmp_path / "one"), "grad_accum": 2}), log=None)
     cfg_path = tmp_path / "run.yaml"
     cfg_path.write_text(_yaml({**values, "output_dir": str(tmp_path / "two"), "distributed": mode}))
-    _torchrun(cfg_path)
+    torchrun("train", str(cfg_path))
     log = [json.loads(ln) for ln in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
     a = [loss for _, loss in one["losses"]]
     b = [r["loss"] for r in log]

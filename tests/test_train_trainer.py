@@ -268,24 +268,15 @@ def test_cli_train_smoke_and_bad_config(tiny_dir, meta, tmp_path, capsys):
 @pytest.mark.parametrize(
     "mode,dtype", [("ddp", "fp32"), ("fsdp", "fp32"), ("ddp", "bf16-master"), ("fsdp", "bf16-master")]
 )
-def test_torchrun_two_processes_gloo(tiny_dir, meta, tmp_path, mode, dtype):
+def test_torchrun_two_processes_gloo(tiny_dir, meta, tmp_path, mode, dtype, torchrun):
     """The multi-process path: torchrun, 2 CPU ranks, gloo, DDP or FSDP2 (fully_shard)."""
-    import os
-    import subprocess
-    import sys
-
     cfg_path = tmp_path / "run.yaml"
     cfg_path.write_text(
         f"model_path: {tiny_dir}\nmeta_path: {meta}\noutput_dir: {tmp_path / 'out'}\nmax_steps: 2\ndevice: cpu\n"
         "max_packed_tokens: 160\nmax_seq_length: 160\nmax_dynamic_patch: 1\nsave_steps: 1\n"
         f"distributed: {mode}\ndtype: {dtype}\nnum_workers: 1\n"
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "interleaf.cli"]
-    proc = subprocess.run(
-        [*cmd, "train", str(cfg_path)], capture_output=True, text=True, env=env, timeout=240
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = torchrun("train", str(cfg_path))
     printed = [ln for ln in proc.stdout.splitlines() if ln == str(tmp_path / "out" / "checkpoint-2")]
     assert len(printed) == 1  # the path is printed by rank 0 only
     state = torch.load(tmp_path / "out" / "checkpoint-2" / "train_state.pt", weights_only=False)
