@@ -596,3 +596,19 @@ def test_a_local_root_that_is_no_folder_is_refused(tmp_path, capsys):
         P.load_config(cfg)
     assert P.load_config({"fetch": {"local_roots": [str(missing)]}})  # not fetching: not used
     assert main(["corpus", "fetch-images", str(built), "--local-root", str(site), "--no-progress"]) == 0
+
+
+def test_hashes_of_a_palette_image_with_transparency_are_quiet_and_unchanged():
+    import warnings
+
+    a = Image.open(io.BytesIO(_png(120, 80, 3))).quantize(16)
+    buf = io.BytesIO()
+    a.save(buf, "PNG", transparency=bytes([0, 128, 255]))  # per-entry alpha: PIL warns on P -> L
+    p = Image.open(io.BytesIO(buf.getvalue()))
+    p.load()
+    assert p.mode == "P" and isinstance(p.info["transparency"], bytes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL's 'Palette images with Transparency' UserWarning
+        hashes = F.p_hash(p), F.d_hash(p)
+    rgba = p.convert("RGBA")  # the same grey values as PIL's direct P -> L conversion
+    assert hashes == (F.p_hash(rgba), F.d_hash(rgba))

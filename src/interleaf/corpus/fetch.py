@@ -101,7 +101,7 @@ def p_hash(img) -> str:
     """64-bit DCT perceptual hash (hex): 32x32 grey, 2-D DCT, low 8x8 block vs its median."""
     from PIL import Image
 
-    g = np.asarray(img.convert("L").resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
+    g = np.asarray(_grey(img).resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
     d = _DCT32 @ g @ _DCT32.T
     low = d[:8, :8]
     return _bits_to_hex(low > np.median(low))
@@ -111,8 +111,17 @@ def d_hash(img) -> str:
     """64-bit difference hash (hex): 9x8 grey, each pixel brighter than its right neighbour."""
     from PIL import Image
 
-    g = np.asarray(img.convert("L").resize((9, 8), Image.Resampling.LANCZOS), dtype=np.int32)
+    g = np.asarray(_grey(img).resize((9, 8), Image.Resampling.LANCZOS), dtype=np.int32)
     return _bits_to_hex(g[:, 1:] > g[:, :-1])
+
+
+def _grey(img):
+    """``img`` in L. A palette image with transparency goes through RGBA (same grey values), as
+    ``processing.image.to_rgb`` does: PIL's direct conversion warns on stderr for each such image.
+    (Not imported from there: that package pulls in torch, which the corpus never needs.)"""
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("L")
 
 
 def hamming(a: str, b: str) -> int:
