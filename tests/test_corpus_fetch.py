@@ -598,6 +598,23 @@ def test_a_local_root_that_is_no_folder_is_refused(tmp_path, capsys):
     assert main(["corpus", "fetch-images", str(built), "--local-root", str(site), "--no-progress"]) == 0
 
 
+def test_local_root_flag_replaces_a_fetching_configs_missing_roots(tmp_path, capsys):
+    # --local-root replaces the config's fetch.local_roots: a config that fetches (the build's)
+    # naming a root of another machine was refused although the flag gave the root to use
+    from interleaf.cli import main
+
+    site = tmp_path / "site"
+    _local_site(site, n=2)
+    built = _built(tmp_path, [site])
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"fetch: {{enabled: true, local_roots: ['{tmp_path / 'elsewhere'}']}}\n")
+    args = ["corpus", "fetch-images", str(built), "--config", str(cfg), "--no-progress"]
+    assert main([*args, "--local-root", str(site)]) == 0, capsys.readouterr().err
+    assert main(args) == 1  # without the flag the config's root is used, and refused
+    err = capsys.readouterr().err
+    assert "elsewhere ('fetch.local_roots', --local-root) is not an existing folder" in err
+
+
 def test_hashes_of_a_palette_image_with_transparency_are_quiet_and_unchanged():
     import warnings
 

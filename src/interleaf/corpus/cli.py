@@ -174,12 +174,12 @@ def _fetch(args: argparse.Namespace) -> int:
     from interleaf.corpus import pipeline as P
     from interleaf.corpus.fetch import fetch_corpus
 
-    cfg = P.load_config(args.config)["fetch"]
-    # a flag overrides the config only when given
+    # a flag overrides the config only when given; --local-root replaces the config's roots
+    # before they are checked (a root of the machine that built the corpus is not refused here)
+    overrides = {"fetch.local_roots": list(args.local_root)} if args.local_root else {}
+    cfg = P.load_config(args.config, **overrides)["fetch"]
     if args.allow_private:
         cfg["allow_private"] = True
-    if args.local_root:
-        cfg["local_roots"] = list(args.local_root)
     sources = None
     if args.from_sample:
         from interleaf.corpus.sample import warc_image_source
