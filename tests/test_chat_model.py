@@ -131,6 +131,16 @@ def test_wrongly_typed_api_arguments_are_input_errors_naming_them(chat, kwargs, 
             list(chat.stream_chat("hi", max_new_tokens=2, **kwargs))
 
 
+@pytest.mark.parametrize("tiles", [[1, 1], (1, 1), torch.tensor([1, 1]), np.array([1, 1])])
+def test_num_tiles_may_be_a_tensor_or_array(chat, tiles):
+    """Tile counts as a list, tuple, 1-D tensor or numpy array (all worked before the argument checks)."""
+    px = torch.zeros(2, 3, 448, 448)
+    reply = chat.chat("<image><image> hi", pixel_values=px, num_tiles=[1, 1], max_new_tokens=2)
+    assert chat.chat("<image><image> hi", pixel_values=px, num_tiles=tiles, max_new_tokens=2) == reply
+    with pytest.raises(InputError, match="num_tiles must be a list of positive ints"):
+        chat.chat("hi", pixel_values=px, num_tiles=torch.tensor([1.0, 1.0]), max_new_tokens=2)
+
+
 def test_batch_chat_refuses_a_bare_string(chat):
     with pytest.raises(InputError, match="for one question use chat"):  # not two questions 'a' and 'b'
         chat.batch_chat("ab", max_new_tokens=2)
@@ -147,6 +157,11 @@ def test_load_refuses_unknown_or_unavailable_devices(tiny_ckpt, capsys):
     assert main(["chat", str(tiny_ckpt), "hello", "--device", "tpu"]) == 1  # the CLI: the same check
     err = capsys.readouterr().err
     assert "unknown device 'tpu'" in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_load_with_device_none_stays_on_cpu(tiny_ckpt):
+    """device=None (model.to(None): no move) loaded on the CPU before the device check; it still does."""
+    assert interleaf.load(tiny_ckpt, device=None).device.type == "cpu"
 
 
 def test_cli_chat_streams_the_reply(tiny_ckpt, image_file, chat, capsys):

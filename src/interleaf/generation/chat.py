@@ -177,6 +177,8 @@ class ChatModel:
         """
         if not isinstance(question, str):
             raise InputError(f"question must be a string, got {type(question).__name__}")
+        if hasattr(num_tiles, "__array__"):  # tile counts as a tensor or numpy array (not a Sequence)
+            num_tiles = num_tiles.tolist()
         _check_inputs(history, video, num_segments, pixel_values, num_tiles, self.config.image_size)
         image_list = _as_list(images)
         if video is not None and (image_list or pixel_values is not None):

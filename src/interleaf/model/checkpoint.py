@@ -424,7 +424,7 @@ def load_config(path: str | Path) -> InternVLConfig:
 
 def load_checkpoint(
     path: str | Path,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = "cpu",
     dtype: torch.dtype | str | None = None,
     model_cls: Callable[..., InternVLChatModel] = InternVLChatModel,
     adapter: bool = True,
@@ -535,12 +535,15 @@ def rebuild_buffers(model: InternVLChatModel) -> None:
             raise CheckpointError(f"internal: buffer {name} was not initialised")
 
 
-def parse_device(device: str | torch.device) -> torch.device:
-    """``device`` ("cpu", "cuda", "cuda:1", "mps") as a ``torch.device`` that exists on this machine.
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """``device`` ("cpu", "cuda", "cuda:1", "mps") as a ``torch.device`` that exists on this machine;
+    None is the CPU (where the weights are read; ``model.to(None)`` left them there).
 
     Checked before loading, so an unknown name or a missing GPU is one ``ConfigError`` instead of
     torch's RuntimeError / AssertionError from deep inside ``model.to``.
     """
+    if device is None:
+        return torch.device("cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
