@@ -94,22 +94,17 @@ def tokenizer_from_vocab_merges(path: str | Path):
     remote code is never loaded. transformers builds the fast tokenizer from the two files (its
     pre-tokenizer regex, its added tokens) exactly as ``AutoTokenizer`` does.
     """
-    import json
-
     from transformers import PreTrainedTokenizerFast
     from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
     path = Path(path)
     config_file = path / "tokenizer_config.json"
-    try:
-        config = json.loads(config_file.read_text())
-    except FileNotFoundError:
+    if not config_file.is_file():
         raise CheckpointError(
             f"{config_file}: missing; it must name the tokenizer_class of vocab.json + merges.txt"
-        ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{config_file}: not valid JSON ({str(exc).splitlines()[0]})") from None
-    name = config.get("tokenizer_class") if isinstance(config, dict) else None
+        )
+    config = _tokenizer_config(path)
+    name = config.get("tokenizer_class")
     if not isinstance(name, str) or not name:
         raise CheckpointError(
             f"{config_file}: field 'tokenizer_class' must name the tokenizer of vocab.json + merges.txt"
