@@ -489,15 +489,13 @@ def load_checkpoint(
     if extra:
         raise CheckpointError(f"{where}: tensors the config does not use: {_listing(extra)}")
     for k, v in expected.items():
-        src = origin.get(k, "")
         if tuple(sd[k].shape) != tuple(v.shape):
             raise CheckpointError(
-                f"{where}{'/' + src if src else ''}: tensor {k} has shape {list(sd[k].shape)}, "
-                f"the config expects {list(v.shape)}"
+                f"{tensor_label(path, origin, k)} has shape {list(sd[k].shape)}, the config expects {list(v.shape)}"
             )
         if v.is_floating_point() and not sd[k].is_floating_point():
             raise CheckpointError(
-                f"{where}{'/' + src if src else ''}: tensor {k} has dtype {str(sd[k].dtype).replace('torch.', '')}, "
+                f"{tensor_label(path, origin, k)} has dtype {str(sd[k].dtype).replace('torch.', '')}, "
                 "the model needs floating-point weights"
             )
     dtype = parse_dtype(dtype)
