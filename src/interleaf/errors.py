@@ -22,3 +22,10 @@ class CheckpointError(InterleafError):
 
 class InputError(InterleafError, ValueError):
     """A bad image, video, prompt or data record."""
+
+
+def cannot_read(path: object, exc: BaseException) -> InputError:
+    """The one-line ``InputError`` '``path``: cannot read (``ExcType``: first line of ``exc``)' for a
+    file that could not be opened, decoded or parsed; raise it ``from exc`` or ``from None``."""
+    lines = str(exc).splitlines()
+    return InputError(f"{path}: cannot read ({type(exc).__name__}{f': {lines[0]}' if lines else ''})")

@@ -126,7 +126,7 @@ def _load_stats(out: str) -> dict:
     import json
     from pathlib import Path
 
-    from interleaf.errors import InputError
+    from interleaf.errors import InputError, cannot_read
 
     p = Path(out) / "stats.json"
     if not p.exists():
@@ -134,7 +134,7 @@ def _load_stats(out: str) -> dict:
     try:
         stats = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise InputError(f"{p}: cannot read ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+        raise cannot_read(p, exc) from None
     keys = ("shards", "records_in", "docs_out", "images_out", "excluded", "errors", "stages")
     if not isinstance(stats, dict) or not all(k in stats for k in keys):
         raise InputError(f"{p}: not the stats of a corpus build (needs {', '.join(keys)})")

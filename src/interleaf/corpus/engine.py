@@ -50,7 +50,7 @@ import numpy as np
 from interleaf.corpus import pipeline as P
 from interleaf.corpus.base import Drop, RawPage, ReadError, StepStats
 from interleaf.corpus.document import Document
-from interleaf.errors import ConfigError, InputError
+from interleaf.errors import ConfigError, InputError, cannot_read
 
 # the version of what a build writes; a build started by a version that wrote otherwise is not
 # resumed (its finished shards would be mixed with new ones). 2: the C4 default of FineWeb,
@@ -1098,9 +1098,7 @@ def iter_output_documents(out: str | Path) -> Iterator[Document]:
         stats = json.loads((out / "stats.json").read_text(encoding="utf-8"))
         int(stats["shards"])
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise InputError(
-            f"{out / 'stats.json'}: cannot read ({type(exc).__name__}: {exc})".splitlines()[0]
-        ) from None
+        raise cannot_read(out / "stats.json", exc) from None
     for name in data_shards(out, stats):
         yield from _read_docs(out / "data" / name)
 

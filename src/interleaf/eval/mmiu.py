@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from interleaf.errors import InputError
+from interleaf.errors import InputError, cannot_read
 
 TASKS_EXIST = frozenset(
     {
@@ -172,7 +172,7 @@ def _read_records(path: Path) -> list[dict]:
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: not valid JSON ({exc.msg})") from exc
     except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot read ({type(exc).__name__}: {exc})".splitlines()[0]) from exc
+        raise cannot_read(path, exc) from exc
     if isinstance(data, dict):  # {"data": [...]} or a single record
         data = data.get("data", [data])
     if not isinstance(data, list):

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from interleaf.errors import InputError
+from interleaf.errors import InputError, cannot_read
 
 TASKS = (
     "retrieval-text",
@@ -471,7 +471,7 @@ def read_jsonl(path: str | os.PathLike, bad: list[dict] | None = None) -> list[d
                         raise InputError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
                     invalid.append({"id": f"line {lineno}", "error": f"not valid JSON ({exc.msg})"})
     except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot read ({type(exc).__name__}: {exc})".splitlines()[0]) from exc
+        raise cannot_read(path, exc) from exc
     if invalid and not records:
         raise InputError(f"{path}: not JSON lines ({invalid[0]['id']}: {invalid[0]['error']})")
     if bad is not None:

@@ -21,7 +21,7 @@ import math
 import os
 from typing import Any
 
-from interleaf.errors import InputError
+from interleaf.errors import InputError, cannot_read
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def _load_json(path: str | os.PathLike) -> Any:
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: not valid JSON ({exc.msg})") from exc
     except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot read ({type(exc).__name__}: {exc})".splitlines()[0]) from exc
+        raise cannot_read(path, exc) from exc
 
 
 def _check_moment(path: str | os.PathLike, where: str, m: Any, keys: tuple[str, ...]) -> None:
