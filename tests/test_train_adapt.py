@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from interleaf.cli import main
-from interleaf.train.adapt import VIEW_H, VIEW_W, norm_box, stitch_views
+from interleaf.train.adapt import VIEW_H, VIEW_W, convert_coco, norm_box, stitch_views
 
 
 def test_norm_box_integers_in_0_1000():
@@ -99,6 +99,26 @@ def test_bad_coco_input_is_one_line_and_bad_annotations_are_counted(tmp_path, ca
         assert not (tmp_path / f"out-{ann}").exists()
     assert convert("ann.json", out="ann.json") == 1  # -o a file: FileExistsError before
     assert "exists and is not a folder" in capsys.readouterr().err
+
+
+def test_coco_nan_or_infinite_numbers_are_counted_not_a_crash(tmp_path):
+    """json writes and reads NaN/Infinity; a NaN box was a ValueError, an infinite size all-zero boxes."""
+    (tmp_path / "imgs").mkdir()
+    coco = {
+        "images": [{"id": 1, "file_name": "a.jpg", "width": 200, "height": 100},
+                   {"id": 2, "file_name": "b.jpg", "width": float("inf"), "height": 100}],
+        "annotations": [{"image_id": 1, "category_id": 3, "bbox": [20, 10, 50, 40]},
+                        {"image_id": 1, "category_id": 3, "bbox": [float("nan"), 10, 50, 40]},
+                        {"image_id": 2, "category_id": 3, "bbox": [0, 0, 1, 1]}],
+        "categories": [{"id": 3, "name": "car"}],
+    }  # fmt: skip
+    (tmp_path / "ann.json").write_text(json.dumps(coco))
+    counts = convert_coco(
+        str(tmp_path / "ann.json"), str(tmp_path / "imgs"), str(tmp_path / "out"), log=print
+    )
+    assert counts["bad_bbox"] == 1 and counts["bad_size"] == 1
+    rows = (tmp_path / "out" / "coco_det.jsonl").read_text().splitlines()
+    assert len(rows) == 2 and "[[100, 100, 350, 500]]" in rows[0]
 
 
 def test_bad_records_and_adapt_configs_are_one_line(tmp_path, capsys):
