@@ -100,7 +100,7 @@ def build_ray(
     plan = E.prepare_run(inputs, out, cfg)
     if (plan.out / "_SUCCESS").exists():
         return json.loads((plan.out / "stats.json").read_text())
-    E.DocProcessor(cfg)  # config errors surface here, not inside tasks
+    # (prepare_run built a DocProcessor: config errors surfaced there, not inside tasks)
     started = False
     if not ray.is_initialized():
         ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
