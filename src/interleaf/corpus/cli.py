@@ -122,29 +122,12 @@ def _summary_line(stats: dict, out: str) -> str:
     )
 
 
-def _load_stats(out: str) -> dict:
-    import json
-    from pathlib import Path
-
-    from interleaf.errors import InputError, cannot_read
-
-    p = Path(out) / "stats.json"
-    if not p.exists():
-        raise InputError(f"{out}: not a finished corpus build (no stats.json)")
-    try:
-        stats = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise cannot_read(p, exc) from None
-    keys = ("shards", "records_in", "docs_out", "images_out", "excluded", "errors", "stages")
-    if not isinstance(stats, dict) or not all(k in stats for k in keys):
-        raise InputError(f"{p}: not the stats of a corpus build (needs {', '.join(keys)})")
-    return stats
-
-
 def _stats(args: argparse.Namespace) -> int:
     import json
 
-    stats = _load_stats(args.output)
+    from interleaf.corpus.engine import load_stats
+
+    stats = load_stats(args.output)
     if args.json:
         print(json.dumps(stats, indent=1))
         return 0
@@ -164,7 +147,6 @@ def _stats(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from interleaf.corpus.engine import convert_corpus
 
-    _load_stats(args.output)  # a damaged stats.json is named, as by 'stats' and 'fetch-images'
     n_in, n_out = convert_corpus(args.output, args.to, args.dest)
     print(f"{args.dest}: {n_out} {args.to} records from {n_in} documents")
     return 0
@@ -185,7 +167,6 @@ def _fetch(args: argparse.Namespace) -> int:
         from interleaf.corpus.sample import warc_image_source
 
         sources = warc_image_source()
-    _load_stats(args.output)
     stats = fetch_corpus(
         args.output, cfg, progress=not args.no_progress and sys.stderr.isatty(), sources=sources
     )

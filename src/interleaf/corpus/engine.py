@@ -1087,18 +1087,35 @@ def data_shards(out: Path, stats: dict) -> list[str]:
     return names
 
 
+_STATS_KEYS = ("shards", "records_in", "docs_out", "images_out", "excluded", "errors", "stages")
+
+
+def load_stats(out: str | Path) -> dict:
+    """The ``stats.json`` of the finished build in ``out``. An ``InputError`` naming it when there
+    is none, when it cannot be read, or when it is not a build's (a key missing, ``shards`` no count)."""
+    p = Path(out) / "stats.json"
+    if not p.exists():
+        raise InputError(f"{out}: not a finished corpus build (no stats.json)")
+    try:
+        stats = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise cannot_read(p, exc) from None
+    if (
+        not isinstance(stats, dict)
+        or not all(k in stats for k in _STATS_KEYS)
+        or not isinstance(stats["shards"], int)
+        or isinstance(stats["shards"], bool)
+    ):
+        raise InputError(f"{p}: not the stats of a corpus build (needs {', '.join(_STATS_KEYS)})")
+    return stats
+
+
 def iter_output_documents(out: str | Path) -> Iterator[Document]:
     """Every document of a finished build, shard by shard, in order."""
     from interleaf.corpus.fetch import _read_docs
 
     out = Path(out)
-    if not (out / "stats.json").exists():
-        raise InputError(f"{out}: not a finished corpus build (no stats.json)")
-    try:
-        stats = json.loads((out / "stats.json").read_text(encoding="utf-8"))
-        int(stats["shards"])
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise cannot_read(out / "stats.json", exc) from None
+    stats = load_stats(out)
     for name in data_shards(out, stats):
         yield from _read_docs(out / "data" / name)
 
@@ -1115,8 +1132,7 @@ def convert_corpus(out: str | Path, to: str, dest: str | Path) -> tuple[int, int
         raise ConfigError(f"unknown conversion {to!r} (text, pairs, mmc4)")
     fn = fns[to]
     out, dest = Path(out), Path(dest)
-    if not (out / "stats.json").exists():
-        raise InputError(f"{out}: not a finished corpus build (no stats.json)")
+    load_stats(out)  # a finished build, before anything is written
     if dest.is_dir():
         raise InputError(f"{dest}: is a directory (the destination is a JSONL file)")
     where = dest.resolve()

@@ -512,11 +512,8 @@ def fetch_corpus(
     from interleaf.errors import InputError
 
     out = Path(out)
-    stats_path = out / "stats.json"
-    if not stats_path.exists():
-        raise InputError(f"{out}: not a finished corpus build (no stats.json)")
+    stats = E.load_stats(out)
     fc = P.fetch_config(cfg)  # types checked (a string local_roots is no list of roots), paths absolute
-    stats = json.loads(stats_path.read_text(encoding="utf-8"))
     fmt = stats.get("format", "parquet")
     shards = int(stats["shards"])
     root = out / E.WORK / "fetch"
