@@ -131,8 +131,9 @@ def _fuse_wqkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LLMConfig
 
 
 def _split_wqkv(
-    w: torch.Tensor, cfg: LLMConfig, label: str = "attention.wqkv"
+    w: torch.Tensor, cfg: LLMConfig, label: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """InternLM2's grouped fused ``wqkv`` -> q, k, v; ``label`` names the stored tensor in errors."""
     n_kv, d = cfg.num_key_value_heads, cfg.head_dim
     g = cfg.num_attention_heads // n_kv
     tail = w.shape[1:]
