@@ -248,3 +248,14 @@ def test_adapt_finetunes_with_general_data_mixed_in(tmp_path):
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["stage"] == "adapt" and cfg["loss_reduction"] == "square" and cfg["lr"] == 1e-4
     assert (tmp_path / "run" / "checkpoint-2" / "config.json").exists()
+
+
+def test_classification_csv_with_a_bom_keeps_its_header_out(tmp_path):
+    for i in range(4):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_text("path,label\n0.png,cat\n1.png,dog\n2.png,cat\n3.png,dog\n", encoding="utf-8-sig")
+    out = tmp_path / "out"
+    assert main(["adapt", "convert", "classification", str(csv_path), "-o", str(out)]) == 0
+    rows = [json.loads(ln) for ln in (out / "classification.jsonl").read_text().splitlines()]
+    assert sorted(r["image"] for r in rows) == ["0.png", "1.png", "2.png", "3.png"]

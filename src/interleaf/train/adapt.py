@@ -186,7 +186,8 @@ def convert_classification(
     elif src.is_file():
         root = image_root or str(src.parent)
         try:
-            with src.open(newline="", encoding="utf-8") as fh:
+            # utf-8-sig: spreadsheet programs start a CSV with a BOM, which would hide its header row
+            with src.open(newline="", encoding="utf-8-sig") as fh:
                 for i, row in enumerate(csv.reader(fh)):
                     if len(row) < 2:
                         raise InputError(f"{src}: line {i + 1}: expected 'path,label'")
