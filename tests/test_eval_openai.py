@@ -1,8 +1,9 @@
 """The OpenAI-compatible adapter and the harness against a real HTTP server on loopback.
 
 The server below speaks the chat-completions protocol (the mock is only at that boundary): it checks
-the request shape, decodes the base64 images, answers deterministically, and can answer 5xx, 400 or
-sleep past the client's timeout for requests whose text carries a marker.
+the request shape, decodes the base64 images, answers deterministically, and can answer 5xx, 400,
+429 with Retry-After, a non-string content or a body cut short, or sleep past the client's timeout
+for requests whose text carries a marker.
 """
 
 from __future__ import annotations
@@ -37,19 +38,31 @@ class ChatServer:
         self.lock = threading.Lock()
         self.requests: list[dict] = []  # {"text", "n_images", "model", "max_tokens"}
         self.fail_count: dict[str, int] = {}
+        self.judge_status = 200  # another status: every judge prompt is answered with it
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):
                 pass
 
-            def _reply(self, status: int, payload: dict) -> None:
+            def _reply(self, status: int, payload: dict, headers: dict | None = None) -> None:
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
                 self.end_headers()
                 self.wfile.write(data)
+
+            def _cut_short(self) -> None:
+                """Headers promise 500 bytes; the connection closes after a few."""
+                self.send_response(200)
+                self.send_header("Content-Length", "500")
+                self.end_headers()
+                self.wfile.write(b'{"choices": [{"mess')
+                self.wfile.flush()
+                self.close_connection = True
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -76,12 +89,22 @@ class ChatServer:
                     if "FAIL503x2" in text and fails < 2:
                         server.fail_count[text] = fails + 1
                         return self._reply(503, {"error": "overloaded"})
+                    if ("RATE429" in text or "CUTOFF" in text) and fails < 1:
+                        server.fail_count[text] = fails + 1
+                        if "CUTOFF" in text:
+                            return self._cut_short()
+                        return self._reply(429, {"error": "slow down"}, {"Retry-After": "7"})
                 if "ALWAYS500" in text:
                     return self._reply(500, {"error": "boom"})
                 if "BAD400" in text:
                     return self._reply(400, {"error": "bad request"})
+                if "INTCONTENT" in text:
+                    return self._reply(200, {"choices": [{"message": {"role": "assistant", "content": 7}}]})
+                judging = text.startswith("You are an AI assistant who will help me to match")
+                if judging and server.judge_status != 200:
+                    return self._reply(server.judge_status, {"error": "judge down"})
                 time.sleep(server.delay + (1.0 if "SLOW" in text else 0.0))
-                if text.startswith("You are an AI assistant who will help me to match"):
+                if judging:
                     answer = rule_judge(text).strip()
                 else:
                     answer = "ABCD"[len(images) % 4] + ". the first candidate"
@@ -135,6 +158,29 @@ def test_client_does_not_retry_4xx(server):
     assert len(server.requests) == 1
 
 
+def test_client_waits_what_retry_after_asks(server, monkeypatch):
+    from interleaf.eval import adapters
+
+    slept: list[float] = []
+    monkeypatch.setattr(adapters.time, "sleep", slept.append)
+    client = OpenAIClient(server.url, "m", timeout=5, retries=2, backoff=0.01)
+    out = client.complete([{"role": "user", "content": [{"type": "text", "text": "hi RATE429"}]}])
+    assert out.startswith("A") and len(server.requests) == 2
+    assert max(slept) == 7.0  # the server's Retry-After, not the 10 ms backoff
+
+
+def test_client_retries_a_response_cut_short(server):
+    client = OpenAIClient(server.url, "m", timeout=5, retries=1, backoff=0.01)
+    out = client.complete([{"role": "user", "content": [{"type": "text", "text": "hi CUTOFF"}]}])
+    assert out.startswith("A") and len(server.requests) == 2
+
+
+def test_client_rejects_content_that_is_not_a_string(server):
+    client = OpenAIClient(server.url, "m", timeout=5, retries=0)
+    with pytest.raises(EndpointError, match="malformed response.*int, not a string"):
+        client.complete([{"role": "user", "content": [{"type": "text", "text": "INTCONTENT"}]}])
+
+
 def test_adapter_interleaves_images_and_runs_concurrently(server, mini_mmiu):
     server.delay = 0.2
     img = str(next(mini_mmiu.rglob("*.png")))
@@ -185,6 +231,17 @@ def test_run_mmiu_over_endpoint_with_judge_errors_and_resume(server, mini_mmiu, 
     assert again["run"] == {"cached": n - 3, "generated": 0, "failed": 1}
     assert len(server.requests) - before == 2
     assert again["overall"] == scores["overall"]
+
+
+def test_run_judge_uses_the_runs_timeout_and_retries(server, mini_mmiu, tmp_path):
+    # the judge was made with the default 60 s timeout and 3 retries whatever --timeout/--retries said
+    server.judge_status = 500
+    spec = f"openai:{server.url}#m"
+    scores = runner.run(spec, "mmiu", str(mini_mmiu), tmp_path / "out", judge=spec, limit=3, retries=0,
+                        concurrency=3, progress=False)  # fmt: skip
+    judged = [r for r in server.requests if r["text"].startswith("You are an AI assistant")]
+    assert scores["extraction_counts"] == {"judge_error": 3}
+    assert len(judged) == 3  # one try each, no retry
 
 
 def _store_rows(path: Path) -> int:

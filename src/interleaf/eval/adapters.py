@@ -17,7 +17,9 @@ each one to the response store at once.
 from __future__ import annotations
 
 import base64
+import email.utils
 import hashlib
+import http.client
 import json
 import mimetypes
 import os
@@ -343,8 +345,23 @@ def image_data_url(path: str) -> str:
         return f"data:{mime};base64,{base64.b64encode(f.read()).decode('ascii')}"
 
 
+def retry_after(headers: Any, cap: float = 60.0) -> float:
+    """Seconds a ``Retry-After`` header (seconds or an HTTP date) asks to wait, at most ``cap``; 0
+    when there is none or it cannot be read."""
+    value = (headers.get("Retry-After") if headers is not None else None) or ""
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return 0.0
+    return min(seconds, cap) if seconds > 0 else 0.0  # not NaN, not a date in the past
+
+
 class OpenAIClient:
-    """Minimal chat-completions client (stdlib HTTP) with timeouts and retries with backoff."""
+    """Minimal chat-completions client (stdlib HTTP) with timeouts and retries with backoff (at least
+    what a 429/503's ``Retry-After`` asks)."""
 
     RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 
@@ -359,22 +376,30 @@ class OpenAIClient:
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         last: Exception | None = None
+        wait = 0.0  # what the last answer's Retry-After asked for
         for attempt in range(self.retries + 1):
             if attempt:
-                time.sleep(self.backoff * (2 ** (attempt - 1)) * (1 + 0.25 * random.random()))
+                time.sleep(max(wait, self.backoff * (2 ** (attempt - 1)) * (1 + 0.25 * random.random())))
+            wait = 0.0
             req = urllib.request.Request(
                 self.url + "/chat/completions", data=body, headers=headers, method="POST"
             )
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                     payload = json.loads(resp.read().decode("utf-8"))
-                return payload["choices"][0]["message"]["content"] or ""
+                content = payload["choices"][0]["message"]["content"]
+                if content is not None and not isinstance(content, str):
+                    raise TypeError(f"message content is {type(content).__name__}, not a string")
+                return content or ""
             except urllib.error.HTTPError as exc:
                 detail = exc.read()[:200].decode("utf-8", "replace")
                 last = EndpointError(f"HTTP {exc.code} from {self.url}: {detail}")
                 if exc.code not in self.RETRY_STATUS:
                     break
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
+                wait = retry_after(exc.headers)
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+                # timeouts, refused or reset connections; HTTPException: closed mid-response
+                # (IncompleteRead) or a garbled status line
                 reason = getattr(exc, "reason", exc)
                 last = EndpointError(f"{type(reason).__name__} talking to {self.url}: {reason}")
             except (KeyError, IndexError, TypeError, ValueError) as exc:

@@ -192,10 +192,17 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def finish_mmiu(items: list[Item], out: Path, judge_spec: str | None, store: ResponseStore) -> dict:
+def finish_mmiu(
+    items: list[Item],
+    out: Path,
+    judge_spec: str | None,
+    store: ResponseStore,
+    timeout: float = 60.0,
+    retries: int = 3,
+) -> dict:
     judge = None
     if judge_spec:
-        base = make_judge(judge_spec)
+        base = make_judge(judge_spec, timeout=timeout, retries=retries)  # the model's --timeout/--retries
 
         def judge(prompt: str) -> str:  # cached in the store like model answers
             key = request_key("judge", prompt, [], base.fingerprint, {"max_tokens": 512})
@@ -298,7 +305,7 @@ def run(
     with ResponseStore(out / "responses.sqlite") as store:
         counters = answer(items, adapter, store, batch_size, progress)
         if bench == "mmiu":
-            scores = finish_mmiu(items, out, judge, store)
+            scores = finish_mmiu(items, out, judge, store, timeout, retries)
         else:
             scores = finish_mmniah(items, out, adapter.name, split)
     scores = {
