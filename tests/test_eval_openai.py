@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from interleaf.cli import main
 from interleaf.eval import runner
 from interleaf.eval.adapters import EndpointError, OpenAIAdapter, OpenAIClient, Request
 from interleaf.eval.mini import make_mini_mmiu
@@ -242,6 +243,21 @@ def test_run_judge_uses_the_runs_timeout_and_retries(server, mini_mmiu, tmp_path
     judged = [r for r in server.requests if r["text"].startswith("You are an AI assistant")]
     assert scores["extraction_counts"] == {"judge_error": 3}
     assert len(judged) == 3  # one try each, no retry
+
+
+def test_cli_run_says_when_judge_calls_failed(server, mini_mmiu, tmp_path, capsys):
+    # every judge call failed and eval run exited 0, nothing on stderr (eval score mmiu said so)
+    spec = f"openai:{server.url}#m"
+    args = ["eval", "run", "--model", spec, "--bench", "mmiu", "--data", str(mini_mmiu), "-o",
+            str(tmp_path / "out"), "--judge", spec, "--limit", "3", "--retries", "0", "--no-progress"]  # fmt: skip
+    server.judge_status = 500
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {spec}: all 3 judge calls failed (judge error: HTTP 500 from ")
+    assert err.endswith("; those records are left out of the scores\n") and err.count("\n") == 1
+    server.judge_status = 200  # the rerun asks the judge again and it answers
+    assert main(args) == 0
+    assert capsys.readouterr().err == ""
 
 
 def _store_rows(path: Path) -> int:

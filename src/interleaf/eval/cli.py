@@ -127,7 +127,29 @@ def _run(args: argparse.Namespace) -> int:
         _print(scores, True)
     else:
         print(f"wrote {args.out}/predictions.jsonl, scores.json, report.md")
+    if args.judge and args.bench == "mmiu":
+        _check_judge(args.judge, scores, [scores["judge_error"]] if "judge_error" in scores else [])
     return 0
+
+
+def _check_judge(spec: str, scores: dict, failures: list[str]) -> None:
+    """Failed judge calls only showed as 'judge_error N' in the report: a mistyped judge URL looked
+    like a scored run. All failed: an error (after the report); some: a one-line warning."""
+    from interleaf.errors import InputError
+
+    counts = scores.get("extraction_counts", {})
+    failed, asked = counts.get("judge_error", 0), counts.get("judge_error", 0) + counts.get("judge", 0)
+    if failed:
+        first = f" (judge error: {failures[0]})" if failures else ""
+        if failed == asked:
+            raise InputError(
+                f"{spec}: all {failed} judge calls failed{first}; those records are left out of the scores"
+            )
+        print(
+            f"warning: {spec}: {failed} of {asked} judge calls failed{first}; "
+            "those records are left out of the scores",
+            file=sys.stderr,
+        )
 
 
 def _score_mmiu(args: argparse.Namespace) -> int:
@@ -156,21 +178,8 @@ def _score_mmiu(args: argparse.Namespace) -> int:
         raise InputError(f"{args.pred}: no scorable record{why}")
     scores["skipped"] = {"count": len(bad) + scores["skipped"]["count"], "samples": skipped[:1000]}
     _print({"benchmark": "mmiu", "model": args.pred, **scores}, args.json)
-    # failed judge calls only showed as 'judge_error N' in the report: a mistyped judge URL
-    # looked like a scored run (as eval run does for the model: the report first, then one line)
-    counts = scores["extraction_counts"]
-    failed, asked = counts.get("judge_error", 0), counts.get("judge_error", 0) + counts.get("judge", 0)
-    if failed:
-        first = f" (judge error: {failures[0]})" if failures else ""
-        if failed == asked:
-            raise InputError(
-                f"{args.judge}: all {failed} judge calls failed{first}; those records are left out of the scores"
-            )
-        print(
-            f"warning: {args.judge}: {failed} of {asked} judge calls failed{first}; "
-            "those records are left out of the scores",
-            file=sys.stderr,
-        )
+    if args.judge:  # as eval run does for the model: the report first, then one line
+        _check_judge(args.judge, scores, failures)
     return 0
 
 
