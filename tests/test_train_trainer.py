@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from interleaf.cli import main
-from interleaf.errors import ConfigError
+from interleaf.errors import CheckpointError, ConfigError
 from interleaf.train.config import build_config, load_config
 from interleaf.train.lora import LLM_TARGETS, VIT_TARGETS, apply_lora, merge_lora
 from interleaf.train.trainer import Trainer, train
@@ -595,6 +595,113 @@ def test_resume_writes_each_skip_once(tiny_dir, tmp_path, monkeypatch):
     assert files[0] == files[1] and files[0].count("\n") == straight["skipped"]["missing_image"]
 
 
+def test_a_kill_while_a_checkpoint_is_replaced_resumes_from_the_one_before(
+    tiny_dir, meta, tmp_path, monkeypatch
+):
+    """A finished run started again re-saves its last checkpoint over the old folder: a kill part-way
+    through removing it must not leave a folder that still looks complete (train_state.pt, no
+    weights), which every later resume would pick and fail on."""
+
+    def cfg():
+        return _cfg(tiny_dir, meta, tmp_path, max_steps=2, save_steps=1)
+
+    straight = train(cfg(), log=None)
+    real_rmtree = shutil.rmtree
+
+    def dying_rmtree(path, *args, **kwargs):
+        if Path(path).name == "checkpoint-2":  # removes the weights first, then the process dies
+            (Path(path) / "model.safetensors").unlink(missing_ok=True)
+            raise Killed
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", dying_rmtree)
+    with pytest.raises(Killed):
+        train(cfg(), log=None)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    lines: list[str] = []
+    resumed = train(cfg(), log=lines.append)
+    assert any("resumed from" in ln and ln.split()[2].endswith("checkpoint-1") for ln in lines)
+    assert resumed["losses"] == straight["losses"]
+    assert [json.loads(ln)["step"] for ln in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_pruning_cleans_up_after_a_kill_part_way(tiny_dir, meta, tmp_path, monkeypatch):
+    """A kill while save_total_limit removes an old checkpoint leaves part of its folder; the next
+    save removes the rest, so no folder outlives the limit."""
+
+    def cfg():
+        return _cfg(tiny_dir, meta, tmp_path, max_steps=3, save_steps=1, save_total_limit=1)
+
+    real_rmtree = shutil.rmtree
+
+    def dying_rmtree(path, *args, **kwargs):
+        if Path(path).name == "checkpoint-1":  # everything but config.json is gone when the process dies
+            for p in Path(path).iterdir():
+                if p.name != "config.json":
+                    p.unlink()
+            raise Killed
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", dying_rmtree)
+    with pytest.raises(Killed):
+        train(cfg(), log=None)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    assert (tmp_path / "checkpoint-2" / "train_state.pt").exists()
+    train(cfg(), log=None)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3"]
+
+
+@pytest.mark.parametrize("name", ["log.jsonl", "skipped.rank0.jsonl"])
+def test_a_kill_while_resuming_loses_no_log_line(tiny_dir, meta, tmp_path, monkeypatch, name):
+    """Resuming cuts log.jsonl and the skip log back to the checkpoint; a kill while it rewrites
+    them must leave the old file whole (not truncated), so the next resume still ends as the
+    uninterrupted run."""
+
+    def cfg(out):
+        return _cfg(tiny_dir, meta, tmp_path / out, max_steps=4, save_steps=2)
+
+    train(cfg("a"), log=None)
+    real_step = Trainer.train_step
+
+    def dying_step(self):
+        if self.step == 3:
+            raise Killed  # after checkpoint-2 and the log line of step 3
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", dying_step)
+    with pytest.raises(Killed):
+        train(cfg("b"), log=None)
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    real_write = Path.write_text
+
+    def dying_write(self, *args, **kwargs):
+        if name in self.name:  # the file (or a temporary one) is opened, truncated, and the process dies
+            real_write(self, "")
+            raise Killed
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", dying_write)
+    with pytest.raises(Killed):
+        train(cfg("b"), log=None)
+    monkeypatch.setattr(Path, "write_text", real_write)
+    train(cfg("b"), log=None)
+    for f in ("log.jsonl", "skipped.rank0.jsonl"):
+        a, b = [(tmp_path / d / f).read_text().splitlines() for d in "ab"]
+        if f == "log.jsonl":  # all but the timing
+            a, b = [
+                [{k: v for k, v in json.loads(ln).items() if k != "tokens_per_s"} for ln in x] for x in (a, b)
+            ]
+        assert a == b and len(a) >= 1
+
+
+def test_a_corrupt_train_state_is_refused_naming_the_file(tiny_dir, meta, tmp_path):
+    train(_cfg(tiny_dir, meta, tmp_path, max_steps=2, save_steps=1), log=None)
+    state = tmp_path / "checkpoint-2" / "train_state.pt"
+    state.write_bytes(state.read_bytes()[:1000])  # truncated
+    with pytest.raises(CheckpointError, match="checkpoint-2/train_state.pt"):
+        train(_cfg(tiny_dir, meta, tmp_path, max_steps=3, save_steps=1), log=None)
+
+
 @pytest.mark.parametrize("preset", ["tiny", "tiny-internlm2", "tiny-phi3"])
 def test_lora_on_fused_projections_is_upstreams(preset):
     """InternLM2 (wqkv) and Phi-3 (qkv_proj, gate_up_proj) hold fused matrices upstream, whose LoRA is
@@ -681,6 +788,17 @@ def test_a_fresh_run_keeps_the_checkpoint_it_starts_from(tiny_dir, meta, tmp_pat
     start = tmp_path / "checkpoint-1"
     result = train(_cfg(start, meta, tmp_path, max_steps=2, resume=False), log=None)
     assert start.is_dir() and Path(result["checkpoint"]).name == "checkpoint-2"
+
+
+def test_pruning_keeps_the_checkpoint_a_run_starts_from(tiny_dir, meta, tmp_path):
+    """save_total_limit never removes the model_path a run in the same output_dir starts from (a
+    resumed LoRA run loads its base from there again)."""
+    train(_cfg(tiny_dir, meta, tmp_path, max_steps=1), log=None)
+    start = tmp_path / "checkpoint-1"
+    cfg = _cfg(start, meta, tmp_path, max_steps=4, save_steps=2, save_total_limit=1, resume=False)
+    result = train(cfg, log=None)
+    assert (start / "model.safetensors").exists() and Path(result["checkpoint"]).name == "checkpoint-4"
+    assert not (tmp_path / "checkpoint-2").exists()
 
 
 def test_preset_init_folder_follows_preset_and_overrides(meta, tmp_path):

@@ -123,7 +123,7 @@ class SkipLog:
         if self.path is not None and self.path.exists():
             lines = [ln for ln in self.path.read_text(encoding="utf-8").splitlines() if ln.strip()]
             kept = [json.loads(ln) for ln in lines[:n]]
-            self.path.write_text("".join(ln + "\n" for ln in lines[:n]), encoding="utf-8")
+            replace_text(self.path, "".join(ln + "\n" for ln in lines[:n]))
         if len(kept) == n:
             self.records = kept
             self.counts = Counter(r["reason"] for r in kept)
@@ -137,6 +137,14 @@ class SkipLog:
 
     def summary(self) -> str:
         return skip_summary(self.counts)
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file renamed over it: a kill part-way
+    leaves the old file whole, never a truncated one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def skip_summary(counts: dict[str, int]) -> str:

@@ -22,6 +22,7 @@ import copy
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -39,7 +40,14 @@ from torch import nn
 from interleaf.errors import CheckpointError, ConfigError
 from interleaf.processing.image import background_threads
 from interleaf.train.config import TrainConfig
-from interleaf.train.data import ConversationDataset, CorpusDataset, DataArgs, SkipLog, skip_summary
+from interleaf.train.data import (
+    ConversationDataset,
+    CorpusDataset,
+    DataArgs,
+    SkipLog,
+    replace_text,
+    skip_summary,
+)
 from interleaf.train.lora import LLM_TARGETS, VIT_TARGETS, apply_llm_lora, apply_lora, has_lora, merge_lora
 from interleaf.train.packing import Batcher, SampleStream, collate
 from interleaf.train.precision import MasterWeights, resolve_dtype
@@ -326,6 +334,14 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def remove_checkpoint(path: Path, ignore_errors: bool = False) -> None:
+    """Remove a checkpoint folder, its ``train_state.pt`` (what marks it complete) first: a kill
+    part-way leaves a folder that resuming passes over (and the next prune removes), never one that
+    looks complete without its weights."""
+    (path / "train_state.pt").unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=ignore_errors)
 
 
 class Trainer:
@@ -671,7 +687,7 @@ class Trainer:
                 train_state["trainable"] = {k: v for k, v in state.items() if k in trainable}
             torch.save(train_state, tmp / "train_state.pt")
             if final_dir.exists():
-                shutil.rmtree(final_dir)
+                remove_checkpoint(final_dir)
             os.replace(tmp, final_dir)
             self._prune()
         self._barrier()
@@ -681,15 +697,31 @@ class Trainer:
         limit = self.cfg.save_total_limit
         if limit <= 0:
             return
-        done = sorted(
-            (p for p in self.out.glob("checkpoint-*") if (p / "train_state.pt").exists()),
+        folders = sorted(
+            (p for p in self.out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
             key=lambda p: int(p.name.split("-")[-1]),
         )
-        for old in done[:-limit]:
-            shutil.rmtree(old, ignore_errors=True)
+        done = [p for p in folders if (p / "train_state.pt").exists()]
+        if not done:
+            return
+        newest = int(done[-1].name.split("-")[-1])
+        start = Path(self.cfg.model_path).resolve() if self.cfg.model_path else None
+        # older folders go, complete or not (an incomplete one is what a kill part-way through an
+        # earlier removal left); never the checkpoint this run starts from
+        for old in folders:
+            if old in done[-limit:] or int(old.name.split("-")[-1]) >= newest:
+                continue
+            if start is None or not start.is_relative_to(old.resolve()):
+                remove_checkpoint(old, ignore_errors=True)
 
     def _load_state(self, ckpt: Path, lora: bool) -> None:
-        state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=False)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:  # truncated, not a torch file
+            raise CheckpointError(
+                f"{ckpt / 'train_state.pt'}: cannot read ({str(exc).splitlines()[0]}); "
+                f"remove {ckpt} to resume from the checkpoint before it"
+            ) from None
         if state.get("world_size", 1) != self.world:
             raise CheckpointError(
                 f"{ckpt}: saved with {state.get('world_size')} processes, resuming with {self.world}"
@@ -721,7 +753,7 @@ class Trainer:
                 for ln in log_path.read_text().splitlines()
                 if ln and json.loads(ln).get("step", 0) <= self.step
             ]
-            log_path.write_text("".join(ln + "\n" for ln in kept))
+            replace_text(log_path, "".join(ln + "\n" for ln in kept))
         self.log(f"resumed from {ckpt} at step {self.step}")
 
     # -- the loop -------------------------------------------------------------------------------
