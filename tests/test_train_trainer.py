@@ -801,6 +801,21 @@ def test_pruning_keeps_the_checkpoint_a_run_starts_from(tiny_dir, meta, tmp_path
     assert not (tmp_path / "checkpoint-2").exists()
 
 
+def test_a_run_that_would_save_over_its_start_checkpoint_is_refused(tiny_dir, meta, tmp_path):
+    """Stage 2 from out/checkpoint-1 into out/ saving at step 1 would replace its own start weights."""
+    train(_cfg(tiny_dir, meta, tmp_path, max_steps=1), log=None)
+    start = tmp_path / "checkpoint-1"
+    before = (start / "model.safetensors").read_bytes()
+    for steps in (dict(max_steps=3, save_steps=1), dict(max_steps=1)):
+        with pytest.raises(ConfigError, match="checkpoint-1 of output_dir .* saves again at step 1"):
+            train(_cfg(start, meta, tmp_path, resume=False, **steps), log=None)
+    assert (start / "model.safetensors").read_bytes() == before
+    # a run that never saves step 1 may start there
+    result = train(_cfg(start, meta, tmp_path, resume=False, max_steps=2, save_steps=2), log=None)
+    assert Path(result["checkpoint"]).name == "checkpoint-2"
+    assert (start / "model.safetensors").read_bytes() == before
+
+
 def test_preset_init_folder_follows_preset_and_overrides(meta, tmp_path):
     common = dict(meta_path=str(meta), output_dir=str(tmp_path), max_steps=1, max_dynamic_patch=1,
                   max_seq_length=160, max_packed_tokens=160, device="cpu", dtype="fp32", resume=False)  # fmt: skip

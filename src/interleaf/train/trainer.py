@@ -424,6 +424,7 @@ class Trainer:
         # the model's randomness (LoRA init) is the same on every rank: FSDP does not broadcast
         # weights; the data and dropout streams get a seed per rank once the model is built
         seed_everything(cfg.seed)
+        self._check_start_is_kept()
         if self.is_main:
             try:
                 self.out.mkdir(parents=True, exist_ok=True)
@@ -566,6 +567,34 @@ class Trainer:
         return self
 
     # -- checkpoints ----------------------------------------------------------------------------
+    def _is_start(self, folder: Path) -> bool:
+        """Whether ``folder`` holds the checkpoint this run starts from (``model_path``; stage 2 from
+        out/checkpoint-N into out/): it is never removed."""
+        return bool(self.cfg.model_path) and Path(self.cfg.model_path).resolve().is_relative_to(
+            folder.resolve()
+        )
+
+    def _check_start_is_kept(self) -> None:
+        """Refuse a ``model_path`` that is a checkpoint of output_dir this run will save again: the save
+        would replace the weights it starts from (and a LoRA run resumed later would take that save
+        for its base)."""
+        cfg = self.cfg
+        name = next((p.name for p in self.out.glob("checkpoint-*") if self._is_start(p)), "")
+        n = name.removeprefix("checkpoint-")
+        if not n.isdigit():
+            return
+        latest = self.latest_checkpoint() if cfg.resume else None
+        done = int(latest.name.split("-")[-1]) if latest is not None else 0
+        step = int(n)
+        saved = step == cfg.max_steps or (
+            done < step < cfg.max_steps and cfg.save_steps > 0 and step % cfg.save_steps == 0
+        )
+        if saved:
+            raise ConfigError(
+                f"config key 'model_path': {cfg.model_path} is checkpoint-{n} of output_dir {self.out}, "
+                f"which this run saves again at step {n}; start from a copy elsewhere or use another output_dir"
+            )
+
     def _start_fresh(self, checkpoints: bool) -> None:
         """A run that does not resume starts its logs anew: log.jsonl, the skip logs and (with
         ``checkpoints``, i.e. ``resume: false``) the checkpoints an earlier run left in output_dir are
@@ -575,9 +604,7 @@ class Trainer:
             old = [p for p in self.out.glob("checkpoint-*") if p.is_dir()] + list(
                 self.out.glob(".tmp-checkpoint-*")
             )
-            start = Path(self.cfg.model_path).resolve() if self.cfg.model_path else None
-            # never the checkpoint this run starts from (stage 2 from out/checkpoint-N into out/)
-            old = [p for p in old if start is None or not start.is_relative_to(p.resolve())]
+            old = [p for p in old if not self._is_start(p)]
         if old:
             self.log(f"resume: false: removing {len(old)} checkpoint(s) of an earlier run in {self.out}")
         for p in old:
@@ -705,13 +732,12 @@ class Trainer:
         if not done:
             return
         newest = int(done[-1].name.split("-")[-1])
-        start = Path(self.cfg.model_path).resolve() if self.cfg.model_path else None
         # older folders go, complete or not (an incomplete one is what a kill part-way through an
         # earlier removal left); never the checkpoint this run starts from
         for old in folders:
             if old in done[-limit:] or int(old.name.split("-")[-1]) >= newest:
                 continue
-            if start is None or not start.is_relative_to(old.resolve()):
+            if not self._is_start(old):
                 remove_checkpoint(old, ignore_errors=True)
 
     def _load_state(self, ckpt: Path, lora: bool) -> None:
