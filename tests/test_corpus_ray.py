@@ -120,3 +120,18 @@ def test_shard_by_files_task_streams_its_file(tmp_path, monkeypatch):
     for name in ("docs.jsonl", "keys.jsonl", "errors.jsonl", "excluded.jsonl"):
         got = (E.stage1_dir(plan.out) / shard / name).read_bytes()
         assert got == (E.stage1_dir(tmp_path / "local") / shard / name).read_bytes(), name
+
+
+def test_a_retried_stage1_task_finds_its_shard_committed(tmp_path):
+    # Ray retries a task whose worker died (max_retries): one that died after its commit (the
+    # rename) ran again and renamed onto the committed shard: ENOTEMPTY failed the whole build
+    warc = tmp_path / "crawl.warc.gz"
+    make_test_warc(warc, n=10, seed=9, hang=False, crash=False)
+    cfg = P.load_config(_cfg(tmp_path, read={"shard_by": "files"}))
+    plan = E.prepare_run([warc], tmp_path / "out", cfg)
+    assert R._stage1_task(str(plan.out), 0, str(warc), cfg) == 0
+    shard = E.stage1_dir(plan.out) / E.shard_name(0)
+    first = {p.name: p.read_bytes() for p in shard.iterdir()}
+    assert R._stage1_task(str(plan.out), 0, str(warc), cfg) == 0  # the retry
+    assert {p.name: p.read_bytes() for p in shard.iterdir()} == first
+    assert sorted(p.name for p in E.stage1_dir(plan.out).iterdir()) == [E.shard_name(0)]  # no tmp left

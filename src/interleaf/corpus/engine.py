@@ -636,7 +636,14 @@ def commit_stage1_shard(out: Path, shard: int, outcomes: list[dict], num_perm: i
     (tmp / "errors.jsonl").write_text(_jsonl(errors), encoding="utf-8")
     summary = {"shard": shard, "records": len(outcomes), "kept": len(kept), "stats": book.to_list()}
     (tmp / "stats.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
-    os.rename(tmp, final)  # the commit point
+    try:
+        os.rename(tmp, final)  # the commit point
+    except OSError:
+        if not final.is_dir():
+            raise
+        # committed by an earlier attempt of this shard (a Ray task retried after its worker died
+        # past the rename): the same records give the same files, the committed ones stay
+        shutil.rmtree(tmp, ignore_errors=True)
     return summary
 
 
