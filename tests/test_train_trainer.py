@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -595,6 +596,25 @@ def test_resume_writes_each_skip_once(tiny_dir, tmp_path, monkeypatch):
     assert files[0] == files[1] and files[0].count("\n") == straight["skipped"]["missing_image"]
 
 
+@contextlib.contextmanager
+def _killed_while_removing(monkeypatch, name, files):
+    """The run dies (Killed) part-way through ``shutil.rmtree`` of the folder ``name``, after removing
+    ``files`` from it (a list, or a callable giving it at that moment); the context expects that."""
+    real_rmtree = shutil.rmtree
+
+    def dying_rmtree(path, *args, **kwargs):
+        if Path(path).name == name:
+            for f in files() if callable(files) else files:
+                (Path(path) / f).unlink(missing_ok=True)
+            raise Killed
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", dying_rmtree)
+    with pytest.raises(Killed):
+        yield
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+
+
 def test_a_kill_while_a_checkpoint_is_replaced_resumes_from_the_one_before(
     tiny_dir, meta, tmp_path, monkeypatch
 ):
@@ -606,18 +626,8 @@ def test_a_kill_while_a_checkpoint_is_replaced_resumes_from_the_one_before(
         return _cfg(tiny_dir, meta, tmp_path, max_steps=2, save_steps=1)
 
     straight = train(cfg(), log=None)
-    real_rmtree = shutil.rmtree
-
-    def dying_rmtree(path, *args, **kwargs):
-        if Path(path).name == "checkpoint-2":  # removes the weights first, then the process dies
-            (Path(path) / "model.safetensors").unlink(missing_ok=True)
-            raise Killed
-        return real_rmtree(path, *args, **kwargs)
-
-    monkeypatch.setattr(shutil, "rmtree", dying_rmtree)
-    with pytest.raises(Killed):
+    with _killed_while_removing(monkeypatch, "checkpoint-2", ["model.safetensors"]):
         train(cfg(), log=None)
-    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
     lines: list[str] = []
     resumed = train(cfg(), log=lines.append)
     assert any("resumed from" in ln and ln.split()[2].endswith("checkpoint-1") for ln in lines)
@@ -632,20 +642,10 @@ def test_pruning_cleans_up_after_a_kill_part_way(tiny_dir, meta, tmp_path, monke
     def cfg():
         return _cfg(tiny_dir, meta, tmp_path, max_steps=3, save_steps=1, save_total_limit=1)
 
-    real_rmtree = shutil.rmtree
-
-    def dying_rmtree(path, *args, **kwargs):
-        if Path(path).name == "checkpoint-1":  # everything but config.json is gone when the process dies
-            for p in Path(path).iterdir():
-                if p.name != "config.json":
-                    p.unlink()
-            raise Killed
-        return real_rmtree(path, *args, **kwargs)
-
-    monkeypatch.setattr(shutil, "rmtree", dying_rmtree)
-    with pytest.raises(Killed):
+    folder = tmp_path / "checkpoint-1"
+    everything_but_config = lambda: [p.name for p in folder.iterdir() if p.name != "config.json"]  # noqa: E731
+    with _killed_while_removing(monkeypatch, folder.name, everything_but_config):
         train(cfg(), log=None)
-    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
     assert (tmp_path / "checkpoint-2" / "train_state.pt").exists()
     train(cfg(), log=None)
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3"]
