@@ -976,8 +976,15 @@ class Trainer:
         if batcher is not None:
             batcher.stream.close()
         if self.world > 1:
+            import gc
+
             import torch.distributed as dist
 
+            # free the DDP/FSDP modules (they hold the process group) while the interpreter is whole:
+            # left to interpreter exit, gloo's worker threads go down with it and a rank of a finished
+            # run sometimes aborted there (SIGABRT, 'terminate called without an active exception')
+            self.step_module = self.raw_model = self.optimizer = self.scheduler = self.master = None
+            gc.collect()
             if dist.is_initialized():
                 dist.destroy_process_group()
 
