@@ -7,6 +7,9 @@ messages without a traceback and exits non-zero.
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 
 class InterleafError(Exception):
     """A clear, one-line error about the user's input or environment."""
@@ -22,6 +25,12 @@ class CheckpointError(InterleafError):
 
 class InputError(InterleafError, ValueError):
     """A bad image, video, prompt or data record."""
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float, for checking a field read from JSON: a bool is an int in Python, and
+    json reads NaN and Infinity."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def cannot_read(path: object, exc: BaseException) -> InputError:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import bisect
 import json
-import math
 import os
 import re
 from collections.abc import Iterable
@@ -29,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from interleaf.errors import InputError, cannot_read
+from interleaf.errors import InputError, cannot_read, is_number
 
 TASKS = (
     "retrieval-text",
@@ -309,13 +308,8 @@ def task_answer(task: str, answer: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def _is_number(v: Any) -> bool:
-    # bool is an int in Python; NaN/inf would crash the depth bin (int(nan))
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _is_depth(v: Any) -> bool:
-    return _is_number(v) or (isinstance(v, list) and bool(v) and all(_is_number(x) for x in v))
+    return is_number(v) or (isinstance(v, list) and bool(v) and all(is_number(x) for x in v))
 
 
 def _is_str_list(v: Any) -> bool:
@@ -330,7 +324,7 @@ def _is_index(v: Any) -> bool:
 _STR = (lambda v: isinstance(v, str), "a string")
 _STR_LIST = (_is_str_list, "a list of strings")
 _OPT_STR_LIST = (lambda v: v is None or _is_str_list(v), "a list of strings or null")
-_NUMBER = (_is_number, "a number")
+_NUMBER = (is_number, "a number")
 _DEPTH = (_is_depth, "a number or a non-empty list of numbers")
 _ID = (lambda v: _is_index(v) or isinstance(v, str), "an int or a string")
 RECORD_TYPES = {"id": _ID, "images_list": _STR_LIST, "context": _STR, "question": _STR}

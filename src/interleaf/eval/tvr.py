@@ -21,7 +21,7 @@ import math
 import os
 from typing import Any
 
-from interleaf.errors import InputError, cannot_read
+from interleaf.errors import InputError, cannot_read, is_number
 
 log = logging.getLogger(__name__)
 
@@ -132,14 +132,10 @@ def _check_moment(path: str | os.PathLike, where: str, m: Any, keys: tuple[str, 
     ts = m["timestamp"]
     if not isinstance(m["video_name"], str):
         raise InputError(f"{path}: {where} field 'video_name' must be a string, got {m['video_name']!r}")
-    if not (isinstance(ts, list) and len(ts) == 2 and all(_is_number(t) for t in ts)):
+    if not (isinstance(ts, list) and len(ts) == 2 and all(is_number(t) for t in ts)):
         raise InputError(f"{path}: {where} field 'timestamp' must be [start, end] in seconds, got {ts!r}")
-    if "relevance" in keys and not _is_number(m["relevance"]):
+    if "relevance" in keys and not is_number(m["relevance"]):
         raise InputError(f"{path}: {where} field 'relevance' must be a number, got {m['relevance']!r}")
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def load_split(path: str | os.PathLike) -> dict[str, list[dict]]:
@@ -180,8 +176,7 @@ def load_video_corpus(path: str | os.PathLike) -> dict[str, float]:
     if not isinstance(data, dict) or not data:
         raise InputError(f"{path}: expected a non-empty object mapping video_name to duration")
     for name, duration in data.items():
-        ok = isinstance(duration, (int, float)) and not isinstance(duration, bool) and duration >= 0
-        if not ok or not math.isfinite(duration):
+        if not (is_number(duration) and duration >= 0):
             raise InputError(
                 f"{path}: duration of video {name!r} must be a non-negative number, got {duration!r}"
             )

@@ -24,14 +24,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import random
 import re
 from pathlib import Path
 from typing import Any
 
-from interleaf.errors import ConfigError, InputError
+from interleaf.errors import ConfigError, InputError, is_number
 
 DETECT_Q = "Please detect and label all objects in the following image and mark their positions."
 GROUND_Q = "Please provide the bounding box coordinate of the region this sentence describes: <ref>{}</ref>"
@@ -50,11 +49,6 @@ def norm_box(box: list[float], width: int, height: int, xywh: bool = True) -> li
         return int(min(1000, max(0, round(v / size * 1000))))
 
     return [scale(x1, width), scale(y1, height), scale(x2, width), scale(y2, height)]
-
-
-def _is_number(value: Any) -> bool:
-    """A finite int or float (json reads NaN and Infinity)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def box_text(name: str, boxes: list[list[int]]) -> str:
@@ -117,7 +111,7 @@ def convert_coco(
         if not anns:
             skipped["no_annotations"] += 1
             continue
-        if not (_is_number(w) and _is_number(h) and w > 0 and h > 0):
+        if not (is_number(w) and is_number(h) and w > 0 and h > 0):
             skipped["bad_size"] += 1
             continue
         if not isinstance(img.get("file_name"), str):
@@ -129,7 +123,7 @@ def convert_coco(
                 skipped["unknown_category"] += 1
                 continue
             box = a.get("bbox")
-            if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
+            if not (isinstance(box, list) and len(box) == 4 and all(is_number(v) for v in box)):
                 skipped["bad_bbox"] += 1
                 continue
             grouped.setdefault(cats[a["category_id"]], []).append(norm_box(box, w, h))
