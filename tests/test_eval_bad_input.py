@@ -363,18 +363,16 @@ def test_cli_run_against_a_closed_port_fails_with_one_line(mini_mmiu, tmp_path, 
 
 
 def _failing_judge(monkeypatch, fails) -> None:
-    """``make_judge`` gives a judge that raises, as after all retries, for the prompts ``fails`` picks."""
+    """The judge's endpoint client raises, as after all retries, for the prompts ``fails`` picks
+    (``make_judge`` itself, which records why calls failed, stays the real one)."""
     from interleaf.eval import adapters
 
-    def make_judge(spec, timeout=60.0, retries=3):
-        def judge(prompt: str) -> str:
-            if fails(prompt):
-                raise adapters.EndpointError("ConnectionRefusedError talking to http://127.0.0.1:9: refused")
-            return "A"
+    def complete(self, messages, **params) -> str:
+        if fails(messages[0]["content"][0]["text"]):
+            raise adapters.EndpointError("ConnectionRefusedError talking to http://127.0.0.1:9: refused")
+        return "A"
 
-        return judge
-
-    monkeypatch.setattr(adapters, "make_judge", make_judge)
+    monkeypatch.setattr(adapters.OpenAIClient, "complete", complete)
 
 
 def test_cli_score_mmiu_says_when_judge_calls_failed(monkeypatch, capsys):

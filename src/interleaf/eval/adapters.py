@@ -451,16 +451,26 @@ class OpenAIAdapter(Adapter):
 
 
 def make_judge(spec: str, timeout: float = 60.0, retries: int = 3):
-    """``openai:URL#MODEL`` -> a judge callable (prompt -> text) with the official max_tokens 512."""
+    """``openai:URL#MODEL`` -> a judge callable (prompt -> text) with the official max_tokens 512.
+
+    Its ``failures`` lists why calls failed (first line of each error), in order: the scores count
+    failed calls only as ``judge_error``, and the commands name the first reason.
+    """
     url, model = parse_openai_spec(spec)
     client = OpenAIClient(url, model, timeout=timeout, retries=retries)
+    failures: list[str] = []
 
     def judge(prompt: str) -> str:
-        return client.complete(
-            [{"role": "user", "content": [{"type": "text", "text": prompt}]}], max_tokens=512
-        )
+        try:
+            return client.complete(
+                [{"role": "user", "content": [{"type": "text", "text": prompt}]}], max_tokens=512
+            )
+        except Exception as exc:
+            failures.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            raise
 
     judge.fingerprint = f"judge:{url}#{model}"  # type: ignore[attr-defined]
+    judge.failures = failures  # type: ignore[attr-defined]
     return judge
 
 

@@ -158,18 +158,7 @@ def _score_mmiu(args: argparse.Namespace) -> int:
     from interleaf.eval.adapters import make_judge
     from interleaf.eval.mmniah import read_jsonl
 
-    judge = None
-    failures: list[str] = []  # why judge calls failed: the scores keep only a 'judge_error' count
-    if args.judge:
-        base = make_judge(args.judge)
-
-        def judge(prompt: str) -> str:
-            try:
-                return base(prompt)
-            except Exception as exc:
-                failures.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-                raise
-
+    judge = make_judge(args.judge) if args.judge else None
     bad: list[dict] = []  # invalid JSON lines: skipped and reported with the unscorable records
     scores, _ = mmiu.score(read_jsonl(args.pred, bad), judge=judge)
     skipped = bad + scores["skipped"]["samples"]
@@ -179,7 +168,7 @@ def _score_mmiu(args: argparse.Namespace) -> int:
     scores["skipped"] = {"count": len(bad) + scores["skipped"]["count"], "samples": skipped[:1000]}
     _print({"benchmark": "mmiu", "model": args.pred, **scores}, args.json)
     if args.judge:  # as eval run does for the model: the report first, then one line
-        _check_judge(args.judge, scores, failures)
+        _check_judge(args.judge, scores, judge.failures)
     return 0
 
 

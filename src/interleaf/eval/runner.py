@@ -200,8 +200,7 @@ def finish_mmiu(
     timeout: float = 60.0,
     retries: int = 3,
 ) -> dict:
-    judge = None
-    failures: list[str] = []  # why judge calls failed (the scores count them as 'judge_error')
+    judge = base = None
     if judge_spec:
         base = make_judge(judge_spec, timeout=timeout, retries=retries)  # the model's --timeout/--retries
 
@@ -210,11 +209,7 @@ def finish_mmiu(
             hit = store.get(key)
             if hit is not None:
                 return hit
-            try:
-                text = base(prompt)
-            except Exception as exc:
-                failures.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-                raise
+            text = base(prompt)
             store.put(key, "judge", text)
             return text
 
@@ -239,8 +234,8 @@ def finish_mmiu(
     for rec, ex in zip(scored, extra):
         rec.update(ex)
     _write_jsonl(out / "predictions.jsonl", rows)
-    if failures:
-        scores["judge_error"] = failures[0]  # the first reason, for the command's warning
+    if base is not None and base.failures:
+        scores["judge_error"] = base.failures[0]  # the first reason, for the command's warning
     return scores
 
 
