@@ -336,6 +336,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step of a ``checkpoint-N`` folder (its name must end in digits)."""
+    return int(path.name.split("-")[-1])
+
+
 def remove_checkpoint(path: Path, ignore_errors: bool = False) -> None:
     """Remove a checkpoint folder, its ``train_state.pt`` (what marks it complete) first: a kill
     part-way leaves a folder that resuming passes over (and the next prune removes), never one that
@@ -584,7 +589,7 @@ class Trainer:
         if not n.isdigit():
             return
         latest = self.latest_checkpoint() if cfg.resume else None
-        done = int(latest.name.split("-")[-1]) if latest is not None else 0
+        done = checkpoint_step(latest) if latest is not None else 0
         step = int(n)
         saved = step == cfg.max_steps or (
             done < step < cfg.max_steps and cfg.save_steps > 0 and step % cfg.save_steps == 0
@@ -616,7 +621,7 @@ class Trainer:
         if not self.out.is_dir():
             return None
         done = [p for p in self.out.glob("checkpoint-*") if (p / "train_state.pt").exists()]
-        return max(done, key=lambda p: int(p.name.split("-")[-1])) if done else None
+        return max(done, key=checkpoint_step) if done else None
 
     def _model_state_for_save(self) -> dict[str, torch.Tensor] | None:
         """Full (unsharded) state dict on CPU; only rank 0 gets it under FSDP."""
@@ -726,16 +731,16 @@ class Trainer:
             return
         folders = sorted(
             (p for p in self.out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
-            key=lambda p: int(p.name.split("-")[-1]),
+            key=checkpoint_step,
         )
         done = [p for p in folders if (p / "train_state.pt").exists()]
         if not done:
             return
-        newest = int(done[-1].name.split("-")[-1])
+        newest = checkpoint_step(done[-1])
         # older folders go, complete or not (an incomplete one is what a kill part-way through an
         # earlier removal left); never the checkpoint this run starts from
         for old in folders:
-            if old in done[-limit:] or int(old.name.split("-")[-1]) >= newest:
+            if old in done[-limit:] or checkpoint_step(old) >= newest:
                 continue
             if not self._is_start(old):
                 remove_checkpoint(old, ignore_errors=True)
