@@ -203,6 +203,17 @@ def test_build_refuses_workers_below_one(tmp_path, capsys, workers):
     assert not out.exists()
 
 
+def _config_refused(tmp_path, capsys, yaml_text: str, words: str):
+    """``corpus config --config`` of ``yaml_text`` fails with one line holding ``words``; returns
+    the config's path and that line."""
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(yaml_text)
+    assert main(["corpus", "config", "--config", str(cfg)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert words in err and "\n" not in err
+    return cfg, err
+
+
 @pytest.mark.parametrize(
     "yaml_text,words",
     [
@@ -216,11 +227,7 @@ def test_build_refuses_workers_below_one(tmp_path, capsys, workers):
 def test_config_refuses_what_build_refuses(tmp_path, capsys, yaml_text, words):
     # 'corpus config' printed these configs with rc 0; 'corpus build' refused them, and left an
     # OUT recording the bad config, so that the corrected config was refused as "another config"
-    cfg = tmp_path / "p.yaml"
-    cfg.write_text(yaml_text)
-    assert main(["corpus", "config", "--config", str(cfg)]) == 1
-    err = capsys.readouterr().err.strip()
-    assert words in err and "\n" not in err
+    cfg, err = _config_refused(tmp_path, capsys, yaml_text, words)
     out = tmp_path / "out"
     assert main(["corpus", "build", "-o", str(out), "--config", str(cfg), "--no-progress"]) == 1
     assert capsys.readouterr().err.strip() == err and not out.exists()
@@ -248,11 +255,7 @@ def test_config_refuses_what_build_refuses(tmp_path, capsys, yaml_text, words):
 def test_config_values_out_of_range_are_refused(tmp_path, capsys, yaml_text, words):
     # these were accepted: -1 removed every image, an empty aspect range every fetched image,
     # NaN passed the "> 0" checks, and "yes" was a truthy string where a bool belongs
-    cfg = tmp_path / "p.yaml"
-    cfg.write_text(yaml_text)
-    assert main(["corpus", "config", "--config", str(cfg)]) == 1
-    err = capsys.readouterr().err.strip()
-    assert words in err and "\n" not in err
+    _config_refused(tmp_path, capsys, yaml_text, words)
 
 
 def test_config_accepts_valid_extract_options(tmp_path, capsys):
