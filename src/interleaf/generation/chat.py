@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from interleaf.errors import InputError
-from interleaf.generation.engine import GenerationConfig, Generator, optimize_for_cpu
+from interleaf.generation.engine import GenerationConfig, GenerationOutput, Generator, optimize_for_cpu
 from interleaf.processing.image import background_threads, preprocess_images
 from interleaf.processing.prompt import add_placeholders, expand_image_placeholders
 from interleaf.processing.templates import ChatTemplate, get_template
@@ -169,11 +169,13 @@ class ChatModel:
         num_segments: int = 8,
         pixel_values: torch.Tensor | None = None,
         num_tiles: Sequence[int] | None = None,
+        system_message: str | None = None,
     ) -> tuple[str, list[int], torch.Tensor | None, str]:
         """Build one prompt: ``(question with placeholders, input ids, pixel_values, prompt text)``.
 
         ``pixel_values`` [N, 3, H, W] + ``num_tiles`` may be given instead of ``images`` (already
-        preprocessed tiles, e.g. by an evaluation pipeline).
+        preprocessed tiles, e.g. by an evaluation pipeline). ``system_message`` replaces the
+        checkpoint's for this prompt.
         """
         if not isinstance(question, str):
             raise InputError(f"question must be a string, got {type(question).__name__}")
@@ -199,7 +201,7 @@ class ChatModel:
         else:
             pixel_values, tiles = None, []
         question = add_placeholders(question, len(tiles), history, video=is_video)
-        text = self.template.chat_prompt(question, history)
+        text = self.template.chat_prompt(question, history, system_message)
         text = expand_image_placeholders(text, tiles, self.config.num_image_token)
         with self._tokenizer_lock:
             ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
@@ -224,9 +226,15 @@ class ChatModel:
 
     def decode_reply(self, tokens: Sequence[int]) -> str:
         """Reply text of generated tokens: special tokens dropped, cut at the end-of-turn text, stripped."""
+        return self.reply_with_stop(tokens)[0]
+
+    def reply_with_stop(self, tokens: Sequence[int], stop: Sequence[str] = ()) -> tuple[str, bool]:
+        """:meth:`decode_reply`, also cut where one of the ``stop`` strings first appears; and whether
+        one did (what :class:`TextStreamer` with the same ``stop`` yields in all)."""
         with self._tokenizer_lock:
             text = self.tokenizer.decode(list(tokens), skip_special_tokens=True)
-        return text.split(self.template.stop_str)[0].strip()
+        text, hit = cut_at_stop(text, (self.template.stop_str, *stop))
+        return text.strip(), hit
 
     # ------------------------------------------------------------------ chat
     def chat(
@@ -339,27 +347,40 @@ class ChatModel:
         """
         if not prepared:
             return []
+        out = GenerationOutput(tokens=[[] for _ in prepared], finish_reasons=[])
+        for _ in self.stream_batch(prepared, prefill, _timing=out, **generation):
+            pass
+        return [self.decode_reply(t) for t in out.tokens]
+
+    def stream_batch(
+        self,
+        prepared: Sequence[tuple[list[int], torch.Tensor | None]],
+        prefill: str = "auto",
+        _timing: GenerationOutput | None = None,
+        **generation,
+    ) -> Iterator[torch.Tensor]:
+        """Generate for the output of :meth:`prepare_batch` as one batch, yielding each step's tokens
+        (CPU LongTensor [B], in ``prepared`` order; finished rows yield the pad id, and a row's stop
+        token is yielded once). ``prefill`` as in :meth:`generate_batch`."""
         if prefill == "auto":
             prefill = "rows" if self.device.type == "cpu" else "padded"
+        if prefill not in ("rows", "padded"):
+            raise InputError(f"prefill must be 'auto', 'rows' or 'padded', got {prefill!r}")
         config = self._config(generation)
         if prefill == "rows":
-            out = self.generator.generate_rows(
-                [ids for ids, _ in prepared], [px for _, px in prepared], config
+            return self.generator.stream_rows(
+                [ids for ids, _ in prepared], [px for _, px in prepared], config, _timing=_timing
             )
-        elif prefill == "padded":
-            rows = [ids for ids, _ in prepared]
-            width = max(len(r) for r in rows)
-            input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for i, r in enumerate(rows):
-                input_ids[i, width - len(r) :] = torch.tensor(r)
-                mask[i, width - len(r) :] = 1
-            pixels = [px for _, px in prepared if px is not None]
-            pixel_values = torch.cat(pixels) if pixels else None
-            out = self.generator.generate(input_ids, mask, pixel_values, config=config)
-        else:
-            raise InputError(f"prefill must be 'auto', 'rows' or 'padded', got {prefill!r}")
-        return [self.decode_reply(t) for t in out.tokens]
+        rows = [ids for ids, _ in prepared]
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, width - len(r) :] = torch.tensor(r)
+            mask[i, width - len(r) :] = 1
+        pixels = [px for _, px in prepared if px is not None]
+        pixel_values = torch.cat(pixels) if pixels else None
+        return self.generator.stream(input_ids, mask, pixel_values, config, _timing=_timing)
 
     def batch_chat(
         self,
@@ -382,20 +403,24 @@ class TextStreamer:
 
     Leading whitespace is dropped, trailing whitespace is held back until more text follows, a piece
     is never cut inside a multi-byte character, and text from the end-of-turn string on is dropped.
+    ``stop``: more strings that end the reply where they first appear (excluded, as the OpenAI API
+    does); text that could be the start of one is held back until it is known not to be.
     """
 
-    def __init__(self, chat: ChatModel) -> None:
+    def __init__(self, chat: ChatModel, stop: Sequence[str] = ()) -> None:
         self.tokenizer = chat.tokenizer
+        self.lock = chat._tokenizer_lock
         self.stop_str = chat.template.stop_str
+        self.stop = tuple(s for s in stop if s)
         self.tokens: list[int] = []
         self.emitted = ""
         self.stopped = False
 
     def _visible(self) -> str:
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if self.stop_str and self.stop_str in text:
-            text = text.split(self.stop_str)[0]
-            self.stopped = True
+        with self.lock:
+            text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        text, hit = cut_at_stop(text, (self.stop_str, *self.stop))
+        self.stopped |= hit
         return text.lstrip()
 
     def push(self, token: int) -> str:
@@ -403,6 +428,8 @@ class TextStreamer:
         text = self._visible()
         if text.endswith("\ufffd") and not self.stopped:
             return ""  # an incomplete multi-byte character: wait for the next token
+        if not self.stopped:
+            text = text[: len(text) - _stop_prefix_len(text, self.stop)]
         text = text.rstrip()
         if not text.startswith(self.emitted) or len(text) <= len(self.emitted):
             return ""
@@ -415,3 +442,17 @@ class TextStreamer:
             piece, self.emitted = text[len(self.emitted) :], text
             return piece
         return ""
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """``text`` up to the earliest of ``stops`` (empty ones ignored), and whether one was found."""
+    cuts = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of ``text`` that begins one of ``stops`` (to hold back while streaming)."""
+    return max(
+        (k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
+        default=0,
+    )

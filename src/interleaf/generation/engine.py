@@ -524,10 +524,22 @@ class Generator:
         """
         config = _merge(config, kwargs)
         out = GenerationOutput(tokens=[[] for _ in rows], finish_reasons=[])
-        with torch.inference_mode():
-            for _ in self._run_rows(rows, pixel_values, config, out):
-                pass
+        for _ in self.stream_rows(rows, pixel_values, config, _timing=out):
+            pass
         return out
+
+    def stream_rows(
+        self,
+        rows: Sequence[Sequence[int] | torch.Tensor],
+        pixel_values: Sequence[torch.Tensor | None] | None = None,
+        config: GenerationConfig | None = None,
+        _timing: GenerationOutput | None = None,
+        **kwargs,
+    ) -> Iterator[torch.Tensor]:
+        """Like :meth:`generate_rows`, but yield each step's tokens (CPU LongTensor [B]) as produced
+        (finished rows yield ``pad_token_id``), as :meth:`stream` does for a padded batch."""
+        config = _merge(config, kwargs)
+        return _inference_steps(self._run_rows(rows, pixel_values, config, _timing))
 
     def _run_rows(self, rows, pixel_values, cfg: GenerationConfig, record):
         model, device = self.model, self.device
@@ -542,7 +554,8 @@ class Generator:
         if min(lens) == 0:
             raise InputError("generate_rows: an empty prompt")
         if cfg.max_new_tokens == 0:
-            record.finish_reasons = ["length"] * b
+            if record is not None:
+                record.finish_reasons = ["length"] * b
             return
         t0 = time.perf_counter()
         dtype = next(model.parameters()).dtype
