@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "interleaf.generation.cli",
     "interleaf.corpus.cli",
     "interleaf.eval.cli",
+    "interleaf.serve.cli",
     "interleaf.train.cli",
 )
 

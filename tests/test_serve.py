@@ -1,0 +1,250 @@
+"""``interleaf serve``: the real server on loopback, spoken to with the official ``openai`` client."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+import interleaf
+from interleaf.serve.server import ServerOptions, make_server, place_images
+
+
+def data_url(img) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def chat(tiny_ckpt):
+    return interleaf.load(tiny_ckpt)
+
+
+@pytest.fixture(scope="module")
+def server(chat):
+    with make_server(chat, ServerOptions(model_name="tiny", max_tokens=8), port=0).start() as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
+
+
+def metrics(server) -> dict[str, int]:
+    return dict(server.scheduler.metrics)
+
+
+def test_greedy_reply_is_what_chat_answers(chat, client, noise_image):
+    img = noise_image(0)
+    messages = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(img)}},
+        {"type": "text", "text": "What is in the image?"},
+    ]}]  # fmt: skip
+    out = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=12)
+    assert out.choices[0].message.content == chat.chat("What is in the image?", images=img, max_new_tokens=12)
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].finish_reason == "length"  # random weights never stop on their own
+    _, ids, _, _ = chat.prepare("What is in the image?", img)
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(ids), 12)
+    assert out.usage.total_tokens == len(ids) + 12 and out.object == "chat.completion"
+
+
+def test_stream_pieces_join_to_the_reply(client, noise_image):
+    messages = [{"role": "user", "content": [
+        {"type": "text", "text": "Describe "}, {"type": "image_url", "image_url": {"url": data_url(noise_image(1))}},
+        {"type": "text", "text": " in detail."},
+    ]}]  # fmt: skip
+    full = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=20)
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=messages, temperature=0, max_tokens=20, stream=True,
+        stream_options={"include_usage": True},
+    ))  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content and text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_history_system_message_and_image_placement(chat, client, noise_image):
+    a, b = noise_image(2), noise_image(3, 300, 500)
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(a)}},
+                                     {"type": "text", "text": "First?"}]},
+        {"role": "assistant", "content": "A picture."},
+        {"role": "user", "content": [{"type": "text", "text": "And <image> here?"},
+                                     {"type": "image_url", "image_url": {"url": data_url(b)}}]},
+    ]  # fmt: skip
+    out = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=10)
+    _, ids, px, _ = chat.prepare(
+        "And <image> here?",
+        [a, b],
+        history=[("<image>\nFirst?", "A picture.")],
+        system_message="You are terse.",
+    )
+    assert out.usage.prompt_tokens == len(ids)
+    want = chat.generator.generate(__import__("torch").tensor([ids]), pixel_values=px,
+                                   config=chat._config({"max_new_tokens": 10}))  # fmt: skip
+    assert out.choices[0].message.content == chat.decode_reply(want.tokens[0])
+
+
+def test_place_images():
+    assert place_images([None, "Q"]) == "<image>\nQ"  # images first: upstream's prefix
+    assert place_images([None, None, "Q"]) == "Image-1: <image>\nImage-2: <image>\nQ"
+    assert place_images(["A ", None, " B ", None]) == "A <image> B <image>"  # interleaved: in place
+    assert place_images([None, "x <image> y"]) == "x <image> y"  # explicit placeholders win
+    assert place_images(["no images"]) == "no images"
+
+
+def test_concurrent_requests_share_a_batch_and_answer_as_alone(chat, server, client, noise_image):
+    questions = ["One?", "Two, a longer question?", "Three", "Four four four?"]
+    images = [noise_image(10 + k, 200 + 100 * k, 300) for k in range(4)]
+    before = metrics(server)
+    first = threading.Thread(  # occupies the worker while the others queue up
+        target=client.chat.completions.create,
+        kwargs=dict(
+            model="tiny", messages=[{"role": "user", "content": "warm"}], temperature=0, max_tokens=300
+        ),
+    )
+    first.start()
+    while metrics(server)["batches"] == before["batches"]:
+        time.sleep(0.005)
+
+    def ask(k: int) -> str:
+        content = [
+            {"type": "image_url", "image_url": {"url": data_url(images[k])}},
+            {"type": "text", "text": questions[k]},
+        ]
+        out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
+                                             temperature=0, max_tokens=6)  # fmt: skip
+        return out.choices[0].message.content
+
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(ask, range(4)))
+    first.join()
+    after = metrics(server)
+    assert after["requests"] - before["requests"] == 5
+    assert after["batches"] - before["batches"] == 2  # the warm-up alone, then the four together
+    assert replies == [chat.chat(q, images=im, max_new_tokens=6) for q, im in zip(questions, images)]
+
+
+def test_stop_strings_and_per_request_lengths(chat, client):
+    messages = [{"role": "user", "content": "Tell me everything."}]
+    full = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=30)
+    text = full.choices[0].message.content
+    words = text.split()
+    stop = words[len(words) // 2]
+    cut = client.chat.completions.create(
+        model="tiny", messages=messages, temperature=0, max_tokens=30, stop=[stop]
+    )
+    assert cut.choices[0].message.content == text[: text.index(stop)].strip()
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=30,
+                                              stop=stop, stream=True)  # fmt: skip
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == cut.choices[0].message.content
+    short = client.chat.completions.create(
+        model="tiny", messages=messages, temperature=0, max_completion_tokens=3
+    )
+    assert short.usage.completion_tokens == 3 and text.startswith(short.choices[0].message.content)
+    default = client.chat.completions.create(model="tiny", messages=messages, temperature=0)
+    assert default.usage.completion_tokens == 8  # the server's --max-tokens
+
+
+def test_sampling_is_seeded_and_greedy_at_temperature_zero(client):
+    messages = [{"role": "user", "content": "Pick a word."}]
+
+    def ask(**kw):
+        return (
+            client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, **kw)
+            .choices[0]
+            .message.content
+        )
+
+    assert ask(temperature=0.9, seed=7, top_p=0.9) == ask(temperature=0.9, seed=7, top_p=0.9)
+    assert len({ask(temperature=1.5, seed=s) for s in range(4)}) > 1
+    assert ask(temperature=0) == ask(temperature=0, top_p=0.5)  # greedy ignores top_p
+
+
+def test_models_health_metrics_and_errors(server, client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    with urllib.request.urlopen(server.url.removesuffix("/v1") + "/health") as r:
+        assert r.status == 200
+    with urllib.request.urlopen(server.url.removesuffix("/v1") + "/metrics") as r:
+        assert "interleaf_requests_total" in r.read().decode()
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="other", messages=[{"role": "user", "content": "hi"}])
+    bad = [
+        (dict(messages=[]), "messages must be a non-empty list"),
+        (dict(messages=[{"role": "assistant", "content": "hi"}]), "must alternate"),
+        (dict(messages=[{"role": "user", "content": "hi"}], n=2), "n must be 1"),
+        (dict(messages=[{"role": "user", "content": "hi"}], temperature=3), "temperature must be"),
+        (dict(messages=[{"role": "user", "content": "hi"}], logprobs=True), "logprobs is not supported"),
+        (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]),
+         "local image paths are refused"),
+        (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}]}]),
+         r"messages\[0\].content\[0\].image_url.url: bad base64"),
+        (dict(messages=[{"role": "user", "content": "two <image> <image>"}]), "placeholder"),
+        (dict(messages=[{"role": "user", "content": "hi"}], max_tokens=40000), "maximum context length"),
+    ]  # fmt: skip
+    for kwargs, words in bad:
+        with pytest.raises(openai.BadRequestError, match=words):
+            client.chat.completions.create(model="tiny", **kwargs)
+
+
+def test_local_media_root_and_api_key(chat, tmp_path, noise_image):
+    noise_image(5).save(tmp_path / "a.png")
+    options = ServerOptions(
+        model_name="m", max_tokens=4, allowed_local_media_path=str(tmp_path), api_key="sesame"
+    )
+    with make_server(chat, options, port=0).start() as srv:
+        ok = openai.OpenAI(base_url=srv.url, api_key="sesame", max_retries=0)
+        for url in (str(tmp_path / "a.png"), (tmp_path / "a.png").as_uri()):
+            content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Q"}]
+            out = ok.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": content}], temperature=0
+            )
+            assert out.choices[0].message.content == chat.chat(
+                "Q", images=tmp_path / "a.png", max_new_tokens=4
+            )
+        outside = [{"type": "image_url", "image_url": {"url": str(tmp_path.parent / "x.png")}}]
+        with pytest.raises(openai.BadRequestError, match="outside --allowed-local-media-path"):
+            ok.chat.completions.create(model="m", messages=[{"role": "user", "content": outside}])
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=srv.url, api_key="wrong", max_retries=0).models.list()
+
+
+def test_cli_serves_until_interrupted(tiny_ckpt, tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "interleaf.cli", "serve", str(tiny_ckpt), "--port", "0", "--max-tokens", "3"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        line = proc.stderr.readline()
+        assert "serving 'tiny' at http://127.0.0.1:" in line, line
+        url = line.split(" at ")[1].split()[0]
+        body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}).encode()
+        req = urllib.request.Request(
+            url + "/chat/completions", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert json.load(r)["usage"]["completion_tokens"] == 3
+        proc.send_signal(__import__("signal").SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+    bad = subprocess.run([sys.executable, "-m", "interleaf.cli", "serve", str(tiny_ckpt), "--max-batch-size", "0"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 1 and bad.stderr.strip() == "error: --max-batch-size must be >= 1, got 0"
