@@ -60,3 +60,40 @@ def test_generation_matches_cpu(pair, noise_image):
     assert gpu.batch_chat(questions, images, **kw) == expected  # graphs and caches reused
     # the decode steps really ran as CUDA graphs (a failed capture falls back to eager with a warning)
     assert gpu.generator.cuda_graphs and gpu.generator._graphs
+
+
+def test_server_on_cuda_answers_as_the_cpu_does(pair, noise_image):
+    """``interleaf serve`` on the GPU: concurrent requests (one padded batch, graphed decode) get the
+    CPU model's greedy replies."""
+    import base64
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    from interleaf.serve.server import ServerOptions, make_server
+
+    cpu, gpu = pair
+    questions = ["What is in the image?", "Describe it in detail, please.", "Colours?"]
+    images = [noise_image(4), noise_image(5, 300, 500), noise_image(6)]
+
+    def url(img) -> str:
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+    with make_server(gpu, ServerOptions(model_name="m", max_num=2), port=0).start() as server:
+        client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
+
+        def ask(k: int) -> str:
+            content = [
+                {"type": "image_url", "image_url": {"url": url(images[k])}},
+                {"type": "text", "text": questions[k]},
+            ]
+            out = client.chat.completions.create(model="m", messages=[{"role": "user", "content": content}],
+                                                 temperature=0, max_tokens=12)  # fmt: skip
+            return out.choices[0].message.content
+
+        with ThreadPoolExecutor(3) as pool:
+            replies = list(pool.map(ask, range(3)))
+    assert replies == [cpu.chat(q, im, max_num=2, max_new_tokens=12) for q, im in zip(questions, images)]
