@@ -5,7 +5,7 @@ Exports are lazy so that ``interleaf.generation.cli`` stays cheap to import.
 
 from __future__ import annotations
 
-from typing import Any
+from interleaf import lazy_exports
 
 _EXPORTS = {
     "ChatModel": "interleaf.generation.chat",
@@ -17,11 +17,4 @@ _EXPORTS = {
 }
 
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'interleaf.generation' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

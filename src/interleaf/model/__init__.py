@@ -11,8 +11,7 @@ Exports are lazy so that ``interleaf.model.cli`` (and so ``interleaf --help``) d
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from interleaf import lazy_exports
 
 _EXPORTS = {
     "KVCache": "interleaf.model.cache",
@@ -34,9 +33,4 @@ _EXPORTS = {
 }
 
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'interleaf.model' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
