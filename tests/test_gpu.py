@@ -65,29 +65,23 @@ def test_generation_matches_cpu(pair, noise_image):
 def test_server_on_cuda_answers_as_the_cpu_does(pair, noise_image):
     """``interleaf serve`` on the GPU: concurrent requests (one padded batch, graphed decode) get the
     CPU model's greedy replies."""
-    import base64
-    import io
     from concurrent.futures import ThreadPoolExecutor
 
     import openai
 
     from interleaf.serve.server import ServerOptions, make_server
+    from test_serve import data_url
 
     cpu, gpu = pair
     questions = ["What is in the image?", "Describe it in detail, please.", "Colours?"]
     images = [noise_image(4), noise_image(5, 300, 500), noise_image(6)]
-
-    def url(img) -> str:
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
     with make_server(gpu, ServerOptions(model_name="m", max_num=2), port=0).start() as server:
         client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
 
         def ask(k: int) -> str:
             content = [
-                {"type": "image_url", "image_url": {"url": url(images[k])}},
+                {"type": "image_url", "image_url": {"url": data_url(images[k])}},
                 {"type": "text", "text": questions[k]},
             ]
             out = client.chat.completions.create(model="m", messages=[{"role": "user", "content": content}],
