@@ -51,7 +51,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     checks = [
         (args.max_batch_size >= 1, f"--max-batch-size must be >= 1, got {args.max_batch_size}"),
-        (args.batch_wait_ms >= 0, f"--batch-wait-ms must be >= 0, got {args.batch_wait_ms}"),
+        # a wait past threading's limit (inf, 1e300) would kill the worker thread with an OverflowError
+        (
+            0 <= args.batch_wait_ms <= 60_000,
+            f"--batch-wait-ms must be in [0, 60000], got {args.batch_wait_ms}",
+        ),
         (args.max_tokens >= 1, f"--max-tokens must be >= 1, got {args.max_tokens}"),
         (args.max_num is None or args.max_num >= 1, f"--max-num must be >= 1 (tiles), got {args.max_num}"),
         (0 <= args.port <= 65535, f"--port must be in [0, 65535], got {args.port}"),

@@ -26,7 +26,9 @@ Messages become InternVL prompts with the checkpoint's chat template:
 - an image URL is a ``data:`` URL, an ``http(s)`` URL (fetched with a timeout and a size limit), or a
   local path / ``file://`` URL under ``--allowed-local-media-path`` (refused otherwise). The images of
   a request share its tile budget (``--max-num``, default the checkpoint's ``max_dynamic_patch``; a
-  request may set ``mm_processor_kwargs: {"max_dynamic_patch": N}`` as vLLM takes it).
+  request may set ``mm_processor_kwargs: {"max_dynamic_patch": N}`` as vLLM takes it). More images,
+  or a larger ``max_dynamic_patch``, than the context has room for (a tile each at least) are refused
+  before any image is decoded, and so is text longer than the context can take, before tokenising.
 
 Sampling follows the OpenAI API: ``temperature`` (default 1; 0 is greedy), ``top_p``, ``top_k`` (as
 vLLM; -1 or 0 is off), ``seed``, ``max_completion_tokens``/``max_tokens`` (default ``--max-tokens``,
@@ -34,6 +36,9 @@ and never past the model's context), ``stop`` strings (cut, not included). ``n``
 penalties and JSON response formats are refused with a 400 naming the field; unknown fields are
 ignored. The reply is what ``ChatModel.chat`` returns (special tokens dropped, stripped), so a greedy
 request answers exactly as ``interleaf chat`` does.
+
+Errors are JSON as the OpenAI API sends them (405 for other methods). A client silent for
+``read_timeout`` seconds is dropped; on shutdown, requests still waiting are answered 503.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -67,6 +73,7 @@ from interleaf.processing.prompt import IMAGE_PLACEHOLDER, image_prefix
 MAX_BODY_BYTES = 64 << 20  # a request with several base64 images fits easily
 MAX_IMAGE_BYTES = 32 << 20
 FETCH_TIMEOUT = 10.0
+SHUTDOWN_GRACE = 2.0  # seconds the handlers get to send their last answers when the server stops
 SYSTEM_ROLES = ("system", "developer")
 UNSUPPORTED = {  # field -> the value that means "not asked for"
     "logprobs": (None, False),
@@ -108,6 +115,8 @@ class ServerOptions:
     batch_wait: float = 0.05
     allowed_local_media_path: str | None = None
     api_key: str | None = None
+    fetch_timeout: float = FETCH_TIMEOUT  # for a whole image download (a server may trickle it)
+    read_timeout: float = 60.0  # a client silent this long is dropped (an idle keep-alive, a short body)
 
 
 @dataclass
@@ -126,20 +135,38 @@ class ChatRequest:
     max_num: int | None
 
 
-def _check_number(body: dict, key: str, lo: float, hi: float, integer: bool = False) -> Any:
+def _check_number(
+    body: dict, key: str, lo: float, hi: float, integer: bool = False, name: str | None = None
+) -> Any:
+    """``body[key]`` checked to lie in [lo, hi] (None when absent); errors name ``name`` (default ``key``)."""
     value = body.get(key)
     if value is None:
         return None
     if not is_number(value) or (integer and value != int(value)) or not lo <= value <= hi:
         kind = "an integer" if integer else "a number"
-        raise APIError(400, f"{key} must be {kind} in [{lo:g}, {hi:g}], got {value!r:.40}", key)
+        name = name or key
+        raise APIError(400, f"{name} must be {kind} in [{lo:g}, {hi:g}], got {value!r:.40}", name)
     return int(value) if integer else float(value)
 
 
-def load_media(url: Any, where: str, local_root: str | None) -> Any:
+def _check_unicode(text: str, where: str) -> str:
+    """``text`` if it is valid Unicode: JSON's "\\ud800" escapes decode to lone surrogates, which the
+    tokenizer and the file system cannot encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = ord(text[exc.start])
+        raise APIError(
+            400, f"{where} holds a lone surrogate \\u{bad:04x} (not valid Unicode)", where
+        ) from None
+    return text
+
+
+def load_media(url: Any, where: str, local_root: str | None, timeout: float = FETCH_TIMEOUT) -> Any:
     """The image at ``url`` (data URL, http(s) URL or allowed local path), decoded; errors name ``where``."""
     if not isinstance(url, str) or not url:
         raise APIError(400, f"{where}: the image URL must be a non-empty string", where)
+    _check_unicode(url, where)
     parsed = urllib.parse.urlsplit(url)
     scheme = parsed.scheme.lower()
     source: bytes | str
@@ -155,7 +182,7 @@ def load_media(url: Any, where: str, local_root: str | None) -> Any:
         except (binascii.Error, ValueError) as exc:
             raise APIError(400, f"{where}: bad base64 in the data URL ({exc})", where) from None
     elif scheme in ("http", "https"):
-        source = _fetch(url, where)
+        source = _fetch(url, where, timeout)
     elif scheme in ("file", "") or len(scheme) == 1:  # a path (one letter: a Windows drive)
         if local_root is None:
             raise APIError(
@@ -177,19 +204,26 @@ def load_media(url: Any, where: str, local_root: str | None) -> Any:
         raise APIError(400, f"{where}: {exc}", where) from None
 
 
-def _fetch(url: str, where: str) -> bytes:
+def _fetch(url: str, where: str, timeout: float) -> bytes:
     req = urllib.request.Request(url, headers={"User-Agent": "interleaf-serve"})
+    deadline = time.monotonic() + timeout  # for the whole download: a server may trickle it
+    chunks: list[bytes] = []
+    size = 0
     try:
-        with urllib.request.urlopen(req, timeout=FETCH_TIMEOUT) as resp:
-            data = resp.read(MAX_IMAGE_BYTES + 1)
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            while size <= MAX_IMAGE_BYTES and (chunk := resp.read1(1 << 16)):
+                chunks.append(chunk)
+                size += len(chunk)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"not done after {timeout:g} s")
     except urllib.error.HTTPError as exc:
         raise APIError(400, f"{where}: fetching the image got HTTP {exc.code}", where) from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise APIError(400, f"{where}: cannot fetch the image ({reason})", where) from None
-    if len(data) > MAX_IMAGE_BYTES:
+    if size > MAX_IMAGE_BYTES:
         raise APIError(400, f"{where}: the image is over {MAX_IMAGE_BYTES >> 20} MiB", where)
-    return data
+    return b"".join(chunks)
 
 
 def place_images(parts: list[str | None]) -> str:
@@ -205,11 +239,12 @@ def place_images(parts: list[str | None]) -> str:
     return "".join(IMAGE_PLACEHOLDER if p is None else p for p in parts)
 
 
-def _message_text(msg: dict, i: int, images: list | None, local_root: str | None) -> str:
-    """The text of ``messages[i]``; its images are appended to ``images`` (None: images refused)."""
+def _message_text(msg: dict, i: int, images: list | None) -> str:
+    """The text of ``messages[i]``; its image URLs are appended to ``images`` as ``(url, where)``
+    (None: images refused), to be loaded once the whole request is checked."""
     content = msg.get("content")
     if isinstance(content, str):
-        return content
+        return _check_unicode(content, f"messages[{i}].content")
     if not isinstance(content, list):
         raise APIError(
             400, f"messages[{i}].content must be a string or a list of parts", f"messages[{i}].content"
@@ -221,13 +256,13 @@ def _message_text(msg: dict, i: int, images: list | None, local_root: str | None
         if kind == "text":
             if not isinstance(part.get("text"), str):
                 raise APIError(400, f"{where}.text must be a string", f"{where}.text")
-            parts.append(part["text"])
+            parts.append(_check_unicode(part["text"], f"{where}.text"))
         elif kind == "image_url":
             if images is None:
                 raise APIError(400, f"{where}: only user messages may hold images", where)
             spec = part.get("image_url")
             url = spec.get("url") if isinstance(spec, dict) else spec
-            images.append(load_media(url, f"{where}.image_url.url", local_root))
+            images.append((url, f"{where}.image_url.url"))
             parts.append(None)
         else:
             raise APIError(
@@ -236,8 +271,12 @@ def _message_text(msg: dict, i: int, images: list | None, local_root: str | None
     return place_images(parts)
 
 
-def parse_request(body: Any, options: ServerOptions) -> ChatRequest:
-    """Check a chat-completions body and turn it into a :class:`ChatRequest` (raises :class:`APIError`)."""
+def parse_request(body: Any, options: ServerOptions, max_tiles: int | None = None) -> ChatRequest:
+    """Check a chat-completions body and turn it into a :class:`ChatRequest` (raises :class:`APIError`).
+
+    ``max_tiles``: the most image tiles the model's context holds; more images than that, or a larger
+    ``max_dynamic_patch``, are refused before any image is decoded (each image takes a tile at least).
+    """
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     model = body.get("model", options.model_name)
@@ -256,7 +295,7 @@ def parse_request(body: Any, options: ServerOptions) -> ChatRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages must be a non-empty list", "messages")
-    system, turns, images = None, [], []
+    system, turns, sources = None, [], []
     for i, msg in enumerate(messages):
         role = msg.get("role") if isinstance(msg, dict) else None
         if role in SYSTEM_ROLES:
@@ -264,13 +303,13 @@ def parse_request(body: Any, options: ServerOptions) -> ChatRequest:
                 raise APIError(
                     400, f"messages[{i}]: a system message may only come first", f"messages[{i}].role"
                 )
-            system = _message_text(msg, i, None, options.allowed_local_media_path)
+            system = _message_text(msg, i, None)
         elif role in ("user", "assistant"):
             if role == (turns[-1][0] if turns else "assistant"):
                 raise APIError(400, f"messages[{i}]: user and assistant messages must alternate, starting with "
                                "user", f"messages[{i}].role")  # fmt: skip
-            media = images if role == "user" else None
-            turns.append((role, _message_text(msg, i, media, options.allowed_local_media_path)))
+            media = sources if role == "user" else None
+            turns.append((role, _message_text(msg, i, media)))
         else:
             raise APIError(400, f"messages[{i}].role must be system, user or assistant, got {role!r:.40}",
                            f"messages[{i}].role")  # fmt: skip
@@ -298,13 +337,19 @@ def parse_request(body: Any, options: ServerOptions) -> ChatRequest:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise APIError(400, "stream must be true or false", "stream")
-    stream_options = body.get("stream_options") or {}
+    stream_options = {} if body.get("stream_options") is None else body["stream_options"]
     if not isinstance(stream_options, dict):
         raise APIError(400, "stream_options must be an object", "stream_options")
-    mm = body.get("mm_processor_kwargs") or {}
+    mm = {} if body.get("mm_processor_kwargs") is None else body["mm_processor_kwargs"]
     if not isinstance(mm, dict) or set(mm) - {"max_dynamic_patch"}:
         raise APIError(400, "mm_processor_kwargs: only max_dynamic_patch is supported", "mm_processor_kwargs")
-    max_num = _check_number(mm, "max_dynamic_patch", 1, 1 << 16, integer=True)
+    max_num = _check_number(mm, "max_dynamic_patch", 1, max_tiles or 1 << 16, True,
+                            "mm_processor_kwargs.max_dynamic_patch")  # fmt: skip
+    if max_tiles is not None and len(sources) > max_tiles:
+        raise APIError(400, f"messages hold {len(sources)} images, more than the {max_tiles} image tiles the "
+                       "model's context holds", "messages")  # fmt: skip
+    root, timeout = options.allowed_local_media_path, options.fetch_timeout
+    images = [load_media(url, where, root, timeout) for url, where in sources]
     return ChatRequest(
         question=turns[-1][1],
         history=history,
@@ -396,20 +441,20 @@ class Scheduler:
         with self._cv:
             while not self._jobs and not self._closed:
                 self._cv.wait()
-            if self._closed:
-                for job in self._jobs:
-                    job.events.put(
-                        ("error", APIError(503, "the server is shutting down", kind="server_error"))
-                    )
-                return []
             deadline = time.monotonic() + self.batch_wait
-            while True:
+            while not self._closed:
                 key = self._jobs[0].key
                 batch = [j for j in self._jobs if j.key == key][: self.max_batch_size]
                 left = deadline - time.monotonic()
                 if len(batch) >= self.max_batch_size or self._preparing == 0 or left <= 0:
                     break
                 self._cv.wait(left)  # more requests are being prepared: let them join
+            if self._closed:  # also when closed while waiting for a batch to fill: none is generated
+                for job in self._jobs:
+                    job.events.put(
+                        ("error", APIError(503, "the server is shutting down", kind="server_error"))
+                    )
+                return []
             for job in batch:
                 self._jobs.remove(job)
             self._current = batch
@@ -507,6 +552,7 @@ class ChatServer(ThreadingHTTPServer):
         self.created = int(time.time())
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
+        self._max_prompt_chars: int | None = None
         try:
             super().__init__(address, _Handler)
         except BaseException:
@@ -528,15 +574,25 @@ class ChatServer(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
     def server_close(self) -> None:
-        self.scheduler.close()
+        self.scheduler.close()  # every request waiting for the worker now has its answer (a 503)
+        # Stop reading first, so that idle keep-alive connections (their threads wait on a read) end
+        # while the handlers with an answer still write it; then cut whatever is left after a grace
+        # period (a client that does not read its reply).
+        self._shutdown_connections(socket.SHUT_RD)
+        deadline = time.monotonic() + SHUTDOWN_GRACE
+        while self._connections and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._shutdown_connections(socket.SHUT_RDWR)
+        super().server_close()  # joins the handler threads
+
+    def _shutdown_connections(self, how: int) -> None:
         with self._connections_lock:
             open_now = list(self._connections)
-        for conn in open_now:  # idle keep-alive connections: their handler threads wait on a read
+        for conn in open_now:
             try:
-                conn.shutdown(socket.SHUT_RDWR)
+                conn.shutdown(how)
             except OSError:
                 pass
-        super().server_close()  # joins the handler threads
 
     def start(self) -> ChatServer:
         """Serve from a background thread (for tests, notebooks and programs that embed the server);
@@ -566,8 +622,25 @@ class ChatServer(ThreadingHTTPServer):
     def context_length(self) -> int:
         return int(self.chat.config.llm.max_position_embeddings)
 
+    def max_tiles(self) -> int:
+        """The most image tiles whose tokens fit the model's context."""
+        return max(1, self.context_length() // self.chat.config.num_image_token)
+
+    def max_prompt_chars(self) -> int:
+        """More characters than this cannot fit the context (a token spells at most ``longest``
+        characters of the vocabulary, twice that for normalisation); longer prompts are refused
+        before tokenising, which holds the tokenizer lock the worker decodes under."""
+        if self._max_prompt_chars is None:
+            longest = max(map(len, self.chat.tokenizer.get_vocab()), default=1)
+            self._max_prompt_chars = 2 * longest * self.context_length()
+        return self._max_prompt_chars
+
     def make_job(self, req: ChatRequest) -> Job:
         """Tile, tokenise and check one request (in its handler thread)."""
+        chars = len(req.question) + len(req.system_message or "") + sum(len(q + a) for q, a in req.history)
+        if chars > self.max_prompt_chars():
+            raise APIError(400, f"the messages hold {chars} characters, more than the model's context of "
+                           f"{self.context_length()} tokens can take", "messages")  # fmt: skip
         try:
             _, ids, pixel_values, _ = self.chat.prepare(
                 req.question, req.images or None, req.history, max_num=req.max_num,
@@ -575,6 +648,16 @@ class ChatServer(ThreadingHTTPServer):
             )  # fmt: skip
         except InputError as exc:
             raise APIError(400, str(exc), "messages") from None
+        cfg = self.chat.config
+        if (
+            pixel_values is not None
+            and ids.count(cfg.image_token_id) != len(pixel_values) * cfg.num_image_token
+        ):
+            # the model refuses such a prompt at prefill, which would fail every request batched with it
+            token = self.chat.tokenizer.convert_ids_to_tokens(cfg.image_token_id)
+            raise APIError(
+                400, f"the messages' text holds {token}, a token for image features only", "messages"
+            )
         room = self.context_length() - len(ids)
         if req.max_tokens is not None and req.max_tokens > room:
             raise APIError(
@@ -594,22 +677,45 @@ class _Handler(BaseHTTPRequestHandler):
     server: ChatServer
     protocol_version = "HTTP/1.1"  # keep-alive for clients that reuse connections
 
+    def setup(self) -> None:
+        self.timeout = self.server.options.read_timeout  # a silent client is let go, freeing its thread
+        super().setup()
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         pass  # no access log: one line per request would drown the server's own messages
 
     # ------------------------------------------------------------------ plumbing
-    def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+    def _send(
+        self, status: int, body: bytes, content_type: str = "application/json", headers: dict | None = None
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        if self.close_connection:  # tell the client, so that it does not send its next request here
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
 
-    def _json(self, status: int, obj: Any) -> None:
-        self._send(status, json.dumps(obj, ensure_ascii=False).encode("utf-8"))
+    def _json(self, status: int, obj: Any, headers: dict | None = None) -> None:
+        self._send(status, json.dumps(obj, ensure_ascii=False).encode("utf-8"), headers=headers)
 
-    def _error(self, err: APIError) -> None:
-        self._json(err.status, err.body())
+    def _error(self, err: APIError, headers: dict | None = None) -> None:
+        self._json(err.status, err.body(), headers)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The base class's errors (a bad request line, headers too long, ...) as JSON, not HTML."""
+        self.close_connection = True  # the request was not understood: where it ends is unknown
+        self._error(APIError(code, message or self.responses.get(code, ("error",))[0]))
+
+    def _not_allowed(self) -> None:
+        self.close_connection = True  # a body it may have sent is not read
+        path = urllib.parse.urlsplit(self.path).path
+        self._error(APIError(405, f"method {self.command} is not allowed (GET or POST) for {path!r:.80}"),
+                    {"Allow": "GET, POST"})  # fmt: skip
+
+    do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _not_allowed  # noqa: N815 - the base class's names
 
     def _authorised(self) -> bool:
         key = self.server.options.api_key
@@ -641,13 +747,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802 - the base class's name
         path = urllib.parse.urlsplit(self.path).path.rstrip("/")
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
+        value = self.headers.get("Content-Length")
+        if value is None or not (value.isascii() and value.isdigit()):  # int() would take "-1", "1_0"
             self.close_connection = True  # the body's end is unknown: the connection cannot be reused
-            self._error(APIError(411, "a Content-Length header is required"))
+            if value is None:
+                self._error(APIError(411, "a Content-Length header is required"))
+            else:
+                self._error(APIError(400, f"Content-Length must be a byte count, got {value!r:.40}"))
             return
-        if length > MAX_BODY_BYTES or length < 0:
+        length = int(value)
+        if length > MAX_BODY_BYTES:
             self.close_connection = True
             self._error(APIError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MiB"))
             return
@@ -662,12 +771,19 @@ class _Handler(BaseHTTPRequestHandler):
                 body = json.loads(raw)
             except (ValueError, UnicodeDecodeError) as exc:
                 raise APIError(400, f"the request body is not JSON ({exc})") from None
+            except RecursionError:
+                raise APIError(400, "the request body is not JSON we read (nested too deeply)") from None
             with self.server.scheduler.preparing():
-                req = parse_request(body, self.server.options)
+                req = parse_request(body, self.server.options, self.server.max_tiles())
                 job = self.server.make_job(req)
                 self.server.scheduler.submit(job)
         except APIError as err:
             self._error(err)
+            return
+        except Exception as exc:  # noqa: BLE001 - a bug of ours: answer it, and log it for the operator
+            traceback.print_exc()
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            self._error(APIError(500, f"internal error: {type(exc).__name__}: {first}", kind="server_error"))
             return
         reply = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
