@@ -338,3 +338,19 @@ def test_cli_refuses_a_batch_wait_no_timer_can_take(tiny_ckpt):
     assert (
         bad.returncode == 1 and bad.stderr.strip() == "error: --batch-wait-ms must be in [0, 60000], got inf"
     )
+
+
+def test_a_burst_of_connections_is_queued_not_dropped(chat):
+    # not serving yet: every connection waits in the listen queue, as a burst does while accept() lags
+    server = make_server(chat, ServerOptions(model_name="m"), port=0)
+    socks = []
+    try:
+        for _ in range(40):
+            s = socket.socket()
+            s.settimeout(0.5)
+            socks.append(s)
+            s.connect(server.server_address[:2])  # a dropped SYN times out here
+    finally:
+        for s in socks:
+            s.close()
+        server.server_close()

@@ -545,6 +545,9 @@ class ChatServer(ThreadingHTTPServer):
 
     daemon_threads = False
     block_on_close = True
+    # socketserver's default backlog of 5 drops connection attempts when a burst of clients (or a
+    # finished batch's streaming clients, reconnecting together) arrives faster than accept() runs
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], chat: ChatModel, options: ServerOptions) -> None:
         self.chat, self.options = chat, options
