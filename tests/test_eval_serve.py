@@ -9,7 +9,8 @@ import pytest
 import interleaf
 from interleaf.eval import runner
 from interleaf.eval.mini import make_mini_mmiu
-from interleaf.serve.server import ServerOptions, make_server
+from interleaf.serve.protocol import ServerOptions
+from interleaf.serve.server import make_server
 
 
 @pytest.fixture(scope="module")

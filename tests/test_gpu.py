@@ -69,7 +69,8 @@ def test_server_on_cuda_answers_as_the_cpu_does(pair, noise_image):
 
     import openai
 
-    from interleaf.serve.server import ServerOptions, make_server
+    from interleaf.serve.protocol import ServerOptions
+    from interleaf.serve.server import make_server
     from test_serve import data_url
 
     cpu, gpu = pair

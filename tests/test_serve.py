@@ -16,7 +16,8 @@ import openai
 import pytest
 
 import interleaf
-from interleaf.serve.server import ServerOptions, make_server, place_images
+from interleaf.serve.protocol import ServerOptions, place_images
+from interleaf.serve.server import make_server
 
 
 def data_url(img) -> str:

@@ -21,7 +21,8 @@ import pytest
 import torch
 
 import interleaf
-from interleaf.serve.server import ServerOptions, make_server
+from interleaf.serve.protocol import ServerOptions
+from interleaf.serve.server import make_server
 
 
 def data_url(img) -> str:

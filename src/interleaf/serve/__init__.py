@@ -9,7 +9,7 @@ from interleaf import lazy_exports
 
 _EXPORTS = {
     "ChatServer": "interleaf.serve.server",
-    "ServerOptions": "interleaf.serve.server",
+    "ServerOptions": "interleaf.serve.protocol",
     "make_server": "interleaf.serve.server",
 }
 

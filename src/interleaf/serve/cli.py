@@ -68,7 +68,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise InputError(f"--allowed-local-media-path: {media} is not a directory")
 
     from interleaf.generation.chat import ChatModel
-    from interleaf.serve.server import ServerOptions, make_server
+    from interleaf.serve.protocol import ServerOptions
+    from interleaf.serve.server import make_server
 
     chat = ChatModel.from_pretrained(args.model_dir, device=args.device, dtype=args.dtype)
     options = ServerOptions(
