@@ -107,7 +107,7 @@ class Scheduler:
     def submit(self, job: Job) -> None:
         with self._cv:
             if self._closed:
-                raise APIError(503, "the server is shutting down", kind="server_error")
+                raise _shutting_down()
             self._jobs.append(job)
             self.metrics["requests"] += 1
             self.metrics["prompt_tokens"] += len(job.prepared[0])
@@ -137,9 +137,7 @@ class Scheduler:
                 self._cv.wait(left)  # more requests are being prepared: let them join
             if self._closed:  # also when closed while waiting for a batch to fill: none is generated
                 for job in self._jobs:
-                    job.events.put(
-                        ("error", APIError(503, "the server is shutting down", kind="server_error"))
-                    )
+                    job.events.put(("error", _shutting_down()))
                 return []
             for job in batch:
                 self._jobs.remove(job)
@@ -209,9 +207,7 @@ class Scheduler:
             if done[r]:
                 continue
             if self._closed:
-                batch[r].events.put(
-                    ("error", APIError(503, "the server is shutting down", kind="server_error"))
-                )
+                batch[r].events.put(("error", _shutting_down()))
             else:
                 finish(r, "length")
 
@@ -485,19 +481,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._complete(job, reply)
 
     def _complete(self, job: Job, reply: dict) -> None:
-        kind, *rest = job.events.get()
-        while kind == "text":  # not sent for non-streaming jobs; kept for safety
-            kind, *rest = job.events.get()
+        kind, *rest = job.events.get()  # a non-streaming job gets no "text" events
         if kind == "error":
             self._error(_as_api_error(rest[0]))
             return
         text, reason, n = rest
-        n_prompt = len(job.prepared[0])
         self._json(200, {
             **reply, "object": "chat.completion",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                          "finish_reason": reason}],
-            "usage": {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n},
+            "usage": _usage(job, n),
         })  # fmt: skip
 
     def _stream(self, job: Job, req: ChatRequest, reply: dict) -> None:
@@ -530,17 +523,28 @@ class _Handler(BaseHTTPRequestHandler):
                     _, reason, n = rest
                     event(chunk({}, reason))
                     if req.include_usage:
-                        n_prompt = len(job.prepared[0])
-                        usage = {
-                            "prompt_tokens": n_prompt,
-                            "completion_tokens": n,
-                            "total_tokens": n_prompt + n,
-                        }
-                        event({**reply, "object": "chat.completion.chunk", "choices": [], "usage": usage})
+                        event(
+                            {
+                                **reply,
+                                "object": "chat.completion.chunk",
+                                "choices": [],
+                                "usage": _usage(job, n),
+                            }
+                        )
                 event("[DONE]")
                 return
         except OSError:  # the client went away: stop generating for it
             job.cancelled.set()
+
+
+def _usage(job: Job, completion_tokens: int) -> dict:
+    prompt_tokens = len(job.prepared[0])
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+
+
+def _shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down", kind="server_error")
 
 
 def _as_api_error(exc: BaseException) -> APIError:
