@@ -144,3 +144,38 @@ def test_parallel_preparation_matches_serial(chat, questions, monkeypatch, tmp_p
         assert (a is None and b is None) or torch.equal(a, b)
     with pytest.raises(InputError, match="nope.png"):
         chat.prepare_batch(qs[:2], [images[0], str(tmp_path / "nope.png")], 2)
+
+
+def test_row_batch_rows_join_and_leave_and_get_what_they_get_alone(chat, questions):
+    qs, images, budgets = questions
+    prepared = chat.prepare_batch(qs, images, budgets)
+    cfg = chat._config({"max_new_tokens": 7})
+    alone = [chat.generator.generate(torch.tensor([ids]), pixel_values=px, config=cfg).tokens[0]
+             for ids, px in prepared]  # fmt: skip
+    lens = [len(ids) for ids, _ in prepared]
+    batch = chat.generator.row_batch(rows=3, start=max(lens[:2]), slots=max(lens) + 40, config=cfg)
+    got: dict[int, list[int]] = {}
+    owner: dict[int, int] = {}
+    waiting = list(range(len(prepared)))
+    step = 0
+    while waiting or batch.active:
+        # join: two at once at the start, the others a few steps later (after a row has left)
+        while waiting and (step == 0 or step >= 3) and batch.can_admit(lens[waiting[0]], 7):
+            k = waiting.pop(0)
+            owner[batch.admit(*prepared[k])] = k
+            got[k] = []
+            if step == 0 and len(batch.active) == 2:
+                break
+        for r, tok in batch.sample().items():
+            k = owner[r]
+            if len(got[k]) == (2 if k == 0 else 7):  # request 0 leaves early: its row is taken again
+                batch.release(r)
+                continue
+            got[k].append(tok)
+            if len(got[k]) == 7:
+                batch.release(r)
+        batch.advance()
+        step += 1
+    batch.close()
+    assert got == {k: alone[k][: 2 if k == 0 else 7] for k in range(len(prepared))}
+    assert len(set(owner)) < len(prepared)  # rows were reused

@@ -541,6 +541,14 @@ class Generator:
         config = _merge(config, kwargs)
         return _inference_steps(self._run_rows(rows, pixel_values, config, _timing))
 
+    def row_batch(
+        self, rows: int, start: int, slots: int, config: GenerationConfig | None = None, **kwargs
+    ) -> RowBatch:
+        """A :class:`RowBatch`: ``rows`` requests at once, joining and leaving between steps; the first
+        decode step writes slot ``start`` (at least the longest prompt to admit first), the last
+        ``slots - 1``. Sampling follows ``config``; stopping is the caller's."""
+        return RowBatch(self, rows, start, slots, _merge(config, kwargs))
+
     def _run_rows(self, rows, pixel_values, cfg: GenerationConfig, record):
         model, device = self.model, self.device
         b = len(rows)
@@ -596,6 +604,154 @@ class Generator:
 
         step = self._eager_step(cache, step_mask, positions, width)
         yield from self._decode(logits, step, cfg, record, t0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# continuous batching
+
+
+class RowBatch:
+    """A decode batch that requests join and leave between steps (continuous batching).
+
+    The batch has ``rows`` cache rows of ``slots`` key/value slots each, and every row writes its
+    next token's keys/values at one shared slot ``t`` per step. A request joins a free row with its
+    prompt prefilled alone into that row's slots ``[0, P)`` (as :meth:`Generator.generate_rows` does),
+    so it needs ``P <= t``; the slots between its prompt and ``t`` (stale or another request's) are
+    masked for it; and it must end before the last slot (``t + max_new_tokens <= slots``). Greedy, a
+    row gets the tokens it gets alone (up to float rounding), whoever joins or leaves beside it.
+
+    Use (in the caller's loop; stop tokens, lengths and stop strings are the caller's to judge)::
+
+        batch = generator.row_batch(rows=8, start=max_prompt_len, slots=..., config=cfg)
+        r = batch.admit(ids, pixel_values)      # prefill; its first token comes at the next sample()
+        while batch.active:
+            for r, token in batch.sample().items():   # one token for every active row
+                ...                                   # batch.release(r) when row r is done
+            batch.advance()                     # feed the sampled tokens: one decode step
+            ...                                 # admit more rows (between advance and sample)
+        batch.close()
+
+    On CUDA the decode step is a CUDA graph over all rows (static shapes; the generator's static cache
+    and graph for ``(rows, slots)`` are reused); on the CPU it runs eagerly over the rows up to the
+    last active one, so a lone request does not pay for the idle rows.
+    """
+
+    def __init__(self, generator: Generator, rows: int, start: int, slots: int, config: GenerationConfig):
+        if not 1 <= start < slots:
+            raise InputError(f"row_batch: start slot {start} must be in [1, slots={slots})")
+        self.generator, self.config = generator, config
+        model, device = generator.model, generator.device
+        self.device = device
+        self.slots = generator._cache_len(slots)
+        self.cache, self._shared = generator._get_cache(rows, self.slots)
+        self._key = (rows, self.slots)
+        if self._shared:
+            generator._busy.add(self._key)
+        self.t = start  # the slot the next decode step writes
+        self.mask = torch.ones(rows, self.slots, dtype=torch.long, device=device)
+        self.positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.tokens = torch.full((rows,), config.pad_token_id, dtype=torch.long, device=device)
+        self.logits: torch.Tensor | None = None  # [rows, V]: what each row samples from next
+        self.active: set[int] = set()
+        self._graphed = None
+        if generator.cuda_graphs and self._shared:
+            self._graphed = generator._graphs.get(self._key)
+            try:
+                if self._graphed is None:
+                    self._graphed = _GraphedDecodeStep(model, self.cache, self.mask, start)
+                    generator._graphs[self._key] = self._graphed
+            except Exception as exc:  # noqa: BLE001 - fall back to eager decoding
+                warnings.warn(f"CUDA graph capture failed, decoding eagerly: {exc}", stacklevel=2)
+                generator.cuda_graphs, self._graphed = False, None
+        self._sampler = None
+        if not config.greedy and config.seed is not None:
+            self._sampler = torch.Generator(device=device).manual_seed(config.seed)
+
+    @property
+    def rows(self) -> int:
+        return self.mask.shape[0]
+
+    def can_admit(self, prompt_len: int, max_new_tokens: int) -> bool:
+        """Whether a prompt of ``prompt_len`` tokens that may generate ``max_new_tokens`` joins now."""
+        return len(self.active) < self.rows and prompt_len <= self.t and self.t + max_new_tokens <= self.slots
+
+    def admit(self, input_ids: Sequence[int] | torch.Tensor, pixel_values: torch.Tensor | None = None) -> int:
+        """Prefill a prompt into a free row; returns the row. Its first token comes at the next sample()."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1).to(self.device)
+        n = int(ids.numel())
+        if not n or not self.can_admit(n, 0):
+            raise InputError(f"row_batch: a prompt of {n} tokens cannot join now (slot {self.t}, "
+                             f"{len(self.active)}/{self.rows} rows busy)")  # fmt: skip
+        r = min(set(range(self.rows)) - self.active)
+        model = self.generator.model
+        extra = {}
+        if pixel_values is not None:
+            extra["pixel_values"] = pixel_values.to(device=self.device, dtype=next(model.parameters()).dtype)
+        with torch.inference_mode():
+            logits = model(
+                input_ids=ids[None], kv_cache=_row_view(self.cache, r),
+                cache_position=torch.arange(n, device=self.device), logits_to_keep=1, **extra,
+            ).logits[:, -1]  # fmt: skip
+            if self.logits is None:
+                self.logits = torch.zeros(self.rows, logits.shape[-1], dtype=logits.dtype, device=self.device)
+            self.logits[r] = logits[0]
+            self.mask[r] = 1
+            self.mask[r, n : self.t] = 0  # between its prompt and its first token: not its keys
+            self.positions[r] = n
+        if self._graphed is not None:
+            self._graphed.set_mask(self.mask)
+        self.active.add(r)
+        return r
+
+    def release(self, row: int) -> None:
+        """Row ``row`` is done: it is no longer sampled nor fed, and a new request may take it."""
+        self.active.discard(row)
+
+    def sample(self) -> dict[int, int]:
+        """The next token of every active row, ``{row: token}`` (each row's first: from its prefill)."""
+        if not self.active:
+            return {}
+        with torch.inference_mode():
+            self.tokens = sample_next(self.logits, self.config, self._sampler)
+        host = self.tokens.tolist()  # the one host sync per step
+        return {r: host[r] for r in sorted(self.active)}
+
+    def advance(self) -> None:
+        """Feed every active row the token sample() gave it: one decode step at slot ``t``."""
+        if not self.active:
+            return
+        if self.t >= self.slots:
+            raise InputError(f"row_batch: all {self.slots} slots are used")
+        with torch.inference_mode():
+            if self._graphed is not None:
+                logits = self._graphed(self.tokens, self.positions, self.t)
+            else:
+                hi = max(self.active) + 1  # rows past the last active one sit out
+                logits = self.generator.model(
+                    input_ids=self.tokens[:hi, None], attention_mask=self.mask[:hi],
+                    position_ids=self.positions[:hi], kv_cache=_row_range_view(self.cache, hi),
+                    cache_position=torch.tensor([self.t], device=self.device), logits_to_keep=1,
+                ).logits[:, -1]  # fmt: skip
+            self.logits[: logits.shape[0]] = logits
+            self.positions += 1
+        self.t += 1
+
+    def close(self) -> None:
+        """Give the generator's static cache back (a batch left open keeps it)."""
+        if self._shared:
+            self.generator._busy.discard(self._key)
+            self._shared = False
+
+
+def _row_range_view(cache, rows: int):
+    """Rows ``[0, rows)`` of ``cache`` as a cache sharing its buffers."""
+    if rows == cache.batch_size:
+        return cache
+    view = copy.copy(cache)
+    view.keys = [k[:rows] for k in cache.keys]
+    view.values = [v[:rows] for v in cache.values]
+    view.batch_size = rows
+    return view
 
 
 def _row_view(cache, row: int):
