@@ -110,36 +110,42 @@ def test_place_images():
     assert place_images(["no images"]) == "no images"
 
 
-def test_concurrent_requests_share_a_batch_and_answer_as_alone(chat, server, client, noise_image):
+def test_requests_join_a_running_batch_and_answer_as_alone(chat, server, client, noise_image):
     questions = ["One?", "Two, a longer question?", "Three", "Four four four?"]
     images = [noise_image(10 + k, 200 + 100 * k, 300) for k in range(4)]
     before = metrics(server)
-    first = threading.Thread(  # occupies the worker while the others queue up
-        target=client.chat.completions.create,
-        kwargs=dict(
-            model="tiny", messages=[{"role": "user", "content": "warm"}], temperature=0, max_tokens=300
-        ),
+    # a long reply to a longer prompt (two images) runs while the others arrive: they join its batch
+    pair = [noise_image(20), noise_image(21)]
+    warm: list[str] = []
+
+    def ask(content: list, max_tokens: int) -> str:
+        out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
+                                             temperature=0, max_tokens=max_tokens)  # fmt: skip
+        return out.choices[0].message.content
+
+    def image_parts(imgs: list) -> list:
+        return [{"type": "image_url", "image_url": {"url": data_url(im)}} for im in imgs]
+
+    first = threading.Thread(
+        target=lambda: warm.append(ask(image_parts(pair) + [{"type": "text", "text": "Go on."}], 300))
     )
     first.start()
     while metrics(server)["batches"] == before["batches"]:
         time.sleep(0.005)
-
-    def ask(k: int) -> str:
-        content = [
-            {"type": "image_url", "image_url": {"url": data_url(images[k])}},
-            {"type": "text", "text": questions[k]},
-        ]
-        out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
-                                             temperature=0, max_tokens=6)  # fmt: skip
-        return out.choices[0].message.content
-
     with ThreadPoolExecutor(4) as pool:
-        replies = list(pool.map(ask, range(4)))
+        replies = list(
+            pool.map(
+                lambda k: ask(image_parts(images[k : k + 1]) + [{"type": "text", "text": questions[k]}], 6),
+                range(4),
+            )
+        )
     first.join()
     after = metrics(server)
     assert after["requests"] - before["requests"] == 5
-    assert after["batches"] - before["batches"] == 2  # the warm-up alone, then the four together
+    assert after["batches"] - before["batches"] == 1  # one batch: the four joined the running one
+    assert after["batch_rows"] - before["batch_rows"] == 5
     assert replies == [chat.chat(q, images=im, max_new_tokens=6) for q, im in zip(questions, images)]
+    assert warm == [chat.chat("Go on.", images=pair, max_new_tokens=300)]
 
 
 def test_stop_strings_and_per_request_lengths(chat, client):

@@ -11,13 +11,14 @@ how its messages become a prompt: :mod:`interleaf.serve.protocol`. The reply is 
 ``interleaf chat`` does.
 
 Standard-library HTTP, one thread per connection: handler threads check the request, decode and tile
-its images and tokenise the prompt; one worker thread owns the model and generates for every request
-queued at that moment as one batch (:meth:`ChatModel.stream_batch`). Requests join a batch when their
-sampling settings agree (all greedy requests do); a request with a ``seed`` runs alone, so its sample
-does not depend on other traffic. While other requests are still being prepared the worker waits for
-them (at most ``batch_wait`` seconds), so a burst of requests becomes one batch and a lone request
-waits for nothing. A batch is fixed when it starts: a request arriving meanwhile waits for it to end
-(no continuous batching yet). Text longer than the context can take is refused before tokenising.
+its images and tokenise the prompt; one worker thread owns the model. It starts a batch with every
+queued request whose sampling settings match the oldest one's (all greedy requests do; a request with
+a ``seed`` runs alone, so its sample does not depend on other traffic), waiting for requests still
+being prepared (at most ``batch_wait`` seconds: a burst becomes one batch, a lone request waits for
+nothing). While the batch runs, queued requests with its settings join it between decode steps as
+rows free up (continuous batching, :class:`~interleaf.generation.engine.RowBatch`), first come first
+served; a request that cannot join holds the later ones back until the batch drains. Text longer
+than the context can take is refused before tokenising.
 
 Errors are JSON as the OpenAI API sends them (405 for other methods). A client silent for
 ``read_timeout`` seconds is dropped; on shutdown, requests still waiting are answered 503.
@@ -44,6 +45,7 @@ import torch
 
 from interleaf.errors import InputError
 from interleaf.generation.chat import ChatModel, TextStreamer
+from interleaf.generation.engine import RowBatch
 from interleaf.serve.protocol import APIError, ChatRequest, ServerOptions, parse_request
 
 MAX_BODY_BYTES = 64 << 20  # a request with several base64 images fits easily
@@ -77,12 +79,15 @@ class Job:
 
 
 class Scheduler:
-    """Owns the model; generates for the queued jobs in batches, one batch at a time."""
+    """Owns the model; generates for the queued jobs in batches, one batch at a time, which queued jobs
+    with the same sampling settings join between decode steps."""
 
-    def __init__(self, chat: ChatModel, max_batch_size: int = 8, batch_wait: float = 0.05) -> None:
+    def __init__(
+        self, chat: ChatModel, max_batch_size: int = 8, batch_wait: float = 0.05, join_room: int = 512
+    ) -> None:
         self.chat, self.max_batch_size, self.batch_wait = chat, max_batch_size, batch_wait
+        self.join_room = join_room  # cache slots a batch keeps for the replies of requests that join it
         self._jobs: list[Job] = []
-        self._current: list[Job] = []  # the batch being generated
         self._preparing = 0
         self._cv = threading.Condition()
         self._closed = False
@@ -118,8 +123,6 @@ class Scheduler:
         is answered 503."""
         with self._cv:
             self._closed = True
-            for job in self._current:
-                job.cancelled.set()
             self._cv.notify_all()
         self._thread.join()
 
@@ -141,7 +144,6 @@ class Scheduler:
                 return []
             for job in batch:
                 self._jobs.remove(job)
-            self._current = batch
             return batch
 
     def _run(self) -> None:
@@ -153,63 +155,106 @@ class Scheduler:
                 for job in batch:
                     job.events.put(("error", exc))
 
-    def _generate(self, batch: list[Job]) -> None:
+    def _generate(self, first: list[Job]) -> None:
+        """Generate for ``first`` as one :class:`RowBatch`; while it runs, queued requests with the same
+        sampling settings join it between decode steps (continuous batching)."""
         chat = self.chat
+        key = first[0].key
+        start = max(len(j.prepared[0]) for j in first)
+        # room for the first requests' replies, and as much again for requests that join later
+        slots = start + max(j.max_tokens for j in first) + self.join_room
+        batch = chat.generator.row_batch(self.max_batch_size, start, slots, chat._config(first[0].sampling))
         self.metrics["batches"] += 1
-        self.metrics["batch_rows"] += len(batch)
-        stops = set(chat.stop_token_ids)
-        # a streamer per row where text is needed as it comes (streaming, or stop strings to watch)
-        streamers = [TextStreamer(chat, j.stop) if j.stream or j.stop else None for j in batch]
-        tokens: list[list[int]] = [[] for _ in batch]  # the reply's tokens (a stop token is not part of it)
-        done = [False] * len(batch)
+        stop_ids = frozenset(chat.stop_token_ids)
+        replies: dict[int, _Reply] = {}  # row -> its reply
 
-        def finish(r: int, reason: str, stop_token: bool = False) -> None:
-            job, streamer = batch[r], streamers[r]
-            done[r] = True
-            if streamer is not None:
-                piece = streamer.finish()
-                if piece and job.stream:
-                    job.events.put(("text", piece))
-                text = streamer.emitted
-            else:
-                text, hit = chat.reply_with_stop(tokens[r], job.stop)
-                reason = "stop" if hit else reason
-            n = len(tokens[r]) + stop_token  # the stop token was generated too
-            self.metrics["generation_tokens"] += n
-            job.events.put(("done", text, reason, n))
+        def admit(jobs: list[Job]) -> None:
+            for job in jobs:
+                try:
+                    replies[batch.admit(*job.prepared)] = _Reply(job, chat)
+                    self.metrics["batch_rows"] += 1
+                except Exception as exc:  # noqa: BLE001 - this request fails, the batch goes on
+                    self.metrics["errors"] += 1
+                    job.events.put(("error", exc))
 
-        limit = max(j.max_tokens for j in batch)
-        steps = chat.stream_batch([j.prepared for j in batch], max_new_tokens=limit, **batch[0].sampling)
         try:
-            for step in steps:
-                for r, tok in enumerate(step.tolist()):
-                    if done[r]:
-                        continue
-                    if tok in stops:
-                        finish(r, "stop", stop_token=True)
-                        continue
-                    tokens[r].append(tok)
-                    streamer = streamers[r]
-                    if streamer is not None:
-                        piece = streamer.push(tok)
-                        if piece and batch[r].stream:
-                            batch[r].events.put(("text", piece))
-                        if streamer.stopped:
-                            finish(r, "stop")
-                            continue
-                    if len(tokens[r]) >= batch[r].max_tokens:
-                        finish(r, "length")
-                if all(d or j.cancelled.is_set() for d, j in zip(done, batch)):
-                    break  # nobody is waiting for more: stop generating
+            admit(first)
+            while replies:
+                for row, token in batch.sample().items():
+                    reply = replies[row]
+                    reason = reply.push(token, stop_ids)
+                    if reason is not None:
+                        self.metrics["generation_tokens"] += reply.finish(reason)
+                    elif self._closed or not reply.job.cancelled.is_set():
+                        continue  # (on close every request left is answered 503 below)
+                    batch.release(row)  # done, or nobody waits for it: the row is free
+                    del replies[row]
+                if self._closed:
+                    break
+                batch.advance()
+                admit(self._joiners(key, batch))
+        except Exception as exc:  # noqa: BLE001 - reported to the requests in the batch
+            self.metrics["errors"] += len(replies)
+            for reply in replies.values():
+                reply.job.events.put(("error", exc))
+            replies.clear()
         finally:
-            steps.close()
-        for r in range(len(batch)):
-            if done[r]:
-                continue
-            if self._closed:
-                batch[r].events.put(("error", _shutting_down()))
-            else:
-                finish(r, "length")
+            batch.close()
+            for reply in replies.values():  # left when the server closed
+                reply.job.events.put(("error", _shutting_down()))
+
+    def _joiners(self, key: tuple, batch: RowBatch) -> list[Job]:
+        """Queued jobs that join the running batch now, first come first served: from the head of the
+        queue while they share its sampling settings and fit (a job that cannot join holds the ones
+        behind it back, so the batch drains and that job goes next)."""
+        taken: list[Job] = []
+        with self._cv:
+            while self._jobs and len(batch.active) + len(taken) < batch.rows:
+                job = self._jobs[0]
+                if job.key != key or not batch.can_admit(len(job.prepared[0]), job.max_tokens):
+                    break
+                taken.append(self._jobs.pop(0))
+        return taken
+
+
+class _Reply:
+    """One request's reply as its tokens come, in the worker."""
+
+    def __init__(self, job: Job, chat: ChatModel) -> None:
+        self.job, self.chat = job, chat
+        # text as it comes where it is needed (streaming, or stop strings to watch)
+        self.streamer = TextStreamer(chat, job.stop) if job.stream or job.stop else None
+        self.tokens: list[int] = []  # the reply's tokens (a stop token is not part of it)
+        self.stop_token = False
+
+    def push(self, token: int, stop_ids: frozenset[int]) -> str | None:
+        """Take the next generated token; the finish reason once the reply is complete."""
+        if token in stop_ids:
+            self.stop_token = True
+            return "stop"
+        self.tokens.append(token)
+        if self.streamer is not None:
+            piece = self.streamer.push(token)
+            if piece and self.job.stream:
+                self.job.events.put(("text", piece))
+            if self.streamer.stopped:
+                return "stop"
+        return "length" if len(self.tokens) >= self.job.max_tokens else None
+
+    def finish(self, reason: str) -> int:
+        """Send the reply's end (its last piece when streaming); returns the tokens it generated."""
+        job, streamer = self.job, self.streamer
+        if streamer is not None:
+            piece = streamer.finish()
+            if piece and job.stream:
+                job.events.put(("text", piece))
+            text = streamer.emitted
+        else:
+            text, hit = self.chat.reply_with_stop(self.tokens, job.stop)
+            reason = "stop" if hit else reason
+        n = len(self.tokens) + self.stop_token  # the stop token was generated too
+        job.events.put(("done", text, reason, n))
+        return n
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -233,7 +278,7 @@ class ChatServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], chat: ChatModel, options: ServerOptions) -> None:
         self.chat, self.options = chat, options
-        self.scheduler = Scheduler(chat, options.max_batch_size, options.batch_wait)
+        self.scheduler = Scheduler(chat, options.max_batch_size, options.batch_wait, options.max_tokens)
         self.created = int(time.time())
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
