@@ -63,7 +63,7 @@ def test_generation_matches_cpu(pair, noise_image):
 
 
 def test_server_on_cuda_answers_as_the_cpu_does(pair, noise_image):
-    """``interleaf serve`` on the GPU: concurrent requests (one padded batch, graphed decode) get the
+    """``interleaf serve`` on the GPU: concurrent requests (one RowBatch, CUDA-graph decode steps) get the
     CPU model's greedy replies."""
     from concurrent.futures import ThreadPoolExecutor
 
