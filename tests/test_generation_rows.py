@@ -146,21 +146,19 @@ def test_parallel_preparation_matches_serial(chat, questions, monkeypatch, tmp_p
         chat.prepare_batch(qs[:2], [images[0], str(tmp_path / "nope.png")], 2)
 
 
-def test_row_batch_rows_join_and_leave_and_get_what_they_get_alone(chat, questions):
-    qs, images, budgets = questions
-    prepared = chat.prepare_batch(qs, images, budgets)
-    cfg = chat._config({"max_new_tokens": 7})
-    alone = [chat.generator.generate(torch.tensor([ids]), pixel_values=px, config=cfg).tokens[0]
-             for ids, px in prepared]  # fmt: skip
+def _join_and_leave(generator, prepared, cfg, rows: int = 3) -> tuple[dict[int, list[int]], dict[int, int]]:
+    """Run ``prepared`` through one RowBatch: two join at once at the start, the others a few steps later
+    (after a row has left), request 0 leaves after 2 tokens (its row is taken again), the others after
+    ``cfg.max_new_tokens``. Returns each request's tokens and the rows' last owners."""
+    n = cfg.max_new_tokens
     lens = [len(ids) for ids, _ in prepared]
-    batch = chat.generator.row_batch(rows=3, start=max(lens[:2]), slots=max(lens) + 40, config=cfg)
+    batch = generator.row_batch(rows=rows, start=max(lens[:2]), slots=max(lens) + 40, config=cfg)
     got: dict[int, list[int]] = {}
     owner: dict[int, int] = {}
     waiting = list(range(len(prepared)))
     step = 0
     while waiting or batch.active:
-        # join: two at once at the start, the others a few steps later (after a row has left)
-        while waiting and (step == 0 or step >= 3) and batch.can_admit(lens[waiting[0]], 7):
+        while waiting and (step == 0 or step >= 3) and batch.can_admit(lens[waiting[0]], n):
             k = waiting.pop(0)
             owner[batch.admit(*prepared[k])] = k
             got[k] = []
@@ -168,14 +166,61 @@ def test_row_batch_rows_join_and_leave_and_get_what_they_get_alone(chat, questio
                 break
         for r, tok in batch.sample().items():
             k = owner[r]
-            if len(got[k]) == (2 if k == 0 else 7):  # request 0 leaves early: its row is taken again
+            if len(got[k]) == (2 if k == 0 else n):
                 batch.release(r)
                 continue
             got[k].append(tok)
-            if len(got[k]) == 7:
+            if len(got[k]) == n:
                 batch.release(r)
         batch.advance()
         step += 1
     batch.close()
+    return got, owner
+
+
+def test_row_batch_rows_join_and_leave_and_get_what_they_get_alone(chat, questions):
+    qs, images, budgets = questions
+    prepared = chat.prepare_batch(qs, images, budgets)
+    cfg = chat._config({"max_new_tokens": 7})
+    alone = [chat.generator.generate(torch.tensor([ids]), pixel_values=px, config=cfg).tokens[0]
+             for ids, px in prepared]  # fmt: skip
+    got, owner = _join_and_leave(chat.generator, prepared, cfg)
     assert got == {k: alone[k][: 2 if k == 0 else 7] for k in range(len(prepared))}
     assert len(set(owner)) < len(prepared)  # rows were reused
+
+
+def test_row_batch_on_the_cuda_graph_layout_shares_the_step_with_generate(chat):
+    """The CUDA path minus the capture (on CPU the graphed step runs eagerly on its static buffers): the
+    static full-attention cache and the graphed decode step over all rows, its mask set on admit, both
+    shared with ``Generator.generate`` through ``_caches``/``_graphs``. A step first made by generate (its
+    buffers inference tensors) made RowBatch.admit fail: "Inplace update to inference tensor outside
+    InferenceMode"."""
+    from interleaf.generation.engine import Generator
+
+    graphed = Generator(chat.model, static_cache=True)
+    graphed.cuda_graphs = True
+    qs = ["Say something long about nothing.", "What is it?", "Which one of the two, and why?", "Hm?"]
+    prepared = [(chat.prepare(q)[1], None) for q in qs]
+    cfg = chat._config({"max_new_tokens": 6})
+    alone = [chat.generator.generate(torch.tensor([ids]), config=cfg).tokens[0] for ids, _ in prepared]
+    want = {k: alone[k][: 2 if k == 0 else 6] for k in range(len(qs))}
+    # generate first: its graphed step for (3 rows, one 256-slot bucket) is the one the RowBatch gets
+    ids = [prepared[k][0] for k in range(3)]
+    width = max(map(len, ids))
+    padded = torch.tensor([[chat.pad_token_id] * (width - len(r)) + r for r in ids])
+    mask = (padded != chat.pad_token_id).long()
+    batched = graphed.generate(padded, mask, config=cfg).tokens
+    assert batched == chat.generator.generate(padded, mask, config=cfg).tokens
+    key = (3, graphed._cache_len(max(len(r) for r, _ in prepared) + 40))
+    assert list(graphed._graphs) == [key]
+    step = graphed._graphs[key]
+    got, owner = _join_and_leave(graphed, prepared, cfg)
+    assert got == want and len(set(owner)) < len(qs)
+    assert graphed._graphs[key] is step and graphed._caches[key].full_attention and not graphed._busy
+    # and back to generate: the step's mask is generate's again
+    assert graphed.generate(padded, mask, config=cfg).tokens == batched
+    # a RowBatch that makes the step itself
+    fresh = Generator(chat.model, static_cache=True)
+    fresh.cuda_graphs = True
+    assert _join_and_leave(fresh, prepared, cfg)[0] == want and list(fresh._graphs) == [key]
+    assert fresh.generate(padded, mask, config=cfg).tokens == batched

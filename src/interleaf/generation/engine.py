@@ -658,7 +658,8 @@ class RowBatch:
             self._graphed = generator._graphs.get(self._key)
             try:
                 if self._graphed is None:
-                    self._graphed = _GraphedDecodeStep(model, self.cache, self.mask, start)
+                    with torch.inference_mode():  # as in _loop: the same step serves both
+                        self._graphed = _GraphedDecodeStep(model, self.cache, self.mask, start)
                     generator._graphs[self._key] = self._graphed
             except Exception as exc:  # noqa: BLE001 - fall back to eager decoding
                 warnings.warn(f"CUDA graph capture failed, decoding eagerly: {exc}", stacklevel=2)
@@ -698,8 +699,8 @@ class RowBatch:
             self.mask[r] = 1
             self.mask[r, n : self.t] = 0  # between its prompt and its first token: not its keys
             self.positions[r] = n
-        if self._graphed is not None:
-            self._graphed.set_mask(self.mask)
+            if self._graphed is not None:  # its buffers may be inference tensors (a step made by _loop)
+                self._graphed.set_mask(self.mask)
         self.active.add(r)
         return r
 
