@@ -185,6 +185,18 @@ def test_sampling_is_seeded_and_greedy_at_temperature_zero(client):
     assert ask(temperature=0) == ask(temperature=0, top_p=0.5)  # greedy ignores top_p
 
 
+def test_a_seeded_request_samples_as_chat_does(chat, client):
+    """A seeded request runs alone, but in a RowBatch of --max-batch-size rows its draws came from the
+    seeded generator together with the idle rows', so its reply was not chat's with that seed."""
+    messages = [{"role": "user", "content": "Pick a word."}]
+    for seed, sampling in [(7, {"temperature": 0.9, "top_p": 0.9}), (3, {"temperature": 1.5, "top_k": 50})]:
+        out = client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=8, seed=seed, extra_body=sampling
+        )
+        want = chat.chat("Pick a word.", do_sample=True, seed=seed, max_new_tokens=8, **sampling)
+        assert out.choices[0].message.content == want, seed
+
+
 def test_models_health_metrics_and_errors(server, client):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     with urllib.request.urlopen(server.url.removesuffix("/v1") + "/health") as r:

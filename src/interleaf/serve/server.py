@@ -71,9 +71,14 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     @property
+    def alone(self) -> bool:
+        """A seeded job runs alone, its draws its own: it samples as ``ChatModel.chat`` with that seed."""
+        return self.sampling.get("seed") is not None
+
+    @property
     def key(self) -> tuple:
         """Jobs with equal keys can share a batch (a seeded job shares with none)."""
-        if self.sampling.get("seed") is not None:
+        if self.alone:
             return ("alone", id(self))
         return tuple(sorted(self.sampling.items()))
 
@@ -163,7 +168,8 @@ class Scheduler:
         start = max(len(j.prepared[0]) for j in first)
         # room for the first requests' replies, and as much again for requests that join later
         slots = start + max(j.max_tokens for j in first) + self.join_room
-        batch = chat.generator.row_batch(self.max_batch_size, start, slots, chat._config(first[0].sampling))
+        rows = 1 if first[0].alone else self.max_batch_size  # idle rows would take draws from its seed
+        batch = chat.generator.row_batch(rows, start, slots, chat._config(first[0].sampling))
         self.metrics["batches"] += 1
         stop_ids = frozenset(chat.stop_token_ids)
         replies: dict[int, _Reply] = {}  # row -> its reply
