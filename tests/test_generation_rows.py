@@ -224,3 +224,35 @@ def test_row_batch_on_the_cuda_graph_layout_shares_the_step_with_generate(chat):
     fresh.cuda_graphs = True
     assert _join_and_leave(fresh, prepared, cfg)[0] == want and list(fresh._graphs) == [key]
     assert fresh.generate(padded, mask, config=cfg).tokens == batched
+
+
+def test_row_batch_idle_rows_do_not_move_the_rope_scaling_of_the_others():
+    """Longrope (Phi-3) picks its frequencies by the batch's largest position (dynamic NTK likewise).
+    A released row kept its position, and it grew with every step, so the rows still generating were
+    rotated with the long factors, which they never reach alone."""
+    from interleaf.generation.engine import Generator
+    from interleaf.model import build_model, preset_config
+
+    cfg = preset_config("tiny-phi3", vocab_size=512)
+    half = cfg.llm.head_dim // 2
+    cfg.llm.original_max_position_embeddings = 32
+    cfg.llm.rope_scaling = {
+        "rope_type": "longrope",
+        "short_factor": [1.0] * half,
+        "long_factor": [4.0] * half,
+    }
+    model = build_model(cfg, seed=0).eval()
+    gen = Generator(model)
+    long_prompt, short_prompt = list(range(100, 136)), [200, 201, 305, 399, 17, 23]
+    batch = gen.row_batch(rows=2, start=36, slots=80, do_sample=False)
+    leaver, stayer = batch.admit(long_prompt), batch.admit(short_prompt)
+    tokens, logits = [], []
+    while len(tokens) < 12:  # the short prompt's positions stay below 32
+        logits.append(batch.logits[stayer].clone())
+        tokens.append(batch.sample()[stayer])
+        batch.release(leaver)  # past 32, but gone before the first decode step
+        batch.advance()
+    batch.close()
+    with torch.inference_mode():  # the short prompt and its reply alone, in one pass
+        ref = model(input_ids=torch.tensor([short_prompt + tokens[:-1]])).logits[0, len(short_prompt) - 1 :]
+    torch.testing.assert_close(torch.stack(logits), ref, atol=1e-4, rtol=0)

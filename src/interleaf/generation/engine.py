@@ -650,6 +650,9 @@ class RowBatch:
         self.t = start  # the slot the next decode step writes
         self.mask = torch.ones(rows, self.slots, dtype=torch.long, device=device)
         self.positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        # 1 for active rows: only their positions advance; an idle row's is 0. Longrope and dynamic-NTK
+        # RoPE pick every row's frequencies by the batch's largest position, idle rows' included.
+        self.live = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.tokens = torch.full((rows,), config.pad_token_id, dtype=torch.long, device=device)
         self.logits: torch.Tensor | None = None  # [rows, V]: what each row samples from next
         self.active: set[int] = set()
@@ -699,6 +702,7 @@ class RowBatch:
             self.mask[r] = 1
             self.mask[r, n : self.t] = 0  # between its prompt and its first token: not its keys
             self.positions[r] = n
+            self.live[r] = 1
             if self._graphed is not None:  # its buffers may be inference tensors (a step made by _loop)
                 self._graphed.set_mask(self.mask)
         self.active.add(r)
@@ -707,6 +711,8 @@ class RowBatch:
     def release(self, row: int) -> None:
         """Row ``row`` is done: it is no longer sampled nor fed, and a new request may take it."""
         self.active.discard(row)
+        self.live[row] = 0
+        self.positions[row] = 0  # (see self.live)
 
     def sample(self) -> dict[int, int]:
         """The next token of every active row, ``{row: token}`` (each row's first: from its prefill)."""
@@ -734,7 +740,7 @@ class RowBatch:
                     cache_position=torch.tensor([self.t], device=self.device), logits_to_keep=1,
                 ).logits[:, -1]  # fmt: skip
             self.logits[: logits.shape[0]] = logits
-            self.positions += 1
+            self.positions += self.live
         self.t += 1
 
     def close(self) -> None:
