@@ -191,10 +191,9 @@ class Scheduler:
                     reason = reply.push(token, stop_ids)
                     if reason is not None:
                         self.metrics["generation_tokens"] += reply.finish(reason)
-                    elif self._closed or not reply.job.cancelled.is_set():
-                        continue  # (on close every request left is answered 503 below)
-                    batch.release(row)  # done, or nobody waits for it: the row is free
-                    del replies[row]
+                    if reason is not None or reply.job.cancelled.is_set():
+                        batch.release(row)  # done, or nobody waits for it: the row is free
+                        del replies[row]
                 if self._closed:
                     break
                 batch.advance()
