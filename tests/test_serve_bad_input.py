@@ -361,3 +361,31 @@ def test_a_burst_of_connections_is_queued_not_dropped(chat):
         for s in socks:
             s.close()
         server.server_close()
+
+
+def test_a_request_failing_as_it_joins_fails_alone(chat, server, client, monkeypatch):
+    """A row admitted without its reply state would stay active, and the next step's KeyError would fail
+    every request in the batch (the reply state is made first)."""
+    from interleaf.serve import server as server_module
+
+    class Streamer(server_module.TextStreamer):
+        def __init__(self, chat, stop=()):
+            if "boom" in stop:
+                raise RuntimeError("no streamer for you")
+            super().__init__(chat, stop)
+
+    monkeypatch.setattr(server_module, "TextStreamer", Streamer)
+    before = server.scheduler.metrics["batches"]
+    with ThreadPoolExecutor(3) as pool:
+        warm = pool.submit(post, server, user("Warm.", max_tokens=100))  # the batch the others join
+        while server.scheduler.metrics["batches"] == before:
+            time.sleep(0.005)
+        bad, good = pool.map(
+            lambda kw: post(server, user("Join now.", max_tokens=5, **kw)), [{"stop": ["boom"]}, {}]
+        )
+        assert warm.result()[0] == 200
+    assert server.scheduler.metrics["batches"] == before + 1
+    assert bad[0] == 500 and "no streamer for you" in bad[1]["error"]["message"]
+    assert good[0] == 200
+    assert good[1]["choices"][0]["message"]["content"] == chat.chat("Join now.", max_new_tokens=5)
+    assert post(server, user("Later.", max_tokens=2))[0] == 200

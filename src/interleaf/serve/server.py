@@ -177,7 +177,8 @@ class Scheduler:
         def admit(jobs: list[Job]) -> None:
             for job in jobs:
                 try:
-                    replies[batch.admit(*job.prepared)] = _Reply(job, chat)
+                    reply = _Reply(job, chat)  # first: a row admitted must have its reply
+                    replies[batch.admit(*job.prepared)] = reply
                     self.metrics["batch_rows"] += 1
                 except Exception as exc:  # noqa: BLE001 - this request fails, the batch goes on
                     self.metrics["errors"] += 1
