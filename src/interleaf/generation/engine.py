@@ -703,7 +703,7 @@ class RowBatch:
             self.mask[r, n : self.t] = 0  # between its prompt and its first token: not its keys
             self.positions[r] = n
             self.live[r] = 1
-            if self._graphed is not None:  # its buffers may be inference tensors (a step made by _loop)
+            if self._graphed is not None:  # (its buffers are inference tensors: written in inference mode)
                 self._graphed.set_mask(self.mask)
         self.active.add(r)
         return r
