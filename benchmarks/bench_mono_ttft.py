@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import statistics
 import sys
 import time
@@ -46,6 +45,7 @@ from interleaf.model.mono_internvl import MonoInternVLChatModel, MonoInternVLCon
 from interleaf.model.presets import make_tokenizer
 from interleaf.processing.prompt import build_prompt
 from interleaf.processing.templates import get_template
+from machine import cpu_name
 
 SHAPES = {"2b": ("internvl2-2b", PATCH_2B), "tiny": ("tiny-internlm2", PATCH_TINY)}
 
@@ -174,17 +174,6 @@ def gather_routing():
         yield
     finally:
         mono_internvl.MAX_SEGMENT_RUNS = saved
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def sync(device: torch.device) -> None:

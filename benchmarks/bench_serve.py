@@ -47,7 +47,6 @@ import http.client
 import io
 import json
 import os
-import platform
 import re
 import signal
 import socket
@@ -62,27 +61,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from machine import cpu_name, load_average
+
 QUESTIONS = (
     "Describe this image in detail.",
     "What shapes and colours can you see in this picture?",
 )
 N_IMAGES = 8
 PAIRS = N_IMAGES * len(QUESTIONS)  # distinct requests; --pairs sets how many are used
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def load_average() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def listen_overflows() -> int | None:

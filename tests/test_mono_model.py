@@ -360,13 +360,14 @@ def test_generation_end_to_end_with_runtime_engine(mono_ckpt):
     assert out.tokens[0] == seq[0, ids.shape[1] :].tolist()
 
 
-def test_ttft_benchmark_script_runs(tmp_path):
+def test_ttft_benchmark_script_runs(tmp_path, monkeypatch):
     """The benchmark stays runnable (tiny shape, one tile, one run)."""
     import importlib.util
     import json
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_mono_ttft.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # as when run as a script: its folder's modules import
     spec = importlib.util.spec_from_file_location("bench_mono_ttft", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
