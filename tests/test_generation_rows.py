@@ -256,3 +256,35 @@ def test_row_batch_idle_rows_do_not_move_the_rope_scaling_of_the_others():
     with torch.inference_mode():  # the short prompt and its reply alone, in one pass
         ref = model(input_ids=torch.tensor([short_prompt + tokens[:-1]])).logits[0, len(short_prompt) - 1 :]
     torch.testing.assert_close(torch.stack(logits), ref, atol=1e-4, rtol=0)
+
+
+def test_row_batch_a_longer_prompt_moves_the_write_slot_and_all_answer_as_alone(chat, questions):
+    """A batch started by a short text prompt takes a longer image prompt at once: the write slot skips
+    to its length, the skipped slots a masked gap for the running row (whose positions do not move)."""
+    qs, images, budgets = questions
+    prepared = chat.prepare_batch(qs, images, budgets)
+    text, image = prepared[1], prepared[0]  # no image / two images: the longer prompt
+    assert len(image[0]) > len(text[0]) + 2
+    cfg = chat._config({"max_new_tokens": 6})
+    alone = [chat.generator.generate(torch.tensor([ids]), pixel_values=px, config=cfg).tokens[0]
+             for ids, px in (text, image, text)]  # fmt: skip
+    batch = chat.generator.row_batch(rows=3, start=len(text[0]), slots=len(image[0]) + 30, config=cfg)
+    got: dict[int, list[int]] = {batch.admit(*text, max_new_tokens=6): []}
+    owners = [next(iter(got))]
+    for step in range(12):
+        if step == 2:
+            assert not batch.can_admit(len(image[0]), 40)  # its reply would not fit: it waits
+            assert batch.can_admit(len(image[0]), 6)
+            owners.append(batch.admit(*image, max_new_tokens=6))
+            assert batch.t == len(image[0])
+            got[owners[-1]] = []
+        if step == 4:  # a short prompt joins after the skip
+            owners.append(batch.admit(*text, max_new_tokens=6))
+            got[owners[-1]] = []
+        for r, tok in batch.sample().items():
+            got[r].append(tok)
+            if len(got[r]) == 6:
+                batch.release(r)
+        batch.advance()
+    batch.close()
+    assert [got[r] for r in owners] == alone

@@ -615,15 +615,17 @@ class RowBatch:
 
     The batch has ``rows`` cache rows of ``slots`` key/value slots each, and every row writes its
     next token's keys/values at one shared slot ``t`` per step. A request joins a free row with its
-    prompt prefilled alone into that row's slots ``[0, P)`` (as :meth:`Generator.generate_rows` does),
-    so it needs ``P <= t``; the slots between its prompt and ``t`` (stale or another request's) are
-    masked for it; and it must end before the last slot (``t + max_new_tokens <= slots``). Greedy, a
-    row gets the tokens it gets alone (up to float rounding), whoever joins or leaves beside it.
+    prompt prefilled alone into that row's slots ``[0, P)`` (as :meth:`Generator.generate_rows` does);
+    the slots between its prompt and ``t`` (stale or another request's) are masked for it, and it
+    must end before the last slot (``t + max_new_tokens <= slots``). A prompt longer than ``t`` moves
+    ``t`` up to its length: the slots skipped become a masked gap for the rows already running (their
+    positions do not move), if every one of them still ends before the last slot. Greedy, a row gets
+    the tokens it gets alone (up to float rounding), whoever joins or leaves beside it.
 
     Use (in the caller's loop; stop tokens, lengths and stop strings are the caller's to judge)::
 
         batch = generator.row_batch(rows=8, start=max_prompt_len, slots=..., config=cfg)
-        r = batch.admit(ids, pixel_values)      # prefill; its first token comes at the next sample()
+        r = batch.admit(ids, pixel_values, max_new_tokens)  # prefill; its first token: next sample()
         while batch.active:
             for r, token in batch.sample().items():   # one token for every active row
                 ...                                   # batch.release(r) when row r is done
@@ -656,6 +658,7 @@ class RowBatch:
         self.tokens = torch.full((rows,), config.pad_token_id, dtype=torch.long, device=device)
         self.logits: torch.Tensor | None = None  # [rows, V]: what each row samples from next
         self.active: set[int] = set()
+        self.ends: dict[int, int] = {}  # active row -> the slot count it needs (t at admission + its tokens)
         self._graphed = None
         if generator.cuda_graphs and self._shared:
             self._graphed = generator._graphs.get(self._key)
@@ -677,15 +680,34 @@ class RowBatch:
 
     def can_admit(self, prompt_len: int, max_new_tokens: int) -> bool:
         """Whether a prompt of ``prompt_len`` tokens that may generate ``max_new_tokens`` joins now."""
-        return len(self.active) < self.rows and prompt_len <= self.t and self.t + max_new_tokens <= self.slots
+        t = max(self.t, prompt_len)  # a longer prompt moves the write slot up to its length
+        return (
+            len(self.active) < self.rows
+            and t + max_new_tokens <= self.slots
+            and all(end + t - self.t <= self.slots for end in self.ends.values())
+        )
 
-    def admit(self, input_ids: Sequence[int] | torch.Tensor, pixel_values: torch.Tensor | None = None) -> int:
-        """Prefill a prompt into a free row; returns the row. Its first token comes at the next sample()."""
+    def admit(
+        self,
+        input_ids: Sequence[int] | torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        max_new_tokens: int | None = None,
+    ) -> int:
+        """Prefill a prompt into a free row; returns the row. Its first token comes at the next sample().
+
+        ``max_new_tokens``: the most tokens the caller lets it generate (None: up to the last slot,
+        and then no longer prompt may move the write slot while it runs).
+        """
         ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1).to(self.device)
         n = int(ids.numel())
-        if not n or not self.can_admit(n, 0):
+        need = max(self.slots - max(self.t, n), 0) if max_new_tokens is None else max_new_tokens
+        if not n or not self.can_admit(n, need):
             raise InputError(f"row_batch: a prompt of {n} tokens cannot join now (slot {self.t}, "
                              f"{len(self.active)}/{self.rows} rows busy)")  # fmt: skip
+        if n > self.t:  # skip the write slot ahead to the prompt's length: a masked gap for the others
+            self.mask[:, self.t : n] = 0
+            self.ends = {row: end + n - self.t for row, end in self.ends.items()}
+            self.t = n
         r = min(set(range(self.rows)) - self.active)
         model = self.generator.model
         extra = {}
@@ -706,11 +728,13 @@ class RowBatch:
             if self._graphed is not None:  # (its buffers are inference tensors: written in inference mode)
                 self._graphed.set_mask(self.mask)
         self.active.add(r)
+        self.ends[r] = self.t + need
         return r
 
     def release(self, row: int) -> None:
         """Row ``row`` is done: it is no longer sampled nor fed, and a new request may take it."""
         self.active.discard(row)
+        self.ends.pop(row, None)
         self.live[row] = 0
         self.positions[row] = 0  # (see self.live)
 
