@@ -148,6 +148,33 @@ def test_requests_join_a_running_batch_and_answer_as_alone(chat, server, client,
     assert warm == [chat.chat("Go on.", images=pair, max_new_tokens=300)]
 
 
+def test_an_image_request_joins_a_batch_a_text_request_started(chat, server, client, noise_image):
+    # its prompt is longer than the batch's write slot: the slot skips ahead instead of the request waiting
+    image = noise_image(30)
+    content = [
+        {"type": "image_url", "image_url": {"url": data_url(image)}},
+        {"type": "text", "text": "What?"},
+    ]
+    client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": content}], max_tokens=5
+    )
+    before = metrics(server)  # the server has seen an image request: its batches leave room for one
+    text_reply: list[str] = []
+    first = threading.Thread(target=lambda: text_reply.append(client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Talk."}], temperature=0, max_tokens=200,
+    ).choices[0].message.content))  # fmt: skip
+    first.start()
+    while metrics(server)["batches"] == before["batches"]:
+        time.sleep(0.005)
+    out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
+                                         temperature=0, max_tokens=5)  # fmt: skip
+    first.join()
+    after = metrics(server)
+    assert (after["batches"] - before["batches"], after["batch_rows"] - before["batch_rows"]) == (1, 2)
+    assert out.choices[0].message.content == chat.chat("What?", images=image, max_new_tokens=5)
+    assert text_reply == [chat.chat("Talk.", max_new_tokens=200)]
+
+
 def test_stop_strings_and_per_request_lengths(chat, client):
     messages = [{"role": "user", "content": "Tell me everything."}]
     full = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=30)

@@ -17,7 +17,9 @@ a ``seed`` runs alone, so its sample does not depend on other traffic), waiting 
 being prepared (at most ``batch_wait`` seconds: a burst becomes one batch, a lone request waits for
 nothing). While the batch runs, queued requests with its settings join it between decode steps as
 rows free up (continuous batching, :class:`~interleaf.generation.engine.RowBatch`), first come first
-served; a request that cannot join holds the later ones back until the batch drains. Text longer
+served. A batch keeps cache room for requests like the last 64 (prompt and reply), so an image
+request can join a batch a text request started; one that cannot join holds the later ones back
+until the batch drains. Text longer
 than the context can take is refused before tokenising.
 
 Errors are JSON as the OpenAI API sends them (405 for other methods). A client silent for
@@ -26,6 +28,7 @@ Errors are JSON as the OpenAI API sends them (405 for other methods). A client s
 
 from __future__ import annotations
 
+import collections
 import json
 import queue
 import socket
@@ -92,6 +95,8 @@ class Scheduler:
     ) -> None:
         self.chat, self.max_batch_size, self.batch_wait = chat, max_batch_size, batch_wait
         self.join_room = join_room  # cache slots a batch keeps for the replies of requests that join it
+        # prompt + reply lengths of recent requests: a batch leaves room for the like of them to join
+        self._recent: collections.deque[int] = collections.deque(maxlen=64)
         self._jobs: list[Job] = []
         self._preparing = 0
         self._cv = threading.Condition()
@@ -119,6 +124,7 @@ class Scheduler:
             if self._closed:
                 raise _shutting_down()
             self._jobs.append(job)
+            self._recent.append(len(job.prepared[0]) + job.max_tokens)
             self.metrics["requests"] += 1
             self.metrics["prompt_tokens"] += len(job.prepared[0])
             self._cv.notify_all()
@@ -166,8 +172,11 @@ class Scheduler:
         chat = self.chat
         key = first[0].key
         start = max(len(j.prepared[0]) for j in first)
-        # room for the first requests' replies, and as much again for requests that join later
-        slots = start + max(j.max_tokens for j in first) + self.join_room
+        # room for the first requests' replies and for requests like the recent ones (a longer prompt
+        # moves the write slot up to its length), and join_room more for those that join later
+        with self._cv:
+            recent = max(self._recent, default=0)
+        slots = max(start + max(j.max_tokens for j in first), recent) + self.join_room
         rows = 1 if first[0].alone else self.max_batch_size  # idle rows would take draws from its seed
         batch = chat.generator.row_batch(rows, start, slots, chat._config(first[0].sampling))
         self.metrics["batches"] += 1
@@ -178,7 +187,7 @@ class Scheduler:
             for job in jobs:
                 try:
                     reply = _Reply(job, chat)  # first: a row admitted must have its reply
-                    replies[batch.admit(*job.prepared)] = reply
+                    replies[batch.admit(*job.prepared, max_new_tokens=job.max_tokens)] = reply
                     self.metrics["batch_rows"] += 1
                 except Exception as exc:  # noqa: BLE001 - this request fails, the batch goes on
                     self.metrics["errors"] += 1
