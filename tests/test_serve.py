@@ -294,3 +294,27 @@ def test_cli_serves_until_interrupted(tiny_ckpt, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "interleaf.cli", "serve", str(tiny_ckpt), "--max-batch-size", "0"],
                          capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 1 and bad.stderr.strip() == "error: --max-batch-size must be >= 1, got 0"
+
+
+def test_a_video_is_sampled_as_chat_samples_it(chat, client, gray_video, tmp_path):
+    path = tmp_path / "clip.mkv"
+    gray_video(path, 30)
+    url = "data:video/x-matroska;base64," + base64.b64encode(path.read_bytes()).decode()
+    content = [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "What happens?"}]
+    out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
+                                         temperature=0, max_tokens=6, extra_body={"mm_processor_kwargs": {"num_frames": 4}})  # fmt: skip
+    assert out.choices[0].message.content == chat.chat(
+        "What happens?", video=path, num_segments=4, max_new_tokens=6
+    )
+    _, ids, _, _ = chat.prepare("What happens?", video=path, num_segments=4)
+    assert out.usage.prompt_tokens == len(ids)
+    bad = [
+        ([{"type": "video_url", "video_url": {"url": url}}, {"type": "image_url", "image_url": {"url": url}}],
+         "one video and then no images"),
+        ([{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}],
+         r"messages\[0\].content\[0\].video_url.url: "),
+    ]  # fmt: skip
+    for content, words in bad:
+        with pytest.raises(openai.BadRequestError, match=words) as err:
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}])
+        assert "interleaf-video-" not in str(err.value)  # the temporary file is not named

@@ -16,7 +16,11 @@ Messages become InternVL prompts with the checkpoint's chat template:
   a request share its tile budget (``--max-num``, default the checkpoint's ``max_dynamic_patch``; a
   request may set ``mm_processor_kwargs: {"max_dynamic_patch": N}`` as vLLM takes it). More images,
   or a larger ``max_dynamic_patch``, than the context has room for (a tile each at least) are refused
-  before any image is decoded.
+  before any image is decoded;
+- a ``video_url`` part (as vLLM takes one; same URL kinds) may stand in the last user message of a
+  request without images: ``mm_processor_kwargs: {"num_frames": N}`` frames (default 8) are sampled
+  uniformly, one tile each, their ``FrameK: <image>`` lines in front of the text, as ``interleaf chat
+  --video`` does.
 
 Sampling follows the OpenAI API: ``temperature`` (default 1; 0 is greedy), ``top_p``, ``top_k`` (as
 vLLM; -1 or 0 is off), ``seed``, ``max_completion_tokens``/``max_tokens`` (default ``--max-tokens``,
@@ -39,7 +43,7 @@ from typing import Any
 
 from interleaf.errors import InputError, is_number
 from interleaf.processing.image import load_image
-from interleaf.processing.prompt import IMAGE_PLACEHOLDER, image_prefix
+from interleaf.processing.prompt import IMAGE_PLACEHOLDER, image_prefix, video_prefix
 
 MAX_IMAGE_BYTES = 32 << 20
 FETCH_TIMEOUT = 10.0
@@ -98,6 +102,9 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     max_num: int | None
+    video: bytes | str | None = None  # a video's bytes or allowed path (then no images)
+    video_where: str = ""  # its field, for errors
+    num_frames: int = 8  # frames sampled from it, one tile each
 
 
 def _check_number(
@@ -129,8 +136,17 @@ def _check_unicode(text: str, where: str) -> str:
 
 def load_media(url: Any, where: str, local_root: str | None, timeout: float = FETCH_TIMEOUT) -> Any:
     """The image at ``url`` (data URL, http(s) URL or allowed local path), decoded; errors name ``where``."""
+    source = media_source(url, where, local_root, timeout)
+    try:
+        return load_image(source)
+    except InputError as exc:
+        raise APIError(400, f"{where}: {exc}", where) from None
+
+
+def media_source(url: Any, where: str, local_root: str | None, timeout: float = FETCH_TIMEOUT) -> bytes | str:
+    """The bytes behind a data or http(s) URL, or the path of an allowed local file; errors name ``where``."""
     if not isinstance(url, str) or not url:
-        raise APIError(400, f"{where}: the image URL must be a non-empty string", where)
+        raise APIError(400, f"{where}: the media URL must be a non-empty string", where)
     _check_unicode(url, where)
     parsed = urllib.parse.urlsplit(url)
     scheme = parsed.scheme.lower()
@@ -152,7 +168,7 @@ def load_media(url: Any, where: str, local_root: str | None, timeout: float = FE
         if local_root is None:
             raise APIError(
                 400,
-                f"{where}: local image paths are refused (start the server with --allowed-local-media-path)",
+                f"{where}: local media paths are refused (start the server with --allowed-local-media-path)",
                 where,
             )
         path = Path(urllib.parse.unquote(parsed.path) if scheme == "file" else url).resolve()
@@ -161,12 +177,9 @@ def load_media(url: Any, where: str, local_root: str | None, timeout: float = FE
         source = str(path)
     else:
         raise APIError(
-            400, f"{where}: unsupported image URL scheme {scheme!r} (data, http, https, file)", where
+            400, f"{where}: unsupported media URL scheme {scheme!r} (data, http, https, file)", where
         )
-    try:
-        return load_image(source)
-    except InputError as exc:
-        raise APIError(400, f"{where}: {exc}", where) from None
+    return source
 
 
 def _fetch(url: str, where: str, timeout: float) -> bytes:
@@ -204,9 +217,9 @@ def place_images(parts: list[str | None]) -> str:
     return "".join(IMAGE_PLACEHOLDER if p is None else p for p in parts)
 
 
-def _message_text(msg: dict, i: int, images: list | None) -> str:
-    """The text of ``messages[i]``; its image URLs are appended to ``images`` as ``(url, where)``
-    (None: images refused), to be loaded once the whole request is checked."""
+def _message_text(msg: dict, i: int, images: list | None, videos: list | None = None) -> str:
+    """The text of ``messages[i]``; its image and video URLs are appended to ``images`` and ``videos``
+    as ``(url, where)`` (None: refused), to be loaded once the whole request is checked."""
     content = msg.get("content")
     if isinstance(content, str):
         return _check_unicode(content, f"messages[{i}].content")
@@ -229,10 +242,15 @@ def _message_text(msg: dict, i: int, images: list | None) -> str:
             url = spec.get("url") if isinstance(spec, dict) else spec
             images.append((url, f"{where}.image_url.url"))
             parts.append(None)
+        elif kind == "video_url":  # as vLLM takes a video: its frames go in front of the text
+            if videos is None:
+                raise APIError(400, f"{where}: only user messages may hold a video", where)
+            spec = part.get("video_url")
+            url = spec.get("url") if isinstance(spec, dict) else spec
+            videos.append((url, f"{where}.video_url.url"))
         else:
-            raise APIError(
-                400, f"{where}.type must be 'text' or 'image_url', got {kind!r:.40}", f"{where}.type"
-            )
+            raise APIError(400, f"{where}.type must be 'text', 'image_url' or 'video_url', got {kind!r:.40}",
+                           f"{where}.type")  # fmt: skip
     return place_images(parts)
 
 
@@ -260,7 +278,7 @@ def parse_request(body: Any, options: ServerOptions, max_tiles: int | None = Non
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages must be a non-empty list", "messages")
-    system, turns, sources = None, [], []
+    system, turns, sources, videos = None, [], [], []
     for i, msg in enumerate(messages):
         role = msg.get("role") if isinstance(msg, dict) else None
         if role in SYSTEM_ROLES:
@@ -273,8 +291,12 @@ def parse_request(body: Any, options: ServerOptions, max_tiles: int | None = Non
             if role == (turns[-1][0] if turns else "assistant"):
                 raise APIError(400, f"messages[{i}]: user and assistant messages must alternate, starting with "
                                "user", f"messages[{i}].role")  # fmt: skip
-            media = sources if role == "user" else None
-            turns.append((role, _message_text(msg, i, media)))
+            user, n_videos = role == "user", len(videos)
+            turns.append((role, _message_text(msg, i, sources if user else None, videos if user else None)))
+            if len(videos) > n_videos and i != len(messages) - 1:
+                raise APIError(
+                    400, f"messages[{i}]: only the last message may hold a video", f"messages[{i}]"
+                )
         else:
             raise APIError(400, f"messages[{i}].role must be system, user or assistant, got {role!r:.40}",
                            f"messages[{i}].role")  # fmt: skip
@@ -306,17 +328,30 @@ def parse_request(body: Any, options: ServerOptions, max_tiles: int | None = Non
     if not isinstance(stream_options, dict):
         raise APIError(400, "stream_options must be an object", "stream_options")
     mm = {} if body.get("mm_processor_kwargs") is None else body["mm_processor_kwargs"]
-    if not isinstance(mm, dict) or set(mm) - {"max_dynamic_patch"}:
-        raise APIError(400, "mm_processor_kwargs: only max_dynamic_patch is supported", "mm_processor_kwargs")
+    if not isinstance(mm, dict) or set(mm) - {"max_dynamic_patch", "num_frames"}:
+        raise APIError(400, "mm_processor_kwargs: only max_dynamic_patch and num_frames are supported",
+                       "mm_processor_kwargs")  # fmt: skip
     max_num = _check_number(mm, "max_dynamic_patch", 1, max_tiles or 1 << 16, True,
                             "mm_processor_kwargs.max_dynamic_patch")  # fmt: skip
     if max_tiles is not None and len(sources) > max_tiles:
         raise APIError(400, f"messages hold {len(sources)} images, more than the {max_tiles} image tiles the "
                        "model's context holds", "messages")  # fmt: skip
+    num_frames = _check_number(
+        mm, "num_frames", 1, max_tiles or 1 << 16, True, "mm_processor_kwargs.num_frames"
+    )
+    num_frames = 8 if num_frames is None else num_frames
     root, timeout = options.allowed_local_media_path, options.fetch_timeout
+    question, video, video_where = turns[-1][1], None, ""
+    if videos:  # as ChatModel.chat takes one: a video alone, its frames one tile each
+        if len(videos) > 1 or sources:
+            raise APIError(400, "a request may hold one video and then no images", "messages")
+        url, video_where = videos[0]
+        video = media_source(url, video_where, root, timeout)
+        if IMAGE_PLACEHOLDER not in question:
+            question = video_prefix(num_frames) + question
     images = [load_media(url, where, root, timeout) for url, where in sources]
     return ChatRequest(
-        question=turns[-1][1],
+        question=question,
         history=history,
         images=images,
         system_message=system,
@@ -326,4 +361,7 @@ def parse_request(body: Any, options: ServerOptions, max_tiles: int | None = Non
         stream=stream,
         include_usage=bool(stream_options.get("include_usage")),
         max_num=max_num if max_num is not None else options.max_num,
+        video=video,
+        video_where=video_where,
+        num_frames=num_frames,
     )

@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import queue
 import socket
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -380,19 +382,44 @@ class ChatServer(ThreadingHTTPServer):
             self._max_prompt_chars = 2 * longest * self.context_length()
         return self._max_prompt_chars
 
+    def _prepare_video(self, req: ChatRequest) -> tuple[list[int], torch.Tensor | None]:
+        """Sample and tokenise a request's video (its bytes go through a temporary file: the decoder
+        reads files)."""
+        path, tmp = req.video, None
+        if isinstance(path, bytes):
+            tmp = tempfile.NamedTemporaryFile(prefix="interleaf-video-", delete=False)
+            with tmp:
+                tmp.write(path)
+            path = tmp.name
+        try:
+            _, ids, pixel_values, _ = self.chat.prepare(
+                req.question, None, req.history, video=path, num_segments=req.num_frames,
+                system_message=req.system_message,
+            )  # fmt: skip
+        except InputError as exc:
+            message = str(exc).replace(path, "the video") if tmp is not None else str(exc)
+            raise APIError(400, f"{req.video_where}: {message}", req.video_where) from None
+        finally:
+            if tmp is not None:
+                os.unlink(tmp.name)
+        return ids, pixel_values
+
     def make_job(self, req: ChatRequest) -> Job:
         """Tile, tokenise and check one request (in its handler thread)."""
         chars = len(req.question) + len(req.system_message or "") + sum(len(q + a) for q, a in req.history)
         if chars > self.max_prompt_chars():
             raise APIError(400, f"the messages hold {chars} characters, more than the model's context of "
                            f"{self.context_length()} tokens can take", "messages")  # fmt: skip
-        try:
-            _, ids, pixel_values, _ = self.chat.prepare(
-                req.question, req.images or None, req.history, max_num=req.max_num,
-                system_message=req.system_message,
-            )  # fmt: skip
-        except InputError as exc:
-            raise APIError(400, str(exc), "messages") from None
+        if req.video is not None:
+            ids, pixel_values = self._prepare_video(req)
+        else:
+            try:
+                _, ids, pixel_values, _ = self.chat.prepare(
+                    req.question, req.images or None, req.history, max_num=req.max_num,
+                    system_message=req.system_message,
+                )  # fmt: skip
+            except InputError as exc:
+                raise APIError(400, str(exc), "messages") from None
         cfg = self.chat.config
         if (
             pixel_values is not None
