@@ -288,3 +288,37 @@ def test_row_batch_a_longer_prompt_moves_the_write_slot_and_all_answer_as_alone(
         batch.advance()
     batch.close()
     assert [got[r] for r in owners] == alone
+
+
+def test_row_batch_a_failed_longer_prompt_leaves_the_graphed_step_as_it_was(chat, questions):
+    """A longer prompt whose prefill fails (here: too few tiles for its image tokens) must leave the batch
+    as it was. It moved the write slot and zeroed the gap in the batch's mask before its prefill, and the
+    graphed decode step's copy of the mask was only set after it: the running row went on attending to
+    the gap's stale keys (a previous batch's) and its reply changed."""
+    from interleaf.generation.engine import Generator
+
+    qs, images, budgets = questions
+    image, text = chat.prepare_batch(qs[:2], images[:2], budgets[:2])
+    cfg = chat._config({"max_new_tokens": 6})
+    want = chat.generator.generate(torch.tensor([text[0]]), config=cfg).tokens[0]
+    graphed = Generator(chat.model, static_cache=True)
+    graphed.cuda_graphs = True
+    slots = len(image[0]) + 20
+    batch = graphed.row_batch(rows=2, start=len(image[0]), slots=slots, config=cfg)
+    batch.admit(*image, max_new_tokens=2)  # leaves its keys in the slots the gap will cover
+    batch.sample()
+    batch.advance()
+    batch.close()
+    batch = graphed.row_batch(rows=2, start=len(text[0]), slots=slots, config=cfg)
+    batch.admit(*text, max_new_tokens=6)
+    got: list[int] = []
+    for step in range(6):
+        if step == 2:
+            t = batch.t
+            with pytest.raises(InputError, match="image"):
+                batch.admit(image[0], image[1][:1], max_new_tokens=2)
+            assert batch.t == t and len(batch.active) == 1
+        got += batch.sample().values()
+        batch.advance()
+    batch.close()
+    assert got == want

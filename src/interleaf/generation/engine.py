@@ -704,10 +704,6 @@ class RowBatch:
         if not n or not self.can_admit(n, need):
             raise InputError(f"row_batch: a prompt of {n} tokens cannot join now (slot {self.t}, "
                              f"{len(self.active)}/{self.rows} rows busy)")  # fmt: skip
-        if n > self.t:  # skip the write slot ahead to the prompt's length: a masked gap for the others
-            self.mask[:, self.t : n] = 0
-            self.ends = {row: end + n - self.t for row, end in self.ends.items()}
-            self.t = n
         r = min(set(range(self.rows)) - self.active)
         model = self.generator.model
         extra = {}
@@ -720,6 +716,12 @@ class RowBatch:
             ).logits[:, -1]  # fmt: skip
             if self.logits is None:
                 self.logits = torch.zeros(self.rows, logits.shape[-1], dtype=logits.dtype, device=self.device)
+            # only once its prefill succeeded (a failed one leaves the batch as it was, the graphed step's
+            # mask included): skip the write slot ahead to the prompt's length, a masked gap for the others
+            if n > self.t:
+                self.mask[:, self.t : n] = 0
+                self.ends = {row: end + n - self.t for row, end in self.ends.items()}
+                self.t = n
             self.logits[r] = logits[0]
             self.mask[r] = 1
             self.mask[r, n : self.t] = 0  # between its prompt and its first token: not its keys
