@@ -389,3 +389,34 @@ def test_a_request_failing_as_it_joins_fails_alone(chat, server, client, monkeyp
     assert good[0] == 200
     assert good[1]["choices"][0]["message"]["content"] == chat.chat("Join now.", max_new_tokens=5)
     assert post(server, user("Later.", max_tokens=2))[0] == 200
+
+
+def test_a_video_request_whose_text_is_wrong_names_the_messages_not_the_video(server, gray_video, tmp_path):
+    """A good video with text whose ``<image>`` placeholders do not match its frames (in the question or in
+    an earlier turn): the text is at fault, as for an image request. Every error of ChatModel.prepare was
+    reported under the video's field, telling the client its (good) video was bad."""
+    path = tmp_path / "clip.mkv"
+    gray_video(path, 6)
+    video = {"type": "video_url", "video_url": {"url": "data:video/x-matroska;base64,"
+                                                + base64.b64encode(path.read_bytes()).decode()}}  # fmt: skip
+    frames = {"mm_processor_kwargs": {"num_frames": 2}, "max_tokens": 1}
+    for messages in (
+        [{"role": "user", "content": [video, {"type": "text", "text": "<image>\nWhat happens?"}]}],
+        [
+            {"role": "user", "content": "<image> hello"},
+            {"role": "assistant", "content": "hi"},
+            {"role": "user", "content": [video, {"type": "text", "text": "?"}]},
+        ],
+    ):
+        status, out = post(server, {"model": "tiny", "messages": messages, **frames})
+        assert status == 400 and out["error"]["param"] == "messages", out
+        assert "placeholder" in out["error"]["message"]
+    status, out = post(
+        server,
+        {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": [video, {"type": "text", "text": "?"}]}],
+            **frames,
+        },
+    )
+    assert status == 200, out

@@ -51,6 +51,7 @@ import torch
 from interleaf.errors import InputError
 from interleaf.generation.chat import ChatModel, TextStreamer
 from interleaf.generation.engine import RowBatch
+from interleaf.processing.video import frames_to_pixels, read_video_frames
 from interleaf.serve.protocol import APIError, ChatRequest, ServerOptions, parse_request
 
 MAX_BODY_BYTES = 64 << 20  # a request with several base64 images fits easily
@@ -384,7 +385,7 @@ class ChatServer(ThreadingHTTPServer):
 
     def _prepare_video(self, req: ChatRequest) -> tuple[list[int], torch.Tensor | None]:
         """Sample and tokenise a request's video (its bytes go through a temporary file: the decoder
-        reads files)."""
+        reads files). Decoding errors name the video's field, errors of the text ``messages``."""
         path, tmp = req.video, None
         if isinstance(path, bytes):
             tmp = tempfile.NamedTemporaryFile(prefix="interleaf-video-", delete=False)
@@ -392,16 +393,21 @@ class ChatServer(ThreadingHTTPServer):
                 tmp.write(path)
             path = tmp.name
         try:
-            _, ids, pixel_values, _ = self.chat.prepare(
-                req.question, None, req.history, video=path, num_segments=req.num_frames,
-                system_message=req.system_message,
-            )  # fmt: skip
+            frames = read_video_frames(path, num_segments=req.num_frames)
+            pixel_values = frames_to_pixels(frames, self.chat.config.image_size)
         except InputError as exc:
             message = str(exc).replace(path, "the video") if tmp is not None else str(exc)
             raise APIError(400, f"{req.video_where}: {message}", req.video_where) from None
         finally:
             if tmp is not None:
                 os.unlink(tmp.name)
+        try:  # the question has its frames' placeholders (parse_request): the prompt chat(video=...) makes
+            _, ids, pixel_values, _ = self.chat.prepare(
+                req.question, None, req.history, pixel_values=pixel_values, num_tiles=[1] * len(frames),
+                system_message=req.system_message,
+            )  # fmt: skip
+        except InputError as exc:
+            raise APIError(400, str(exc), "messages") from None
         return ids, pixel_values
 
     def make_job(self, req: ChatRequest) -> Job:
