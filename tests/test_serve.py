@@ -239,7 +239,7 @@ def test_models_health_metrics_and_errors(server, client):
         (dict(messages=[{"role": "user", "content": "hi"}], temperature=3), "temperature must be"),
         (dict(messages=[{"role": "user", "content": "hi"}], logprobs=True), "logprobs is not supported"),
         (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]),
-         "local image paths are refused"),
+         "local media paths are refused"),
         (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}]}]),
          r"messages\[0\].content\[0\].image_url.url: bad base64"),
         (dict(messages=[{"role": "user", "content": "two <image> <image>"}]), "placeholder"),
