@@ -195,12 +195,12 @@ def _fetch(url: str, where: str, timeout: float) -> bytes:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"not done after {timeout:g} s")
     except urllib.error.HTTPError as exc:
-        raise APIError(400, f"{where}: fetching the image got HTTP {exc.code}", where) from None
+        raise APIError(400, f"{where}: fetching it got HTTP {exc.code}", where) from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise APIError(400, f"{where}: cannot fetch the image ({reason})", where) from None
+        raise APIError(400, f"{where}: cannot fetch it ({reason})", where) from None
     if size > MAX_IMAGE_BYTES:
-        raise APIError(400, f"{where}: the image is over {MAX_IMAGE_BYTES >> 20} MiB", where)
+        raise APIError(400, f"{where}: the file is over {MAX_IMAGE_BYTES >> 20} MiB", where)
     return b"".join(chunks)
 
 
