@@ -657,7 +657,6 @@ class RowBatch:
         self.live = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.tokens = torch.full((rows,), config.pad_token_id, dtype=torch.long, device=device)
         self.logits: torch.Tensor | None = None  # [rows, V]: what each row samples from next
-        self.active: set[int] = set()
         self.ends: dict[int, int] = {}  # active row -> the slot count it needs (t at admission + its tokens)
         self._graphed = None
         if generator.cuda_graphs and self._shared:
@@ -677,6 +676,11 @@ class RowBatch:
     @property
     def rows(self) -> int:
         return self.mask.shape[0]
+
+    @property
+    def active(self) -> set[int]:
+        """The rows generating now."""
+        return set(self.ends)
 
     def can_admit(self, prompt_len: int, max_new_tokens: int) -> bool:
         """Whether a prompt of ``prompt_len`` tokens that may generate ``max_new_tokens`` joins now."""
@@ -704,7 +708,7 @@ class RowBatch:
         if not n or not self.can_admit(n, need):
             raise InputError(f"row_batch: a prompt of {n} tokens cannot join now (slot {self.t}, "
                              f"{len(self.active)}/{self.rows} rows busy)")  # fmt: skip
-        r = min(set(range(self.rows)) - self.active)
+        r = min(set(range(self.rows)) - self.ends.keys())
         model = self.generator.model
         extra = {}
         if pixel_values is not None:
@@ -729,29 +733,27 @@ class RowBatch:
             self.live[r] = 1
             if self._graphed is not None:  # (its buffers are inference tensors: written in inference mode)
                 self._graphed.set_mask(self.mask)
-        self.active.add(r)
         self.ends[r] = self.t + need
         return r
 
     def release(self, row: int) -> None:
         """Row ``row`` is done: it is no longer sampled nor fed, and a new request may take it."""
-        self.active.discard(row)
         self.ends.pop(row, None)
         self.live[row] = 0
         self.positions[row] = 0  # (see self.live)
 
     def sample(self) -> dict[int, int]:
         """The next token of every active row, ``{row: token}`` (each row's first: from its prefill)."""
-        if not self.active:
+        if not self.ends:
             return {}
         with torch.inference_mode():
             self.tokens = sample_next(self.logits, self.config, self._sampler)
         host = self.tokens.tolist()  # the one host sync per step
-        return {r: host[r] for r in sorted(self.active)}
+        return {r: host[r] for r in sorted(self.ends)}
 
     def advance(self) -> None:
         """Feed every active row the token sample() gave it: one decode step at slot ``t``."""
-        if not self.active:
+        if not self.ends:
             return
         if self.t >= self.slots:
             raise InputError(f"row_batch: all {self.slots} slots are used")
@@ -759,12 +761,10 @@ class RowBatch:
             if self._graphed is not None:
                 logits = self._graphed(self.tokens, self.positions, self.t)
             else:
-                hi = max(self.active) + 1  # rows past the last active one sit out
-                logits = self.generator.model(
-                    input_ids=self.tokens[:hi, None], attention_mask=self.mask[:hi],
-                    position_ids=self.positions[:hi], kv_cache=_row_range_view(self.cache, hi),
-                    cache_position=torch.tensor([self.t], device=self.device), logits_to_keep=1,
-                ).logits[:, -1]  # fmt: skip
+                hi = max(self.ends) + 1  # rows past the last active one sit out
+                cache = self.cache if hi == self.rows else _rows_view(self.cache, 0, hi)
+                step = self.generator._eager_step(cache, self.mask[:hi], self.positions[:hi], self.t)
+                logits = step(self.tokens[:hi], 0)
             self.logits[: logits.shape[0]] = logits
             self.positions += self.live
         self.t += 1
@@ -776,23 +776,19 @@ class RowBatch:
             self._shared = False
 
 
-def _row_range_view(cache, rows: int):
-    """Rows ``[0, rows)`` of ``cache`` as a cache sharing its buffers."""
-    if rows == cache.batch_size:
-        return cache
+def _rows_view(cache, start: int, stop: int):
+    """Rows ``[start, stop)`` of ``cache`` as a cache sharing its buffers (writes land in the batch cache)."""
     view = copy.copy(cache)
-    view.keys = [k[:rows] for k in cache.keys]
-    view.values = [v[:rows] for v in cache.values]
-    view.batch_size = rows
+    view.keys = [k[start:stop] for k in cache.keys]
+    view.values = [v[start:stop] for v in cache.values]
+    view.batch_size = stop - start
     return view
 
 
 def _row_view(cache, row: int):
-    """Row ``row`` of ``cache`` as a batch-1 cache sharing its buffers (writes land in the batch cache)."""
-    view = copy.copy(cache)
-    view.keys = [k[row : row + 1] for k in cache.keys]
-    view.values = [v[row : row + 1] for v in cache.values]
-    view.batch_size, view.length, view.full_attention = 1, 0, False
+    """Row ``row`` of ``cache`` as an empty batch-1 cache for a prefill that attends just its prompt."""
+    view = _rows_view(cache, row, row + 1)
+    view.length, view.full_attention = 0, False
     return view
 
 
