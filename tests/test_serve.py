@@ -318,3 +318,32 @@ def test_a_video_is_sampled_as_chat_samples_it(chat, client, gray_video, tmp_pat
         with pytest.raises(openai.BadRequestError, match=words) as err:
             client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}])
         assert "interleaf-video-" not in str(err.value)  # the temporary file is not named
+
+
+def test_joiners_are_checked_against_the_batch_as_earlier_joiners_left_it(chat):
+    """Two queued requests that each fit the running batch, but not both at once: the second is checked
+    after the first joined, so it joins once it fits (it was checked against the batch as it was before
+    the first joined, taken, and then failed: 'cannot join now')."""
+    from interleaf.serve.server import Job, Scheduler
+
+    def job(question: str, max_tokens: int) -> Job:
+        _, ids, px, _ = chat.prepare(question)
+        return Job((ids, px), {"do_sample": False}, max_tokens, (), False)
+
+    first = job("Hi.", 5)
+    p0 = len(first.prepared[0])
+    question = "Hi, and a few more words to make this prompt longer."
+    longer = job(question, 2)
+    room = len(longer.prepared[0]) - p0 + 5  # slots = p0 + 5 + room: the longer prompt fits alone
+    # the second step's write slot is p0 + 1: this one ends exactly at the last slot
+    filler = job("Hi.", p0 + 5 + room - (p0 + 1))
+    scheduler = Scheduler(chat, max_batch_size=4, join_room=room)
+    try:
+        with scheduler._cv:  # queued without waking the worker: this thread runs the batch
+            scheduler._jobs += [filler, longer]
+        scheduler._generate([first])
+    finally:
+        scheduler.close()
+    assert [j.events.get_nowait()[0] for j in (first, filler)] == ["done", "done"]
+    assert longer.events.get_nowait()[:2] == ("done", chat.chat(question, max_new_tokens=2))
+    assert scheduler.metrics["batches"] == 1 and scheduler.metrics["batch_rows"] == 3

@@ -186,18 +186,18 @@ class Scheduler:
         stop_ids = frozenset(chat.stop_token_ids)
         replies: dict[int, _Reply] = {}  # row -> its reply
 
-        def admit(jobs: list[Job]) -> None:
-            for job in jobs:
-                try:
-                    reply = _Reply(job, chat)  # first: a row admitted must have its reply
-                    replies[batch.admit(*job.prepared, max_new_tokens=job.max_tokens)] = reply
-                    self.metrics["batch_rows"] += 1
-                except Exception as exc:  # noqa: BLE001 - this request fails, the batch goes on
-                    self.metrics["errors"] += 1
-                    job.events.put(("error", exc))
+        def admit(job: Job) -> None:
+            try:
+                reply = _Reply(job, chat)  # first: a row admitted must have its reply
+                replies[batch.admit(*job.prepared, max_new_tokens=job.max_tokens)] = reply
+                self.metrics["batch_rows"] += 1
+            except Exception as exc:  # noqa: BLE001 - this request fails, the batch goes on
+                self.metrics["errors"] += 1
+                job.events.put(("error", exc))
 
         try:
-            admit(first)
+            for job in first:
+                admit(job)
             while replies:
                 for row, token in batch.sample().items():
                     reply = replies[row]
@@ -210,7 +210,8 @@ class Scheduler:
                 if self._closed:
                     break
                 batch.advance()
-                admit(self._joiners(key, batch))
+                while (job := self._next_joiner(key, batch)) is not None:
+                    admit(job)  # before the next is checked: it may move the write slot
         except Exception as exc:  # noqa: BLE001 - reported to the requests in the batch
             self.metrics["errors"] += len(replies)
             for reply in replies.values():
@@ -221,18 +222,17 @@ class Scheduler:
             for reply in replies.values():  # left when the server closed
                 reply.job.events.put(("error", _shutting_down()))
 
-    def _joiners(self, key: tuple, batch: RowBatch) -> list[Job]:
-        """Queued jobs that join the running batch now, first come first served: from the head of the
-        queue while they share its sampling settings and fit (a job that cannot join holds the ones
-        behind it back, so the batch drains and that job goes next)."""
-        taken: list[Job] = []
+    def _next_joiner(self, key: tuple, batch: RowBatch) -> Job | None:
+        """The queued job that joins the running batch now, first come first served: the head of the
+        queue if it shares the batch's sampling settings and fits it (a job that cannot join holds the
+        ones behind it back, so the batch drains and that job goes next)."""
         with self._cv:
-            while self._jobs and len(batch.active) + len(taken) < batch.rows:
-                job = self._jobs[0]
-                if job.key != key or not batch.can_admit(len(job.prepared[0]), job.max_tokens):
-                    break
-                taken.append(self._jobs.pop(0))
-        return taken
+            if not self._jobs:
+                return None
+            job = self._jobs[0]
+            if job.key != key or not batch.can_admit(len(job.prepared[0]), job.max_tokens):
+                return None
+            return self._jobs.pop(0)
 
 
 class _Reply:
