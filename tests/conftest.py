@@ -8,12 +8,18 @@
   frame k is flat gray level 8*k, so a decoded frame tells its own index.
 * ``torchrun(*args)``: ``interleaf`` under torchrun, 2 CPU ranks on a free port; returns the
   ``CompletedProcess`` after asserting it succeeded.
+* ``loopback_http(Handler)``: a context manager serving a ``BaseHTTPRequestHandler`` class on
+  127.0.0.1 from a thread; yields its base URL (``http://127.0.0.1:PORT``).
 
 Both directories are read-only by convention: copy them before modifying anything.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -96,3 +102,21 @@ def torchrun():
         return proc
 
     return run
+
+
+@contextmanager
+def _loopback_http(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.fixture(scope="session")
+def loopback_http():
+    return _loopback_http

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import io
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 from PIL import Image, ImageDraw
@@ -71,13 +70,9 @@ class Handler(BaseHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def server():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
+def server(loopback_http):
+    with loopback_http(Handler) as base:
+        yield base
 
 
 def test_fetch_over_loopback_reasons(server, tmp_path):
@@ -177,7 +172,7 @@ class CorpusHandler(Handler):
             super().do_GET()
 
 
-def test_fetch_corpus_over_loopback(tmp_path):
+def test_fetch_corpus_over_loopback(tmp_path, loopback_http):
     import json
     import shutil
 
@@ -185,10 +180,7 @@ def test_fetch_corpus_over_loopback(tmp_path):
     from interleaf.corpus import pipeline as P
     from interleaf.corpus.sample import write_warc
 
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), CorpusHandler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{srv.server_address[1]}"
-    try:
+    with loopback_http(CorpusHandler) as base:
         text = " ".join(["The garden by the river had many old trees and a small bridge."] * 6)
         pages = []
         for i, imgs in enumerate(
@@ -251,9 +243,6 @@ def test_fetch_corpus_over_loopback(tmp_path):
         st3 = E.build([warc], tmp_path / "inline", cfg2, workers=1, progress=False)
         assert (tmp_path / "inline" / "_SUCCESS").exists() and st3["balanced"]
         assert [d.url for d in E.iter_output_documents(tmp_path / "inline")] == [d.url for d in docs]
-    finally:
-        srv.shutdown()
-        srv.server_close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,7 +393,7 @@ class SlowImages(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-def test_fetch_images_killed_anywhere_resumes_to_identical_output(tmp_path):
+def test_fetch_images_killed_anywhere_resumes_to_identical_output(tmp_path, loopback_http):
     import shutil
 
     import yaml
@@ -412,10 +401,7 @@ def test_fetch_images_killed_anywhere_resumes_to_identical_output(tmp_path):
     from interleaf.corpus.sample import write_warc
     from test_corpus_engine import _kill_when, _run_cli
 
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), SlowImages)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{srv.server_address[1]}"
-    try:
+    with loopback_http(SlowImages) as base:
         pages = []
         for i in range(12):
             srcs = (
@@ -464,9 +450,6 @@ def test_fetch_images_killed_anywhere_resumes_to_identical_output(tmp_path):
         assert p.returncode == 0, err.decode()
         assert _state(out) == expected
         assert not [q for q in out.rglob("*") if ".tmp" in q.name and q.is_file()]
-    finally:
-        srv.shutdown()
-        srv.server_close()
 
 
 def test_fetch_section_types_are_checked(tmp_path):

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import openai
 import pytest
@@ -195,16 +195,12 @@ class _Images(BaseHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def images_url(noise_image):
+def images_url(noise_image, loopback_http):
     buf = io.BytesIO()
     noise_image(40, 120, 90).save(buf, format="PNG")
     _Images.png = buf.getvalue()
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Images)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
+    with loopback_http(_Images) as base:
+        yield base
 
 
 def test_http_images_and_a_trickling_image_server(chat, images_url, noise_image):
