@@ -365,14 +365,14 @@ def test_cli_run_against_a_closed_port_fails_with_one_line(mini_mmiu, tmp_path, 
 def _failing_judge(monkeypatch, fails) -> None:
     """The judge's endpoint client raises, as after all retries, for the prompts ``fails`` picks
     (``make_judge`` itself, which records why calls failed, stays the real one)."""
-    from interleaf.eval import adapters
+    from interleaf import endpoint
 
     def complete(self, messages, **params) -> str:
         if fails(messages[0]["content"][0]["text"]):
-            raise adapters.EndpointError("ConnectionRefusedError talking to http://127.0.0.1:9: refused")
+            raise endpoint.EndpointError("ConnectionRefusedError talking to http://127.0.0.1:9: refused")
         return "A"
 
-    monkeypatch.setattr(adapters.OpenAIClient, "complete", complete)
+    monkeypatch.setattr(endpoint.OpenAIClient, "complete", complete)
 
 
 def test_cli_score_mmiu_says_when_judge_calls_failed(monkeypatch, capsys):

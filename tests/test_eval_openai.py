@@ -25,8 +25,9 @@ import pytest
 from PIL import Image
 
 from interleaf.cli import main
+from interleaf.endpoint import EndpointError, OpenAIClient
 from interleaf.eval import runner
-from interleaf.eval.adapters import EndpointError, OpenAIAdapter, OpenAIClient, Request
+from interleaf.eval.adapters import OpenAIAdapter, Request
 from interleaf.eval.mini import make_mini_mmiu
 from test_eval_scorers import rule_judge
 
@@ -160,10 +161,10 @@ def test_client_does_not_retry_4xx(server):
 
 
 def test_client_waits_what_retry_after_asks(server, monkeypatch):
-    from interleaf.eval import adapters
+    from interleaf import endpoint
 
     slept: list[float] = []
-    monkeypatch.setattr(adapters.time, "sleep", slept.append)
+    monkeypatch.setattr(endpoint.time, "sleep", slept.append)
     client = OpenAIClient(server.url, "m", timeout=5, retries=2, backoff=0.01)
     out = client.complete([{"role": "user", "content": [{"type": "text", "text": "hi RATE429"}]}])
     assert out.startswith("A") and len(server.requests) == 2
