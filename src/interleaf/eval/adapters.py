@@ -27,7 +27,7 @@ from typing import Any
 
 from interleaf.endpoint import OpenAIClient, image_data_url, parse_openai_spec
 from interleaf.errors import InputError
-from interleaf.eval.store import file_digest
+from interleaf.store import file_digest
 
 IMAGE_PLACEHOLDER = "<image>"
 

@@ -20,7 +20,7 @@ from typing import Any
 from interleaf.errors import InputError
 from interleaf.eval import mmiu, mmniah
 from interleaf.eval.adapters import Adapter, Request, make_adapter, make_judge
-from interleaf.eval.store import ResponseStore, file_digest, request_key
+from interleaf.store import ResponseStore, file_digest, request_key
 
 log = logging.getLogger(__name__)
 BENCHES = ("mmiu", "mmniah")

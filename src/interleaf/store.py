@@ -1,4 +1,5 @@
-"""Crash-safe response store: every model answer is committed to SQLite (WAL) as it arrives.
+"""Crash-safe response store: every model answer (evaluation, instruction generation) is committed to
+SQLite (WAL) as it arrives.
 
 A response is keyed by a SHA-256 over the sample id, the prompt text, the content of every image,
 the model fingerprint and the generation settings, so a rerun after a kill (at any point: WAL
