@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "interleaf.model.cli",
     "interleaf.generation.cli",
     "interleaf.corpus.cli",
+    "interleaf.instruct.cli",
     "interleaf.eval.cli",
     "interleaf.serve.cli",
     "interleaf.train.cli",

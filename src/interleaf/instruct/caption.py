@@ -1,0 +1,182 @@
+"""``interleaf instruct caption``: images -> detailed captions from a vision-language model.
+
+MMInstruct's step (b): every image is sent, as a thumbnail of at most 512 x 512 pixels with
+``detail: low`` (as the official engine sends it), to a VLM on any OpenAI-compatible endpoint
+(``interleaf serve``, vLLM, LMDeploy, a hosted API) with a request for a long description; when the
+record carries text read from the image (``ocr``), the prompt gives it to the model too. Captions
+shorter than ``min_words`` are rejected. Answers are committed to a SQLite store as they arrive, so
+a rerun after a kill asks only for the rest.
+
+Input: a folder of images (ids are their paths inside it) or records (JSONL / JSON list) with
+``image`` | ``image_path`` and optional ``id``, ``domain``, ``prior`` | ``bing_tag``, ``ocr``.
+Output in OUT: ``captions.jsonl`` (what ``interleaf instruct generate`` reads; image paths relative
+to OUT), ``rejected.jsonl``, ``stats.json``, ``responses.sqlite``.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from interleaf.errors import InputError
+from interleaf.instruct.engine import (
+    Rejected,
+    Task,
+    ask_all,
+    check_failures,
+    endpoint_client,
+    iter_records,
+    jsonl,
+    request_params,
+    write_atomic,
+)
+from interleaf.instruct.parse import units
+from interleaf.store import ResponseStore, file_digest, request_key
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+THUMBNAIL = 512
+PROMPT = {
+    "en": "Describe this image in detail, in at least {n} words: the subjects, their attributes and"
+    " actions, the setting, the layout and any visible text.",
+    "zh": "请详细描述这张图片，不少于{n}字：包括主体、它们的属性和动作、场景、布局以及图中可见的文字。",
+}
+PROMPT_OCR = {
+    "en": "The image contains this text: {ocr}\nUsing both the image and its text, describe the image in"
+    " detail, in at least {n} words.",
+    "zh": "图片中包含以下文字：{ocr}\n请结合图片本身和其中的文字，详细描述这张图片，不少于{n}字。",
+}
+
+
+def _image_records(source: Path) -> tuple[Path, list[tuple[str, dict | None, str | None]]]:
+    """(image root, [(where, record, error)]) for a folder of images or a records file."""
+    if source.is_dir():
+        files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise InputError(f"{source}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        return source, [
+            (str(p.relative_to(source)), {"image": str(p.relative_to(source))}, None) for p in files
+        ]
+    if not source.is_file():
+        raise InputError(f"images not found: {source} (a folder of images or a JSONL of records)")
+    return source.parent, [(f"{source.name}:{i}", rec, err) for i, rec, err in iter_records(source)]
+
+
+def thumbnail_data_url(path: str, size: int = THUMBNAIL) -> str:
+    """The image shrunk to fit ``size`` x ``size`` (aspect kept, never enlarged), as a JPEG data URL."""
+    from interleaf.processing.image import load_image
+
+    img = load_image(path).copy()
+    img.thumbnail((size, size))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def caption_images(
+    images: str | os.PathLike,
+    vlm: str,
+    out: str | os.PathLike,
+    domain: str | None = None,
+    lang: str = "en",
+    min_words: int = 60,
+    max_tokens: int = 1024,
+    temperature: float | None = None,
+    concurrency: int = 8,
+    timeout: float = 120.0,
+    retries: int = 3,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Caption every readable, distinct image; returns the stats written to ``stats.json``."""
+    if lang not in PROMPT:
+        raise InputError(f"unknown language {lang!r} (en or zh)")
+    started = time.time()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    client, fingerprint = endpoint_client(vlm, timeout, retries)
+    params = request_params(max_tokens, temperature, None)
+    root, records = _image_records(Path(images))
+    rejected: list[Rejected] = []
+    tasks: list[Task] = []
+    seen: dict[str, str] = {}
+    for where, rec, error in records:
+        if rec is None:
+            rejected.append(Rejected("caption", "bad_record", f"{where}: {error}", where))
+            continue
+        image = rec.get("image", rec.get("image_path"))
+        cid = str(rec.get("id", where))
+        if not isinstance(image, str) or not image:
+            rejected.append(
+                Rejected("caption", "bad_record", f"{where}: field 'image' (a path) is missing", cid)
+            )
+            continue
+        path = image if os.path.isabs(image) else os.path.join(root, image)
+        try:
+            url = thumbnail_data_url(path)
+        except InputError as exc:
+            reason = "missing_image" if not os.path.exists(path) else "bad_image"
+            rejected.append(Rejected("caption", reason, f"{where}: {exc}", cid))
+            continue
+        digest = file_digest(path)
+        if digest in seen:
+            detail = f"{where}: image {image} has the same bytes as {seen[digest]}"
+            rejected.append(Rejected("caption", "duplicate_image", detail, cid))
+            continue
+        seen[digest] = f"{image} (record {cid!r})"
+        ocr = rec.get("ocr")
+        if isinstance(ocr, str) and ocr.strip():
+            prompt = PROMPT_OCR[lang].format(ocr=ocr.strip(), n=min_words)
+        else:
+            prompt = PROMPT[lang].format(n=min_words)
+        content = [
+            {"type": "image_url", "image_url": {"url": url, "detail": "low"}},
+            {"type": "text", "text": prompt},
+        ]
+        record = {
+            "id": cid,
+            "image": os.path.relpath(os.path.abspath(path), out.resolve()),
+            "domain": str(rec.get("domain") or domain or "image_description"),
+        }
+        prior = rec.get("prior", rec.get("bing_tag"))
+        if prior not in (None, ""):
+            record["prior"] = str(prior)
+        task = Task(cid, [{"role": "user", "content": content}], meta={"record": record})
+        task.key = request_key(cid, prompt, [digest], fingerprint, params)
+        tasks.append(task)
+        if limit is not None and len(tasks) >= limit:
+            break
+
+    with ResponseStore(out / "responses.sqlite") as store:
+        counts = ask_all(client, tasks, store, params, concurrency, progress, desc="captions")
+    captions = []
+    for task in tasks:
+        if task.response is None:
+            rejected.append(Rejected("request", "endpoint_error", task.error or "", task.id))
+            continue
+        text = task.response.strip()
+        if len(units(text)) < min_words:
+            detail = f"caption has {len(units(text))} words (min {min_words})"
+            rejected.append(Rejected("request", "caption_too_short", detail, task.id, response=text))
+            continue
+        captions.append({**task.meta["record"], "caption": text})
+
+    reasons = Counter(r.reason for r in rejected)
+    stats = {
+        "vlm": fingerprint,
+        "images": len(records),
+        "requests": {"total": len(tasks), **{k: counts[k] for k in ("from_store", "asked", "failed")}},
+        "captions": len(captions),
+        "rejected": dict(reasons),
+        "seconds": round(time.time() - started, 3),
+    }
+    write_atomic(out / "captions.jsonl", jsonl(captions))
+    write_atomic(out / "rejected.jsonl", jsonl([r.to_json() for r in rejected]))
+    write_atomic(out / "stats.json", json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
+    check_failures(vlm, counts, tasks, out)
+    return stats

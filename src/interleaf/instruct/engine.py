@@ -1,0 +1,536 @@
+"""``interleaf instruct generate``: image captions -> checked, deduplicated instruction data.
+
+MMInstruct's step (d): for every caption and instruction type (judgement, multiple choice, long
+VQA, short VQA) an LLM on any OpenAI-compatible endpoint is given the caption, the image's prior
+knowledge and up to three seed questions of the caption's domain, and writes new questions with
+answers in the tag format (``interleaf.instruct.parse``). Each item is checked, near-duplicate
+questions of one image are dropped, and the rest become fine-tuning samples in InternVL's format.
+
+Flow, as small steps with counts:
+
+    read captions (bad records, missing or unreadable images, duplicate images -> rejected)
+    -> prompts (seeds sampled reproducibly per caption and type)
+    -> LLM, each answer committed to a SQLite store as it arrives (a rerun asks only for the rest)
+    -> parse + check each item -> dedup per image and type -> write
+
+Outputs in OUT (written whole at the end, so a killed run leaves the previous ones or none):
+``instructions.jsonl`` (``{"id", "image", "conversations", "type", "domain", "caption_id"}``),
+``meta.json`` (the meta file ``interleaf train`` reads), ``rejected.jsonl`` (one line per dropped
+caption, failed request or rejected item, with a reason code), ``stats.json`` and
+``responses.sqlite`` (the store).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from interleaf.endpoint import OpenAIClient, parse_openai_spec
+from interleaf.errors import InputError, cannot_read
+from interleaf.instruct.parse import (
+    LETTERS,
+    Checks,
+    Instruction,
+    check_response,
+    is_near_duplicate,
+    question_shingles,
+)
+from interleaf.instruct.seeds import TYPES, SeedBank
+from interleaf.store import ResponseStore, file_digest, request_key
+
+log = logging.getLogger(__name__)
+
+ITEMS_PER_REQUEST = {"judge": 4, "choice": 3, "long": 3, "short": 3}
+SEEDS_PER_PROMPT = 3
+SYSTEM_MESSAGE = "You write precise questions and answers about images, grounded in their descriptions."
+DEFAULT_DOMAIN = "image_description"
+
+
+# ----------------------------------------------------------------------------------------------------
+# records
+
+
+@dataclass
+class Caption:
+    """A caption record: the image (as written in the file, and resolved), its description, domain
+    and prior knowledge (e.g. the image's title; "Empty" when none, as the official prompts say)."""
+
+    id: str
+    image: str
+    path: str
+    caption: str
+    domain: str
+    prior: str = "Empty"
+    digest: str = ""
+
+
+@dataclass
+class Rejected:
+    """One line of ``rejected.jsonl``."""
+
+    stage: str  # "caption" | "request" | "item"
+    reason: str
+    detail: str
+    caption_id: str | None = None
+    type: str | None = None
+    item: int | None = None
+    response: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+def _first(record: dict, names: Sequence[str]) -> Any:
+    for name in names:
+        if name in record:
+            return record[name]
+    return None
+
+
+def iter_records(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
+    """``(line, record, error)`` for a JSONL file or a JSON list (``line`` is the item's index there)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise cannot_read(path, exc) from None
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}: not valid JSON ({exc})") from None
+        lines: Iterator[tuple[int, Any]] = enumerate(data, 1)
+    else:
+        lines = ((i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip())
+    for i, item in lines:
+        if isinstance(item, str):
+            try:
+                item = json.loads(item)
+            except json.JSONDecodeError as exc:
+                yield i, None, f"not valid JSON ({exc.msg})"
+                continue
+        if not isinstance(item, dict):
+            yield i, None, f"expected an object, got {type(item).__name__}"
+            continue
+        yield i, item, None
+
+
+def read_captions(
+    path: str | os.PathLike, image_root: str | os.PathLike | None = None, domain: str | None = None
+) -> tuple[list[Caption], list[Rejected]]:
+    """Caption records from JSONL / a JSON list. Fields: ``image`` | ``image_path`` (relative to
+    ``image_root``, default the file's folder), ``caption`` | ``gpt4v_caption_interface`` (the
+    official caption field), optional ``id``, ``domain`` (default ``domain`` or image_description),
+    ``prior`` | ``bing_tag``. Bad records, missing or unreadable images and repeated images (same
+    bytes: the first is kept, as the official engine dedups by md5) are rejected, not fatal."""
+    from interleaf.processing.image import load_image
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"captions file not found: {path}")
+    root = Path(image_root) if image_root is not None else path.parent
+    captions: list[Caption] = []
+    rejected: list[Rejected] = []
+    seen_ids: set[str] = set()
+    seen_images: dict[str, tuple[str, str]] = {}
+    for line, rec, error in iter_records(path):
+        where = f"{path.name}:{line}"
+        if rec is None:
+            rejected.append(Rejected("caption", "bad_record", f"{where}: {error}", where))
+            continue
+        cid = str(rec.get("id", where))
+        image = _first(rec, ("image", "image_path"))
+        text = _first(rec, ("caption", "gpt4v_caption_interface"))
+        problem = None
+        if cid in seen_ids:
+            problem = ("bad_record", f"{where}: id {cid!r} repeats an earlier record's")
+        elif not isinstance(image, str) or not image:
+            problem = ("bad_record", f"{where}: field 'image' (a path) is missing")
+        elif not isinstance(text, str) or not text.strip():
+            problem = ("bad_record", f"{where}: field 'caption' (a non-empty string) is missing")
+        if problem:
+            rejected.append(Rejected("caption", problem[0], problem[1], cid))
+            continue
+        seen_ids.add(cid)
+        full = image if os.path.isabs(image) else os.path.join(root, image)
+        try:
+            load_image(full)
+        except InputError as exc:
+            reason = "missing_image" if not os.path.exists(full) else "bad_image"
+            rejected.append(Rejected("caption", reason, f"{where}: {exc}", cid))
+            continue
+        digest = file_digest(full)
+        if digest in seen_images:
+            first_id, first_image = seen_images[digest]
+            detail = f"{where}: image {image} has the same bytes as {first_image} (record {first_id!r})"
+            rejected.append(Rejected("caption", "duplicate_image", detail, cid))
+            continue
+        seen_images[digest] = (cid, image)
+        prior = _first(rec, ("prior", "bing_tag"))
+        captions.append(
+            Caption(
+                id=cid,
+                image=image,
+                path=full,
+                caption=text.strip().replace("\n\n", "\n"),
+                domain=str(rec.get("domain") or domain or DEFAULT_DOMAIN),
+                prior=str(prior).strip() if prior not in (None, "") and str(prior).strip() else "Empty",
+                digest=digest,
+            )
+        )
+    return captions, rejected
+
+
+# ----------------------------------------------------------------------------------------------------
+# prompts
+
+_TASK_EN = {
+    "judge": (
+        "{n} yes/no questions. Answer exactly half of them Yes and half No according to the description;"
+        ' for a "No" question, use a plausible but wrong detail related to the image.'
+    ),
+    "choice": (
+        "{n} multiple-choice questions, each with four options labelled A, B, C and D, exactly one of"
+        " which is right according to the description."
+    ),
+    "long": "{n} open questions, each with a detailed answer of several sentences based on the description.",
+    "short": "{n} open questions, each with a short answer of a few words based on the description.",
+}
+_FORMAT_EN = {
+    "judge": "<Q{i}> question {i} </Q{i}> <C{i}> Yes, No </C{i}> <A{i}> Yes or No </A{i}>",
+    "choice": "<Q{i}> question {i} </Q{i}> <C{i}> A. ... B. ... C. ... D. ... </C{i}> <A{i}> the right letter </A{i}>",
+    "long": "<Q{i}> question {i} </Q{i}> <A{i}> the detailed answer </A{i}>",
+    "short": "<Q{i}> question {i} </Q{i}> <A{i}> the short answer </A{i}>",
+}
+_TASK_ZH = {
+    "judge": "{n}道判断题。根据描述，其中一半的答案为“是”，另一半为“否”；答案为“否”的题目可以使用与图像相关但错误的细节。",
+    "choice": "{n}道单项选择题，每题有A、B、C、D四个选项，根据描述只有一个选项正确。",
+    "long": "{n}道开放式问答题，每题根据描述给出包含多个句子的详细答案。",
+    "short": "{n}道开放式问答题，每题根据描述给出几个词的简短答案。",
+}
+_FORMAT_ZH = {
+    "judge": "<Q{i}> 问题{i} </Q{i}> <C{i}> 是, 否 </C{i}> <A{i}> 是或否 </A{i}>",
+    "choice": "<Q{i}> 问题{i} </Q{i}> <C{i}> A. ... B. ... C. ... D. ... </C{i}> <A{i}> 正确选项的字母 </A{i}>",
+    "long": "<Q{i}> 问题{i} </Q{i}> <A{i}> 详细答案 </A{i}>",
+    "short": "<Q{i}> 问题{i} </Q{i}> <A{i}> 简短答案 </A{i}>",
+}
+
+
+def build_prompt(cap: Caption, type_: str, seeds: list[str], lang: str) -> str:
+    """The generation prompt for one caption and instruction type (interleaf's wording of the
+    official recipe: domain, prior knowledge, description, seed questions, tag format)."""
+    n = ITEMS_PER_REQUEST[type_]
+    domain = cap.domain.replace("_", " ")
+    seed_list = json.dumps(seeds, ensure_ascii=False)
+    if lang == "zh":
+        fmt = "\n".join(_FORMAT_ZH[type_].format(i=i) for i in range(1, n + 1))
+        return (
+            f"下面是一张图像的描述和一组示例问题。请围绕“{domain}”设计{_TASK_ZH[type_].format(n=n)}\n"
+            "生成的问题必须与示例问题的含义相近，并且只能根据描述回答。示例问题中<>里的内容是占位符，"
+            "请根据描述换成一个具体的内容。\n"
+            f"图像相关信息（Empty表示没有）：{cap.prior}\n"
+            f"描述：{cap.caption}\n"
+            f"示例问题：{seed_list}\n"
+            f"请严格按照以下格式输出，不要输出其他内容：\n{fmt}\n"
+        )
+    fmt = "\n".join(_FORMAT_EN[type_].format(i=i) for i in range(1, n + 1))
+    return (
+        f"Below are the description of an image and some example questions about {domain}. Write"
+        f" {_TASK_EN[type_].format(n=n)}\n"
+        "Each new question must mean much the same as one of the example questions and must be"
+        " answerable from the description alone. Text in <angle brackets> in an example is a placeholder:"
+        " replace it with one concrete value taken from the description.\n"
+        f"Prior knowledge about the image (Empty means none): {cap.prior}\n"
+        f"Description: {cap.caption}\n"
+        f"Example questions: {seed_list}\n"
+        f"Write the questions and answers in exactly this format and nothing else:\n{fmt}\n"
+    )
+
+
+def _rng(seed: int, *parts: object) -> random.Random:
+    # string seeds hash with SHA-512 in random.Random: stable across runs and Python versions
+    return random.Random(":".join(str(p) for p in (seed, *parts)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# asking
+
+
+@dataclass
+class Task:
+    """One request to the LLM."""
+
+    id: str
+    messages: list[dict]
+    key: str = ""
+    response: str | None = None
+    error: str | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def ask_all(
+    client: OpenAIClient,
+    tasks: list[Task],
+    store: ResponseStore,
+    params: dict[str, Any],
+    concurrency: int = 8,
+    progress: bool = True,
+    desc: str = "requests",
+) -> Counter:
+    """Answer every task: from the store when it holds the task's key, else from the endpoint, each
+    answer committed as it arrives. Failed requests keep their ``error`` and are not stored (a rerun
+    asks again). Returns counts: from_store, asked, failed."""
+    from tqdm import tqdm
+
+    counts: Counter = Counter()
+    stored = store.get_many([t.key for t in tasks])
+    todo = []
+    for t in tasks:
+        if t.key in stored:
+            t.response = stored[t.key]
+            counts["from_store"] += 1
+        else:
+            todo.append(t)
+    if not todo:
+        return counts
+    bar = tqdm(total=len(todo), desc=desc, disable=not progress, unit="req")
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        futures = {pool.submit(client.complete, t.messages, **params): t for t in todo}
+        for fut in as_completed(futures):
+            t = futures[fut]
+            counts["asked"] += 1
+            exc = fut.exception()
+            if exc is None:
+                t.response = fut.result()
+                store.put(t.key, t.id, t.response)
+            else:
+                t.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                counts["failed"] += 1
+            bar.update(1)
+    bar.close()
+    return counts
+
+
+def endpoint_client(spec: str, timeout: float, retries: int) -> tuple[OpenAIClient, str]:
+    """``openai:URL#MODEL`` -> (client, fingerprint for store keys)."""
+    url, model = parse_openai_spec(spec)
+    return OpenAIClient(url, model, timeout=timeout, retries=retries), f"openai:{url}#{model}"
+
+
+def request_params(max_tokens: int, temperature: float | None, seed: int | None) -> dict[str, Any]:
+    """Sampling parameters sent with every request (only those set: the endpoint's defaults, which
+    the official engine used, otherwise)."""
+    params: dict[str, Any] = {"max_tokens": max_tokens}
+    if temperature is not None:
+        params["temperature"] = temperature
+    if seed is not None:
+        params["seed"] = seed
+    return params
+
+
+def check_failures(spec: str, counts: Counter, tasks: list[Task], out: Path) -> None:
+    """Every request asked failed (the endpoint is down or refuses us): one line naming the first
+    reason; the outputs are already written."""
+    if counts["asked"] and counts["failed"] == counts["asked"] and not counts["from_store"]:
+        first = next(t.error for t in tasks if t.error)
+        raise InputError(
+            f"{spec}: all {counts['failed']} requests failed ({first}); {out} holds the errors, rerun to retry them"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# writing
+
+
+def write_atomic(path: Path, lines: Sequence[str] | str) -> None:
+    """Write a file whole: a kill leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        if isinstance(lines, str):
+            f.write(lines)
+        else:
+            for line in lines:
+                f.write(line + "\n")
+    os.replace(tmp, path)
+
+
+def jsonl(records: Sequence[dict]) -> list[str]:
+    return [json.dumps(r, ensure_ascii=False) for r in records]
+
+
+def human_turn(ins: Instruction, suffix: str) -> str:
+    """The user turn of a sample: the image, the question, the options (multiple choice, one per
+    line as MMIU and MMBench lay them out) and the answer-format suffix."""
+    if ins.type == "choice":
+        options = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(ins.options))
+        return f"<image>\n{ins.question}\n{options}\n{suffix.strip()}"
+    return f"<image>\n{ins.question}{suffix}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# the run
+
+
+@dataclass
+class GenerateConfig:
+    types: Sequence[str] = TYPES
+    lang: str = "en"
+    seed: int = 0
+    max_tokens: int = 1024
+    temperature: float | None = None
+    concurrency: int = 8
+    timeout: float = 120.0
+    retries: int = 3
+    limit: int | None = None
+    checks: Checks = field(default_factory=Checks)
+
+
+def generate(
+    captions_path: str | os.PathLike,
+    llm: str,
+    out: str | os.PathLike,
+    config: GenerateConfig | None = None,
+    bank: SeedBank | None = None,
+    image_root: str | os.PathLike | None = None,
+    domain: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the pipeline (see the module docstring); returns the stats written to ``stats.json``."""
+    cfg = config or GenerateConfig()
+    bank = bank or SeedBank()
+    unknown = [t for t in cfg.types if t not in TYPES]
+    if unknown:
+        raise InputError(f"unknown instruction type {unknown[0]!r} (types: {', '.join(TYPES)})")
+    if cfg.lang not in ("en", "zh"):
+        raise InputError(f"unknown language {cfg.lang!r} (en or zh)")
+    started = time.time()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    client, fingerprint = endpoint_client(llm, cfg.timeout, cfg.retries)
+    params = request_params(cfg.max_tokens, cfg.temperature, None)
+
+    captions, rejected = read_captions(captions_path, image_root, domain)
+    if cfg.limit is not None:
+        captions = captions[: cfg.limit]
+    tasks: list[Task] = []
+    for cap in captions:
+        for type_ in cfg.types:
+            templates = bank.templates(cap.domain, type_, cfg.lang)
+            if not templates:
+                detail = f"domain {cap.domain!r} has no {type_} seeds in {cfg.lang}"
+                rejected.append(Rejected("caption", "no_seeds", detail, cap.id, type_))
+                continue
+            rng = _rng(cfg.seed, cap.id, type_)
+            seeds = rng.sample(templates, min(SEEDS_PER_PROMPT, len(templates)))
+            prompt = build_prompt(cap, type_, seeds, cfg.lang)
+            messages = [
+                {"role": "system", "content": SYSTEM_MESSAGE},
+                {"role": "user", "content": prompt},
+            ]
+            task = Task(f"{cap.id}/{type_}", messages, meta={"caption": cap, "type": type_, "rng": rng})
+            task.key = request_key(task.id, SYSTEM_MESSAGE + "\n" + prompt, [], fingerprint, params)
+            tasks.append(task)
+
+    with ResponseStore(out / "responses.sqlite") as store:
+        counts = ask_all(client, tasks, store, params, cfg.concurrency, progress, desc="instructions")
+
+    samples: list[dict] = []
+    kept_shingles: dict[tuple[str, str], list[set]] = {}
+    item_counts: Counter = Counter()
+    for task in tasks:
+        cap, type_ = task.meta["caption"], task.meta["type"]
+        if task.response is None:
+            rejected.append(Rejected("request", "endpoint_error", task.error or "", cap.id, type_))
+            continue
+        kept, bad = check_response(type_, task.response, cfg.lang, cfg.checks)
+        item_counts["parsed"] += len(kept) + sum(r.reason != "unparsable" for r in bad)
+        for r in bad:
+            stage = "request" if r.reason == "unparsable" else "item"
+            rejected.append(Rejected(stage, r.reason, r.detail, cap.id, type_, r.item or None, task.response))
+        suffixes = bank.suffix_list(type_, cfg.lang) or [""]
+        for ins in kept:
+            shingles = question_shingles(ins.question)
+            group = kept_shingles.setdefault((cap.digest, type_), [])
+            if any(is_near_duplicate(shingles, s, cfg.checks.near_duplicate) for s in group):
+                detail = f"question {ins.question!r} repeats an earlier {type_} question of the image"
+                rejected.append(Rejected("item", "duplicate_question", detail, cap.id, type_, ins.item))
+                continue
+            group.append(shingles)
+            suffix = task.meta["rng"].choice(suffixes)
+            samples.append(
+                {
+                    "id": f"{cap.id}/{type_}/{ins.item}",
+                    "image": cap.image,
+                    "conversations": [
+                        {"from": "human", "value": human_turn(ins, suffix)},
+                        {"from": "gpt", "value": ins.answer},
+                    ],
+                    "type": type_,
+                    "domain": cap.domain,
+                    "caption_id": cap.id,
+                }
+            )
+
+    root = Path(image_root) if image_root is not None else Path(captions_path).parent
+    meta = {
+        "instruct": {
+            "root": os.path.relpath(root.resolve(), out.resolve()),
+            "annotation": "instructions.jsonl",
+        }
+    }
+    stats = _stats(captions, rejected, tasks, counts, item_counts, samples, cfg, fingerprint)
+    stats["seconds"] = round(time.time() - started, 3)
+    write_atomic(out / "instructions.jsonl", jsonl(samples))
+    write_atomic(out / "rejected.jsonl", jsonl([r.to_json() for r in rejected]))
+    write_atomic(out / "meta.json", json.dumps(meta, indent=2) + "\n")
+    write_atomic(out / "stats.json", json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
+    check_failures(llm, counts, tasks, out)
+    return stats
+
+
+def _stats(
+    captions: list[Caption],
+    rejected: list[Rejected],
+    tasks: list[Task],
+    counts: Counter,
+    item_counts: Counter,
+    samples: list[dict],
+    cfg: GenerateConfig,
+    fingerprint: str,
+) -> dict[str, Any]:
+    by_stage: dict[str, Counter] = {"caption": Counter(), "request": Counter(), "item": Counter()}
+    for r in rejected:
+        by_stage[r.stage][r.reason] += 1
+    answers: dict[str, Counter] = {"judge": Counter(), "choice": Counter()}
+    for s in samples:
+        if s["type"] in answers:
+            answers[s["type"]][s["conversations"][-1]["value"]] += 1
+    return {
+        "llm": fingerprint,
+        "types": list(cfg.types),
+        "lang": cfg.lang,
+        "captions": {"used": len(captions), "rejected": dict(by_stage["caption"])},
+        "requests": {
+            "total": len(tasks),
+            "from_store": counts["from_store"],
+            "asked": counts["asked"],
+            "failed": counts["failed"],
+            "rejected": dict(by_stage["request"]),
+        },
+        "items": {"parsed": item_counts["parsed"], "rejected": dict(by_stage["item"])},
+        "instructions": {
+            "total": len(samples),
+            "by_type": dict(Counter(s["type"] for s in samples)),
+            "by_domain": dict(Counter(s["domain"] for s in samples)),
+        },
+        # the answer balance a user checks first: yes/no and the position of the right option
+        "answers": {k: dict(sorted(v.items())) for k, v in answers.items()},
+    }

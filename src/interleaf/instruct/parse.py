@@ -1,0 +1,220 @@
+"""Reading the generating LLM's tagged output and checking each instruction (MMInstruct step d).
+
+The LLM answers in MMInstruct's tag format, numbered items::
+
+    <Q1> question </Q1> <C1> A. ... B. ... C. ... D. ... </C1> <A1> B </A1>   # multiple choice
+    <Q1> question </Q1> <C1> Yes, No </C1> <A1> Yes </A1>                     # judgement (C optional)
+    <Q1> question </Q1> <A1> answer </A1>                                      # long / short VQA
+
+``parse_items`` returns every numbered item it finds, ``check_item`` turns one into an
+:class:`Instruction` or a :class:`Reject` with a reason code:
+
+- ``missing_answer``, ``empty_question``: a tag is missing or empty;
+- ``placeholder_left``: the question still holds a seed's ``<placeholder>`` or the format's
+  ``{the generated question}`` filler;
+- ``bad_options``: a multiple-choice item without exactly four options labelled A-D in order;
+  ``duplicate_options``: two options with the same text;
+- ``bad_answer``: a choice answer that names no option (letter or option text), a judgement answer
+  that is not yes/no; ``answer_mismatch``: a letter followed by text that is not that option's;
+- ``answer_too_long`` (short VQA) / ``answer_too_short`` (long VQA): the answer's length in units
+  (words; each CJK character is one unit) against :class:`Checks`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from interleaf.corpus.dedup import exact_jaccard, normalise
+
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
+_UNIT_RE = re.compile(f"[{_CJK}]|[^\\W{_CJK}]+")
+_TAG_RE = {
+    tag: re.compile(rf"<\s*{tag}\s*(\d+)\s*>(.*?)<\s*/\s*{tag}\s*\1\s*>", re.S | re.I) for tag in "QCA"
+}
+_PLACEHOLDER_RE = re.compile(
+    r"<[^<>\n]{1,60}>|\{[^{}\n]*generated[^{}\n]*\}|\bthe generated question\b", re.I
+)
+LETTERS = "ABCD"
+YES = {"yes", "true", "correct", "right", "是", "对", "正确", "是的"}
+NO = {"no", "false", "incorrect", "wrong", "否", "不是", "错", "错误", "不对"}
+
+
+@dataclass
+class Checks:
+    """Limits an instruction must meet (lengths in units: words, or CJK characters)."""
+
+    min_long_units: int = 25  # a long VQA answer at least this long
+    max_short_units: int = 15  # a short VQA answer at most this long
+    near_duplicate: float = 0.8  # questions of one image and type at least this similar are duplicates
+
+
+@dataclass
+class Instruction:
+    """One checked instruction: the question, its options (multiple choice) and canonical answer
+    (an option letter, Yes/No or 是/否, or the answer text)."""
+
+    type: str
+    question: str
+    answer: str
+    options: list[str] = field(default_factory=list)
+    item: int = 0  # its number in the LLM's output (<Q1> -> 1)
+
+
+@dataclass
+class Reject:
+    reason: str
+    detail: str
+    item: int = 0
+
+
+def units(text: str) -> list[str]:
+    """Words of ``text`` (normalised), each CJK character on its own."""
+    return _UNIT_RE.findall(normalise(text))
+
+
+def _clean(value: str) -> str:
+    value = value.strip()
+    for _ in range(2):  # the format's braces and quotes echoed around the value
+        if len(value) >= 2 and value[0] + value[-1] in ("{}", '""', "''", "“”", "「」"):
+            value = value[1:-1].strip()
+    return value
+
+
+def parse_items(text: str) -> dict[int, dict[str, str]]:
+    """``{n: {"Q": ..., "C": ..., "A": ...}}`` for every numbered tag found (tags case-insensitive,
+    spaces inside tags allowed); the first occurrence of a tag number wins."""
+    items: dict[int, dict[str, str]] = {}
+    for tag, regex in _TAG_RE.items():
+        for m in regex.finditer(text):
+            items.setdefault(int(m.group(1)), {}).setdefault(tag, _clean(m.group(2)))
+    return dict(sorted(items.items()))
+
+
+def _option_marker(letter: str) -> re.Pattern:
+    # "A. x", "A) x", "(A) x", "A: x", "A、x", "A．x" at the start or after white space
+    return re.compile(rf"(?:^|(?<=\s))\(?{letter}\s*[.):、．：]\s*|(?:^|(?<=\s))\({letter}\)\s*")
+
+
+def parse_options(text: str) -> list[str] | None:
+    """The texts of options A-D in order, or None unless there are exactly four."""
+    positions = []
+    start = 0
+    for letter in LETTERS + "E":
+        m = _option_marker(letter).search(text, start)
+        if m is None:
+            break
+        positions.append((m.start(), m.end()))
+        start = m.end()
+    if len(positions) != 4:
+        return None
+    if positions[0][0] != len(text) - len(text.lstrip()):
+        return None  # text before "A." is not an option
+    bounds = positions + [(len(text), len(text))]
+    options = [text[bounds[i][1] : bounds[i + 1][0]].strip().rstrip(";,；，") for i in range(4)]
+    return [o.strip() for o in options]
+
+
+def _same_text(a: str, b: str) -> bool:
+    return units(a) == units(b)
+
+
+_LETTER_ANSWER = re.compile(
+    r"^(?i:option\s*|choice\s*)?(?:选项\s*)?[(（]?([A-D])[)）]?(?![A-Za-z])[\s.、．:：,，;；]*(.*)$", re.S
+)
+
+
+def choice_answer(answer: str, options: list[str]) -> tuple[str | None, str]:
+    """The option letter an answer names (``B``, ``(B)``, ``B. text``, ``Option B``, an option's
+    exact text), and why not when it names none."""
+    text = answer.strip()
+    for i, option in enumerate(options):  # an option's own text first: "A dog" may be option C
+        if _same_text(text, option):
+            return LETTERS[i], ""
+    if re.fullmatch(r"[(（]?[a-d][)）]?[.。]?", text):
+        text = text.upper()
+    m = _LETTER_ANSWER.match(text)
+    if not m:
+        return None, f"answer {answer!r} names none of the options A-D"
+    letter, rest = m.group(1), m.group(2).strip().rstrip(".。")
+    if rest and rest != "选项" and not _same_text(rest, options[LETTERS.index(letter)]):
+        return None, f"answer {answer!r} names option {letter} but gives other text"
+    return letter, ""
+
+
+def judge_answer(answer: str, lang: str) -> str | None:
+    word = re.sub(r"[\s.!。！,，]+$", "", answer.strip()).strip().lower()
+    if word in YES:
+        return "Yes" if lang == "en" else "是"
+    if word in NO:
+        return "No" if lang == "en" else "否"
+    return None
+
+
+def check_item(type_: str, n: int, tags: dict[str, str], lang: str, checks: Checks) -> Instruction | Reject:
+    """One parsed item -> an Instruction, or the first check it fails."""
+    question, answer = tags.get("Q", ""), tags.get("A")
+    if not question:
+        return Reject("empty_question", f"item {n} has no question", n)
+    if not answer:
+        return Reject("missing_answer", f"item {n} has no <A{n}>", n)
+    if _PLACEHOLDER_RE.search(question):
+        return Reject("placeholder_left", f"question {question!r} still holds a placeholder", n)
+    options: list[str] = []
+    if type_ == "choice":
+        parsed = parse_options(tags.get("C", ""))
+        if parsed is None or not all(parsed):
+            return Reject("bad_options", f"item {n}: expected options A-D, got {tags.get('C', '')!r}", n)
+        if len({tuple(units(o)) for o in parsed}) < 4:
+            return Reject("duplicate_options", f"item {n}: options repeat: {parsed}", n)
+        letter, why = choice_answer(answer, parsed)
+        if letter is None:
+            reason = "answer_mismatch" if "gives other text" in why else "bad_answer"
+            return Reject(reason, f"item {n}: {why}", n)
+        answer, options = letter, parsed
+    elif type_ == "judge":
+        canonical = judge_answer(answer, lang)
+        if canonical is None:
+            return Reject("bad_answer", f"item {n}: judgement answer {answer!r} is not yes or no", n)
+        answer = canonical
+    elif type_ == "short" and len(units(answer)) > checks.max_short_units:
+        return Reject(
+            "answer_too_long",
+            f"item {n}: short answer has {len(units(answer))} units (max {checks.max_short_units})",
+            n,
+        )
+    elif type_ == "long" and len(units(answer)) < checks.min_long_units:
+        return Reject(
+            "answer_too_short",
+            f"item {n}: long answer has {len(units(answer))} units (min {checks.min_long_units})",
+            n,
+        )
+    return Instruction(type_, question, answer, options, n)
+
+
+def check_response(
+    type_: str, text: str, lang: str, checks: Checks
+) -> tuple[list[Instruction], list[Reject]]:
+    """Every item of one LLM response, checked; a response without any numbered question is one
+    ``unparsable`` rejection."""
+    items = parse_items(text)
+    if not any("Q" in tags for tags in items.values()):
+        snippet = " ".join(text.split())[:120]
+        return [], [Reject("unparsable", f"no <Q1>...</Q1> items in the response: {snippet!r}")]
+    kept: list[Instruction] = []
+    rejected: list[Reject] = []
+    for n, tags in items.items():
+        out = check_item(type_, n, tags, lang, checks)
+        (kept if isinstance(out, Instruction) else rejected).append(out)
+    return kept, rejected
+
+
+def question_shingles(question: str) -> set[tuple[str, ...]]:
+    """Unit bigrams of a question (unigrams for one-unit questions), for near-duplicate checks."""
+    u = units(question)
+    n = min(2, len(u))
+    return {tuple(u[i : i + n]) for i in range(len(u) - n + 1)} if u else set()
+
+
+def is_near_duplicate(a: set, b: set, threshold: float) -> bool:
+    return exact_jaccard(a, b) >= threshold

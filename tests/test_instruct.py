@@ -1,0 +1,424 @@
+"""Instruction data (MMInstruct): captions -> instructions through an OpenAI-compatible endpoint.
+
+The generating LLM is a scripted endpoint speaking the real protocol over loopback HTTP
+(tests/instruct_endpoint.py); captioning also runs against interleaf's own server and tiny model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from instruct_endpoint import ScriptedLLM, expected_items
+from interleaf.cli import main
+from interleaf.instruct.engine import GenerateConfig, build_prompt, generate, read_captions
+from interleaf.instruct.seeds import BUILTIN_SUFFIXES, TYPES, SeedBank, seed_bank
+
+CAPTIONS = [
+    ("china", "china.jpg", "An ancient temple with tiled roofs stands among green trees under a pale sky."),
+    ("flower", "flower.jpg", "A pink flower with yellow stamens blooms in front of dark leaves in sunlight."),
+    ("square", "square.png", "A plain blue square drawing centred on a white canvas with thin borders."),
+]
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    from sklearn.datasets import load_sample_images
+
+    root = tmp_path / "images"
+    root.mkdir()
+    for src in load_sample_images().filenames:
+        shutil.copy(src, root / Path(src).name)
+    img = Image.new("RGB", (300, 200), "white")
+    img.paste((20, 40, 200), (100, 50, 200, 150))
+    img.save(root / "square.png")
+    return root
+
+
+def write_captions(path: Path, rows: list[dict] | list[str]) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def captions(images: Path) -> Path:
+    rows = [{"id": i, "image": f, "caption": c, "domain": "image_description"} for i, f, c in CAPTIONS]
+    return write_captions(images / "captions.jsonl", rows)
+
+
+@pytest.fixture
+def llm(loopback_http):
+    scripted = ScriptedLLM()
+    with loopback_http(scripted.handler()) as url:
+        scripted.spec = f"openai:{url}/v1#scripted"
+        yield scripted
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_generate_writes_the_scripted_instructions_in_training_format(captions, llm, tmp_path):
+    out = tmp_path / "out"
+    stats = generate(captions, llm.spec, out, GenerateConfig(concurrency=4), progress=False)
+    samples = lines(out / "instructions.jsonl")
+    assert len(llm.requests) == 3 * 4 and stats["requests"]["asked"] == 12
+    assert stats["instructions"]["by_type"] == {"judge": 12, "choice": 9, "long": 9, "short": 9}
+    assert len(samples) == 39 and lines(out / "rejected.jsonl") == []
+    by_id = {s["id"]: s for s in samples}
+    for cid, image, caption in CAPTIONS:
+        for type_ in TYPES:
+            for n, (question, answer, options) in enumerate(expected_items(type_, caption), 1):
+                s = by_id[f"{cid}/{type_}/{n}"]
+                assert s["image"] == image and s["type"] == type_ and s["caption_id"] == cid
+                human, gpt = s["conversations"]
+                assert human["from"] == "human" and gpt == {"from": "gpt", "value": answer}
+                assert human["value"].startswith(f"<image>\n{question}")
+                kind = {
+                    "judge": "judge",
+                    "choice": "select",
+                    "long": "longsentence",
+                    "short": "shortsentence",
+                }
+                suffixes = BUILTIN_SUFFIXES[kind[type_]]["English"]
+                if type_ == "choice":
+                    want = "\n".join(f"{L}. {o}" for L, o in zip("ABCD", options))
+                    assert human["value"].startswith(f"<image>\n{question}\n{want}\n")
+                    assert human["value"].rsplit("\n", 1)[1] in [x.strip() for x in suffixes]
+                else:
+                    assert any(human["value"] == f"<image>\n{question}{x}" for x in suffixes)
+    assert stats["answers"]["judge"] == {"No": 6, "Yes": 6}
+    assert stats["answers"]["choice"] == {"A": 3, "B": 3, "C": 3}
+    # every request carried the caption, the domain, and three of the domain's seed questions
+    bank = SeedBank()
+    for body in llm.requests:
+        prompt = body["messages"][-1]["content"]
+        assert body["messages"][0]["role"] == "system" and body["max_tokens"] == 1024
+        assert "temperature" not in body  # the endpoint's default, as the official engine
+        seeds = json.loads(prompt.split("Example questions: ", 1)[1].split("\n", 1)[0])
+        assert len(seeds) == 2 and all(
+            any(s in bank.templates("image_description", t, "en") for t in TYPES) for s in seeds
+        )
+
+
+def test_generated_instructions_train_as_they_are(captions, llm, tmp_path):
+    """meta.json + instructions.jsonl are what ``interleaf train`` reads: every sample builds."""
+    from interleaf.model.tokenizer import build_offline_tokenizer
+    from interleaf.train.data import ConversationDataset, DataArgs, SkipLog
+
+    out = tmp_path / "out"
+    generate(captions, llm.spec, out, GenerateConfig(types=["choice", "short"]), progress=False)
+    args = DataArgs(template="internvl2_5", num_image_token=4, image_size=56, max_seq_length=512)
+    log = SkipLog()
+    ds = ConversationDataset(out / "meta.json", build_offline_tokenizer(), args, log)
+    assert len(ds) == 18
+    built = [ds.get(i) for i in range(len(ds))]
+    assert all(s is not None for s in built) and log.total == 0
+    assert all(s.num_tiles and s.pixel_values.shape[-1] == 56 for s in built)
+
+
+def test_rerun_asks_nothing_again_and_writes_the_same_files(captions, llm, tmp_path):
+    out = tmp_path / "out"
+    first = generate(captions, llm.spec, out, progress=False)
+    before = (out / "instructions.jsonl").read_bytes()
+    second = generate(captions, llm.spec, out, progress=False)
+    assert len(llm.requests) == 12
+    assert second["requests"] == {**first["requests"], "from_store": 12, "asked": 0}
+    assert (out / "instructions.jsonl").read_bytes() == before
+    # another seed picks other seed questions / suffixes: a different prompt is asked again
+    generate(captions, llm.spec, out, GenerateConfig(seed=1), progress=False)
+    assert len(llm.requests) > 12
+
+
+def test_killed_run_resumes_without_losing_or_duplicating(captions, tmp_path, loopback_http):
+    slow = ScriptedLLM(delay=0.3)
+    with loopback_http(slow.handler()) as url:
+        spec = f"openai:{url}/v1#scripted"
+        out = tmp_path / "out"
+        cmd = [sys.executable, "-m", "interleaf.cli", "instruct", "generate", str(captions), "--llm", spec,
+               "-o", str(out), "--concurrency", "1", "--no-progress"]  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        db = out / "responses.sqlite"
+        deadline = time.time() + 120
+        stored = 0
+        while time.time() < deadline and proc.poll() is None:
+            if db.exists():
+                with sqlite3.connect(db) as con:
+                    stored = con.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+                if stored >= 3:
+                    break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert 3 <= stored < 12 and not (out / "instructions.jsonl").exists()
+        asked_before = len(slow.requests)
+        stats = generate(captions, spec, out, progress=False)
+        # the rerun asks only what was not stored (a request in flight at the kill is asked again)
+        assert (
+            stats["requests"]["from_store"] >= stored
+            and stats["requests"]["asked"] == 12 - stats["requests"]["from_store"]
+        )
+        assert len(slow.requests) - asked_before == stats["requests"]["asked"]
+    reference = tmp_path / "ref"
+    with loopback_http(ScriptedLLM().handler()) as url2:
+        generate(captions, f"openai:{url2}/v1#scripted", reference, progress=False)
+    got, want = lines(out / "instructions.jsonl"), lines(reference / "instructions.jsonl")
+    assert got == want and len({s["id"] for s in got}) == len(got) == 39
+
+
+def test_bad_records_and_bad_replies_are_counted_and_kept_out(images, llm, tmp_path):
+    (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    shutil.copy(images / "square.png", images / "square_copy.png")
+    rows = [
+        {"id": "good", "image": "china.jpg", "caption": CAPTIONS[0][2]},
+        "{not json",
+        {"id": "nocap", "image": "flower.jpg"},
+        {"id": "noimg", "caption": "text"},
+        {"id": "missing", "image": "nowhere.jpg", "caption": "text"},
+        {"id": "corrupt", "image": "corrupt.png", "caption": "text"},
+        {"id": "square", "image": "square.png", "caption": "A blue square GARBLE on white paper."},
+        {"id": "copy", "image": "square_copy.png", "caption": "the same bytes as square.png"},
+        {"id": "good", "image": "flower.jpg", "caption": "repeats an id"},
+        {
+            "id": "fail",
+            "image": "flower.jpg",
+            "caption": "A flower FAIL in the sun.",
+            "domain": "image_style",
+        },
+        {"id": "dup", "image": "big.png", "caption": "A big DUPLICATE BROKEN scene of many things."},
+        {"id": "noseed", "image": "flower2.png", "caption": "A flower.", "domain": "celebrity_recognition"},
+    ]
+    Image.new("RGB", (64, 64), "red").save(images / "big.png")
+    Image.new("RGB", (64, 64), "green").save(images / "flower2.png")
+    path = write_captions(images / "bad.jsonl", rows)
+    out = tmp_path / "out"
+    cfg = GenerateConfig(types=["judge", "short"], retries=0)
+    stats = generate(path, llm.spec, out, cfg, progress=False)
+    assert stats["captions"] == {
+        "used": 5,
+        "rejected": {
+            "bad_record": 4,
+            "missing_image": 1,
+            "bad_image": 1,
+            "duplicate_image": 1,
+            "no_seeds": 2,
+        },
+    }
+    assert stats["requests"]["failed"] == 2 and stats["requests"]["rejected"] == {
+        "endpoint_error": 2,
+        "unparsable": 2,
+    }
+    # DUPLICATE: items 2-4 repeat item 1's question; BROKEN: item 2 unanswered, item 3 a placeholder
+    assert stats["items"]["rejected"] == {"missing_answer": 2, "placeholder_left": 2, "duplicate_question": 1}
+    rejected = lines(out / "rejected.jsonl")
+    assert len(rejected) == 7 + 2 + 4 + 5
+    details = {r["reason"]: r["detail"] for r in reversed(rejected)}  # the first of each reason
+    assert details["bad_record"].startswith("bad.jsonl:2: not valid JSON")
+    assert [r["detail"] for r in rejected if r["reason"] == "bad_record"][1:] == [
+        "bad.jsonl:3: field 'caption' (a non-empty string) is missing",
+        "bad.jsonl:4: field 'image' (a path) is missing",
+        "bad.jsonl:9: id 'good' repeats an earlier record's",
+    ]
+    assert "nowhere.jpg" in details["missing_image"] and "corrupt.png" in details["bad_image"]
+    assert "square.png" in details["duplicate_image"]
+    assert "celebrity_recognition" in details["no_seeds"]
+    assert "HTTP 500" in details["endpoint_error"]
+    unparsable = next(r for r in rejected if r["reason"] == "unparsable")
+    assert unparsable["caption_id"] == "square" and "cannot help" in unparsable["response"]
+    kept = lines(out / "instructions.jsonl")
+    assert {s["caption_id"] for s in kept} == {"good", "dup"}
+    assert [s["id"] for s in kept if s["caption_id"] == "dup"] == ["dup/judge/1", "dup/short/1"]
+    # the failed requests are asked again by a rerun; nothing else is
+    asked = len(llm.requests)
+    again = generate(path, llm.spec, out, cfg, progress=False)
+    assert len(llm.requests) - asked == 2 and again["requests"]["from_store"] == 6
+
+
+def test_cli_generate_and_its_errors(captions, llm, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["instruct", "generate", str(captions), "--llm", llm.spec, "-o", str(out), "--no-progress",
+                 "--types", "judge", "--lang", "en"]) == 0  # fmt: skip
+    assert capsys.readouterr().out.strip() == f"wrote 12 instructions (judge 12) to {out}/instructions.jsonl"
+    assert main(["instruct", "generate", str(captions), "--llm", llm.spec, "-o", str(out), "--no-progress",
+                 "--types", "short", "--json"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["instructions"]["by_type"] == {"short": 9}
+    # nothing listens on port 9: one line naming the endpoint, exit 1, the outputs still written
+    code = main(["instruct", "generate", str(captions), "--llm", "openai:http://127.0.0.1:9/v1#m", "-o",
+                 str(tmp_path / "down"), "--no-progress", "--retries", "0", "--types", "short"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "\n" not in err
+    assert err.startswith("error: openai:http://127.0.0.1:9/v1#m: all 3 requests failed (")
+    assert len(lines(tmp_path / "down" / "rejected.jsonl")) == 3
+    for argv, message in [
+        (["--llm", "http://x"], "expected openai:URL#MODEL"),
+        (["--llm", llm.spec, "--concurrency", "0"], "--concurrency must be >= 1"),
+        (["--llm", llm.spec, "--near-duplicate", "1.5"], "--near-duplicate must be in (0, 1]"),
+        (["--llm", llm.spec, "--seeds", str(tmp_path / "none.json")], "none.json: no seed files"),
+    ]:
+        assert main(["instruct", "generate", str(captions), "-o", str(tmp_path / "x"), *argv]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err
+    assert (
+        main(["instruct", "generate", str(tmp_path / "nope.jsonl"), "--llm", llm.spec, "-o", str(out)]) == 1
+    )
+    assert capsys.readouterr().err.strip() == f"error: captions file not found: {tmp_path / 'nope.jsonl'}"
+
+
+def test_chinese_prompts_and_answers(captions, llm, tmp_path):
+    out = tmp_path / "out"
+    stats = generate(captions, llm.spec, out, GenerateConfig(types=["judge"], lang="zh"), progress=False)
+    assert stats["answers"]["judge"] == {"否": 6, "是": 6}
+    prompt = llm.requests[0]["messages"][-1]["content"]
+    assert "描述：" in prompt and "判断题" in prompt
+    sample = lines(out / "instructions.jsonl")[0]
+    suffixes = BUILTIN_SUFFIXES["judge"]["Chinese"]
+    assert any(sample["conversations"][0]["value"].endswith(s) for s in suffixes)
+
+
+def test_official_seed_layout_and_suffix_file(captions, llm, tmp_path):
+    """A folder in the official all_seed layout (numbered files, empty files) and an end_prompt.json."""
+    seeds = tmp_path / "all_seed"
+    seeds.mkdir()
+    layout = {"judge": {"English": ["Is it <x>?"], "Chinese": ["是<x>吗？"]},
+              "choice": {"English": ["Which one?"], "Chinese": ["哪个？"]},
+              "sentence": {"English": ["What is it?", "Why?"], "Chinese": ["是什么？"]}}  # fmt: skip
+    (seeds / "00099_my_domain.json").write_text(json.dumps(layout))
+    (seeds / "00007_attribute_recognition.json").write_text("")
+    suffixes = tmp_path / "end_prompt.json"
+    suffixes.write_text(json.dumps({"shortsentence": {"English": [" Tell me briefly."]}}))
+    bank = seed_bank(seeds, suffixes)
+    assert bank.templates("my_domain", "long", "en") == ["What is it?", "Why?"]
+    assert bank.templates("attribute_recognition", "judge", "en") == []
+    assert bank.templates("image_style", "choice", "en")  # built-in domains stay
+    rows = [{"id": i, "image": f, "caption": c, "domain": "my_domain"} for i, f, c in CAPTIONS]
+    path = write_captions(captions.parent / "mine.jsonl", rows)
+    out = tmp_path / "out"
+    generate(path, llm.spec, out, GenerateConfig(types=["short"]), bank=bank, progress=False)
+    prompt = llm.requests[0]["messages"][-1]["content"]
+    assert (
+        'Example questions: ["What is it?", "Why?"]' in prompt
+        or 'Example questions: ["Why?", "What is it?"]' in prompt
+    )
+    assert all(
+        s["conversations"][0]["value"].endswith(" Tell me briefly.")
+        for s in lines(out / "instructions.jsonl")
+    )
+    bad = tmp_path / "bad_seeds"
+    bad.mkdir()
+    (bad / "00001_x.json").write_text(json.dumps({"judge": {"English": "not a list"}}))
+    with pytest.raises(Exception, match=r"00001_x.json: 'judge.English' must be a list of strings"):
+        seed_bank(bad)
+    (bad / "00001_x.json").write_text("{oops")
+    with pytest.raises(Exception, match=r"00001_x.json: not valid JSON"):
+        seed_bank(bad)
+
+
+def test_prompt_reads_as_the_recipe_says(images):
+    caps, _ = read_captions(write_captions(images / "c.jsonl", [
+        {"image": "china.jpg", "gpt4v_caption_interface": "A temple.\n\nTrees.", "bing_tag": "Summer Palace"},
+        {"image_path": "flower.jpg", "caption": "A flower.", "prior": ""},
+    ]))  # fmt: skip
+    assert [c.id for c in caps] == ["c.jsonl:1", "c.jsonl:2"]
+    assert caps[0].caption == "A temple.\nTrees." and caps[0].prior == "Summer Palace"
+    assert caps[1].prior == "Empty" and caps[1].domain == "image_description"
+    prompt = build_prompt(caps[0], "judge", ["Is it <x>?"], "en")
+    assert "Prior knowledge about the image (Empty means none): Summer Palace" in prompt
+    assert "4 yes/no questions" in prompt and "half of them Yes" in prompt
+    assert "<Q4> question 4 </Q4> <C4> Yes, No </C4> <A4> Yes or No </A4>" in prompt
+    assert '["Is it <x>?"]' in prompt and "about image description" in prompt
+
+
+# ----------------------------------------------------------------------------------------------------
+# captioning
+
+
+def test_caption_a_folder_then_generate_from_it(images, llm, tmp_path):
+    from interleaf.instruct.caption import caption_images
+
+    (images / "captions.jsonl").unlink(missing_ok=True)
+    (images / "notes.txt").write_text("not an image")
+    big = Image.new("RGB", (1600, 900), (10, 200, 30))
+    big.save(images / "big.png")
+    out = tmp_path / "cap"
+    stats = caption_images(images, llm.spec, out, domain="image_scene", progress=False)
+    caps = {c["id"]: c for c in lines(out / "captions.jsonl")}
+    assert set(caps) == {"big.png", "china.jpg", "flower.jpg", "square.png"} and stats["captions"] == 4
+    # the VLM saw a JPEG thumbnail within 512 x 512, aspect kept, sent with detail: low
+    assert caps["big.png"]["caption"].startswith("A picture of 512 by 288 pixels with mean colour")
+    assert caps["big.png"]["domain"] == "image_scene" and caps["big.png"]["image"] == "../images/big.png"
+    assert all(b["messages"][0]["content"][0]["image_url"]["detail"] == "low" for b in llm.requests)
+    # captions.jsonl is generate's input as it stands (image paths relative to its folder)
+    gen = generate(
+        out / "captions.jsonl", llm.spec, tmp_path / "gen", GenerateConfig(types=["short"]), progress=False
+    )
+    assert gen["instructions"]["total"] == 12 and gen["captions"]["rejected"] == {}
+
+
+def test_caption_records_ocr_short_captions_and_resume(images, llm, tmp_path, capsys):
+    rows = [
+        {
+            "id": "a",
+            "image": "china.jpg",
+            "ocr": "WELCOME TO THE TEMPLE",
+            "domain": "ocr",
+            "bing_tag": "temple",
+        },
+        {"id": "b", "image": "flower.jpg"},
+        {"id": "c", "image": "missing.jpg"},
+        "[1, 2]",
+    ]
+    path = write_captions(images / "recs.jsonl", rows)
+    out = tmp_path / "cap"
+    argv = ["instruct", "caption", str(path), "--vlm", llm.spec, "-o", str(out), "--no-progress"]
+    assert main([*argv, "--min-words", "71"]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote 1 captions to {out}/captions.jsonl (3 rejected)"
+    [cap] = lines(out / "captions.jsonl")  # the OCR caption is longer than the scripted 70 words
+    assert cap["id"] == "a" and "It reads WELCOME TO THE TEMPLE." in cap["caption"]
+    assert cap["prior"] == "temple" and cap["domain"] == "ocr"
+    reasons = sorted(r["reason"] for r in lines(out / "rejected.jsonl"))
+    assert reasons == ["bad_record", "caption_too_short", "missing_image"]
+    asked = len(llm.requests)
+    assert main([*argv, "--min-words", "71", "--json"]) == 0  # a rerun asks nothing again
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["captions"] == 1 and stats["requests"]["from_store"] == 2 and len(llm.requests) == asked
+    assert main([*argv, "--json"]) == 0  # another minimum is another prompt ("at least 60 words")
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["captions"] == 2 and stats["requests"]["asked"] == 2
+
+
+def test_caption_through_interleaf_serve_is_what_the_model_says(images, tiny_ckpt, tmp_path):
+    """Real components end to end: interleaf's server and tiny model caption the images; each caption
+    is the model's own greedy reply to the thumbnail and prompt that were sent."""
+    import base64
+    import io
+
+    import interleaf
+    from interleaf.instruct.caption import PROMPT, caption_images, thumbnail_data_url
+    from interleaf.serve.protocol import ServerOptions
+    from interleaf.serve.server import make_server
+
+    chat = interleaf.load(tiny_ckpt)
+    (images / "captions.jsonl").unlink(missing_ok=True)
+    out = tmp_path / "cap"
+    with make_server(chat, ServerOptions(model_name="tiny", max_num=1), port=0).start() as server:
+        spec = f"openai:{server.url}#tiny"
+        stats = caption_images(images, spec, out, min_words=0, max_tokens=8, temperature=0, progress=False)
+        assert stats["captions"] == 3 and stats["requests"]["failed"] == 0
+        # the random model writes no tags: every generation reply is unparsable, and counted so
+        gen = generate(out / "captions.jsonl", spec, tmp_path / "gen",
+                       GenerateConfig(types=["short"], max_tokens=8, temperature=0), progress=False)  # fmt: skip
+        assert gen["instructions"]["total"] == 0 and gen["requests"]["rejected"] == {"unparsable": 3}
+    for cap in lines(out / "captions.jsonl"):
+        url = thumbnail_data_url(str(images / cap["id"]))
+        thumb = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+        want = chat.chat("<image>\n" + PROMPT["en"].format(n=0), images=[thumb], max_num=1, max_new_tokens=8)
+        assert cap["caption"] == want.strip()

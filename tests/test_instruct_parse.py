@@ -1,0 +1,135 @@
+"""The tag parser and the per-item checks of instruction generation."""
+
+from __future__ import annotations
+
+import pytest
+
+from interleaf.instruct.parse import (
+    Checks,
+    check_response,
+    choice_answer,
+    is_near_duplicate,
+    judge_answer,
+    parse_items,
+    parse_options,
+    question_shingles,
+    units,
+)
+
+OPTS = ["a red car", "a blue bus", "a dog", "a green tree"]
+
+
+def test_parse_items_tolerates_case_spaces_braces_and_quotes():
+    text = '< Q1 >{What is it?}</Q1>\n<q2> "Where?" </ q2 ><A2> {"there"} </A2><A1>it</A1><Q1>again</Q1>'
+    assert parse_items(text) == {1: {"Q": "What is it?", "A": "it"}, 2: {"Q": "Where?", "A": "there"}}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "A. a red car B. a blue bus C. a dog D. a green tree",
+        "A) a red car\nB) a blue bus\nC) a dog\nD) a green tree",
+        "(A) a red car (B) a blue bus (C) a dog (D) a green tree",
+        "A: a red car; B: a blue bus; C: a dog; D: a green tree",
+        "A、a red car B、a blue bus C、a dog D、a green tree",
+    ],
+)
+def test_options_in_the_layouts_llms_write(text):
+    assert parse_options(text) == OPTS
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["A. x B. y C. z", "A. x B. y C. z D. w E. v", "Options: A. x B. y C. z D. w", "B. x A. y C. z D. w", ""],
+)
+def test_options_other_than_four_in_order_are_refused(text):
+    assert parse_options(text) is None
+
+
+def test_option_markers_inside_words_are_not_options():
+    assert parse_options("A. U.S.A. B. China C. Japan D. Peru") == ["U.S.A.", "China", "Japan", "Peru"]
+
+
+@pytest.mark.parametrize(
+    "answer, letter",
+    [("B", "B"), ("(B)", "B"), ("B.", "B"), ("b", "B"), ("B. a blue bus", "B"), ("Option B", "B"),
+     ("a dog", "C"), ("A dog", "C"), ("D) a green tree", "D"), ("选项B", "B"), ("B选项", "B")],
+)  # fmt: skip
+def test_choice_answers_name_one_option(answer, letter):
+    assert choice_answer(answer, OPTS) == (letter, "")
+
+
+@pytest.mark.parametrize("answer", ["E", "B. a dog", "the bus", "Both A and B", "maybe"])
+def test_choice_answers_that_name_no_option_or_the_wrong_text(answer):
+    letter, why = choice_answer(answer, OPTS)
+    assert letter is None and answer in why
+
+
+def test_judge_answers():
+    assert [judge_answer(a, "en") for a in ["Yes", "yes.", "TRUE", "No!", "no", "maybe"]] == [
+        "Yes", "Yes", "Yes", "No", "No", None,
+    ]  # fmt: skip
+    assert [judge_answer(a, "zh") for a in ["是", "是的。", "否", "不是", "也许"]] == [
+        "是",
+        "是",
+        "否",
+        "否",
+        None,
+    ]
+
+
+def test_checks_by_type():
+    checks = Checks(min_long_units=5, max_short_units=3)
+    long_reply = "<Q1>Why?</Q1><A1>Because it rains a lot there.</A1><Q2>How?</Q2><A2>Slowly.</A2>"
+    kept, rejected = check_response("long", long_reply, "en", checks)
+    assert [k.answer for k in kept] == ["Because it rains a lot there."]
+    assert [(r.reason, r.item) for r in rejected] == [("answer_too_short", 2)]
+    kept, rejected = check_response("short", "<Q1>What?</Q1><A1>a very big red car</A1>", "en", checks)
+    assert not kept and rejected[0].reason == "answer_too_long"
+    zh = "<Q1>这是什么？</Q1><A1>一辆红色的汽车</A1>"  # 7 CJK characters: 7 units
+    assert check_response("short", zh, "zh", Checks(max_short_units=7))[0][0].answer == "一辆红色的汽车"
+    assert check_response("short", zh, "zh", Checks(max_short_units=6))[1][0].reason == "answer_too_long"
+
+
+def test_items_missing_parts_and_placeholders():
+    reply = (
+        "<Q1>Is the <object> red?</Q1><A1>Yes</A1>"
+        "<Q2>{the generated question 2}</Q2><A2>No</A2>"
+        "<Q3></Q3><A3>Yes</A3>"
+        "<Q4>Is it red?</Q4>"
+        "<Q5>Is the sky <blue>?</Q5><A5>Yes</A5>"
+    )
+    kept, rejected = check_response("judge", reply, "en", Checks())
+    assert not kept
+    assert [(r.reason, r.item) for r in rejected] == [
+        ("placeholder_left", 1), ("placeholder_left", 2), ("empty_question", 3),
+        ("missing_answer", 4), ("placeholder_left", 5),
+    ]  # fmt: skip
+
+
+def test_choice_items_with_bad_or_repeated_options():
+    reply = (
+        "<Q1>Which?</Q1><C1>A. x B. y C. z</C1><A1>A</A1>"
+        "<Q2>Which?</Q2><C2>A. cat B. Cat C. dog D. cow</C2><A2>A</A2>"
+        "<Q3>Which?</Q3><C3>A. cat B. hen C. dog D. cow</C3><A3>B. dog</A3>"
+        "<Q4>Which?</Q4><C4>A. cat B. hen C. dog D. cow</C4><A4>E</A4>"
+        "<Q5>Which?</Q5><C5>A. cat B. hen C. dog D. cow</C5><A5>dog</A5>"
+    )
+    kept, rejected = check_response("choice", reply, "en", Checks())
+    assert [(r.reason, r.item) for r in rejected] == [
+        ("bad_options", 1), ("duplicate_options", 2), ("answer_mismatch", 3), ("bad_answer", 4),
+    ]  # fmt: skip
+    assert [(k.answer, k.options) for k in kept] == [("C", ["cat", "hen", "dog", "cow"])]
+
+
+def test_unparsable_reply_is_one_rejection():
+    kept, rejected = check_response("short", "Sure! Here are three questions: ...", "en", Checks())
+    assert not kept and [r.reason for r in rejected] == ["unparsable"] and "Sure!" in rejected[0].detail
+
+
+def test_units_and_near_duplicates():
+    assert units("这是 a Red-car!") == ["这", "是", "a", "red", "car"]
+    a = question_shingles("What colour is the car in the picture?")
+    b = question_shingles("What colour is the car in the picture ?")
+    c = question_shingles("How many people stand near the car?")
+    assert is_near_duplicate(a, b, 0.8) and not is_near_duplicate(a, c, 0.8)
