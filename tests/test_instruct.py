@@ -422,3 +422,31 @@ def test_caption_through_interleaf_serve_is_what_the_model_says(images, tiny_ckp
         thumb = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
         want = chat.chat("<image>\n" + PROMPT["en"].format(n=0), images=[thumb], max_num=1, max_new_tokens=8)
         assert cap["caption"] == want.strip()
+
+
+def test_records_files_that_once_ended_the_run(images):
+    """One bad line is one bad record: a first record that is a list, bytes that are not UTF-8, a
+    caption holding U+2028 (a line break to str.splitlines, not to JSONL), a byte order mark."""
+    good = {"id": "ok", "image": "china.jpg", "caption": "A temple\u2028under trees."}
+    path = images / "odd.jsonl"
+    path.write_bytes(
+        b"\xef\xbb\xbf[1, 2]\n"
+        + b'{"id": "latin1", "image": "flower.jpg", "caption": "caf\xe9"}\n'
+        + json.dumps(good, ensure_ascii=False).encode()
+        + b"\n"
+    )
+    caps, rejected = read_captions(path)
+    assert [(c.id, c.caption) for c in caps] == [("ok", "A temple\u2028under trees.")]
+    assert [r.detail.split(" (")[0] for r in rejected] == [
+        "odd.jsonl:1: expected an object, got list",
+        "odd.jsonl:2: not UTF-8 text",
+    ]
+    # a JSON list's items are records as they stand: a string is not a record, whatever it holds
+    listed = images / "listed.json"
+    listed.write_text("\ufeff" + json.dumps([good, json.dumps(good), 3], indent=1))
+    caps, rejected = read_captions(listed)
+    assert [c.id for c in caps] == ["ok"]
+    assert [r.detail for r in rejected] == [
+        "listed.json:2: expected an object, got str",
+        "listed.json:3: expected an object, got int",
+    ]

@@ -96,27 +96,64 @@ def _first(record: dict, names: Sequence[str]) -> Any:
     return None
 
 
-def iter_records(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
-    """``(line, record, error)`` for a JSONL file or a JSON list (``line`` is the item's index there)."""
+def _decode(raw: bytes) -> tuple[Any, str | None]:
+    """One JSON value from a line's bytes, or why not."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return json.loads(raw.decode("utf-8")), None
+    except UnicodeDecodeError as exc:
+        return None, f"not UTF-8 text ({exc.reason} at byte {exc.start})"
+    except json.JSONDecodeError as exc:
+        return None, f"not valid JSON ({exc.msg})"
+
+
+def iter_records(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
+    """``(line, record, error)`` for a JSONL file or a JSON list (``line`` is the item's index there).
+
+    JSONL is read a line at a time (a file of any size); a line that is not UTF-8, not JSON or not an
+    object is one bad record, never the end of the run. A file is a JSON list when its first line is
+    not a JSON value on its own (a list laid out over lines) or is the file's only line; a JSONL file
+    whose first record happens to be a list stays JSONL. A UTF-8 byte order mark is skipped."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline().removeprefix(b"\xef\xbb\xbf")
+            while first and not first.strip():
+                first = f.readline()
+            rest_empty = not f.read(1 << 16).strip()
+    except OSError as exc:
+        raise cannot_read(path, exc) from None
+    if first.lstrip().startswith(b"["):
+        value, error = _decode(first)
+        if error is not None or (rest_empty and isinstance(value, list)):
+            yield from _list_records(path)
+            return
+    try:
+        with open(path, "rb") as f:
+            for i, raw in enumerate(f, 1):
+                if i == 1:
+                    raw = raw.removeprefix(b"\xef\xbb\xbf")
+                if not raw.strip():
+                    continue
+                item, error = _decode(raw)
+                if error is not None:
+                    yield i, None, error
+                elif not isinstance(item, dict):
+                    yield i, None, f"expected an object, got {type(item).__name__}"
+                else:
+                    yield i, item, None
+    except OSError as exc:
+        raise cannot_read(path, exc) from None
+
+
+def _list_records(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise cannot_read(path, exc) from None
-    if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}: not valid JSON ({exc})") from None
-        lines: Iterator[tuple[int, Any]] = enumerate(data, 1)
-    else:
-        lines = ((i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip())
-    for i, item in lines:
-        if isinstance(item, str):
-            try:
-                item = json.loads(item)
-            except json.JSONDecodeError as exc:
-                yield i, None, f"not valid JSON ({exc.msg})"
-                continue
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from None
+    for i, item in enumerate(data, 1):  # items are records as they stand: a string is not parsed again
         if not isinstance(item, dict):
             yield i, None, f"expected an object, got {type(item).__name__}"
             continue
