@@ -751,21 +751,7 @@ class CorpusDataset:
         self.tokenizer = tokenizer
         self.args = args
         self.skip_log = skip_log or SkipLog()
-        self.rows: list[tuple[str, Any]] = []  # (file, row: dict or raw line)
-        self.build_roots: dict[str, Path | None] = {}  # file -> the build folder it lies in
-        for p in paths:
-            path = Path(p)
-            if not path.exists():
-                raise ConfigError(f"corpus_paths: file not found: {path}")
-            for f in corpus_files(path):
-                self.build_roots[str(f)] = corpus_build_root(f)
-                if f.suffix == ".parquet":
-                    import pyarrow.parquet as pq
-
-                    self.rows += [(str(f), r) for r in pq.read_table(f).to_pylist()]
-                else:
-                    with open(f, encoding="utf-8", errors="surrogateescape") as fh:  # see _parse_line
-                        self.rows += [(str(f), ln) for ln in fh.read().splitlines() if ln.strip()]
+        self.rows, self.build_roots = read_corpus_rows(paths)
         self.context_id = token_id(tokenizer, IMG_CONTEXT_TOKEN)
         self.img_end_id = token_id(tokenizer, IMG_END_TOKEN)
         eos = getattr(tokenizer, "eos_token_id", None)
@@ -797,41 +783,7 @@ class CorpusDataset:
         images (``bytes_path``) against ``root`` (the build folder; default ``base``)."""
         # outside a build folder, bytes_path falls back to the file's folder; a miss there says why
         hint = "" if root else " (bytes_path is relative to the corpus build folder; this file is in none)"
-        root = root or base
-        nodes: list[tuple[str, Any]] = []
-        if "texts" in row and "images" in row:
-            texts, images = row.get("texts") or [], row.get("images") or []
-            if not isinstance(texts, list) or not isinstance(images, list):
-                raise SkipSample("bad_document", "fields 'texts' and 'images' must be lists")
-            if len(texts) != len(images):
-                raise SkipSample("bad_document", "texts and images differ in length")
-            metadata = _json_field(row, "metadata")
-            if metadata is None:
-                metadata = [None] * len(images)
-            if not isinstance(metadata, list) or len(metadata) != len(images):
-                got = f"{len(metadata)} entries" if isinstance(metadata, list) else type(metadata).__name__
-                raise SkipSample("bad_document", f"field 'metadata': {got} for {len(images)} positions")
-            for k, (t, im, meta) in enumerate(zip(texts, images, metadata)):
-                if t is not None and im is None:
-                    if not isinstance(t, str):
-                        raise SkipSample("bad_document", f"field 'texts': position {k} is {type(t).__name__}")
-                    nodes.append(("text", t))
-                elif im is not None and t is None:
-                    nodes.append(("image", _image_file(im, meta, base, root)))
-                else:
-                    raise SkipSample("bad_document", "a position must hold exactly one of text and image")
-        elif "image" in row and ("text" in row or "caption" in row):
-            text = row.get("text") if row.get("text") is not None else row.get("caption")
-            if not isinstance(text, str):
-                raise SkipSample("bad_document", f"field 'text' must be a string, got {type(text).__name__}")
-            nodes = [
-                ("image", _image_file(row["image"], _json_field(row, "metadata"), base, root)),
-                ("text", text),
-            ]
-        else:
-            raise SkipSample("bad_document", "expected texts/images lists or an image with text")
-        if not any(kind == "text" and str(v).strip() for kind, v in nodes):
-            raise SkipSample("empty_document", "no text to learn")
+        nodes = document_nodes(row, base, root)
         n_images = sum(1 for kind, _ in nodes if kind == "image")
         per_image = max(1, self.args.max_dynamic_patch // max(1, n_images))
         ids: list[int] = []
@@ -871,6 +823,69 @@ class CorpusDataset:
         )
         pv = torch.cat(tiles, dim=0) if tiles else None
         return Sample(input_ids, label_t, pv, [t.shape[0] for t in tiles])
+
+
+def read_corpus_rows(paths: list[str]) -> tuple[list[tuple[str, Any]], dict[str, Path | None]]:
+    """The rows of corpus files (JSONL lines left unparsed, Parquet rows as dicts), each with its file,
+    and the build folder each file lies in (None outside one)."""
+    rows: list[tuple[str, Any]] = []  # (file, row: dict or raw line)
+    build_roots: dict[str, Path | None] = {}  # file -> the build folder it lies in
+    for p in paths:
+        path = Path(p)
+        if not path.exists():
+            raise ConfigError(f"corpus_paths: file not found: {path}")
+        for f in corpus_files(path):
+            build_roots[str(f)] = corpus_build_root(f)
+            if f.suffix == ".parquet":
+                import pyarrow.parquet as pq
+
+                rows += [(str(f), r) for r in pq.read_table(f).to_pylist()]
+            else:
+                with open(f, encoding="utf-8", errors="surrogateescape") as fh:  # see _parse_line
+                    rows += [(str(f), ln) for ln in fh.read().splitlines() if ln.strip()]
+    return rows, build_roots
+
+
+def document_nodes(row: dict, base: Path, root: Path | None) -> list[tuple[str, Any]]:
+    """A corpus row (interleaved document or image-text pair) as ``[("text", str) | ("image",
+    (local file or None, stored))]`` in reading order; image nodes resolve as ``CorpusDataset.build``
+    says. Raises SkipSample for a malformed row or one without text."""
+    root = root or base
+    nodes: list[tuple[str, Any]] = []
+    if "texts" in row and "images" in row:
+        texts, images = row.get("texts") or [], row.get("images") or []
+        if not isinstance(texts, list) or not isinstance(images, list):
+            raise SkipSample("bad_document", "fields 'texts' and 'images' must be lists")
+        if len(texts) != len(images):
+            raise SkipSample("bad_document", "texts and images differ in length")
+        metadata = _json_field(row, "metadata")
+        if metadata is None:
+            metadata = [None] * len(images)
+        if not isinstance(metadata, list) or len(metadata) != len(images):
+            got = f"{len(metadata)} entries" if isinstance(metadata, list) else type(metadata).__name__
+            raise SkipSample("bad_document", f"field 'metadata': {got} for {len(images)} positions")
+        for k, (t, im, meta) in enumerate(zip(texts, images, metadata)):
+            if t is not None and im is None:
+                if not isinstance(t, str):
+                    raise SkipSample("bad_document", f"field 'texts': position {k} is {type(t).__name__}")
+                nodes.append(("text", t))
+            elif im is not None and t is None:
+                nodes.append(("image", _image_file(im, meta, base, root)))
+            else:
+                raise SkipSample("bad_document", "a position must hold exactly one of text and image")
+    elif "image" in row and ("text" in row or "caption" in row):
+        text = row.get("text") if row.get("text") is not None else row.get("caption")
+        if not isinstance(text, str):
+            raise SkipSample("bad_document", f"field 'text' must be a string, got {type(text).__name__}")
+        nodes = [
+            ("image", _image_file(row["image"], _json_field(row, "metadata"), base, root)),
+            ("text", text),
+        ]
+    else:
+        raise SkipSample("bad_document", "expected texts/images lists or an image with text")
+    if not any(kind == "text" and str(v).strip() for kind, v in nodes):
+        raise SkipSample("empty_document", "no text to learn")
+    return nodes
 
 
 def _json_field(row: dict, key: str) -> Any:
