@@ -450,3 +450,48 @@ def test_records_files_that_once_ended_the_run(images):
         "listed.json:2: expected an object, got str",
         "listed.json:3: expected an object, got int",
     ]
+
+
+def test_fields_of_the_wrong_type_are_bad_records(images, llm, tmp_path):
+    """An id that is a list, a float or a bool, a domain that is not a string, a caption that is a
+    number: each record is rejected with the field named (str() of them made ids like "['a']" and
+    domains like "{'x': 1}"); a null id is no id."""
+    Image.new("RGB", (40, 40), "red").save(images / "red.png")
+    rows = [
+        {"id": ["a"], "image": "china.jpg", "caption": "A temple."},
+        {"id": 1.5, "image": "china.jpg", "caption": "A temple."},
+        {"id": True, "image": "china.jpg", "caption": "A temple."},
+        {"id": "d", "image": "china.jpg", "caption": "A temple.", "domain": {"x": 1}},
+        {"id": "n", "image": "china.jpg", "caption": 42},
+        {"id": "s", "image": 7, "caption": "A temple."},
+        {"id": None, "image": "china.jpg", "caption": "A temple.", "domain": " image_scene "},
+        {"id": 7, "image": "flower.jpg", "caption": "A flower."},
+    ]
+    caps, rejected = read_captions(write_captions(images / "typed.jsonl", rows))
+    assert [(c.id, c.domain) for c in caps] == [("typed.jsonl:7", "image_scene"), ("7", "image_description")]
+    assert [r.detail for r in rejected] == [
+        "typed.jsonl:1: field 'id' must be a non-empty string or an integer, got list",
+        "typed.jsonl:2: field 'id' must be a non-empty string or an integer, got float",
+        "typed.jsonl:3: field 'id' must be a non-empty string or an integer, got bool",
+        "typed.jsonl:4: field 'domain' must be a string, got dict",
+        "typed.jsonl:5: field 'caption' must be a non-empty string, got int",
+        "typed.jsonl:6: field 'image' must be a path, got int",
+    ]
+    assert {r.reason for r in rejected} == {"bad_record"}
+    # captioning reads records with the same rules, and an id given twice is a bad record there too
+    from interleaf.instruct.caption import caption_images
+
+    recs = [
+        {"id": "x", "image": "china.jpg"},
+        {"id": "x", "image": "red.png"},
+        {"id": {"k": 1}, "image": "flower.jpg"},
+        {"id": "y", "image": "flower.jpg", "domain": 3},
+    ]
+    out = tmp_path / "cap"
+    stats = caption_images(write_captions(images / "recs.jsonl", recs), llm.spec, out, progress=False)
+    assert [c["id"] for c in lines(out / "captions.jsonl")] == ["x"] and stats["captions"] == 1
+    assert [r["detail"] for r in lines(out / "rejected.jsonl")] == [
+        "recs.jsonl:2: id 'x' repeats an earlier record's",
+        "recs.jsonl:3: field 'id' must be a non-empty string or an integer, got dict",
+        "recs.jsonl:4: field 'domain' must be a string, got int",
+    ]

@@ -33,7 +33,10 @@ from interleaf.instruct.engine import (
     endpoint_client,
     iter_records,
     jsonl,
+    record_domain,
+    record_id,
     request_params,
+    text_field_problem,
     write_atomic,
 )
 from interleaf.instruct.parse import units
@@ -105,17 +108,21 @@ def caption_images(
     rejected: list[Rejected] = []
     tasks: list[Task] = []
     seen: dict[str, str] = {}
+    seen_ids: set[str] = set()
     for where, rec, error in records:
         if rec is None:
             rejected.append(Rejected("caption", "bad_record", f"{where}: {error}", where))
             continue
+        cid, problem = record_id(rec, where)
+        dom, dom_problem = record_domain(rec, domain)
         image = rec.get("image", rec.get("image_path"))
-        cid = str(rec.get("id", where))
-        if not isinstance(image, str) or not image:
-            rejected.append(
-                Rejected("caption", "bad_record", f"{where}: field 'image' (a path) is missing", cid)
-            )
+        if problem is None and cid in seen_ids:
+            problem = f"id {cid!r} repeats an earlier record's"
+        problem = problem or text_field_problem("image", image, "a path") or dom_problem
+        if problem:
+            rejected.append(Rejected("caption", "bad_record", f"{where}: {problem}", cid))
             continue
+        seen_ids.add(cid)
         path = image if os.path.isabs(image) else os.path.join(root, image)
         try:
             url = thumbnail_data_url(path)
@@ -141,7 +148,7 @@ def caption_images(
         record = {
             "id": cid,
             "image": os.path.relpath(os.path.abspath(path), out.resolve()),
-            "domain": str(rec.get("domain") or domain or "image_description"),
+            "domain": dom,
         }
         prior = rec.get("prior", rec.get("bing_tag"))
         if prior not in (None, ""):

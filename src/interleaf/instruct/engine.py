@@ -96,6 +96,44 @@ def _first(record: dict, names: Sequence[str]) -> Any:
     return None
 
 
+def _kind(value: Any) -> str:
+    return f"{value!r}" if isinstance(value, str) else type(value).__name__
+
+
+def record_id(rec: dict, where: str) -> tuple[str, str | None]:
+    """A record's id (a string, or an integer written as one; ``where`` when it has none), and what
+    is wrong with it: a list, an object, a float or a bool is not an id (``str()`` of one is no
+    stable key, and ``1`` and ``True`` would both be ids)."""
+    value = rec.get("id")
+    if value is None:
+        return where, None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value), None
+    if isinstance(value, str) and value.strip():
+        return value, None
+    return where, f"field 'id' must be a non-empty string or an integer, got {_kind(value)}"
+
+
+def text_field_problem(name: str, value: Any, what: str) -> str | None:
+    """What is wrong with a field that must hold text: missing, or not (non-blank) text."""
+    if value is None or value == "":
+        return f"field '{name}' ({what}) is missing"
+    if not isinstance(value, str) or not value.strip():
+        return f"field '{name}' must be {what}, got {_kind(value)}"
+    return None
+
+
+def record_domain(rec: dict, default: str | None) -> tuple[str, str | None]:
+    """A record's domain (``default``, else image_description, when it has none), and what is wrong
+    with it when it is not a string."""
+    value = rec.get("domain")
+    if value is None or value == "":
+        return default or DEFAULT_DOMAIN, None
+    if isinstance(value, str) and value.strip():
+        return value.strip(), None
+    return default or DEFAULT_DOMAIN, f"field 'domain' must be a string, got {_kind(value)}"
+
+
 def _decode(raw: bytes) -> tuple[Any, str | None]:
     """One JSON value from a line's bytes, or why not."""
     try:
@@ -183,18 +221,20 @@ def read_captions(
         if rec is None:
             rejected.append(Rejected("caption", "bad_record", f"{where}: {error}", where))
             continue
-        cid = str(rec.get("id", where))
+        cid, problem = record_id(rec, where)
+        dom, dom_problem = record_domain(rec, domain)
         image = _first(rec, ("image", "image_path"))
         text = _first(rec, ("caption", "gpt4v_caption_interface"))
-        problem = None
-        if cid in seen_ids:
-            problem = ("bad_record", f"{where}: id {cid!r} repeats an earlier record's")
-        elif not isinstance(image, str) or not image:
-            problem = ("bad_record", f"{where}: field 'image' (a path) is missing")
-        elif not isinstance(text, str) or not text.strip():
-            problem = ("bad_record", f"{where}: field 'caption' (a non-empty string) is missing")
+        if problem is None and cid in seen_ids:
+            problem = f"id {cid!r} repeats an earlier record's"
+        problem = (
+            problem
+            or text_field_problem("image", image, "a path")
+            or text_field_problem("caption", text, "a non-empty string")
+            or dom_problem
+        )
         if problem:
-            rejected.append(Rejected("caption", problem[0], problem[1], cid))
+            rejected.append(Rejected("caption", "bad_record", f"{where}: {problem}", cid))
             continue
         seen_ids.add(cid)
         full = image if os.path.isabs(image) else os.path.join(root, image)
@@ -218,7 +258,7 @@ def read_captions(
                 image=image,
                 path=full,
                 caption=text.strip().replace("\n\n", "\n"),
-                domain=str(rec.get("domain") or domain or DEFAULT_DOMAIN),
+                domain=dom,
                 prior=str(prior).strip() if prior not in (None, "") and str(prior).strip() else "Empty",
                 digest=digest,
             )
