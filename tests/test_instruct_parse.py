@@ -133,3 +133,80 @@ def test_units_and_near_duplicates():
     b = question_shingles("What colour is the car in the picture ?")
     c = question_shingles("How many people stand near the car?")
     assert is_near_duplicate(a, b, 0.8) and not is_near_duplicate(a, c, 0.8)
+
+
+# ----------------------------------------------------------------------------------------------------
+# what GPT-3.5/4, Qwen and InternLM write around the format
+
+
+def test_tag_numbers_with_leading_zeros_and_bold_around_tags_and_values():
+    text = "**<Q01>** Is it red? **</Q01>**\n<A1>**Yes**</A1>\n<Q002>**Is it blue?**</Q2><A02>*No*</A02>"
+    assert parse_items(text) == {1: {"Q": "Is it red?", "A": "Yes"}, 2: {"Q": "Is it blue?", "A": "No"}}
+    assert parse_items("<Q10>ten</Q10><Q1>one</Q10>") == {10: {"Q": "ten"}}  # a number closes only itself
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "**A.** a red car **B.** a blue bus **C.** a dog **D.** a green tree",
+        "- A. a red car\n- B. a blue bus\n- C. a dog\n- D. a green tree",
+        "Ａ．a red car\nＢ．a blue bus\nＣ．a dog\nＤ．a green tree",
+        "（A）a red car（B）a blue bus（C）a dog（D）a green tree",
+    ],
+)
+def test_options_with_bold_bullets_and_full_width_markers(text):
+    assert parse_options(text) == OPTS
+
+
+def test_options_with_extra_lines_are_refused():
+    """Is "Pick one." part of option D? It cannot be told, so the item is not kept with it in D."""
+    assert parse_options("A. cat\nB. hen\nC. dog\nD. cow\nPick the one that is right.") is None
+    assert parse_options("A. cat\nwith a hat\nB. hen\nC. dog\nD. cow") is None
+
+
+@pytest.mark.parametrize(
+    "answer, letter",
+    [("The answer is B.", "B"), ("Answer: B", "B"), ("The correct answer is **(C) a dog**.", "C"),
+     ("Answer - D", "D"), ("**B**", "B"), ("答案：B", "B"), ("正确答案是（B）", "B"), ("选B", "B"),
+     ("Ｂ", "B"), ("（Ｃ）", "C"), ("Answer: a dog", "C")],
+)  # fmt: skip
+def test_choice_answers_with_the_words_llms_put_around_them(answer, letter):
+    assert choice_answer(answer, OPTS) == (letter, "")
+
+
+def test_choice_answers_that_name_two_options_are_refused():
+    # a bare "A" is option A by its letter and option B by its text
+    letter, why = choice_answer("A", ["B", "A", "C", "D"])
+    assert letter is None and "ambiguous" in why
+    letter, why = choice_answer("A dog", ["dog", "A dog", "cat", "cow"])  # "A. dog" or option B's text?
+    assert letter is None and "ambiguous" in why
+    assert choice_answer("B", ["A", "B", "C", "D"]) == ("B", "")  # both readings agree
+    assert choice_answer("The answer is B because hens lay eggs", OPTS)[0] is None
+    assert choice_answer("Answers vary", OPTS)[0] is None
+
+
+def test_judge_answers_with_a_prefix_or_a_reason():
+    en = ["Yes, the car is red.", "No. There is no car.", "Answer: Yes", "The answer is: **No**.", "*yes*"]
+    assert [judge_answer(a, "en") for a in en] == ["Yes", "No", "Yes", "No", "Yes"]
+    assert [judge_answer(a, "zh") for a in ["不是，图中没有车。", "答案：是", "是的，有一辆车。"]] == [
+        "否",
+        "是",
+        "是",
+    ]
+    for unclear in ["Yes and no", "Not sure, it may be", "是否", "Probably yes"]:
+        assert judge_answer(unclear, "en") is None
+
+
+def test_echoed_format_and_wordless_questions_are_rejected():
+    reply = (
+        "<Q1> question 1 </Q1> <A1> the short answer </A1>"
+        "<Q2>问题2</Q2><A2>猫</A2>"
+        "<Q3>What colour is the car?</Q3><A3>the short answer.</A3>"
+        "<Q4>？？</Q4><A4>red</A4>"
+        "<Q5>What colour is the car?</Q5><A5>red</A5>"
+    )
+    kept, rejected = check_response("short", reply, "en", Checks())
+    assert [(r.reason, r.item) for r in rejected] == [
+        ("placeholder_left", 1), ("placeholder_left", 2), ("placeholder_left", 3), ("empty_question", 4),
+    ]  # fmt: skip
+    assert [(k.item, k.answer) for k in kept] == [(5, "red")]
