@@ -495,3 +495,14 @@ def test_fields_of_the_wrong_type_are_bad_records(images, llm, tmp_path):
         "recs.jsonl:3: field 'id' must be a non-empty string or an integer, got dict",
         "recs.jsonl:4: field 'domain' must be a string, got int",
     ]
+
+
+def test_a_type_given_twice_is_asked_once(captions, llm, tmp_path):
+    """Twice the same type made two requests under one id: every sample id twice, and the second
+    copy of each question rejected as a duplicate of the first."""
+    out = tmp_path / "out"
+    stats = generate(captions, llm.spec, out, GenerateConfig(types=["judge", "judge"]), progress=False)
+    samples = lines(out / "instructions.jsonl")
+    assert len(llm.requests) == 3 and stats["requests"]["total"] == 3 and stats["types"] == ["judge"]
+    assert len(samples) == 12 and len({s["id"] for s in samples}) == 12
+    assert lines(out / "rejected.jsonl") == []

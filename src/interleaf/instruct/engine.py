@@ -483,7 +483,8 @@ def generate(
     """Run the pipeline (see the module docstring); returns the stats written to ``stats.json``."""
     cfg = config or GenerateConfig()
     bank = bank or SeedBank()
-    unknown = [t for t in cfg.types if t not in TYPES]
+    types = list(dict.fromkeys(cfg.types))  # "--types judge judge" asks once, not twice under one id
+    unknown = [t for t in types if t not in TYPES]
     if unknown:
         raise InputError(f"unknown instruction type {unknown[0]!r} (types: {', '.join(TYPES)})")
     if cfg.lang not in ("en", "zh"):
@@ -499,7 +500,7 @@ def generate(
         captions = captions[: cfg.limit]
     tasks: list[Task] = []
     for cap in captions:
-        for type_ in cfg.types:
+        for type_ in types:
             templates = bank.templates(cap.domain, type_, cfg.lang)
             if not templates:
                 detail = f"domain {cap.domain!r} has no {type_} seeds in {cfg.lang}"
@@ -592,7 +593,7 @@ def _stats(
             answers[s["type"]][s["conversations"][-1]["value"]] += 1
     return {
         "llm": fingerprint,
-        "types": list(cfg.types),
+        "types": list(dict.fromkeys(cfg.types)),
         "lang": cfg.lang,
         "captions": {"used": len(captions), "rejected": dict(by_stage["caption"])},
         "requests": {
