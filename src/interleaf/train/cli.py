@@ -1,4 +1,4 @@
-"""Sub-commands ``interleaf demo``, ``interleaf train`` and ``interleaf adapt`` (cheap to import)."""
+"""Sub-commands ``interleaf demo``, ``train``, ``adapt`` and ``lcl`` (cheap to import)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     adapt.add_argument("args", nargs=argparse.REMAINDER, help="convert KIND ... | CONFIG.yaml [--set k=v]")
     adapt.set_defaults(func=_adapt)
 
+    lcl = subparsers.add_parser(
+        "lcl", help="LCL: vision pretraining on interleaved data by latent compression"
+    )
+    lsub = lcl.add_subparsers(dest="lcl_command", metavar="LCL_COMMAND")
+    lcl.set_defaults(func=lambda a: (lcl.print_help(), 2)[1])
+    p = lsub.add_parser(
+        "pretrain", help="train a ViT from scratch on pairs / interleaved documents (resumable)"
+    )
+    p.add_argument(
+        "data", nargs="+", help="corpus builds, interleaved-document or pair files (JSONL/Parquet)"
+    )
+    p.add_argument("-o", "--out", required=True, help="output folder (rerun with the same to resume)")
+    p.add_argument(
+        "--preset", default="tiny", help="tiny | lcl-vit-b-16-laion | lcl-vit-b-32-laion | lcl-vit-b-32-mmc4"
+    )
+    p.add_argument("--init", default=None, help="start from an LCL checkpoint folder")
+    p.add_argument("--tokenizer", default="offline", help="a tokenizer folder (e.g. CLIP's), or 'offline'")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=8, help="per process")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=None, help="default: min(2000, steps / 10)")
+    p.add_argument("--weight-decay", type=float, default=0.2)
+    p.add_argument("--generation-weight", type=float, default=1.0)
+    p.add_argument("--contrastive-weight", type=float, default=0.1)
+    p.add_argument("--img-first-prob", type=float, default=0.5, help="pairs: image before the text")
+    p.add_argument("--max-images", type=int, default=6, help="documents: images kept")
+    p.add_argument("--context-length", type=int, default=None, help="default: the preset's")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_lcl_pretrain)
+
 
 def _demo(args: argparse.Namespace) -> int:
     from interleaf.train.demo import run_demo
@@ -64,3 +98,44 @@ def _adapt(args: argparse.Namespace) -> int:
     from interleaf.train.adapt import main
 
     return main(args.args)
+
+
+def _lcl_pretrain(args: argparse.Namespace) -> int:
+    import os
+
+    from interleaf.errors import InputError
+    from interleaf.train.lcl import LCLTrainConfig, pretrain
+
+    for flag, value, low in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
+                             ("--save-every", args.save_every, 1), ("--log-every", args.log_every, 1),
+                             ("--max-images", args.max_images, 1), ("--warmup", args.warmup, 0)):  # fmt: skip
+        if value is not None and value < low:
+            raise InputError(f"{flag} must be >= {low}, got {value}")
+    if not 0 <= args.img_first_prob <= 1:
+        raise InputError(f"--img-first-prob must be in [0, 1], got {args.img_first_prob}")
+    cfg = LCLTrainConfig(
+        data=args.data,
+        output_dir=args.out,
+        preset=args.preset,
+        init=args.init,
+        tokenizer=args.tokenizer,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup=args.warmup,
+        weight_decay=args.weight_decay,
+        generation_weight=args.generation_weight,
+        contrastive_weight=args.contrastive_weight,
+        img_first_prob=args.img_first_prob,
+        max_images=args.max_images,
+        context_length=args.context_length,
+        grad_checkpointing=args.grad_checkpointing,
+        save_every=args.save_every,
+        log_every=args.log_every,
+        seed=args.seed,
+        device=args.device,
+    )
+    result = pretrain(cfg)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(result["model"])
+    return 0

@@ -1,0 +1,447 @@
+"""LCL pretraining (``interleaf lcl pretrain``): a vision encoder trained from scratch on image-text
+pairs and interleaved documents by latent compression (``interleaf.model.lcl``).
+
+Data: the files ``interleaf train`` reads as ``corpus_paths`` (corpus builds, interleaved documents,
+``corpus convert --to pairs`` output, ``{"image", "text" | "caption"}`` JSONL). Sequences follow the
+official code:
+
+- a pair is ``<soi> <img>xP <eoi> text <eot>`` (image first, with probability ``img_first_prob``) or
+  ``<sot> text <soi> <img>xP <eoi>``, its text cut to ``context_length - P - 4`` tokens;
+- a document is ``<sot>``, its nodes in order (text, or an image block), ``<eot>``, with at most
+  ``max_images`` images; at the context length it is cut, and an image block that would not fit
+  whole is dropped from its ``<soi>`` on and replaced by ``<eot>``.
+
+Images are resized (shorter side, bicubic) and centre-cropped to the model's size and normalised with
+CLIP's mean and std. Training is AdamW (betas 0.9/0.98, eps 1e-6, weight decay 0.2 on matrices only,
+as OpenCLIP) with linear warm-up and cosine decay, losses weighted 1.0 (generation) and 0.1
+(contrastive), ``logit_scale`` clamped to [0, ln 100] after each step. Under torchrun every rank
+reads its own share of each epoch's permutation, the contrastive loss sees all ranks' pairs, and
+gradients are averaged. A run saves ``checkpoint-N/`` folders (written whole, then renamed) and
+resumes from the newest one, at the same sample, with the same random state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from interleaf.errors import ConfigError, InputError
+from interleaf.model.lcl import LCL_PRESETS, SPECIAL_TOKENS, LCLConfig, LCLModel, lcl_loss, load_lcl, save_lcl
+from interleaf.train.data import SkipLog, SkipSample, _parse_line, _row_id, document_nodes, read_corpus_rows
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_CLIP_NAMES = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# tokenizer
+
+
+class LCLTokenizer:
+    """A Hugging Face tokenizer with LCL's five special tokens: CLIP's ``<|startoftext|>`` /
+    ``<|endoftext|>`` serve as start and end of text where present (the official ids 49406/49407), and
+    ``<img_placehold>``, ``<start_of_img>``, ``<end_of_img>`` are added after the vocabulary (49408-49410
+    for CLIP's)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        vocab = tokenizer.get_vocab()
+        clip = all(name in vocab for name in _CLIP_NAMES.values())  # a CLIP tokenizer: use its own
+        names = {t: _CLIP_NAMES[t] if clip and t in _CLIP_NAMES else t for t in SPECIAL_TOKENS}
+        missing = [n for n in names.values() if n not in vocab]
+        if missing:
+            tokenizer.add_special_tokens(
+                {"additional_special_tokens": missing}, replace_extra_special_tokens=False
+            )
+            vocab = tokenizer.get_vocab()
+        self.tokenizer = tokenizer
+        self.ids = {t: vocab[n] for t, n in names.items()}
+        if 0 in self.ids.values():  # id 0 pads the batches
+            raise ConfigError(
+                f"tokenizer: special token {next(t for t, i in self.ids.items() if not i)} has id 0, the pad id"
+            )
+
+    def __len__(self) -> int:
+        return len(self.tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def save(self, path: str | Path) -> None:
+        self.tokenizer.save_pretrained(str(path))
+
+
+def load_lcl_tokenizer(name: str | Path) -> LCLTokenizer:
+    """``offline`` (the small BPE the tests and demo build offline) or a tokenizer folder (e.g. a
+    CLIP tokenizer saved with ``save_pretrained``)."""
+    if str(name) == "offline":
+        from interleaf.model.tokenizer import build_offline_tokenizer
+
+        return LCLTokenizer(build_offline_tokenizer())
+    from transformers import AutoTokenizer
+
+    if not Path(name).is_dir():
+        raise InputError(f"tokenizer folder not found: {name} (or use 'offline')")
+    return LCLTokenizer(AutoTokenizer.from_pretrained(str(name)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# data
+
+
+def clip_pixels(path: str, size: int) -> torch.Tensor:
+    """An image file as a [3, size, size] tensor: shorter side resized to ``size`` (bicubic), centre
+    crop, CLIP normalisation. Unreadable or missing files raise SkipSample."""
+    from PIL import Image
+
+    from interleaf.processing.image import load_image
+
+    try:
+        img = load_image(path)
+    except InputError as exc:
+        reason = "missing_image" if not os.path.exists(path) else "bad_image"
+        raise SkipSample(reason, str(exc)) from None
+    w, h = img.size
+    scale = size / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    x = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
+    mean = np.asarray(CLIP_MEAN, dtype=np.float32).reshape(3, 1, 1)
+    std = np.asarray(CLIP_STD, dtype=np.float32).reshape(3, 1, 1)
+    return torch.from_numpy((x - mean) / std)
+
+
+@dataclass
+class LCLSample:
+    ids: list[int]
+    pixels: torch.Tensor  # [images, 3, S, S], in the order of their blocks
+
+
+class LCLDataset:
+    """Corpus rows as LCL sequences (see the module docstring); bad rows raise nothing: ``get`` returns
+    None and the skip log counts them."""
+
+    def __init__(
+        self,
+        paths: list[str],
+        tokenizer: LCLTokenizer,
+        config: LCLConfig,
+        img_first_prob: float = 0.5,
+        max_images: int = 6,
+        seed: int = 0,
+        skip_log: SkipLog | None = None,
+    ) -> None:
+        self.rows, self.build_roots = read_corpus_rows(paths)
+        self.tok, self.cfg = tokenizer, config
+        self.img_first_prob, self.max_images, self.seed = img_first_prob, max_images, seed
+        self.skip_log = skip_log or SkipLog()
+        ids = config.special_token_ids
+        if ids != tokenizer.ids:
+            raise ConfigError(
+                f"the tokenizer's special token ids {tokenizer.ids} differ from the model's {ids}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def image_block(self) -> list[int]:
+        c = self.cfg
+        return [c.id("<start_of_img>"), *[c.id("<img_placehold>")] * c.num_image_tokens, c.id("<end_of_img>")]
+
+    def get(self, i: int, epoch: int = 0) -> LCLSample | None:
+        file, row = self.rows[i]
+        try:
+            if isinstance(row, str):
+                row = _parse_line(row)
+            if not isinstance(row, dict):
+                raise SkipSample("bad_json", "not an object")
+            nodes = document_nodes(row, Path(file).parent, self.build_roots.get(file))
+            rng = random.Random(f"{self.seed}-{epoch}-lcl-{i}")
+            return self.build(nodes, rng, pair="texts" not in row)
+        except SkipSample as exc:
+            self.skip_log.add(Path(file).name, i, _row_id(row), exc)
+            return None
+
+    def build(self, nodes: list[tuple[str, Any]], rng: random.Random, pair: bool) -> LCLSample:
+        c, size, ctx = self.cfg, self.cfg.image_size, self.cfg.context_length
+        sot, eot = c.id("<start_of_text>"), c.id("<end_of_text>")
+        block = self.image_block()
+        if pair:
+            (_, (path, _)), (_, text) = (
+                [n for n in nodes if n[0] == "image"][0],
+                [n for n in nodes if n[0] == "text"][0],
+            )
+            if path is None:
+                raise SkipSample("missing_image", "image node without a local file")
+            pixels = clip_pixels(path, size)[None]
+            text_ids = self.tok.encode(text)[: max(0, ctx - len(block) - 2)]
+            img_first = rng.random() < self.img_first_prob
+            ids = block + text_ids + [eot] if img_first else [sot] + text_ids + block
+            return LCLSample(ids, pixels)
+        ids, images = [sot], []
+        for kind, value in nodes:
+            if kind == "image":
+                if len(images) == self.max_images:
+                    continue
+                path, _ = value
+                if path is None:
+                    raise SkipSample("missing_image", "image node without a local file")
+                if len(ids) + len(block) > ctx - 1:
+                    break  # an image block that does not fit whole is cut at its <soi>
+                images.append(clip_pixels(path, size))
+                ids += block
+            else:
+                ids += self.tok.encode(str(value) + "\n")[: ctx - 1 - len(ids)]
+                if len(ids) >= ctx - 1:
+                    break
+        ids.append(eot)
+        if len(ids) < 3:
+            raise SkipSample("empty_document", "nothing fits the context")
+        pixels = torch.stack(images) if images else torch.zeros(0, 3, size, size)
+        return LCLSample(ids, pixels)
+
+
+def collate(samples: list[LCLSample], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids [B, T] right-padded with ``pad_id``, pixels [images, 3, S, S] in row order)."""
+    longest = max(len(s.ids) for s in samples)
+    ids = torch.full((len(samples), longest), pad_id, dtype=torch.long)
+    for b, s in enumerate(samples):
+        ids[b, : len(s.ids)] = torch.tensor(s.ids)
+    return ids, torch.cat([s.pixels for s in samples])
+
+
+# ----------------------------------------------------------------------------------------------------
+# training
+
+
+@dataclass
+class LCLTrainConfig:
+    data: list[str]
+    output_dir: str
+    preset: str = "tiny"
+    init: str | None = None  # an LCL checkpoint folder to start from instead of random weights
+    tokenizer: str = "offline"
+    steps: int = 100
+    batch_size: int = 8
+    lr: float = 5e-4
+    warmup: int | None = None  # default: 2000 (official), at most a tenth of the steps
+    weight_decay: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    generation_weight: float = 1.0
+    contrastive_weight: float = 0.1
+    img_first_prob: float = 0.5
+    max_images: int = 6
+    context_length: int | None = None  # default: the preset's
+    grad_checkpointing: bool = False
+    save_every: int = 50
+    log_every: int = 10
+    seed: int = 0
+    device: str = "cpu"
+    extra: dict = field(default_factory=dict)  # further LCLConfig fields over the preset
+
+
+def _model_config(cfg: LCLTrainConfig, tok: LCLTokenizer) -> LCLConfig:
+    if cfg.preset not in LCL_PRESETS:
+        raise ConfigError(f"unknown LCL preset {cfg.preset!r} (presets: {', '.join(LCL_PRESETS)})")
+    fields_ = {**LCL_PRESETS[cfg.preset], **cfg.extra}
+    if cfg.context_length:
+        fields_["context_length"] = cfg.context_length
+    fields_["special_token_ids"] = dict(tok.ids)
+    fields_.setdefault("vocab_size", max(len(tok), max(tok.ids.values()) + 1))
+    return LCLConfig(**fields_)
+
+
+def _optimizer(model: LCLModel, cfg: LCLTrainConfig) -> torch.optim.AdamW:
+    # OpenCLIP: no weight decay on gains, biases, norms and logit_scale (every parameter under 2-D)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "ln" not in n and "bias" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "ln" not in n and "bias" not in n)]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def lr_at(step: int, cfg: LCLTrainConfig) -> float:
+    """OpenCLIP's cosine schedule: linear warm-up over ``warmup`` steps, cosine to 0 at ``steps``."""
+    warmup = cfg.warmup if cfg.warmup is not None else min(2000, cfg.steps // 10)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, cfg.steps - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress)) * cfg.lr
+
+
+class _Order:
+    """Each epoch a seeded permutation of the rows (padded with its first rows to a multiple of the
+    world size); rank r of w reads positions r, r + w, ..."""
+
+    def __init__(self, n: int, seed: int, rank: int, world: int) -> None:
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        self.epoch, self.pos = 0, 0
+        self._perm = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        perm = list(range(self.n))
+        random.Random(f"{self.seed}-order-{self.epoch}").shuffle(perm)
+        perm += perm[: -len(perm) % self.world]  # equal shares, as DistributedSampler pads them
+        return perm[self.rank :: self.world]
+
+    def next(self) -> tuple[int, int]:
+        if self.pos >= len(self._perm):
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._perm = self._permutation()
+        i = self._perm[self.pos]
+        self.pos += 1
+        return i, self.epoch
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load(self, state: dict[str, int]) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self._perm = self._permutation()
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    found = [
+        p
+        for p in out.glob("checkpoint-*")
+        if p.name.split("-")[-1].isdigit() and (p / "train_state.pt").exists()
+    ]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def pretrain(cfg: LCLTrainConfig, log=print) -> dict[str, Any]:
+    """Train (or resume) an LCL model; returns a summary with the final model folder."""
+    import torch.distributed as dist
+
+    from interleaf.train.trainer import dist_info, seed_everything, set_rng_state
+
+    rank, world, local_rank = dist_info()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
+    device = torch.device(f"cuda:{local_rank}" if cfg.device == "cuda" else cfg.device)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed + rank)
+    tok = load_lcl_tokenizer(cfg.tokenizer)
+    if cfg.init:
+        model = load_lcl(cfg.init)
+        if model.config.special_token_ids != tok.ids:
+            raise ConfigError(f"{cfg.init}: its special token ids differ from the tokenizer's")
+    else:
+        model = LCLModel(_model_config(cfg, tok))
+    model.to(device).train()
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
+    skips = SkipLog(out / f"skipped{'' if world == 1 else f'-rank{rank}'}.jsonl")
+    data = LCLDataset(cfg.data, tok, model.config, cfg.img_first_prob, cfg.max_images, cfg.seed, skips)
+    if len(data) == 0:
+        raise InputError(f"no rows in {', '.join(cfg.data)}")
+    order = _Order(len(data), cfg.seed, rank, world)
+    optimizer = _optimizer(model, cfg)
+    step = 0
+    ckpts = _checkpoints(out)
+    if ckpts:
+        state = torch.load(ckpts[-1] / "train_state.pt", map_location="cpu", weights_only=False)
+        model.load_state_dict(load_lcl(ckpts[-1]).state_dict())
+        optimizer.load_state_dict(state["optimizer"])
+        order.load(state["order"][rank])
+        set_rng_state(state["rng"][rank])
+        skips.restore(state["skips"][rank])
+        step = state["step"]
+        log(f"resumed from {ckpts[-1]} at step {step}")
+    log_path = out / "log.jsonl"
+    if rank == 0 and log_path.exists():  # keep the lines of the steps the checkpoint holds, no more
+        kept = [
+            ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step
+        ]
+        log_path.write_text("".join(ln + "\n" for ln in kept))
+    started = time.time()
+    last: dict[str, float] = {}
+    while step < cfg.steps:
+        batch: list[LCLSample] = []
+        misses = 0
+        while len(batch) < cfg.batch_size:
+            sample = data.get(*order.next())
+            if sample is None:
+                misses += 1
+                if misses > 10 * max(cfg.batch_size, len(data)):
+                    raise InputError(f"no usable sample in {', '.join(cfg.data)}: see {skips.path}")
+                continue
+            batch.append(sample)
+        ids, pixels = collate(batch, model.config.pad_id)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        output = model(pixels.to(device), ids.to(device))
+        loss, gen, con = lcl_loss(output, cfg.generation_weight, cfg.contrastive_weight)
+        optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        if world > 1:
+            for p in model.parameters():
+                if p.grad is None:  # unused this step on this rank (no pair with context)
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        step += 1
+        last = {"step": step, "loss": loss.item(), "generation": gen.item(), "contrastive": con.item(),
+                "pairs": int(output.image_features.shape[0]), "lr": lr_at(step - 1, cfg),
+                "logit_scale": model.logit_scale.exp().item()}  # fmt: skip
+        if rank == 0:
+            with log_path.open("a") as f:
+                f.write(json.dumps(last) + "\n")
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                log(f"step {step}/{cfg.steps} loss {last['loss']:.4f} (generation {last['generation']:.4f}, "
+                    f"contrastive {last['contrastive']:.4f}) lr {last['lr']:.2e}")  # fmt: skip
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            _save(model, optimizer, order, skips, step, out, tok, cfg, rank, world)
+    final = out / "model"
+    if rank == 0:
+        tmp = out / "model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_lcl(model, tmp)
+        tok.save(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    if world > 1:
+        dist.barrier()
+    return {"model": str(final), "steps": step, "last": last, "skipped": dict(skips.counts),
+            "seconds": round(time.time() - started, 2)}  # fmt: skip
+
+
+def _save(model, optimizer, order, skips, step, out, tok, cfg, rank, world) -> None:
+    import torch.distributed as dist
+
+    from interleaf.train.trainer import rng_state
+
+    orders, rngs, counts = [order.state()], [rng_state()], [dict(skips.counts)]
+    if world > 1:
+        orders, rngs, counts = ([None] * world, [None] * world, [None] * world)
+        dist.all_gather_object(orders, order.state())
+        dist.all_gather_object(rngs, rng_state())
+        dist.all_gather_object(counts, dict(skips.counts))
+    if rank == 0:
+        final = out / f"checkpoint-{step}"
+        tmp = out / f"checkpoint-{step}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_lcl(model, tmp)
+        state = {"step": step, "optimizer": optimizer.state_dict(), "order": orders, "rng": rngs,
+                 "skips": counts, "config": asdict(cfg)}  # fmt: skip
+        torch.save(state, tmp / "train_state.pt")  # its presence marks a complete checkpoint
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in _checkpoints(out)[:-2]:  # keep the last two
+            shutil.rmtree(old, ignore_errors=True)
+    if world > 1:
+        dist.barrier()

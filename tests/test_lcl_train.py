@@ -1,0 +1,200 @@
+"""LCL pretraining: sequences as the official code lays them out, CLIP preprocessing against
+transformers' CLIP image processor, training that lowers the loss, exact resume, torchrun."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from interleaf.cli import main
+from interleaf.model.lcl import LCL_PRESETS, LCLConfig
+from interleaf.train.data import SkipLog
+from interleaf.train.lcl import LCLDataset, LCLTrainConfig, clip_pixels, collate, load_lcl_tokenizer, pretrain
+
+COLOURS = {"red": (220, 20, 20), "green": (20, 200, 30), "blue": (20, 40, 220), "yellow": (230, 220, 20)}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_lcl_tokenizer("offline")
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    rows = []
+    for name, colour in COLOURS.items():
+        img = Image.new("RGB", (48, 40), colour)
+        img.paste((255, 255, 255), (4, 4, 12, 12))
+        img.save(tmp_path / f"{name}.png")
+        rows.append({"image": f"{name}.png", "text": f"a plain {name} square with a white corner"})
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    doc = {
+        "texts": [
+            "a page about colours.",
+            None,
+            "the first picture is red, the next one blue.",
+            None,
+            "end.",
+        ],
+        "images": [None, "red.png", None, "blue.png", None],
+    }
+    (tmp_path / "docs.jsonl").write_text(json.dumps(doc) + "\n")
+    return tmp_path
+
+
+def config(tok, **kw) -> LCLConfig:
+    fields = {**LCL_PRESETS["tiny"], "vocab_size": len(tok), "special_token_ids": dict(tok.ids), **kw}
+    return LCLConfig(**fields)
+
+
+def test_pairs_are_laid_out_as_the_official_wrapper(data, tok):
+    cfg = config(tok, context_length=40)  # 16 image tokens: text keeps 40 - 16 - 4 = 20 tokens
+    i = tok.ids
+    block = [i["<start_of_img>"], *[i["<img_placehold>"]] * 16, i["<end_of_img>"]]
+    text = tok.encode("a plain red square with a white corner")
+    first = LCLDataset([str(data / "pairs.jsonl")], tok, cfg, img_first_prob=1.0).get(0)
+    last = LCLDataset([str(data / "pairs.jsonl")], tok, cfg, img_first_prob=0.0).get(0)
+    assert first.ids == block + text + [i["<end_of_text>"]]
+    assert last.ids == [i["<start_of_text>"]] + text + block
+    assert first.pixels.shape == (1, 3, 32, 32)
+    long = data / "long.jsonl"
+    long.write_text(json.dumps({"image": "red.png", "text": "red " * 100}) + "\n")
+    seq = LCLDataset([str(long)], tok, cfg, img_first_prob=0.0).get(0).ids
+    assert len(seq) == 1 + 20 + 18 and seq[21:] == block
+    # the coin is per sample and seeded: both layouts occur, and the same seed gives the same ones
+    ds = LCLDataset([str(data / "pairs.jsonl")] * 10, tok, cfg, seed=3)
+    layouts = [ds.get(k).ids[0] == i["<start_of_img>"] for k in range(len(ds))]
+    assert 0 < sum(layouts) < len(layouts)
+    assert layouts == [LCLDataset([str(data / "pairs.jsonl")] * 10, tok, cfg, seed=3).get(k).ids[0]
+                       == i["<start_of_img>"] for k in range(len(ds))]  # fmt: skip
+
+
+def test_documents_keep_images_in_place_and_cut_whole_blocks(data, tok):
+    i = tok.ids
+    cfg = config(tok)
+    block = [i["<start_of_img>"], *[i["<img_placehold>"]] * 16, i["<end_of_img>"]]
+    sample = LCLDataset([str(data / "docs.jsonl")], tok, cfg).get(0)
+    want = [i["<start_of_text>"], *tok.encode("a page about colours.\n"), *block,
+            *tok.encode("the first picture is red, the next one blue.\n"), *block, *tok.encode("end.\n"),
+            i["<end_of_text>"]]  # fmt: skip
+    assert sample.ids == want and sample.pixels.shape == (2, 3, 32, 32)
+    assert torch.equal(sample.pixels[0], clip_pixels(str(data / "red.png"), 32))
+    assert torch.equal(sample.pixels[1], clip_pixels(str(data / "blue.png"), 32))
+    # a context that ends inside the second image block: the document stops at its <soi>, with <eot>
+    n_before = len(want[: want.index(i["<start_of_img>"], want.index(i["<end_of_img>"]))])
+    cut = LCLDataset([str(data / "docs.jsonl")], tok, config(tok, context_length=n_before + 10)).get(0)
+    assert cut.ids == want[:n_before] + [i["<end_of_text>"]] and cut.pixels.shape[0] == 1
+    one = LCLDataset([str(data / "docs.jsonl")], tok, cfg, max_images=1).get(0)
+    assert one.ids.count(i["<start_of_img>"]) == 1 and one.pixels.shape[0] == 1
+
+
+def test_bad_rows_are_skipped_and_counted(data, tok):
+    rows = ['{"image": "nowhere.png", "text": "x"}', "{oops", '{"texts": ["a"], "images": [null, null]}',
+            '{"image": "red.png", "text": "fine"}']  # fmt: skip
+    (data / "bad.jsonl").write_text("\n".join(rows) + "\n")
+    log = SkipLog()
+    ds = LCLDataset([str(data / "bad.jsonl")], tok, config(tok), skip_log=log)
+    assert [ds.get(k) is None for k in range(4)] == [True, True, True, False]
+    assert dict(log.counts) == {"missing_image": 1, "bad_json": 1, "bad_document": 1}
+
+
+def test_clip_preprocessing_matches_transformers(tmp_path):
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    ref = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    rng = random.Random(0)
+    for size in [(48, 40), (300, 200), (33, 97), (32, 32)]:  # random pixels: resampling errors would show
+        img = Image.new("RGB", size)
+        img.putdata([tuple(rng.randrange(256) for _ in range(3)) for _ in range(size[0] * size[1])])
+        img.save(tmp_path / "t.png")
+        want = torch.as_tensor(ref(images=img, return_tensors="np")["pixel_values"][0])
+        assert torch.allclose(clip_pixels(str(tmp_path / "t.png"), 32), want, atol=1e-6), size
+
+
+def test_collate_pads_right_and_orders_images(tok, data):
+    ds = LCLDataset(
+        [str(data / "docs.jsonl"), str(data / "pairs.jsonl")], tok, config(tok), img_first_prob=0.0
+    )
+    samples = [ds.get(0), ds.get(1)]
+    ids, pixels = collate(samples)
+    assert ids.shape == (2, max(len(s.ids) for s in samples)) and (ids[1, len(samples[1].ids) :] == 0).all()
+    assert torch.equal(pixels, torch.cat([samples[0].pixels, samples[1].pixels]))
+
+
+def run_config(data: Path, out: Path, **kw) -> LCLTrainConfig:
+    args = dict(data=[str(data / "pairs.jsonl"), str(data / "docs.jsonl")], output_dir=str(out), steps=24,
+                batch_size=4, lr=2e-3, warmup=2, save_every=8, log_every=100)  # fmt: skip
+    return LCLTrainConfig(**{**args, **kw})
+
+
+def test_pretraining_lowers_both_losses_and_trains_the_vit(data, tmp_path):
+    from interleaf.model.lcl import LCLModel, load_lcl
+
+    result = pretrain(run_config(data, tmp_path / "run", steps=40), log=lambda m: None)
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 41))
+    first, last = log[:8], log[-8:]
+    mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
+    assert mean(last, "generation") < 0.7 * mean(first, "generation")
+    # the contrastive term is per pair; compare per pair (losses are means over the batch's pairs)
+    assert all(r["pairs"] >= 1 for r in log)
+    assert mean(last, "contrastive") < mean(first, "contrastive")
+    model = load_lcl(result["model"])
+    torch.manual_seed(0)
+    fresh = LCLModel(model.config)
+    assert not torch.equal(model.visual.conv1.weight, fresh.visual.conv1.weight)
+    assert load_lcl_tokenizer(result["model"]).ids == model.config.special_token_ids
+
+
+def test_resume_after_a_kill_ends_exactly_as_an_unbroken_run(data, tmp_path):
+    full = tmp_path / "full"
+    pretrain(run_config(data, full), log=lambda m: None)
+    broken = tmp_path / "broken"
+    shutil.copytree(full, broken)
+    # as if killed right after checkpoint-16 was written: checkpoint-24 and the model are gone
+    assert sorted(p.name for p in broken.glob("checkpoint-*")) == ["checkpoint-16", "checkpoint-24"]
+    for name in ("checkpoint-24", "model"):
+        shutil.rmtree(broken / name)
+    messages: list[str] = []
+    pretrain(run_config(data, broken), log=messages.append)
+    assert messages[0] == f"resumed from {broken / 'checkpoint-16'} at step 16"
+    a, b = load_file(full / "model" / "model.safetensors"), load_file(broken / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (full / "log.jsonl").read_text() == (broken / "log.jsonl").read_text()
+    assert sorted(p.name for p in broken.glob("checkpoint-*")) == ["checkpoint-16", "checkpoint-24"]
+
+
+def test_cli_pretrain_and_its_errors(data, tmp_path, capsys):
+    out = tmp_path / "cli"
+    argv = ["lcl", "pretrain", str(data / "pairs.jsonl"), "-o", str(out), "--steps", "3", "--batch-size", "2"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.strip().endswith(str(out / "model"))
+    for extra, message in [
+        (["--preset", "huge"], "unknown LCL preset 'huge'"),
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--img-first-prob", "2"], "--img-first-prob must be in [0, 1]"),
+        (["--tokenizer", str(tmp_path / "none")], "tokenizer folder not found"),
+    ]:
+        assert main([*argv[:3], "-o", str(tmp_path / "x"), *extra]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err
+    assert main(["lcl", "pretrain", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "y")]) == 1
+    assert "file not found" in capsys.readouterr().err
+
+
+def test_torchrun_two_ranks_share_the_contrastive_batch(data, tmp_path, torchrun):
+    out = tmp_path / "ddp"
+    torchrun("lcl", "pretrain", str(data / "pairs.jsonl"), str(data / "docs.jsonl"), "-o", str(out),
+             "--steps", "4", "--batch-size", "2", "--save-every", "2")  # fmt: skip
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    state = torch.load(out / "checkpoint-4" / "train_state.pt", weights_only=False)
+    assert len(state["order"]) == 2 and state["order"][0] == state["order"][1]  # both ranks at one position
+    assert (out / "model" / "model.safetensors").exists()
