@@ -506,3 +506,39 @@ def test_a_type_given_twice_is_asked_once(captions, llm, tmp_path):
     assert len(llm.requests) == 3 and stats["requests"]["total"] == 3 and stats["types"] == ["judge"]
     assert len(samples) == 12 and len({s["id"] for s in samples}) == 12
     assert lines(out / "rejected.jsonl") == []
+
+
+def test_interrupted_requests_stop_and_what_arrived_is_kept(tmp_path):
+    """Ctrl-C while asking: the requests not yet started are not sent (the pool sent every one of
+    them before the run stopped), and every answer that arrived is in the store."""
+    import signal as sig
+    import threading
+
+    from interleaf.instruct.engine import Task, ask_all
+    from interleaf.store import ResponseStore
+
+    calls = []
+    lock = threading.Lock()
+
+    class SlowClient:
+        def complete(self, messages, **params):
+            time.sleep(0.05)
+            with lock:
+                calls.append(messages[0]["content"])
+            return "answer"
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    tasks = [Task(f"t{i}", [{"role": "user", "content": str(i)}], key=f"k{i}") for i in range(60)]
+    old = sig.signal(sig.SIGALRM, interrupt)
+    try:
+        with ResponseStore(tmp_path / "r.sqlite") as store:
+            sig.setitimer(sig.ITIMER_REAL, 0.3)
+            with pytest.raises(KeyboardInterrupt):
+                ask_all(SlowClient(), tasks, store, {}, concurrency=2, progress=False)
+            stored = len(store)
+    finally:
+        sig.setitimer(sig.ITIMER_REAL, 0)
+        sig.signal(sig.SIGALRM, old)
+    assert 2 <= len(calls) <= 20 and stored == len(calls)

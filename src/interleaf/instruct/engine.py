@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import random
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -378,21 +379,32 @@ def ask_all(
             todo.append(t)
     if not todo:
         return counts
+    def answer(t: Task) -> str:
+        response = client.complete(t.messages, **params)
+        store.put(t.key, t.id, response)  # committed by the worker: kept even if the loop below stops
+        return response
+
     bar = tqdm(total=len(todo), desc=desc, disable=not progress, unit="req")
-    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-        futures = {pool.submit(client.complete, t.messages, **params): t for t in todo}
+    pool = ThreadPoolExecutor(max_workers=max(1, concurrency))
+    try:
+        futures = {pool.submit(answer, t): t for t in todo}
         for fut in as_completed(futures):
             t = futures[fut]
             counts["asked"] += 1
             exc = fut.exception()
+            if isinstance(exc, sqlite3.Error):
+                raise exc  # the store takes no answers (disk full, ...): stop, do not count it as a request
             if exc is None:
                 t.response = fut.result()
-                store.put(t.key, t.id, t.response)
             else:
                 t.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 counts["failed"] += 1
             bar.update(1)
-    bar.close()
+    finally:
+        # on Ctrl-C (or any error here) the requests not yet started are dropped, not all sent
+        # while the run waits to stop; the ones in flight finish and are stored
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
     return counts
 
 
