@@ -379,6 +379,7 @@ def ask_all(
             todo.append(t)
     if not todo:
         return counts
+
     def answer(t: Task) -> str:
         response = client.complete(t.messages, **params)
         store.put(t.key, t.id, response)  # committed by the worker: kept even if the loop below stops
