@@ -348,7 +348,7 @@ class LCLModel(nn.Module):
         gen = (
             (target != cfg.id("<img_placehold>"))
             & (target != cfg.id("<end_of_img>"))
-            & (target != cfg.id("<start_of_img>"))
+            & (target != cfg.pad_id)
         )
         logits = self.lm_head(hidden[:, :-1][gen])
         return LCLOutput(image_features, text_features, logits, target[gen], self.logit_scale.exp())
