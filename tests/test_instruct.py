@@ -542,3 +542,26 @@ def test_interrupted_requests_stop_and_what_arrived_is_kept(tmp_path):
         sig.setitimer(sig.ITIMER_REAL, 0)
         sig.signal(sig.SIGALRM, old)
     assert 2 <= len(calls) <= 20 and stored == len(calls)
+
+
+def test_caption_image_paths_through_a_symbolic_link(tmp_path, llm):
+    """``set1`` is reached through the link ``link``, and a record's image is ``../shared/a.png``:
+    the file is real/shared/a.png (the file system resolves the link before ``..``), not what
+    os.path.abspath made of the text (tmp/shared/a.png, which is not there)."""
+    from interleaf.instruct.caption import caption_images
+
+    (tmp_path / "real" / "set1").mkdir(parents=True)
+    (tmp_path / "real" / "shared").mkdir()
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "real" / "shared" / "a.png")
+    (tmp_path / "link").symlink_to(tmp_path / "real" / "set1", target_is_directory=True)
+    recs = write_captions(
+        tmp_path / "real" / "set1" / "recs.jsonl", [{"id": "a", "image": "../shared/a.png"}]
+    )
+    out = tmp_path / "out"
+    caption_images(tmp_path / "link" / "recs.jsonl", llm.spec, out, min_words=0, progress=False)
+    assert recs.exists()
+    [cap] = lines(out / "captions.jsonl")
+    assert cap["image"] == "../real/shared/a.png" and (out / cap["image"]).is_file()
+    gen = generate(out / "captions.jsonl", llm.spec, tmp_path / "gen", GenerateConfig(types=["short"]),
+                   progress=False)  # fmt: skip
+    assert gen["captions"] == {"used": 1, "rejected": {}}

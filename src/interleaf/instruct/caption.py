@@ -70,6 +70,14 @@ def _image_records(source: Path) -> tuple[Path, list[tuple[str, dict | None, str
     return source.parent, [(f"{source.name}:{i}", rec, err) for i, rec, err in iter_records(source)]
 
 
+def path_from(folder: Path, path: str) -> str:
+    """``path`` relative to ``folder``, both as the file system resolves them: ``os.path.abspath``
+    drops ``link/..`` by its text, which names another place when ``link`` is a symbolic link. The
+    image's own name is kept (a symlinked image is not replaced by its target)."""
+    where = os.path.realpath(os.path.dirname(path) or ".")
+    return os.path.relpath(os.path.join(where, os.path.basename(path)), os.path.realpath(folder))
+
+
 def thumbnail_data_url(path: str, size: int = THUMBNAIL) -> str:
     """The image shrunk to fit ``size`` x ``size`` (aspect kept, never enlarged), as a JPEG data URL."""
     from interleaf.processing.image import load_image
@@ -147,7 +155,7 @@ def caption_images(
         ]
         record = {
             "id": cid,
-            "image": os.path.relpath(os.path.abspath(path), out.resolve()),
+            "image": path_from(out, path),
             "domain": dom,
         }
         prior = rec.get("prior", rec.get("bing_tag"))
