@@ -565,3 +565,27 @@ def test_caption_image_paths_through_a_symbolic_link(tmp_path, llm):
     gen = generate(out / "captions.jsonl", llm.spec, tmp_path / "gen", GenerateConfig(types=["short"]),
                    progress=False)  # fmt: skip
     assert gen["captions"] == {"used": 1, "rejected": {}}
+
+
+def test_suffix_without_a_space_and_caption_counts_under_a_limit(captions, llm, tmp_path):
+    suffixes = tmp_path / "end_prompt.json"
+    suffixes.write_text(
+        json.dumps({"shortsentence": {"English": ["Answer briefly."], "Chinese": ["请简答。"]}})
+    )
+    out = tmp_path / "out"
+    generate(captions, llm.spec, out, GenerateConfig(types=["short"]), bank=seed_bank(None, suffixes),
+             progress=False)  # fmt: skip
+    assert all(
+        s["conversations"][0]["value"].endswith("? Answer briefly.")
+        for s in lines(out / "instructions.jsonl")
+    )
+    generate(captions, llm.spec, out, GenerateConfig(types=["short"], lang="zh"),
+             bank=seed_bank(None, suffixes), progress=False)  # fmt: skip
+    assert all(
+        s["conversations"][0]["value"].endswith("吗？请简答。") for s in lines(out / "instructions.jsonl")
+    )
+    # captioning with --limit: the images counted are those read, each a caption or a rejection
+    from interleaf.instruct.caption import caption_images
+
+    stats = caption_images(captions, llm.spec, tmp_path / "cap", min_words=0, limit=1, progress=False)
+    assert stats["images"] == 1 == stats["captions"] + sum(stats["rejected"].values())

@@ -117,7 +117,9 @@ def caption_images(
     tasks: list[Task] = []
     seen: dict[str, str] = {}
     seen_ids: set[str] = set()
+    examined = 0
     for where, rec, error in records:
+        examined += 1
         if rec is None:
             rejected.append(Rejected("caption", "bad_record", f"{where}: {error}", where))
             continue
@@ -184,7 +186,7 @@ def caption_images(
     reasons = Counter(r.reason for r in rejected)
     stats = {
         "vlm": fingerprint,
-        "images": len(records),
+        "images": examined,  # each is a caption or one rejection (--limit stops reading)
         "requests": {"total": len(tasks), **{k: counts[k] for k in ("from_store", "asked", "failed")}},
         "captions": len(captions),
         "rejected": dict(reasons),

@@ -462,6 +462,8 @@ def human_turn(ins: Instruction, suffix: str) -> str:
     if ins.type == "choice":
         options = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(ins.options))
         return f"<image>\n{ins.question}\n{options}\n{suffix.strip()}"
+    if suffix and not suffix[0].isspace() and ins.question[-1:].isascii():
+        suffix = " " + suffix  # a suffix file's "Answer briefly." after an English question
     return f"<image>\n{ins.question}{suffix}"
 
 
