@@ -171,6 +171,36 @@ def test_resume_after_a_kill_ends_exactly_as_an_unbroken_run(data, tmp_path):
     assert sorted(p.name for p in broken.glob("checkpoint-*")) == ["checkpoint-16", "checkpoint-24"]
 
 
+def test_pretraining_aligns_images_with_their_captions(tmp_path, capsys):
+    """Zero-shot retrieval on 16 colour x shape pairs (official loss weights and layout): near chance
+    before training, every pair found after 150 steps."""
+    from PIL import ImageDraw
+
+    rows = []
+    for name, colour in {**COLOURS, "purple": (140, 20, 160), "orange": (240, 140, 10), "black": (10, 10, 10),
+                         "white": (245, 245, 245)}.items():  # fmt: skip
+        for shape in ("square", "circle"):
+            img = Image.new("RGB", (40, 40), (128, 128, 128))
+            draw = ImageDraw.Draw(img)
+            (draw.rectangle if shape == "square" else draw.ellipse)((6, 6, 34, 34), fill=colour)
+            img.save(tmp_path / f"{name}_{shape}.png")
+            rows.append({"image": f"{name}_{shape}.png", "text": f"a {name} {shape} on grey"})
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recalls = {}
+    for steps, lr in ((1, 1e-9), (150, 2e-3)):
+        out = tmp_path / f"run{steps}"
+        argv = ["lcl", "pretrain", str(tmp_path / "pairs.jsonl"), "-o", str(out), "--steps", str(steps),
+                "--batch-size", "16", "--lr", str(lr), "--warmup", "10", "--log-every", "1000"]  # fmt: skip
+        assert main(argv) == 0
+        capsys.readouterr()
+        assert main(["lcl", "retrieval", str(out / "model"), str(tmp_path / "pairs.jsonl")]) == 0
+        recalls[steps] = json.loads(capsys.readouterr().out)
+    before, after = recalls[1], recalls[150]
+    assert before["pairs"] == after["pairs"] == 16
+    assert before["image_to_text_R@1"] <= 0.5 and before["text_to_image_R@1"] <= 0.5
+    assert after["image_to_text_R@1"] >= 0.9 and after["text_to_image_R@1"] >= 0.9
+
+
 def test_cli_pretrain_and_its_errors(data, tmp_path, capsys):
     out = tmp_path / "cli"
     argv = ["lcl", "pretrain", str(data / "pairs.jsonl"), "-o", str(out), "--steps", "3", "--batch-size", "2"]
@@ -198,3 +228,25 @@ def test_torchrun_two_ranks_share_the_contrastive_batch(data, tmp_path, torchrun
     state = torch.load(out / "checkpoint-4" / "train_state.pt", weights_only=False)
     assert len(state["order"]) == 2 and state["order"][0] == state["order"][1]  # both ranks at one position
     assert (out / "model" / "model.safetensors").exists()
+
+
+def test_text_features_are_read_where_the_image_would_follow(data, tok):
+    """Retrieval's text feature (the official encode_text: <eot> read as <soi>) is the feature the
+    contrastive loss pairs with the image after the same text."""
+    from interleaf.model.lcl import LCLModel
+
+    torch.manual_seed(0)
+    cfg = config(tok)
+    model = LCLModel(cfg).eval()
+    sample = LCLDataset([str(data / "pairs.jsonl")], tok, cfg, img_first_prob=0.0).get(1)
+    with torch.no_grad():
+        out = model(sample.pixels, torch.tensor([sample.ids]))
+        n_text = sample.ids.index(tok.ids["<start_of_img>"])
+        row = [*sample.ids[:n_text], tok.ids["<end_of_text>"], 0, 0]
+        feats = model.text_features(torch.tensor([row]))
+        assert torch.allclose(feats, out.text_features, atol=1e-6)
+        assert torch.allclose(model.image_features(sample.pixels), out.image_features, atol=1e-6)
+        with pytest.raises(ValueError, match="exactly one <end_of_text>"):
+            model.text_features(
+                torch.tensor([[*row[:-3], tok.ids["<end_of_text>"], tok.ids["<end_of_text>"]]])
+            )

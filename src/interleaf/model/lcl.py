@@ -353,6 +353,24 @@ class LCLModel(nn.Module):
         logits = self.lm_head(hidden[:, :-1][gen])
         return LCLOutput(image_features, text_features, logits, target[gen], self.logit_scale.exp())
 
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """L2-normalised pooled latents, [N, 3, S, S] -> [N, D] (retrieval, zero-shot use)."""
+        return F.normalize(self.encode_image(pixels)[0].float(), dim=-1)
+
+    def text_features(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """L2-normalised text features for retrieval, [B, T] -> [B, D], as the official ``encode_text``:
+        each ``<end_of_text>`` becomes ``<start_of_img>`` (text features are read where an image would
+        follow), a row that has none gets one in its last position, and the feature is the causal output
+        there through ``ln_final`` and ``text_projection``. Rows are ``<sot> text <eot>`` (+ padding)."""
+        cfg = self.config
+        soi = cfg.id("<start_of_img>")
+        ids = input_ids.masked_fill(input_ids == cfg.id("<end_of_text>"), soi)
+        ids[:, -1] = torch.where((ids == soi).any(dim=1), ids[:, -1], soi)
+        if ((ids == soi).sum(dim=1) != 1).any():
+            raise ValueError("text_features: each row needs exactly one <end_of_text>")
+        hidden = self.text(self.text.token_embedding(ids))
+        return F.normalize(self.text.project(hidden[ids == soi]).float(), dim=-1)
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual.transformer.grad_checkpointing = enable
         self.text.transformer.grad_checkpointing = enable

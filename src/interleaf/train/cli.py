@@ -72,6 +72,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_lcl_pretrain)
+    r = lsub.add_parser("retrieval", help="zero-shot image-text retrieval recall@k of an LCL model on pairs")
+    r.add_argument("model", help="the model folder pretrain wrote (OUT/model)")
+    r.add_argument("data", nargs="+", help="image-text pair files (JSONL/Parquet) or corpus builds")
+    r.add_argument("--batch-size", type=int, default=64)
+    r.set_defaults(func=_lcl_retrieval)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -138,4 +143,13 @@ def _lcl_pretrain(args: argparse.Namespace) -> int:
     result = pretrain(cfg)
     if int(os.environ.get("RANK", 0)) == 0:
         print(result["model"])
+    return 0
+
+
+def _lcl_retrieval(args: argparse.Namespace) -> int:
+    import json
+
+    from interleaf.train.lcl import retrieval
+
+    print(json.dumps(retrieval(args.model, args.data, batch_size=max(1, args.batch_size)), indent=1))
     return 0

@@ -82,8 +82,8 @@ class LCLTokenizer:
 
 
 def load_lcl_tokenizer(name: str | Path) -> LCLTokenizer:
-    """``offline`` (the small BPE the tests and demo build offline) or a tokenizer folder (e.g. a
-    CLIP tokenizer saved with ``save_pretrained``)."""
+    """``offline`` (the small BPE the tests and demo build offline), a tokenizer folder (e.g. a CLIP
+    tokenizer saved with ``save_pretrained``), or a model folder ``pretrain`` wrote (its ``tokenizer/``)."""
     if str(name) == "offline":
         from interleaf.model.tokenizer import build_offline_tokenizer
 
@@ -92,6 +92,8 @@ def load_lcl_tokenizer(name: str | Path) -> LCLTokenizer:
 
     if not Path(name).is_dir():
         raise InputError(f"tokenizer folder not found: {name} (or use 'offline')")
+    if (Path(name) / "tokenizer").is_dir():
+        name = Path(name) / "tokenizer"
     return LCLTokenizer(AutoTokenizer.from_pretrained(str(name)))
 
 
@@ -411,7 +413,7 @@ def pretrain(cfg: LCLTrainConfig, log=print) -> dict[str, Any]:
         tmp = out / "model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         save_lcl(model, tmp)
-        tok.save(tmp)
+        tok.save(tmp / "tokenizer")  # beside, not in, the model's config.json (AutoTokenizer reads that)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     if world > 1:
@@ -445,3 +447,53 @@ def _save(model, optimizer, order, skips, step, out, tok, cfg, rank, world) -> N
             shutil.rmtree(old, ignore_errors=True)
     if world > 1:
         dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------
+# zero-shot retrieval
+
+
+@torch.no_grad()
+def retrieval(
+    model_dir: str | Path, data: list[str], batch_size: int = 64, ks: tuple[int, ...] = (1, 5, 10)
+) -> dict[str, Any]:
+    """Image-to-text and text-to-image recall@k over the image-text pairs in ``data`` (OpenCLIP's
+    retrieval metrics), with the model's tokenizer (saved beside it by ``pretrain``). Rows that are
+    not pairs, or whose image cannot be read, are skipped and counted."""
+    from interleaf.model.lcl import load_lcl
+
+    model = load_lcl(model_dir).eval()
+    tok = load_lcl_tokenizer(model_dir)
+    cfg = model.config
+    rows, roots = read_corpus_rows(data)
+    pixels, texts, skipped = [], [], {}
+    for file, row in rows:
+        try:
+            row = _parse_line(row) if isinstance(row, str) else row
+            if not isinstance(row, dict) or "texts" in row:
+                raise SkipSample("not_a_pair", "only image-text pairs are scored")
+            nodes = document_nodes(row, Path(file).parent, roots.get(file))
+            path = nodes[0][1][0]
+            if path is None:
+                raise SkipSample("missing_image", "image node without a local file")
+            pixels.append(clip_pixels(path, cfg.image_size))
+        except SkipSample as exc:
+            skipped[exc.reason] = skipped.get(exc.reason, 0) + 1
+            continue
+        texts.append([cfg.id("<start_of_text>"), *tok.encode(nodes[1][1])[: cfg.context_length - 2],
+                      cfg.id("<end_of_text>")])  # fmt: skip
+    if not texts:
+        raise InputError(f"no image-text pairs in {', '.join(data)}")
+    image = torch.cat([model.image_features(torch.stack(pixels[i : i + batch_size]))
+                       for i in range(0, len(pixels), batch_size)])  # fmt: skip
+    text = torch.cat([model.text_features(collate([LCLSample(t, torch.zeros(0)) for t in texts[i : i + batch_size]],
+                                                  cfg.pad_id)[0]) for i in range(0, len(texts), batch_size)])  # fmt: skip
+    scores = image @ text.t()
+    truth = torch.arange(len(texts))
+    out: dict[str, Any] = {"pairs": len(texts), "skipped": skipped}
+    for name, logits in (("image_to_text", scores), ("text_to_image", scores.t())):
+        # rank of the true partner: how many candidates score strictly higher
+        rank = (logits > logits[truth, truth][:, None]).sum(dim=1)
+        for k in ks:
+            out[f"{name}_R@{k}"] = float((rank < k).float().mean())
+    return out
