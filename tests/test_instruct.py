@@ -210,13 +210,13 @@ def test_bad_records_and_bad_replies_are_counted_and_kept_out(images, llm, tmp_p
             "missing_image": 1,
             "bad_image": 1,
             "duplicate_image": 1,
-            "no_seeds": 2,
         },
     }
     assert stats["requests"]["failed"] == 2 and stats["requests"]["rejected"] == {
         "endpoint_error": 2,
         "unparsable": 2,
     }
+    assert stats["requests"]["not_asked"] == {"no_seeds": 2} and stats["requests"]["total"] == 8
     # DUPLICATE: items 2-4 repeat item 1's question; BROKEN: item 2 unanswered, item 3 a placeholder
     assert stats["items"]["rejected"] == {"missing_answer": 2, "placeholder_left": 2, "duplicate_question": 1}
     rejected = lines(out / "rejected.jsonl")
@@ -589,3 +589,45 @@ def test_suffix_without_a_space_and_caption_counts_under_a_limit(captions, llm, 
 
     stats = caption_images(captions, llm.spec, tmp_path / "cap", min_words=0, limit=1, progress=False)
     assert stats["images"] == 1 == stats["captions"] + sum(stats["rejected"].values())
+
+
+def test_limit_stops_reading_and_fields_fall_back(images, llm, tmp_path):
+    rows = [
+        {
+            "id": "a",
+            "image": None,
+            "image_path": "china.jpg",
+            "caption": "A temple.",
+            "prior": ["Summer", "Palace"],
+        },
+        {"id": "b", "image": "flower.jpg", "caption": "A flower.", "bing_tag": {"title": "Rose"}},
+        {"id": "c", "image": "nowhere.jpg", "caption": "never read"},
+    ]
+    path = write_captions(images / "lim.jsonl", rows)
+    stats = generate(
+        path, llm.spec, tmp_path / "out", GenerateConfig(types=["short"], limit=2), progress=False
+    )
+    assert stats["captions"] == {"used": 2, "rejected": {}}  # the third record is not read at all
+    prompts = [b["messages"][-1]["content"] for b in llm.requests]
+    assert any('(Empty means none): ["Summer", "Palace"]' in p for p in prompts)
+    assert any('(Empty means none): {"title": "Rose"}' in p for p in prompts)
+
+
+def test_temperature_must_be_a_finite_number(captions, llm, tmp_path, capsys):
+    for bad in ("nan", "inf", "-1"):
+        argv = [
+            "instruct",
+            "generate",
+            str(captions),
+            "--llm",
+            llm.spec,
+            "-o",
+            str(tmp_path),
+            "--temperature",
+            bad,
+        ]
+        assert main(argv) == 1
+        assert (
+            capsys.readouterr().err.strip() == f"error: --temperature must be a number >= 0, got {float(bad)}"
+        )
+    assert not llm.requests

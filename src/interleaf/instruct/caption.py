@@ -31,8 +31,11 @@ from interleaf.instruct.engine import (
     ask_all,
     check_failures,
     endpoint_client,
+    first_field,
     iter_records,
     jsonl,
+    open_record_image,
+    prior_text,
     record_domain,
     record_id,
     request_params,
@@ -40,7 +43,7 @@ from interleaf.instruct.engine import (
     write_atomic,
 )
 from interleaf.instruct.parse import units
-from interleaf.store import ResponseStore, file_digest, request_key
+from interleaf.store import ResponseStore, request_key
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 THUMBNAIL = 512
@@ -125,7 +128,7 @@ def caption_images(
             continue
         cid, problem = record_id(rec, where)
         dom, dom_problem = record_domain(rec, domain)
-        image = rec.get("image", rec.get("image_path"))
+        image = first_field(rec, ("image", "image_path"))
         if problem is None and cid in seen_ids:
             problem = f"id {cid!r} repeats an earlier record's"
         problem = problem or text_field_problem("image", image, "a path") or dom_problem
@@ -133,19 +136,11 @@ def caption_images(
             rejected.append(Rejected("caption", "bad_record", f"{where}: {problem}", cid))
             continue
         seen_ids.add(cid)
-        path = image if os.path.isabs(image) else os.path.join(root, image)
-        try:
-            url = thumbnail_data_url(path)
-        except InputError as exc:
-            reason = "missing_image" if not os.path.exists(path) else "bad_image"
-            rejected.append(Rejected("caption", reason, f"{where}: {exc}", cid))
+        opened = open_record_image(image, root, where, cid, seen, thumbnail_data_url)
+        if isinstance(opened, Rejected):
+            rejected.append(opened)
             continue
-        digest = file_digest(path)
-        if digest in seen:
-            detail = f"{where}: image {image} has the same bytes as {seen[digest]}"
-            rejected.append(Rejected("caption", "duplicate_image", detail, cid))
-            continue
-        seen[digest] = f"{image} (record {cid!r})"
+        path, digest, url = opened
         ocr = rec.get("ocr")
         if isinstance(ocr, str) and ocr.strip():
             prompt = PROMPT_OCR[lang].format(ocr=ocr.strip(), n=min_words)
@@ -160,9 +155,9 @@ def caption_images(
             "image": path_from(out, path),
             "domain": dom,
         }
-        prior = rec.get("prior", rec.get("bing_tag"))
-        if prior not in (None, ""):
-            record["prior"] = str(prior)
+        prior = prior_text(first_field(rec, ("prior", "bing_tag")))
+        if prior != "Empty":
+            record["prior"] = prior
         task = Task(cid, [{"role": "user", "content": content}], meta={"record": record})
         task.key = request_key(cid, prompt, [digest], fingerprint, params)
         tasks.append(task)

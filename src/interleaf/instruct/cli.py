@@ -13,7 +13,7 @@ def _endpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retries", type=int, default=3, help="retries per request (timeouts, 429, 5xx)")
     p.add_argument("--max-tokens", type=int, default=1024)
     p.add_argument("--temperature", type=float, default=None, help="default: the endpoint's")
-    p.add_argument("--limit", type=int, default=None, help="first N records")
+    p.add_argument("--limit", type=int, default=None, help="stop after N usable records")
     p.add_argument("--lang", choices=["en", "zh"], default="en")
     p.add_argument("--domain", default=None, help="domain of records without one (default image_description)")
     p.add_argument("--no-progress", action="store_true")
@@ -73,6 +73,9 @@ def _check_numbers(args: argparse.Namespace) -> None:
     ):
         if value is not None and value < low:
             raise InputError(f"{flag} must be >= {low}, got {value}")
+    temperature = getattr(args, "temperature", None)
+    if temperature is not None and not 0 <= temperature < float("inf"):
+        raise InputError(f"--temperature must be a number >= 0, got {temperature}")
     if not args.timeout > 0:
         raise InputError(f"--timeout must be > 0, got {args.timeout}")
     near = getattr(args, "near_duplicate", None)

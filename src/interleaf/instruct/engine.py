@@ -29,7 +29,7 @@ import random
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,7 +78,7 @@ class Caption:
 class Rejected:
     """One line of ``rejected.jsonl``."""
 
-    stage: str  # "caption" | "request" | "item"
+    stage: str  # "caption" | "task" (a caption and type not asked) | "request" | "item"
     reason: str
     detail: str
     caption_id: str | None = None
@@ -90,9 +90,10 @@ class Rejected:
         return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
-def _first(record: dict, names: Sequence[str]) -> Any:
+def first_field(record: dict, names: Sequence[str]) -> Any:
+    """The first of ``names`` the record sets (a null counts as unset)."""
     for name in names:
-        if name in record:
+        if record.get(name) is not None:
             return record[name]
     return None
 
@@ -199,14 +200,38 @@ def _list_records(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
         yield i, item, None
 
 
+def open_record_image(
+    image: str, root: Path, where: str, cid: str, seen: dict[str, str], opener: Callable[[str], Any]
+) -> tuple[str, str, Any] | Rejected:
+    """A record's image: (resolved path, content digest, ``opener(path)``), or why it is rejected -
+    missing, unreadable (``opener`` raised InputError) or the same bytes as an earlier record's
+    (``seen``: digest -> that image, updated here)."""
+    path = image if os.path.isabs(image) else os.path.join(root, image)
+    try:
+        opened = opener(path)
+    except InputError as exc:
+        reason = "missing_image" if not os.path.exists(path) else "bad_image"
+        return Rejected("caption", reason, f"{where}: {exc}", cid)
+    digest = file_digest(path)
+    if digest in seen:
+        detail = f"{where}: image {image} has the same bytes as {seen[digest]}"
+        return Rejected("caption", "duplicate_image", detail, cid)
+    seen[digest] = f"{image} (record {cid!r})"
+    return path, digest, opened
+
+
 def read_captions(
-    path: str | os.PathLike, image_root: str | os.PathLike | None = None, domain: str | None = None
+    path: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
+    domain: str | None = None,
+    limit: int | None = None,
 ) -> tuple[list[Caption], list[Rejected]]:
     """Caption records from JSONL / a JSON list. Fields: ``image`` | ``image_path`` (relative to
     ``image_root``, default the file's folder), ``caption`` | ``gpt4v_caption_interface`` (the
     official caption field), optional ``id``, ``domain`` (default ``domain`` or image_description),
     ``prior`` | ``bing_tag``. Bad records, missing or unreadable images and repeated images (same
-    bytes: the first is kept, as the official engine dedups by md5) are rejected, not fatal."""
+    bytes: the first is kept, as the official engine dedups by md5) are rejected, not fatal. With
+    ``limit``, reading stops at that many usable captions."""
     from interleaf.processing.image import load_image
 
     path = Path(path)
@@ -216,16 +241,18 @@ def read_captions(
     captions: list[Caption] = []
     rejected: list[Rejected] = []
     seen_ids: set[str] = set()
-    seen_images: dict[str, tuple[str, str]] = {}
+    seen_images: dict[str, str] = {}
     for line, rec, error in iter_records(path):
+        if limit is not None and len(captions) >= limit:
+            break
         where = f"{path.name}:{line}"
         if rec is None:
             rejected.append(Rejected("caption", "bad_record", f"{where}: {error}", where))
             continue
         cid, problem = record_id(rec, where)
         dom, dom_problem = record_domain(rec, domain)
-        image = _first(rec, ("image", "image_path"))
-        text = _first(rec, ("caption", "gpt4v_caption_interface"))
+        image = first_field(rec, ("image", "image_path"))
+        text = first_field(rec, ("caption", "gpt4v_caption_interface"))
         if problem is None and cid in seen_ids:
             problem = f"id {cid!r} repeats an earlier record's"
         problem = (
@@ -238,21 +265,12 @@ def read_captions(
             rejected.append(Rejected("caption", "bad_record", f"{where}: {problem}", cid))
             continue
         seen_ids.add(cid)
-        full = image if os.path.isabs(image) else os.path.join(root, image)
-        try:
-            load_image(full)
-        except InputError as exc:
-            reason = "missing_image" if not os.path.exists(full) else "bad_image"
-            rejected.append(Rejected("caption", reason, f"{where}: {exc}", cid))
+        opened = open_record_image(image, root, where, cid, seen_images, load_image)
+        if isinstance(opened, Rejected):
+            rejected.append(opened)
             continue
-        digest = file_digest(full)
-        if digest in seen_images:
-            first_id, first_image = seen_images[digest]
-            detail = f"{where}: image {image} has the same bytes as {first_image} (record {first_id!r})"
-            rejected.append(Rejected("caption", "duplicate_image", detail, cid))
-            continue
-        seen_images[digest] = (cid, image)
-        prior = _first(rec, ("prior", "bing_tag"))
+        full, digest, _ = opened
+        prior = first_field(rec, ("prior", "bing_tag"))
         captions.append(
             Caption(
                 id=cid,
@@ -260,11 +278,23 @@ def read_captions(
                 path=full,
                 caption=text.strip().replace("\n\n", "\n"),
                 domain=dom,
-                prior=str(prior).strip() if prior not in (None, "") and str(prior).strip() else "Empty",
+                prior=prior_text(prior),
                 digest=digest,
             )
         )
     return captions, rejected
+
+
+def prior_text(prior: Any) -> str:
+    """Prior knowledge as prompt text: a string as is, other JSON values as JSON, "Empty" for none."""
+    text = (
+        prior
+        if isinstance(prior, str)
+        else json.dumps(prior, ensure_ascii=False)
+        if prior is not None
+        else ""
+    )
+    return text.strip() or "Empty"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -510,16 +540,14 @@ def generate(
     client, fingerprint = endpoint_client(llm, cfg.timeout, cfg.retries)
     params = request_params(cfg.max_tokens, cfg.temperature, None)
 
-    captions, rejected = read_captions(captions_path, image_root, domain)
-    if cfg.limit is not None:
-        captions = captions[: cfg.limit]
+    captions, rejected = read_captions(captions_path, image_root, domain, cfg.limit)
     tasks: list[Task] = []
     for cap in captions:
         for type_ in types:
             templates = bank.templates(cap.domain, type_, cfg.lang)
             if not templates:
                 detail = f"domain {cap.domain!r} has no {type_} seeds in {cfg.lang}"
-                rejected.append(Rejected("caption", "no_seeds", detail, cap.id, type_))
+                rejected.append(Rejected("task", "no_seeds", detail, cap.id, type_))
                 continue
             rng = _rng(cfg.seed, cap.id, type_)
             seeds = rng.sample(templates, min(SEEDS_PER_PROMPT, len(templates)))
@@ -599,7 +627,12 @@ def _stats(
     cfg: GenerateConfig,
     fingerprint: str,
 ) -> dict[str, Any]:
-    by_stage: dict[str, Counter] = {"caption": Counter(), "request": Counter(), "item": Counter()}
+    by_stage: dict[str, Counter] = {
+        "caption": Counter(),
+        "task": Counter(),
+        "request": Counter(),
+        "item": Counter(),
+    }
     for r in rejected:
         by_stage[r.stage][r.reason] += 1
     answers: dict[str, Counter] = {"judge": Counter(), "choice": Counter()}
@@ -617,6 +650,7 @@ def _stats(
             "asked": counts["asked"],
             "failed": counts["failed"],
             "rejected": dict(by_stage["request"]),
+            "not_asked": dict(by_stage["task"]),  # a caption and type with no seed questions
         },
         "items": {"parsed": item_counts["parsed"], "rejected": dict(by_stage["item"])},
         "instructions": {
