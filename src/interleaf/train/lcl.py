@@ -75,7 +75,10 @@ class LCLTokenizer:
         return len(self.tokenizer)
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        # split_special_tokens: a text that spells "<img_placehold>" or "<|endoftext|>" is text, never
+        # the control token (an extra placeholder or <start_of_img> breaks the image count the model
+        # relies on, an extra <end_of_text> the retrieval feature)
+        return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
 
     def save(self, path: str | Path) -> None:
         self.tokenizer.save_pretrained(str(path))
@@ -324,6 +327,22 @@ def _checkpoints(out: Path) -> list[Path]:
 
 def pretrain(cfg: LCLTrainConfig, log=print) -> dict[str, Any]:
     """Train (or resume) an LCL model; returns a summary with the final model folder."""
+    import torch.distributed as dist
+
+    started_group = not dist.is_initialized()
+    try:
+        return _pretrain(cfg, log)
+    finally:
+        if started_group and dist.is_initialized():
+            import gc
+
+            # end gloo's threads while the interpreter is whole: left to exit, a rank of a finished run
+            # can abort ('terminate called without an active exception'), as the trainer found
+            gc.collect()
+            dist.destroy_process_group()
+
+
+def _pretrain(cfg: LCLTrainConfig, log) -> dict[str, Any]:
     import torch.distributed as dist
 
     from interleaf.train.trainer import dist_info, seed_everything, set_rng_state
