@@ -250,3 +250,29 @@ def test_text_features_are_read_where_the_image_would_follow(data, tok):
             model.text_features(
                 torch.tensor([[*row[:-3], tok.ids["<end_of_text>"], tok.ids["<end_of_text>"]]])
             )
+
+
+def test_text_that_spells_a_special_token_stays_text(data, tok):
+    """A caption or document text containing '<img_placehold>', '<start_of_img>' or '<end_of_text>'
+    is tokenized as text: one placeholder run and one <soi> per image (the model's invariant)."""
+    from interleaf.model.lcl import LCLModel
+
+    text = "see <img_placehold><start_of_img> here <end_of_img><end_of_text><start_of_text>"
+    assert not set(tok.encode(text)) & set(tok.ids.values())
+    (data / "tricky.jsonl").write_text(
+        json.dumps({"image": "red.png", "text": text})
+        + "\n"
+        + json.dumps({"texts": [text, None, text], "images": [None, "red.png", None]})
+        + "\n"
+    )
+    cfg = config(tok)
+    ds = LCLDataset([str(data / "tricky.jsonl")], tok, cfg, img_first_prob=0.0)
+    samples = [ds.get(0), ds.get(1)]
+    ends = (tok.ids["<start_of_text>"], tok.ids["<end_of_text>"])
+    for s, want in zip(samples, ([ends[0]], list(ends))):  # the pair is text first: no <eot>
+        assert s.ids.count(tok.ids["<start_of_img>"]) == s.pixels.shape[0] == 1
+        assert s.ids.count(tok.ids["<img_placehold>"]) == cfg.num_image_tokens
+        assert [t for t in s.ids if t in ends] == want
+    torch.manual_seed(0)
+    out = LCLModel(cfg)(*reversed(collate(samples)))
+    assert out.image_features.shape == out.text_features.shape == (2, cfg.embed_dim)
