@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from interleaf.cli import main
+from interleaf.errors import ConfigError
 from interleaf.model.lcl import LCL_PRESETS, LCLConfig
 from interleaf.train.data import SkipLog
 from interleaf.train.lcl import LCLDataset, LCLTrainConfig, clip_pixels, collate, load_lcl_tokenizer, pretrain
@@ -276,3 +277,57 @@ def test_text_that_spells_a_special_token_stays_text(data, tok):
     torch.manual_seed(0)
     out = LCLModel(cfg)(*reversed(collate(samples)))
     assert out.image_features.shape == out.text_features.shape == (2, cfg.embed_dim)
+
+
+def test_sequences_fit_the_context_and_keep_one_block_per_image(data, tok):
+    """Pairs and documents of every length, at context lengths down to the least that holds an image
+    and a text token: never longer than the context (the positional embedding's rows), one <soi> and
+    P placeholders per image, some text; a context too short for that is a config error."""
+    rng = random.Random(0)
+    words = "red blue green a the square picture of colours".split()
+    rows = []
+    for n in range(60):
+        text = " ".join(rng.choice(words) for _ in range(rng.randrange(1, 60)))
+        if n % 2:
+            rows.append({"image": "red.png", "text": text})
+        else:
+            nodes = [rng.choice([text[: rng.randrange(1, 80)], None]) for _ in range(rng.randrange(1, 9))]
+            nodes.append(text)
+            rows.append({"texts": nodes, "images": [None if t else "blue.png" for t in nodes]})
+    (data / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ends = set(tok.ids.values())
+    for ctx in (21, 22, 23, 37, 40, 60, 128):  # tiny: 16 image tokens, so 21 = 16 + 4 + 1
+        cfg = config(tok, context_length=ctx)
+        for first in (0.0, 1.0):
+            log = SkipLog()
+            ds = LCLDataset([str(data / "mixed.jsonl")], tok, cfg, img_first_prob=first, skip_log=log)
+            for k in range(len(ds)):
+                s = ds.get(k)
+                if s is None:
+                    continue
+                assert len(s.ids) <= ctx, (ctx, k)
+                assert s.ids.count(tok.ids["<start_of_img>"]) == s.pixels.shape[0]
+                assert s.ids.count(tok.ids["<img_placehold>"]) == 16 * s.pixels.shape[0]
+                assert any(t not in ends for t in s.ids)
+            assert set(log.counts) <= {"empty_document"}
+    with pytest.raises(ConfigError, match="context length 20 cannot hold an image of 16 tokens"):
+        LCLDataset([str(data / "pairs.jsonl")], tok, config(tok, context_length=20))
+
+
+def test_documents_without_text_in_the_context_are_skipped(data, tok):
+    """A document whose images fill the context before any text is skipped (empty_document), and an
+    image that is not a local file is harmless where the document is cut before it."""
+    i = tok.ids
+    (data / "imgs.jsonl").write_text(
+        json.dumps(
+            {"texts": [None, None, "words after the pictures"], "images": ["red.png", "blue.png", None]}
+        )
+        + "\n"
+        + json.dumps({"texts": ["some words", None, None], "images": [None, "red.png", "http://x/y.png"]})
+        + "\n"
+    )
+    log = SkipLog()
+    ds = LCLDataset([str(data / "imgs.jsonl")], tok, config(tok, context_length=36), skip_log=log)
+    assert ds.get(0) is None and dict(log.counts) == {"empty_document": 1}  # <sot> block <eot>: no text
+    s = ds.get(1)  # the remote image lies past the context: the document is kept, cut at it
+    assert s is not None and s.pixels.shape[0] == 1 and s.ids[-1] == i["<end_of_text>"]

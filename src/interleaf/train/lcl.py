@@ -156,6 +156,11 @@ class LCLDataset:
             raise ConfigError(
                 f"the tokenizer's special token ids {tokenizer.ids} differ from the model's {ids}"
             )
+        if config.context_length < config.num_image_tokens + 5:  # a pair: P + 4 tokens and some text
+            raise ConfigError(
+                f"context length {config.context_length} cannot hold an image of {config.num_image_tokens} "
+                f"tokens with text (at least {config.num_image_tokens + 5})"
+            )
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -199,11 +204,11 @@ class LCLDataset:
             if kind == "image":
                 if len(images) == self.max_images:
                     continue
+                if len(ids) + len(block) > ctx - 1:
+                    break  # an image block that does not fit whole is cut at its <soi>
                 path, _ = value
                 if path is None:
                     raise SkipSample("missing_image", "image node without a local file")
-                if len(ids) + len(block) > ctx - 1:
-                    break  # an image block that does not fit whole is cut at its <soi>
                 images.append(clip_pixels(path, size))
                 ids += block
             else:
@@ -211,8 +216,9 @@ class LCLDataset:
                 if len(ids) >= ctx - 1:
                     break
         ids.append(eot)
-        if len(ids) < 3:
-            raise SkipSample("empty_document", "nothing fits the context")
+        specials = set(c.special_token_ids.values())
+        if not any(t not in specials for t in ids):  # images alone (they filled the context): no text
+            raise SkipSample("empty_document", "no text fits the context")
         pixels = torch.stack(images) if images else torch.zeros(0, 3, size, size)
         return LCLSample(ids, pixels)
 
