@@ -3,6 +3,7 @@ transformers' CLIP image processor, training that lowers the loss, exact resume,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -331,3 +332,48 @@ def test_documents_without_text_in_the_context_are_skipped(data, tok):
     assert ds.get(0) is None and dict(log.counts) == {"empty_document": 1}  # <sot> block <eot>: no text
     s = ds.get(1)  # the remote image lies past the context: the document is kept, cut at it
     assert s is not None and s.pixels.shape[0] == 1 and s.ids[-1] == i["<end_of_text>"]
+
+
+def test_resume_drops_cut_lines_and_never_duplicates_skips(data, tmp_path, capsys):
+    """Kills at awkward points: a log line cut short, a run killed before its first checkpoint (its
+    skip records must not be written twice), a finished run whose checkpoints were deleted (an error,
+    not a run from scratch over its model), a checkpoint of another world size (an error)."""
+    (data / "bad.jsonl").write_text(json.dumps({"image": "gone.png", "text": "lost"}) + "\n")
+    files = [str(data / "pairs.jsonl"), str(data / "bad.jsonl")]
+    cfg = lambda out: dataclasses.replace(run_config(data, out, steps=6, save_every=3), data=files)  # noqa: E731
+    full = tmp_path / "full"
+    pretrain(cfg(full), log=lambda m: None)
+    assert len((full / "skipped.jsonl").read_text().splitlines()) == 1
+
+    def rerun(name: str, *remove: str) -> Path:
+        run = tmp_path / name
+        shutil.copytree(full, run)
+        for sub in remove:
+            shutil.rmtree(run / sub)
+        return run
+
+    cut = rerun("cut", "checkpoint-6", "model")
+    with (cut / "log.jsonl").open("a") as f:
+        f.write('{"step": 7, "loss": 1.')  # killed while writing a line
+    early = rerun("early", "checkpoint-3", "checkpoint-6", "model")  # killed before the first checkpoint
+    for run in (cut, early):
+        pretrain(cfg(run), log=lambda m: None)
+        for name in ("log.jsonl", "skipped.jsonl"):
+            assert (run / name).read_text() == (full / name).read_text(), (run.name, name)
+        a, b = load_file(full / "model" / "model.safetensors"), load_file(run / "model" / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+    done = rerun("done", "checkpoint-3", "checkpoint-6")
+    before = (done / "model" / "model.safetensors").read_bytes()
+    argv = ["lcl", "pretrain", *files, "-o", str(done), "--steps", "6", "--batch-size", "4"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "exists but no checkpoint to resume from" in err and "\n" not in err
+    assert (done / "model" / "model.safetensors").read_bytes() == before
+
+    other = rerun("other", "model")
+    state = torch.load(other / "checkpoint-6" / "train_state.pt", weights_only=False)
+    state["order"] *= 2
+    torch.save(state, other / "checkpoint-6" / "train_state.pt")
+    with pytest.raises(ConfigError, match="written by 2 process"):
+        pretrain(cfg(other), log=lambda m: None)

@@ -37,7 +37,15 @@ import torch
 
 from interleaf.errors import ConfigError, InputError
 from interleaf.model.lcl import LCL_PRESETS, SPECIAL_TOKENS, LCLConfig, LCLModel, lcl_loss, load_lcl, save_lcl
-from interleaf.train.data import SkipLog, SkipSample, _parse_line, _row_id, document_nodes, read_corpus_rows
+from interleaf.train.data import (
+    SkipLog,
+    SkipSample,
+    _parse_line,
+    _row_id,
+    document_nodes,
+    read_corpus_rows,
+    replace_text,
+)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -379,6 +387,11 @@ def _pretrain(cfg: LCLTrainConfig, log) -> dict[str, Any]:
     ckpts = _checkpoints(out)
     if ckpts:
         state = torch.load(ckpts[-1] / "train_state.pt", map_location="cpu", weights_only=False)
+        if len(state["order"]) != world:  # each rank resumes at its own position: as many ranks as then
+            raise ConfigError(
+                f"{ckpts[-1]} was written by {len(state['order'])} process(es); resume it with as many, "
+                f"not {world}"
+            )
         model.load_state_dict(load_lcl(ckpts[-1]).state_dict())
         optimizer.load_state_dict(state["optimizer"])
         order.load(state["order"][rank])
@@ -386,12 +399,24 @@ def _pretrain(cfg: LCLTrainConfig, log) -> dict[str, Any]:
         skips.restore(state["skips"][rank])
         step = state["step"]
         log(f"resumed from {ckpts[-1]} at step {step}")
+    elif (out / "model").is_dir():  # a finished run whose checkpoints are gone: never train it over
+        raise ConfigError(
+            f"{out / 'model'} exists but no checkpoint to resume from: the run has finished "
+            f"(to train further, --init {out / 'model'} with a new -o)"
+        )
+    else:  # killed before its first checkpoint: its skip records are met again, so they go
+        skips.restore({})
     log_path = out / "log.jsonl"
     if rank == 0 and log_path.exists():  # keep the lines of the steps the checkpoint holds, no more
-        kept = [
-            ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step
-        ]
-        log_path.write_text("".join(ln + "\n" for ln in kept))
+        kept = []
+        for ln in log_path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(ln)
+            except json.JSONDecodeError:  # a line cut short by a kill (always past the checkpoint)
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(ln)
+        replace_text(log_path, "".join(ln + "\n" for ln in kept))  # whole, or the old file
     started = time.time()
     last: dict[str, float] = {}
     while step < cfg.steps:
