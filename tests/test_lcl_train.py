@@ -377,3 +377,26 @@ def test_resume_drops_cut_lines_and_never_duplicates_skips(data, tmp_path, capsy
     torch.save(state, other / "checkpoint-6" / "train_state.pt")
     with pytest.raises(ConfigError, match="written by 2 process"):
         pretrain(cfg(other), log=lambda m: None)
+
+
+def test_cli_tokenizer_errors_are_one_line(data, tmp_path, capsys):
+    """A folder that is not a tokenizer, and a model folder without its tokenizer/ (retrieval names
+    one with --tokenizer), are one-line errors."""
+    out = tmp_path / "run"
+    pretrain(run_config(data, out, steps=1, batch_size=2), log=lambda m: None)
+    shutil.rmtree(out / "model" / "tokenizer")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("not a tokenizer")
+    pairs = str(data / "pairs.jsonl")
+    for argv, message in [
+        (
+            ["pretrain", pairs, "-o", str(tmp_path / "x"), "--tokenizer", str(tmp_path / "junk")],
+            "not a tokenizer",
+        ),
+        (["retrieval", str(out / "model"), pairs], "a model folder without its tokenizer/"),
+    ]:
+        assert main(["lcl", *argv]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err, err
+    assert main(["lcl", "retrieval", str(out / "model"), pairs, "--tokenizer", "offline"]) == 0
+    assert json.loads(capsys.readouterr().out)["pairs"] == 4

@@ -76,6 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("model", help="the model folder pretrain wrote (OUT/model)")
     r.add_argument("data", nargs="+", help="image-text pair files (JSONL/Parquet) or corpus builds")
     r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--tokenizer", default=None, help="default: MODEL/tokenizer (pretrain saves it there)")
     r.set_defaults(func=_lcl_retrieval)
 
 
@@ -151,5 +152,6 @@ def _lcl_retrieval(args: argparse.Namespace) -> int:
 
     from interleaf.train.lcl import retrieval
 
-    print(json.dumps(retrieval(args.model, args.data, batch_size=max(1, args.batch_size)), indent=1))
+    result = retrieval(args.model, args.data, batch_size=max(1, args.batch_size), tokenizer=args.tokenizer)
+    print(json.dumps(result, indent=1))
     return 0

@@ -101,11 +101,23 @@ def load_lcl_tokenizer(name: str | Path) -> LCLTokenizer:
         return LCLTokenizer(build_offline_tokenizer())
     from transformers import AutoTokenizer
 
-    if not Path(name).is_dir():
+    path = Path(name)
+    if not path.is_dir():
         raise InputError(f"tokenizer folder not found: {name} (or use 'offline')")
-    if (Path(name) / "tokenizer").is_dir():
-        name = Path(name) / "tokenizer"
-    return LCLTokenizer(AutoTokenizer.from_pretrained(str(name)))
+    if (path / "tokenizer").is_dir():
+        path = path / "tokenizer"
+    elif (path / "model.safetensors").is_file():
+        raise InputError(
+            f"{name}: a model folder without its tokenizer/ (pass the tokenizer it was trained with)"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:  # noqa: BLE001 - transformers raises OSError, ValueError, KeyError, ...
+        lines = str(exc).strip().splitlines()
+        raise InputError(
+            f"{path}: not a tokenizer folder ({type(exc).__name__}{f': {lines[0]}' if lines else ''})"
+        ) from None
+    return LCLTokenizer(tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -505,16 +517,25 @@ def _save(model, optimizer, order, skips, step, out, tok, cfg, rank, world) -> N
 
 @torch.no_grad()
 def retrieval(
-    model_dir: str | Path, data: list[str], batch_size: int = 64, ks: tuple[int, ...] = (1, 5, 10)
+    model_dir: str | Path,
+    data: list[str],
+    batch_size: int = 64,
+    ks: tuple[int, ...] = (1, 5, 10),
+    tokenizer: str | Path | None = None,
 ) -> dict[str, Any]:
     """Image-to-text and text-to-image recall@k over the image-text pairs in ``data`` (OpenCLIP's
-    retrieval metrics), with the model's tokenizer (saved beside it by ``pretrain``). Rows that are
+    retrieval metrics), with the model's tokenizer (saved beside it by ``pretrain``; ``tokenizer``
+    names another: ``offline`` or a folder, e.g. CLIP's for an official checkpoint). Rows that are
     not pairs, or whose image cannot be read, are skipped and counted."""
     from interleaf.model.lcl import load_lcl
 
     model = load_lcl(model_dir).eval()
-    tok = load_lcl_tokenizer(model_dir)
+    tok = load_lcl_tokenizer(tokenizer or model_dir)
     cfg = model.config
+    if tok.ids != cfg.special_token_ids:
+        raise ConfigError(
+            f"the tokenizer's special token ids {tok.ids} differ from the model's {cfg.special_token_ids}"
+        )
     rows, roots = read_corpus_rows(data)
     pixels, texts, skipped = [], [], {}
     for file, row in rows:
