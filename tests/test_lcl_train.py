@@ -400,3 +400,15 @@ def test_cli_tokenizer_errors_are_one_line(data, tmp_path, capsys):
         assert err.startswith("error: ") and message in err and "\n" not in err, err
     assert main(["lcl", "retrieval", str(out / "model"), pairs, "--tokenizer", "offline"]) == 0
     assert json.loads(capsys.readouterr().out)["pairs"] == 4
+
+
+def test_a_batch_without_images_trains(data, tmp_path):
+    """Documents whose images were all cut (or that have none) make batches with no image at all: the
+    ViT runs on zero images (it crashed reshaping an empty batch) and only the generation term counts."""
+    (data / "text.jsonl").write_text(
+        json.dumps({"texts": ["only words here", "and more"], "images": [None, None]}) + "\n"
+    )
+    out = tmp_path / "noimg"
+    cfg = dataclasses.replace(run_config(data, out, steps=2, batch_size=2), data=[str(data / "text.jsonl")])
+    assert pretrain(cfg, log=lambda m: None)["steps"] == 2
+    assert [json.loads(ln)["pairs"] for ln in (out / "log.jsonl").read_text().splitlines()] == [0, 0]

@@ -146,7 +146,9 @@ class MultiheadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:  # x: [B, T, W]
         b, t, w = x.shape
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, t, 3, self.heads, -1).unbind(2)
+        # the head size spelled out: -1 is ambiguous for a batch of no images
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, t, 3, self.heads, w // self.heads)
+        q, k, v = qkv.unbind(2)
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
         )
@@ -269,9 +271,9 @@ class AttentivePoolingProjection(nn.Module):
         q = F.linear(p.norm1_q(self.query_token.expand(n, -1, -1)), a.q.weight, a.q_bias)
         k = F.linear(p.norm1_k(x), a.k.weight, a.k_bias)
         v = F.linear(p.norm1_v(x), a.v.weight, a.v_bias)
-        split = lambda t: t.view(n, t.shape[1], a.heads, -1).transpose(1, 2)  # noqa: E731
+        split = lambda t: t.view(n, t.shape[1], a.heads, t.shape[2] // a.heads).transpose(1, 2)  # noqa: E731
         pooled = F.scaled_dot_product_attention(split(q), split(k), split(v))  # [N, heads, 1, hd]
-        pooled = a.proj(pooled.transpose(1, 2).reshape(n, -1))  # [N, D]
+        pooled = a.proj(pooled.transpose(1, 2).reshape(n, a.proj.in_features))  # [N, D]
         return pooled, a.proj(v)  # [N, D], [N, P, D]
 
 
