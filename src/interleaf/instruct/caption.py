@@ -36,10 +36,8 @@ from interleaf.instruct.engine import (
     jsonl,
     open_record_image,
     prior_text,
-    record_domain,
-    record_id,
+    record_fields,
     request_params,
-    text_field_problem,
     write_atomic,
 )
 from interleaf.instruct.parse import units
@@ -126,16 +124,10 @@ def caption_images(
         if rec is None:
             rejected.append(Rejected("caption", "bad_record", f"{where}: {error}", where))
             continue
-        cid, problem = record_id(rec, where)
-        dom, dom_problem = record_domain(rec, domain)
-        image = first_field(rec, ("image", "image_path"))
-        if problem is None and cid in seen_ids:
-            problem = f"id {cid!r} repeats an earlier record's"
-        problem = problem or text_field_problem("image", image, "a path") or dom_problem
+        cid, dom, image, _, problem = record_fields(rec, where, domain, seen_ids, need_caption=False)
         if problem:
             rejected.append(Rejected("caption", "bad_record", f"{where}: {problem}", cid))
             continue
-        seen_ids.add(cid)
         opened = open_record_image(image, root, where, cid, seen, thumbnail_data_url)
         if isinstance(opened, Rejected):
             rejected.append(opened)

@@ -200,6 +200,28 @@ def _list_records(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
         yield i, item, None
 
 
+def record_fields(
+    rec: dict, where: str, domain: str | None, seen_ids: set[str], need_caption: bool
+) -> tuple[str, str, Any, Any, str | None]:
+    """(id, domain, image, caption, problem) of a record; ``problem`` names the first bad field (an id
+    in ``seen_ids``, which takes the id when the record is good, counts as one)."""
+    cid, problem = record_id(rec, where)
+    dom, dom_problem = record_domain(rec, domain)
+    image = first_field(rec, ("image", "image_path"))
+    text = first_field(rec, ("caption", "gpt4v_caption_interface"))
+    if problem is None and cid in seen_ids:
+        problem = f"id {cid!r} repeats an earlier record's"
+    problem = (
+        problem
+        or text_field_problem("image", image, "a path")
+        or (text_field_problem("caption", text, "a non-empty string") if need_caption else None)
+        or dom_problem
+    )
+    if problem is None:
+        seen_ids.add(cid)
+    return cid, dom, image, text, problem
+
+
 def open_record_image(
     image: str, root: Path, where: str, cid: str, seen: dict[str, str], opener: Callable[[str], Any]
 ) -> tuple[str, str, Any] | Rejected:
@@ -249,22 +271,10 @@ def read_captions(
         if rec is None:
             rejected.append(Rejected("caption", "bad_record", f"{where}: {error}", where))
             continue
-        cid, problem = record_id(rec, where)
-        dom, dom_problem = record_domain(rec, domain)
-        image = first_field(rec, ("image", "image_path"))
-        text = first_field(rec, ("caption", "gpt4v_caption_interface"))
-        if problem is None and cid in seen_ids:
-            problem = f"id {cid!r} repeats an earlier record's"
-        problem = (
-            problem
-            or text_field_problem("image", image, "a path")
-            or text_field_problem("caption", text, "a non-empty string")
-            or dom_problem
-        )
+        cid, dom, image, text, problem = record_fields(rec, where, domain, seen_ids, need_caption=True)
         if problem:
             rejected.append(Rejected("caption", "bad_record", f"{where}: {problem}", cid))
             continue
-        seen_ids.add(cid)
         opened = open_record_image(image, root, where, cid, seen_images, load_image)
         if isinstance(opened, Rejected):
             rejected.append(opened)
