@@ -18,7 +18,16 @@ from interleaf.cli import main
 from interleaf.errors import ConfigError
 from interleaf.model.lcl import LCL_PRESETS, LCLConfig
 from interleaf.train.data import SkipLog
-from interleaf.train.lcl import LCLDataset, LCLTrainConfig, clip_pixels, collate, load_lcl_tokenizer, pretrain
+from interleaf.train.lcl import (
+    CLIP_MEAN,
+    CLIP_STD,
+    LCLDataset,
+    LCLTrainConfig,
+    clip_pixels,
+    collate,
+    load_lcl_tokenizer,
+    pretrain,
+)
 
 COLOURS = {"red": (220, 20, 20), "green": (20, 200, 30), "blue": (20, 40, 220), "yellow": (230, 220, 20)}
 
@@ -412,3 +421,20 @@ def test_a_batch_without_images_trains(data, tmp_path):
     cfg = dataclasses.replace(run_config(data, out, steps=2, batch_size=2), data=[str(data / "text.jsonl")])
     assert pretrain(cfg, log=lambda m: None)["steps"] == 2
     assert [json.loads(ln)["pairs"] for ln in (out / "log.jsonl").read_text().splitlines()] == [0, 0]
+
+
+def test_very_elongated_images_are_scaled_in_their_kept_region(tmp_path):
+    """A 20 x 3000 image at 32 px would be 32 x 4800 after CLIP's resize: only the centre crop's
+    region is scaled, which comes out as the full resize's crop up to resampling rounding."""
+    import numpy as np
+
+    rng = random.Random(1)
+    img = Image.new("RGB", (20, 3000))
+    img.putdata([tuple(rng.randrange(256) for _ in range(3)) for _ in range(20 * 3000)])
+    img.save(tmp_path / "tall.png")
+    full = img.resize((32, 4800), Image.BICUBIC).crop((0, 2384, 32, 2416))
+    want = (
+        np.asarray(full, dtype=np.float32).transpose(2, 0, 1) / 255.0 - np.asarray(CLIP_MEAN).reshape(3, 1, 1)
+    ) / np.asarray(CLIP_STD).reshape(3, 1, 1)
+    got = clip_pixels(str(tmp_path / "tall.png"), 32)
+    assert got.shape == (3, 32, 32) and (got - torch.as_tensor(want, dtype=torch.float32)).abs().mean() < 0.02

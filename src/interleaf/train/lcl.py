@@ -138,9 +138,14 @@ def clip_pixels(path: str, size: int) -> torch.Tensor:
         raise SkipSample(reason, str(exc)) from None
     w, h = img.size
     scale = size / min(w, h)
-    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-    left, top = (img.width - size) // 2, (img.height - size) // 2
-    img = img.crop((left, top, left + size, top + size))
+    rw, rh = max(size, round(w * scale)), max(size, round(h * scale))
+    left, top = (rw - size) // 2, (rh - size) // 2
+    if rw * rh <= 64 * size * size:
+        img = img.resize((rw, rh), Image.BICUBIC).crop((left, top, left + size, top + size))
+    else:  # a very elongated image: scale only the region the crop keeps, not gigabytes of it
+        sx, sy = rw / w, rh / h
+        box = (left / sx, top / sy, (left + size) / sx, (top + size) / sy)
+        img = img.resize((size, size), Image.BICUBIC, box=box)
     x = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
     mean = np.asarray(CLIP_MEAN, dtype=np.float32).reshape(3, 1, 1)
     std = np.asarray(CLIP_STD, dtype=np.float32).reshape(3, 1, 1)
@@ -198,7 +203,7 @@ class LCLDataset:
                 raise SkipSample("bad_json", "not an object")
             nodes = document_nodes(row, Path(file).parent, self.build_roots.get(file))
             rng = random.Random(f"{self.seed}-{epoch}-lcl-{i}")
-            return self.build(nodes, rng, pair="texts" not in row)
+            return self.build(nodes, rng, pair=not ("texts" in row and "images" in row))
         except SkipSample as exc:
             self.skip_log.add(Path(file).name, i, _row_id(row), exc)
             return None
