@@ -631,3 +631,33 @@ def test_temperature_must_be_a_finite_number(captions, llm, tmp_path, capsys):
             capsys.readouterr().err.strip() == f"error: --temperature must be a number >= 0, got {float(bad)}"
         )
     assert not llm.requests
+
+
+def test_group_turns_makes_one_conversation_per_caption_and_type(captions, llm, tmp_path, capsys):
+    from interleaf.model.tokenizer import build_offline_tokenizer
+    from interleaf.train.data import ConversationDataset, DataArgs, SkipLog
+
+    out = tmp_path / "out"
+    argv = ["instruct", "generate", str(captions), "--llm", llm.spec, "-o", str(out), "--no-progress",
+            "--types", "judge", "short", "--group-turns"]  # fmt: skip
+    assert main(argv) == 0
+    assert (
+        capsys.readouterr()
+        .out.strip()
+        .endswith(f"(judge 12, short 9) in 6 conversations to {out}/instructions.jsonl")
+    )
+    samples = {s["id"]: s for s in lines(out / "instructions.jsonl")}
+    assert sorted(samples) == sorted(f"{c}/{t}" for c, _, _ in CAPTIONS for t in ("judge", "short"))
+    for cid, _, caption in CAPTIONS:
+        conv = samples[f"{cid}/judge"]["conversations"]
+        items = expected_items("judge", caption)
+        assert [t["value"] for t in conv[1::2]] == [a for _, a, _ in items]
+        assert conv[0]["value"].startswith(f"<image>\n{items[0][0]}")
+        assert all(
+            t["value"].startswith(q) and "<image>" not in t["value"]
+            for t, (q, _, _) in zip(conv[2::2], items[1:])
+        )
+    log = SkipLog()
+    args = DataArgs(template="internvl2_5", num_image_token=4, image_size=56, max_seq_length=1024)
+    ds = ConversationDataset(out / "meta.json", build_offline_tokenizer(), args, log)
+    assert len(ds) == 6 and all(ds.get(i) is not None for i in range(6)) and log.total == 0

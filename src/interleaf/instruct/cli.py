@@ -46,6 +46,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--image-root", default=None, help="images' folder (default: the captions file's)")
     g.add_argument("--seeds", default=None, help="seed files: the official all_seed folder or <domain>.json")
     g.add_argument("--suffixes", default=None, help="answer-format suffixes (the official end_prompt.json)")
+    g.add_argument(
+        "--group-turns",
+        action="store_true",
+        help="one multi-turn sample per caption and type (multi-round QA)",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed for choosing seed questions and suffixes")
     g.add_argument("--min-long-words", type=int, default=25, help="long VQA answers at least this long")
     g.add_argument("--max-short-words", type=int, default=15, help="short VQA answers at most this long")
@@ -135,6 +140,7 @@ def _generate(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         retries=args.retries,
         limit=args.limit,
+        group_turns=args.group_turns,
         checks=Checks(args.min_long_words, args.max_short_words, args.near_duplicate),
     )
     stats = generate(
@@ -149,5 +155,6 @@ def _generate(args: argparse.Namespace) -> int:
     )
     n = stats["instructions"]["total"]
     by_type = ", ".join(f"{k} {v}" for k, v in stats["instructions"]["by_type"].items()) or "none"
-    _report(stats, args.json, f"wrote {n} instructions ({by_type}) to {args.out}/instructions.jsonl")
+    grouped = f" in {stats['instructions']['samples']} conversations" if args.group_turns else ""
+    _report(stats, args.json, f"wrote {n} instructions ({by_type}){grouped} to {args.out}/instructions.jsonl")
     return 0

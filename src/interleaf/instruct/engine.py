@@ -507,6 +507,25 @@ def human_turn(ins: Instruction, suffix: str) -> str:
     return f"<image>\n{ins.question}{suffix}"
 
 
+def group_turns(samples: list[dict]) -> list[dict]:
+    """The instructions of one caption and type as one multi-turn conversation (as MMInstruct's
+    multi-round QA), the image placeholder in its first turn only."""
+    grouped: dict[tuple[str, str], dict] = {}
+    for s in samples:
+        key = (s["caption_id"], s["type"])
+        if key not in grouped:
+            grouped[key] = {
+                **s,
+                "id": f"{s['caption_id']}/{s['type']}",
+                "conversations": list(s["conversations"]),
+            }
+            continue
+        human, gpt = s["conversations"]
+        later = {**human, "value": human["value"].removeprefix("<image>\n")}
+        grouped[key]["conversations"] += [later, gpt]
+    return list(grouped.values())
+
+
 # ----------------------------------------------------------------------------------------------------
 # the run
 
@@ -522,6 +541,7 @@ class GenerateConfig:
     timeout: float = 120.0
     retries: int = 3
     limit: int | None = None
+    group_turns: bool = False  # one multi-turn sample per caption and type instead of one per item
     checks: Checks = field(default_factory=Checks)
 
 
@@ -610,6 +630,8 @@ def generate(
                 }
             )
 
+    if cfg.group_turns:
+        samples = group_turns(samples)
     root = Path(image_root) if image_root is not None else Path(captions_path).parent
     meta = {
         "instruct": {
@@ -648,7 +670,8 @@ def _stats(
     answers: dict[str, Counter] = {"judge": Counter(), "choice": Counter()}
     for s in samples:
         if s["type"] in answers:
-            answers[s["type"]][s["conversations"][-1]["value"]] += 1
+            for turn in s["conversations"][1::2]:
+                answers[s["type"]][turn["value"]] += 1
     return {
         "llm": fingerprint,
         "types": list(dict.fromkeys(cfg.types)),
@@ -664,8 +687,9 @@ def _stats(
         },
         "items": {"parsed": item_counts["parsed"], "rejected": dict(by_stage["item"])},
         "instructions": {
-            "total": len(samples),
-            "by_type": dict(Counter(s["type"] for s in samples)),
+            "total": sum(len(s["conversations"]) // 2 for s in samples),
+            "samples": len(samples),
+            "by_type": dict(Counter(s["type"] for s in samples for _ in s["conversations"][1::2])),
             "by_domain": dict(Counter(s["domain"] for s in samples)),
         },
         # the answer balance a user checks first: yes/no and the position of the right option
