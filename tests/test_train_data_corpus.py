@@ -71,3 +71,30 @@ def test_pairs_of_a_fetched_corpus_train_with_their_images(corpus, tok, tmp_path
     assert _all(CorpusDataset([str(moved)], tok, ARGS, log)) == [None] * len(rows)
     assert dict(log.counts) == {"missing_image": len(rows)}
     assert "corpus build folder" in log.records[0]["detail"]
+
+
+def test_lcl_pretrains_on_the_fetched_corpus_and_its_pairs(corpus, tmp_path):
+    """LCL reads the build as interleaf train does: every document with every image in place, and
+    the build's image-text pairs; a short run trains on both without skipping anything."""
+    from interleaf.model.lcl import LCL_PRESETS, LCLConfig
+    from interleaf.train.lcl import LCLDataset, load_lcl_tokenizer
+
+    out, stats = corpus
+    pairs = out / "pairs-lcl.jsonl"
+    assert main(["corpus", "convert", str(out), "--to", "pairs", "-o", str(pairs)]) == 0
+    tok = load_lcl_tokenizer("offline")
+    cfg = LCLConfig(**{**LCL_PRESETS["tiny"], "context_length": 100_000, "vocab_size": len(tok),
+                       "special_token_ids": dict(tok.ids)})  # fmt: skip
+    log = SkipLog()
+    docs = LCLDataset([str(out)], tok, cfg, max_images=1000, skip_log=log)
+    samples = [docs.get(i) for i in range(len(docs))]
+    assert log.total == 0 and len(samples) == stats["docs_out"]
+    soi = tok.ids["<start_of_img>"]
+    assert sum(s.pixels.shape[0] for s in samples) == stats["images_out"]
+    assert all(s.ids.count(soi) == s.pixels.shape[0] for s in samples)
+    run = tmp_path / "lcl"
+    argv = ["lcl", "pretrain", str(out), str(pairs), "-o", str(run), "--steps", "3", "--batch-size", "4"]
+    assert main(argv) == 0
+    skipped = run / "skipped.jsonl"
+    assert (run / "model" / "model.safetensors").exists()
+    assert not skipped.exists() or not skipped.read_text().strip()
