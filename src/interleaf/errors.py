@@ -38,3 +38,11 @@ def cannot_read(path: object, exc: BaseException) -> InputError:
     file that could not be opened, decoded or parsed; raise it ``from exc`` or ``from None``."""
     lines = str(exc).splitlines()
     return InputError(f"{path}: cannot read ({type(exc).__name__}{f': {lines[0]}' if lines else ''})")
+
+
+def check_minimums(*checks: tuple[str, float | None, float]) -> None:
+    """Command-line numbers: each ``(flag, value, lowest)`` with a value (None: not given) below its
+    lowest allowed value is one ``InputError`` naming the flag."""
+    for flag, value, low in checks:
+        if value is not None and value < low:
+            raise InputError(f"{flag} must be >= {low}, got {value}")

@@ -84,18 +84,16 @@ def _print(obj: dict, as_json: bool) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from interleaf.errors import InputError
+    from interleaf.errors import InputError, check_minimums
     from interleaf.eval.runner import run
 
-    for flag, value, low in (
+    check_minimums(
         ("--limit", args.limit, 1),
         ("--batch-size", args.batch_size, 1),
         ("--max-new-tokens", args.max_new_tokens, 1),
         ("--concurrency", args.concurrency, 1),
         ("--retries", args.retries, 0),
-    ):
-        if value is not None and value < low:
-            raise InputError(f"{flag} must be >= {low}, got {value}")
+    )
     if not args.timeout > 0:
         raise InputError(f"--timeout must be > 0, got {args.timeout}")
     scores = run(

@@ -34,10 +34,9 @@ from interleaf.instruct.engine import (
     first_field,
     iter_records,
     jsonl,
-    open_record_image,
     prior_text,
-    record_fields,
     request_params,
+    usable_records,
     write_atomic,
 )
 from interleaf.instruct.parse import units
@@ -116,46 +115,27 @@ def caption_images(
     root, records = _image_records(Path(images))
     rejected: list[Rejected] = []
     tasks: list[Task] = []
-    seen: dict[str, str] = {}
-    seen_ids: set[str] = set()
-    examined = 0
-    for where, rec, error in records:
-        examined += 1
-        if rec is None:
-            rejected.append(Rejected("caption", "bad_record", f"{where}: {error}", where))
-            continue
-        cid, dom, image, _, problem = record_fields(rec, where, domain, seen_ids, need_caption=False)
-        if problem:
-            rejected.append(Rejected("caption", "bad_record", f"{where}: {problem}", cid))
-            continue
-        opened = open_record_image(image, root, where, cid, seen, thumbnail_data_url)
-        if isinstance(opened, Rejected):
-            rejected.append(opened)
-            continue
-        path, digest, url = opened
-        ocr = rec.get("ocr")
+    for r in usable_records(records, root, domain, thumbnail_data_url, rejected, need_caption=False):
+        ocr = r.record.get("ocr")
         if isinstance(ocr, str) and ocr.strip():
             prompt = PROMPT_OCR[lang].format(ocr=ocr.strip(), n=min_words)
         else:
             prompt = PROMPT[lang].format(n=min_words)
         content = [
-            {"type": "image_url", "image_url": {"url": url, "detail": "low"}},
+            {"type": "image_url", "image_url": {"url": r.opened, "detail": "low"}},
             {"type": "text", "text": prompt},
         ]
-        record = {
-            "id": cid,
-            "image": path_from(out, path),
-            "domain": dom,
-        }
-        prior = prior_text(first_field(rec, ("prior", "bing_tag")))
+        record = {"id": r.id, "image": path_from(out, r.path), "domain": r.domain}
+        prior = prior_text(first_field(r.record, ("prior", "bing_tag")))
         if prior != "Empty":
             record["prior"] = prior
-        task = Task(cid, [{"role": "user", "content": content}], meta={"record": record})
-        task.key = request_key(cid, prompt, [digest], fingerprint, params)
+        task = Task(r.id, [{"role": "user", "content": content}], meta={"record": record})
+        task.key = request_key(r.id, prompt, [r.digest], fingerprint, params)
         tasks.append(task)
         if limit is not None and len(tasks) >= limit:
             break
 
+    examined = len(tasks) + len(rejected)  # every record read became a request or a rejection
     with ResponseStore(out / "responses.sqlite") as store:
         counts = ask_all(client, tasks, store, params, concurrency, progress, desc="captions")
     captions = []

@@ -65,9 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
-    from interleaf.errors import InputError
+    from interleaf.errors import InputError, check_minimums
 
-    for flag, value, low in (
+    check_minimums(
         ("--limit", args.limit, 1),
         ("--concurrency", args.concurrency, 1),
         ("--retries", args.retries, 0),
@@ -75,9 +75,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
         ("--min-words", getattr(args, "min_words", None), 0),
         ("--min-long-words", getattr(args, "min_long_words", None), 0),
         ("--max-short-words", getattr(args, "max_short_words", None), 1),
-    ):
-        if value is not None and value < low:
-            raise InputError(f"{flag} must be >= {low}, got {value}")
+    )
     temperature = getattr(args, "temperature", None)
     if temperature is not None and not 0 <= temperature < float("inf"):
         raise InputError(f"--temperature must be a number >= 0, got {temperature}")

@@ -29,7 +29,7 @@ import random
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,6 +242,49 @@ def open_record_image(
     return path, digest, opened
 
 
+@dataclass
+class UsableRecord:
+    """A record whose fields are good and whose image opened and is new."""
+
+    where: str
+    record: dict
+    id: str
+    domain: str
+    image: str
+    caption: Any
+    path: str
+    digest: str
+    opened: Any  # what the opener returned
+
+
+def usable_records(
+    records: Iterable[tuple[str, dict | None, str | None]],
+    root: Path,
+    domain: str | None,
+    opener: Callable[[str], Any],
+    rejected: list[Rejected],
+    need_caption: bool,
+) -> Iterator[UsableRecord]:
+    """The records (``(where, record or None, why not)``) worth asking about, in order; each other
+    record becomes one ``caption``-stage rejection in ``rejected``: unreadable, a bad field, an image
+    missing, unreadable or repeating an earlier one's bytes."""
+    seen_ids: set[str] = set()
+    seen_images: dict[str, str] = {}
+    for where, rec, error in records:
+        if rec is None:
+            rejected.append(Rejected("caption", "bad_record", f"{where}: {error}", where))
+            continue
+        cid, dom, image, text, problem = record_fields(rec, where, domain, seen_ids, need_caption)
+        if problem:
+            rejected.append(Rejected("caption", "bad_record", f"{where}: {problem}", cid))
+            continue
+        opened = open_record_image(image, root, where, cid, seen_images, opener)
+        if isinstance(opened, Rejected):
+            rejected.append(opened)
+            continue
+        yield UsableRecord(where, rec, cid, dom, image, text, *opened)
+
+
 def read_captions(
     path: str | os.PathLike,
     image_root: str | os.PathLike | None = None,
@@ -262,36 +305,21 @@ def read_captions(
     root = Path(image_root) if image_root is not None else path.parent
     captions: list[Caption] = []
     rejected: list[Rejected] = []
-    seen_ids: set[str] = set()
-    seen_images: dict[str, str] = {}
-    for line, rec, error in iter_records(path):
-        if limit is not None and len(captions) >= limit:
-            break
-        where = f"{path.name}:{line}"
-        if rec is None:
-            rejected.append(Rejected("caption", "bad_record", f"{where}: {error}", where))
-            continue
-        cid, dom, image, text, problem = record_fields(rec, where, domain, seen_ids, need_caption=True)
-        if problem:
-            rejected.append(Rejected("caption", "bad_record", f"{where}: {problem}", cid))
-            continue
-        opened = open_record_image(image, root, where, cid, seen_images, load_image)
-        if isinstance(opened, Rejected):
-            rejected.append(opened)
-            continue
-        full, digest, _ = opened
-        prior = first_field(rec, ("prior", "bing_tag"))
+    records = ((f"{path.name}:{line}", rec, error) for line, rec, error in iter_records(path))
+    for r in usable_records(records, root, domain, load_image, rejected, need_caption=True):
         captions.append(
             Caption(
-                id=cid,
-                image=image,
-                path=full,
-                caption=text.strip().replace("\n\n", "\n"),
-                domain=dom,
-                prior=prior_text(prior),
-                digest=digest,
+                id=r.id,
+                image=r.image,
+                path=r.path,
+                caption=r.caption.strip().replace("\n\n", "\n"),
+                domain=r.domain,
+                prior=prior_text(first_field(r.record, ("prior", "bing_tag"))),
+                digest=r.digest,
             )
         )
+        if limit is not None and len(captions) >= limit:
+            break
     return captions, rejected
 
 

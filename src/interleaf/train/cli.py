@@ -109,14 +109,12 @@ def _adapt(args: argparse.Namespace) -> int:
 def _lcl_pretrain(args: argparse.Namespace) -> int:
     import os
 
-    from interleaf.errors import InputError
+    from interleaf.errors import InputError, check_minimums
     from interleaf.train.lcl import LCLTrainConfig, pretrain
 
-    for flag, value, low in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
-                             ("--save-every", args.save_every, 1), ("--log-every", args.log_every, 1),
-                             ("--max-images", args.max_images, 1), ("--warmup", args.warmup, 0)):  # fmt: skip
-        if value is not None and value < low:
-            raise InputError(f"{flag} must be >= {low}, got {value}")
+    check_minimums(("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
+                   ("--save-every", args.save_every, 1), ("--log-every", args.log_every, 1),
+                   ("--max-images", args.max_images, 1), ("--warmup", args.warmup, 0))  # fmt: skip
     if not 0 <= args.img_first_prob <= 1:
         raise InputError(f"--img-first-prob must be in [0, 1], got {args.img_first_prob}")
     cfg = LCLTrainConfig(
