@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import shutil
 from pathlib import Path
@@ -438,3 +439,12 @@ def test_very_elongated_images_are_scaled_in_their_kept_region(tmp_path):
     ) / np.asarray(CLIP_STD).reshape(3, 1, 1)
     got = clip_pixels(str(tmp_path / "tall.png"), 32)
     assert got.shape == (3, 32, 32) and (got - torch.as_tensor(want, dtype=torch.float32)).abs().mean() < 0.02
+
+
+def test_bf16_autocast_trains_with_fp32_weights(data, tmp_path):
+    from interleaf.model.lcl import load_lcl
+
+    result = pretrain(run_config(data, tmp_path / "bf16", steps=6, precision="bf16"), log=lambda m: None)
+    log = [json.loads(x) for x in (tmp_path / "bf16" / "log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in log) and log[-1]["loss"] < log[0]["loss"]
+    assert all(p.dtype == torch.float32 for p in load_lcl(result["model"]).parameters())

@@ -71,6 +71,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, fp32 weights"
+    )
     p.set_defaults(func=_lcl_pretrain)
     r = lsub.add_parser("retrieval", help="zero-shot image-text retrieval recall@k of an LCL model on pairs")
     r.add_argument("model", help="the model folder pretrain wrote (OUT/model)")
@@ -138,6 +141,7 @@ def _lcl_pretrain(args: argparse.Namespace) -> int:
         log_every=args.log_every,
         seed=args.seed,
         device=args.device,
+        precision=args.precision,
     )
     result = pretrain(cfg)
     if int(os.environ.get("RANK", 0)) == 0:

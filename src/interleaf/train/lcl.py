@@ -285,6 +285,7 @@ class LCLTrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str = "cpu"
+    precision: str = "fp32"  # or "bf16": autocast, fp32 weights (OpenCLIP's amp_bf16)
     extra: dict = field(default_factory=dict)  # further LCLConfig fields over the preset
 
 
@@ -450,7 +451,10 @@ def _pretrain(cfg: LCLTrainConfig, log) -> dict[str, Any]:
         ids, pixels = collate(batch, model.config.pad_id)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        output = model(pixels.to(device), ids.to(device))
+        # mixed precision as OpenCLIP's --precision amp_bf16: weights and optimizer in fp32
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            output = model(pixels.to(device), ids.to(device))
+        # the losses in fp32, as the official code computes the contrastive logits with autocast off
         loss, gen, con = lcl_loss(output, cfg.generation_weight, cfg.contrastive_weight)
         optimizer.zero_grad(set_to_none=False)
         loss.backward()
