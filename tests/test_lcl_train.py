@@ -448,3 +448,20 @@ def test_bf16_autocast_trains_with_fp32_weights(data, tmp_path):
     log = [json.loads(x) for x in (tmp_path / "bf16" / "log.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in log) and log[-1]["loss"] < log[0]["loss"]
     assert all(p.dtype == torch.float32 for p in load_lcl(result["model"]).parameters())
+
+
+def test_each_rank_uses_its_own_gpu(data, tmp_path, monkeypatch):
+    # torchrun on GPUs: NCCL's object collectives (the checkpoint's all_gather_object) use the current
+    # CUDA device, so each rank must make cuda:LOCAL_RANK current, or every rank would use GPU 0
+    chosen = []
+
+    def set_device(device) -> None:
+        chosen.append(torch.device(device))
+        raise KeyboardInterrupt  # stop here: this machine may have no GPU
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    cfg = LCLTrainConfig(data=[str(data / "pairs.jsonl")], output_dir=str(tmp_path / "gpu"), device="cuda")
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg, log=lambda _: None)
+    assert chosen == [torch.device("cuda", 3)]

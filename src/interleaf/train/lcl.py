@@ -383,6 +383,8 @@ def _pretrain(cfg: LCLTrainConfig, log) -> dict[str, Any]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
     device = torch.device(f"cuda:{local_rank}" if cfg.device == "cuda" else cfg.device)
+    if device.type == "cuda":  # NCCL's object collectives (the checkpoints' gathers) use the current device
+        torch.cuda.set_device(device)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed + rank)
