@@ -661,3 +661,14 @@ def test_group_turns_makes_one_conversation_per_caption_and_type(captions, llm, 
     args = DataArgs(template="internvl2_5", num_image_token=4, image_size=56, max_seq_length=1024)
     ds = ConversationDataset(out / "meta.json", build_offline_tokenizer(), args, log)
     assert len(ds) == 6 and all(ds.get(i) is not None for i in range(6)) and log.total == 0
+
+
+def test_choice_without_a_suffix_ends_with_its_options(captions, llm, tmp_path):
+    suffixes = tmp_path / "end_prompt.json"
+    suffixes.write_text(json.dumps({"select": {"English": []}}))
+    bank = seed_bank(suffixes=suffixes)
+    generate(
+        captions, llm.spec, tmp_path / "out", GenerateConfig(types=["choice"]), bank=bank, progress=False
+    )
+    for s in lines(tmp_path / "out" / "instructions.jsonl"):
+        assert s["conversations"][0]["value"].split("\n")[-1].startswith("D. ")

@@ -460,8 +460,16 @@ def test_each_rank_uses_its_own_gpu(data, tmp_path, monkeypatch):
         raise KeyboardInterrupt  # stop here: this machine may have no GPU
 
     monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", set_device)
     cfg = LCLTrainConfig(data=[str(data / "pairs.jsonl")], output_dir=str(tmp_path / "gpu"), device="cuda")
     with pytest.raises(KeyboardInterrupt):
         pretrain(cfg, log=lambda _: None)
     assert chosen == [torch.device("cuda", 3)]
+
+
+def test_device_cuda_without_a_gpu_is_one_line(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = ["lcl", "pretrain", str(data / "pairs.jsonl"), "-o", str(tmp_path / "x"), "--device", "cuda"]
+    assert main(argv) == 1
+    assert capsys.readouterr().err.strip() == "error: --device cuda: no GPU is available"

@@ -529,7 +529,7 @@ def human_turn(ins: Instruction, suffix: str) -> str:
     line as MMIU and MMBench lay them out) and the answer-format suffix."""
     if ins.type == "choice":
         options = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(ins.options))
-        return f"<image>\n{ins.question}\n{options}\n{suffix.strip()}"
+        return f"<image>\n{ins.question}\n{options}" + (f"\n{suffix.strip()}" if suffix.strip() else "")
     if suffix and not suffix[0].isspace() and ins.question[-1:].isascii():
         suffix = " " + suffix  # a suffix file's "Answer briefly." after an English question
     return f"<image>\n{ins.question}{suffix}"

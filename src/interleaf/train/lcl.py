@@ -284,7 +284,7 @@ class LCLTrainConfig:
     save_every: int = 50
     log_every: int = 10
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # the GPU where there is one, as interleaf train
     precision: str = "fp32"  # or "bf16": autocast, fp32 weights (OpenCLIP's amp_bf16)
     extra: dict = field(default_factory=dict)  # further LCLConfig fields over the preset
 
@@ -380,9 +380,12 @@ def _pretrain(cfg: LCLTrainConfig, log) -> dict[str, Any]:
     from interleaf.train.trainer import dist_info, seed_everything, set_rng_state
 
     rank, world, local_rank = dist_info()
+    kind = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no GPU is available")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
-    device = torch.device(f"cuda:{local_rank}" if cfg.device == "cuda" else cfg.device)
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+    device = torch.device(f"cuda:{local_rank}" if kind == "cuda" else kind)
     if device.type == "cuda":  # NCCL's object collectives (the checkpoints' gathers) use the current device
         torch.cuda.set_device(device)
     out = Path(cfg.output_dir)
@@ -397,7 +400,7 @@ def _pretrain(cfg: LCLTrainConfig, log) -> dict[str, Any]:
         model = LCLModel(_model_config(cfg, tok))
     model.to(device).train()
     model.set_grad_checkpointing(cfg.grad_checkpointing)
-    skips = SkipLog(out / f"skipped{'' if world == 1 else f'-rank{rank}'}.jsonl")
+    skips = SkipLog(out / f"skipped{'' if world == 1 else f'.rank{rank}'}.jsonl")  # as interleaf train
     data = LCLDataset(cfg.data, tok, model.config, cfg.img_first_prob, cfg.max_images, cfg.seed, skips)
     if len(data) == 0:
         raise InputError(f"no rows in {', '.join(cfg.data)}")
