@@ -80,6 +80,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("data", nargs="+", help="image-text pair files (JSONL/Parquet) or corpus builds")
     r.add_argument("--batch-size", type=int, default=64)
     r.add_argument("--tokenizer", default=None, help="default: MODEL/tokenizer (pretrain saves it there)")
+    r.add_argument("--device", default="auto", help="auto (the GPU where there is one) | cuda | cpu")
     r.set_defaults(func=_lcl_retrieval)
 
 
@@ -154,6 +155,12 @@ def _lcl_retrieval(args: argparse.Namespace) -> int:
 
     from interleaf.train.lcl import retrieval
 
-    result = retrieval(args.model, args.data, batch_size=max(1, args.batch_size), tokenizer=args.tokenizer)
+    result = retrieval(
+        args.model,
+        args.data,
+        batch_size=max(1, args.batch_size),
+        tokenizer=args.tokenizer,
+        device=args.device,
+    )
     print(json.dumps(result, indent=1))
     return 0

@@ -536,6 +536,7 @@ def retrieval(
     batch_size: int = 64,
     ks: tuple[int, ...] = (1, 5, 10),
     tokenizer: str | Path | None = None,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Image-to-text and text-to-image recall@k over the image-text pairs in ``data`` (OpenCLIP's
     retrieval metrics), with the model's tokenizer (saved beside it by ``pretrain``; ``tokenizer``
@@ -543,7 +544,8 @@ def retrieval(
     not pairs, or whose image cannot be read, are skipped and counted."""
     from interleaf.model.lcl import load_lcl
 
-    model = load_lcl(model_dir).eval()
+    kind = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    model = load_lcl(model_dir).eval().to(kind)
     tok = load_lcl_tokenizer(tokenizer or model_dir)
     cfg = model.config
     if tok.ids != cfg.special_token_ids:
@@ -555,7 +557,7 @@ def retrieval(
     for file, row in rows:
         try:
             row = _parse_line(row) if isinstance(row, str) else row
-            if not isinstance(row, dict) or "texts" in row:
+            if not isinstance(row, dict) or ("texts" in row and "images" in row):
                 raise SkipSample("not_a_pair", "only image-text pairs are scored")
             nodes = document_nodes(row, Path(file).parent, roots.get(file))
             path = nodes[0][1][0]
@@ -569,11 +571,11 @@ def retrieval(
                       cfg.id("<end_of_text>")])  # fmt: skip
     if not texts:
         raise InputError(f"no image-text pairs in {', '.join(data)}")
-    image = torch.cat([model.image_features(torch.stack(pixels[i : i + batch_size]))
+    image = torch.cat([model.image_features(torch.stack(pixels[i : i + batch_size]).to(kind))
                        for i in range(0, len(pixels), batch_size)])  # fmt: skip
     text = torch.cat([model.text_features(collate([LCLSample(t, torch.zeros(0)) for t in texts[i : i + batch_size]],
-                                                  cfg.pad_id)[0]) for i in range(0, len(texts), batch_size)])  # fmt: skip
-    scores = image @ text.t()
+                                                  cfg.pad_id)[0].to(kind)) for i in range(0, len(texts), batch_size)])  # fmt: skip
+    scores = (image @ text.t()).cpu()
     truth = torch.arange(len(texts))
     out: dict[str, Any] = {"pairs": len(texts), "skipped": skipped}
     for name, logits in (("image_to_text", scores), ("text_to_image", scores.t())):
