@@ -12,6 +12,8 @@ mkdir -p "$OUT"
   "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/machine.txt"
 BENCHES="${BENCHES:-generation mono_ttft train train_loop eval}"
+# the CUDA paths' tests first (InternVL, Mono-InternVL, the server, LCL): skipped without a GPU in CI
+"$PY" -m pytest -q tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log" | tail -n 5
 run() {  # run NAME SECONDS ARGS...
   local name=$1 limit=$2; shift 2
   case " $BENCHES " in *" $name "*) ;; *) return 0 ;; esac

@@ -1,4 +1,4 @@
-"""The CUDA paths against the CPU on tiny fp32 checkpoints (InternVL, Mono-InternVL): the static KV
+"""The CUDA paths against the CPU on tiny fp32 checkpoints (InternVL, Mono-InternVL, LCL): the static KV
 cache with its causal prefill, the CUDA-graph decode step, the left-padded batch with one vision
 pass, the row-wise prefill.
 
@@ -92,3 +92,41 @@ def test_server_on_cuda_answers_as_the_cpu_does(pair, noise_image):
         with ThreadPoolExecutor(3) as pool:
             replies = list(pool.map(ask, range(3)))
     assert replies == [cpu.chat(q, im, max_num=2, max_new_tokens=12) for q, im in zip(questions, images)]
+
+
+def test_lcl_forward_and_a_bf16_step_on_the_gpu(tmp_path):
+    """LCL on CUDA: fp32 outputs equal the CPU's; a bf16-autocast training run keeps finite losses."""
+    import json
+
+    from PIL import Image
+
+    from interleaf.model.lcl import LCL_PRESETS, LCLConfig, LCLModel, lcl_loss
+    from interleaf.train.lcl import LCLDataset, LCLTrainConfig, collate, load_lcl_tokenizer, pretrain
+
+    rows = []
+    for k, colour in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 30)]):
+        Image.new("RGB", (48, 40), colour).save(tmp_path / f"{k}.png")
+        rows.append({"image": f"{k}.png", "text": f"picture {k} in one colour"})
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = load_lcl_tokenizer("offline")
+    cfg = LCLConfig(**{**LCL_PRESETS["tiny"], "vocab_size": len(tok), "special_token_ids": dict(tok.ids)})
+    ds = LCLDataset([str(tmp_path / "pairs.jsonl")], tok, cfg, img_first_prob=0.0)
+    ids, pixels = collate([ds.get(i) for i in range(len(ds))])
+    torch.manual_seed(0)
+    cpu = LCLModel(cfg)
+    gpu = LCLModel(cfg).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        want = lcl_loss(cpu(pixels, ids))
+        got = lcl_loss(gpu(pixels.cuda(), ids.cuda()))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    for a, b in zip(want, got):
+        assert torch.allclose(a, b.cpu(), atol=1e-4)
+    run = LCLTrainConfig(data=[str(tmp_path / "pairs.jsonl")], output_dir=str(tmp_path / "run"), steps=5,
+                         batch_size=4, warmup=1, device="cuda", precision="bf16")  # fmt: skip
+    pretrain(run, log=lambda m: None)
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 5 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
