@@ -473,3 +473,61 @@ def test_device_cuda_without_a_gpu_is_one_line(data, tmp_path, capsys, monkeypat
     argv = ["lcl", "pretrain", str(data / "pairs.jsonl"), "-o", str(tmp_path / "x"), "--device", "cuda"]
     assert main(argv) == 1
     assert capsys.readouterr().err.strip() == "error: --device cuda: no GPU is available"
+
+
+def mmc4_row() -> dict:
+    return {
+        "text_list": ["The first sentence.", "A red thing.", "A blue thing.", "The end."],
+        "image_info": [
+            {"image_name": "red.png", "matched_text_index": 1, "matched_sim": 0.31},
+            {"image_name": "green.png", "matched_text_index": 0, "matched_sim": 0.20},  # below 0.24
+            {"image_name": "blue.png", "matched_text_index": 2, "matched_sim": 0.28},
+            {"image_name": "yellow.png", "matched_text_index": 2, "matched_sim": 0.30},  # same sentence
+            {"image_name": "gone.png", "matched_text_index": 3, "matched_sim": 0.40},  # not on disk
+        ],
+    }
+
+
+def test_mmc4_rows_follow_the_official_recipe(data, tok):
+    (data / "mmc4.jsonl").write_text(json.dumps(mmc4_row()) + "\n")
+    i = tok.ids
+    block = [i["<start_of_img>"], *[i["<img_placehold>"]] * 16, i["<end_of_img>"]]
+    enc = lambda t: tok.encode(t + " ")  # noqa: E731  sentences joined by spaces
+    for prob, first in ((1.0, True), (0.0, False)):
+        ds = LCLDataset([str(data / "mmc4.jsonl")], tok, config(tok), img_first_prob=prob, seed=1)
+        sample = ds.get(0)
+        # green: below the threshold; blue or yellow: one image for sentence 2; gone.png: unreadable, left out
+        assert sample.pixels.shape[0] == 2
+        assert torch.equal(sample.pixels[0], clip_pixels(str(data / "red.png"), 32))
+        picked = [
+            n
+            for n in ("blue", "yellow")
+            if torch.equal(sample.pixels[1], clip_pixels(str(data / f"{n}.png"), 32))
+        ]
+        assert len(picked) == 1
+        s = [enc(t) for t in mmc4_row()["text_list"]]
+        body = s[0] + (block + s[1] + block + s[2] if first else s[1] + block + s[2] + block) + s[3]
+        assert sample.ids == [i["<start_of_text>"], *body, i["<end_of_text>"]]
+    # the choice among one sentence's images is random per sample, and seeded
+    many = LCLDataset([str(data / "mmc4.jsonl")] * 12, tok, config(tok), seed=5)
+    chosen = {
+        bool(torch.equal(many.get(k).pixels[1], clip_pixels(str(data / "blue.png"), 32))) for k in range(12)
+    }
+    assert chosen == {True, False}
+
+
+def test_mmc4_rows_without_a_usable_image_are_skipped(data, tok):
+    row = mmc4_row()
+    row["image_info"] = [
+        info for info in row["image_info"] if info["image_name"] in ("green.png", "gone.png")
+    ]
+    bad = {"text_list": ["x"], "image_info": [{"image_name": "red.png", "matched_text_index": 7}]}
+    (data / "mmc4.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(bad) + "\n")
+    log = SkipLog()
+    ds = LCLDataset([str(data / "mmc4.jsonl")], tok, config(tok), skip_log=log)
+    assert ds.get(0) is None and ds.get(1) is None
+    assert dict(log.counts) == {"no_image": 1, "bad_document": 1}
+    # images without a similarity (interleaf's own corpus convert --to mmc4) are kept
+    row["image_info"] = [{"image_name": "red.png", "matched_text_index": 0, "matched_sim": None}]
+    (data / "mmc4.jsonl").write_text(json.dumps(row) + "\n")
+    assert LCLDataset([str(data / "mmc4.jsonl")], tok, config(tok)).get(0).pixels.shape[0] == 1

@@ -92,6 +92,13 @@ def test_lcl_pretrains_on_the_fetched_corpus_and_its_pairs(corpus, tmp_path):
     soi = tok.ids["<start_of_img>"]
     assert sum(s.pixels.shape[0] for s in samples) == stats["images_out"]
     assert all(s.ids.count(soi) == s.pixels.shape[0] for s in samples)
+    # the same build converted to MMC4 (images without a similarity are kept, stored files found)
+    mmc4 = out / "mmc4-lcl.jsonl"
+    assert main(["corpus", "convert", str(out), "--to", "mmc4", "-o", str(mmc4)]) == 0
+    rows = LCLDataset([str(mmc4)], tok, cfg, max_images=1000, skip_log=log)
+    with_images = [s for s in (rows.get(i) for i in range(len(rows))) if s is not None]
+    assert log.total == sum(1 for s in samples if s.pixels.shape[0] == 0)  # rows without an image: no_image
+    assert sum(s.pixels.shape[0] for s in with_images) <= stats["images_out"] and with_images
     run = tmp_path / "lcl"
     argv = ["lcl", "pretrain", str(out), str(pairs), "-o", str(run), "--steps", "3", "--batch-size", "4"]
     assert main(argv) == 0

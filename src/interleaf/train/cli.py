@@ -65,6 +65,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--contrastive-weight", type=float, default=0.1)
     p.add_argument("--img-first-prob", type=float, default=0.5, help="pairs: image before the text")
     p.add_argument("--max-images", type=int, default=6, help="documents: images kept")
+    p.add_argument("--sim-threshold", type=float, default=0.24, help="MMC4 rows: least image-text similarity")
+    p.add_argument(
+        "--mmc4-image-root", default=None, help="MMC4 rows: folder of image_name (default: the file's)"
+    )
     p.add_argument("--context-length", type=int, default=None, help="default: the preset's")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--save-every", type=int, default=50)
@@ -136,6 +140,8 @@ def _lcl_pretrain(args: argparse.Namespace) -> int:
         contrastive_weight=args.contrastive_weight,
         img_first_prob=args.img_first_prob,
         max_images=args.max_images,
+        sim_threshold=args.sim_threshold,
+        mmc4_image_root=args.mmc4_image_root,
         context_length=args.context_length,
         grad_checkpointing=args.grad_checkpointing,
         save_every=args.save_every,

@@ -9,7 +9,14 @@ official code:
   ``<sot> text <soi> <img>xP <eoi>``, its text cut to ``context_length - P - 4`` tokens;
 - a document is ``<sot>``, its nodes in order (text, or an image block), ``<eot>``, with at most
   ``max_images`` images; at the context length it is cut, and an image block that would not fit
-  whole is dropped from its ``<soi>`` on and replaced by ``<eot>``.
+  whole is dropped from its ``<soi>`` on and replaced by ``<eot>``;
+- an MMC4 row (``text_list``, ``image_info``) follows the official MMC4 recipe: images whose
+  ``matched_sim`` is below ``sim_threshold`` (0.24) are dropped (images without a similarity, as
+  ``corpus convert --to mmc4`` writes them, are kept), one image per sentence (chosen at random),
+  the first ``max_images``; images that cannot be read are left out; each image block goes before or
+  after its sentence (``img_first_prob``), sentences are joined by spaces; a row left with no image
+  is skipped (``no_image``). ``image_name`` is relative to ``mmc4_image_root`` (default: the file's
+  folder), unless the row's interleaf metadata names a stored file.
 
 Images are resized (shorter side, bicubic) and centre-cropped to the model's size and normalised with
 CLIP's mean and std. Training is AdamW (betas 0.9/0.98, eps 1e-6, weight decay 0.2 on matrices only,
@@ -40,6 +47,7 @@ from interleaf.model.lcl import LCL_PRESETS, SPECIAL_TOKENS, LCLConfig, LCLModel
 from interleaf.train.data import (
     SkipLog,
     SkipSample,
+    _image_file,
     _parse_line,
     _row_id,
     document_nodes,
@@ -171,8 +179,11 @@ class LCLDataset:
         max_images: int = 6,
         seed: int = 0,
         skip_log: SkipLog | None = None,
+        sim_threshold: float = 0.24,
+        mmc4_image_root: str | None = None,
     ) -> None:
         self.rows, self.build_roots = read_corpus_rows(paths)
+        self.sim_threshold, self.mmc4_image_root = sim_threshold, mmc4_image_root
         self.tok, self.cfg = tokenizer, config
         self.img_first_prob, self.max_images, self.seed = img_first_prob, max_images, seed
         self.skip_log = skip_log or SkipLog()
@@ -201,14 +212,25 @@ class LCLDataset:
                 row = _parse_line(row)
             if not isinstance(row, dict):
                 raise SkipSample("bad_json", "not an object")
-            nodes = document_nodes(row, Path(file).parent, self.build_roots.get(file))
             rng = random.Random(f"{self.seed}-{epoch}-lcl-{i}")
+            if "text_list" in row and "image_info" in row:
+                return self.build_mmc4(row, Path(file).parent, self.build_roots.get(file), rng)
+            nodes = document_nodes(row, Path(file).parent, self.build_roots.get(file))
             return self.build(nodes, rng, pair=not ("texts" in row and "images" in row))
         except SkipSample as exc:
             self.skip_log.add(Path(file).name, i, _row_id(row), exc)
             return None
 
-    def build(self, nodes: list[tuple[str, Any]], rng: random.Random, pair: bool) -> LCLSample:
+    def build(
+        self,
+        nodes: list[tuple[str, Any]],
+        rng: random.Random,
+        pair: bool,
+        sep: str = "\n",
+        lenient: bool = False,
+    ) -> LCLSample:
+        """One sequence from text/image nodes (see the module docstring). ``sep`` ends each text node;
+        ``lenient`` leaves out images that cannot be read (MMC4) instead of skipping the row."""
         c, size, ctx = self.cfg, self.cfg.image_size, self.cfg.context_length
         sot, eot = c.id("<start_of_text>"), c.id("<end_of_text>")
         block = self.image_block()
@@ -232,12 +254,17 @@ class LCLDataset:
                 if len(ids) + len(block) > ctx - 1:
                     break  # an image block that does not fit whole is cut at its <soi>
                 path, _ = value
-                if path is None:
-                    raise SkipSample("missing_image", "image node without a local file")
-                images.append(clip_pixels(path, size))
+                try:
+                    if path is None:
+                        raise SkipSample("missing_image", "image node without a local file")
+                    images.append(clip_pixels(path, size))
+                except SkipSample:
+                    if lenient:
+                        continue
+                    raise
                 ids += block
             else:
-                ids += self.tok.encode(str(value) + "\n")[: ctx - 1 - len(ids)]
+                ids += self.tok.encode(str(value) + sep)[: ctx - 1 - len(ids)]
                 if len(ids) >= ctx - 1:
                     break
         ids.append(eot)
@@ -246,6 +273,40 @@ class LCLDataset:
             raise SkipSample("empty_document", "no text fits the context")
         pixels = torch.stack(images) if images else torch.zeros(0, 3, size, size)
         return LCLSample(ids, pixels)
+
+    def build_mmc4(self, row: dict, base: Path, root: Path | None, rng: random.Random) -> LCLSample:
+        """An MMC4 row as the official MMC4 dataset lays it out (see the module docstring)."""
+        sentences, infos = row["text_list"], row["image_info"]
+        if not isinstance(sentences, list) or not all(isinstance(t, str) for t in sentences):
+            raise SkipSample("bad_document", "field 'text_list' must be a list of strings")
+        if not isinstance(infos, list) or not all(isinstance(x, dict) for x in infos):
+            raise SkipSample("bad_document", "field 'image_info' must be a list of objects")
+        image_base = Path(self.mmc4_image_root) if self.mmc4_image_root else base
+        matched: dict[int, list[tuple[str | None, bool]]] = {}
+        for k, info in enumerate(infos):
+            ix, sim = info.get("matched_text_index"), info.get("matched_sim")
+            if not isinstance(ix, int) or isinstance(ix, bool) or not 0 <= ix < len(sentences):
+                raise SkipSample("bad_document", f"image_info[{k}].matched_text_index {ix!r} is out of range")
+            if sim is not None and (not isinstance(sim, (int, float)) or sim < self.sim_threshold):
+                continue
+            node = info.get("image_name") or info.get("raw_url")
+            matched.setdefault(ix, []).append(
+                _image_file(node, info.get("metadata"), image_base, root or base)
+            )
+        # one image per sentence, the first max_images sentences with one (the official order)
+        chosen = {ix: rng.choice(cands) for ix, cands in sorted(matched.items())[: self.max_images]}
+        nodes: list[tuple[str, Any]] = []
+        for ix, sentence in enumerate(sentences):
+            if ix in chosen and rng.random() < self.img_first_prob:
+                nodes += [("image", chosen[ix]), ("text", sentence)]
+            elif ix in chosen:
+                nodes += [("text", sentence), ("image", chosen[ix])]
+            else:
+                nodes.append(("text", sentence))
+        sample = self.build(nodes, rng, pair=False, sep=" ", lenient=True)
+        if sample.pixels.shape[0] == 0:
+            raise SkipSample("no_image", "no image of the row is matched, readable and within the context")
+        return sample
 
 
 def collate(samples: list[LCLSample], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,6 +340,8 @@ class LCLTrainConfig:
     contrastive_weight: float = 0.1
     img_first_prob: float = 0.5
     max_images: int = 6
+    sim_threshold: float = 0.24  # MMC4 rows: images matched less closely are dropped (official)
+    mmc4_image_root: str | None = None  # MMC4 rows: the folder of their image_name files
     context_length: int | None = None  # default: the preset's
     grad_checkpointing: bool = False
     save_every: int = 50
@@ -401,7 +464,8 @@ def _pretrain(cfg: LCLTrainConfig, log) -> dict[str, Any]:
     model.to(device).train()
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     skips = SkipLog(out / f"skipped{'' if world == 1 else f'.rank{rank}'}.jsonl")  # as interleaf train
-    data = LCLDataset(cfg.data, tok, model.config, cfg.img_first_prob, cfg.max_images, cfg.seed, skips)
+    data = LCLDataset(cfg.data, tok, model.config, cfg.img_first_prob, cfg.max_images, cfg.seed, skips,
+                      cfg.sim_threshold, cfg.mmc4_image_root)  # fmt: skip
     if len(data) == 0:
         raise InputError(f"no rows in {', '.join(cfg.data)}")
     order = _Order(len(data), cfg.seed, rank, world)
