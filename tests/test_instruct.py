@@ -152,8 +152,11 @@ def test_killed_run_resumes_without_losing_or_duplicating(captions, tmp_path, lo
         stored = 0
         while time.time() < deadline and proc.poll() is None:
             if db.exists():
-                with sqlite3.connect(db) as con:
-                    stored = con.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+                try:
+                    with sqlite3.connect(db) as con:
+                        stored = con.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+                except sqlite3.OperationalError:  # the file is there, its table not yet
+                    stored = 0
                 if stored >= 3:
                     break
             time.sleep(0.05)
