@@ -94,6 +94,12 @@ def _report(stats: dict, as_json: bool, line: str) -> None:
         print(line)
 
 
+def _endpoint_settings(args: argparse.Namespace) -> dict:
+    """The options ``_endpoint_args`` adds that both commands pass on as they are."""
+    names = ("lang", "max_tokens", "temperature", "concurrency", "timeout", "retries", "limit")
+    return {name: getattr(args, name) for name in names}
+
+
 def _caption(args: argparse.Namespace) -> int:
     from interleaf.instruct.caption import caption_images
 
@@ -103,15 +109,9 @@ def _caption(args: argparse.Namespace) -> int:
         args.vlm,
         args.out,
         domain=args.domain,
-        lang=args.lang,
         min_words=args.min_words,
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        concurrency=args.concurrency,
-        timeout=args.timeout,
-        retries=args.retries,
-        limit=args.limit,
         progress=not args.no_progress,
+        **_endpoint_settings(args),
     )
     rejected = sum(stats["rejected"].values())
     _report(
@@ -130,16 +130,10 @@ def _generate(args: argparse.Namespace) -> int:
     _check_numbers(args)
     config = GenerateConfig(
         types=args.types,
-        lang=args.lang,
         seed=args.seed,
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        concurrency=args.concurrency,
-        timeout=args.timeout,
-        retries=args.retries,
-        limit=args.limit,
         group_turns=args.group_turns,
         checks=Checks(args.min_long_words, args.max_short_words, args.near_duplicate),
+        **_endpoint_settings(args),
     )
     stats = generate(
         args.captions,
