@@ -675,3 +675,34 @@ def test_choice_without_a_suffix_ends_with_its_options(captions, llm, tmp_path):
     )
     for s in lines(tmp_path / "out" / "instructions.jsonl"):
         assert s["conversations"][0]["value"].split("\n")[-1].startswith("D. ")
+
+
+def test_empty_replies_are_failures_asked_again(captions, tmp_path, loopback_http):
+    """A reply with no text (a provider's filter, a cut-off) is a failed request, not an answer to keep."""
+
+    class Empty(ScriptedLLM):
+        def handler(self):
+            base = super().handler()
+
+            class H(base):
+                def do_POST(self) -> None:
+                    n = int(self.headers["Content-Length"])
+                    body = json.loads(self.rfile.read(n))
+                    data = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": "  "},
+                                                    "finish_reason": "length"}], "model": body["model"]}).encode()  # fmt: skip
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+
+            return H
+
+    with loopback_http(Empty().handler()) as url:
+        spec = f"openai:{url}/v1#m"
+        cfg = GenerateConfig(types=["short"], retries=0)
+        with pytest.raises(Exception, match="all 3 requests failed \\(empty reply\\)"):
+            generate(captions, spec, tmp_path / "out", cfg, progress=False)
+    assert {r["reason"] for r in lines(tmp_path / "out" / "rejected.jsonl")} == {"endpoint_error"}
+    with sqlite3.connect(tmp_path / "out" / "responses.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM responses").fetchone()[0] == 0

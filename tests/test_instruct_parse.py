@@ -210,3 +210,10 @@ def test_echoed_format_and_wordless_questions_are_rejected():
         ("placeholder_left", 1), ("placeholder_left", 2), ("placeholder_left", 3), ("empty_question", 4),
     ]  # fmt: skip
     assert [(k.item, k.answer) for k in kept] == [(5, "red")]
+
+
+def test_comparisons_are_not_placeholders():
+    reply = "<Q1>Is x < 5 and y > 3 in the chart?</Q1><A1>Yes</A1><Q2>Is the <shape> red?</Q2><A2>No</A2>"
+    kept, rejected = check_response("judge", reply, "en", Checks())
+    assert [k.question for k in kept] == ["Is x < 5 and y > 3 in the chart?"]
+    assert [(r.reason, r.item) for r in rejected] == [("placeholder_left", 2)]

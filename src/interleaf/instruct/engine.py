@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from interleaf.endpoint import OpenAIClient, parse_openai_spec
+from interleaf.endpoint import EndpointError, OpenAIClient, parse_openai_spec
 from interleaf.errors import InputError, cannot_read
 from interleaf.instruct.parse import (
     LETTERS,
@@ -450,6 +450,8 @@ def ask_all(
 
     def answer(t: Task) -> str:
         response = client.complete(t.messages, **params)
+        if not response.strip():  # a filtered or cut-off reply: not stored, so a rerun asks again
+            raise EndpointError("empty reply")
         store.put(t.key, t.id, response)  # committed by the worker: kept even if the loop below stops
         return response
 

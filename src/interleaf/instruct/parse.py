@@ -40,8 +40,9 @@ _UNIT_RE = re.compile(f"[{_CJK}]|[^\\W{_CJK}]+")
 _TAG_RE = {  # <Q1>, < q 1 >, <Q01>: the number without its leading zeros, closed by the same number
     tag: re.compile(rf"<\s*{tag}\s*0*(\d+)\s*>(.*?)<\s*/\s*{tag}\s*0*\1\s*>", re.S | re.I) for tag in "QCA"
 }
+# a seed's <placeholder> hugs its brackets; "x < 5 and y > 3" (spaces inside) is maths, not one
 _PLACEHOLDER_RE = re.compile(
-    r"<[^<>\n]{1,60}>|\{[^{}\n]*generated[^{}\n]*\}|\bthe generated question\b", re.I
+    r"<[^\s<>](?:[^<>\n]{0,58}[^\s<>])?>|\{[^{}\n]*generated[^{}\n]*\}|\bthe generated question\b", re.I
 )
 # the filler of interleaf's own format lines (engine.py), echoed instead of a question or an answer
 _FILLER_QUESTION_RE = re.compile(r"^(?:question|问题)\s*\d*$", re.I)
