@@ -531,3 +531,17 @@ def test_mmc4_rows_without_a_usable_image_are_skipped(data, tok):
     row["image_info"] = [{"image_name": "red.png", "matched_text_index": 0, "matched_sim": None}]
     (data / "mmc4.jsonl").write_text(json.dumps(row) + "\n")
     assert LCLDataset([str(data / "mmc4.jsonl")], tok, config(tok)).get(0).pixels.shape[0] == 1
+
+
+def test_resume_refuses_other_settings_but_takes_more_steps(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["lcl", "pretrain", str(data / "pairs.jsonl"), "-o", str(out), "--steps", "4", "--batch-size", "2",
+            "--save-every", "2"]  # fmt: skip
+    assert main(argv) == 0
+    shutil.rmtree(out / "model")  # as if killed before the end
+    assert main([*argv, "--batch-size", "3"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "was trained with batch_size=2, not 3" in err and "\n" not in err
+    assert main([*argv[:-2], "--save-every", "1", "--steps", "6"]) == 0  # more steps, other saving: fine
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]

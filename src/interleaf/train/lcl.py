@@ -352,6 +352,10 @@ class LCLTrainConfig:
     extra: dict = field(default_factory=dict)  # further LCLConfig fields over the preset
 
 
+# settings a resumed run may change; the others must be the checkpoint's
+_MAY_CHANGE = {"steps", "save_every", "log_every", "device", "precision", "grad_checkpointing", "output_dir"}
+
+
 def _model_config(cfg: LCLTrainConfig, tok: LCLTokenizer) -> LCLConfig:
     if cfg.preset not in LCL_PRESETS:
         raise ConfigError(f"unknown LCL preset {cfg.preset!r} (presets: {', '.join(LCL_PRESETS)})")
@@ -478,6 +482,15 @@ def _pretrain(cfg: LCLTrainConfig, log) -> dict[str, Any]:
             raise ConfigError(
                 f"{ckpts[-1]} was written by {len(state['order'])} process(es); resume it with as many, "
                 f"not {world}"
+            )
+        changed = [
+            k for k, v in state.get("config", {}).items() if k not in _MAY_CHANGE and getattr(cfg, k, v) != v
+        ]
+        if changed:  # the data order, model or optimisation would silently differ from the run's
+            k = changed[0]
+            raise ConfigError(
+                f"{ckpts[-1]} was trained with {k}={state['config'][k]!r}, not {getattr(cfg, k)!r}; resume with "
+                f"the run's settings (only {', '.join(sorted(_MAY_CHANGE - {'output_dir'}))} may change)"
             )
         model.load_state_dict(load_lcl(ckpts[-1]).state_dict())
         optimizer.load_state_dict(state["optimizer"])
