@@ -545,3 +545,43 @@ def test_resume_refuses_other_settings_but_takes_more_steps(data, tmp_path, caps
     assert main([*argv[:-2], "--save-every", "1", "--steps", "6"]) == 0  # more steps, other saving: fine
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+
+
+def test_export_vit_loads_in_transformers_and_sees_what_lcl_sees(data, tmp_path, capsys):
+    """The pretrained ViT as a CLIPVisionModel folder: transformers loads it with from_pretrained, its
+    image processor gives clip_pixels' tensor, and its features are LCL's own (post_layernorm, CLS dropped)."""
+    from transformers import CLIPVisionModel
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from interleaf.model.lcl import load_lcl
+
+    run = tmp_path / "run"
+    assert (
+        main(
+            [
+                "lcl",
+                "pretrain",
+                str(data / "pairs.jsonl"),
+                "-o",
+                str(run),
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["lcl", "export-vit", str(run / "model"), "-o", str(tmp_path / "vit")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "vit")
+    hf = CLIPVisionModel.from_pretrained(str(tmp_path / "vit")).eval()
+    processor = CLIPImageProcessorPil.from_pretrained(str(tmp_path / "vit"))
+    model = load_lcl(run / "model").eval()
+    img = Image.open(data / "red.png").convert("RGB")
+    pixels = torch.as_tensor(processor(images=img, return_tensors="np")["pixel_values"])
+    assert torch.allclose(pixels[0], clip_pixels(str(data / "red.png"), 32), atol=1e-6)
+    with torch.no_grad():
+        out = hf(pixel_values=pixels)
+        theirs = getattr(hf, "vision_model", hf).post_layernorm(out.last_hidden_state)[:, 1:]
+        torch.testing.assert_close(theirs, model.visual(pixels), atol=2e-5, rtol=1e-5)

@@ -37,6 +37,8 @@ from torch import nn
 
 from interleaf.errors import CheckpointError, ConfigError
 
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's image normalisation, as LCL trains
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SPECIAL_TOKENS = ("<start_of_text>", "<end_of_text>", "<img_placehold>", "<start_of_img>", "<end_of_img>")
 
 
@@ -523,3 +525,89 @@ def load_lcl(path: str | Path, config: str | Path | None = None) -> LCLModel:
             )
     model.load_state_dict({k: state[k] for k in own})
     return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# the pretrained vision encoder, for other pipelines
+
+
+def _vision_state_for_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``visual.*`` weights (OpenCLIP names) under transformers' ``CLIPVisionModel`` names."""
+    fixed = {
+        "conv1.weight": "embeddings.patch_embedding.weight",
+        "class_embedding": "embeddings.class_embedding",
+        "positional_embedding": "embeddings.position_embedding.weight",
+        "ln_pre.weight": "pre_layrnorm.weight",
+        "ln_pre.bias": "pre_layrnorm.bias",
+        "ln_post.weight": "post_layernorm.weight",
+        "ln_post.bias": "post_layernorm.bias",
+    }
+    block = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+             "attn.out_proj": "self_attn.out_proj"}  # fmt: skip
+    out: dict[str, torch.Tensor] = {}
+    for name, value in state.items():
+        if not name.startswith("visual."):
+            continue
+        name = name.removeprefix("visual.")
+        if name in fixed:
+            out[fixed[name]] = value
+            continue
+        _, _, i, rest = name.split(".", 3)  # transformer.resblocks.<i>.<rest>
+        layer = f"encoder.layers.{i}."
+        if rest.startswith("attn.in_proj_"):
+            kind = rest.removeprefix("attn.in_proj_")  # weight | bias: q, k, v stacked
+            for proj, part in zip("qkv", value.chunk(3)):
+                out[f"{layer}self_attn.{proj}_proj.{kind}"] = part.clone()
+            continue
+        for ours, theirs in block.items():
+            rest = rest.replace(ours, theirs)
+        out[layer + rest] = value
+    return out
+
+
+def export_vision(model: LCLModel, path: str | Path) -> Path:
+    """The pretrained ViT as a transformers ``CLIPVisionModel`` folder (weights, config, and the CLIP
+    image processor's settings for the model's image size), so pipelines that take a CLIP vision
+    tower (LLaVA-style MLLMs, as the paper evaluates LCL) load it with ``from_pretrained``. Its
+    ``last_hidden_state`` after ``post_layernorm``, class token dropped, is ``model.visual``'s output."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    cfg = model.config
+    hf = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=cfg.vision_width,
+            intermediate_size=int(cfg.vision_width * cfg.mlp_ratio),
+            num_hidden_layers=cfg.vision_layers,
+            num_attention_heads=cfg.vision_heads,
+            image_size=cfg.image_size,
+            patch_size=cfg.patch_size,
+            hidden_act="gelu",
+            layer_norm_eps=1e-5,
+        )
+    )
+    weights = _vision_state_for_hf(model.state_dict())
+    prefix = "vision_model." if any(k.startswith("vision_model.") for k in hf.state_dict()) else ""
+    missing, unexpected = hf.load_state_dict({prefix + k: v for k, v in weights.items()}, strict=False)
+    if unexpected or any("position_ids" not in k for k in missing):
+        raise CheckpointError(
+            f"CLIPVisionModel layout differs: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    path = Path(path)
+    hf.save_pretrained(str(path))
+    size = cfg.image_size
+    processor = {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"shortest_edge": size},
+        "resample": 3,  # bicubic
+        "do_center_crop": True,
+        "crop_size": {"height": size, "width": size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(CLIP_MEAN),
+        "image_std": list(CLIP_STD),
+    }
+    (path / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    return path

@@ -86,6 +86,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--tokenizer", default=None, help="default: MODEL/tokenizer (pretrain saves it there)")
     r.add_argument("--device", default="auto", help="auto (the GPU where there is one) | cuda | cpu")
     r.set_defaults(func=_lcl_retrieval)
+    e = lsub.add_parser("export-vit", help="the pretrained ViT as a transformers CLIPVisionModel folder")
+    e.add_argument("model", help="an LCL model folder (OUT/model) or checkpoint folder")
+    e.add_argument("-o", "--out", required=True)
+    e.set_defaults(func=_lcl_export)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -169,4 +173,11 @@ def _lcl_retrieval(args: argparse.Namespace) -> int:
         device=args.device,
     )
     print(json.dumps(result, indent=1))
+    return 0
+
+
+def _lcl_export(args: argparse.Namespace) -> int:
+    from interleaf.model.lcl import export_vision, load_lcl
+
+    print(export_vision(load_lcl(args.model), args.out))
     return 0

@@ -43,7 +43,17 @@ import numpy as np
 import torch
 
 from interleaf.errors import ConfigError, InputError
-from interleaf.model.lcl import LCL_PRESETS, SPECIAL_TOKENS, LCLConfig, LCLModel, lcl_loss, load_lcl, save_lcl
+from interleaf.model.lcl import (
+    CLIP_MEAN,
+    CLIP_STD,
+    LCL_PRESETS,
+    SPECIAL_TOKENS,
+    LCLConfig,
+    LCLModel,
+    lcl_loss,
+    load_lcl,
+    save_lcl,
+)
 from interleaf.train.data import (
     SkipLog,
     SkipSample,
@@ -55,8 +65,6 @@ from interleaf.train.data import (
     replace_text,
 )
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _CLIP_NAMES = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
 
 
