@@ -533,6 +533,20 @@ def test_mmc4_rows_without_a_usable_image_are_skipped(data, tok):
     assert LCLDataset([str(data / "mmc4.jsonl")], tok, config(tok)).get(0).pixels.shape[0] == 1
 
 
+@pytest.mark.parametrize(
+    ("sim", "kept"), [(0.3, 1), ("0.3", 1), ("0.1", 0), (float("nan"), 0), (True, 0), (False, 0), ("high", 0)]
+)
+def test_mmc4_similarity_must_be_a_number_over_the_threshold(data, tok, sim, kept):
+    """A numeric string is its number; NaN, a bool or a word is no similarity over the threshold."""
+    row = {"text_list": ["A red thing."], "image_info": [{"image_name": "red.png", "matched_text_index": 0}]}
+    row["image_info"][0]["matched_sim"] = sim
+    (data / "mmc4.jsonl").write_text(json.dumps(row) + "\n")  # NaN as JSON's NaN, which json reads back
+    log = SkipLog()
+    sample = LCLDataset([str(data / "mmc4.jsonl")], tok, config(tok), skip_log=log).get(0)
+    assert (0 if sample is None else sample.pixels.shape[0]) == kept
+    assert dict(log.counts) == ({} if kept else {"no_image": 1})
+
+
 def test_resume_refuses_other_settings_but_takes_more_steps(data, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["lcl", "pretrain", str(data / "pairs.jsonl"), "-o", str(out), "--steps", "4", "--batch-size", "2",

@@ -11,8 +11,8 @@ official code:
   ``max_images`` images; at the context length it is cut, and an image block that would not fit
   whole is dropped from its ``<soi>`` on and replaced by ``<eot>``;
 - an MMC4 row (``text_list``, ``image_info``) follows the official MMC4 recipe: images whose
-  ``matched_sim`` is below ``sim_threshold`` (0.24) are dropped (images without a similarity, as
-  ``corpus convert --to mmc4`` writes them, are kept), one image per sentence (chosen at random),
+  ``matched_sim`` is below ``sim_threshold`` (0.24) or not a number (NaN, a bool) are dropped (images
+  without a similarity, as ``corpus convert --to mmc4`` writes them, are kept), one image per sentence (chosen at random),
   the first ``max_images``; images that cannot be read are left out; each image block goes before or
   after its sentence (``img_first_prob``), sentences are joined by spaces; a row left with no image
   is skipped (``no_image``). ``image_name`` is relative to ``mmc4_image_root`` (default: the file's
@@ -295,8 +295,8 @@ class LCLDataset:
             ix, sim = info.get("matched_text_index"), info.get("matched_sim")
             if not isinstance(ix, int) or isinstance(ix, bool) or not 0 <= ix < len(sentences):
                 raise SkipSample("bad_document", f"image_info[{k}].matched_text_index {ix!r} is out of range")
-            if sim is not None and (not isinstance(sim, (int, float)) or sim < self.sim_threshold):
-                continue
+            if sim is not None and not _similarity(sim) >= self.sim_threshold:
+                continue  # below the threshold, or no number (NaN, a bool, a word): not known to match
             node = info.get("image_name") or info.get("raw_url")
             matched.setdefault(ix, []).append(
                 _image_file(node, info.get("metadata"), image_base, root or base)
@@ -315,6 +315,21 @@ class LCLDataset:
         if sample.pixels.shape[0] == 0:
             raise SkipSample("no_image", "no image of the row is matched, readable and within the context")
         return sample
+
+
+def _similarity(value: Any) -> float:
+    """An MMC4 ``matched_sim`` as a number (a numeric string too); NaN for anything else (a bool, a
+    word), which no threshold admits."""
+    if isinstance(value, bool):
+        return math.nan
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return math.nan
+    return math.nan
 
 
 def collate(samples: list[LCLSample], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
