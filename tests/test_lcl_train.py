@@ -599,3 +599,36 @@ def test_export_vit_loads_in_transformers_and_sees_what_lcl_sees(data, tmp_path,
         out = hf(pixel_values=pixels)
         theirs = getattr(hf, "vision_model", hf).post_layernorm(out.last_hidden_state)[:, 1:]
         torch.testing.assert_close(theirs, model.visual(pixels), atol=2e-5, rtol=1e-5)
+
+
+def test_resume_takes_the_same_data_spelled_otherwise_and_older_checkpoints(
+    data, tmp_path, monkeypatch, capsys
+):
+    """The same file by a relative or an absolute path is the same data; a checkpoint saved without
+    the settings (or with one this version lacks) resumes."""
+    out = tmp_path / "run"
+    monkeypatch.chdir(data)
+    argv = ["lcl", "pretrain", "pairs.jsonl", "-o", str(out), "--steps", "2", "--batch-size", "2",
+            "--save-every", "1"]  # fmt: skip
+    assert main(argv) == 0
+    shutil.rmtree(out / "model")
+    assert main([*argv[:2], str(data / "pairs.jsonl"), *argv[3:]]) == 0
+    shutil.rmtree(out / "model")
+    other = tmp_path / "other"  # the same spelling from another folder names another file
+    other.mkdir()
+    shutil.copy(data / "pairs.jsonl", other)
+    monkeypatch.chdir(other)
+    capsys.readouterr()
+    assert main(argv) == 1
+    assert f"was trained with data=[{str(data / 'pairs.jsonl')!r}]" in capsys.readouterr().err
+    monkeypatch.chdir(data)
+    for steps, config in ((3, None), (4, {"a_setting_since_removed": 1})):
+        ckpt = out / f"checkpoint-{steps - 1}" / "train_state.pt"
+        state = torch.load(ckpt, weights_only=False)
+        if config is None:
+            del state["config"]
+        else:
+            state["config"].update(config)
+        torch.save(state, ckpt)
+        assert main([*argv, "--steps", str(steps)]) == 0
+        shutil.rmtree(out / "model")

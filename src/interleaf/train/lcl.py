@@ -379,6 +379,25 @@ class LCLTrainConfig:
 _MAY_CHANGE = {"steps", "save_every", "log_every", "device", "precision", "grad_checkpointing", "output_dir"}
 
 
+def _run_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """A run's settings as a checkpoint keeps and a resume compares them: the files and folders they
+    name as absolute paths, so ``pairs.jsonl`` and ``/data/pairs.jsonl`` (from ``/data``) are the same
+    data, and the same spelling from another folder is not. A checkpoint of an older version holds the
+    spellings; they are taken from the current folder."""
+    out = dict(settings)
+
+    def where(p: Any) -> Any:
+        return os.path.realpath(p) if isinstance(p, str) else p
+
+    if isinstance(out.get("data"), (list, tuple)):
+        out["data"] = [where(p) for p in out["data"]]
+    for key in ("init", "mmc4_image_root", "output_dir"):
+        out[key] = where(out.get(key))
+    if out.get("tokenizer") != "offline":
+        out["tokenizer"] = where(out.get("tokenizer"))
+    return {k: v for k, v in out.items() if k in settings}
+
+
 def _model_config(cfg: LCLTrainConfig, tok: LCLTokenizer) -> LCLConfig:
     if cfg.preset not in LCL_PRESETS:
         raise ConfigError(f"unknown LCL preset {cfg.preset!r} (presets: {', '.join(LCL_PRESETS)})")
@@ -506,13 +525,13 @@ def _pretrain(cfg: LCLTrainConfig, log) -> dict[str, Any]:
                 f"{ckpts[-1]} was written by {len(state['order'])} process(es); resume it with as many, "
                 f"not {world}"
             )
-        changed = [
-            k for k, v in state.get("config", {}).items() if k not in _MAY_CHANGE and getattr(cfg, k, v) != v
-        ]
+        # settings the checkpoint names and this version has (an older checkpoint may lack some)
+        was, now = _run_settings(state.get("config") or {}), _run_settings(asdict(cfg))
+        changed = [k for k, v in was.items() if k not in _MAY_CHANGE and k in now and now[k] != v]
         if changed:  # the data order, model or optimisation would silently differ from the run's
             k = changed[0]
             raise ConfigError(
-                f"{ckpts[-1]} was trained with {k}={state['config'][k]!r}, not {getattr(cfg, k)!r}; resume with "
+                f"{ckpts[-1]} was trained with {k}={was[k]!r}, not {now[k]!r}; resume with "
                 f"the run's settings (only {', '.join(sorted(_MAY_CHANGE - {'output_dir'}))} may change)"
             )
         model.load_state_dict(load_lcl(ckpts[-1]).state_dict())
@@ -615,7 +634,7 @@ def _save(model, optimizer, order, skips, step, out, tok, cfg, rank, world) -> N
         shutil.rmtree(tmp, ignore_errors=True)
         save_lcl(model, tmp)
         state = {"step": step, "optimizer": optimizer.state_dict(), "order": orders, "rng": rngs,
-                 "skips": counts, "config": asdict(cfg)}  # fmt: skip
+                 "skips": counts, "config": _run_settings(asdict(cfg))}  # fmt: skip
         torch.save(state, tmp / "train_state.pt")  # its presence marks a complete checkpoint
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
