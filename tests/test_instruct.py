@@ -706,3 +706,24 @@ def test_empty_replies_are_failures_asked_again(captions, tmp_path, loopback_htt
     assert {r["reason"] for r in lines(tmp_path / "out" / "rejected.jsonl")} == {"endpoint_error"}
     with sqlite3.connect(tmp_path / "out" / "responses.sqlite") as db:
         assert db.execute("SELECT COUNT(*) FROM responses").fetchone()[0] == 0
+
+
+def test_a_stored_empty_reply_is_asked_again(tmp_path):
+    """A store written before empty replies failed may hold one: it is no answer, so it is asked again
+    and the answer replaces it."""
+    from interleaf.instruct.engine import Task, ask_all
+    from interleaf.store import ResponseStore
+
+    class Client:
+        def complete(self, messages, **params):
+            return "answer " + messages[0]["content"]
+
+    tasks = [Task(f"t{i}", [{"role": "user", "content": str(i)}], key=f"k{i}") for i in range(3)]
+    with ResponseStore(tmp_path / "r.sqlite") as store:
+        store.put("k0", "t0", "")
+        store.put("k1", "t1", " \n")
+        store.put("k2", "t2", "kept")
+        counts = ask_all(Client(), tasks, store, {}, concurrency=2, progress=False)
+        assert dict(counts) == {"from_store": 1, "asked": 2}
+        assert [t.response for t in tasks] == ["answer 0", "answer 1", "kept"]
+        assert store.get_many(["k0", "k1", "k2"]) == {"k0": "answer 0", "k1": "answer 1", "k2": "kept"}

@@ -92,6 +92,13 @@ class ResponseStore:
                 (key, str(sample_id), response, time.time()),
             )
 
+    def drop(self, keys: list[str]) -> None:
+        """Forget the answers of ``keys`` (their next ``put`` stores anew)."""
+        with self._lock:
+            for i in range(0, len(keys), 500):
+                chunk = keys[i : i + 500]
+                self._db.execute(f"DELETE FROM responses WHERE key IN ({','.join('?' * len(chunk))})", chunk)
+
     def __len__(self) -> int:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]

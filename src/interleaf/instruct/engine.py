@@ -438,6 +438,11 @@ def ask_all(
 
     counts: Counter = Counter()
     stored = store.get_many([t.key for t in tasks])
+    # an empty reply a store of an older version kept is no answer: asked again, and replaced
+    blank = [k for k, v in stored.items() if not v.strip()]
+    if blank:
+        store.drop(blank)
+        stored = {k: v for k, v in stored.items() if v.strip()}
     todo = []
     for t in tasks:
         if t.key in stored:
