@@ -632,3 +632,20 @@ def test_resume_takes_the_same_data_spelled_otherwise_and_older_checkpoints(
         torch.save(state, ckpt)
         assert main([*argv, "--steps", str(steps)]) == 0
         shutil.rmtree(out / "model")
+
+
+def test_export_vit_never_writes_over_an_lcl_model(tok, tmp_path, capsys):
+    """-o naming the model's own folder (or any LCL model folder) would replace its weights and config
+    with the CLIP ones: refused in one line, the model left whole; a file as -o is one line too."""
+    from interleaf.model.lcl import LCLModel, load_lcl, save_lcl
+
+    model = save_lcl(LCLModel(config(tok)), tmp_path / "model")
+    before = (model / "model.safetensors").read_bytes()
+    (tmp_path / "file").write_text("x")
+    for dest in (model, tmp_path / "file"):
+        capsys.readouterr()
+        assert main(["lcl", "export-vit", str(model), "-o", str(dest)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {dest}") and "\n" not in err
+    assert (model / "model.safetensors").read_bytes() == before and load_lcl(model)
+    assert main(["lcl", "export-vit", str(model), "-o", str(tmp_path / "vit")]) == 0

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from interleaf.errors import CheckpointError, ConfigError
+from interleaf.errors import CheckpointError, ConfigError, InputError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's image normalisation, as LCL trains
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -565,6 +565,17 @@ def _vision_state_for_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
+def _holds_lcl(folder: Path) -> bool:
+    """Whether ``folder`` holds an LCL model (``save_lcl``'s or an official weight file)."""
+    if (folder / "open_clip_model.safetensors").exists():
+        return True
+    try:
+        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and raw.get("model_type") == "lcl"
+
+
 def export_vision(model: LCLModel, path: str | Path) -> Path:
     """The pretrained ViT as a transformers ``CLIPVisionModel`` folder (weights, config, and the CLIP
     image processor's settings for the model's image size), so pipelines that take a CLIP vision
@@ -572,6 +583,11 @@ def export_vision(model: LCLModel, path: str | Path) -> Path:
     ``last_hidden_state`` after ``post_layernorm``, class token dropped, is ``model.visual``'s output."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{path}: is a file (the destination is a folder)")
+    if _holds_lcl(path):  # its weights and config.json would be replaced by the CLIP ones
+        raise InputError(f"{path}: holds an LCL model; export the ViT to another folder")
     cfg = model.config
     hf = CLIPVisionModel(
         CLIPVisionConfig(
@@ -592,7 +608,6 @@ def export_vision(model: LCLModel, path: str | Path) -> Path:
         raise CheckpointError(
             f"CLIPVisionModel layout differs: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
-    path = Path(path)
     hf.save_pretrained(str(path))
     size = cfg.image_size
     processor = {
