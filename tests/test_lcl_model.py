@@ -523,3 +523,19 @@ def test_contrastive_loss_across_two_processes(tmp_path) -> None:
                 want = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
                 grad = got[k] if got[k] is not None else torch.zeros_like(leaf)
                 torch.testing.assert_close(grad.double(), want, atol=1e-5, rtol=1e-4)
+
+
+def test_a_config_that_is_no_lcl_config_is_one_clear_line(tmp_path, capsys):
+    """A folder whose config.json is not an object, or an official-layout config lacking a section,
+    is named as not an LCL config (not a TypeError or KeyError from inside)."""
+    from interleaf.cli import main
+
+    for name, text in (("list", "[]"), ("partial", '{"vision_cfg": {}, "embed_dim": 512}')):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(text)
+        (folder / "model.safetensors").write_bytes(b"")
+        capsys.readouterr()
+        assert main(["lcl", "export-vit", str(folder), "-o", str(tmp_path / "vit")]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {folder / 'config.json'}: not an LCL config") and "\n" not in err

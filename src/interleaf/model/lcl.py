@@ -503,11 +503,17 @@ def load_lcl(path: str | Path, config: str | Path | None = None) -> LCLModel:
         raw = json.loads(Path(config).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{config}: cannot read the LCL config ({exc})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{config}: not an LCL config (a JSON {type(raw).__name__}, not an object)")
     raw.pop("model_type", None)
     for key in ("custom_text", "quick_gelu"):
         if raw.pop(key, False) and key == "quick_gelu":
             raise ConfigError(f"{config}: quick_gelu LCL models are not supported")
-    model = LCLModel(LCLConfig.from_dict(raw))
+    try:
+        lcl_config = LCLConfig.from_dict(raw)
+    except (KeyError, TypeError, AttributeError) as exc:  # an official layout lacking a section, ...
+        raise CheckpointError(f"{config}: not an LCL config ({type(exc).__name__}: {exc})") from None
+    model = LCLModel(lcl_config)
     state = _read_state(weights)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
