@@ -20,6 +20,7 @@ from typing import Any
 from interleaf.errors import InputError
 from interleaf.eval import mmiu, mmniah
 from interleaf.eval.adapters import Adapter, Request, make_adapter, make_judge
+from interleaf.files import jsonl_text, replace_text
 from interleaf.store import ResponseStore, file_digest, request_key
 
 log = logging.getLogger(__name__)
@@ -177,21 +178,6 @@ def _error_summary(items: list[Item]) -> dict:
     }
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-    os.replace(tmp, path)
-
-
 def finish_mmiu(
     items: list[Item],
     out: Path,
@@ -233,7 +219,7 @@ def finish_mmiu(
     scores, extra = mmiu.score(scored, judge=judge) if scored else ({}, [])
     for rec, ex in zip(scored, extra):
         rec.update(ex)
-    _write_jsonl(out / "predictions.jsonl", rows)
+    replace_text(out / "predictions.jsonl", jsonl_text(rows))
     if base is not None and base.failures:
         scores["judge_error"] = base.failures[0]  # the first reason, for the command's warning
     return scores
@@ -257,15 +243,18 @@ def finish_mmniah(items: list[Item], out: Path, model_name: str, split: str) -> 
             answer = mmniah.task_answer(it.sample.task, it.sample.answer)
             row["parsed"] = mmniah.is_parsed(answer, response)  # None: open answer, nothing to parse
         rows.append(row)
-    _write_jsonl(out / "predictions.jsonl", rows)
+    replace_text(out / "predictions.jsonl", jsonl_text(rows))
     res_dir = out / "mmniah_results"
     res_dir.mkdir(exist_ok=True)
     task_scores = []
     for task, recs in by_task.items():
         official = [{k: v for k, v in r.items() if k != "error"} for r in recs]  # the official layout
-        _write_jsonl(res_dir / f"{model_name}_{task}-{split}.jsonl", official)
+        replace_text(res_dir / f"{model_name}_{task}-{split}.jsonl", jsonl_text(official))
         task_scores.append(mmniah.score_records(recs, task=task, model=model_name, split=split))
-    _write_json(res_dir / f"scores_{split}.json", mmniah.official_scores_json(task_scores))
+    replace_text(
+        res_dir / f"scores_{split}.json",
+        json.dumps(mmniah.official_scores_json(task_scores), indent=1, ensure_ascii=False),
+    )
     report.mmniah_heatmaps(task_scores, out / "heatmaps")
     return {"model": model_name, "split": split, **mmniah.split_summary(task_scores)}
 
@@ -320,6 +309,6 @@ def run(
         "adapter_notes": sorted(set(adapter.notes)),
         **scores,
     }
-    _write_json(out / "scores.json", scores)
+    replace_text(out / "scores.json", json.dumps(scores, indent=1, ensure_ascii=False))
     (out / "report.md").write_text(report.markdown(scores, heatmaps=True), encoding="utf-8")
     return scores

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from interleaf.errors import InputError
+from interleaf.files import jsonl_text, replace_text
 from interleaf.instruct.engine import (
     Rejected,
     Task,
@@ -33,11 +34,9 @@ from interleaf.instruct.engine import (
     endpoint_client,
     first_field,
     iter_records,
-    jsonl,
     prior_text,
     request_params,
     usable_records,
-    write_atomic,
 )
 from interleaf.instruct.parse import units
 from interleaf.store import ResponseStore, request_key
@@ -111,7 +110,7 @@ def caption_images(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     client, fingerprint = endpoint_client(vlm, timeout, retries)
-    params = request_params(max_tokens, temperature, None)
+    params = request_params(max_tokens, temperature)
     root, records = _image_records(Path(images))
     rejected: list[Rejected] = []
     tasks: list[Task] = []
@@ -159,8 +158,8 @@ def caption_images(
         "rejected": dict(reasons),
         "seconds": round(time.time() - started, 3),
     }
-    write_atomic(out / "captions.jsonl", jsonl(captions))
-    write_atomic(out / "rejected.jsonl", jsonl([r.to_json() for r in rejected]))
-    write_atomic(out / "stats.json", json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
+    replace_text(out / "captions.jsonl", jsonl_text(captions))
+    replace_text(out / "rejected.jsonl", jsonl_text(r.to_json() for r in rejected))
+    replace_text(out / "stats.json", json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
     check_failures(vlm, counts, tasks, out)
     return stats

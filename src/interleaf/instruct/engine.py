@@ -23,7 +23,6 @@ caption, failed request or rejected item, with a reason code), ``stats.json`` an
 from __future__ import annotations
 
 import json
-import logging
 import os
 import random
 import sqlite3
@@ -37,6 +36,7 @@ from typing import Any
 
 from interleaf.endpoint import EndpointError, OpenAIClient, parse_openai_spec
 from interleaf.errors import InputError, cannot_read
+from interleaf.files import jsonl_text, replace_text
 from interleaf.instruct.parse import (
     LETTERS,
     Checks,
@@ -47,8 +47,6 @@ from interleaf.instruct.parse import (
 )
 from interleaf.instruct.seeds import TYPES, SeedBank
 from interleaf.store import ResponseStore, file_digest, request_key
-
-log = logging.getLogger(__name__)
 
 ITEMS_PER_REQUEST = {"judge": 4, "choice": 3, "long": 3, "short": 3}
 SEEDS_PER_PROMPT = 3
@@ -490,14 +488,12 @@ def endpoint_client(spec: str, timeout: float, retries: int) -> tuple[OpenAIClie
     return OpenAIClient(url, model, timeout=timeout, retries=retries), f"openai:{url}#{model}"
 
 
-def request_params(max_tokens: int, temperature: float | None, seed: int | None) -> dict[str, Any]:
+def request_params(max_tokens: int, temperature: float | None) -> dict[str, Any]:
     """Sampling parameters sent with every request (only those set: the endpoint's defaults, which
     the official engine used, otherwise)."""
     params: dict[str, Any] = {"max_tokens": max_tokens}
     if temperature is not None:
         params["temperature"] = temperature
-    if seed is not None:
-        params["seed"] = seed
     return params
 
 
@@ -513,22 +509,6 @@ def check_failures(spec: str, counts: Counter, tasks: list[Task], out: Path) -> 
 
 # ----------------------------------------------------------------------------------------------------
 # writing
-
-
-def write_atomic(path: Path, lines: Sequence[str] | str) -> None:
-    """Write a file whole: a kill leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        if isinstance(lines, str):
-            f.write(lines)
-        else:
-            for line in lines:
-                f.write(line + "\n")
-    os.replace(tmp, path)
-
-
-def jsonl(records: Sequence[dict]) -> list[str]:
-    return [json.dumps(r, ensure_ascii=False) for r in records]
 
 
 def human_turn(ins: Instruction, suffix: str) -> str:
@@ -603,7 +583,7 @@ def generate(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     client, fingerprint = endpoint_client(llm, cfg.timeout, cfg.retries)
-    params = request_params(cfg.max_tokens, cfg.temperature, None)
+    params = request_params(cfg.max_tokens, cfg.temperature)
 
     captions, rejected = read_captions(captions_path, image_root, domain, cfg.limit)
     tasks: list[Task] = []
@@ -676,10 +656,10 @@ def generate(
     }
     stats = _stats(captions, rejected, tasks, counts, item_counts, samples, cfg, fingerprint)
     stats["seconds"] = round(time.time() - started, 3)
-    write_atomic(out / "instructions.jsonl", jsonl(samples))
-    write_atomic(out / "rejected.jsonl", jsonl([r.to_json() for r in rejected]))
-    write_atomic(out / "meta.json", json.dumps(meta, indent=2) + "\n")
-    write_atomic(out / "stats.json", json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
+    replace_text(out / "instructions.jsonl", jsonl_text(samples))
+    replace_text(out / "rejected.jsonl", jsonl_text(r.to_json() for r in rejected))
+    replace_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
+    replace_text(out / "stats.json", json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
     check_failures(llm, counts, tasks, out)
     return stats
 

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from interleaf.errors import ConfigError, InputError
+from interleaf.files import replace_text
 
 IGNORE_INDEX = -100
 IMG_START_TOKEN = "<img>"
@@ -137,14 +138,6 @@ class SkipLog:
 
     def summary(self) -> str:
         return skip_summary(self.counts)
-
-
-def replace_text(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` through a temporary file renamed over it: a kill part-way
-    leaves the old file whole, never a truncated one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def skip_summary(counts: dict[str, int]) -> str:

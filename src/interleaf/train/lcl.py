@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from interleaf.errors import ConfigError, InputError
+from interleaf.files import replace_text
 from interleaf.model.lcl import (
     CLIP_MEAN,
     CLIP_STD,
@@ -62,7 +63,6 @@ from interleaf.train.data import (
     _row_id,
     document_nodes,
     read_corpus_rows,
-    replace_text,
 )
 
 _CLIP_NAMES = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from interleaf.errors import CheckpointError, ConfigError
+from interleaf.files import replace_text
 from interleaf.processing.image import background_threads
 from interleaf.train.config import TrainConfig
 from interleaf.train.data import (
@@ -45,7 +46,6 @@ from interleaf.train.data import (
     CorpusDataset,
     DataArgs,
     SkipLog,
-    replace_text,
     skip_summary,
 )
 from interleaf.train.lora import LLM_TARGETS, VIT_TARGETS, apply_llm_lora, apply_lora, has_lora, merge_lora
