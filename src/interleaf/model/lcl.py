@@ -436,15 +436,12 @@ def lcl_loss(
     if contrastive_weight:
         # every rank gathers, also one without pairs (an image at the start of each of its rows):
         # skipping the collective there would hang the others or pair it with their next one
-        all_text, text_pad = gather_features(out.text_features)
-        all_image, image_pad = gather_features(out.image_features)
+        # the pairs travel together (one gather, one padding mask): [images | texts] side by side
+        both, pad = gather_features(torch.cat([out.image_features, out.text_features], dim=1))
+        all_image, all_text = both.split(out.image_features.shape[1], dim=1)
         if out.image_features.shape[0]:
-            logits_i2t = (out.logit_scale * out.image_features @ all_text.t()).masked_fill(
-                text_pad, float("-inf")
-            )
-            logits_t2i = (out.logit_scale * out.text_features @ all_image.t()).masked_fill(
-                image_pad, float("-inf")
-            )
+            logits_i2t = (out.logit_scale * out.image_features @ all_text.t()).masked_fill(pad, float("-inf"))
+            logits_t2i = (out.logit_scale * out.text_features @ all_image.t()).masked_fill(pad, float("-inf"))
             target = torch.arange(out.image_features.shape[0], device=logits_i2t.device)
             contrastive = (F.cross_entropy(logits_i2t, target) + F.cross_entropy(logits_t2i, target)) / 2
         else:  # no pairs here, but the other ranks' backward reduces through this rank's gather too
