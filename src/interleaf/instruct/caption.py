@@ -21,6 +21,7 @@ import json
 import os
 import time
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ PROMPT_OCR = {
 }
 
 
-def _image_records(source: Path) -> tuple[Path, list[tuple[str, dict | None, str | None]]]:
+def _image_records(source: Path) -> tuple[Path, Iterable[tuple[str, dict | None, str | None]]]:
     """(image root, [(where, record, error)]) for a folder of images or a records file."""
     if source.is_dir():
         files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
@@ -66,7 +67,8 @@ def _image_records(source: Path) -> tuple[Path, list[tuple[str, dict | None, str
         ]
     if not source.is_file():
         raise InputError(f"images not found: {source} (a folder of images or a JSONL of records)")
-    return source.parent, [(f"{source.name}:{i}", rec, err) for i, rec, err in iter_records(source)]
+    # read as needed: a records file of any size, and --limit stops reading
+    return source.parent, ((f"{source.name}:{i}", rec, err) for i, rec, err in iter_records(source))
 
 
 def path_from(folder: Path, path: str) -> str:
@@ -81,7 +83,7 @@ def thumbnail_data_url(path: str, size: int = THUMBNAIL) -> str:
     """The image shrunk to fit ``size`` x ``size`` (aspect kept, never enlarged), as a JPEG data URL."""
     from interleaf.processing.image import load_image
 
-    img = load_image(path).copy()
+    img = load_image(path)  # a new image, decoded from the file: shrunk in place
     img.thumbnail((size, size))
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=90)
