@@ -51,9 +51,9 @@ def test_ray_engine_equals_local_engine(ray_instance, tmp_path):
     near = [e for e in excl if e["reason"] == "near_duplicate"]
     shard_of: dict[str, int] = {}
     for part in sorted((tmp_path / "ray" / "data").glob("part-*")):
-        from interleaf.corpus.fetch import _read_docs
+        from interleaf.corpus.fetch import read_docs
 
-        for d in _read_docs(part):
+        for d in read_docs(part):
             shard_of[d.id] = int(part.name.split("-")[1].split(".")[0])
     assert near and all(e["detail"].removeprefix("kept ") in shard_of for e in near)
     assert any(shard_of[e["detail"].removeprefix("kept ")] != e["shard"] for e in near)

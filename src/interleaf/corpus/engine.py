@@ -162,9 +162,9 @@ def _no_warc_data(path: Path) -> ReadError | None:
                     if gz.read(1) == b"":
                         return ReadError(str(path), None, "empty_file", "gzip data of 0 bytes")
             except (OSError, EOFError, zlib.error) as exc:
-                from interleaf.corpus.warc import _next_record_start
+                from interleaf.corpus.warc import next_record_start
 
-                if _next_record_start(str(path), 0, True) is not None:
+                if next_record_start(str(path), 0, True) is not None:
                     return None  # the reader records this member and resyncs on the next one
                 return ReadError(str(path), 0, "corrupt_record", f"{type(exc).__name__}: {exc}"[:300])
     except OSError:  # unreadable: the reader records it
@@ -1119,12 +1119,12 @@ def load_stats(out: str | Path) -> dict:
 
 def iter_output_documents(out: str | Path) -> Iterator[Document]:
     """Every document of a finished build, shard by shard, in order."""
-    from interleaf.corpus.fetch import _read_docs
+    from interleaf.corpus.fetch import read_docs
 
     out = Path(out)
     stats = load_stats(out)
     for name in data_shards(out, stats):
-        yield from _read_docs(out / "data" / name)
+        yield from read_docs(out / "data" / name)
 
 
 def convert_corpus(out: str | Path, to: str, dest: str | Path) -> tuple[int, int]:

@@ -556,7 +556,7 @@ def fetch_corpus(
         log = work / f"{E.shard_name(s)}.results.jsonl"
         if log.exists():
             continue
-        docs = _read_docs(inputs / name)
+        docs = read_docs(inputs / name)
         results = fetcher.fetch_many((u for d in docs for u in d.image_urls), progress=progress)
         E._atomic_write(log, E._jsonl(r.to_dict() for r in results.values()))
     # pass 2 (global, computed once and kept so that a resumed run decides the same way):
@@ -568,7 +568,7 @@ def fetch_corpus(
         phash_docs: Counter = Counter()
         for s, name in enumerate(parts):
             res = _load_results(work, s)
-            for d in _read_docs(inputs / name):
+            for d in read_docs(inputs / name):
                 hs = {res[u].p_hash for u in d.image_urls if u in res and pixel_verdict(res[u], fc) is None}
                 phash_docs.update(hs)
         too_common = {h for h, c in phash_docs.items() if c > int(fc["max_phash_occurrences"])}
@@ -581,7 +581,7 @@ def fetch_corpus(
         if done.exists():
             book.merge(E.StatsBook.from_list(json.loads(done.read_text())["stats"]))
             continue
-        docs = _read_docs(inputs / name)
+        docs = read_docs(inputs / name)
         st, kept_docs, excluded = _filter_shard(out, s, docs, _load_results(work, s), too_common, fc)
         E.write_documents(out / "data" / name, kept_docs, fmt, stats.get("layout", "obelics"))
         E._atomic_write(out / "excluded" / f"fetch-{s:05d}.jsonl", E._jsonl(excluded))
@@ -670,7 +670,8 @@ def _filter_shard(
     return st, kept_docs, excluded
 
 
-def _read_docs(path: Path) -> list:
+def read_docs(path: Path) -> list:
+    """The documents of one shard file (JSONL or Parquet) in order; none when it does not exist."""
     from interleaf.corpus.document import Document
 
     if not path.exists():

@@ -276,7 +276,7 @@ def _is_gzip(path: str) -> bool:
         return fh.read(2) == b"\x1f\x8b"
 
 
-def _next_record_start(path: str, after: int, gz: bool) -> int | None:
+def next_record_start(path: str, after: int, gz: bool) -> int | None:
     """Offset of the next gzip member / WARC header line strictly after ``after``."""
     size = os.path.getsize(path)
     if after >= size:
@@ -329,7 +329,7 @@ def read_warc(
             yield item
         if failed_at is None:
             return
-        start = _next_record_start(path, int(failed_at), gz)
+        start = next_record_start(path, int(failed_at), gz)
 
 
 def _skipped_bytes(mm: mmap.mmap | None, pos: int, content_length: int, next_pos: int) -> int | None:
@@ -356,7 +356,7 @@ def _record_end(path: str, mm: mmap.mmap | None, gz: bool, pos: int, content_len
         return None
     if gz:
         return _gzip_member_end(path, pos)
-    return _next_record_start(path, pos, gz)
+    return next_record_start(path, pos, gz)
 
 
 def _gzip_member_end(path: str, pos: int) -> int | None:

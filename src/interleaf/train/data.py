@@ -459,7 +459,7 @@ class ConversationDataset:
         self.lines: list[list[str]] = []
         self.index: list[tuple[int, int]] = []  # (dataset, line)
         for d, spec in enumerate(self.specs):
-            with open(spec.annotation, encoding="utf-8", errors="surrogateescape") as fh:  # see _parse_line
+            with open(spec.annotation, encoding="utf-8", errors="surrogateescape") as fh:  # see parse_line
                 lines = [ln for ln in fh.read().splitlines() if ln.strip()]
             self.lines.append(lines)
             n = len(lines)
@@ -485,7 +485,7 @@ class ConversationDataset:
         raw = self.lines[d][line]
         sample_id: Any = line
         try:
-            record = _parse_line(raw, f"line {line + 1}: ")
+            record = parse_line(raw, f"line {line + 1}: ")
             if not isinstance(record, dict):
                 raise SkipSample("bad_json", f"line {line + 1}: not an object")
             sample_id = record.get("id", line)
@@ -615,7 +615,7 @@ def load_training_image(
         raise SkipSample(reason, str(exc)) from None
 
 
-def _parse_line(raw: str, where: str = "") -> Any:
+def parse_line(raw: str, where: str = "") -> Any:
     """A JSONL line as JSON, or :class:`SkipSample` ``bad_json``. Files are read with
     ``errors="surrogateescape"``, so a line with bytes that are not UTF-8 skips that line alone."""
     try:
@@ -758,7 +758,7 @@ class CorpusDataset:
         name = Path(file).name
         try:
             if isinstance(row, str):
-                row = _parse_line(row)
+                row = parse_line(row)
             if not isinstance(row, dict):
                 raise SkipSample("bad_json", "not an object")
             rng = random.Random(f"{self.args.seed}-{epoch}-corpus-{i}") if self.args.data_augment else None
@@ -766,7 +766,7 @@ class CorpusDataset:
             sample.key = f"{name}:{i}"
             return sample
         except SkipSample as exc:
-            self.skip_log.add(name, i, _row_id(row), exc)
+            self.skip_log.add(name, i, row_id(row), exc)
             return None
 
     def build(
@@ -834,7 +834,7 @@ def read_corpus_rows(paths: list[str]) -> tuple[list[tuple[str, Any]], dict[str,
 
                 rows += [(str(f), r) for r in pq.read_table(f).to_pylist()]
             else:
-                with open(f, encoding="utf-8", errors="surrogateescape") as fh:  # see _parse_line
+                with open(f, encoding="utf-8", errors="surrogateescape") as fh:  # see parse_line
                     rows += [(str(f), ln) for ln in fh.read().splitlines() if ln.strip()]
     return rows, build_roots
 
@@ -863,7 +863,7 @@ def document_nodes(row: dict, base: Path, root: Path | None) -> list[tuple[str, 
                     raise SkipSample("bad_document", f"field 'texts': position {k} is {type(t).__name__}")
                 nodes.append(("text", t))
             elif im is not None and t is None:
-                nodes.append(("image", _image_file(im, meta, base, root)))
+                nodes.append(("image", image_file(im, meta, base, root)))
             else:
                 raise SkipSample("bad_document", "a position must hold exactly one of text and image")
     elif "image" in row and ("text" in row or "caption" in row):
@@ -871,7 +871,7 @@ def document_nodes(row: dict, base: Path, root: Path | None) -> list[tuple[str, 
         if not isinstance(text, str):
             raise SkipSample("bad_document", f"field 'text' must be a string, got {type(text).__name__}")
         nodes = [
-            ("image", _image_file(row["image"], _json_field(row, "metadata"), base, root)),
+            ("image", image_file(row["image"], _json_field(row, "metadata"), base, root)),
             ("text", text),
         ]
     else:
@@ -892,7 +892,7 @@ def _json_field(row: dict, key: str) -> Any:
     return value
 
 
-def _row_id(row: Any) -> Any:
+def row_id(row: Any) -> Any:
     """A corpus row's id for the skip log: ``general_metadata.id`` (documents), else ``id``."""
     if not isinstance(row, dict):
         return None
@@ -905,7 +905,7 @@ def _row_id(row: Any) -> Any:
     return row.get("id")
 
 
-def _image_file(node: Any, meta: Any, base: Path, root: Path) -> tuple[str | None, bool]:
+def image_file(node: Any, meta: Any, base: Path, root: Path) -> tuple[str | None, bool]:
     """(local file of an image node or None, whether it is a stored ``bytes_path``)."""
     if isinstance(meta, dict) and meta.get("bytes_path"):
         p = Path(str(meta["bytes_path"]))

@@ -58,11 +58,11 @@ from interleaf.model.lcl import (
 from interleaf.train.data import (
     SkipLog,
     SkipSample,
-    _image_file,
-    _parse_line,
-    _row_id,
     document_nodes,
+    image_file,
+    parse_line,
     read_corpus_rows,
+    row_id,
 )
 
 _CLIP_NAMES = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
@@ -217,7 +217,7 @@ class LCLDataset:
         file, row = self.rows[i]
         try:
             if isinstance(row, str):
-                row = _parse_line(row)
+                row = parse_line(row)
             if not isinstance(row, dict):
                 raise SkipSample("bad_json", "not an object")
             rng = random.Random(f"{self.seed}-{epoch}-lcl-{i}")
@@ -226,7 +226,7 @@ class LCLDataset:
             nodes = document_nodes(row, Path(file).parent, self.build_roots.get(file))
             return self.build(nodes, rng, pair=not ("texts" in row and "images" in row))
         except SkipSample as exc:
-            self.skip_log.add(Path(file).name, i, _row_id(row), exc)
+            self.skip_log.add(Path(file).name, i, row_id(row), exc)
             return None
 
     def build(
@@ -299,7 +299,7 @@ class LCLDataset:
                 continue  # below the threshold, or no number (NaN, a bool, a word): not known to match
             node = info.get("image_name") or info.get("raw_url")
             matched.setdefault(ix, []).append(
-                _image_file(node, info.get("metadata"), image_base, root or base)
+                image_file(node, info.get("metadata"), image_base, root or base)
             )
         # one image per sentence, the first max_images sentences with one (the official order)
         chosen = {ix: rng.choice(cands) for ix, cands in sorted(matched.items())[: self.max_images]}
@@ -675,7 +675,7 @@ def retrieval(
     pixels, texts, skipped = [], [], {}
     for file, row in rows:
         try:
-            row = _parse_line(row) if isinstance(row, str) else row
+            row = parse_line(row) if isinstance(row, str) else row
             if not isinstance(row, dict) or ("texts" in row and "images" in row):
                 raise SkipSample("not_a_pair", "only image-text pairs are scored")
             nodes = document_nodes(row, Path(file).parent, roots.get(file))
