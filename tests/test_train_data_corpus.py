@@ -105,3 +105,33 @@ def test_lcl_pretrains_on_the_fetched_corpus_and_its_pairs(corpus, tmp_path):
     skipped = run / "skipped.jsonl"
     assert (run / "model" / "model.safetensors").exists()
     assert not skipped.exists() or not skipped.read_text().strip()
+
+
+def test_lcl_reads_mmc4_rows_written_outside_the_build(corpus, tmp_path):
+    """``corpus convert --to mmc4`` with -o outside the build: the rows' stored images (bytes_path,
+    relative to the build folder) are found under --mmc4-image-root (the build folder), and without it
+    the skip record names the image not found and what to pass."""
+    from interleaf.model.lcl import LCL_PRESETS, LCLConfig
+    from interleaf.train.lcl import LCLDataset, load_lcl_tokenizer
+
+    out, stats = corpus
+    tok = load_lcl_tokenizer("offline")
+    cfg = LCLConfig(**{**LCL_PRESETS["tiny"], "context_length": 100_000, "vocab_size": len(tok),
+                       "special_token_ids": dict(tok.ids)})  # fmt: skip
+    inside, outside = out / "mmc4-inside.jsonl", tmp_path / "elsewhere" / "mmc4.jsonl"
+    for dest in (inside, outside):
+        assert main(["corpus", "convert", str(out), "--to", "mmc4", "-o", str(dest)]) == 0
+
+    def images(path, **kw) -> tuple[list[int], SkipLog]:
+        log = SkipLog()
+        ds = LCLDataset([str(path)], tok, cfg, max_images=1000, skip_log=log, **kw)
+        return [0 if s is None else s.pixels.shape[0] for s in (ds.get(i) for i in range(len(ds)))], log
+
+    expected, _ = images(inside)
+    assert sum(expected) > 0
+    got, log = images(outside, mmc4_image_root=str(out))
+    assert got == expected and log.total == sum(1 for n in expected if n == 0)
+    got, log = images(outside)
+    assert got == [0] * len(expected) and dict(log.counts) == {"no_image": len(expected)}
+    first = next(r for r, n in zip(log.records, expected) if n)["detail"]
+    assert f"stored image {outside.parent / 'images'}" in first and "--mmc4-image-root" in first

@@ -67,7 +67,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-images", type=int, default=6, help="documents: images kept")
     p.add_argument("--sim-threshold", type=float, default=0.24, help="MMC4 rows: least image-text similarity")
     p.add_argument(
-        "--mmc4-image-root", default=None, help="MMC4 rows: folder of image_name (default: the file's)"
+        "--mmc4-image-root",
+        default=None,
+        help="MMC4 rows: folder of image_name (default: the file's); the corpus build folder for rows "
+        "corpus convert --to mmc4 wrote outside it",
     )
     p.add_argument("--context-length", type=int, default=None, help="default: the preset's")
     p.add_argument("--grad-checkpointing", action="store_true")

@@ -16,7 +16,8 @@ official code:
   the first ``max_images``; images that cannot be read are left out; each image block goes before or
   after its sentence (``img_first_prob``), sentences are joined by spaces; a row left with no image
   is skipped (``no_image``). ``image_name`` is relative to ``mmc4_image_root`` (default: the file's
-  folder), unless the row's interleaf metadata names a stored file.
+  folder), unless the row's interleaf metadata names a stored file (``bytes_path``, relative to the
+  corpus build folder: the one the file lies in, else the file's folder, else ``mmc4_image_root``).
 
 Images are resized (shorter side, bicubic) and centre-cropped to the model's size and normalised with
 CLIP's mean and std. Training is AdamW (betas 0.9/0.98, eps 1e-6, weight decay 0.2 on matrices only,
@@ -297,10 +298,13 @@ class LCLDataset:
                 raise SkipSample("bad_document", f"image_info[{k}].matched_text_index {ix!r} is out of range")
             if sim is not None and not _similarity(sim) >= self.sim_threshold:
                 continue  # below the threshold, or no number (NaN, a bool, a word): not known to match
-            node = info.get("image_name") or info.get("raw_url")
-            matched.setdefault(ix, []).append(
-                image_file(node, info.get("metadata"), image_base, root or base)
-            )
+            node, meta = info.get("image_name") or info.get("raw_url"), info.get("metadata")
+            path, stored = image_file(node, meta, image_base, root or base)
+            if stored and root is None and self.mmc4_image_root and not os.path.exists(path):
+                # a stored image (bytes_path: relative to the build folder) of a row written outside
+                # the build, not beside the file: under mmc4_image_root (the build folder)
+                path, stored = image_file(node, meta, image_base, image_base)
+            matched.setdefault(ix, []).append((path, stored))
         # one image per sentence, the first max_images sentences with one (the official order)
         chosen = {ix: rng.choice(cands) for ix, cands in sorted(matched.items())[: self.max_images]}
         nodes: list[tuple[str, Any]] = []
@@ -313,7 +317,16 @@ class LCLDataset:
                 nodes.append(("text", sentence))
         sample = self.build(nodes, rng, pair=False, sep=" ", lenient=True)
         if sample.pixels.shape[0] == 0:
-            raise SkipSample("no_image", "no image of the row is matched, readable and within the context")
+            detail = "no image of the row is matched, readable and within the context"
+            gone = next((p for p, stored in chosen.values() if stored and not os.path.exists(p)), None)
+            if gone is not None:  # say why: the common case is a file written outside the build
+                detail += f"; stored image {gone} not found"
+                if root is None:
+                    detail += (
+                        " (bytes_path is relative to the corpus build folder and this file is in none:"
+                        " pass the build folder as --mmc4-image-root)"
+                    )
+            raise SkipSample("no_image", detail)
         return sample
 
 
@@ -364,7 +377,7 @@ class LCLTrainConfig:
     img_first_prob: float = 0.5
     max_images: int = 6
     sim_threshold: float = 0.24  # MMC4 rows: images matched less closely are dropped (official)
-    mmc4_image_root: str | None = None  # MMC4 rows: the folder of their image_name files
+    mmc4_image_root: str | None = None  # MMC4 rows: the folder of their image_name (or build) files
     context_length: int | None = None  # default: the preset's
     grad_checkpointing: bool = False
     save_every: int = 50
