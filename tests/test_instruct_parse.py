@@ -56,13 +56,29 @@ def test_option_markers_inside_words_are_not_options():
      ("a dog", "C"), ("A dog", "C"), ("D) a green tree", "D"), ("选项B", "B"), ("B选项", "B")],
 )  # fmt: skip
 def test_choice_answers_name_one_option(answer, letter):
-    assert choice_answer(answer, OPTS) == (letter, "")
+    assert choice_answer(answer, OPTS) == (letter, "", "")
 
 
-@pytest.mark.parametrize("answer", ["E", "B. a dog", "the bus", "Both A and B", "maybe"])
-def test_choice_answers_that_name_no_option_or_the_wrong_text(answer):
-    letter, why = choice_answer(answer, OPTS)
-    assert letter is None and answer in why
+@pytest.mark.parametrize(
+    "answer, reason",
+    [("E", "bad_answer"), ("B. a dog", "answer_mismatch"), ("the bus", "bad_answer"),
+     ("Both A and B", "bad_answer"), ("maybe", "bad_answer")],
+)  # fmt: skip
+def test_choice_answers_that_name_no_option_or_the_wrong_text(answer, reason):
+    assert choice_answer(answer, OPTS)[:2] == (None, reason)
+    assert answer in choice_answer(answer, OPTS)[2]
+
+
+def test_the_rejection_reason_is_the_answer_readers_not_a_phrase_of_its_message():
+    """An answer that quotes "gives other text" and names no option is a bad answer, not a mismatch
+    (the reason was read off the message, which quotes the answer)."""
+    reply = (
+        "<Q1>Which?</Q1><C1>A. cat B. hen C. dog D. cow</C1><A1>it gives other text</A1>"
+        "<Q2>Which?</Q2><C2>A. cat B. hen C. dog D. cow</C2><A2>B. it gives other text</A2>"
+    )
+    kept, rejected = check_response("choice", reply, "en", Checks())
+    assert not kept and [(r.reason, r.item) for r in rejected] == [("bad_answer", 1), ("answer_mismatch", 2)]
+    assert "'it gives other text' names none of the options" in rejected[0].detail
 
 
 def test_judge_answers():
@@ -171,16 +187,16 @@ def test_options_with_extra_lines_are_refused():
      ("Ｂ", "B"), ("（Ｃ）", "C"), ("Answer: a dog", "C")],
 )  # fmt: skip
 def test_choice_answers_with_the_words_llms_put_around_them(answer, letter):
-    assert choice_answer(answer, OPTS) == (letter, "")
+    assert choice_answer(answer, OPTS) == (letter, "", "")
 
 
 def test_choice_answers_that_name_two_options_are_refused():
     # a bare "A" is option A by its letter and option B by its text
-    letter, why = choice_answer("A", ["B", "A", "C", "D"])
-    assert letter is None and "ambiguous" in why
-    letter, why = choice_answer("A dog", ["dog", "A dog", "cat", "cow"])  # "A. dog" or option B's text?
-    assert letter is None and "ambiguous" in why
-    assert choice_answer("B", ["A", "B", "C", "D"]) == ("B", "")  # both readings agree
+    letter, reason, why = choice_answer("A", ["B", "A", "C", "D"])
+    assert letter is None and reason == "bad_answer" and "ambiguous" in why
+    letter, reason, why = choice_answer("A dog", ["dog", "A dog", "cat", "cow"])  # "A. dog" or B's text?
+    assert letter is None and reason == "bad_answer" and "ambiguous" in why
+    assert choice_answer("B", ["A", "B", "C", "D"]) == ("B", "", "")  # both readings agree
     assert choice_answer("The answer is B because hens lay eggs", OPTS)[0] is None
     assert choice_answer("Answers vary", OPTS)[0] is None
 

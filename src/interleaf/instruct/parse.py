@@ -169,11 +169,12 @@ def _strip_answer_prefix(answer: str) -> str:
     return _clean(_ANSWER_PREFIX.sub("", answer.replace("**", "").strip(), count=1))
 
 
-def choice_answer(answer: str, options: list[str]) -> tuple[str | None, str]:
-    """The option letter an answer names (``B``, ``(B)``, ``B. text``, ``Option B``, ``The answer is
-    B``, ``答案：B``, an option's exact text), and why not when it names none. An answer that names one
-    option by its letter and another by its text (a bare ``A`` when option B's text is "A") is
-    ambiguous and names none."""
+def choice_answer(answer: str, options: list[str]) -> tuple[str | None, str, str]:
+    """``(letter, "", "")`` for the option letter an answer names (``B``, ``(B)``, ``B. text``, ``Option
+    B``, ``The answer is B``, ``答案：B``, an option's exact text); ``(None, reason, why)`` when it names
+    none: reason ``answer_mismatch`` for a letter followed by text that is not that option's, else
+    ``bad_answer``. An answer that names one option by its letter and another by its text (a bare ``A``
+    when option B's text is "A") is ambiguous and names none (``bad_answer``)."""
     raw = unicodedata.normalize("NFKC", answer.strip())
     text = _strip_answer_prefix(raw)
     by_text = next(
@@ -187,21 +188,22 @@ def choice_answer(answer: str, options: list[str]) -> tuple[str | None, str]:
     if re.fullmatch(r"[(（]?[a-d][)）]?[.。]?", text):
         text = text.upper()
     m = _LETTER_ANSWER.match(text)
-    by_letter, why = None, f"answer {answer!r} names none of the options A-D"
+    by_letter, reason, why = None, "bad_answer", f"answer {answer!r} names none of the options A-D"
     if m:
         letter, rest = m.group(1), m.group(2).strip().rstrip(".。")
         if rest and rest != "选项" and not _same_text(rest, options[LETTERS.index(letter)]):
-            why = f"answer {answer!r} names option {letter} but gives other text"
+            reason, why = "answer_mismatch", f"answer {answer!r} names option {letter} but gives other text"
         else:
             by_letter = letter
     if by_text and by_letter and by_text != by_letter:
         return (
             None,
+            "bad_answer",
             f"answer {answer!r} is ambiguous: option {by_letter} by its letter, {by_text} by its text",
         )
     if by_text or by_letter:
-        return by_text or by_letter, ""
-    return None, why
+        return by_text or by_letter, "", ""
+    return None, reason, why
 
 
 _CLAUSE_END = re.compile(r"[,.;:!，。；：！]")
@@ -240,9 +242,8 @@ def check_item(type_: str, n: int, tags: dict[str, str], lang: str, checks: Chec
             return Reject("bad_options", f"item {n}: expected options A-D, got {tags.get('C', '')!r}", n)
         if len({tuple(units(o)) for o in parsed}) < 4:
             return Reject("duplicate_options", f"item {n}: options repeat: {parsed}", n)
-        letter, why = choice_answer(answer, parsed)
+        letter, reason, why = choice_answer(answer, parsed)
         if letter is None:
-            reason = "answer_mismatch" if "gives other text" in why else "bad_answer"
             return Reject(reason, f"item {n}: {why}", n)
         answer, options = letter, parsed
     elif type_ == "judge":
