@@ -1,0 +1,448 @@
+"""VisionLLM v2: one InternVL MLLM that hands vision tasks to task decoders through "super links".
+
+    prompt + image --InternVL--> "red square[DET]<q1..q4>, blue circle[DET]<q1..q4>"
+    final hidden states at the query slots q1..q4 of every route   [B, R, num_embs, H]
+        --Grounding DINO (class "r" = route r)--> boxes per route
+
+Routing tokens (added to the tokenizer) name the tool: ``[DET] [GRD] [SEG]`` (the detector),
+``[POSE]`` (a keypoint decoder), ``[GEN] [EDIT]`` (image generation / editing). Right after every
+routing token sit its *super-link queries*: ``num_embs`` (4) slots with the token ids ``[EMB]``,
+``[EMB2]`` ... for perception routes, ``num_embs_gen`` (64) slots of ``[EMB]`` for GEN/EDIT. Their
+input embeddings are not the token embeddings but learnable tables: ``emb_embeddings_det`` (shared by
+DET/GRD/SEG), ``emb_embeddings_pose``, ``emb_embeddings_gen``, ``emb_embeddings_edit``, as upstream
+(OpenGVLab/VisionLLM, ``VisionLLMv2Model``). The LLM's final (normed) hidden states at the slots are the
+link: a decoder reads them, and its loss flows back into the LLM end to end.
+
+- **Training**: the answer text already holds the slots (``cat[DET][EMB][EMB2][EMB3][EMB4]``); their
+  embeddings are replaced and the slots are left out of the LM loss (the routing token itself is
+  learnt). With ``detection`` targets, the detector's loss is added to the LM loss.
+- **Generation**: once the model emits a routing token, the token and its query slots are run through
+  the LLM as one chunk (KV cache), their hidden states kept, and decoding goes on from the last slot.
+
+Built here: the super link for all six routing tokens, and the DET/GRD/SEG decoder (Grounding DINO,
+:mod:`interleaf.model.grounding_dino`). The pose, generation and editing decoders (UniPose, Stable
+Diffusion, InstructPix2Pix upstream) are not: :meth:`VisionLLMv2Model.generate` returns their routes'
+hidden states for a decoder of one's own. The backbone is the InternVL of this package (upstream's
+26B model is InternViT + pixel shuffle + ``mlp1`` + InternLM2 as well).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from interleaf.errors import CheckpointError, ConfigError, InputError
+from interleaf.model.cache import KVCache
+from interleaf.model.config import InternVLConfig
+from interleaf.model.internvl import InternVLChatModel
+
+ROUTE_TOKENS = {
+    "det": "[DET]",
+    "grd": "[GRD]",
+    "seg": "[SEG]",
+    "pose": "[POSE]",
+    "gen": "[GEN]",
+    "edit": "[EDIT]",
+}
+EMB_TOKENS = ["[EMB]"] + [f"[EMB{i}]" for i in range(2, 9)]
+SPAN_TOKENS = ["<det>", "</det>", "<grd>", "</grd>", "<reg>", "</reg>"]
+DETECTOR_ROUTES = ("det", "grd", "seg")  # the routes Grounding DINO serves
+TABLE_OF = {"det": "det", "grd": "det", "seg": "det", "pose": "pose", "gen": "gen", "edit": "edit"}
+IGNORE_INDEX = -100
+CONFIG_KEY = "visionllmv2"
+
+
+@dataclass
+class SuperLinkConfig:
+    """The super-link settings; ``route_token_ids`` / ``emb_token_id`` come from the tokenizer
+    (:func:`add_super_link_tokens`), ``gdino`` is a ``transformers.GroundingDinoConfig`` as a dict."""
+
+    route_token_ids: dict[str, int] = field(default_factory=dict)
+    emb_token_id: int = -1
+    num_embs: int = 4
+    num_embs_gen: int = 64
+    gdino: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_embs <= len(EMB_TOKENS):
+            raise ConfigError(f"{CONFIG_KEY}.num_embs: must be 1..{len(EMB_TOKENS)}, got {self.num_embs}")
+        if self.num_embs_gen < 1:
+            raise ConfigError(f"{CONFIG_KEY}.num_embs_gen: must be >= 1, got {self.num_embs_gen}")
+        unknown = sorted(set(self.route_token_ids) - set(ROUTE_TOKENS))
+        if unknown:
+            raise ConfigError(f"{CONFIG_KEY}.route_token_ids: unknown routes {unknown}")
+
+    def num_queries(self, kind: str) -> int:
+        return self.num_embs_gen if TABLE_OF[kind] in ("gen", "edit") else self.num_embs
+
+    def query_ids(self, kind: str) -> list[int]:
+        """The token ids in the slots after a ``kind`` routing token."""
+        if TABLE_OF[kind] in ("gen", "edit"):
+            return [self.emb_token_id] * self.num_embs_gen
+        return list(range(self.emb_token_id, self.emb_token_id + self.num_embs))
+
+
+def add_super_link_tokens(tokenizer: Any, num_embs: int = 4) -> dict[str, Any]:
+    """Add the routing, query and span tokens (special, not split) to ``tokenizer``; returns the
+    ``route_token_ids`` / ``emb_token_id`` for :class:`SuperLinkConfig`. The ``[EMB*]`` ids must be
+    consecutive (a perception route's slots are ``[EMB] .. [EMB{num_embs}]``)."""
+    from tokenizers import AddedToken
+
+    vocab = tokenizer.get_vocab()
+    wanted = [*ROUTE_TOKENS.values(), *EMB_TOKENS, *SPAN_TOKENS]
+    missing = [t for t in wanted if t not in vocab]
+    if missing:
+        tokenizer.add_tokens(
+            [AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True
+        )
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in EMB_TOKENS[:num_embs]]
+    if ids != list(range(ids[0], ids[0] + num_embs)):
+        raise ConfigError(f"tokenizer: the ids of {EMB_TOKENS[:num_embs]} are not consecutive ({ids})")
+    routes = {k: tokenizer.convert_tokens_to_ids(t) for k, t in ROUTE_TOKENS.items()}
+    return {"route_token_ids": routes, "emb_token_id": ids[0]}
+
+
+@dataclass
+class Link:
+    """One route in a sequence: the routing token at ``position``, its slots right after it."""
+
+    kind: str
+    position: int
+    num_queries: int
+
+    @property
+    def slots(self) -> slice:
+        return slice(self.position + 1, self.position + 1 + self.num_queries)
+
+
+@dataclass
+class VisionLLMv2Output:
+    """``loss`` = ``lm_loss`` (+ ``det_loss``); ``logits`` [B, S, V]; ``hidden`` [B, S, H] (final norm);
+    ``links`` per row; ``det`` the detector's output (when detection inputs were given)."""
+
+    logits: torch.Tensor
+    hidden: torch.Tensor
+    links: list[list[Link]]
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    det_loss: torch.Tensor | None = None
+    det: Any = None
+
+
+@dataclass
+class Route:
+    """A route of a generated answer: its tool, the answer text before it since the previous route
+    (the category or phrase), and the final hidden states of its query slots [num_queries, H]."""
+
+    kind: str
+    phrase: str
+    states: torch.Tensor
+    token_index: int  # index of the routing token in the generated ids
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]
+    text: str
+    routes: list[Route]
+    finish_reason: str  # "stop" or "length"
+
+
+class VisionLLMv2Model(InternVLChatModel):
+    """InternVL + super-link query tables (+ the Grounding DINO tool when ``link.gdino`` is set)."""
+
+    def __init__(self, config: InternVLConfig, link: SuperLinkConfig) -> None:
+        super().__init__(config)
+        self.link = link
+        h = config.llm.hidden_size
+        self.emb_embeddings_det = nn.Embedding(link.num_embs, h)
+        self.emb_embeddings_pose = nn.Embedding(link.num_embs, h)
+        self.emb_embeddings_gen = nn.Embedding(link.num_embs_gen, h)
+        self.emb_embeddings_edit = nn.Embedding(link.num_embs_gen, h)
+        self.gdino = None
+        if link.gdino is not None:
+            from transformers import GroundingDinoConfig
+
+            from interleaf.model.grounding_dino import SuperLinkGroundingDino
+
+            self.gdino = SuperLinkGroundingDino(GroundingDinoConfig(**link.gdino), h)
+        self._kind_of = {i: k for k, i in link.route_token_ids.items()}
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, std: float | None = None) -> None:
+        """InternVL's init for the MLLM and the query tables; the detector keeps its own init."""
+        gdino, self.gdino = self.gdino, None
+        try:
+            super().init_weights(seed, std)
+        finally:
+            self.gdino = gdino
+
+    def table(self, kind: str) -> nn.Embedding:
+        return getattr(self, f"emb_embeddings_{TABLE_OF[kind]}")
+
+    # ------------------------------------------------------------------ links
+    def find_links(self, input_ids: torch.Tensor) -> list[list[Link]]:
+        """The routes of each row of ``input_ids`` [B, S]; every routing token must be followed by its
+        query slots (training data and :meth:`generate`'s chunks are)."""
+        rows: list[list[Link]] = []
+        route_ids = torch.tensor(list(self._kind_of), dtype=input_ids.dtype, device=input_ids.device)
+        hits = torch.isin(input_ids, route_ids).nonzero().tolist() if len(self._kind_of) else []
+        ids = input_ids.tolist() if hits else None
+        rows = [[] for _ in range(input_ids.shape[0])]
+        for b, p in hits:
+            kind = self._kind_of[ids[b][p]]
+            want = self.link.query_ids(kind)
+            got = ids[b][p + 1 : p + 1 + len(want)]
+            if got != want:
+                raise InputError(
+                    f"input_ids: row {b}, routing token {ROUTE_TOKENS[kind]} at position {p} is not followed "
+                    f"by its {len(want)} query tokens ([EMB]...)"
+                )
+            rows[b].append(Link(kind, p, len(want)))
+        return rows
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        links: list[list[Link]] | None = None,
+    ) -> torch.Tensor:
+        """InternVL's embeddings with the query tables written into every route's slots: [B, S, H]."""
+        x = super().embed(input_ids, pixel_values, image_embeds)
+        links = self.find_links(input_ids) if links is None else links
+        for b, row in enumerate(links):
+            for link in row:
+                x[b, link.slots] = self.table(link.kind).weight.to(x.dtype)
+        return x
+
+    def link_states(
+        self, hidden: torch.Tensor, links: list[list[Link]], kinds: tuple[str, ...] = DETECTOR_ROUTES
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states of the ``kinds`` routes' slots: queries [B, R, num_embs, H] (R = most routes in
+        a row, zero-padded) and the valid-route mask [B, R]."""
+        chosen = [[link for link in row if link.kind in kinds] for row in links]
+        r = max((len(row) for row in chosen), default=0)
+        n = self.link.num_queries(kinds[0])
+        queries = hidden.new_zeros(hidden.shape[0], r, n, hidden.shape[-1])
+        mask = torch.zeros(hidden.shape[0], r, dtype=torch.bool, device=hidden.device)
+        for b, row in enumerate(chosen):
+            if row:
+                index = torch.tensor([i for link in row for i in range(link.slots.start, link.slots.stop)],
+                                     device=hidden.device)  # fmt: skip
+                queries[b, : len(row)] = hidden[b, index].view(len(row), n, -1)
+                mask[b, : len(row)] = True
+        return queries, mask
+
+    # ------------------------------------------------------------------ training forward
+    def forward(  # type: ignore[override]
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        det_pixel_values: torch.Tensor | None = None,
+        det_pixel_mask: torch.Tensor | None = None,
+        det_targets: list[dict[str, torch.Tensor]] | None = None,
+    ) -> VisionLLMv2Output:
+        """``input_ids`` [B, S] with the query slots in place; ``labels`` [B, S] (-100 = no loss; the
+        slots are excluded whatever they hold). ``det_pixel_values`` [B, 3, h, w]: the detector's view of
+        each row's image; ``det_targets`` per row ``{"class_labels": route indices among the row's
+        DET/GRD/SEG routes, "boxes": [n, 4] normalised cx, cy, w, h}``."""
+        links = self.find_links(input_ids)
+        embeds = self.embed(input_ids, pixel_values, links=links)
+        out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask)
+        result = VisionLLMv2Output(logits=out.logits, hidden=out.last_hidden_state, links=links)
+        if labels is not None:
+            labels = labels.clone()
+            for b, row in enumerate(links):
+                for link in row:
+                    labels[b, link.slots] = IGNORE_INDEX
+            result.lm_loss = F.cross_entropy(
+                out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+            )
+            result.loss = result.lm_loss
+        if det_pixel_values is not None:
+            if self.gdino is None:
+                raise ConfigError(
+                    f"{CONFIG_KEY}: detection inputs given but the model has no detector (gdino)"
+                )
+            queries, mask = self.link_states(result.hidden, links)
+            result.det = self.gdino(
+                det_pixel_values, queries, mask, pixel_mask=det_pixel_mask, labels=det_targets
+            )
+            if det_targets is not None:
+                result.det_loss = result.det.loss
+                result.loss = result.det_loss if result.loss is None else result.loss + result.det_loss
+        return result
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        max_new_tokens: int = 64,
+        eos_token_id: int | list[int] | None = None,
+        tokenizer: Any = None,
+    ) -> Generation:
+        """Greedy decoding of one prompt ``input_ids`` [1, S]; every routing token the model emits gets
+        its query slots run through the LLM, and their hidden states come back as a :class:`Route`.
+        ``tokenizer`` decodes the text and the routes' phrases."""
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise InputError(f"input_ids: one prompt [1, S] expected, got shape {list(input_ids.shape)}")
+        stops = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+        lm = self.language_model
+        cache = self.make_cache(1, input_ids.shape[1] + max_new_tokens * (1 + self.link.num_embs) + 1)
+        out = lm(inputs_embeds=self.embed(input_ids, pixel_values), kv_cache=cache, logits_to_keep=1)
+        tokens: list[int] = []
+        raw_routes: list[tuple[str, int, torch.Tensor]] = []
+        finish = "length"
+        for _ in range(max_new_tokens):
+            tok = int(out.logits[0, -1].argmax())
+            tokens.append(tok)
+            if tok in stops:
+                finish = "stop"
+                break
+            kind = self._kind_of.get(tok)
+            ids = [tok] + (self.link.query_ids(kind) if kind else [])
+            cache = _room(cache, len(ids))
+            chunk = torch.tensor([ids], device=input_ids.device)
+            out = lm(inputs_embeds=self.embed(chunk), kv_cache=cache, logits_to_keep=1)
+            if kind:
+                raw_routes.append((kind, len(tokens) - 1, out.last_hidden_state[0, 1:].clone()))
+        text, routes = "", []
+        if tokenizer is not None:
+            text = tokenizer.decode([t for t in tokens if t not in stops], skip_special_tokens=False)
+        start = 0
+        for kind, index, states in raw_routes:
+            phrase = route_phrase(tokenizer.decode(tokens[start:index])) if tokenizer is not None else ""
+            routes.append(Route(kind, phrase, states, index))
+            start = index + 1
+        return Generation(tokens, text, routes, finish)
+
+
+def _room(cache: KVCache, extra: int) -> KVCache:
+    """``cache``, or a larger copy of it when ``extra`` more tokens would not fit (GEN/EDIT routes)."""
+    if cache.length + extra <= cache.max_len:
+        return cache
+    bigger = KVCache(len(cache.keys), cache.batch_size, 2 * (cache.length + extra), cache.keys[0].shape[1],
+                     cache.keys[0].shape[-1], dtype=cache.dtype, device=cache.device)  # fmt: skip
+    for old, new in zip(cache.keys + cache.values, bigger.keys + bigger.values):
+        new[:, :, : cache.length] = old[:, :, : cache.length]
+    bigger.length = cache.length
+    return bigger
+
+
+_SPAN_RE = re.compile("|".join(re.escape(t) for t in SPAN_TOKENS + list(ROUTE_TOKENS.values())))
+
+
+def route_phrase(text: str) -> str:
+    """The phrase a route names: the answer text since the previous route, after the last list
+    separator or sentence break, without span tokens (``"Found: red square"`` -> ``"red square"``)."""
+    text = _SPAN_RE.sub(" ", text)
+    text = re.split(r"[,;:\n]|\.\s", text)[-1]
+    return " ".join(text.split()).strip(" .")
+
+
+# ----------------------------------------------------------------------------- building, saving, loading
+def build_visionllm(
+    config: InternVLConfig, link: SuperLinkConfig, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> VisionLLMv2Model:
+    """A randomly initialised model (the detector with transformers' own init)."""
+    torch.manual_seed(seed)  # the detector's init draws from the global generator
+    model = VisionLLMv2Model(config, link)
+    model.init_weights(seed)
+    return model.to(dtype).eval()
+
+
+def init_visionllm(
+    preset: str = "tiny", gdino: dict[str, Any] | None = None, detector: bool = True, seed: int = 0
+) -> tuple[VisionLLMv2Model, Any]:
+    """A random-weight VisionLLM v2 on an interleaf preset, with the offline tokenizer plus the
+    super-link tokens; ``gdino`` (a GroundingDinoConfig dict) defaults to the tiny detector, and
+    ``detector=False`` builds none."""
+    from interleaf.model.presets import PRESETS, make_tokenizer, preset_config
+    from interleaf.model.tokenizer import IMG_CONTEXT, IMG_END, IMG_START
+
+    if preset not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    tok = make_tokenizer(PRESETS[preset][1]["family"])
+    ids = add_super_link_tokens(tok)
+    cfg = preset_config(preset, vocab_size=-(-len(tok) // 64) * 64)
+    vocab = tok.get_vocab()
+    cfg.img_context_token_id, cfg.img_start_token_id, cfg.img_end_token_id = (
+        vocab[IMG_CONTEXT], vocab[IMG_START], vocab[IMG_END]
+    )  # fmt: skip
+    cfg.llm.eos_token_id = vocab["<|end|>"] if cfg.template == "phi3-chat" else vocab["<|im_end|>"]
+    cfg.llm.pad_token_id = vocab["<|endoftext|>"]
+    if gdino is None and detector:
+        from interleaf.model.grounding_dino import tiny_grounding_dino_config
+
+        gdino = tiny_grounding_dino_config().to_dict()
+    link = SuperLinkConfig(**ids, gdino=gdino if detector else None)
+    return build_visionllm(cfg, link, seed=seed), tok
+
+
+def save_visionllm(model: VisionLLMv2Model, tokenizer: Any, out_dir: str | Path) -> Path:
+    """An InternVL-Chat checkpoint folder whose ``config.json`` carries a ``visionllmv2`` section; the
+    query tables (``emb_embeddings_*``) and the detector (``gdino.*``) are stored under their own names."""
+    from interleaf.model.checkpoint import save_checkpoint
+
+    out = save_checkpoint(model, tokenizer, out_dir, layout="internvl_chat")
+    config = json.loads((out / "config.json").read_text())
+    config["architectures"] = ["VisionLLMv2"]
+    config[CONFIG_KEY] = asdict(model.link)
+    (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    return out
+
+
+def load_visionllm(path: str | Path, device: str | torch.device = "cpu") -> tuple[VisionLLMv2Model, Any]:
+    """Load :func:`save_visionllm`'s folder: ``(model, tokenizer)``, eval mode; missing or extra tensors
+    are named."""
+    from interleaf.model.checkpoint import from_disk, read_weights, tensor_label
+    from interleaf.model.tokenizer import load_tokenizer
+
+    path = Path(path)
+    source = path / "config.json"
+    try:
+        raw = json.loads(source.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{source}: cannot read ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get(CONFIG_KEY), dict):
+        raise CheckpointError(f"{source}: not a VisionLLM v2 checkpoint (no {CONFIG_KEY!r} section)")
+    section = raw.pop(CONFIG_KEY)
+    raw["architectures"] = ["InternVLChatModel"]
+    cfg = InternVLConfig.from_dict(raw, source=str(source))
+    try:
+        link = SuperLinkConfig(**section)
+    except TypeError as exc:
+        raise ConfigError(f"{source}: {CONFIG_KEY}: {exc}") from None
+    tokenizer = load_tokenizer(path, cfg.template)
+    disk, origin = read_weights(path)
+    sd = from_disk(disk, cfg, "internvl_chat", lambda name: tensor_label(path, origin, name))
+    model = VisionLLMv2Model(cfg, link)
+    if cfg.llm.tie_word_embeddings:
+        sd.pop("language_model.lm_head.weight", None)
+    expected = set(model.state_dict())
+    if cfg.llm.tie_word_embeddings:
+        expected.discard("language_model.lm_head.weight")
+    missing, extra = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if missing or extra:
+        what = [
+            f"missing {', '.join(missing[:5])}" if missing else "",
+            f"unexpected {', '.join(extra[:5])}" if extra else "",
+        ]
+        raise CheckpointError(
+            f"{path.name}: weights do not match the config: {'; '.join(w for w in what if w)}"
+        )
+    model.load_state_dict(sd, strict=False)
+    model.language_model.tie_weights()
+    return model.to(device).eval(), tokenizer
