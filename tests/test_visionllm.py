@@ -180,6 +180,10 @@ def test_save_and_load_round_trip(tmp_path, mllm):
     assert tok2.encode("[DET][EMB4]", add_special_tokens=False) == tok.encode(
         "[DET][EMB4]", add_special_tokens=False
     )
+    assert loaded.config.img_context_token_id == model.config.img_context_token_id is not None
+    ids = torch.tensor([[model.config.img_context_token_id] * model.num_image_token + [5, 6]])
+    pixels = torch.randn(1, 3, 448, 448)
+    torch.testing.assert_close(loaded(ids, pixels).logits, model(ids, pixels).logits)
 
 
 def test_load_names_missing_tensors(tmp_path, mllm):

@@ -30,6 +30,10 @@ _EXPORTS = {
     "preset_config": "interleaf.model.presets",
     "build_offline_tokenizer": "interleaf.model.tokenizer",
     "load_tokenizer": "interleaf.model.tokenizer",
+    "VisionLLMv2Model": "interleaf.model.visionllm",
+    "init_visionllm": "interleaf.model.visionllm",
+    "load_visionllm": "interleaf.model.visionllm",
+    "save_visionllm": "interleaf.model.visionllm",
 }
 
 __all__ = list(_EXPORTS)

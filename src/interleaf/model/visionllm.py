@@ -42,6 +42,7 @@ from interleaf.errors import CheckpointError, ConfigError, InputError
 from interleaf.model.cache import KVCache
 from interleaf.model.config import InternVLConfig
 from interleaf.model.internvl import InternVLChatModel
+from interleaf.processing.image import load_image, to_rgb
 
 ROUTE_TOKENS = {
     "det": "[DET]",
@@ -56,6 +57,9 @@ SPAN_TOKENS = ["<det>", "</det>", "<grd>", "</grd>", "<reg>", "</reg>"]
 DETECTOR_ROUTES = ("det", "grd", "seg")  # the routes Grounding DINO serves
 TABLE_OF = {"det": "det", "grd": "det", "seg": "det", "pose": "pose", "gen": "gen", "edit": "edit"}
 IGNORE_INDEX = -100
+# init_visionllm's default detector: the tiny Grounding DINO, wider and without dropout, which learns
+# to tell two objects apart in a few hundred CPU steps (tests/test_visionllm_train.py)
+TINY_DETECTOR = {"d_model": 64, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128, "dropout": 0.0}
 CONFIG_KEY = "visionllmv2"
 
 
@@ -69,10 +73,13 @@ class SuperLinkConfig:
     num_embs: int = 4
     num_embs_gen: int = 64
     gdino: dict[str, Any] | None = None
+    detector_size: int = 800  # the detector's input: shortest edge (longest <= 1333/800 of it)
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_embs <= len(EMB_TOKENS):
             raise ConfigError(f"{CONFIG_KEY}.num_embs: must be 1..{len(EMB_TOKENS)}, got {self.num_embs}")
+        if self.detector_size < 32:
+            raise ConfigError(f"{CONFIG_KEY}.detector_size: must be >= 32, got {self.detector_size}")
         if self.num_embs_gen < 1:
             raise ConfigError(f"{CONFIG_KEY}.num_embs_gen: must be >= 1, got {self.num_embs_gen}")
         unknown = sorted(set(self.route_token_ids) - set(ROUTE_TOKENS))
@@ -341,6 +348,73 @@ def _room(cache: KVCache, extra: int) -> KVCache:
     return bigger
 
 
+def detector_inputs(images: list[Any], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grounding DINO's preprocessing (transformers' image processor: resize to shortest edge ``size``,
+    ImageNet mean/std, pad to the batch's largest): pixel_values [B, 3, h, w], pixel_mask [B, h, w]."""
+    from transformers import GroundingDinoImageProcessorPil
+
+    proc = GroundingDinoImageProcessorPil(size={"shortest_edge": size, "longest_edge": size * 1333 // 800})
+    out = proc(images=[to_rgb(load_image(im)) for im in images], return_tensors="pt")
+    return out["pixel_values"], out["pixel_mask"]
+
+
+@torch.no_grad()
+def detect(
+    model: VisionLLMv2Model,
+    tokenizer: Any,
+    image: Any,
+    question: str,
+    threshold: float = 0.3,
+    max_new_tokens: int = 64,
+) -> dict[str, Any]:
+    """Ask ``question`` about ``image``; the answer's DET/GRD/SEG routes go to the detector.
+
+    Returns ``{"text", "finish_reason", "routes": [{"kind", "phrase"}], "detections": [{"route",
+    "phrase", "score", "box": [x1, y1, x2, y2] pixels}]}`` (detections by score)."""
+    from interleaf.processing.image import preprocess_image
+    from interleaf.processing.prompt import build_prompt
+    from interleaf.processing.templates import get_template
+
+    if model.gdino is None:
+        raise ConfigError(f"{CONFIG_KEY}: this model has no detector (gdino)")
+    cfg = model.config
+    image = to_rgb(load_image(image))
+    pixels = preprocess_image(image, max_num=cfg.max_dynamic_patch, min_num=cfg.min_dynamic_patch,
+                              image_size=cfg.image_size, use_thumbnail=cfg.use_thumbnail,
+                              dynamic=cfg.dynamic_image_size)  # fmt: skip
+    prompt = build_prompt(
+        get_template(cfg.template), question, [pixels.shape[0]], num_image_token=model.num_image_token
+    )
+    ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)], device=model.device)
+    gen = model.generate(
+        ids, pixels.to(model.device, model.dtype), max_new_tokens, cfg.llm.eos_token_id, tokenizer
+    )
+    result: dict[str, Any] = {
+        "text": gen.text,
+        "finish_reason": gen.finish_reason,
+        "routes": [{"kind": r.kind, "phrase": r.phrase} for r in gen.routes],
+        "detections": [],
+    }
+    chosen = [(i, r) for i, r in enumerate(gen.routes) if r.kind in DETECTOR_ROUTES]
+    room = model.gdino.config.max_text_len
+    if len(chosen) > room:  # the detector takes at most max_text_len phrases at once
+        result["routes_not_detected"] = len(chosen) - room
+        chosen = chosen[:room]
+    if not chosen:
+        return result
+    queries = torch.stack([r.states for _, r in chosen])[None]
+    mask = torch.ones(1, len(chosen), dtype=torch.bool, device=queries.device)
+    det_pixels, det_mask = detector_inputs([image], model.link.detector_size)
+    out = model.gdino(
+        det_pixels.to(queries.device, queries.dtype), queries, mask, pixel_mask=det_mask.to(queries.device)
+    )
+    found = model.gdino.postprocess(out, [(image.height, image.width)], threshold=threshold)[0]
+    for score, route, box in zip(found["scores"].tolist(), found["routes"].tolist(), found["boxes"].tolist()):
+        index, r = chosen[route]
+        result["detections"].append({"route": index, "phrase": r.phrase, "score": score, "box": box})
+    return result
+
+
 _SPAN_RE = re.compile("|".join(re.escape(t) for t in SPAN_TOKENS + list(ROUTE_TOKENS.values())))
 
 
@@ -367,7 +441,7 @@ def init_visionllm(
     preset: str = "tiny", gdino: dict[str, Any] | None = None, detector: bool = True, seed: int = 0
 ) -> tuple[VisionLLMv2Model, Any]:
     """A random-weight VisionLLM v2 on an interleaf preset, with the offline tokenizer plus the
-    super-link tokens; ``gdino`` (a GroundingDinoConfig dict) defaults to the tiny detector, and
+    super-link tokens; ``gdino`` (a GroundingDinoConfig dict) defaults to a tiny detector, and
     ``detector=False`` builds none."""
     from interleaf.model.presets import PRESETS, make_tokenizer, preset_config
     from interleaf.model.tokenizer import IMG_CONTEXT, IMG_END, IMG_START
@@ -386,7 +460,7 @@ def init_visionllm(
     if gdino is None and detector:
         from interleaf.model.grounding_dino import tiny_grounding_dino_config
 
-        gdino = tiny_grounding_dino_config().to_dict()
+        gdino = tiny_grounding_dino_config(**TINY_DETECTOR).to_dict()
     link = SuperLinkConfig(**ids, gdino=gdino if detector else None)
     return build_visionllm(cfg, link, seed=seed), tok
 
@@ -408,7 +482,7 @@ def load_visionllm(path: str | Path, device: str | torch.device = "cpu") -> tupl
     """Load :func:`save_visionllm`'s folder: ``(model, tokenizer)``, eval mode; missing or extra tensors
     are named."""
     from interleaf.model.checkpoint import from_disk, read_weights, tensor_label
-    from interleaf.model.tokenizer import load_tokenizer
+    from interleaf.model.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, load_tokenizer
 
     path = Path(path)
     source = path / "config.json"
@@ -426,6 +500,10 @@ def load_visionllm(path: str | Path, device: str | torch.device = "cpu") -> tupl
     except TypeError as exc:
         raise ConfigError(f"{source}: {CONFIG_KEY}: {exc}") from None
     tokenizer = load_tokenizer(path, cfg.template)
+    vocab = tokenizer.get_vocab()  # the InternVL-Chat config does not store the image token ids
+    cfg.img_context_token_id, cfg.img_start_token_id, cfg.img_end_token_id = (
+        vocab.get(IMG_CONTEXT), vocab.get(IMG_START), vocab.get(IMG_END)
+    )  # fmt: skip
     disk, origin = read_weights(path)
     sd = from_disk(disk, cfg, "internvl_chat", lambda name: tensor_label(path, origin, name))
     model = VisionLLMv2Model(cfg, link)

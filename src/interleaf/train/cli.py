@@ -1,4 +1,4 @@
-"""Sub-commands ``interleaf demo``, ``train``, ``adapt`` and ``lcl`` (cheap to import)."""
+"""Sub-commands ``interleaf demo``, ``train``, ``adapt``, ``lcl`` and ``visionllm`` (cheap to import)."""
 
 from __future__ import annotations
 
@@ -94,6 +94,47 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("-o", "--out", required=True)
     e.set_defaults(func=_lcl_export)
 
+    vl = subparsers.add_parser(
+        "visionllm", help="VisionLLM v2: an MLLM that routes detection to Grounding DINO via super links"
+    )
+    vsub = vl.add_subparsers(dest="visionllm_command", metavar="VISIONLLM_COMMAND")
+    vl.set_defaults(func=lambda a: (vl.print_help(), 2)[1])
+    i = vsub.add_parser("init", help="a random-weight model (an interleaf preset + a tiny Grounding DINO)")
+    i.add_argument("-o", "--out", required=True)
+    i.add_argument("--preset", default="tiny", help="an interleaf model preset (default: tiny)")
+    i.add_argument(
+        "--image-size", type=int, default=None, help="the MLLM's tile size (default: the preset's)"
+    )
+    i.add_argument(
+        "--max-tiles", type=int, default=None, help="the MLLM's tile budget (default: the preset's)"
+    )
+    i.add_argument("--detector-size", type=int, default=128, help="the detector's shortest image edge")
+    i.add_argument("--seed", type=int, default=0)
+    i.set_defaults(func=_visionllm_init)
+    t = vsub.add_parser("train", help="fine-tune on grounded detection records (JSONL)")
+    t.add_argument("data", help="records: {image, objects: [{phrase, box}], phrases?, question?, route?}")
+    t.add_argument("--model", required=True, help="a VisionLLM v2 folder (from init or train)")
+    t.add_argument(
+        "-o", "--out", required=True, help="folder for the trained model and its logs (rerun to resume)"
+    )
+    t.add_argument("--image-root", default=None, help="folder of relative image paths (default: the file's)")
+    t.add_argument("--steps", type=int, default=200)
+    t.add_argument("--batch-size", type=int, default=4)
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto", help="auto (the GPU where there is one) | cuda | cpu")
+    t.add_argument("--save-every", type=int, default=50, help="steps between resumable states")
+    t.set_defaults(func=_visionllm_train)
+    d = vsub.add_parser("detect", help="ask about an image; the answer's [DET] routes go to the detector")
+    d.add_argument("model", help="a VisionLLM v2 folder")
+    d.add_argument("image")
+    d.add_argument("--question", default=None, help="default: 'Please detect PHRASES in the image.'")
+    d.add_argument("--phrases", default=None, help="comma-separated phrases for the default question")
+    d.add_argument("--threshold", type=float, default=0.3)
+    d.add_argument("--max-new-tokens", type=int, default=64)
+    d.add_argument("--device", default="auto")
+    d.set_defaults(func=_visionllm_detect)
+
 
 def _demo(args: argparse.Namespace) -> int:
     from interleaf.train.demo import run_demo
@@ -183,4 +224,32 @@ def _lcl_export(args: argparse.Namespace) -> int:
     from interleaf.model.lcl import export_vision, load_lcl
 
     print(export_vision(load_lcl(args.model), args.out))
+    return 0
+
+
+def _visionllm_init(args: argparse.Namespace) -> int:
+    from interleaf.train.visionllm import init_command
+
+    print(init_command(args.out, args.preset, args.image_size, args.max_tiles, args.detector_size, args.seed))
+    return 0
+
+
+def _visionllm_train(args: argparse.Namespace) -> int:
+    from interleaf.train.visionllm import train_command
+
+    summary = train_command(args.data, args.model, args.out, image_root=args.image_root, steps=args.steps,
+                            batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
+                            save_every=args.save_every)  # fmt: skip
+    print(summary)
+    return 0
+
+
+def _visionllm_detect(args: argparse.Namespace) -> int:
+    import json
+
+    from interleaf.train.visionllm import detect_command
+
+    result = detect_command(args.model, args.image, args.question, args.phrases, args.threshold,
+                            args.max_new_tokens, args.device)  # fmt: skip
+    print(json.dumps(result, ensure_ascii=False, indent=2))
     return 0

@@ -150,13 +150,19 @@ def build_optimizer(
 def cosine_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up to each group's lr, then cosine decay to ``min_lr_ratio`` x lr at ``max_steps``."""
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * cfg.max_steps)
-    total = cfg.max_steps
+    return warmup_cosine(optimizer, warmup, cfg.max_steps, cfg.min_lr_ratio)
+
+
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, warmup: int, total: int, min_lr_ratio: float = 0.0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to ``min_lr_ratio`` x lr at ``total``."""
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
         progress = (step - warmup) / max(1, total - warmup)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

@@ -1,0 +1,229 @@
+"""VisionLLM v2 detection fine-tuning: records, examples, and the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from interleaf.cli import main
+from interleaf.errors import InputError
+from interleaf.model.visionllm import IGNORE_INDEX, init_visionllm
+from interleaf.train.visionllm import (
+    answer_text,
+    collate_detection,
+    encode_detection,
+    parse_detection_record,
+    read_detection_records,
+)
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220)}
+
+
+def squares(folder, n: int, seed: int, size: int = 224) -> list[dict]:
+    """Images with a red and a blue square on grey (asked for in random order), and their records."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        img = np.full((size, size, 3), 128, np.uint8)
+        objects, taken = [], []
+        for colour in rng.sample(sorted(COLOURS), 2):
+            while True:
+                s = rng.randint(size // 4, size * 2 // 5)
+                x, y = rng.randint(0, size - s), rng.randint(0, size - s)
+                if all(x + s <= a or a + t <= x or y + s <= b or b + t <= y for a, b, t in taken):
+                    break
+            taken.append((x, y, s))
+            img[y : y + s, x : x + s] = COLOURS[colour]
+            objects.append({"phrase": f"{colour} square", "box": [x, y, x + s, y + s]})
+        Image.fromarray(img).save(folder / f"sq{seed}_{i}.png")
+        rows.append({"image": f"sq{seed}_{i}.png", "objects": objects})
+    return rows
+
+
+def _write(path, rows) -> None:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+
+
+def test_answer_is_upstreams_detection_format():
+    assert (
+        answer_text(["cat", "dog"], "det", 4)
+        == "cat[DET][EMB][EMB2][EMB3][EMB4], dog[DET][EMB][EMB2][EMB3][EMB4]"
+    )
+    assert answer_text(["the man"], "grd", 1) == "the man[GRD][EMB]"
+
+
+def test_bad_records_are_skipped_with_their_line_and_field(tmp_path):
+    Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
+    good = {"image": "a.png", "objects": [{"phrase": "cat", "box": [1, 1, 5, 5]}]}
+    rows = [
+        good,
+        "{not json",
+        {"objects": []},
+        {"image": "missing.png", "objects": []},
+        {"image": "a.png"},
+        {"image": "a.png", "objects": [{"phrase": "", "box": [1, 1, 5, 5]}]},
+        {"image": "a.png", "objects": [{"phrase": "cat", "box": [5, 1, 1, 5]}]},
+        {"image": "a.png", "objects": [{"phrase": "cat", "box": [1, 1, "x", 5]}]},
+        {"image": "a.png", "objects": [{"phrase": "cat", "box": [1, 1, 5, 5]}], "phrases": ["dog"]},
+        {"image": "a.png", "objects": [], "phrases": ["a[DET]"]},
+        {"image": "a.png", "objects": [], "phrases": ["cat", "cat"]},
+        {"image": "a.png", "objects": []},
+        {"image": "a.png", "objects": [], "phrases": ["cat"], "route": "pose"},
+        {**good, "phrases": ["dog", "cat"], "question": "Where?"},
+    ]
+    _write(tmp_path / "d.jsonl", rows)
+    records, skipped = read_detection_records(tmp_path / "d.jsonl")
+    assert [r.line for r in records] == [1, 14]
+    assert (
+        records[1].phrases == ["dog", "cat"]
+        and records[1].class_labels == [1]
+        and records[1].question == "Where?"
+    )
+    reasons = {s["line"]: s["reason"] for s in skipped}
+    assert sorted(reasons) == list(range(2, 14))
+    assert reasons[2].startswith("not JSON")
+    assert reasons[3] == "image: missing or not a string"
+    assert "missing.png not found" in reasons[4]
+    assert reasons[5] == "objects: missing or not a list"
+    assert reasons[6] == "objects[0].phrase: missing or empty"
+    assert "x2 > x1" in reasons[7] and "numbers" in reasons[8]
+    assert reasons[9] == "objects: phrase 'cat' is not among phrases"
+    assert "contains '[DET]'" in reasons[10] and reasons[11] == "phrases: repeated phrase"
+    assert reasons[12].startswith("phrases: nothing to detect") and reasons[13].startswith("route:")
+    with pytest.raises(InputError, match="not a JSON object"):
+        parse_detection_record([], tmp_path)
+
+
+def test_example_labels_the_answer_only_and_targets_are_normalised(tmp_path):
+    model, tok = init_visionllm("tiny", detector=False)
+    model.config.force_image_size, model.config.max_dynamic_patch = 224, 1
+    Image.new("RGB", (200, 100)).save(tmp_path / "a.png")
+    rec = parse_detection_record(
+        {
+            "image": "a.png",
+            "objects": [{"phrase": "cat", "box": [20, 10, 60, 50]}],
+            "phrases": ["dog", "cat"],
+        },
+        tmp_path,
+    )
+    ex = encode_detection(model, tok, rec)
+    answer = tok.encode(answer_text(["dog", "cat"], "det", 4) + "<|im_end|>", add_special_tokens=False)
+    n = len(answer)
+    assert ex["input_ids"][-n:] == answer and ex["labels"][-n:] == answer
+    assert set(ex["labels"][:-n]) == {IGNORE_INDEX}
+    assert ex["target"]["class_labels"].tolist() == [1]
+    torch.testing.assert_close(ex["target"]["boxes"], torch.tensor([[0.2, 0.3, 0.2, 0.4]]))
+    assert ex["pixel_values"].shape == (1, 3, 224, 224)
+    batch = collate_detection([ex, ex], pad_id=0, detector_size=64)
+    assert batch["det_pixel_values"].shape == (
+        2,
+        3,
+        53,
+        106,
+    )  # longest edge <= 64 * 1333 / 800 and batch["attention_mask"].all()
+    # the training forward accepts it and finds both routes in each row
+    assert [len(row) for row in model.find_links(batch["input_ids"])] == [2, 2]
+
+
+def test_cli_init_train_detect_learns_to_route_and_localise(tmp_path, capsys):
+    """The super link end to end: the LLM learns to answer with one [DET] route per asked phrase, and the
+    detector, fed only those routes' hidden states, finds each phrase's own square (not the other)."""
+    rows = squares(tmp_path, 8, seed=1)
+    _write(tmp_path / "train.jsonl", rows + ['{"image": "nope.png", "objects": []}'])
+    init = tmp_path / "init"
+    assert main(["visionllm", "init", "-o", str(init), "--image-size", "224", "--max-tiles", "1",
+                 "--detector-size", "128"]) == 0  # fmt: skip
+    out = tmp_path / "trained"
+    assert main(["visionllm", "train", str(tmp_path / "train.jsonl"), "--model", str(init), "-o", str(out),
+                 "--steps", "400", "--lr", "2e-3", "--device", "cpu"]) == 0  # fmt: skip
+    assert "400 steps (400 in all) on 8 records (1 skipped)" in capsys.readouterr().out
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 400 and log[-1]["lm_loss"] < 0.1
+    assert "nope.png not found" in (out / "skipped.jsonl").read_text()
+
+    hits = 0
+    for row in rows:
+        phrases = [o["phrase"] for o in row["objects"]]
+        assert main(["visionllm", "detect", str(out), str(tmp_path / row["image"]), "--phrases", ",".join(phrases),
+                     "--threshold", "0", "--device", "cpu"]) == 0  # fmt: skip
+        result = json.loads(capsys.readouterr().out)
+        assert [r["phrase"] for r in result["routes"]] == phrases
+        for obj in row["objects"]:
+            best = next(d for d in result["detections"] if d["phrase"] == obj["phrase"])
+            hits += _iou(best["box"], obj["box"]) > 0.5
+    print("hits", hits)
+    assert hits >= 12, hits  # of 16 (phrase, image) pairs
+
+
+def _iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    (tmp_path / "d.jsonl").write_text('{"image": "x.png", "objects": []}\n')
+    init = tmp_path / "init"
+    assert main(["visionllm", "init", "-o", str(init)]) == 0
+    capsys.readouterr()
+    assert (
+        main(
+            ["visionllm", "train", str(tmp_path / "d.jsonl"), "--model", str(init), "-o", str(tmp_path / "o")]
+        )
+        == 1
+    )
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no usable records" in err and "x.png not found" in err
+    assert main(["visionllm", "init", "-o", str(init)]) == 1
+    assert "not an empty folder" in capsys.readouterr().err
+    assert main(["visionllm", "detect", str(init), str(tmp_path / "none.png"), "--phrases", "cat"]) == 1
+    assert "image not found" in capsys.readouterr().err
+    assert main(["visionllm", "detect", str(init), str(tmp_path / "d.jsonl")]) == 1
+    assert "--question or --phrases" in capsys.readouterr().err
+
+
+def test_train_resumes_exactly_after_a_kill_and_goes_on_to_more_steps(tmp_path, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    _write(tmp_path / "d.jsonl", squares(tmp_path, 4, seed=3))
+    init = tmp_path / "init"
+    assert main(["visionllm", "init", "-o", str(init), "--image-size", "112", "--max-tiles", "1"]) == 0
+    args = [str(tmp_path / "d.jsonl"), "--model", str(init), "--steps", "6", "--save-every", "2",
+            "--batch-size", "2", "--lr", "1e-3", "--device", "cpu"]  # fmt: skip
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert main(["visionllm", "train", *args, "-o", str(whole)]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "interleaf.cli", "visionllm", "train", *args, "-o", str(broken)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while not (broken / "train_state.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (broken / "train_state.pt").exists() and not (broken / "model.safetensors").exists()
+    capsys.readouterr()
+    assert main(["visionllm", "train", *args, "-o", str(broken)]) == 0
+    assert "(6 in all)" in capsys.readouterr().out
+    assert (broken / "train_log.jsonl").read_text() == (whole / "train_log.jsonl").read_text()
+    a, b = load_file(whole / "model.safetensors"), load_file(broken / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    more = ["8" if x == "6" else x for x in args]
+    assert main(["visionllm", "train", *more, "-o", str(whole)]) == 0
+    assert "2 steps (8 in all)" in capsys.readouterr().out
+    assert len((whole / "train_log.jsonl").read_text().splitlines()) == 8
+    other_lr = ["2e-3" if x == "1e-3" else x for x in more]
+    assert main(["visionllm", "train", *other_lr, "-o", str(whole)]) == 1
+    assert "trained with lr=0.001, not 0.002" in capsys.readouterr().err
