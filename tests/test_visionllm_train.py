@@ -227,3 +227,38 @@ def test_train_resumes_exactly_after_a_kill_and_goes_on_to_more_steps(tmp_path, 
     other_lr = ["2e-3" if x == "1e-3" else x for x in more]
     assert main(["visionllm", "train", *other_lr, "-o", str(whole)]) == 1
     assert "trained with lr=0.001, not 0.002" in capsys.readouterr().err
+
+
+def test_records_whose_text_would_break_training_are_skipped(tmp_path):
+    """A question or phrase holding a routing or image token, or a second <image>, made every step
+    that drew the record fail (the prompt's image tokens or routes no longer matched)."""
+    Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
+    good = {"image": "a.png", "objects": [{"phrase": "cat", "box": [1, 1, 5, 5]}]}
+    rows = [
+        good,
+        {**good, "question": "Where is [DET] the cat?"},
+        {**good, "question": "<image> and <image>: the cat?"},
+        {**good, "question": "a <IMG_CONTEXT> cat?"},
+        {"image": "a.png", "objects": [{"phrase": "<img>cat", "box": [1, 1, 5, 5]}]},
+        {**good, "question": "<image>\nWhere is the cat?"},
+    ]
+    _write(tmp_path / "d.jsonl", rows)
+    records, skipped = read_detection_records(tmp_path / "d.jsonl")
+    assert [r.line for r in records] == [1, 6]
+    reasons = {s["line"]: s["reason"] for s in skipped}
+    assert reasons[2] == "question: contains '[DET]'"
+    assert reasons[3].startswith("question: more than one '<image>'")
+    assert reasons[4] == "question: contains '<IMG_CONTEXT>'"
+    assert reasons[5] == "phrases: '<img>cat' contains '<img>'"
+
+
+def test_detect_refuses_routing_tokens_in_the_question_naming_the_option(tmp_path, capsys):
+    Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
+    init = tmp_path / "init"
+    assert main(["visionllm", "init", "-o", str(init)]) == 0
+    capsys.readouterr()
+    for option, text in (("--phrases", "cat[DET]"), ("--question", "where is <IMG_CONTEXT>?")):
+        assert main(["visionllm", "detect", str(init), str(tmp_path / "a.png"), option, text,
+                     "--device", "cpu"]) == 1  # fmt: skip
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: {option}: ") and "contains" in err, err

@@ -38,11 +38,24 @@ from interleaf.model.visionllm import (
     detector_inputs,
 )
 from interleaf.processing.image import load_image, preprocess_image, to_rgb
+from interleaf.processing.prompt import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 from interleaf.train.trainer import warmup_cosine
 
 DEFAULT_QUESTION = "Please detect {phrases} in the image."
 STATE_FILE = "train_state.pt"
-_RESERVED = (*ROUTE_TOKENS.values(), *EMB_TOKENS, *SPAN_TOKENS, "<image>")
+# tokens a question may not hold: they would break the prompt's routes or image tokens
+_IN_PROMPT = (*ROUTE_TOKENS.values(), IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
+_RESERVED = (*_IN_PROMPT, *EMB_TOKENS, *SPAN_TOKENS, IMAGE_PLACEHOLDER)
+
+
+def check_question(question: str, name: str = "question") -> None:
+    """Refuse a question that holds a routing or image token, or more than one ``<image>`` (the
+    prompt has one image): an ``InputError`` naming ``name``."""
+    bad = next((t for t in _IN_PROMPT if t in question), None)
+    if bad:
+        raise InputError(f"{name}: contains {bad!r}")
+    if question.count(IMAGE_PLACEHOLDER) > 1:
+        raise InputError(f"{name}: more than one {IMAGE_PLACEHOLDER!r} (there is one image)")
 
 
 @dataclass
@@ -104,6 +117,7 @@ def parse_detection_record(raw: Any, folder: Path, image_root: Path | None = Non
     question = raw.get("question", DEFAULT_QUESTION.format(phrases=", ".join(phrases)))
     if not isinstance(question, str) or not question.strip():
         raise InputError("question: must be a non-empty string")
+    check_question(question)
     route = raw.get("route", "det")
     if route not in DETECTOR_ROUTES:
         raise InputError(f"route: must be one of {', '.join(DETECTOR_ROUTES)}, got {route!r}")
@@ -417,6 +431,9 @@ def detect_command(
         if not names:
             raise InputError("--phrases: no phrase given")
         question = DEFAULT_QUESTION.format(phrases=", ".join(names))
+        check_question(question, "--phrases")
+    else:
+        check_question(question, "--question")
     if not Path(image).is_file():
         raise InputError(f"{image}: image not found")
     model, tok = load_visionllm(model_dir, device=_device(device))
