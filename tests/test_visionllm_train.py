@@ -262,3 +262,23 @@ def test_detect_refuses_routing_tokens_in_the_question_naming_the_option(tmp_pat
                      "--device", "cpu"]) == 1  # fmt: skip
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith(f"error: {option}: ") and "contains" in err, err
+
+
+def test_records_with_an_unreadable_image_or_a_box_off_the_image_are_skipped(tmp_path):
+    """A file that is no image failed the run at the first step that drew it; a box wholly outside
+    the image was clamped to a zero-size box on its edge and trained the detector on it."""
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
+    (tmp_path / "b.png").write_text("not an image")
+    rows = [
+        {"image": "a.png", "objects": [{"phrase": "cat", "box": [-5, -5, 10, 10]}]},  # partly outside: kept
+        {"image": "b.png", "objects": [{"phrase": "cat", "box": [1, 1, 5, 5]}]},
+        {"image": "a.png", "objects": [{"phrase": "cat", "box": [50, 5, 60, 20]}]},
+        {"image": "a.png", "objects": [{"phrase": "cat", "box": [5, -20, 10, 0]}]},
+    ]
+    _write(tmp_path / "d.jsonl", rows)
+    records, skipped = read_detection_records(tmp_path / "d.jsonl")
+    assert [r.line for r in records] == [1]
+    reasons = {s["line"]: s["reason"] for s in skipped}
+    assert reasons[2].startswith("image: ") and "b.png" in reasons[2] and "not a readable image" in reasons[2]
+    assert reasons[3] == "objects[0].box: [50, 5, 60, 20] lies outside the 40x30 image"
+    assert reasons[4] == "objects[0].box: [5, -20, 10, 0] lies outside the 40x30 image"

@@ -79,6 +79,7 @@ def parse_detection_record(raw: Any, folder: Path, image_root: Path | None = Non
     path = Path(image) if Path(image).is_absolute() else (image_root or folder) / image
     if not path.is_file():
         raise InputError(f"image: {path} not found")
+    width, height = _image_size(path)
     objects = raw.get("objects")
     if not isinstance(objects, list):
         raise InputError("objects: missing or not a list")
@@ -95,6 +96,9 @@ def parse_detection_record(raw: Any, folder: Path, image_root: Path | None = Non
             raise InputError(f"objects[{i}].box: must be [x1, y1, x2, y2], numbers")
         if not (box[2] > box[0] and box[3] > box[1]):
             raise InputError(f"objects[{i}].box: x2 > x1 and y2 > y1 needed, got {box}")
+        if not (box[0] < width and box[2] > 0 and box[1] < height and box[3] > 0):
+            # clamping it to the image would leave a zero-size box on the edge
+            raise InputError(f"objects[{i}].box: {box} lies outside the {width}x{height} image")
         found.append(" ".join(phrase.split()))
         boxes.append([float(v) for v in box])
     phrases = raw.get("phrases")
@@ -122,6 +126,31 @@ def parse_detection_record(raw: Any, folder: Path, image_root: Path | None = Non
     if route not in DETECTOR_ROUTES:
         raise InputError(f"route: must be one of {', '.join(DETECTOR_ROUTES)}, got {route!r}")
     return DetectionRecord(path, phrases, [phrases.index(p) for p in found], boxes, question, route)
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """``path``'s (width, height) from its header (cheap: nothing is decoded); a file that is no
+    image, or a possible decompression bomb (refused when training reads it), is an InputError."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return image.size
+    except UnidentifiedImageError:
+        raise InputError(f"image: {path} is not a readable image (unknown or corrupt format)") from None
+    except (
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+        OSError,
+        SyntaxError,
+        ValueError,
+    ) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"image: {path} cannot be read ({first})") from None
 
 
 def read_detection_records(
