@@ -130,3 +130,57 @@ def test_lcl_forward_and_a_bf16_step_on_the_gpu(tmp_path):
     pretrain(run, log=lambda m: None)
     log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 5 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+
+
+def test_visionllm_losses_and_training_on_the_gpu(tmp_path):
+    """VisionLLM v2 on CUDA: the LM and detector losses equal the CPU's; `visionllm train --device cuda`
+    runs and writes a model that `detect` reads."""
+    import copy
+    import json
+
+    from PIL import Image
+
+    from interleaf.model.visionllm import init_visionllm
+    from interleaf.train.visionllm import (
+        collate_detection,
+        detect_command,
+        encode_detection,
+        init_command,
+        read_detection_records,
+        train_command,
+    )
+
+    img = Image.new("RGB", (224, 224), (128, 128, 128))
+    img.paste((220, 30, 30), (20, 30, 90, 100))
+    img.save(tmp_path / "a.png")
+    row = {
+        "image": "a.png",
+        "objects": [{"phrase": "red square", "box": [20, 30, 90, 100]}],
+        "phrases": ["red square", "dog"],
+    }
+    (tmp_path / "d.jsonl").write_text(json.dumps(row) + "\n")
+    records, _ = read_detection_records(tmp_path / "d.jsonl")
+    cpu, tok = init_visionllm("tiny", seed=0)
+    cpu.config.force_image_size, cpu.config.max_dynamic_patch, cpu.link.detector_size = 224, 1, 128
+    gpu = copy.deepcopy(cpu).cuda()
+    batch = collate_detection([encode_detection(cpu, tok, records[0])], 0, 128)
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        want = cpu(**batch)
+        moved = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        moved["det_targets"] = [{k: v.cuda() for k, v in t.items()} for t in batch["det_targets"]]
+        got = gpu(**moved)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    assert torch.allclose(want.lm_loss, got.lm_loss.cpu(), atol=1e-4)
+    assert torch.allclose(want.det_loss, got.det_loss.cpu(), atol=1e-3)
+    init = init_command(tmp_path / "init", image_size=224, max_tiles=1)
+    summary = train_command(
+        tmp_path / "d.jsonl", init, tmp_path / "run", steps=3, batch_size=1, device="cuda"
+    )
+    assert "3 steps" in summary
+    result = detect_command(
+        tmp_path / "run", tmp_path / "a.png", phrases="red square", threshold=0.0, device="cuda"
+    )
+    assert result["finish_reason"] in ("stop", "length")

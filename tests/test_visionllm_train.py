@@ -140,10 +140,10 @@ def test_cli_init_train_detect_learns_to_route_and_localise(tmp_path, capsys):
                  "--detector-size", "128"]) == 0  # fmt: skip
     out = tmp_path / "trained"
     assert main(["visionllm", "train", str(tmp_path / "train.jsonl"), "--model", str(init), "-o", str(out),
-                 "--steps", "400", "--lr", "2e-3", "--device", "cpu"]) == 0  # fmt: skip
-    assert "400 steps (400 in all) on 8 records (1 skipped)" in capsys.readouterr().out
+                 "--steps", "600", "--lr", "2e-3", "--device", "cpu"]) == 0  # fmt: skip
+    assert "600 steps (600 in all) on 8 records (1 skipped)" in capsys.readouterr().out
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
-    assert len(log) == 400 and log[-1]["lm_loss"] < 0.1
+    assert len(log) == 600 and log[-1]["lm_loss"] < 0.1
     assert "nope.png not found" in (out / "skipped.jsonl").read_text()
 
     hits = 0
@@ -282,3 +282,21 @@ def test_records_with_an_unreadable_image_or_a_box_off_the_image_are_skipped(tmp
     assert reasons[2].startswith("image: ") and "b.png" in reasons[2] and "not a readable image" in reasons[2]
     assert reasons[3] == "objects[0].box: [50, 5, 60, 20] lies outside the 40x30 image"
     assert reasons[4] == "objects[0].box: [5, -20, 10, 0] lies outside the 40x30 image"
+
+
+def test_a_record_asking_more_phrases_than_the_detector_takes_is_skipped(tmp_path, capsys):
+    """One record over the detector's max_text_len (16 routes) refused the whole run, naming no line."""
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
+    rows = [
+        {"image": "a.png", "objects": [], "phrases": [f"thing {i}" for i in range(17)]},
+        {"image": "a.png", "objects": [{"phrase": "cat", "box": [1, 1, 20, 20]}]},
+    ]
+    _write(tmp_path / "d.jsonl", rows)
+    init, out = tmp_path / "init", tmp_path / "out"
+    assert main(["visionllm", "init", "-o", str(init), "--image-size", "56", "--max-tiles", "1",
+                 "--detector-size", "32"]) == 0  # fmt: skip
+    assert main(["visionllm", "train", str(tmp_path / "d.jsonl"), "--model", str(init), "-o", str(out),
+                 "--steps", "1", "--batch-size", "1", "--device", "cpu"]) == 0  # fmt: skip
+    assert "on 1 records (1 skipped)" in capsys.readouterr().out
+    skipped = [json.loads(x) for x in (out / "skipped.jsonl").read_text().splitlines()]
+    assert skipped == [{"line": 1, "reason": "phrases: 17 asked for; the detector takes at most 16"}]
