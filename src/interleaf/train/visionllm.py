@@ -416,10 +416,21 @@ def train_command(
     out.mkdir(parents=True, exist_ok=True)
     dev = _device(device)
     records, skipped = read_detection_records(data, image_root)
-    if not records:
-        why = f" (first skipped: line {skipped[0]['line']}: {skipped[0]['reason']})" if skipped else ""
-        raise InputError(f"{data}: no usable records{why}")
+
+    def check_records() -> None:
+        if not records:
+            why = f" (first skipped: line {skipped[0]['line']}: {skipped[0]['reason']})" if skipped else ""
+            raise InputError(f"{data}: no usable records{why}")
+
+    check_records()
     model, tok = load_visionllm(model_dir, device=dev)
+    if model.gdino is not None:  # the detector takes at most max_text_len routes at once
+        room = model.gdino.config.max_text_len
+        skipped += [{"line": r.line, "reason": f"phrases: {len(r.phrases)} asked for; the detector takes at most {room}"}
+                    for r in records if len(r.phrases) > room]  # fmt: skip
+        skipped.sort(key=lambda s: s["line"])
+        records = [r for r in records if len(r.phrases) <= room]
+        check_records()
     if resume is not None:
         model.load_state_dict(resume["model"])
     else:
