@@ -300,3 +300,29 @@ def test_a_record_asking_more_phrases_than_the_detector_takes_is_skipped(tmp_pat
     assert "on 1 records (1 skipped)" in capsys.readouterr().out
     skipped = [json.loads(x) for x in (out / "skipped.jsonl").read_text().splitlines()]
     assert skipped == [{"line": 1, "reason": "phrases: 17 asked for; the detector takes at most 16"}]
+
+
+def test_resume_refuses_a_state_of_something_else_or_data_that_changed(tmp_path, capsys):
+    """A train_state.pt that is no run's state was "KeyError: 'settings'"; a records file that lost
+    records since the state was taken failed on a stale index or trained on other data silently."""
+    _write(tmp_path / "d.jsonl", squares(tmp_path, 3, seed=5, size=40))
+    init = tmp_path / "init"
+    assert main(["visionllm", "init", "-o", str(init), "--image-size", "56", "--max-tiles", "1",
+                 "--detector-size", "32"]) == 0  # fmt: skip
+    args = [str(tmp_path / "d.jsonl"), "--model", str(init), "--batch-size", "2", "--device", "cpu"]
+    other = tmp_path / "other"
+    other.mkdir()
+    torch.save({"weights": 1}, other / "train_state.pt")
+    capsys.readouterr()
+    assert main(["visionllm", "train", *args, "--steps", "1", "-o", str(other)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train_state.pt: not a visionllm train state" in err, err
+
+    out = tmp_path / "out"
+    assert main(["visionllm", "train", *args, "--steps", "1", "-o", str(out)]) == 0
+    lines = (tmp_path / "d.jsonl").read_text().splitlines()
+    (tmp_path / "d.jsonl").write_text(lines[0] + "\n")
+    capsys.readouterr()
+    assert main(["visionllm", "train", *args, "--steps", "2", "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the run was trained on 3 usable records" in err and "now 1" in err, err

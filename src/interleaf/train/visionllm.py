@@ -380,7 +380,7 @@ def train_command(
     to more ``steps``; the other settings must be the run's."""
     import os
 
-    from interleaf.errors import ConfigError, check_minimums
+    from interleaf.errors import CheckpointError, ConfigError, check_minimums
     from interleaf.files import jsonl_text, replace_text
     from interleaf.model.visionllm import load_visionllm, save_visionllm
 
@@ -401,6 +401,9 @@ def train_command(
             resume = torch.load(state_path, map_location="cpu", weights_only=False)
         except Exception as exc:  # noqa: BLE001 - a damaged state file is one line
             raise cannot_read(state_path, exc) from None
+        keys = {"settings", "step", "order", "log", "optimizer", "generator", "rng", "model"}
+        if not (isinstance(resume, dict) and keys <= resume.keys() and isinstance(resume["settings"], dict)):
+            raise CheckpointError(f"{state_path}: not a visionllm train state (pick a new output folder)")
         changed = [k for k, v in settings.items() if resume["settings"].get(k) != v]
         if changed:
             k = changed[0]
@@ -431,6 +434,11 @@ def train_command(
         skipped.sort(key=lambda s: s["line"])
         records = [r for r in records if len(r.phrases) <= room]
         check_records()
+    if resume is not None and resume.get("records", len(records)) != len(records):
+        # the state's data order indexes the records: other records would be other data
+        raise ConfigError(
+            f"{state_path}: the run was trained on {resume['records']} usable records of {data}, now {len(records)}"
+        )
     if resume is not None:
         model.load_state_dict(resume["model"])
     else:
@@ -438,7 +446,7 @@ def train_command(
 
     def save(state: dict[str, Any]) -> None:
         tmp = state_path.with_name(f".{STATE_FILE}.tmp")
-        torch.save({**state, "settings": settings, "model": model.state_dict()}, tmp)
+        torch.save({**state, "settings": settings, "records": len(records), "model": model.state_dict()}, tmp)
         os.replace(tmp, state_path)  # whole, or the previous one
 
     log = train_detection(model, tok, records, steps, batch_size=batch_size, lr=lr, seed=seed,
