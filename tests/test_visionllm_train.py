@@ -326,3 +326,18 @@ def test_resume_refuses_a_state_of_something_else_or_data_that_changed(tmp_path,
     assert main(["visionllm", "train", *args, "--steps", "2", "-o", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the run was trained on 3 usable records" in err and "now 1" in err, err
+
+
+def test_a_kill_during_the_first_state_save_does_not_lock_the_output_folder(tmp_path, capsys):
+    """A run killed while writing its first train_state.pt leaves only the partial temporary file;
+    the rerun refused the folder as 'not an empty folder'."""
+    _write(tmp_path / "d.jsonl", squares(tmp_path, 1, seed=6, size=40))
+    init, out = tmp_path / "init", tmp_path / "out"
+    assert main(["visionllm", "init", "-o", str(init), "--image-size", "56", "--max-tiles", "1",
+                 "--detector-size", "32"]) == 0  # fmt: skip
+    out.mkdir()
+    (out / ".train_state.pt.tmp").write_bytes(b"PK\x03\x04 partial")
+    assert main(["visionllm", "train", str(tmp_path / "d.jsonl"), "--model", str(init), "-o", str(out),
+                 "--steps", "1", "--batch-size", "1", "--device", "cpu"]) == 0  # fmt: skip
+    assert "1 steps (1 in all)" in capsys.readouterr().out
+    assert (out / "train_state.pt").is_file() and not (out / ".train_state.pt.tmp").exists()

@@ -324,9 +324,10 @@ def _device(name: str) -> torch.device:
     return parse_device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
-def _new_folder(out: str | Path) -> Path:
+def _new_folder(out: str | Path, ignore: tuple[str, ...] = ()) -> Path:
+    """``out``, which must not exist or be an empty folder (but for files named in ``ignore``)."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or any(p.name not in ignore for p in out.iterdir())):
         raise InputError(f"{out}: exists and is not an empty folder (pick a new output folder)")
     return out
 
@@ -414,8 +415,8 @@ def train_command(
             raise ConfigError(
                 f"{state_path}: the run has trained {resume['step']} steps, more than --steps {steps}"
             )
-    else:
-        _new_folder(out)
+    else:  # a run killed while writing its first state leaves just the partial temporary file
+        _new_folder(out, ignore=(f".{STATE_FILE}.tmp",))
     out.mkdir(parents=True, exist_ok=True)
     dev = _device(device)
     records, skipped = read_detection_records(data, image_root)
