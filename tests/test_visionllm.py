@@ -200,3 +200,17 @@ def test_load_names_missing_tensors(tmp_path, mllm):
     (tmp_path / "plain" / "config.json").write_text('{"model_type": "internvl_chat"}')
     with pytest.raises(CheckpointError, match="not a VisionLLM v2 checkpoint"):
         load_visionllm(tmp_path / "plain")
+
+
+def test_a_bfloat16_checkpoint_loads_in_bfloat16(tmp_path):
+    """load_visionllm built the model in float32 and kept it so: a bf16 checkpoint took twice its
+    memory (load_checkpoint keeps the stored dtype)."""
+    model, tok = init_visionllm("tiny", seed=0)
+    model = model.to(torch.bfloat16)
+    loaded, _ = load_visionllm(save_visionllm(model, tok, tmp_path / "bf16"))
+    assert loaded.dtype == torch.bfloat16
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k
+    as_float, _ = load_visionllm(tmp_path / "bf16", dtype="float32")
+    assert {p.dtype for p in as_float.parameters()} == {torch.float32}

@@ -478,10 +478,12 @@ def save_visionllm(model: VisionLLMv2Model, tokenizer: Any, out_dir: str | Path)
     return out
 
 
-def load_visionllm(path: str | Path, device: str | torch.device = "cpu") -> tuple[VisionLLMv2Model, Any]:
+def load_visionllm(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
+) -> tuple[VisionLLMv2Model, Any]:
     """Load :func:`save_visionllm`'s folder: ``(model, tokenizer)``, eval mode; missing or extra tensors
-    are named."""
-    from interleaf.model.checkpoint import from_disk, read_weights, tensor_label
+    are named. ``dtype`` None keeps the stored floating dtype (as ``load_checkpoint``)."""
+    from interleaf.model.checkpoint import from_disk, parse_dtype, read_weights, tensor_label
     from interleaf.model.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, load_tokenizer
 
     path = Path(path)
@@ -523,4 +525,8 @@ def load_visionllm(path: str | Path, device: str | torch.device = "cpu") -> tupl
         )
     model.load_state_dict(sd, strict=False)
     model.language_model.tie_weights()
-    return model.to(device).eval(), tokenizer
+    dtype = parse_dtype(dtype)
+    if dtype is None:
+        floats = [t.dtype for t in sd.values() if t.is_floating_point()]
+        dtype = max(set(floats), key=floats.count) if floats else torch.float32
+    return model.to(device, dtype).eval(), tokenizer

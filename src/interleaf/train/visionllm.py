@@ -427,7 +427,7 @@ def train_command(
             raise InputError(f"{data}: no usable records{why}")
 
     check_records()
-    model, tok = load_visionllm(model_dir, device=dev)
+    model, tok = load_visionllm(model_dir, device=dev, dtype=torch.float32)  # trained in float32
     if model.gdino is not None:  # the detector takes at most max_text_len routes at once
         room = model.gdino.config.max_text_len
         skipped += [{"line": r.line, "reason": f"phrases: {len(r.phrases)} asked for; the detector takes at most {room}"}
