@@ -214,3 +214,18 @@ def test_a_bfloat16_checkpoint_loads_in_bfloat16(tmp_path):
         assert k == k2 and torch.equal(v, v2), k
     as_float, _ = load_visionllm(tmp_path / "bf16", dtype="float32")
     assert {p.dtype for p in as_float.parameters()} == {torch.float32}
+
+
+def test_a_bfloat16_model_takes_float32_pixels_in_its_training_forward():
+    """collate_detection's pixels are float32; a bf16 model's forward failed on them ('Input type
+    (float) and bias type (c10::BFloat16) should be the same'), where detect() casts its own; and
+    the detector's loss ("cdist" not implemented for 'BFloat16')."""
+    model, tok = init_visionllm("tiny", seed=0)
+    model = model.to(torch.bfloat16)
+    model.config.force_image_size = 56
+    ctx = [model.config.img_context_token_id] * model.num_image_token
+    ids = torch.cat([torch.tensor([ctx]), _ids(tok, "cat[DET][EMB][EMB2][EMB3][EMB4]")], 1)
+    target = {"class_labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}
+    out = model(ids, torch.randn(1, 3, 56, 56), labels=ids, det_pixel_values=torch.randn(1, 3, 64, 64),
+                det_targets=[target])  # fmt: skip
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)

@@ -463,18 +463,22 @@ class SuperLinkGroundingDino(nn.Module):
         """transformers' ``GroundingDinoForObjectDetectionLoss`` with the arguments its
         ``GroundingDinoForObjectDetection.forward`` passes (label maps [n_classes_i, max_text_len],
         text_mask [B, Q, max_text_len] bool). Returns (weighted total, the individual terms)."""
+
+        def f32(t: torch.Tensor | None) -> torch.Tensor | None:  # a bf16 model's outputs (no bf16 cdist)
+            return None if t is None else t.float()
+
         loss, loss_dict, _ = GroundingDinoForObjectDetectionLoss(
-            detection.logits,
+            f32(detection.logits),
             list(labels),
             detection.logits.device,
-            detection.pred_boxes,
+            f32(detection.pred_boxes),
             self.gdino.config,
             tuple(label_maps),
             text_mask,
-            outputs_class=detection.outputs_class,
-            outputs_coord=detection.outputs_coord,
-            encoder_logits=detection.encoder_logits,
-            encoder_pred_boxes=detection.encoder_pred_boxes,
+            outputs_class=f32(detection.outputs_class),
+            outputs_coord=f32(detection.outputs_coord),
+            encoder_logits=f32(detection.encoder_logits),
+            encoder_pred_boxes=f32(detection.encoder_pred_boxes),
         )
         return loss, loss_dict
 
@@ -504,6 +508,7 @@ class SuperLinkGroundingDino(nn.Module):
         [n, 4] normalised cxcywh."""
         route_mask = route_mask.to(device=queries.device, dtype=torch.bool)
         tokens, self_attn, position_ids = self.text_features(queries, route_mask)
+        pixel_values = pixel_values.to(tokens.dtype)  # the detector's dtype (float32 pixels, bf16 model)
         detection = self.detect_with_text(
             pixel_values, pixel_mask, tokens, route_mask, self_attn, position_ids
         )

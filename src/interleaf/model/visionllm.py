@@ -264,6 +264,8 @@ class VisionLLMv2Model(InternVLChatModel):
         each row's image; ``det_targets`` per row ``{"class_labels": route indices among the row's
         DET/GRD/SEG routes, "boxes": [n, 4] normalised cx, cy, w, h}``."""
         links = self.find_links(input_ids)
+        if pixel_values is not None:  # collate_detection's float32 pixels into a bf16 model
+            pixel_values = pixel_values.to(next(self.vision_model.parameters()).dtype)
         embeds = self.embed(input_ids, pixel_values, links=links)
         out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask)
         result = VisionLLMv2Output(logits=out.logits, hidden=out.last_hidden_state, links=links)
