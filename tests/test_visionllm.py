@@ -229,3 +229,19 @@ def test_a_bfloat16_model_takes_float32_pixels_in_its_training_forward():
     out = model(ids, torch.randn(1, 3, 56, 56), labels=ids, det_pixel_values=torch.randn(1, 3, 64, 64),
                 det_targets=[target])  # fmt: skip
     assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+
+
+def test_lm_loss_is_zero_not_nan_when_no_label_is_left(mllm):
+    """Labels that are all ignored (or only on the slots, which are left out) gave a NaN LM loss,
+    and NaN gradients everywhere once it was added to the detector's loss."""
+    model, tok = mllm
+    ids = _ids(tok, "cat[DET][EMB][EMB2][EMB3][EMB4]")
+    only_slots = torch.full_like(ids, IGNORE_INDEX)
+    only_slots[0, -4:] = ids[0, -4:]
+    for labels in (torch.full_like(ids, IGNORE_INDEX), only_slots):
+        model.zero_grad()
+        out = model(ids, labels=labels)
+        assert out.lm_loss.item() == 0.0
+        out.loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.zero_grad()

@@ -274,9 +274,11 @@ class VisionLLMv2Model(InternVLChatModel):
             for b, row in enumerate(links):
                 for link in row:
                     labels[b, link.slots] = IGNORE_INDEX
+            targets = labels[:, 1:].flatten()
+            # the mean over the labelled tokens; 0 (not NaN) when there are none
             result.lm_loss = F.cross_entropy(
-                out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
-            )
+                out.logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"
+            ) / (targets != IGNORE_INDEX).sum().clamp(min=1)
             result.loss = result.lm_loss
         if det_pixel_values is not None:
             if self.gdino is None:
