@@ -245,3 +245,12 @@ def test_lm_loss_is_zero_not_nan_when_no_label_is_left(mllm):
         out.loss.backward()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     model.zero_grad()
+
+
+def test_generate_refuses_a_negative_token_budget(mllm):
+    """max_new_tokens -1 sized the cache below the prompt: 'IndexError: index_copy_(): index 204 is out
+    of bounds' (also from interleaf visionllm detect --max-new-tokens -1)."""
+    model, tok = mllm
+    with pytest.raises(InputError, match="max_new_tokens: must be >= 0, got -1"):
+        model.generate(_ids(tok, "hello"), max_new_tokens=-1)
+    assert model.generate(_ids(tok, "hello"), max_new_tokens=0).token_ids == []

@@ -341,3 +341,10 @@ def test_a_kill_during_the_first_state_save_does_not_lock_the_output_folder(tmp_
                  "--steps", "1", "--batch-size", "1", "--device", "cpu"]) == 0  # fmt: skip
     assert "1 steps (1 in all)" in capsys.readouterr().out
     assert (out / "train_state.pt").is_file() and not (out / ".train_state.pt.tmp").exists()
+
+
+def test_detect_refuses_a_negative_max_new_tokens_in_one_line(tmp_path, capsys):
+    Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
+    assert main(["visionllm", "detect", str(tmp_path / "missing-model"), str(tmp_path / "a.png"),
+                 "--phrases", "cat", "--max-new-tokens", "-1"]) == 1  # fmt: skip
+    assert capsys.readouterr().err == "error: --max-new-tokens must be >= 0, got -1\n"

@@ -309,6 +309,8 @@ class VisionLLMv2Model(InternVLChatModel):
         ``tokenizer`` decodes the text and the routes' phrases."""
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise InputError(f"input_ids: one prompt [1, S] expected, got shape {list(input_ids.shape)}")
+        if max_new_tokens < 0:
+            raise InputError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
         stops = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
         lm = self.language_model
         cache = self.make_cache(1, input_ids.shape[1] + max_new_tokens * (1 + self.link.num_embs) + 1)

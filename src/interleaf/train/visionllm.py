@@ -471,8 +471,10 @@ def detect_command(
     device: str = "auto",
 ) -> dict[str, Any]:
     """``interleaf visionllm detect``: the answer, its routes and the detections (JSON-ready)."""
+    from interleaf.errors import check_minimums
     from interleaf.model.visionllm import detect, load_visionllm
 
+    check_minimums(("--max-new-tokens", max_new_tokens, 0))
     if (question is None) == (phrases is None):
         raise InputError("detect: pass --question or --phrases (one of them)")
     if question is None:
