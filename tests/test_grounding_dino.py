@@ -399,3 +399,23 @@ def test_postprocess_on_a_forward():
     for r in results:
         assert torch.all(r["scores"][:-1] >= r["scores"][1:])
         assert r["boxes"].shape == (20, 4)
+
+
+def test_postprocess_of_a_bf16_model_gives_float32_pixel_boxes():
+    """A bf16 model's boxes were scaled to pixels in bf16: 8 significant bits, so a box edge near
+    x = 1000 moved by up to 4 pixels (detect() on a bf16 model)."""
+    boxes = torch.tensor([[[0.6914, 0.3027, 0.2031, 0.1172], [0.1, 0.9, 0.05, 0.08]]]).bfloat16()
+    outputs = SuperLinkDetectionOutput(
+        logits=torch.tensor([[[3.0], [2.0]]]).bfloat16(),
+        pred_boxes=boxes,
+        route_mask=torch.tensor([[True]]),
+        detection=None,  # type: ignore[arg-type]
+    )
+    found = SuperLinkGroundingDino.postprocess(outputs, [(1000, 1500)], threshold=0.5)[0]
+    cx, cy, w, h = boxes[0].float().unbind(-1)
+    want = torch.stack(
+        [(cx - w / 2) * 1500, (cy - h / 2) * 1000, (cx + w / 2) * 1500, (cy + h / 2) * 1000], -1
+    )
+    assert found["boxes"].dtype == found["scores"].dtype == torch.float32
+    torch.testing.assert_close(found["boxes"], want, atol=1e-3, rtol=0)
+    torch.testing.assert_close(found["scores"], torch.sigmoid(torch.tensor([3.0, 2.0])), atol=1e-6, rtol=0)

@@ -556,10 +556,10 @@ class SuperLinkGroundingDino(nn.Module):
         ``threshold``, sorted by score. ``target_sizes`` [(height, width)] per sample. Returns
         ``{"scores" [n], "routes" [n] long, "boxes" [n, 4] xyxy in pixels}`` (not clipped, as
         transformers' post-processing)."""
-        logits = outputs.logits
+        logits = outputs.logits.float()  # a bf16 model's boxes would be scaled to pixels in bf16
         probs = logits.sigmoid().masked_fill(~outputs.route_mask[:, None, :], 0.0)
         scores, routes = probs.max(dim=-1)
-        boxes = outputs.pred_boxes
+        boxes = outputs.pred_boxes.float()
         cx, cy, w, h = boxes.unbind(-1)
         xyxy = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
         sizes = torch.as_tensor(target_sizes, dtype=xyxy.dtype, device=xyxy.device)
