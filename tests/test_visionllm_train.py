@@ -348,3 +348,30 @@ def test_detect_refuses_a_negative_max_new_tokens_in_one_line(tmp_path, capsys):
     assert main(["visionllm", "detect", str(tmp_path / "missing-model"), str(tmp_path / "a.png"),
                  "--phrases", "cat", "--max-new-tokens", "-1"]) == 1  # fmt: skip
     assert capsys.readouterr().err == "error: --max-new-tokens must be >= 0, got -1\n"
+
+
+def test_resuming_prints_no_scheduler_warning(tmp_path):
+    """Every resume printed torch's 'UserWarning: To get the last learning rate computed by the
+    scheduler, please use `get_last_lr()`' (the rate was read with get_lr() outside a step)."""
+    import warnings
+
+    _write(tmp_path / "d.jsonl", squares(tmp_path, 1, seed=7, size=40))
+    init, out = tmp_path / "init", tmp_path / "out"
+    assert main(["visionllm", "init", "-o", str(init), "--image-size", "56", "--max-tiles", "1",
+                 "--detector-size", "32"]) == 0  # fmt: skip
+    args = [
+        str(tmp_path / "d.jsonl"),
+        "--model",
+        str(init),
+        "-o",
+        str(out),
+        "--batch-size",
+        "1",
+        "--device",
+        "cpu",
+    ]
+    assert main(["visionllm", "train", *args, "--steps", "1"]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["visionllm", "train", *args, "--steps", "2"]) == 0
+    assert not [w for w in caught if "scheduler" in str(w.message)], [str(w.message) for w in caught]

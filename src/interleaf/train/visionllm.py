@@ -281,8 +281,8 @@ def train_detection(
         start, order, log = resume["step"], list(resume["order"]), list(resume["log"])
         opt.load_state_dict(resume["optimizer"])
         sched.last_epoch = start  # the schedule is a function of the step alone (a longer rerun stretches it)
-        for group, rate in zip(opt.param_groups, sched.get_lr()):
-            group["lr"] = rate
+        for group, base, factor in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * factor(start)  # LambdaLR's rate at `start` (its get_lr() warns here)
         gen.set_state(resume["generator"])
         torch.set_rng_state(resume["rng"])
     model.train()
