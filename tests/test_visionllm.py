@@ -254,3 +254,19 @@ def test_generate_refuses_a_negative_token_budget(mllm):
     with pytest.raises(InputError, match="max_new_tokens: must be >= 0, got -1"):
         model.generate(_ids(tok, "hello"), max_new_tokens=-1)
     assert model.generate(_ids(tok, "hello"), max_new_tokens=0).token_ids == []
+
+
+def test_load_names_a_tensor_whose_shape_the_config_does_not_take(tmp_path, mllm):
+    """A config edited after saving (num_embs 4 -> 2) was 'RuntimeError: Error(s) in loading
+    state_dict for VisionLLMv2Model:', naming neither the tensor nor the shapes."""
+    import json
+
+    model, tok = mllm
+    out = save_visionllm(model, tok, tmp_path / "vllm")
+    config = json.loads((out / "config.json").read_text())
+    config["visionllmv2"]["num_embs"] = 2
+    (out / "config.json").write_text(json.dumps(config))
+    hidden = model.config.llm.hidden_size
+    with pytest.raises(CheckpointError, match=rf"tensor emb_embeddings_det.weight has shape \[4, {hidden}\], "
+                       rf"the config expects \[2, {hidden}\]"):  # fmt: skip
+        load_visionllm(out)

@@ -529,6 +529,12 @@ def load_visionllm(
         raise CheckpointError(
             f"{path.name}: weights do not match the config: {'; '.join(w for w in what if w)}"
         )
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    for k in sorted(expected):
+        if sd[k].shape != shapes[k]:
+            raise CheckpointError(
+                f"{tensor_label(path, origin, k)} has shape {list(sd[k].shape)}, the config expects {list(shapes[k])}"
+            )
     model.load_state_dict(sd, strict=False)
     model.language_model.tie_weights()
     dtype = parse_dtype(dtype)
