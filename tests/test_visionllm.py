@@ -270,3 +270,19 @@ def test_load_names_a_tensor_whose_shape_the_config_does_not_take(tmp_path, mllm
     with pytest.raises(CheckpointError, match=rf"tensor emb_embeddings_det.weight has shape \[4, {hidden}\], "
                        rf"the config expects \[2, {hidden}\]"):  # fmt: skip
         load_visionllm(out)
+
+
+def test_many_routes_grow_the_cache_and_keep_matching_a_full_forward(mllm):
+    model, tok = mllm
+    ids = _ids(tok, "count them")
+    det, eos = model.link.route_token_ids["det"], model.config.llm.eos_token_id
+    script = [det] * 7 + [eos]  # 7 x 5 tokens: more than the first cache holds for 8 new tokens
+    hook = model.language_model.lm_head.register_forward_hook(_Forced(script))
+    try:
+        out = model.generate(ids, max_new_tokens=8, eos_token_id=eos)
+    finally:
+        hook.remove()
+    assert out.token_ids == script and len(out.routes) == 7
+    seq = torch.cat([ids, torch.tensor([[det, *model.link.query_ids("det")] * 7])], 1)
+    ref = model(seq).hidden[0, -4:]
+    torch.testing.assert_close(out.routes[-1].states, ref, atol=1e-4, rtol=1e-4)

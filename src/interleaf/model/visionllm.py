@@ -313,7 +313,8 @@ class VisionLLMv2Model(InternVLChatModel):
             raise InputError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
         stops = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
         lm = self.language_model
-        cache = self.make_cache(1, input_ids.shape[1] + max_new_tokens * (1 + self.link.num_embs) + 1)
+        # room for the answer and a few routes; _room grows it (doubling) when routes need more
+        cache = self.make_cache(1, input_ids.shape[1] + max_new_tokens + 4 * (1 + self.link.num_embs) + 1)
         out = lm(inputs_embeds=self.embed(input_ids, pixel_values), kv_cache=cache, logits_to_keep=1)
         tokens: list[int] = []
         raw_routes: list[tuple[str, int, torch.Tensor]] = []
