@@ -286,3 +286,22 @@ def test_many_routes_grow_the_cache_and_keep_matching_a_full_forward(mllm):
     seq = torch.cat([ids, torch.tensor([[det, *model.link.query_ids("det")] * 7])], 1)
     ref = model(seq).hidden[0, -4:]
     torch.testing.assert_close(out.routes[-1].states, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_history_routes_get_their_slots_as_upstream_inserts_them(mllm):
+    model, tok = mllm
+    det, eos = model.link.route_token_ids["det"], model.config.llm.eos_token_id
+    bare = _ids(tok, "earlier: red square[DET], blue square[GEN] now")
+    full = _ids(
+        tok, "earlier: red square[DET][EMB][EMB2][EMB3][EMB4], blue square[GEN]" + "[EMB]" * 64 + " now"
+    )
+    assert model.with_slots(bare[0].tolist()) == full[0].tolist()
+    assert model.with_slots(full[0].tolist()) == full[0].tolist()
+    outs = []
+    for ids in (bare, full):
+        hook = model.language_model.lm_head.register_forward_hook(_Forced([det, eos]))
+        try:
+            outs.append(model.generate(ids, max_new_tokens=4, eos_token_id=eos))
+        finally:
+            hook.remove()
+    torch.testing.assert_close(outs[0].routes[0].states, outs[1].routes[0].states)

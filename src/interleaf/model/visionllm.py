@@ -215,6 +215,22 @@ class VisionLLMv2Model(InternVLChatModel):
             rows[b].append(Link(kind, p, len(want)))
         return rows
 
+    def with_slots(self, ids: list[int]) -> list[int]:
+        """``ids`` with the query slots after every routing token that lacks them, as upstream's
+        inference inserts them: an earlier answer fed back as history (``Generation.text`` holds the
+        routing tokens only) then reads as the model saw it when it wrote the answer."""
+        out: list[int] = []
+        i = 0
+        while i < len(ids):
+            out.append(ids[i])
+            kind = self._kind_of.get(ids[i])
+            if kind:
+                want = self.link.query_ids(kind)
+                if ids[i + 1 : i + 1 + len(want)] != want:
+                    out += want
+            i += 1
+        return out
+
     def embed(
         self,
         input_ids: torch.Tensor,
@@ -304,11 +320,13 @@ class VisionLLMv2Model(InternVLChatModel):
         eos_token_id: int | list[int] | None = None,
         tokenizer: Any = None,
     ) -> Generation:
-        """Greedy decoding of one prompt ``input_ids`` [1, S]; every routing token the model emits gets
+        """Greedy decoding of one prompt ``input_ids`` [1, S] (routing tokens in it get their query slots
+        if they lack them: :meth:`with_slots`); every routing token the model emits gets
         its query slots run through the LLM, and their hidden states come back as a :class:`Route`.
         ``tokenizer`` decodes the text and the routes' phrases."""
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise InputError(f"input_ids: one prompt [1, S] expected, got shape {list(input_ids.shape)}")
+        input_ids = torch.tensor([self.with_slots(input_ids[0].tolist())], device=input_ids.device)
         if max_new_tokens < 0:
             raise InputError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
         stops = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
