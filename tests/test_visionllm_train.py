@@ -375,3 +375,19 @@ def test_resuming_prints_no_scheduler_warning(tmp_path):
         warnings.simplefilter("always")
         assert main(["visionllm", "train", *args, "--steps", "2"]) == 0
     assert not [w for w in caught if "scheduler" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_a_batch_larger_than_the_records_is_filled_from_the_next_pass(tmp_path, monkeypatch):
+    from interleaf.train import visionllm as tv
+
+    _write(tmp_path / "d.jsonl", squares(tmp_path, 2, seed=4, size=112))
+    records, _ = read_detection_records(tmp_path / "d.jsonl")
+    model, tok = init_visionllm("tiny", seed=0)
+    model.config.force_image_size, model.config.max_dynamic_patch, model.link.detector_size = 112, 1, 128
+    sizes = []
+    real = tv.collate_detection
+    monkeypatch.setattr(
+        tv, "collate_detection", lambda examples, *a: sizes.append(len(examples)) or real(examples, *a)
+    )
+    tv.train_detection(model, tok, records, steps=2, batch_size=3)
+    assert sizes == [3, 3]  # was [2, 2]: capped at the number of records

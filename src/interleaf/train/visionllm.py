@@ -287,7 +287,7 @@ def train_detection(
         torch.set_rng_state(resume["rng"])
     model.train()
     for step in range(start + 1, steps + 1):
-        if len(order) < batch_size:
+        while len(order) < batch_size:  # passes follow each other (a batch may span two)
             order += torch.randperm(len(records), generator=gen).tolist()
         chosen, order = order[:batch_size], order[batch_size:]
         batch = collate_detection([encode_detection(model, tokenizer, records[i]) for i in chosen], pad,
