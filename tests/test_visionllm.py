@@ -168,6 +168,7 @@ def test_route_phrase():
     assert route_phrase("Sure. Found: <det>red square") == "red square"
     assert route_phrase(", blue circle") == "blue circle"
     assert route_phrase("the cat") == "the cat"
+    assert route_phrase("I see two dogs. The st. bernard") == "The st. bernard"  # was "bernard"
 
 
 def test_save_and_load_round_trip(tmp_path, mllm):

@@ -95,6 +95,8 @@ def test_bad_records_are_skipped_with_their_line_and_field(tmp_path):
     assert reasons[9] == "objects: phrase 'cat' is not among phrases"
     assert "contains '[DET]'" in reasons[10] and reasons[11] == "phrases: repeated phrase"
     assert reasons[12].startswith("phrases: nothing to detect") and reasons[13].startswith("route:")
+    with pytest.raises(InputError, match="contains ':'"):  # detect names a route by the text after ':'
+        parse_detection_record({"image": "a.png", "objects": [], "phrases": ["note: cat"]}, tmp_path)
     with pytest.raises(InputError, match="not a JSON object"):
         parse_detection_record([], tmp_path)
 

@@ -445,9 +445,10 @@ _SPAN_RE = re.compile("|".join(re.escape(t) for t in SPAN_TOKENS + list(ROUTE_TO
 
 def route_phrase(text: str) -> str:
     """The phrase a route names: the answer text since the previous route, after the last list
-    separator or sentence break, without span tokens (``"Found: red square"`` -> ``"red square"``)."""
+    separator or sentence break, without span tokens (``"Found: red square"`` -> ``"red square"``).
+    A sentence break is a full stop before a capital, so an abbreviation in a phrase stays."""
     text = _SPAN_RE.sub(" ", text)
-    text = re.split(r"[,;:\n]|\.\s", text)[-1]
+    text = re.split(r"[,;:\n]|\.\s+(?=[A-Z])", text)[-1]
     return " ".join(text.split()).strip(" .")
 
 

@@ -112,7 +112,7 @@ def parse_detection_record(raw: Any, folder: Path, image_root: Path | None = Non
     if len(set(phrases)) != len(phrases):
         raise InputError("phrases: repeated phrase")
     for p in phrases:
-        bad = next((t for t in (*_RESERVED, ",") if t in p), None)
+        bad = next((t for t in (*_RESERVED, ",", ";", ":") if t in p), None)
         if bad:
             raise InputError(f"phrases: {p!r} contains {bad!r}")
     missing = [p for p in found if p not in phrases]
