@@ -489,7 +489,7 @@ def test_site_json_file_is_one_unsupported_file_error(tmp_path):
     out = tmp_path / "o"
     cfg = P.load_config({"filters": [], "dedup": {"minhash": {"enabled": False}, "url": {"enabled": False}}})
     E.build([site], out, cfg, workers=1, progress=False)
-    errors = [r for p in sorted((out / "errors").glob("*.jsonl")) for r in E._read_jsonl(p)]
+    errors = [r for p in sorted((out / "errors").glob("*.jsonl")) for r in E.read_jsonl(p)]
     assert [(Path(e["source"]).name, e["reason"]) for e in errors] == [("manifest.json", "unsupported_file")]
     stats = json.loads((out / "stats.json").read_text())
     assert stats["records_in"] == 4 and stats["errors"] == 1
@@ -512,7 +512,7 @@ def test_warc_inputs_without_warc_data_are_counted_errors(tmp_path):
     assert stats["records_in"] == stats["errors"] == 4 and stats["balanced"]
     read = next(s for s in stats["stages"] if s["name"] == "read")
     assert read["errors_by_reason"] == {"empty_file": 3, "corrupt_record": 1}
-    errors = [r for p in sorted((tmp_path / "out" / "errors").glob("*.jsonl")) for r in E._read_jsonl(p)]
+    errors = [r for p in sorted((tmp_path / "out" / "errors").glob("*.jsonl")) for r in E.read_jsonl(p)]
     assert sorted((Path(r["source"]).name, r["reason"]) for r in errors) == [
         ("cut.warc.gz", "corrupt_record"),
         ("empty.warc", "empty_file"),

@@ -271,7 +271,7 @@ def test_gzip_html_page_is_inflated_up_to_the_limit_only(tmp_path):
     cfg = P.load_config({"read": {"max_page_bytes": 1000}, "filters": []})
     out = tmp_path / "o"
     E.build([site], out, cfg, workers=1, progress=False)
-    errors = [r for p in sorted((out / "errors").glob("*.jsonl")) for r in E._read_jsonl(p)]
+    errors = [r for p in sorted((out / "errors").glob("*.jsonl")) for r in E.read_jsonl(p)]
     assert [(e["reason"], e["detail"]) for e in errors] == [
         ("page_too_large", "more than read.max_page_bytes=1000"),
         ("page_too_large", "more than read.max_page_bytes=1000"),

@@ -507,7 +507,8 @@ class IsolatedPool:
 # atomic files
 
 
-def _atomic_write(path: Path, data: bytes | str) -> None:
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` through a fsynced temporary file and an atomic rename."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data.encode() if isinstance(data, str) else data)
@@ -516,18 +517,21 @@ def _atomic_write(path: Path, data: bytes | str) -> None:
     os.replace(tmp, path)
 
 
-def _jsonl(rows: Iterable[dict]) -> str:
+def jsonl(rows: Iterable[dict]) -> str:
+    """Serialise ``rows`` as JSON Lines text (sorted keys, non-ASCII kept)."""
     return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True, default=str) + "\n" for r in rows)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
+    """Read a JSON Lines file into a list of dicts; a missing file reads as empty."""
     if not path.exists():
         return []
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _clean_tmp(d: Path) -> None:
+def clean_tmp(d: Path) -> None:
+    """Remove the temporaries (names containing ``.tmp``) a killed run left in folder ``d``."""
     if not d.exists():
         return
     for p in d.iterdir():
@@ -629,11 +633,11 @@ def commit_stage1_shard(out: Path, shard: int, outcomes: list[dict], num_perm: i
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    (tmp / "docs.jsonl").write_text(_jsonl(kept), encoding="utf-8")
-    (tmp / "keys.jsonl").write_text(_jsonl(keys), encoding="utf-8")
+    (tmp / "docs.jsonl").write_text(jsonl(kept), encoding="utf-8")
+    (tmp / "keys.jsonl").write_text(jsonl(keys), encoding="utf-8")
     np.save(tmp / "sig.npy", sig_arr)
-    (tmp / "excluded.jsonl").write_text(_jsonl(excluded), encoding="utf-8")
-    (tmp / "errors.jsonl").write_text(_jsonl(errors), encoding="utf-8")
+    (tmp / "excluded.jsonl").write_text(jsonl(excluded), encoding="utf-8")
+    (tmp / "errors.jsonl").write_text(jsonl(errors), encoding="utf-8")
     summary = {"shard": shard, "records": len(outcomes), "kept": len(kept), "stats": book.to_list()}
     (tmp / "stats.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     try:
@@ -658,13 +662,14 @@ def committed_stage1(out: Path) -> set[int]:
 # phase 2: dedup decisions
 
 
-def _load_keys(out: Path, n_shards: int) -> tuple[list[dict], np.ndarray, list[int]]:
+def load_keys(out: Path, n_shards: int) -> tuple[list[dict], np.ndarray, list[int]]:
+    """Load the phase-1 keys and MinHash signatures of every shard, with each shard's record count."""
     keys: list[dict] = []
     sigs: list[np.ndarray] = []
     counts: list[int] = []
     for s in range(n_shards):
         d = stage1_dir(out) / shard_name(s)
-        k = _read_jsonl(d / "keys.jsonl")
+        k = read_jsonl(d / "keys.jsonl")
         keys.extend(k)
         sigs.append(np.load(d / "sig.npy"))
         counts.append(len(k))
@@ -743,7 +748,7 @@ def load_dedup(out: Path) -> dict:
 def finalize_shard(out: Path, cfg: dict, shard: int, decisions: dict) -> dict:
     """Apply the dedup decisions to one shard and write its final files."""
     src = stage1_dir(out) / shard_name(shard)
-    rows = _read_jsonl(src / "docs.jsonl")
+    rows = read_jsonl(src / "docs.jsonl")
     counts = decisions["counts"]
     offset = int(sum(counts[:shard]))
     banned = set(decisions["banned_images"])
@@ -752,8 +757,8 @@ def finalize_shard(out: Path, cfg: dict, shard: int, decisions: dict) -> dict:
     ic = cfg["dedup"]["image_urls"]
     full = cfg["write"]["exclusions"] == "full"
     id_of = None
-    excluded = _read_jsonl(src / "excluded.jsonl")
-    positions = [k.get("pos", j) for j, k in enumerate(_read_jsonl(src / "keys.jsonl"))]
+    excluded = read_jsonl(src / "excluded.jsonl")
+    positions = [k.get("pos", j) for j, k in enumerate(read_jsonl(src / "keys.jsonl"))]
     kept_docs: list[Document] = []
     for j, row in enumerate(rows):
         g = offset + j
@@ -806,14 +811,14 @@ def finalize_shard(out: Path, cfg: dict, shard: int, decisions: dict) -> dict:
     write.docs_in = write.docs_out = len(kept_docs)
     write.images_in = write.images_out = sum(d.n_images for d in kept_docs)
     fmt = cfg["write"]["format"]
-    errors = _read_jsonl(src / "errors.jsonl")
+    errors = read_jsonl(src / "errors.jsonl")
     data_dir, ex_dir, err_dir = out / "data", out / "excluded", out / "errors"
     for d in (data_dir, ex_dir, err_dir):
         d.mkdir(parents=True, exist_ok=True)
     ext = "parquet" if fmt == "parquet" else "jsonl"
     write_documents(data_dir / f"part-{shard:05d}.{ext}", kept_docs, fmt, cfg["write"]["layout"])
-    _atomic_write(ex_dir / f"part-{shard:05d}.jsonl", _jsonl(excluded))
-    _atomic_write(err_dir / f"part-{shard:05d}.jsonl", _jsonl(errors))
+    atomic_write(ex_dir / f"part-{shard:05d}.jsonl", jsonl(excluded))
+    atomic_write(err_dir / f"part-{shard:05d}.jsonl", jsonl(errors))
     write.time_s = time.perf_counter() - t_write
     s1 = json.loads((src / "stats.json").read_text(encoding="utf-8"))
     summary = {
@@ -824,7 +829,7 @@ def finalize_shard(out: Path, cfg: dict, shard: int, decisions: dict) -> dict:
         "errors": len(errors),
         "stats": StatsBook.from_list(s1["stats"]).merge(book).to_list(),
     }
-    _atomic_write(out / WORK / "final" / f"{shard_name(shard)}.json", json.dumps(summary, indent=1))
+    atomic_write(out / WORK / "final" / f"{shard_name(shard)}.json", json.dumps(summary, indent=1))
     return summary
 
 
@@ -835,7 +840,7 @@ def _survivor_ids(out: Path, counts: list[int]):
     def id_of(g: int) -> str:
         s = int(np.searchsorted(starts, g, side="right") - 1)
         if s not in cache:
-            cache[s] = [k.get("id") for k in _read_jsonl(stage1_dir(out) / shard_name(s) / "keys.jsonl")]
+            cache[s] = [k.get("id") for k in read_jsonl(stage1_dir(out) / shard_name(s) / "keys.jsonl")]
         return str(cache[s][g - int(starts[s])])
 
     return id_of
@@ -898,10 +903,10 @@ def prepare_run(inputs: list[str | Path], out: str | Path, cfg: dict) -> RunPlan
             raise ConfigError(f"{out}: output directory is not empty and holds no interleaf run")
         work.mkdir(parents=True, exist_ok=True)
         (work / "config.yaml").write_text(P.dump_config(cfg), encoding="utf-8")
-        _atomic_write(mpath, json.dumps(manifest, indent=1))
+        atomic_write(mpath, json.dumps(manifest, indent=1))
     for d in (stage1_dir(out), work, out / "data", out / "excluded", out / "errors", work / "final"):
         d.mkdir(parents=True, exist_ok=True)
-        _clean_tmp(d)
+        clean_tmp(d)
     return RunPlan(out=out, inputs=paths, cfg=cfg)
 
 
@@ -977,14 +982,14 @@ def run_stage1_local(plan: RunPlan, workers: int, progress: bool = True) -> int:
     missing = set(range(n_shards)) - committed_stage1(out)
     if missing:  # pragma: no cover - would be a bug in the bookkeeping above
         raise RuntimeError(f"shards not committed: {sorted(missing)[:5]}")
-    _atomic_write(marker, json.dumps({"shards": n_shards, "records": n_records}))
+    atomic_write(marker, json.dumps({"shards": n_shards, "records": n_records}))
     return n_shards
 
 
 def run_dedup_local(plan: RunPlan, n_shards: int) -> None:
     if dedup_dir(plan.out).exists():
         return
-    keys, sigs, counts = _load_keys(plan.out, n_shards)
+    keys, sigs, counts = load_keys(plan.out, n_shards)
     decisions = compute_dedup(plan.cfg, keys, sigs)
     commit_dedup(plan.out, decisions, counts)
 
@@ -1032,7 +1037,7 @@ def write_summary(plan: RunPlan, n_shards: int) -> dict:
     }
     if not balanced:  # pragma: no cover - an accounting bug must never pass silently
         raise RuntimeError(f"accounting broken: {totals}")
-    _atomic_write(plan.out / "stats.json", json.dumps(stats, indent=1))
+    atomic_write(plan.out / "stats.json", json.dumps(stats, indent=1))
     return stats
 
 
@@ -1069,7 +1074,7 @@ def finish(plan: RunPlan, n_shards: int, progress: bool = True) -> dict:
         from interleaf.corpus.fetch import fetch_corpus
 
         stats = fetch_corpus(plan.out, plan.cfg["fetch"], progress=progress)
-    _atomic_write(plan.out / "_SUCCESS", "")
+    atomic_write(plan.out / "_SUCCESS", "")
     return stats
 
 

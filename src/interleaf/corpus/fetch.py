@@ -526,7 +526,7 @@ def fetch_corpus(
     inputs, work = root / "input", root / f"run-{settings_key(fc, sources)}"
     for d in (root, inputs, out / "data", out / "excluded"):
         d.mkdir(parents=True, exist_ok=True)
-        E._clean_tmp(d)
+        E.clean_tmp(d)
     for name in parts:  # before anything is rewritten
         _preserve(out / "data" / name, inputs / name)
     for old in root.iterdir():  # the state of other settings describes shards no longer there
@@ -537,9 +537,9 @@ def fetch_corpus(
     for legacy in root.glob("s-*.results.jsonl"):  # an older version's pass 1: shards untouched
         legacy.unlink()
     work.mkdir(exist_ok=True)
-    E._clean_tmp(work)
+    E.clean_tmp(work)
     if not (work / "settings.json").exists():  # for people: what this state was computed with
-        E._atomic_write(work / "settings.json", json.dumps(fc, indent=1, sort_keys=True, default=str))
+        E.atomic_write(work / "settings.json", json.dumps(fc, indent=1, sort_keys=True, default=str))
     fetcher = ImageFetcher(
         store_dir=fc.get("images_dir") or out / "images",
         timeout_s=float(fc["timeout_s"]),
@@ -558,7 +558,7 @@ def fetch_corpus(
             continue
         docs = read_docs(inputs / name)
         results = fetcher.fetch_many((u for d in docs for u in d.image_urls), progress=progress)
-        E._atomic_write(log, E._jsonl(r.to_dict() for r in results.values()))
+        E.atomic_write(log, E.jsonl(r.to_dict() for r in results.values()))
     # pass 2 (global, computed once and kept so that a resumed run decides the same way):
     # in how many documents does each pHash occur (among images passing the per-image rules)
     common_path = work / "phash_common.json"
@@ -572,7 +572,7 @@ def fetch_corpus(
                 hs = {res[u].p_hash for u in d.image_urls if u in res and pixel_verdict(res[u], fc) is None}
                 phash_docs.update(hs)
         too_common = {h for h, c in phash_docs.items() if c > int(fc["max_phash_occurrences"])}
-        E._atomic_write(common_path, json.dumps(sorted(too_common)))
+        E.atomic_write(common_path, json.dumps(sorted(too_common)))
     # pass 3 (per shard, resumable): rewrite the shard with metadata and the filters applied;
     # each file is renamed into place, the done marker last, so a kill anywhere redoes the shard
     book = E.StatsBook()
@@ -584,10 +584,10 @@ def fetch_corpus(
         docs = read_docs(inputs / name)
         st, kept_docs, excluded = _filter_shard(out, s, docs, _load_results(work, s), too_common, fc)
         E.write_documents(out / "data" / name, kept_docs, fmt, stats.get("layout", "obelics"))
-        E._atomic_write(out / "excluded" / f"fetch-{s:05d}.jsonl", E._jsonl(excluded))
+        E.atomic_write(out / "excluded" / f"fetch-{s:05d}.jsonl", E.jsonl(excluded))
         shard_book = E.StatsBook()
         shard_book.add(st)
-        E._atomic_write(done, json.dumps({"stats": shard_book.to_list(), "excluded": len(excluded)}))
+        E.atomic_write(done, json.dumps({"stats": shard_book.to_list(), "excluded": len(excluded)}))
         book.merge(shard_book)
     return _update_stats(out, stats, book, work, shards)
 
@@ -688,7 +688,7 @@ def _load_results(work: Path, s: int) -> dict[str, FetchResult]:
     from interleaf.corpus import engine as E
 
     out = {}
-    for d in E._read_jsonl(work / f"{E.shard_name(s)}.results.jsonl"):
+    for d in E.read_jsonl(work / f"{E.shard_name(s)}.results.jsonl"):
         out[d["url"]] = FetchResult(**d)
     return out
 
@@ -708,5 +708,5 @@ def _update_stats(out: Path, stats: dict, book, work: Path, shards: int) -> dict
     stats["docs_out"] = base_out - excluded_fetch
     stats["images_out"] = fetch["images_out"]
     stats["balanced"] = stats["records_in"] == stats["docs_out"] + stats["excluded"] + stats["errors"]
-    E._atomic_write(out / "stats.json", json.dumps(stats, indent=1))
+    E.atomic_write(out / "stats.json", json.dumps(stats, indent=1))
     return stats

@@ -124,7 +124,7 @@ def build_ray(
             _bounded(ray, (stage1.remote(outs, s, str(plan.inputs[s]), cfg) for s in todo), limit, bar)
             bar.close()
             n_shards = len(plan.inputs)
-            E._atomic_write(marker, json.dumps({"shards": n_shards, "records": -1}))
+            E.atomic_write(marker, json.dumps({"shards": n_shards, "records": -1}))
         else:
             size = int(cfg["read"]["shard_size"])
             done = E.committed_stage1(plan.out)
@@ -148,10 +148,10 @@ def build_ray(
             _bounded(ray, shards(), limit, bar)
             bar.close()
             n_shards = (n_records + size - 1) // size
-            E._atomic_write(marker, json.dumps({"shards": n_shards, "records": n_records}))
+            E.atomic_write(marker, json.dumps({"shards": n_shards, "records": n_records}))
 
         if not E.dedup_dir(plan.out).exists():
-            keys, sigs, counts = E._load_keys(plan.out, n_shards)
+            keys, sigs, counts = E.load_keys(plan.out, n_shards)
             mcfg = P.minhash_config(cfg)
 
             def ray_edges(valid: np.ndarray) -> list[np.ndarray]:
