@@ -87,7 +87,7 @@ class SuperLinkConfig:
             raise ConfigError(f"{CONFIG_KEY}.route_token_ids: unknown routes {unknown}")
 
     def num_queries(self, kind: str) -> int:
-        return self.num_embs_gen if TABLE_OF[kind] in ("gen", "edit") else self.num_embs
+        return len(self.query_ids(kind))
 
     def query_ids(self, kind: str) -> list[int]:
         """The token ids in the slots after a ``kind`` routing token."""
@@ -198,11 +198,10 @@ class VisionLLMv2Model(InternVLChatModel):
     def find_links(self, input_ids: torch.Tensor) -> list[list[Link]]:
         """The routes of each row of ``input_ids`` [B, S]; every routing token must be followed by its
         query slots (training data and :meth:`generate`'s chunks are)."""
-        rows: list[list[Link]] = []
         route_ids = torch.tensor(list(self._kind_of), dtype=input_ids.dtype, device=input_ids.device)
         hits = torch.isin(input_ids, route_ids).nonzero().tolist() if len(self._kind_of) else []
         ids = input_ids.tolist() if hits else None
-        rows = [[] for _ in range(input_ids.shape[0])]
+        rows: list[list[Link]] = [[] for _ in range(input_ids.shape[0])]
         for b, p in hits:
             kind = self._kind_of[ids[b][p]]
             want = self.link.query_ids(kind)
@@ -220,15 +219,12 @@ class VisionLLMv2Model(InternVLChatModel):
         inference inserts them: an earlier answer fed back as history (``Generation.text`` holds the
         routing tokens only) then reads as the model saw it when it wrote the answer."""
         out: list[int] = []
-        i = 0
-        while i < len(ids):
-            out.append(ids[i])
-            kind = self._kind_of.get(ids[i])
-            if kind:
-                want = self.link.query_ids(kind)
-                if ids[i + 1 : i + 1 + len(want)] != want:
-                    out += want
-            i += 1
+        for i, tok in enumerate(ids):
+            out.append(tok)
+            kind = self._kind_of.get(tok)
+            want = self.link.query_ids(kind) if kind else []
+            if want and ids[i + 1 : i + 1 + len(want)] != want:
+                out += want
         return out
 
     def embed(
