@@ -37,7 +37,7 @@ from interleaf.model.visionllm import (
     VisionLLMv2Model,
     detector_inputs,
 )
-from interleaf.processing.image import load_image, preprocess_image, to_rgb
+from interleaf.processing.image import image_size, load_image, preprocess_image, to_rgb
 from interleaf.processing.prompt import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 from interleaf.train.trainer import warmup_cosine
 
@@ -79,7 +79,10 @@ def parse_detection_record(raw: Any, folder: Path, image_root: Path | None = Non
     path = Path(image) if Path(image).is_absolute() else (image_root or folder) / image
     if not path.is_file():
         raise InputError(f"image: {path} not found")
-    width, height = _image_size(path)
+    try:
+        width, height = image_size(path)  # the header only: training decodes it when it draws it
+    except InputError as exc:
+        raise InputError(f"image: {exc}") from None
     objects = raw.get("objects")
     if not isinstance(objects, list):
         raise InputError("objects: missing or not a list")
@@ -126,31 +129,6 @@ def parse_detection_record(raw: Any, folder: Path, image_root: Path | None = Non
     if route not in DETECTOR_ROUTES:
         raise InputError(f"route: must be one of {', '.join(DETECTOR_ROUTES)}, got {route!r}")
     return DetectionRecord(path, phrases, [phrases.index(p) for p in found], boxes, question, route)
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    """``path``'s (width, height) from its header (cheap: nothing is decoded); a file that is no
-    image, or a possible decompression bomb (refused when training reads it), is an InputError."""
-    import warnings
-
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                return image.size
-    except UnidentifiedImageError:
-        raise InputError(f"image: {path} is not a readable image (unknown or corrupt format)") from None
-    except (
-        Image.DecompressionBombError,
-        Image.DecompressionBombWarning,
-        OSError,
-        SyntaxError,
-        ValueError,
-    ) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(f"image: {path} cannot be read ({first})") from None
 
 
 def read_detection_records(
