@@ -159,6 +159,12 @@ def test_load_refuses_unknown_or_unavailable_devices(tiny_ckpt, capsys):
     assert "unknown device 'tpu'" in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_parse_device_auto_is_the_gpu_where_there_is_one():
+    from interleaf.model.checkpoint import parse_device
+
+    assert parse_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def test_load_with_device_none_stays_on_cpu(tiny_ckpt):
     """device=None (model.to(None): no move) loaded on the CPU before the device check; it still does."""
     assert interleaf.load(tiny_ckpt, device=None).device.type == "cpu"

@@ -536,13 +536,16 @@ def rebuild_buffers(model: InternVLChatModel) -> None:
 
 def parse_device(device: str | torch.device | None) -> torch.device:
     """``device`` ("cpu", "cuda", "cuda:1", "mps") as a ``torch.device`` that exists on this machine;
-    None is the CPU (where the weights are read; ``model.to(None)`` left them there).
+    None is the CPU (where the weights are read; ``model.to(None)`` left them there); "auto" is the
+    GPU where there is one, else the CPU.
 
     Checked before loading, so an unknown name or a missing GPU is one ``ConfigError`` instead of
     torch's RuntimeError / AssertionError from deep inside ``model.to``.
     """
     if device is None:
         return torch.device("cpu")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):

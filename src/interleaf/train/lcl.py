@@ -45,6 +45,7 @@ import torch
 
 from interleaf.errors import ConfigError, InputError
 from interleaf.files import replace_text
+from interleaf.model.checkpoint import parse_device
 from interleaf.model.lcl import (
     CLIP_MEAN,
     CLIP_STD,
@@ -676,7 +677,7 @@ def retrieval(
     not pairs, or whose image cannot be read, are skipped and counted."""
     from interleaf.model.lcl import load_lcl
 
-    kind = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    kind = parse_device(device)
     model = load_lcl(model_dir).eval().to(kind)
     tok = load_lcl_tokenizer(tokenizer or model_dir)
     cfg = model.config

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from interleaf.errors import InputError, cannot_read, is_number
+from interleaf.model.checkpoint import parse_device
 from interleaf.model.visionllm import (
     DETECTOR_ROUTES,
     EMB_TOKENS,
@@ -296,12 +297,6 @@ def train_detection(
 
 
 # ----------------------------------------------------------------------------- commands
-def _device(name: str) -> torch.device:
-    from interleaf.model.checkpoint import parse_device
-
-    return parse_device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-
-
 def _new_folder(out: str | Path, ignore: tuple[str, ...] = ()) -> Path:
     """``out``, which must not exist or be an empty folder (but for files named in ``ignore``)."""
     out = Path(out)
@@ -396,7 +391,7 @@ def train_command(
     else:  # a run killed while writing its first state leaves just the partial temporary file
         _new_folder(out, ignore=(f".{STATE_FILE}.tmp",))
     out.mkdir(parents=True, exist_ok=True)
-    dev = _device(device)
+    dev = parse_device(device)
     records, skipped = read_detection_records(data, image_root)
 
     def check_records() -> None:
@@ -465,5 +460,5 @@ def detect_command(
         check_question(question, "--question")
     if not Path(image).is_file():
         raise InputError(f"{image}: image not found")
-    model, tok = load_visionllm(model_dir, device=_device(device))
+    model, tok = load_visionllm(model_dir, device=parse_device(device))
     return detect(model, tok, image, question, threshold=threshold, max_new_tokens=max_new_tokens)
