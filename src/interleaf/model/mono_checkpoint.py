@@ -109,7 +109,7 @@ def init_mono_model(
     Expert weights are independent random tensors here (not copies), so tests see both paths differ.
     """
     from interleaf.model.checkpoint import parse_dtype
-    from interleaf.model.presets import apply_overrides, make_tokenizer
+    from interleaf.model.presets import apply_overrides, make_tokenizer, set_token_ids
 
     if preset not in MONO_PRESETS:
         raise ConfigError(
@@ -126,25 +126,10 @@ def init_mono_model(
         raise ConfigError(
             f"preset {preset}: tokenizer has {len(tok)} tokens > vocab_size {cfg.llm.vocab_size}"
         )
-    _set_token_ids(cfg, tok)
+    set_token_ids(cfg, tok)
     apply_overrides(cfg, overrides)
     model = build_mono_model(cfg, seed=seed, dtype=dtype, copy_experts=False)
     return save_mono_checkpoint(model, tok, out_dir)
-
-
-def _set_token_ids(cfg: InternVLConfig, tok: Any) -> None:
-    from interleaf.model.tokenizer import IMG_CONTEXT, IMG_END, IMG_START
-
-    vocab = tok.get_vocab()
-    cfg.img_context_token_id, cfg.img_start_token_id, cfg.img_end_token_id = (
-        vocab.get(IMG_CONTEXT), vocab.get(IMG_START), vocab.get(IMG_END)
-    )  # fmt: skip
-    if cfg.llm.bos_token_id is None and cfg.llm.family in ("internlm2", "phi3"):
-        cfg.llm.bos_token_id = vocab.get("<s>")
-    if cfg.llm.eos_token_id is None:
-        cfg.llm.eos_token_id = vocab.get("<|end|>" if cfg.template == "phi3-chat" else "<|im_end|>")
-    if cfg.llm.pad_token_id is None:
-        cfg.llm.pad_token_id = vocab.get("<|endoftext|>")
 
 
 # ----------------------------------------------------------------------------- load / save
@@ -301,7 +286,7 @@ def init_mono_from_llm(
     Tokens the tokenizer adds (``<img>``, ``<IMG_CONTEXT>`` ...) grow the vocabulary with new rows set to
     the mean of the old ones, as upstream's fine-tune script does. Returns ``(model, tokenizer)``.
     """
-    from interleaf.model.presets import DEFAULTS
+    from interleaf.model.presets import DEFAULTS, set_token_ids
     from interleaf.processing.templates import get_template
 
     path = Path(path)
@@ -350,7 +335,7 @@ def init_mono_from_llm(
     for key in ("img_context_token_id", "img_start_token_id", "img_end_token_id"):
         top[key] = None
     cfg = MonoInternVLConfig.from_internvl(InternVLConfig(**top), visual_attention_experts)
-    _set_token_ids(cfg, tok)
+    set_token_ids(cfg, tok)
     if cfg.img_context_token_id is None:
         raise CheckpointError(f"{path.name}: the tokenizer has no <IMG_CONTEXT> token")
 

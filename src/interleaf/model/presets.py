@@ -231,6 +231,35 @@ def _same_kind(current: Any, value: Any) -> bool:
     return isinstance(value, type(current))
 
 
+def preset_config_for(preset: str, tok: Any) -> InternVLConfig:
+    """:func:`preset_config` for the tokenizer ``tok``: a tiny preset's vocabulary is ``len(tok)``
+    rounded up to 64, and the image, BOS, EOS and padding token ids are ``tok``'s."""
+    cfg = preset_config(preset, vocab_size=-(-len(tok) // 64) * 64)
+    if len(tok) > cfg.llm.vocab_size:
+        raise ConfigError(
+            f"preset {preset}: tokenizer has {len(tok)} tokens > vocab_size {cfg.llm.vocab_size}"
+        )
+    set_token_ids(cfg, tok)
+    return cfg
+
+
+def set_token_ids(cfg: InternVLConfig, tok: Any) -> None:
+    """The image token ids from ``tok``; BOS (for the families that use one), EOS (the template's
+    end of turn) and padding where the config has none."""
+    from interleaf.model.tokenizer import IMG_CONTEXT, IMG_END, IMG_START
+
+    vocab = tok.get_vocab()
+    cfg.img_context_token_id, cfg.img_start_token_id, cfg.img_end_token_id = (
+        vocab.get(IMG_CONTEXT), vocab.get(IMG_START), vocab.get(IMG_END)
+    )  # fmt: skip
+    if cfg.llm.bos_token_id is None and cfg.llm.family in _BOS_FAMILIES:
+        cfg.llm.bos_token_id = vocab.get("<s>")
+    if cfg.llm.eos_token_id is None:
+        cfg.llm.eos_token_id = vocab.get("<|end|>" if cfg.template == "phi3-chat" else "<|im_end|>")
+    if cfg.llm.pad_token_id is None:
+        cfg.llm.pad_token_id = vocab.get("<|endoftext|>")
+
+
 def init_model(
     preset: str,
     out_dir: str | Path,
@@ -247,7 +276,6 @@ def init_model(
     """
     from interleaf.model.checkpoint import parse_dtype, save_checkpoint
     from interleaf.model.mono_checkpoint import MONO_PRESETS, init_mono_model
-    from interleaf.model.tokenizer import IMG_CONTEXT, IMG_END, IMG_START
 
     if preset in MONO_PRESETS:
         if layout != "internvl_chat":
@@ -258,20 +286,8 @@ def init_model(
     if preset not in PRESETS:
         raise ConfigError(f"preset: unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
     dtype = parse_dtype(dtype) or (torch.float32 if preset.startswith("tiny") else torch.bfloat16)
-    family = PRESETS[preset][1]["family"]
-    tok = make_tokenizer(family)
-    cfg = preset_config(preset, vocab_size=-(-len(tok) // 64) * 64)
-    if len(tok) > cfg.llm.vocab_size:
-        raise ConfigError(
-            f"preset {preset}: tokenizer has {len(tok)} tokens > vocab_size {cfg.llm.vocab_size}"
-        )
-    vocab = tok.get_vocab()
-    cfg.img_context_token_id, cfg.img_start_token_id, cfg.img_end_token_id = (
-        vocab[IMG_CONTEXT], vocab[IMG_START], vocab[IMG_END]
-    )  # fmt: skip
-    cfg.llm.bos_token_id = vocab.get("<s>") if family in _BOS_FAMILIES else None
-    cfg.llm.eos_token_id = vocab["<|end|>"] if cfg.template == "phi3-chat" else vocab["<|im_end|>"]
-    cfg.llm.pad_token_id = vocab["<|endoftext|>"]
+    tok = make_tokenizer(PRESETS[preset][1]["family"])
+    cfg = preset_config_for(preset, tok)
     apply_overrides(cfg, overrides)
     model = build_model(cfg, seed=seed, dtype=dtype)
     return save_checkpoint(model, tok, out_dir, layout=layout)

@@ -465,20 +465,13 @@ def init_visionllm(
     """A random-weight VisionLLM v2 on an interleaf preset, with the offline tokenizer plus the
     super-link tokens; ``gdino`` (a GroundingDinoConfig dict) defaults to a tiny detector, and
     ``detector=False`` builds none."""
-    from interleaf.model.presets import PRESETS, make_tokenizer, preset_config
-    from interleaf.model.tokenizer import IMG_CONTEXT, IMG_END, IMG_START
+    from interleaf.model.presets import PRESETS, make_tokenizer, preset_config_for
 
     if preset not in PRESETS:
         raise ConfigError(f"preset: unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
     tok = make_tokenizer(PRESETS[preset][1]["family"])
     ids = add_super_link_tokens(tok)
-    cfg = preset_config(preset, vocab_size=-(-len(tok) // 64) * 64)
-    vocab = tok.get_vocab()
-    cfg.img_context_token_id, cfg.img_start_token_id, cfg.img_end_token_id = (
-        vocab[IMG_CONTEXT], vocab[IMG_START], vocab[IMG_END]
-    )  # fmt: skip
-    cfg.llm.eos_token_id = vocab["<|end|>"] if cfg.template == "phi3-chat" else vocab["<|im_end|>"]
-    cfg.llm.pad_token_id = vocab["<|endoftext|>"]
+    cfg = preset_config_for(preset, tok)
     if gdino is None and detector:
         from interleaf.model.grounding_dino import tiny_grounding_dino_config
 
