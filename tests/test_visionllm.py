@@ -195,7 +195,7 @@ def test_load_names_missing_tensors(tmp_path, mllm):
     weights = load_file(out / "model.safetensors")
     weights.pop("emb_embeddings_pose.weight")
     save_file(weights, str(out / "model.safetensors"))
-    with pytest.raises(CheckpointError, match="missing emb_embeddings_pose.weight"):
+    with pytest.raises(CheckpointError, match="missing tensors for the config: emb_embeddings_pose.weight"):
         load_visionllm(out)
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "config.json").write_text('{"model_type": "internvl_chat"}')

@@ -479,16 +479,31 @@ def load_checkpoint(
 
     with torch.device("meta"):
         model = model_cls(cfg)
-    expected = {k: v for k, v in model.state_dict().items()}
-    if cfg.llm.tie_word_embeddings:
+    check_tensors(model, sd, path, origin)
+    dtype = parse_dtype(dtype) or stored_dtype(sd)
+    sd = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in sd.items()}
+    model.load_state_dict(sd, strict=False, assign=True)
+    model.language_model.tie_weights()
+    rebuild_buffers(model)
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def check_tensors(
+    model: torch.nn.Module, sd: dict[str, torch.Tensor], path: Path, origin: dict[str, str]
+) -> None:
+    """``sd`` holds exactly the tensors ``model`` takes (its tied ``lm_head`` aside), each of the right
+    shape and floating where the model's is; else one ``CheckpointError`` naming the tensors."""
+    expected = dict(model.state_dict())
+    if model.config.llm.tie_word_embeddings:
         expected.pop("language_model.lm_head.weight", None)
     missing = [k for k in expected if k not in sd]
     extra = [k for k in sd if k not in expected]
-    where = path.name
     if missing:
-        raise CheckpointError(f"{where}: missing tensors for the config: {_listing(missing)}")
+        raise CheckpointError(f"{path.name}: missing tensors for the config: {_listing(missing)}")
     if extra:
-        raise CheckpointError(f"{where}: tensors the config does not use: {_listing(extra)}")
+        raise CheckpointError(f"{path.name}: tensors the config does not use: {_listing(extra)}")
     for k, v in expected.items():
         if tuple(sd[k].shape) != tuple(v.shape):
             raise CheckpointError(
@@ -499,17 +514,12 @@ def load_checkpoint(
                 f"{tensor_label(path, origin, k)} has dtype {str(sd[k].dtype).replace('torch.', '')}, "
                 "the model needs floating-point weights"
             )
-    dtype = parse_dtype(dtype)
-    if dtype is None:
-        floats = [t.dtype for t in sd.values() if t.is_floating_point()]
-        dtype = max(set(floats), key=floats.count) if floats else torch.float32
-    sd = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in sd.items()}
-    model.load_state_dict(sd, strict=False, assign=True)
-    model.language_model.tie_weights()
-    rebuild_buffers(model)
-    model.to(device)
-    model.eval()
-    return model, tokenizer
+
+
+def stored_dtype(sd: dict[str, torch.Tensor]) -> torch.dtype:
+    """The floating dtype most of ``sd``'s tensors have (float32 when none is floating)."""
+    floats = [t.dtype for t in sd.values() if t.is_floating_point()]
+    return max(set(floats), key=floats.count) if floats else torch.float32
 
 
 def tensor_label(path: Path, origin: dict[str, str], name: str) -> str:

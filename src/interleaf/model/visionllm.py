@@ -498,7 +498,14 @@ def load_visionllm(
 ) -> tuple[VisionLLMv2Model, Any]:
     """Load :func:`save_visionllm`'s folder: ``(model, tokenizer)``, eval mode; missing or extra tensors
     are named. ``dtype`` None keeps the stored floating dtype (as ``load_checkpoint``)."""
-    from interleaf.model.checkpoint import from_disk, parse_dtype, read_weights, tensor_label
+    from interleaf.model.checkpoint import (
+        check_tensors,
+        from_disk,
+        parse_dtype,
+        read_weights,
+        stored_dtype,
+        tensor_label,
+    )
     from interleaf.model.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, load_tokenizer
 
     path = Path(path)
@@ -526,28 +533,8 @@ def load_visionllm(
     model = VisionLLMv2Model(cfg, link)
     if cfg.llm.tie_word_embeddings:
         sd.pop("language_model.lm_head.weight", None)
-    expected = set(model.state_dict())
-    if cfg.llm.tie_word_embeddings:
-        expected.discard("language_model.lm_head.weight")
-    missing, extra = sorted(expected - set(sd)), sorted(set(sd) - expected)
-    if missing or extra:
-        what = [
-            f"missing {', '.join(missing[:5])}" if missing else "",
-            f"unexpected {', '.join(extra[:5])}" if extra else "",
-        ]
-        raise CheckpointError(
-            f"{path.name}: weights do not match the config: {'; '.join(w for w in what if w)}"
-        )
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
-    for k in sorted(expected):
-        if sd[k].shape != shapes[k]:
-            raise CheckpointError(
-                f"{tensor_label(path, origin, k)} has shape {list(sd[k].shape)}, the config expects {list(shapes[k])}"
-            )
+    check_tensors(model, sd, path, origin)
     model.load_state_dict(sd, strict=False)
     model.language_model.tie_weights()
-    dtype = parse_dtype(dtype)
-    if dtype is None:
-        floats = [t.dtype for t in sd.values() if t.is_floating_point()]
-        dtype = max(set(floats), key=floats.count) if floats else torch.float32
+    dtype = parse_dtype(dtype) or stored_dtype(sd)
     return model.to(device, dtype).eval(), tokenizer
