@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import BertConfig, GroundingDinoConfig, GroundingDinoForObjectDetection, SwinConfig
+from transformers.image_transforms import center_to_corners_format
 from transformers.loss.loss_grounding_dino import GroundingDinoForObjectDetectionLoss
 
 __all__ = [
@@ -559,9 +560,7 @@ class SuperLinkGroundingDino(nn.Module):
         logits = outputs.logits.float()  # a bf16 model's boxes would be scaled to pixels in bf16
         probs = logits.sigmoid().masked_fill(~outputs.route_mask[:, None, :], 0.0)
         scores, routes = probs.max(dim=-1)
-        boxes = outputs.pred_boxes.float()
-        cx, cy, w, h = boxes.unbind(-1)
-        xyxy = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+        xyxy = center_to_corners_format(outputs.pred_boxes.float())
         sizes = torch.as_tensor(target_sizes, dtype=xyxy.dtype, device=xyxy.device)
         if sizes.shape != (logits.shape[0], 2):
             raise ValueError(

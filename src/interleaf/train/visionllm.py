@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.image_transforms import corners_to_center_format
 
 from interleaf.errors import InputError, cannot_read, is_number
 from interleaf.model.checkpoint import parse_device
@@ -186,8 +187,7 @@ def encode_detection(model: VisionLLMv2Model, tokenizer: Any, record: DetectionR
     boxes = torch.tensor(record.boxes, dtype=torch.float32).reshape(-1, 4)
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w) / w
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h) / h
-    cxcywh = torch.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2,
-                          boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], -1)  # fmt: skip
+    cxcywh = corners_to_center_format(boxes)
     return {
         "input_ids": prompt_ids + answer_ids,
         "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids,
