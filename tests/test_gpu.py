@@ -146,7 +146,7 @@ def test_visionllm_losses_and_training_on_the_gpu(tmp_path):
         detect_command,
         encode_detection,
         init_command,
-        read_detection_records,
+        read_records,
         train_command,
     )
 
@@ -159,7 +159,7 @@ def test_visionllm_losses_and_training_on_the_gpu(tmp_path):
         "phrases": ["red square", "dog"],
     }
     (tmp_path / "d.jsonl").write_text(json.dumps(row) + "\n")
-    records, _ = read_detection_records(tmp_path / "d.jsonl")
+    records, _ = read_records(tmp_path / "d.jsonl")
     cpu, tok = init_visionllm("tiny", seed=0)
     cpu.config.force_image_size, cpu.config.max_dynamic_patch, cpu.link.detector_size = 224, 1, 128
     gpu = copy.deepcopy(cpu).cuda()

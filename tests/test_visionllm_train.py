@@ -18,7 +18,7 @@ from interleaf.train.visionllm import (
     collate_detection,
     encode_detection,
     parse_detection_record,
-    read_detection_records,
+    read_records,
 )
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220)}
@@ -77,7 +77,7 @@ def test_bad_records_are_skipped_with_their_line_and_field(tmp_path):
         {**good, "phrases": ["dog", "cat"], "question": "Where?"},
     ]
     _write(tmp_path / "d.jsonl", rows)
-    records, skipped = read_detection_records(tmp_path / "d.jsonl")
+    records, skipped = read_records(tmp_path / "d.jsonl")
     assert [r.line for r in records] == [1, 14]
     assert (
         records[1].phrases == ["dog", "cat"]
@@ -245,7 +245,7 @@ def test_records_whose_text_would_break_training_are_skipped(tmp_path):
         {**good, "question": "<image>\nWhere is the cat?"},
     ]
     _write(tmp_path / "d.jsonl", rows)
-    records, skipped = read_detection_records(tmp_path / "d.jsonl")
+    records, skipped = read_records(tmp_path / "d.jsonl")
     assert [r.line for r in records] == [1, 6]
     reasons = {s["line"]: s["reason"] for s in skipped}
     assert reasons[2] == "question: contains '[DET]'"
@@ -278,7 +278,7 @@ def test_records_with_an_unreadable_image_or_a_box_off_the_image_are_skipped(tmp
         {"image": "a.png", "objects": [{"phrase": "cat", "box": [5, -20, 10, 0]}]},
     ]
     _write(tmp_path / "d.jsonl", rows)
-    records, skipped = read_detection_records(tmp_path / "d.jsonl")
+    records, skipped = read_records(tmp_path / "d.jsonl")
     assert [r.line for r in records] == [1]
     reasons = {s["line"]: s["reason"] for s in skipped}
     assert reasons[2].startswith("image: ") and "b.png" in reasons[2] and "not a readable image" in reasons[2]
@@ -383,7 +383,7 @@ def test_a_batch_larger_than_the_records_is_filled_from_the_next_pass(tmp_path, 
     from interleaf.train import visionllm as tv
 
     _write(tmp_path / "d.jsonl", squares(tmp_path, 2, seed=4, size=112))
-    records, _ = read_detection_records(tmp_path / "d.jsonl")
+    records, _ = read_records(tmp_path / "d.jsonl")
     model, tok = init_visionllm("tiny", seed=0)
     model.config.force_image_size, model.config.max_dynamic_patch, model.link.detector_size = 112, 1, 128
     sizes = []
@@ -391,5 +391,5 @@ def test_a_batch_larger_than_the_records_is_filled_from_the_next_pass(tmp_path, 
     monkeypatch.setattr(
         tv, "collate_detection", lambda examples, *a: sizes.append(len(examples)) or real(examples, *a)
     )
-    tv.train_detection(model, tok, records, steps=2, batch_size=3)
+    tv.train_visionllm(model, tok, records, steps=2, batch_size=3)
     assert sizes == [3, 3]  # was [2, 2]: capped at the number of records

@@ -491,11 +491,16 @@ def load_checkpoint(
 
 
 def check_tensors(
-    model: torch.nn.Module, sd: dict[str, torch.Tensor], path: Path, origin: dict[str, str]
+    model: torch.nn.Module,
+    sd: dict[str, torch.Tensor],
+    path: Path,
+    origin: dict[str, str],
+    skip: tuple[str, ...] = (),
 ) -> None:
-    """``sd`` holds exactly the tensors ``model`` takes (its tied ``lm_head`` aside), each of the right
-    shape and floating where the model's is; else one ``CheckpointError`` naming the tensors."""
-    expected = dict(model.state_dict())
+    """``sd`` holds exactly the tensors ``model`` takes (its tied ``lm_head`` and the names starting
+    with a ``skip`` prefix aside), each of the right shape and floating where the model's is; else one
+    ``CheckpointError`` naming the tensors."""
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(skip)}
     if model.config.llm.tie_word_embeddings:
         expected.pop("language_model.lm_head.weight", None)
     missing = [k for k in expected if k not in sd]
@@ -615,9 +620,11 @@ def save_checkpoint(
     out_dir: str | Path,
     layout: str = "internvl_chat",
     max_shard_bytes: int = SHARD_BYTES,
+    skip: tuple[str, ...] = (),
 ) -> Path:
     """Write ``config.json``, safetensors weights (sharded with an index above ``max_shard_bytes``)
-    and the tokenizer files. The ``hf`` layout loads in transformers' ``InternVLForConditionalGeneration``."""
+    and the tokenizer files. The ``hf`` layout loads in transformers' ``InternVLForConditionalGeneration``.
+    Tensors whose names start with a ``skip`` prefix are not written (a caller stores them itself)."""
     from safetensors.torch import save_file
 
     if layout not in LAYOUTS:
@@ -633,7 +640,7 @@ def save_checkpoint(
         ctx = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
         if cfg.img_context_token_id is None:
             cfg.img_context_token_id = ctx
-    sd = dict(model.state_dict())
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith(skip)}
     tied = cfg.llm.tie_word_embeddings
     if tied:
         sd.pop("language_model.lm_head.weight", None)

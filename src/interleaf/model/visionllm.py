@@ -19,11 +19,12 @@ link: a decoder reads them, and its loss flows back into the LLM end to end.
 - **Generation**: once the model emits a routing token, the token and its query slots are run through
   the LLM as one chunk (KV cache), their hidden states kept, and decoding goes on from the last slot.
 
-Built here: the super link for all six routing tokens, and the DET/GRD/SEG decoder (Grounding DINO,
-:mod:`interleaf.model.grounding_dino`). The pose, generation and editing decoders (UniPose, Stable
-Diffusion, InstructPix2Pix upstream) are not: :meth:`VisionLLMv2Model.generate` returns their routes'
-hidden states for a decoder of one's own. The backbone is the InternVL of this package (upstream's
-26B model is InternViT + pixel shuffle + ``mlp1`` + InternLM2 as well).
+Built here: the super link for all six routing tokens and three of upstream's decoders: DET/GRD/SEG
+(Grounding DINO, :mod:`interleaf.model.grounding_dino`), GEN (Stable Diffusion) and EDIT
+(InstructPix2Pix), both :mod:`interleaf.model.stable_diffusion` (attributes ``sd`` and ``ip2p``, as
+upstream). The pose decoder (UniPose upstream) is not: :meth:`VisionLLMv2Model.generate` returns POSE
+routes' hidden states for a decoder of one's own. The backbone is the InternVL of this package
+(upstream's 26B model is InternViT + pixel shuffle + ``mlp1`` + InternLM2 as well).
 """
 
 from __future__ import annotations
@@ -55,18 +56,23 @@ ROUTE_TOKENS = {
 EMB_TOKENS = ["[EMB]"] + [f"[EMB{i}]" for i in range(2, 9)]
 SPAN_TOKENS = ["<det>", "</det>", "<grd>", "</grd>", "<reg>", "</reg>"]
 DETECTOR_ROUTES = ("det", "grd", "seg")  # the routes Grounding DINO serves
+DECODER_OF = {"gen": "sd", "edit": "ip2p"}  # the diffusion routes' decoders (attribute = config key)
+DIFFUSION_DIRS = {"sd": "stable_diffusion", "ip2p": "instruct_pix2pix"}  # their pipeline folders
 TABLE_OF = {"det": "det", "grd": "det", "seg": "det", "pose": "pose", "gen": "gen", "edit": "edit"}
 IGNORE_INDEX = -100
 # init_visionllm's default detector: the tiny Grounding DINO, wider and without dropout, which learns
 # to tell two objects apart in a few hundred CPU steps (tests/test_visionllm_train.py)
 TINY_DETECTOR = {"d_model": 64, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128, "dropout": 0.0}
 CONFIG_KEY = "visionllmv2"
+TINY_DIFFUSION_SIZE = 64  # init_visionllm's tiny pipelines make 64 x 64 images (32 x 32 latents)
 
 
 @dataclass
 class SuperLinkConfig:
     """The super-link settings; ``route_token_ids`` / ``emb_token_id`` come from the tokenizer
-    (:func:`add_super_link_tokens`), ``gdino`` is a ``transformers.GroundingDinoConfig`` as a dict."""
+    (:func:`add_super_link_tokens`), ``gdino`` is a ``transformers.GroundingDinoConfig`` as a dict,
+    ``sd`` / ``ip2p`` a :class:`~interleaf.model.stable_diffusion.DiffusionLinkConfig` as a dict (the
+    pipelines themselves are folders beside the checkpoint's weights)."""
 
     route_token_ids: dict[str, int] = field(default_factory=dict)
     emb_token_id: int = -1
@@ -74,6 +80,8 @@ class SuperLinkConfig:
     num_embs_gen: int = 64
     gdino: dict[str, Any] | None = None
     detector_size: int = 800  # the detector's input: shortest edge (longest <= 1333/800 of it)
+    sd: dict[str, Any] | None = None
+    ip2p: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_embs <= len(EMB_TOKENS):
@@ -131,8 +139,9 @@ class Link:
 
 @dataclass
 class VisionLLMv2Output:
-    """``loss`` = ``lm_loss`` (+ ``det_loss``); ``logits`` [B, S, V]; ``hidden`` [B, S, H] (final norm);
-    ``links`` per row; ``det`` the detector's output (when detection inputs were given)."""
+    """``loss`` = ``lm_loss`` (+ ``det_loss`` + ``sd_loss`` + ``ip2p_loss``); ``logits`` [B, S, V];
+    ``hidden`` [B, S, H] (final norm); ``links`` per row; ``det`` the detector's output (when detection
+    inputs were given)."""
 
     logits: torch.Tensor
     hidden: torch.Tensor
@@ -140,6 +149,8 @@ class VisionLLMv2Output:
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
     det_loss: torch.Tensor | None = None
+    sd_loss: torch.Tensor | None = None
+    ip2p_loss: torch.Tensor | None = None
     det: Any = None
 
 
@@ -163,7 +174,8 @@ class Generation:
 
 
 class VisionLLMv2Model(InternVLChatModel):
-    """InternVL + super-link query tables (+ the Grounding DINO tool when ``link.gdino`` is set)."""
+    """InternVL + super-link query tables (+ the Grounding DINO tool when ``link.gdino`` is set; the
+    diffusion tools ``sd`` / ``ip2p`` are attached with :meth:`add_diffusion`)."""
 
     def __init__(self, config: InternVLConfig, link: SuperLinkConfig) -> None:
         super().__init__(config)
@@ -180,16 +192,33 @@ class VisionLLMv2Model(InternVLChatModel):
             from interleaf.model.grounding_dino import SuperLinkGroundingDino
 
             self.gdino = SuperLinkGroundingDino(GroundingDinoConfig(**link.gdino), h)
+        # built from a pipeline folder, not from the config alone (the CLIP tokenizer is files)
+        self.sd: Any = None
+        self.ip2p: Any = None
         self._kind_of = {i: k for k, i in link.route_token_ids.items()}
+
+    def add_diffusion(self, module: Any) -> None:
+        """Attach a :class:`~interleaf.model.stable_diffusion.SuperLinkDiffusion` as the tool of its
+        kind's routes (``sd`` for GEN, ``ip2p`` for EDIT); its settings go into ``link``."""
+        name = DECODER_OF[module.config.kind]
+        setattr(self, name, module)
+        setattr(self.link, name, asdict(module.config))
+
+    def diffusion(self, kind: str) -> Any:
+        """The GEN or EDIT route's decoder, or None."""
+        return getattr(self, DECODER_OF[kind])
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, std: float | None = None) -> None:
-        """InternVL's init for the MLLM and the query tables; the detector keeps its own init."""
-        gdino, self.gdino = self.gdino, None
+        """InternVL's init for the MLLM and the query tables; the decoders keep their own init."""
+        tools = {name: getattr(self, name) for name in ("gdino", *DECODER_OF.values())}
+        for name in tools:
+            setattr(self, name, None)
         try:
             super().init_weights(seed, std)
         finally:
-            self.gdino = gdino
+            for name, module in tools.items():
+                setattr(self, name, module)
 
     def table(self, kind: str) -> nn.Embedding:
         return getattr(self, f"emb_embeddings_{TABLE_OF[kind]}")
@@ -270,11 +299,16 @@ class VisionLLMv2Model(InternVLChatModel):
         det_pixel_values: torch.Tensor | None = None,
         det_pixel_mask: torch.Tensor | None = None,
         det_targets: list[dict[str, torch.Tensor]] | None = None,
+        output_images: torch.Tensor | None = None,
+        input_images: torch.Tensor | None = None,
+        captions: list[str | None] | None = None,
     ) -> VisionLLMv2Output:
         """``input_ids`` [B, S] with the query slots in place; ``labels`` [B, S] (-100 = no loss; the
         slots are excluded whatever they hold). ``det_pixel_values`` [B, 3, h, w]: the detector's view of
         each row's image; ``det_targets`` per row ``{"class_labels": route indices among the row's
-        DET/GRD/SEG routes, "boxes": [n, 4] normalised cx, cy, w, h}``."""
+        DET/GRD/SEG routes, "boxes": [n, 4] normalised cx, cy, w, h}``. ``output_images`` [B, 3, r, r] in
+        [-1, 1]: each row's target image for its GEN/EDIT routes (``input_images`` the image an EDIT
+        route edits; ``captions`` per row, for upstream's caption loss, or None)."""
         links = self.find_links(input_ids)
         if pixel_values is not None:  # collate_detection's float32 pixels into a bf16 model
             pixel_values = pixel_values.to(next(self.vision_model.parameters()).dtype)
@@ -304,6 +338,27 @@ class VisionLLMv2Model(InternVLChatModel):
             if det_targets is not None:
                 result.det_loss = result.det.loss
                 result.loss = result.det_loss if result.loss is None else result.loss + result.det_loss
+        if output_images is not None:
+            for kind, name in DECODER_OF.items():
+                rows = [(b, link) for b, row in enumerate(links) for link in row if link.kind == kind]
+                if not rows:
+                    continue
+                module = self.diffusion(kind)
+                if module is None:
+                    raise ConfigError(
+                        f"{CONFIG_KEY}: {ROUTE_TOKENS[kind]} targets given but the model has no {name}"
+                    )
+                index = [b for b, _ in rows]  # one target per route: its row's (as upstream)
+                states = torch.stack([result.hidden[b, link.slots] for b, link in rows])
+                caps = [captions[b] for b in index] if captions is not None else None
+                loss = module.loss(
+                    states,
+                    output_images[index],
+                    None if caps is None or None in caps else caps,
+                    input_images[index] if input_images is not None else None,
+                ).loss
+                setattr(result, f"{name}_loss", loss)
+                result.loss = loss if result.loss is None else result.loss + loss
         return result
 
     # ------------------------------------------------------------------ generation
@@ -380,43 +435,70 @@ def detector_inputs(images: list[Any], size: int) -> tuple[torch.Tensor, torch.T
 
 
 @torch.no_grad()
-def detect(
+def answer(
     model: VisionLLMv2Model,
     tokenizer: Any,
-    image: Any,
     question: str,
+    image: Any = None,
     threshold: float = 0.3,
     max_new_tokens: int = 64,
+    num_inference_steps: int | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Ask ``question`` about ``image``; the answer's DET/GRD/SEG routes go to the detector.
+    """Ask ``question`` (about ``image``, or text only); every route of the answer goes to its tool:
+    DET/GRD/SEG to the detector, GEN to ``sd``, EDIT to ``ip2p`` (which edits ``image``).
 
     Returns ``{"text", "finish_reason", "routes": [{"kind", "phrase"}], "detections": [{"route",
-    "phrase", "score", "box": [x1, y1, x2, y2] pixels}]}`` (detections by score)."""
+    "phrase", "score", "box": [x1, y1, x2, y2] pixels}] (by score), "images": [{"route", "kind",
+    "image": PIL image}], "not_run": [{"route", "reason"}]}``; ``routes_not_detected`` counts the
+    detection routes past the detector's ``max_text_len``. ``seed`` seeds the diffusion sampling."""
     from interleaf.processing.image import preprocess_image
     from interleaf.processing.prompt import build_prompt
     from interleaf.processing.templates import get_template
 
-    if model.gdino is None:
-        raise ConfigError(f"{CONFIG_KEY}: this model has no detector (gdino)")
     cfg = model.config
-    image = to_rgb(load_image(image))
-    pixels = preprocess_image(image, max_num=cfg.max_dynamic_patch, min_num=cfg.min_dynamic_patch,
-                              image_size=cfg.image_size, use_thumbnail=cfg.use_thumbnail,
-                              dynamic=cfg.dynamic_image_size)  # fmt: skip
-    prompt = build_prompt(
-        get_template(cfg.template), question, [pixels.shape[0]], num_image_token=model.num_image_token
-    )
+    tiles, pixels = [], None
+    if image is not None:
+        image = to_rgb(load_image(image))
+        pixels = preprocess_image(image, max_num=cfg.max_dynamic_patch, min_num=cfg.min_dynamic_patch,
+                                  image_size=cfg.image_size, use_thumbnail=cfg.use_thumbnail,
+                                  dynamic=cfg.dynamic_image_size)  # fmt: skip
+        tiles, pixels = [pixels.shape[0]], pixels.to(model.device, model.dtype)
+    prompt = build_prompt(get_template(cfg.template), question, tiles, num_image_token=model.num_image_token)
     ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)], device=model.device)
-    gen = model.generate(
-        ids, pixels.to(model.device, model.dtype), max_new_tokens, cfg.llm.eos_token_id, tokenizer
-    )
+    gen = model.generate(ids, pixels, max_new_tokens, cfg.llm.eos_token_id, tokenizer)
     result: dict[str, Any] = {
         "text": gen.text,
         "finish_reason": gen.finish_reason,
         "routes": [{"kind": r.kind, "phrase": r.phrase} for r in gen.routes],
         "detections": [],
+        "images": [],
+        "not_run": [],
     }
     chosen = [(i, r) for i, r in enumerate(gen.routes) if r.kind in DETECTOR_ROUTES]
+    for i, r in enumerate(gen.routes):
+        why = None
+        if r.kind == "pose":
+            why = "no pose decoder"
+        elif r.kind in DETECTOR_ROUTES and model.gdino is None:
+            why = "the model has no detector"
+        elif r.kind in DETECTOR_ROUTES and image is None:
+            why = "no image to detect in"
+        elif r.kind in DECODER_OF and model.diffusion(r.kind) is None:
+            why = f"the model has no {DECODER_OF[r.kind]}"
+        elif r.kind == "edit" and image is None:
+            why = "no image to edit"
+        if why:
+            result["not_run"].append({"route": i, "reason": why})
+        elif r.kind in DECODER_OF:
+            generator = torch.Generator().manual_seed(seed + i)
+            drawn = model.diffusion(r.kind).generate(
+                r.states[None], input_images=[image] if r.kind == "edit" else None,
+                num_inference_steps=num_inference_steps, generator=generator,
+            )  # fmt: skip
+            result["images"].append({"route": i, "kind": r.kind, "image": drawn[0]})
+    if model.gdino is None or image is None:
+        return result
     room = model.gdino.config.max_text_len
     if len(chosen) > room:  # the detector takes at most max_text_len phrases at once
         result["routes_not_detected"] = len(chosen) - room
@@ -434,6 +516,20 @@ def detect(
         index, r = chosen[route]
         result["detections"].append({"route": index, "phrase": r.phrase, "score": score, "box": box})
     return result
+
+
+def detect(
+    model: VisionLLMv2Model,
+    tokenizer: Any,
+    image: Any,
+    question: str,
+    threshold: float = 0.3,
+    max_new_tokens: int = 64,
+) -> dict[str, Any]:
+    """:func:`answer` about ``image`` for a model that has a detector (else a ``ConfigError``)."""
+    if model.gdino is None:
+        raise ConfigError(f"{CONFIG_KEY}: this model has no detector (gdino)")
+    return answer(model, tokenizer, question, image, threshold=threshold, max_new_tokens=max_new_tokens)
 
 
 _SPAN_RE = re.compile("|".join(re.escape(t) for t in SPAN_TOKENS + list(ROUTE_TOKENS.values())))
@@ -460,11 +556,19 @@ def build_visionllm(
 
 
 def init_visionllm(
-    preset: str = "tiny", gdino: dict[str, Any] | None = None, detector: bool = True, seed: int = 0
+    preset: str = "tiny",
+    gdino: dict[str, Any] | None = None,
+    detector: bool = True,
+    seed: int = 0,
+    gen: str | Path | None = None,
+    edit: str | Path | None = None,
+    diffusion: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[VisionLLMv2Model, Any]:
     """A random-weight VisionLLM v2 on an interleaf preset, with the offline tokenizer plus the
     super-link tokens; ``gdino`` (a GroundingDinoConfig dict) defaults to a tiny detector, and
-    ``detector=False`` builds none."""
+    ``detector=False`` builds none. ``gen`` / ``edit``: a Stable Diffusion / InstructPix2Pix pipeline
+    folder (diffusers layout) for the GEN / EDIT routes, or ``"tiny"`` for a tiny random one;
+    ``diffusion`` {"gen": {...}, "edit": {...}}: their ``DiffusionLinkConfig`` settings."""
     from interleaf.model.presets import PRESETS, make_tokenizer, preset_config_for
 
     if preset not in PRESETS:
@@ -477,20 +581,58 @@ def init_visionllm(
 
         gdino = tiny_grounding_dino_config(**TINY_DETECTOR).to_dict()
     link = SuperLinkConfig(**ids, gdino=gdino if detector else None)
-    return build_visionllm(cfg, link, seed=seed), tok
+    model = build_visionllm(cfg, link, seed=seed)
+    for kind, source in (("gen", gen), ("edit", edit)):
+        if source is not None:
+            model.add_diffusion(_diffusion_from(source, kind, (diffusion or {}).get(kind, {}), cfg, seed))
+    return model, tok
+
+
+def _diffusion_from(
+    source: str | Path, kind: str, settings: dict[str, Any], cfg: InternVLConfig, seed: int
+) -> Any:
+    """The ``kind`` decoder from a pipeline folder, or from a tiny random one (``source == "tiny"``)."""
+    import tempfile
+
+    from interleaf.model.stable_diffusion import DiffusionLinkConfig, SuperLinkDiffusion, make_tiny_pipeline
+
+    config = DiffusionLinkConfig(kind=kind, **settings)
+    torch.manual_seed(seed)  # the super-link mapper's init draws from the global generator
+    if str(source) != "tiny":
+        return SuperLinkDiffusion.from_pretrained(source, config, cfg.llm.hidden_size)
+    if config.resolution is None:  # the tiny pipeline's own image size, not upstream's 512 / 256
+        config.resolution = TINY_DIFFUSION_SIZE
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = make_tiny_pipeline(
+            Path(tmp) / "pipeline", kind=kind, seed=seed, sample_size=TINY_DIFFUSION_SIZE // 2
+        )
+        return SuperLinkDiffusion.from_pretrained(folder, config, cfg.llm.hidden_size)
 
 
 def save_visionllm(model: VisionLLMv2Model, tokenizer: Any, out_dir: str | Path) -> Path:
     """An InternVL-Chat checkpoint folder whose ``config.json`` carries a ``visionllmv2`` section; the
-    query tables (``emb_embeddings_*``) and the detector (``gdino.*``) are stored under their own names."""
+    query tables (``emb_embeddings_*``), the detector (``gdino.*``) and the diffusion decoders' super
+    links (``sd.emb_proj.*``, ``sd.llm2sd_mapper*``, ...) are stored under their own names, and each
+    diffusion pipeline (UNet, VAE, text encoder, tokenizer, scheduler) as a diffusers folder beside
+    them (``stable_diffusion/``, ``instruct_pix2pix/``), which diffusers itself loads."""
     from interleaf.model.checkpoint import save_checkpoint
 
-    out = save_checkpoint(model, tokenizer, out_dir, layout="internvl_chat")
+    out = save_checkpoint(model, tokenizer, out_dir, layout="internvl_chat", skip=_pipeline_prefixes(model))
+    for name, folder in DIFFUSION_DIRS.items():
+        module = getattr(model, name)
+        if module is not None:
+            module.save_pipeline(out / folder)
     config = json.loads((out / "config.json").read_text())
     config["architectures"] = ["VisionLLMv2"]
     config[CONFIG_KEY] = asdict(model.link)
     (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     return out
+
+
+def _pipeline_prefixes(model: VisionLLMv2Model) -> tuple[str, ...]:
+    """State-dict prefixes of the pipelines' own weights (stored in their folders, not with the rest)."""
+    return tuple(f"{name}.sd_{part}." for name in DECODER_OF.values() if getattr(model, name) is not None
+                 for part in ("unet", "vae", "text_encoder"))  # fmt: skip
 
 
 def load_visionllm(
@@ -531,9 +673,24 @@ def load_visionllm(
     disk, origin = read_weights(path)
     sd = from_disk(disk, cfg, "internvl_chat", lambda name: tensor_label(path, origin, name))
     model = VisionLLMv2Model(cfg, link)
+    for kind, name in DECODER_OF.items():
+        settings = getattr(link, name)
+        if settings is not None:
+            from interleaf.model.stable_diffusion import DiffusionLinkConfig, SuperLinkDiffusion
+
+            try:
+                config = DiffusionLinkConfig(**settings)
+            except TypeError as exc:
+                raise ConfigError(f"{source}: {CONFIG_KEY}.{name}: {exc}") from None
+            if config.kind != kind:
+                raise ConfigError(
+                    f"{source}: {CONFIG_KEY}.{name}.kind: must be {kind!r}, got {config.kind!r}"
+                )
+            folder = path / DIFFUSION_DIRS[name]
+            model.add_diffusion(SuperLinkDiffusion.from_pretrained(folder, config, cfg.llm.hidden_size))
     if cfg.llm.tie_word_embeddings:
         sd.pop("language_model.lm_head.weight", None)
-    check_tensors(model, sd, path, origin)
+    check_tensors(model, sd, path, origin, skip=_pipeline_prefixes(model))
     model.load_state_dict(sd, strict=False)
     model.language_model.tie_weights()
     dtype = parse_dtype(dtype) or stored_dtype(sd)

@@ -95,7 +95,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.set_defaults(func=_lcl_export)
 
     vl = subparsers.add_parser(
-        "visionllm", help="VisionLLM v2: an MLLM that routes detection to Grounding DINO via super links"
+        "visionllm",
+        help="VisionLLM v2: an MLLM that routes detection, image generation and editing to decoders via super links",
     )
     vsub = vl.add_subparsers(dest="visionllm_command", metavar="VISIONLLM_COMMAND")
     vl.set_defaults(func=lambda a: (vl.print_help(), 2)[1])
@@ -109,10 +110,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-tiles", type=int, default=None, help="the MLLM's tile budget (default: the preset's)"
     )
     i.add_argument("--detector-size", type=int, default=128, help="the detector's shortest image edge")
+    i.add_argument(
+        "--gen",
+        default=None,
+        help="'tiny' or a Stable Diffusion pipeline folder (diffusers) for [GEN] routes",
+    )
+    i.add_argument(
+        "--edit",
+        default=None,
+        help="'tiny' or an InstructPix2Pix pipeline folder (diffusers) for [EDIT] routes",
+    )
+    i.add_argument(
+        "--train-gen-unet", action="store_true", help="train the [GEN] UNet too (upstream keeps it frozen)"
+    )
     i.add_argument("--seed", type=int, default=0)
     i.set_defaults(func=_visionllm_init)
-    t = vsub.add_parser("train", help="fine-tune on grounded detection records (JSONL)")
-    t.add_argument("data", help="records: {image, objects: [{phrase, box}], phrases?, question?, route?}")
+    t = vsub.add_parser("train", help="fine-tune on detection, generation and editing records (JSONL)")
+    t.add_argument(
+        "data",
+        help="records: {image, objects: [{phrase, box}], phrases?, question?, route?} (detection), "
+        "{route: gen, caption, output_image} or {route: edit, image, caption, output_image}",
+    )
     t.add_argument("--model", required=True, help="a VisionLLM v2 folder (from init or train)")
     t.add_argument(
         "-o", "--out", required=True, help="folder for the trained model and its logs (rerun to resume)"
@@ -134,6 +152,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--max-new-tokens", type=int, default=64)
     d.add_argument("--device", default="auto")
     d.set_defaults(func=_visionllm_detect)
+    a = vsub.add_parser(
+        "ask", help="ask (about an image or not); each route of the answer goes to its decoder"
+    )
+    a.add_argument("model", help="a VisionLLM v2 folder")
+    a.add_argument("--question", required=True)
+    a.add_argument("--image", default=None, help="the image the question is about (an [EDIT] route edits it)")
+    a.add_argument("-o", "--out", default=None, help="new folder for answer.json and the generated images")
+    a.add_argument("--threshold", type=float, default=0.3, help="the detector's score threshold")
+    a.add_argument("--max-new-tokens", type=int, default=128)
+    a.add_argument("--steps", type=int, default=None, help="diffusion sampling steps (default: the model's)")
+    a.add_argument("--seed", type=int, default=0, help="seeds the diffusion sampling")
+    a.add_argument("--device", default="auto")
+    a.set_defaults(func=_visionllm_ask)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -230,7 +261,8 @@ def _lcl_export(args: argparse.Namespace) -> int:
 def _visionllm_init(args: argparse.Namespace) -> int:
     from interleaf.train.visionllm import init_command
 
-    print(init_command(args.out, args.preset, args.image_size, args.max_tiles, args.detector_size, args.seed))
+    print(init_command(args.out, args.preset, args.image_size, args.max_tiles, args.detector_size, args.seed,
+                       args.gen, args.edit, args.train_gen_unet))  # fmt: skip
     return 0
 
 
@@ -251,5 +283,16 @@ def _visionllm_detect(args: argparse.Namespace) -> int:
 
     result = detect_command(args.model, args.image, args.question, args.phrases, args.threshold,
                             args.max_new_tokens, args.device)  # fmt: skip
+    print(json.dumps(result, ensure_ascii=False, indent=2))
+    return 0
+
+
+def _visionllm_ask(args: argparse.Namespace) -> int:
+    import json
+
+    from interleaf.train.visionllm import ask_command
+
+    result = ask_command(args.model, args.question, args.image, args.out, args.threshold, args.max_new_tokens,
+                         args.steps, args.seed, args.device)  # fmt: skip
     print(json.dumps(result, ensure_ascii=False, indent=2))
     return 0

@@ -1,7 +1,8 @@
-"""Fine-tuning VisionLLM v2 on grounded detection: the LLM learns to name and route, the super link
-and the detector learn end to end (upstream's stage 2, on its detection answer format).
+"""Fine-tuning VisionLLM v2 on grounded detection, image generation and image editing: the LLM learns
+to name and route, the super links and the decoders learn end to end (upstream's stage 2, on its
+answer formats).
 
-Records, one JSON object per line::
+Detection records, one JSON object per line::
 
     {"image": "img.jpg",                 # relative to the records file's folder, or to image_root
      "objects": [{"phrase": "red square", "box": [x1, y1, x2, y2]}, ...],      # pixels
@@ -13,13 +14,26 @@ Records, one JSON object per line::
 Prompt: the image, then the question (default ``Please detect p1, p2 in the image.``). Answer, as
 upstream's detection datasets write it: ``p1[DET][EMB][EMB2][EMB3][EMB4], p2[DET][EMB]...`` and the
 end-of-turn token. Detector targets: class = the index of the object's phrase among the routes, box
-normalised (cx, cy, w, h). Records that cannot be used are skipped, each with its line and reason.
+normalised (cx, cy, w, h).
+
+Generation and editing records (upstream's ``text2img.py`` / ``ip2p.py`` datasets)::
+
+    {"route": "gen", "caption": "a red square", "output_image": "red.png", "question": "..."?}
+    {"route": "edit", "image": "in.png", "caption": "make the square blue", "output_image": "out.png"}
+
+Prompt: ``Generate image with caption: <caption>.`` (the caption lower-cased, upstream's punctuation
+removed), or for an edit the image and the capitalised instruction. Answer: ``Here it is
+[GEN][EMB]x64.`` (``[EDIT]`` for an edit). The diffusion loss (and 0.1 x upstream's caption loss) is
+added to the LM loss. A batch holds one task (detection, generation or editing), as upstream's.
+
+Records that cannot be used are skipped, each with its line and reason.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +45,7 @@ from transformers.image_transforms import corners_to_center_format
 from interleaf.errors import InputError, cannot_read, is_number
 from interleaf.model.checkpoint import parse_device
 from interleaf.model.visionllm import (
+    DECODER_OF,
     DETECTOR_ROUTES,
     EMB_TOKENS,
     IGNORE_INDEX,
@@ -44,7 +59,10 @@ from interleaf.processing.prompt import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IM
 from interleaf.train.trainer import warmup_cosine
 
 DEFAULT_QUESTION = "Please detect {phrases} in the image."
+GEN_QUESTION = "Generate image with caption: {caption}."  # upstream's first prompt of each list
+GEN_ANSWER = "Here it is"
 STATE_FILE = "train_state.pt"
+_LOSS_NAMES = {"lm_loss": "lm", "det_loss": "detector", "sd_loss": "generation", "ip2p_loss": "editing"}
 # tokens a question may not hold: they would break the prompt's routes or image tokens
 _IN_PROMPT = (*ROUTE_TOKENS.values(), IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
 _RESERVED = (*_IN_PROMPT, *EMB_TOKENS, *SPAN_TOKENS, IMAGE_PLACEHOLDER)
@@ -75,16 +93,7 @@ def parse_detection_record(raw: Any, folder: Path, image_root: Path | None = Non
     """Check one record (see the module docstring); raises InputError naming the field."""
     if not isinstance(raw, dict):
         raise InputError("not a JSON object")
-    image = raw.get("image")
-    if not isinstance(image, str) or not image:
-        raise InputError("image: missing or not a string")
-    path = Path(image) if Path(image).is_absolute() else (image_root or folder) / image
-    if not path.is_file():
-        raise InputError(f"image: {path} not found")
-    try:
-        width, height = image_size(path)  # the header only: training decodes it when it draws it
-    except InputError as exc:
-        raise InputError(f"image: {exc}") from None
+    path, (width, height) = _image_path(raw, "image", folder, image_root)
     objects = raw.get("objects")
     if not isinstance(objects, list):
         raise InputError("objects: missing or not a list")
@@ -133,13 +142,89 @@ def parse_detection_record(raw: Any, folder: Path, image_root: Path | None = Non
     return DetectionRecord(path, phrases, [phrases.index(p) for p in found], boxes, question, route)
 
 
-def read_detection_records(
+@dataclass
+class GenerationRecord:
+    route: str  # "gen" or "edit"
+    caption: str
+    output_image: Path
+    question: str
+    image: Path | None = None  # the image an edit starts from
+    line: int = 0
+
+
+def _image_path(
+    raw: dict[str, Any], key: str, folder: Path, image_root: Path | None
+) -> tuple[Path, tuple[int, int]]:
+    """The readable image file a record's ``key`` names and its (width, height) from the header, or an
+    InputError naming ``key``."""
+    name = raw.get(key)
+    if not isinstance(name, str) or not name:
+        raise InputError(f"{key}: missing or not a string")
+    path = Path(name) if Path(name).is_absolute() else (image_root or folder) / name
+    if not path.is_file():
+        raise InputError(f"{key}: {path} not found")
+    try:
+        return path, image_size(path)  # the header only: training decodes it when it draws it
+    except InputError as exc:
+        raise InputError(f"{key}: {exc}") from None
+
+
+def clean_caption(caption: str) -> str:
+    """Upstream's ``preprocess_caption``: lower case, ``.!"()*#:;~`` to spaces, spaces squeezed."""
+    return " ".join(re.sub(r'[.!"()*#:;~]', " ", caption.lower()).split())
+
+
+def parse_generation_record(raw: Any, folder: Path, image_root: Path | None = None) -> GenerationRecord:
+    """Check one generation (``route`` "gen") or editing (``route`` "edit") record."""
+    if not isinstance(raw, dict):
+        raise InputError("not a JSON object")
+    route = raw.get("route")
+    if route not in DECODER_OF:
+        raise InputError(f"route: must be one of {', '.join(DECODER_OF)}, got {route!r}")
+    caption = raw.get("caption")
+    if not isinstance(caption, str) or not caption.strip():
+        raise InputError("caption: missing or empty")
+    bad = next((t for t in _RESERVED if t in caption), None)
+    if bad:
+        raise InputError(f"caption: contains {bad!r}")
+    output = _image_path(raw, "output_image", folder, image_root)[0]
+    image = _image_path(raw, "image", folder, image_root)[0] if route == "edit" else None
+    if route == "gen" and raw.get("image") is not None:
+        raise InputError("image: a generation record has no input image (route 'edit' edits one)")
+    if route == "gen":
+        caption = clean_caption(caption)
+        if not caption:
+            raise InputError("caption: nothing left after upstream's punctuation removal")
+        default = GEN_QUESTION.format(caption=caption)
+    else:
+        caption = " ".join(caption.split())
+        default = caption[0].upper() + caption[1:].strip(".") + "."
+    question = raw.get("question", default)
+    if not isinstance(question, str) or not question.strip():
+        raise InputError("question: must be a non-empty string")
+    check_question(question)
+    if route == "gen" and IMAGE_PLACEHOLDER in question:
+        raise InputError(f"question: a generation record has no image for {IMAGE_PLACEHOLDER!r}")
+    return GenerationRecord(route, caption, output, question, image)
+
+
+def parse_record(
+    raw: Any, folder: Path, image_root: Path | None = None
+) -> DetectionRecord | GenerationRecord:
+    """A detection, generation or editing record, by its ``route`` (default "det")."""
+    if isinstance(raw, dict) and raw.get("route") in DECODER_OF:
+        return parse_generation_record(raw, folder, image_root)
+    return parse_detection_record(raw, folder, image_root)
+
+
+def read_records(
     path: str | Path, image_root: str | Path | None = None
-) -> tuple[list[DetectionRecord], list[dict[str, Any]]]:
-    """The usable records of a JSONL file and the skipped ones (``{"line", "reason"}``)."""
+) -> tuple[list[DetectionRecord | GenerationRecord], list[dict[str, Any]]]:
+    """The usable records of a JSONL file (detection, generation and editing) and the skipped ones
+    (``{"line", "reason"}``)."""
     path = Path(path)
     root = Path(image_root) if image_root is not None else None
-    records: list[DetectionRecord] = []
+    records: list[DetectionRecord | GenerationRecord] = []
     skipped: list[dict[str, Any]] = []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -149,7 +234,7 @@ def read_detection_records(
         if not line.strip():
             continue
         try:
-            record = parse_detection_record(json.loads(line), path.parent, root)
+            record = parse_record(json.loads(line), path.parent, root)
         except json.JSONDecodeError as exc:
             skipped.append({"line": n, "reason": f"not JSON ({exc.msg})"})
             continue
@@ -167,38 +252,69 @@ def answer_text(phrases: list[str], route: str, num_embs: int) -> str:
     return ", ".join(p + link for p in phrases)
 
 
-def encode_detection(model: VisionLLMv2Model, tokenizer: Any, record: DetectionRecord) -> dict[str, Any]:
-    """One training example: ids/labels (answer only), the MLLM's tiles, the detector's image and
-    targets."""
+def _prompt_ids(
+    model: VisionLLMv2Model, tokenizer: Any, question: str, image: Any, answer: str
+) -> dict[str, Any]:
+    """ids/labels (the answer only, with the end of turn) and the MLLM's tiles (None without an image)."""
     from interleaf.processing.prompt import build_prompt
     from interleaf.processing.templates import get_template
 
     cfg = model.config
-    image = to_rgb(load_image(record.image))
-    pixels = preprocess_image(image, max_num=cfg.max_dynamic_patch, min_num=cfg.min_dynamic_patch,
-                              image_size=cfg.image_size, use_thumbnail=cfg.use_thumbnail,
-                              dynamic=cfg.dynamic_image_size)  # fmt: skip
+    pixels, tiles = None, []
+    if image is not None:
+        pixels = preprocess_image(image, max_num=cfg.max_dynamic_patch, min_num=cfg.min_dynamic_patch,
+                                  image_size=cfg.image_size, use_thumbnail=cfg.use_thumbnail,
+                                  dynamic=cfg.dynamic_image_size)  # fmt: skip
+        tiles = [pixels.shape[0]]
     template = get_template(cfg.template)
-    prompt = build_prompt(template, record.question, [pixels.shape[0]], num_image_token=model.num_image_token)
-    answer = answer_text(record.phrases, record.route, model.link.num_embs) + template.stop_str
+    prompt = build_prompt(template, question, tiles, num_image_token=model.num_image_token)
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
-    answer_ids = tokenizer.encode(answer, add_special_tokens=False)
+    answer_ids = tokenizer.encode(answer + template.stop_str, add_special_tokens=False)
+    return {
+        "input_ids": prompt_ids + answer_ids,
+        "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids,
+        "pixel_values": pixels,
+    }
+
+
+def encode_detection(model: VisionLLMv2Model, tokenizer: Any, record: DetectionRecord) -> dict[str, Any]:
+    """One training example: ids/labels (answer only), the MLLM's tiles, the detector's image and
+    targets."""
+    image = to_rgb(load_image(record.image))
+    answer = answer_text(record.phrases, record.route, model.link.num_embs)
     w, h = image.size
     boxes = torch.tensor(record.boxes, dtype=torch.float32).reshape(-1, 4)
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w) / w
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h) / h
     cxcywh = corners_to_center_format(boxes)
     return {
-        "input_ids": prompt_ids + answer_ids,
-        "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids,
-        "pixel_values": pixels,
+        **_prompt_ids(model, tokenizer, record.question, image, answer),
         "image": image,
         "target": {"class_labels": torch.tensor(record.class_labels, dtype=torch.long), "boxes": cxcywh},
     }
 
 
-def collate_detection(examples: list[dict[str, Any]], pad_id: int, detector_size: int) -> dict[str, Any]:
-    """Right-padded batch for :meth:`VisionLLMv2Model.forward`."""
+def encode_generation(model: VisionLLMv2Model, tokenizer: Any, record: GenerationRecord) -> dict[str, Any]:
+    """One training example: ids/labels (answer only), the MLLM's tiles (an edit's image), the target
+    image (and an edit's input image) as the diffusion decoder takes them, and the caption."""
+    from interleaf.model.stable_diffusion import output_image_tensor
+
+    module = model.diffusion(record.route)
+    if module is None:
+        raise InputError(
+            f"train: the model has no {DECODER_OF[record.route]} for {ROUTE_TOKENS[record.route]}"
+        )
+    link = ROUTE_TOKENS[record.route] + EMB_TOKENS[0] * model.link.num_embs_gen
+    image = to_rgb(load_image(record.image)) if record.image is not None else None
+    example = _prompt_ids(model, tokenizer, record.question, image, f"{GEN_ANSWER} {link}.")
+    example["output_image"] = output_image_tensor(to_rgb(load_image(record.output_image)), module.config)
+    example["input_image"] = output_image_tensor(image, module.config) if image is not None else None
+    example["caption"] = record.caption
+    return example
+
+
+def _pad(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Right-padded ids, labels and attention mask; the examples' tiles concatenated (None if none)."""
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -206,22 +322,63 @@ def collate_detection(examples: list[dict[str, Any]], pad_id: int, detector_size
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
         ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
-    det_pixels, det_mask = detector_inputs([e["image"] for e in examples], detector_size)
+    pixels = [e["pixel_values"] for e in examples if e["pixel_values"] is not None]
     return {
         "input_ids": ids,
         "labels": labels,
         "attention_mask": mask,
-        "pixel_values": torch.cat([e["pixel_values"] for e in examples]),
+        "pixel_values": torch.cat(pixels) if pixels else None,
+    }
+
+
+def collate_detection(examples: list[dict[str, Any]], pad_id: int, detector_size: int) -> dict[str, Any]:
+    """Right-padded batch for :meth:`VisionLLMv2Model.forward`."""
+    det_pixels, det_mask = detector_inputs([e["image"] for e in examples], detector_size)
+    return {
+        **_pad(examples, pad_id),
         "det_pixel_values": det_pixels,
         "det_pixel_mask": det_mask,
         "det_targets": [e["target"] for e in examples],
     }
 
 
-def train_detection(
+def collate_generation(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Right-padded batch of generation (or of editing) examples for :meth:`VisionLLMv2Model.forward`."""
+    inputs = [e["input_image"] for e in examples]
+    return {
+        **_pad(examples, pad_id),
+        "output_images": torch.stack([e["output_image"] for e in examples]),
+        "input_images": torch.stack(inputs) if all(x is not None for x in inputs) else None,
+        "captions": [e["caption"] for e in examples],
+    }
+
+
+def task_of(record: DetectionRecord | GenerationRecord) -> str:
+    """A record's task: "det" (DET/GRD/SEG), "gen" or "edit"; a batch holds one task."""
+    return record.route if isinstance(record, GenerationRecord) else "det"
+
+
+def next_batch(
+    order: list[int], records: list[Any], batch_size: int, generator: torch.Generator
+) -> tuple[list[int], list[int]]:
+    """The next batch of record indices and the order left: the first ``batch_size`` indices of the
+    task of the first index in ``order``, which grows by shuffled passes over ``records`` as needed (a
+    batch may span two passes). With one task this is simply the first ``batch_size`` of ``order``."""
+    while True:
+        if order:
+            task = task_of(records[order[0]])
+            picked = [pos for pos, i in enumerate(order) if task_of(records[i]) == task][:batch_size]
+            if len(picked) == batch_size:
+                break
+        order = order + torch.randperm(len(records), generator=generator).tolist()
+    taken = set(picked)
+    return [order[pos] for pos in picked], [i for pos, i in enumerate(order) if pos not in taken]
+
+
+def train_visionllm(
     model: VisionLLMv2Model,
     tokenizer: Any,
-    records: list[DetectionRecord],
+    records: list[DetectionRecord | GenerationRecord],
     steps: int,
     batch_size: int = 4,
     lr: float = 1e-4,
@@ -233,21 +390,18 @@ def train_detection(
     max_grad_norm: float | None = 1.0,
     min_lr_ratio: float = 0.1,
 ) -> list[dict[str, float]]:
-    """AdamW on LM loss + detector loss over shuffled passes of ``records`` (``lr`` after a linear
-    warm-up over the first 5% of steps, cosine to 0 at ``steps``); returns the step log.
+    """AdamW on LM loss + the decoders' losses over shuffled passes of ``records``, one task per batch
+    (``lr`` after a linear warm-up over the first 5% of steps, cosine to ``min_lr_ratio`` x ``lr`` at
+    ``steps``); returns the step log.
 
     Every ``save_every`` steps ``save`` gets the training state (step, optimizer, data order, random
     states, log; the model's weights are the caller's to store); ``resume`` (such a state, with the
     model already holding its weights) continues exactly where it was taken."""
     if not records:
         raise InputError("train: no usable records")
-    if model.gdino is None:
-        raise InputError("train: the model has no detector (gdino)")
-    most = max(len(r.phrases) for r in records)
-    if most > model.gdino.config.max_text_len:
-        raise InputError(
-            f"train: a record asks for {most} phrases; the detector takes {model.gdino.config.max_text_len}"
-        )
+    missing = next(filter(None, (missing_tool(model, r) for r in records)), None)
+    if missing:
+        raise InputError(f"train: {missing}")
     pad = model.config.llm.pad_token_id if model.config.llm.pad_token_id is not None else 0
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
@@ -266,13 +420,16 @@ def train_detection(
         torch.set_rng_state(resume["rng"])
     model.train()
     for step in range(start + 1, steps + 1):
-        while len(order) < batch_size:  # passes follow each other (a batch may span two)
-            order += torch.randperm(len(records), generator=gen).tolist()
-        chosen, order = order[:batch_size], order[batch_size:]
-        batch = collate_detection([encode_detection(model, tokenizer, records[i]) for i in chosen], pad,
-                                  model.link.detector_size)  # fmt: skip
+        chosen, order = next_batch(order, records, batch_size, gen)
+        if task_of(records[chosen[0]]) == "det":
+            batch = collate_detection([encode_detection(model, tokenizer, records[i]) for i in chosen], pad,
+                                      model.link.detector_size)  # fmt: skip
+            batch["det_targets"] = [
+                {k: v.to(model.device) for k, v in t.items()} for t in batch["det_targets"]
+            ]
+        else:
+            batch = collate_generation([encode_generation(model, tokenizer, records[i]) for i in chosen], pad)
         batch = {k: (v.to(model.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-        batch["det_targets"] = [{k: v.to(model.device) for k, v in t.items()} for t in batch["det_targets"]]
         out = model(**batch)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -280,12 +437,10 @@ def train_detection(
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         opt.step()
         sched.step()
-        entry = {
-            "step": step,
-            "loss": out.loss.item(),
-            "lm_loss": out.lm_loss.item(),
-            "det_loss": out.det_loss.item(),
-        }
+        entry = {"step": step, "task": task_of(records[chosen[0]])}
+        for name in ("loss", "lm_loss", "det_loss", "sd_loss", "ip2p_loss"):
+            if getattr(out, name) is not None:
+                entry[name] = getattr(out, name).item()
         log.append(entry)
         if on_step is not None:
             on_step(entry)
@@ -294,6 +449,36 @@ def train_detection(
                   "generator": gen.get_state(), "rng": torch.get_rng_state()})  # fmt: skip
     model.eval()
     return log
+
+
+def frozen_prefixes(model: VisionLLMv2Model) -> tuple[str, ...]:
+    """State-dict prefixes of the diffusion pipelines' frozen parts (VAE, text encoder, and the UNet
+    unless it trains): training never changes them."""
+    out: list[str] = []
+    for name in DECODER_OF.values():
+        module = getattr(model, name)
+        if module is not None:
+            out += [f"{name}.sd_vae.", f"{name}.sd_text_encoder."]
+            out += [] if module.config.trains_unet else [f"{name}.sd_unet."]
+    return tuple(out)
+
+
+def missing_tool(model: VisionLLMv2Model, record: DetectionRecord | GenerationRecord) -> str | None:
+    """Why ``model`` cannot train on ``record`` (it lacks the record's decoder, or the detector takes
+    fewer phrases), or None."""
+    if isinstance(record, GenerationRecord):
+        name = DECODER_OF[record.route]
+        return (
+            None
+            if model.diffusion(record.route) is not None
+            else f"the model has no {name} for {ROUTE_TOKENS[record.route]}"
+        )
+    if model.gdino is None:
+        return "the model has no detector (gdino)"
+    room = model.gdino.config.max_text_len
+    if len(record.phrases) > room:
+        return f"phrases: {len(record.phrases)} asked for; the detector takes at most {room}"
+    return None
 
 
 # ----------------------------------------------------------------------------- commands
@@ -312,8 +497,13 @@ def init_command(
     max_tiles: int | None = None,
     detector_size: int = 128,
     seed: int = 0,
+    gen: str | None = None,
+    edit: str | None = None,
+    train_gen_unet: bool = False,
 ) -> Path:
-    """``interleaf visionllm init``: a random-weight model folder."""
+    """``interleaf visionllm init``: a random-weight model folder. ``gen`` / ``edit``: ``"tiny"`` or a
+    Stable Diffusion / InstructPix2Pix pipeline folder (diffusers layout) for the GEN / EDIT routes;
+    ``train_gen_unet`` lets training update the GEN UNet too (upstream keeps it frozen)."""
     from interleaf.errors import check_minimums
     from interleaf.model.visionllm import init_visionllm, save_visionllm
 
@@ -322,8 +512,14 @@ def init_command(
         ("--max-tiles", max_tiles, 1),
         ("--detector-size", detector_size, 32),
     )
+    for flag, source in (("--gen", gen), ("--edit", edit)):
+        if source is not None and source != "tiny" and not Path(source).is_dir():
+            raise InputError(f"{flag}: {source} is not 'tiny' or a pipeline folder")
+    if train_gen_unet and gen is None:
+        raise InputError("--train-gen-unet: needs --gen")
     out = _new_folder(out)
-    model, tok = init_visionllm(preset, seed=seed)
+    settings = {"gen": {"train_unet": True}} if train_gen_unet else None
+    model, tok = init_visionllm(preset, seed=seed, gen=gen, edit=edit, diffusion=settings)
     if image_size is not None:
         if image_size % (model.config.vision.patch_size * 2):
             raise InputError(f"--image-size: must be a multiple of {model.config.vision.patch_size * 2}")
@@ -392,7 +588,7 @@ def train_command(
         _new_folder(out, ignore=(f".{STATE_FILE}.tmp",))
     out.mkdir(parents=True, exist_ok=True)
     dev = parse_device(device)
-    records, skipped = read_detection_records(data, image_root)
+    records, skipped = read_records(data, image_root)
 
     def check_records() -> None:
         if not records:
@@ -401,37 +597,42 @@ def train_command(
 
     check_records()
     model, tok = load_visionllm(model_dir, device=dev, dtype=torch.float32)  # trained in float32
-    if model.gdino is not None:  # the detector takes at most max_text_len routes at once
-        room = model.gdino.config.max_text_len
-        skipped += [{"line": r.line, "reason": f"phrases: {len(r.phrases)} asked for; the detector takes at most {room}"}
-                    for r in records if len(r.phrases) > room]  # fmt: skip
-        skipped.sort(key=lambda s: s["line"])
-        records = [r for r in records if len(r.phrases) <= room]
-        check_records()
+    # records the model has no decoder for, or more phrases than the detector takes, are skipped
+    skipped += [{"line": r.line, "reason": why} for r in records if (why := missing_tool(model, r))]
+    skipped.sort(key=lambda s: s["line"])
+    records = [r for r in records if not missing_tool(model, r)]
+    check_records()
     if resume is not None and resume.get("records", len(records)) != len(records):
         # the state's data order indexes the records: other records would be other data
         raise ConfigError(
             f"{state_path}: the run was trained on {resume['records']} usable records of {data}, now {len(records)}"
         )
+    # the frozen pipeline parts (VAE, text encoder, a frozen UNet) never change: not in the state
+    frozen = frozen_prefixes(model)
     if resume is not None:
-        model.load_state_dict(resume["model"])
+        left = model.load_state_dict(resume["model"], strict=False)
+        wrong = [k for k in left.missing_keys if not k.startswith(frozen)] + left.unexpected_keys
+        if wrong:
+            raise CheckpointError(f"{state_path}: its weights do not fit the model ({wrong[0]})")
     else:
         torch.manual_seed(seed)
 
     def save(state: dict[str, Any]) -> None:
         tmp = state_path.with_name(f".{STATE_FILE}.tmp")
-        torch.save({**state, "settings": settings, "records": len(records), "model": model.state_dict()}, tmp)
+        weights = {k: v for k, v in model.state_dict().items() if not k.startswith(frozen)}
+        torch.save({**state, "settings": settings, "records": len(records), "model": weights}, tmp)
         os.replace(tmp, state_path)  # whole, or the previous one
 
-    log = train_detection(model, tok, records, steps, batch_size=batch_size, lr=lr, seed=seed,
+    log = train_visionllm(model, tok, records, steps, batch_size=batch_size, lr=lr, seed=seed,
                           resume=resume, save=save, save_every=save_every)  # fmt: skip
     save_visionllm(model, tok, out)
     replace_text(out / "train_log.jsonl", jsonl_text(log))
     replace_text(out / "skipped.jsonl", jsonl_text(skipped))
     last = log[-1]
     done = steps - (resume["step"] if resume is not None else 0)
+    parts = ", ".join(f"{name} {last[k]:.4f}" for k, name in _LOSS_NAMES.items() if k in last)
     return (f"{out}: {done} steps ({steps} in all) on {len(records)} records ({len(skipped)} skipped), final "
-            f"loss {last['loss']:.4f} (lm {last['lm_loss']:.4f}, detector {last['det_loss']:.4f})")  # fmt: skip
+            f"loss {last['loss']:.4f} ({parts})")  # fmt: skip
 
 
 def detect_command(
@@ -461,4 +662,57 @@ def detect_command(
     if not Path(image).is_file():
         raise InputError(f"{image}: image not found")
     model, tok = load_visionllm(model_dir, device=parse_device(device))
-    return detect(model, tok, image, question, threshold=threshold, max_new_tokens=max_new_tokens)
+    return json_result(
+        detect(model, tok, image, question, threshold=threshold, max_new_tokens=max_new_tokens)
+    )
+
+
+def ask_command(
+    model_dir: str | Path,
+    question: str,
+    image: str | Path | None = None,
+    out: str | Path | None = None,
+    threshold: float = 0.3,
+    max_new_tokens: int = 128,
+    steps: int | None = None,
+    seed: int = 0,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """``interleaf visionllm ask``: the answer and what its routes' tools made (detections; images,
+    written to ``out`` as ``route<i>.png`` with ``answer.json``), JSON-ready."""
+    from interleaf.errors import check_minimums
+    from interleaf.model.visionllm import answer, load_visionllm
+
+    check_minimums(("--max-new-tokens", max_new_tokens, 0), ("--steps", steps, 1))
+    check_question(question, "--question")
+    if image is not None and not Path(image).is_file():
+        raise InputError(f"{image}: image not found")
+    if IMAGE_PLACEHOLDER in question and image is None:
+        raise InputError(f"--question: holds {IMAGE_PLACEHOLDER!r} but no --image is given")
+    if out is not None:
+        out = _new_folder(out)
+    model, tok = load_visionllm(model_dir, device=parse_device(device))
+    result = answer(model, tok, question, image, threshold=threshold, max_new_tokens=max_new_tokens,
+                    num_inference_steps=steps, seed=seed)  # fmt: skip
+    result = json_result(result, out)
+    if out is not None:
+        from interleaf.files import replace_text
+
+        replace_text(Path(out) / "answer.json", json.dumps(result, ensure_ascii=False, indent=2) + "\n")
+    return result
+
+
+def json_result(result: dict[str, Any], out: str | Path | None = None) -> dict[str, Any]:
+    """:func:`~interleaf.model.visionllm.answer`'s result, JSON-ready: each image is saved to ``out``
+    as ``route<i>.png`` and named by its ``file`` (None without ``out``) and ``size``."""
+    images = []
+    for item in result.get("images", []):
+        file = None
+        if out is not None:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            file = str(Path(out) / f"route{item['route']}.png")
+            item["image"].save(file)
+        images.append(
+            {"route": item["route"], "kind": item["kind"], "file": file, "size": list(item["image"].size)}
+        )
+    return {**result, "images": images}
