@@ -184,3 +184,35 @@ def test_visionllm_losses_and_training_on_the_gpu(tmp_path):
         tmp_path / "run", tmp_path / "a.png", phrases="red square", threshold=0.0, device="cuda"
     )
     assert result["finish_reason"] in ("stop", "length")
+
+
+def test_visionllm_generation_and_editing_on_the_gpu(tmp_path):
+    """The [GEN] / [EDIT] tools on CUDA: the diffusion losses equal the CPU's (same seed, the noise drawn
+    on the CPU generator), and a route's image is drawn and edited on the GPU."""
+    import copy
+
+    from PIL import Image
+
+    from interleaf.model.visionllm import init_visionllm
+
+    cpu, _ = init_visionllm("tiny", detector=False, gen="tiny", edit="tiny")
+    gpu = copy.deepcopy(cpu).cuda()
+    states = torch.randn(2, 64, cpu.config.llm.hidden_size)
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        for kind in ("gen", "edit"):
+            inputs = images.flip(0) if kind == "edit" else None
+            want = cpu.diffusion(kind).loss(states, images, ["a red square"] * 2, inputs,
+                                            generator=torch.Generator().manual_seed(1))  # fmt: skip
+            got = gpu.diffusion(kind).loss(states.cuda(), images.cuda(), ["a red square"] * 2,
+                                           inputs.cuda() if inputs is not None else None,
+                                           generator=torch.Generator().manual_seed(1))  # fmt: skip
+            assert torch.allclose(want.loss, got.loss.cpu(), atol=1e-4), kind
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    drawn = gpu.sd.generate(states[:1].cuda(), num_inference_steps=3)
+    edited = gpu.ip2p.generate(states[:1].cuda(), input_images=[Image.new("RGB", (64, 48), "red")],
+                               num_inference_steps=3)  # fmt: skip
+    assert drawn[0].size == (64, 64) and edited[0].size == (64, 48)

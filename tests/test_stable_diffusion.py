@@ -101,6 +101,9 @@ def test_config_defaults_follow_upstream_per_kind():
     )
     assert (gen.image_size, gen.trains_unet) == (512, False)
     assert (edit.image_size, edit.trains_unet, edit.image_guidance_scale) == (256, True, 1.5)
+    assert edit.cfg_drop_rate == 0.05  # upstream ip2p.json (sd.json: 0.1)
+    with pytest.raises(ConfigError, match=r"^ip2p.cfg_drop_rate: must be in \[0, 0.5\]"):
+        DiffusionLinkConfig(kind="edit", cfg_drop_rate=0.7)
     override = DiffusionLinkConfig(kind="edit", resolution=64, train_unet=False)
     assert (override.image_size, override.trains_unet) == (64, False)
     # a dict round trip (how VisionLLM v2 checkpoints store it) and a replace keep the per-kind defaults

@@ -58,6 +58,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from interleaf.errors import CheckpointError, ConfigError, InputError, is_number
+from interleaf.model.visionllm import DECODER_OF  # the config section of each kind: sd / ip2p
 
 __all__ = [
     "DiffusionLinkConfig",
@@ -69,12 +70,12 @@ __all__ = [
 
 KINDS = ("gen", "edit")
 DEFAULT_RESOLUTION = {"gen": 512, "edit": 256}  # upstream's text2img / ip2p datasets
+DEFAULT_CFG_DROP_RATE = {"gen": 0.1, "edit": 0.05}  # upstream sd.json / ip2p.json
 DEFAULT_TRAIN_UNET = {"gen": False, "edit": True}  # upstream freezes SD's UNet, fine-tunes IP2P's
 PIPELINE_NAMES = {"gen": "StableDiffusionPipeline", "edit": "StableDiffusionInstructPix2PixPipeline"}
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 CAPTION_WEIGHT = 0.1
 MAPPER_HEADS = 8  # nn.Transformer's default, which upstream keeps
-CONFIG_KEY = "sd"
 # Stable Diffusion 1.5's noise schedule (InstructPix2Pix was fine-tuned from it and keeps it)
 SD15_BETAS = {
     "beta_start": 0.00085,
@@ -94,7 +95,7 @@ class DiffusionLinkConfig:
     num_queries: int = 77
     num_encoder_layers: int = 1
     num_decoder_layers: int = 1
-    cfg_drop_rate: float = 0.1  # upstream sd.json (ip2p.json: 0.05)
+    cfg_drop_rate: float | None = None  # None -> upstream's: 0.1 (sd.json) for gen, 0.05 (ip2p.json) for edit
     guidance_scale: float = 7.5
     image_guidance_scale: float = 1.5  # edit only
     num_inference_steps: int = 50
@@ -103,28 +104,29 @@ class DiffusionLinkConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ConfigError(f"{CONFIG_KEY}.kind: must be 'gen' or 'edit', got {self.kind!r}")
+            raise ConfigError(f"sd.kind: must be 'gen' or 'edit', got {self.kind!r}")
+        key = DECODER_OF[self.kind]
         for name in ("num_queries", "num_encoder_layers", "num_decoder_layers", "num_inference_steps"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
-                raise ConfigError(f"{CONFIG_KEY}.{name}: must be an integer >= 1, got {value!r}")
+                raise ConfigError(f"{key}.{name}: must be an integer >= 1, got {value!r}")
+        if self.cfg_drop_rate is None:
+            self.cfg_drop_rate = DEFAULT_CFG_DROP_RATE[self.kind]
         # 2r is the probability of dropping the prompt: past 0.5 it would exceed 1
         if not is_number(self.cfg_drop_rate) or not 0 <= self.cfg_drop_rate <= 0.5:
-            raise ConfigError(f"{CONFIG_KEY}.cfg_drop_rate: must be in [0, 0.5], got {self.cfg_drop_rate!r}")
+            raise ConfigError(f"{key}.cfg_drop_rate: must be in [0, 0.5], got {self.cfg_drop_rate!r}")
         for name in ("guidance_scale", "image_guidance_scale"):
             value = getattr(self, name)
             if not is_number(value) or value < 0:
-                raise ConfigError(f"{CONFIG_KEY}.{name}: must be a number >= 0, got {value!r}")
+                raise ConfigError(f"{key}.{name}: must be a number >= 0, got {value!r}")
         if self.resolution is not None and (
             not _is_int(self.resolution) or self.resolution < 8 or self.resolution % 8
         ):
             raise ConfigError(
-                f"{CONFIG_KEY}.resolution: must be a multiple of 8 (>= 8) or null, got {self.resolution!r}"
+                f"{key}.resolution: must be a multiple of 8 (>= 8) or null, got {self.resolution!r}"
             )
         if self.train_unet is not None and not isinstance(self.train_unet, bool):
-            raise ConfigError(
-                f"{CONFIG_KEY}.train_unet: must be true, false or null, got {self.train_unet!r}"
-            )
+            raise ConfigError(f"{key}.train_unet: must be true, false or null, got {self.train_unet!r}")
 
     @property
     def image_size(self) -> int:
@@ -251,7 +253,7 @@ def _check_components(
     positions = text_encoder.config.max_position_embeddings
     if config.num_queries > positions:
         raise ConfigError(
-            f"{CONFIG_KEY}.num_queries: at most the text encoder's {positions} positions, got {config.num_queries}"
+            f"{DECODER_OF[config.kind]}.num_queries: at most the text encoder's {positions} positions, got {config.num_queries}"
         )
     prediction = getattr(scheduler.config, "prediction_type", "epsilon")
     if prediction != "epsilon":  # the loss regresses the noise, as upstream
@@ -466,7 +468,7 @@ class SuperLinkDiffusion(nn.Module):
         length = self.sd_tokenizer.model_max_length
         if with_captions and length != self.config.num_queries:  # the MSE compares them token by token
             raise InputError(
-                f"captions: a caption loss needs {CONFIG_KEY}.num_queries == the tokenizer's "
+                f"captions: a caption loss needs {DECODER_OF[self.config.kind]}.num_queries == the tokenizer's "
                 f"model_max_length ({length}), got {self.config.num_queries}"
             )
 
@@ -683,7 +685,7 @@ def make_tiny_pipeline(path: str | Path, kind: str = "gen", seed: int = 0, sampl
     (PNDM) for ``gen``, InstructPix2Pix's (Euler ancestral, same betas) for ``edit``. The global
     random state is left as it was."""
     if kind not in KINDS:
-        raise ConfigError(f"{CONFIG_KEY}.kind: must be 'gen' or 'edit', got {kind!r}")
+        raise ConfigError(f"sd.kind: must be 'gen' or 'edit', got {kind!r}")
     out = Path(path)
     _write_tiny_tokenizer(out / "tokenizer")
     with _no_progress_bars():
