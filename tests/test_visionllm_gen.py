@@ -262,6 +262,11 @@ def test_records_for_a_decoder_the_model_lacks_are_skipped_and_cli_errors_are_on
         err.count("\n") == 1
         and "no usable records (first skipped: line 1: the model has no sd for [GEN])" in err
     )
+    # an answer without routes still gets its folder and answer.json
+    assert main(["visionllm", "ask", str(init), "--question", "hi", "--max-new-tokens", "3", "-o",
+                 str(tmp_path / "said")]) == 0  # fmt: skip
+    said = json.loads(capsys.readouterr().out)
+    assert json.loads((tmp_path / "said" / "answer.json").read_text()) == said and said["images"] == []
     for argv, want in (
         (["init", "-o", str(tmp_path / "x"), "--gen", str(tmp_path / "nowhere")], "--gen: "),
         (["init", "-o", str(tmp_path / "x"), "--train-gen-unet"], "--train-gen-unet: needs --gen"),

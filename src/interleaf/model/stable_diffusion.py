@@ -39,6 +39,7 @@ components are loaded from a local diffusers folder only (never downloaded).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import warnings
 from collections.abc import Iterator, Sequence
@@ -341,10 +342,13 @@ class SuperLinkDiffusion(nn.Module):
                 raise CheckpointError(f"{folder / name}: cannot load ({_first_line(exc)})") from None
 
         common = {"local_files_only": True}
+        # diffusers' default needs accelerate, and without it prints that it falls back: ask for what works
+        weights = {**common, "low_cpu_mem_usage": importlib.util.find_spec("accelerate") is not None}
         unet = load(
-            "unet", lambda: UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, **common)
+            "unet",
+            lambda: UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, **weights),
         )
-        vae = load("vae", lambda: AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype, **common))
+        vae = load("vae", lambda: AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype, **weights))
         text_encoder, info = load(
             "text_encoder",
             lambda: CLIPTextModel.from_pretrained(

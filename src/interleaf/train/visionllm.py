@@ -698,6 +698,7 @@ def ask_command(
     if out is not None:
         from interleaf.files import replace_text
 
+        Path(out).mkdir(parents=True, exist_ok=True)  # also when no route drew an image
         replace_text(Path(out) / "answer.json", json.dumps(result, ensure_ascii=False, indent=2) + "\n")
     return result
 
