@@ -619,3 +619,30 @@ def test_output_image_tensor_resizes_and_centre_crops_edit_images():
     torch.testing.assert_close(
         output_image_tensor(square, _config("gen")), output_image_tensor(square, _config("edit"))
     )
+
+
+@pytest.mark.parametrize("component", ["unet", "vae"])
+def test_a_component_missing_weights_is_one_error_not_random_weights(folders, tmp_path, capfd, component):
+    """diffusers would leave a missing tensor randomly initialised (or on the meta device, which then
+    failed in ``.to()`` naming nothing); it is one line naming the component."""
+    from safetensors.torch import load_file, save_file
+
+    broken = shutil.copytree(folders["gen"], tmp_path / "broken")
+    weights = broken / component / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    del tensors["conv_in.bias" if component == "unet" else "decoder.conv_in.bias"]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    capfd.readouterr()
+    with pytest.raises(CheckpointError, match=f"^{broken / component}: missing weights \\[") as err:
+        SuperLinkDiffusion.from_pretrained(broken, _config("gen"), LLM_HIDDEN)
+    assert "\n" not in str(err.value)
+    assert capfd.readouterr().err == ""  # diffusers' "newly initialized" notice is the error's, not printed
+
+
+def test_a_tokenizer_folder_without_its_vocabulary_is_one_error(folders, tmp_path):
+    """transformers loads an empty tokenizer folder as a 2-token CLIPTokenizer (every word unknown)."""
+    broken = shutil.copytree(folders["gen"], tmp_path / "broken")
+    for name in ("vocab.json", "merges.txt", "tokenizer.json"):
+        (broken / "tokenizer" / name).unlink(missing_ok=True)
+    with pytest.raises(CheckpointError, match=f"^{broken / 'tokenizer'}: no vocabulary"):
+        SuperLinkDiffusion.from_pretrained(broken, _config("gen"), LLM_HIDDEN)

@@ -197,6 +197,20 @@ def _no_progress_bars() -> Iterator[None]:
 
 
 @contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    """diffusers logs missing or unused weights while loading; from_pretrained reports missing ones
+    itself, as one error (unused ones do no harm)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
+@contextmanager
 def _quiet_scheduler() -> Iterator[None]:
     # diffusers' Euler schedulers build their sigmas with np.array(tensor), which numpy 2 reports as
     # a DeprecationWarning on every construction (the values are right)
@@ -336,30 +350,50 @@ class SuperLinkDiffusion(nn.Module):
 
         def load(name: str, loader: Any) -> Any:
             try:
-                with _quiet_scheduler(), _no_progress_bars():
+                with _quiet_scheduler(), _no_progress_bars(), _quiet_diffusers():
                     return loader()
             except Exception as exc:  # any library's failure on a bad folder: one line naming it
                 raise CheckpointError(f"{folder / name}: cannot load ({_first_line(exc)})") from None
 
+        def complete(name: str, loaded: tuple[Any, dict[str, Any]]) -> Any:
+            model, info = loaded
+            if info["missing_keys"]:  # the libraries would leave them random (diffusers: on the meta device)
+                missing = sorted(info["missing_keys"])
+                raise CheckpointError(
+                    f"{folder / name}: missing weights {missing[:3]}{' ...' if len(missing) > 3 else ''}"
+                )
+            return model
+
         common = {"local_files_only": True}
         # diffusers' default needs accelerate, and without it prints that it falls back: ask for what works
-        weights = {**common, "low_cpu_mem_usage": importlib.util.find_spec("accelerate") is not None}
-        unet = load(
+        weights = {
+            **common,
+            "low_cpu_mem_usage": importlib.util.find_spec("accelerate") is not None,
+            "output_loading_info": True,
+        }
+        unet = complete(
             "unet",
-            lambda: UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, **weights),
-        )
-        vae = load("vae", lambda: AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype, **weights))
-        text_encoder, info = load(
-            "text_encoder",
-            lambda: CLIPTextModel.from_pretrained(
-                folder / "text_encoder", dtype=dtype, output_loading_info=True, **common
+            load(
+                "unet",
+                lambda: UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, **weights),
             ),
         )
-        if info["missing_keys"]:  # transformers would leave them randomly initialised
-            missing = sorted(info["missing_keys"])
-            raise CheckpointError(
-                f"{folder / 'text_encoder'}: missing weights {missing[:3]}{' ...' if len(missing) > 3 else ''}"
-            )
+        vae = complete(
+            "vae",
+            load("vae", lambda: AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype, **weights)),
+        )
+        text_encoder = complete(
+            "text_encoder",
+            load(
+                "text_encoder",
+                lambda: CLIPTextModel.from_pretrained(
+                    folder / "text_encoder", dtype=dtype, output_loading_info=True, **common
+                ),
+            ),
+        )
+        # transformers loads a folder without vocabulary files as a 2-token tokenizer (all words unknown)
+        if not any((folder / "tokenizer" / f).is_file() for f in ("vocab.json", "tokenizer.json")):
+            raise CheckpointError(f"{folder / 'tokenizer'}: no vocabulary (vocab.json or tokenizer.json)")
         tokenizer = load("tokenizer", lambda: CLIPTokenizer.from_pretrained(folder / "tokenizer", **common))
         scheduler = load("scheduler", lambda: scheduler_class.from_pretrained(folder / "scheduler", **common))
         _check_components(config, unet, vae, text_encoder, scheduler, str(folder))
