@@ -104,6 +104,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     direct conversion warns on stderr for every such GIF or PNG."""
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
+    if img.mode.startswith("I;16"):  # 16-bit grey: PIL's conversion clips at 255 (mid-grey -> white)
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().astype(np.uint8))
     return img.convert("RGB")
 
 
