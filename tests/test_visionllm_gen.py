@@ -282,3 +282,50 @@ def test_edit_records_need_their_input_image(tmp_path):
     _pictures(tmp_path)
     with pytest.raises(InputError, match="image: missing"):
         parse_generation_record({"route": "edit", "caption": "x", "output_image": "red.png"}, tmp_path)
+
+
+def test_an_undecodable_image_is_skipped_when_read_not_a_crash_mid_training(tmp_path):
+    """A truncated file has a readable header: only decoding finds it, which training did when it drew
+    the record (the run stopped there, and again at every resume)."""
+    _pictures(tmp_path)
+    data = (tmp_path / "red.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    _write(tmp_path / "d.jsonl", [
+        {"route": "gen", "caption": "a red square", "output_image": "cut.png"},
+        {"route": "edit", "image": "cut.png", "caption": "make it blue", "output_image": "blue.png"},
+        {"route": "gen", "caption": "a blue square", "output_image": "blue.png"},
+    ])  # fmt: skip
+    records, skipped = read_records(tmp_path / "d.jsonl")
+    assert [r.line for r in records] == [3]
+    assert [s["line"] for s in skipped] == [1, 2]
+    assert skipped[0]["reason"].startswith("output_image: ") and "cut.png" in skipped[0]["reason"]
+    assert skipped[1]["reason"].startswith("image: ") and "truncated" in skipped[1]["reason"]
+
+
+def test_edit_instructions_are_capitalised_as_upstreams(tmp_path):
+    """upstream's ip2p.py: ``caption.strip().capitalize().strip('.') + '.'`` (str.capitalize lowers the
+    rest)."""
+    _pictures(tmp_path)
+    record = {"route": "edit", "image": "red.png", "output_image": "blue.png"}
+    for caption, want in (("Make it look like a Van Gogh.", "Make it look like a van gogh."),
+                          ("turn the SKY red", "Turn the sky red."), (".", ".")):  # fmt: skip
+        assert parse_generation_record({**record, "caption": caption}, tmp_path).question == want
+
+
+def test_a_caption_that_lower_cases_to_a_special_token_is_refused(tmp_path):
+    """upstream's caption cleaning lower-cases: ``<DET>`` became the special token ``<det>`` in the prompt."""
+    _pictures(tmp_path)
+    for caption in ("a <DET> square", "a <IMAGE> square"):
+        with pytest.raises(InputError, match="^caption: contains '<"):
+            parse_generation_record({"route": "gen", "caption": caption, "output_image": "red.png"}, tmp_path)
+
+
+def test_a_16_bit_grey_target_keeps_its_grey(tmp_path):
+    """PIL converts 16-bit grey to RGB by clipping at 255: a mid-grey 16-bit PNG became white."""
+    import numpy as np
+
+    from interleaf.processing.image import load_image
+
+    Image.fromarray(np.full((8, 8), 32896, dtype=np.uint16)).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode == "I;16"
+    assert np.array(load_image(tmp_path / "grey16.png")).max() == 128

@@ -54,7 +54,7 @@ from interleaf.model.visionllm import (
     VisionLLMv2Model,
     detector_inputs,
 )
-from interleaf.processing.image import image_size, load_image, preprocess_image, to_rgb
+from interleaf.processing.image import load_image, preprocess_image, to_rgb
 from interleaf.processing.prompt import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 from interleaf.train.trainer import warmup_cosine
 
@@ -155,7 +155,7 @@ class GenerationRecord:
 def _image_path(
     raw: dict[str, Any], key: str, folder: Path, image_root: Path | None
 ) -> tuple[Path, tuple[int, int]]:
-    """The readable image file a record's ``key`` names and its (width, height) from the header, or an
+    """The readable image file a record's ``key`` names and its (width, height), decoded once, or an
     InputError naming ``key``."""
     name = raw.get(key)
     if not isinstance(name, str) or not name:
@@ -164,7 +164,8 @@ def _image_path(
     if not path.is_file():
         raise InputError(f"{key}: {path} not found")
     try:
-        return path, image_size(path)  # the header only: training decodes it when it draws it
+        # decoded, not just its header: a truncated file would otherwise stop training when drawn
+        return path, load_image(path).size
     except InputError as exc:
         raise InputError(f"{key}: {exc}") from None
 
@@ -195,10 +196,13 @@ def parse_generation_record(raw: Any, folder: Path, image_root: Path | None = No
         caption = clean_caption(caption)
         if not caption:
             raise InputError("caption: nothing left after upstream's punctuation removal")
+        bad = next((t for t in _RESERVED if t in caption), None)  # lower-casing made one ("<DET>")
+        if bad:
+            raise InputError(f"caption: contains {bad!r} (lower-cased)")
         default = GEN_QUESTION.format(caption=caption)
     else:
         caption = " ".join(caption.split())
-        default = caption[0].upper() + caption[1:].strip(".") + "."
+        default = caption.capitalize().strip(".") + "."  # upstream's (capitalize lowers the rest)
     question = raw.get("question", default)
     if not isinstance(question, str) or not question.strip():
         raise InputError("question: must be a non-empty string")
