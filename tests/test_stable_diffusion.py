@@ -271,6 +271,9 @@ def test_generate_matches_instruct_pix2pix_pipeline(folders):
     assert resized[0].size == (32, 32)
     with pytest.raises(InputError, match="input_images: an edit needs one image per route"):
         module.generate(states, input_images=inputs[:1])
+    # a side under the VAE's factor (2 here) would be rounded down to 0 by the pipeline
+    with pytest.raises(InputError, match=r"^input_images\[1\]: 5x1 pixels, a side under the VAE's 2$"):
+        module.generate(states, input_images=[inputs[0], _pil(6, w=5, h=1)], num_inference_steps=1)
 
 
 # ---------------------------------------------------------------------------- training loss

@@ -329,3 +329,24 @@ def test_a_16_bit_grey_target_keeps_its_grey(tmp_path):
     Image.fromarray(np.full((8, 8), 32896, dtype=np.uint16)).save(tmp_path / "grey16.png")
     assert Image.open(tmp_path / "grey16.png").mode == "I;16"
     assert np.array(load_image(tmp_path / "grey16.png")).max() == 128
+
+
+def test_an_edit_of_an_image_smaller_than_the_vae_factor_is_not_run_and_the_rest_is(monkeypatch):
+    """diffusers rounds the edit's size down to the VAE factor: a 1-pixel image became 0 x 0 and the
+    whole answer failed (ValueError: height and width must be > 0)."""
+    from interleaf.model.visionllm import Generation, Route, init_visionllm
+
+    model, tok = init_visionllm("tiny", gen="tiny", edit="tiny", detector=False)
+    hidden = model.config.llm.hidden_size
+    routes = [Route(kind, "", torch.randn(64, hidden), 0) for kind in ("edit", "gen")]
+    monkeypatch.setattr(model, "generate", lambda *a, **k: Generation([], "x", routes, "stop"))
+    result = answer(model, tok, "edit it", Image.new("RGB", (1, 5), "red"), num_inference_steps=1)
+    assert result["not_run"] == [{"route": 0, "reason": "the image (1x5) has a side under ip2p's 2 pixels"}]
+    assert [(i["route"], i["image"].size) for i in result["images"]] == [(1, (64, 64))]
+
+
+def test_ask_refuses_a_seed_torch_cannot_take(tmp_path, capsys):
+    for seed in (str(2**64), str(-(2**63) - 1)):
+        assert main(["visionllm", "ask", str(tmp_path), "--question", "hi", "--seed", seed]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--seed" in err, err

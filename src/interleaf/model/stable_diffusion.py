@@ -443,6 +443,11 @@ class SuperLinkDiffusion(nn.Module):
             params += list(self.sd_unet.parameters())
         return params
 
+    @property
+    def vae_factor(self) -> int:
+        """Pixels per latent along a side (8 for SD 1.5), as the pipelines compute it."""
+        return 2 ** (len(self.sd_vae.config.block_out_channels) - 1)
+
     # ------------------------------------------------------------------ conditioning
 
     def condition(self, states: torch.Tensor) -> torch.Tensor:
@@ -593,11 +598,16 @@ class SuperLinkDiffusion(nn.Module):
                 got = "none" if input_images is None else len(input_images)
                 raise InputError(f"input_images: an edit needs one image per route ({n}), got {got}")
             images = []
-            for image in input_images:
+            for i, image in enumerate(input_images):
                 # an RGBA image would reach the pipeline as 4 channels, which it takes for latents
                 image = image.convert("RGB")
                 if height is not None or width is not None:
                     image = image.resize((width or image.width, height or image.height), Image.BILINEAR)
+                if min(image.size) < self.vae_factor:  # the pipeline rounds the size down to 0
+                    raise InputError(
+                        f"input_images[{i}]: {image.width}x{image.height} pixels, a side under the VAE's "
+                        f"{self.vae_factor}"
+                    )
                 images.append(image)
             kwargs.update(
                 image=images,

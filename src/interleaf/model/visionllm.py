@@ -488,6 +488,8 @@ def answer(
             why = f"the model has no {DECODER_OF[r.kind]}"
         elif r.kind == "edit" and image is None:
             why = "no image to edit"
+        elif r.kind == "edit" and min(image.size) < model.ip2p.vae_factor:  # no latent pixel to edit
+            why = f"the image ({image.width}x{image.height}) has a side under ip2p's {model.ip2p.vae_factor} pixels"
         if why:
             result["not_run"].append({"route": i, "reason": why})
         elif r.kind in DECODER_OF:

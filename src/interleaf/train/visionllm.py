@@ -688,6 +688,8 @@ def ask_command(
     from interleaf.model.visionllm import answer, load_visionllm
 
     check_minimums(("--max-new-tokens", max_new_tokens, 0), ("--steps", steps, 1))
+    if not -(2**63) <= seed < 2**63:  # route i samples with seed + i; torch takes 64-bit seeds
+        raise InputError(f"--seed: must be in [-2**63, 2**63), got {seed}")
     check_question(question, "--question")
     if image is not None and not Path(image).is_file():
         raise InputError(f"{image}: image not found")
