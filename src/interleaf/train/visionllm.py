@@ -422,6 +422,8 @@ def train_visionllm(
             group["lr"] = base * factor(start)  # LambdaLR's rate at `start` (its get_lr() warns here)
         gen.set_state(resume["generator"])
         torch.set_rng_state(resume["rng"])
+        if resume.get("cuda_rng") is not None and model.device.type == "cuda":
+            torch.cuda.set_rng_state(resume["cuda_rng"], model.device)
     model.train()
     for step in range(start + 1, steps + 1):
         chosen, order = next_batch(order, records, batch_size, gen)
@@ -449,8 +451,10 @@ def train_visionllm(
         if on_step is not None:
             on_step(entry)
         if save is not None and save_every and (step % save_every == 0 or step == steps):
+            # the diffusion losses draw their noise on the model's device: on a GPU, its generator
+            cuda_rng = torch.cuda.get_rng_state(model.device) if model.device.type == "cuda" else None
             save({"step": step, "order": list(order), "log": list(log), "optimizer": opt.state_dict(),
-                  "generator": gen.get_state(), "rng": torch.get_rng_state()})  # fmt: skip
+                  "generator": gen.get_state(), "rng": torch.get_rng_state(), "cuda_rng": cuda_rng})  # fmt: skip
     model.eval()
     return log
 
