@@ -350,3 +350,15 @@ def test_ask_refuses_a_seed_torch_cannot_take(tmp_path, capsys):
         assert main(["visionllm", "ask", str(tmp_path), "--question", "hi", "--seed", seed]) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "--seed" in err, err
+
+
+def test_a_bad_diffusion_setting_in_the_checkpoint_names_the_file_and_section(gen_ckpt, tmp_path):
+    import shutil
+
+    broken = shutil.copytree(gen_ckpt, tmp_path / "broken")
+    config = json.loads((broken / "config.json").read_text())
+    config["visionllmv2"]["ip2p"]["cfg_drop_rate"] = 2
+    (broken / "config.json").write_text(json.dumps(config))
+    want = f"^{broken / 'config.json'}: visionllmv2.ip2p.cfg_drop_rate: must be in \\[0, 0.5\\], got 2$"
+    with pytest.raises(ConfigError, match=want):
+        load_visionllm(broken)

@@ -684,6 +684,8 @@ def load_visionllm(
                 config = DiffusionLinkConfig(**settings)
             except TypeError as exc:
                 raise ConfigError(f"{source}: {CONFIG_KEY}.{name}: {exc}") from None
+            except ConfigError as exc:  # it names the field ("ip2p.cfg_drop_rate: ..."), not the file
+                raise ConfigError(f"{source}: {CONFIG_KEY}.{exc}") from None
             if config.kind != kind:
                 raise ConfigError(
                     f"{source}: {CONFIG_KEY}.{name}.kind: must be {kind!r}, got {config.kind!r}"
