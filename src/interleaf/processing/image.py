@@ -58,14 +58,6 @@ def load_image(source: ImageInput) -> Image.Image:
         return to_rgb(img)
 
 
-def image_size(source: str | os.PathLike | bytes) -> tuple[int, int]:
-    """(width, height) from the file's header, nothing decoded; refused as :func:`load_image` refuses
-    it (missing, unreadable, a possible decompression bomb), except truncated data, which only
-    decoding finds."""
-    with _opened(source) as img:
-        return img.size
-
-
 @contextmanager
 def _opened(source: str | os.PathLike | bytes) -> Iterator[Image.Image]:
     """The PIL image of a path or bytes, not yet decoded; what goes wrong while it is open or used
