@@ -497,6 +497,24 @@ def test_tiny_pipeline_folder(folders, tmp_path):
         make_tiny_pipeline(tmp_path / "bad", kind="video")
 
 
+def test_tiny_vae_encodes_like_a_trained_one(folders):
+    """A random VAE's posterior has std ~1, which buries every target in sampling noise: the tiny one's
+    is a near point (as a trained VAE's), and its scaled latents have unit variance (as SD 1.5's
+    0.18215 makes them), so two different images stay apart after encoding."""
+    vae = AutoencoderKL.from_pretrained(folders["gen"] / "vae")
+    images = torch.nn.functional.interpolate(torch.rand(6, 3, 8, 8) * 2 - 1, size=(64, 64), mode="bilinear")
+    with torch.no_grad():
+        posterior = vae.encode(images).latent_dist
+    assert posterior.std.max() < 0.01
+    scaled = posterior.mean * vae.config.scaling_factor
+    assert 0.7 < scaled.std() < 1.4
+    red = torch.tensor([0.7, -0.8, -0.8])[:, None, None].expand(3, 64, 64)
+    blue = torch.tensor([-0.8, -0.5, 0.7])[:, None, None].expand(3, 64, 64)
+    with torch.no_grad():
+        a, b = (vae.encode(x[None]).latent_dist.sample() * vae.config.scaling_factor for x in (red, blue))
+    assert (a - b).pow(2).mean() > 0.1  # apart, well beyond the posterior noise (std < 0.01 x ~4)
+
+
 def test_tiny_tokenizer_round_trips_text(folders):
     tokenizer = CLIPTokenizer.from_pretrained(folders["gen"] / "tokenizer", local_files_only=True)
     assert tokenizer.model_max_length == 77

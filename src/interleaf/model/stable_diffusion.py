@@ -769,6 +769,7 @@ def _save_tiny(out: Path, kind: str, seed: int, sample_size: int) -> Path:
             norm_num_groups=8,
             sample_size=2 * sample_size,
         )
+        _like_a_trained_vae(vae, 2 * sample_size)
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 vocab_size=len(tokenizer),
@@ -807,3 +808,18 @@ def _save_tiny(out: Path, kind: str, seed: int, sample_size: int) -> Path:
     text_encoder.save_pretrained(out / "text_encoder")
     scheduler.save_pretrained(out / "scheduler")
     return out
+
+
+@torch.no_grad()
+def _like_a_trained_vae(vae: AutoencoderKL, size: int) -> None:
+    """Give a random VAE the two properties of a trained one that training relies on. Its posterior is
+    nearly a point: a trained VAE's log-variances sit far below 0, a random one's near 0 (std 1),
+    which would bury every target image in sampling noise; the log-variance half of ``quant_conv`` is
+    set to -10 (std e^-5). And its scaled latents have unit variance: SD 1.5's ``scaling_factor``
+    (0.18215) is 1 / the std of its latents; here it is measured on smooth random images."""
+    half = vae.quant_conv.out_channels // 2
+    vae.quant_conv.weight[half:] = 0
+    vae.quant_conv.bias[half:] = -10.0
+    probe = F.interpolate(torch.rand(8, 3, 8, 8) * 2 - 1, size=(size, size), mode="bilinear")
+    std = vae.encode(probe).latent_dist.mean.std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
