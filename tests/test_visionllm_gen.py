@@ -362,3 +362,19 @@ def test_a_bad_diffusion_setting_in_the_checkpoint_names_the_file_and_section(ge
     want = f"^{broken / 'config.json'}: visionllmv2.ip2p.cfg_drop_rate: must be in \\[0, 0.5\\], got 2$"
     with pytest.raises(ConfigError, match=want):
         load_visionllm(broken)
+
+
+def test_a_generation_target_too_elongated_to_square_is_skipped(tmp_path):
+    """Upstream pads a target to a square before resizing: a 1 x 10000 strip would become a 100M-pixel
+    canvas (past PIL's decompression-bomb limit), so the record is skipped, not a crash mid-run."""
+    Image.new("RGB", (10000, 1), "red").save(tmp_path / "strip.png")
+    Image.new("RGB", (2000, 1), "red").save(tmp_path / "short.png")
+    _write(
+        tmp_path / "d.jsonl",
+        [{"route": "gen", "caption": "a strip", "output_image": n} for n in ("strip.png", "short.png")],
+    )
+    records, skipped = read_records(tmp_path / "d.jsonl")
+    assert [r.output_image.name for r in records] == ["short.png"]
+    assert (
+        skipped[0]["line"] == 1 and "10000x1 would be padded to a 10000x10000 square" in skipped[0]["reason"]
+    )

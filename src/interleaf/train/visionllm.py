@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from transformers.image_transforms import corners_to_center_format
 
 from interleaf.errors import InputError, cannot_read, is_number
@@ -188,7 +189,13 @@ def parse_generation_record(raw: Any, folder: Path, image_root: Path | None = No
     bad = next((t for t in _RESERVED if t in caption), None)
     if bad:
         raise InputError(f"caption: contains {bad!r}")
-    output = _image_path(raw, "output_image", folder, image_root)[0]
+    output, (width, height) = _image_path(raw, "output_image", folder, image_root)
+    side, limit = max(width, height), Image.MAX_IMAGE_PIXELS
+    if route == "gen" and limit is not None and side * side > limit:  # upstream squares it before resizing
+        raise InputError(
+            f"output_image: {width}x{height} would be padded to a {side}x{side} square (upstream's "
+            f"expand2square), over the {limit}-pixel limit"
+        )
     image = _image_path(raw, "image", folder, image_root)[0] if route == "edit" else None
     if route == "gen" and raw.get("image") is not None:
         raise InputError("image: a generation record has no input image (route 'edit' edits one)")
