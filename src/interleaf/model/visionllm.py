@@ -475,21 +475,8 @@ def answer(
         "images": [],
         "not_run": [],
     }
-    chosen = [(i, r) for i, r in enumerate(gen.routes) if r.kind in DETECTOR_ROUTES]
     for i, r in enumerate(gen.routes):
-        why = None
-        if r.kind == "pose":
-            why = "no pose decoder"
-        elif r.kind in DETECTOR_ROUTES and model.gdino is None:
-            why = "the model has no detector"
-        elif r.kind in DETECTOR_ROUTES and image is None:
-            why = "no image to detect in"
-        elif r.kind in DECODER_OF and model.diffusion(r.kind) is None:
-            why = f"the model has no {DECODER_OF[r.kind]}"
-        elif r.kind == "edit" and image is None:
-            why = "no image to edit"
-        elif r.kind == "edit" and min(image.size) < model.ip2p.vae_factor:  # no latent pixel to edit
-            why = f"the image ({image.width}x{image.height}) has a side under ip2p's {model.ip2p.vae_factor} pixels"
+        why = _why_not_run(model, r.kind, image)
         if why:
             result["not_run"].append({"route": i, "reason": why})
         elif r.kind in DECODER_OF:
@@ -499,14 +486,40 @@ def answer(
                 num_inference_steps=num_inference_steps, generator=generator,
             )  # fmt: skip
             result["images"].append({"route": i, "kind": r.kind, "image": drawn[0]})
-    if model.gdino is None or image is None:
-        return result
-    room = model.gdino.config.max_text_len
-    if len(chosen) > room:  # the detector takes at most max_text_len phrases at once
-        result["routes_not_detected"] = len(chosen) - room
-        chosen = chosen[:room]
-    if not chosen:
-        return result
+    chosen = [(i, r) for i, r in enumerate(gen.routes) if r.kind in DETECTOR_ROUTES]
+    if chosen and not _why_not_run(model, chosen[0][1].kind, image):
+        room = model.gdino.config.max_text_len
+        if len(chosen) > room:  # the detector takes at most max_text_len phrases at once
+            result["routes_not_detected"] = len(chosen) - room
+            chosen = chosen[:room]
+        result["detections"] = _detections(model, image, chosen, threshold)
+    return result
+
+
+def _why_not_run(model: VisionLLMv2Model, kind: str, image: Any) -> str | None:
+    """Why a ``kind`` route of an answer about ``image`` (None: no image) cannot go to its tool."""
+    if kind == "pose":
+        return "no pose decoder"
+    if kind in DETECTOR_ROUTES:
+        if model.gdino is None:
+            return "the model has no detector"
+        return None if image is not None else "no image to detect in"
+    if model.diffusion(kind) is None:
+        return f"the model has no {DECODER_OF[kind]}"
+    if kind == "edit":
+        if image is None:
+            return "no image to edit"
+        factor = model.ip2p.vae_factor
+        if min(image.size) < factor:  # no latent pixel to edit
+            return f"the image ({image.width}x{image.height}) has a side under ip2p's {factor} pixels"
+    return None
+
+
+def _detections(
+    model: VisionLLMv2Model, image: Any, chosen: list[tuple[int, Route]], threshold: float
+) -> list[dict[str, Any]]:
+    """The detector's boxes for the ``chosen`` (index, route) detection routes of an answer about
+    ``image``: ``{"route", "phrase", "score", "box"}`` by score."""
     queries = torch.stack([r.states for _, r in chosen])[None]
     mask = torch.ones(1, len(chosen), dtype=torch.bool, device=queries.device)
     det_pixels, det_mask = detector_inputs([image], model.link.detector_size)
@@ -514,10 +527,12 @@ def answer(
         det_pixels.to(queries.device, queries.dtype), queries, mask, pixel_mask=det_mask.to(queries.device)
     )
     found = model.gdino.postprocess(out, [(image.height, image.width)], threshold=threshold)[0]
-    for score, route, box in zip(found["scores"].tolist(), found["routes"].tolist(), found["boxes"].tolist()):
-        index, r = chosen[route]
-        result["detections"].append({"route": index, "phrase": r.phrase, "score": score, "box": box})
-    return result
+    return [
+        {"route": chosen[route][0], "phrase": chosen[route][1].phrase, "score": score, "box": box}
+        for score, route, box in zip(
+            found["scores"].tolist(), found["routes"].tolist(), found["boxes"].tolist()
+        )
+    ]
 
 
 def detect(
