@@ -100,7 +100,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     vsub = vl.add_subparsers(dest="visionllm_command", metavar="VISIONLLM_COMMAND")
     vl.set_defaults(func=lambda a: (vl.print_help(), 2)[1])
-    i = vsub.add_parser("init", help="a random-weight model (an interleaf preset + a tiny Grounding DINO)")
+    i = vsub.add_parser(
+        "init",
+        help="a random-weight model (an interleaf preset + a tiny Grounding DINO, optional diffusion tools)",
+    )
     i.add_argument("-o", "--out", required=True)
     i.add_argument("--preset", default="tiny", help="an interleaf model preset (default: tiny)")
     i.add_argument(
