@@ -55,6 +55,7 @@ ROUTE_TOKENS = {
 }
 EMB_TOKENS = ["[EMB]"] + [f"[EMB{i}]" for i in range(2, 9)]
 SPAN_TOKENS = ["<det>", "</det>", "<grd>", "</grd>", "<reg>", "</reg>"]
+REGION_TOKEN = "<region>"  # a visual prompt: its embedding is the region encoder's feature of one region
 DETECTOR_ROUTES = ("det", "grd", "seg")  # the routes Grounding DINO serves
 DECODER_OF = {"gen": "sd", "edit": "ip2p"}  # the diffusion routes' decoders (attribute = config key)
 DIFFUSION_DIRS = {"sd": "stable_diffusion", "ip2p": "instruct_pix2pix"}  # their pipeline folders
@@ -82,6 +83,8 @@ class SuperLinkConfig:
     detector_size: int = 800  # the detector's input: shortest edge (longest <= 1333/800 of it)
     sd: dict[str, Any] | None = None
     ip2p: dict[str, Any] | None = None
+    region_token_id: int | None = None  # set: the model has upstream's region encoder (visual prompts)
+    region_points: int = 2304  # the region encoder samples at most this many mask pixels (48 x 48)
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_embs <= len(EMB_TOKENS):
@@ -104,14 +107,15 @@ class SuperLinkConfig:
         return list(range(self.emb_token_id, self.emb_token_id + self.num_embs))
 
 
-def add_super_link_tokens(tokenizer: Any, num_embs: int = 4) -> dict[str, Any]:
-    """Add the routing, query and span tokens (special, not split) to ``tokenizer``; returns the
-    ``route_token_ids`` / ``emb_token_id`` for :class:`SuperLinkConfig`. The ``[EMB*]`` ids must be
+def add_super_link_tokens(tokenizer: Any, num_embs: int = 4, region: bool = False) -> dict[str, Any]:
+    """Add the routing, query and span tokens (special, not split), and with ``region`` the
+    ``<region>`` visual-prompt token, to ``tokenizer``; returns the ``route_token_ids`` /
+    ``emb_token_id`` (/ ``region_token_id``) for :class:`SuperLinkConfig`. The ``[EMB*]`` ids must be
     consecutive (a perception route's slots are ``[EMB] .. [EMB{num_embs}]``)."""
     from tokenizers import AddedToken
 
     vocab = tokenizer.get_vocab()
-    wanted = [*ROUTE_TOKENS.values(), *EMB_TOKENS, *SPAN_TOKENS]
+    wanted = [*ROUTE_TOKENS.values(), *EMB_TOKENS, *SPAN_TOKENS] + ([REGION_TOKEN] if region else [])
     missing = [t for t in wanted if t not in vocab]
     if missing:
         tokenizer.add_tokens(
@@ -121,7 +125,104 @@ def add_super_link_tokens(tokenizer: Any, num_embs: int = 4) -> dict[str, Any]:
     if ids != list(range(ids[0], ids[0] + num_embs)):
         raise ConfigError(f"tokenizer: the ids of {EMB_TOKENS[:num_embs]} are not consecutive ({ids})")
     routes = {k: tokenizer.convert_tokens_to_ids(t) for k, t in ROUTE_TOKENS.items()}
-    return {"route_token_ids": routes, "emb_token_id": ids[0]}
+    out = {"route_token_ids": routes, "emb_token_id": ids[0]}
+    if region:
+        out["region_token_id"] = tokenizer.convert_tokens_to_ids(REGION_TOKEN)
+    return out
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of [N, C, H, W] (eps 1e-6), as upstream's region encoder uses."""
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - x.mean(1, keepdim=True)) / torch.sqrt(x.var(1, keepdim=True, unbiased=False) + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class RegionEncoder(nn.Module):
+    """Upstream's ``RegionEncoder`` (``mask_pool_type="grid_sample"``, as VisionLLM v2 builds it): one
+    feature per region for its ``<region>`` token.
+
+        [image (normalised, the global view) ; mask]   [n, 4, S, S]
+          -> mask_embedding: Conv(k = s = patch/2) LN2d GELU Conv(k = s = 2) LN2d GELU Conv(1x1)
+                                                       [n, C_vit, S/patch, S/patch]
+          for each of the ViT's last 3 layers (CLS dropped, on the patch grid): x = x + level;
+          the mean of x bilinearly sampled at (at most ``num_points``) mask pixels -> up_dim
+          -> the mean over the 3 levels                [n, H_llm]
+
+    Mask pixels are sampled at (column / S, row / S), as upstream's ``point_sample``; a mask with more
+    pixels than ``num_points`` contributes a uniform random subset of them."""
+
+    def __init__(self, embed_dim: int, out_dim: int, patch_size: int = 14, hidden_dim: int = 256,
+                 num_points: int = 2304) -> None:  # fmt: skip
+        super().__init__()
+        k = patch_size // 2
+        self.mask_embedding = nn.Sequential(
+            nn.Conv2d(4, hidden_dim // 4, kernel_size=k, stride=k),
+            LayerNorm2d(hidden_dim // 4),
+            nn.GELU(),
+            nn.Conv2d(hidden_dim // 4, hidden_dim, kernel_size=2, stride=2),
+            LayerNorm2d(hidden_dim),
+            nn.GELU(),
+            nn.Conv2d(hidden_dim, embed_dim, kernel_size=1),
+        )
+        self.up_dim = nn.Linear(embed_dim, out_dim)
+        self.num_points = num_points
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        masks: torch.Tensor,
+        levels: list[torch.Tensor],
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """``images`` [n, 3, S, S], ``masks`` [n, S, S] (0/1), ``levels`` [n, (S/patch)^2, C_vit] each
+        -> [n, out_dim]."""
+        x = self.mask_embedding(torch.cat([images, masks[:, None].to(images.dtype)], dim=1))
+        n, c, h, w = x.shape
+        points, valid = self.sample_points(masks, generator)  # [n, P, 2] (x, y) in [0, 1), [n, P]
+        grid = (2 * points - 1)[:, :, None].to(torch.float32)  # [n, P, 1, 2]
+        outs = []
+        for level in levels:
+            x = x + level.transpose(1, 2).reshape(n, c, h, w).to(x.dtype)  # upstream sums the levels up
+            sampled = F.grid_sample(x.float(), grid, align_corners=False)[..., 0].transpose(1, 2)  # [n, P, C]
+            mean = (sampled * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
+            outs.append(self.up_dim(mean.to(x.dtype)))
+        return torch.stack(outs).mean(0)
+
+    def sample_points(
+        self, masks: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each mask's pixels (at most ``num_points``, a random subset in pixel order) as (x, y)
+        fractions of the side, zero-padded: points [n, P, 2], valid [n, P]."""
+        rows = []
+        for mask in masks:
+            yx = mask.nonzero()
+            if len(yx) > self.num_points:
+                keep = torch.randperm(len(yx), generator=generator, device="cpu")[: self.num_points]
+                yx = yx[keep.sort().values.to(yx.device)]
+            rows.append(yx.flip(-1).float() / torch.tensor([mask.shape[1], mask.shape[0]], device=yx.device))
+        p = max(1, max(len(r) for r in rows))
+        points = masks.new_zeros(len(rows), p, 2, dtype=torch.float32)
+        valid = masks.new_zeros(len(rows), p, dtype=torch.float32)
+        for i, r in enumerate(rows):
+            points[i, : len(r)], valid[i, : len(r)] = r, 1
+        return points, valid
+
+
+@dataclass
+class Regions:
+    """The regions one prompt's ``<region>`` tokens name: ``image`` [3, S, S] the image's global view
+    (normalised, as the ViT sees it) and ``masks`` [n, S, S] (0/1) on it, in token order."""
+
+    image: torch.Tensor
+    masks: torch.Tensor
 
 
 @dataclass
@@ -195,6 +296,10 @@ class VisionLLMv2Model(InternVLChatModel):
         # built from a pipeline folder, not from the config alone (the CLIP tokenizer is files)
         self.sd: Any = None
         self.ip2p: Any = None
+        self.region_encoder = None
+        if link.region_token_id is not None:
+            v = config.vision
+            self.region_encoder = RegionEncoder(v.hidden_size, h, v.patch_size, num_points=link.region_points)
         self._kind_of = {i: k for k, i in link.route_token_ids.items()}
 
     def add_diffusion(self, module: Any) -> None:
@@ -262,13 +367,51 @@ class VisionLLMv2Model(InternVLChatModel):
         pixel_values: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
         links: list[list[Link]] | None = None,
+        regions: list[Regions | None] | None = None,
     ) -> torch.Tensor:
-        """InternVL's embeddings with the query tables written into every route's slots: [B, S, H]."""
+        """InternVL's embeddings with the query tables written into every route's slots, and each
+        ``<region>`` token's embedding replaced by its region's feature (``regions``: per row, the
+        regions its ``<region>`` tokens name, in order): [B, S, H]."""
         x = super().embed(input_ids, pixel_values, image_embeds)
         links = self.find_links(input_ids) if links is None else links
         for b, row in enumerate(links):
             for link in row:
                 x[b, link.slots] = self.table(link.kind).weight.to(x.dtype)
+        if regions is not None and any(r is not None for r in regions):
+            x = self.embed_regions(input_ids, x, regions)
+        return x
+
+    def vision_levels(self, pixel_values: torch.Tensor, n: int = 3) -> list[torch.Tensor]:
+        """The ViT's last ``n`` layer outputs without CLS, [N, patches, C] each (the region encoder's
+        multi-scale features, upstream's ``hidden_states[-3:]``)."""
+        vit = self.vision_model
+        x = vit.embeddings(pixel_values.to(next(vit.parameters()).dtype))
+        outs = []
+        for i, layer in enumerate(vit.encoder.layers):
+            x = layer(x)
+            if i >= len(vit.encoder.layers) - n:
+                outs.append(x[:, 1:])
+        return outs
+
+    def embed_regions(
+        self, input_ids: torch.Tensor, x: torch.Tensor, regions: list[Regions | None]
+    ) -> torch.Tensor:
+        """``x`` [B, S, H] with the ``<region>`` embeddings replaced by the region encoder's features."""
+        if self.region_encoder is None:
+            raise ConfigError(f"{CONFIG_KEY}: regions given but the model has no region encoder")
+        x = x.clone()
+        for b, r in enumerate(regions):
+            where = (input_ids[b] == self.link.region_token_id).nonzero()[:, 0]
+            count = 0 if r is None else len(r.masks)
+            if len(where) != count:
+                raise InputError(
+                    f"regions: row {b} has {len(where)} {REGION_TOKEN} tokens and {count} regions"
+                )
+            if count:
+                image = r.image[None].to(x.device, x.dtype)
+                levels = [level.expand(count, -1, -1) for level in self.vision_levels(image)]
+                image = image.expand(count, -1, -1, -1)
+                x[b, where] = self.region_encoder(image, r.masks.to(x.device), levels).to(x.dtype)
         return x
 
     def link_states(
@@ -302,17 +445,19 @@ class VisionLLMv2Model(InternVLChatModel):
         output_images: torch.Tensor | None = None,
         input_images: torch.Tensor | None = None,
         captions: list[str | None] | None = None,
+        regions: list[Regions | None] | None = None,
     ) -> VisionLLMv2Output:
         """``input_ids`` [B, S] with the query slots in place; ``labels`` [B, S] (-100 = no loss; the
         slots are excluded whatever they hold). ``det_pixel_values`` [B, 3, h, w]: the detector's view of
         each row's image; ``det_targets`` per row ``{"class_labels": route indices among the row's
         DET/GRD/SEG routes, "boxes": [n, 4] normalised cx, cy, w, h}``. ``output_images`` [B, 3, r, r] in
         [-1, 1]: each row's target image for its GEN/EDIT routes (``input_images`` the image an EDIT
-        route edits; ``captions`` per row, for upstream's caption loss, or None)."""
+        route edits; ``captions`` per row, for upstream's caption loss, or None). ``regions`` per row:
+        the regions its ``<region>`` tokens name (:meth:`embed`)."""
         links = self.find_links(input_ids)
         if pixel_values is not None:  # collate_detection's float32 pixels into a bf16 model
             pixel_values = pixel_values.to(next(self.vision_model.parameters()).dtype)
-        embeds = self.embed(input_ids, pixel_values, links=links)
+        embeds = self.embed(input_ids, pixel_values, links=links, regions=regions)
         out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask)
         result = VisionLLMv2Output(logits=out.logits, hidden=out.last_hidden_state, links=links)
         if labels is not None:
@@ -370,11 +515,13 @@ class VisionLLMv2Model(InternVLChatModel):
         max_new_tokens: int = 64,
         eos_token_id: int | list[int] | None = None,
         tokenizer: Any = None,
+        regions: Regions | None = None,
     ) -> Generation:
         """Greedy decoding of one prompt ``input_ids`` [1, S] (routing tokens in it get their query slots
         if they lack them: :meth:`with_slots`); every routing token the model emits gets
         its query slots run through the LLM, and their hidden states come back as a :class:`Route`.
-        ``tokenizer`` decodes the text and the routes' phrases."""
+        ``tokenizer`` decodes the text and the routes' phrases; ``regions`` are the ones the prompt's
+        ``<region>`` tokens name."""
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise InputError(f"input_ids: one prompt [1, S] expected, got shape {list(input_ids.shape)}")
         input_ids = torch.tensor([self.with_slots(input_ids[0].tolist())], device=input_ids.device)
@@ -384,7 +531,8 @@ class VisionLLMv2Model(InternVLChatModel):
         lm = self.language_model
         # room for the answer and a few routes; _room grows it (doubling) when routes need more
         cache = self.make_cache(1, input_ids.shape[1] + max_new_tokens + 4 * (1 + self.link.num_embs) + 1)
-        out = lm(inputs_embeds=self.embed(input_ids, pixel_values), kv_cache=cache, logits_to_keep=1)
+        embeds = self.embed(input_ids, pixel_values, regions=[regions] if regions is not None else None)
+        out = lm(inputs_embeds=embeds, kv_cache=cache, logits_to_keep=1)
         tokens: list[int] = []
         raw_routes: list[tuple[str, int, torch.Tensor]] = []
         finish = "length"
@@ -434,6 +582,31 @@ def detector_inputs(images: list[Any], size: int) -> tuple[torch.Tensor, torch.T
     return out["pixel_values"], out["pixel_mask"]
 
 
+def region_inputs(model: VisionLLMv2Model, image: Any, boxes: list[list[float]]) -> Regions:
+    """The :class:`Regions` of pixel ``boxes`` [x1, y1, x2, y2] on ``image``: its global view (the
+    whole image resized to one tile) and one mask per box on it (the tile pixels whose centres fall in
+    the box; at least the one nearest its centre)."""
+    from interleaf.processing.image import preprocess_image
+
+    image = to_rgb(load_image(image))
+    side = model.config.image_size
+    view = preprocess_image(image, max_num=1, min_num=1, image_size=side, use_thumbnail=False, dynamic=False)[
+        0
+    ]
+    centres = (torch.arange(side, dtype=torch.float32) + 0.5) / side
+    xs, ys = centres * image.width, centres * image.height
+    masks = torch.zeros(len(boxes), side, side)
+    for i, (x1, y1, x2, y2) in enumerate(boxes):
+        inside = ((ys >= y1) & (ys < y2))[:, None] & ((xs >= x1) & (xs < x2))[None]
+        if not inside.any():  # a box narrower than a tile pixel
+            inside[
+                min(side - 1, int((y1 + y2) / 2 / image.height * side)),
+                min(side - 1, int((x1 + x2) / 2 / image.width * side)),
+            ] = True
+        masks[i] = inside.float()
+    return Regions(view, masks)
+
+
 @torch.no_grad()
 def answer(
     model: VisionLLMv2Model,
@@ -444,8 +617,10 @@ def answer(
     max_new_tokens: int = 64,
     num_inference_steps: int | None = None,
     seed: int = 0,
+    regions: list[list[float]] | None = None,
 ) -> dict[str, Any]:
-    """Ask ``question`` (about ``image``, or text only); every route of the answer goes to its tool:
+    """Ask ``question`` (about ``image``, or text only; ``regions``: pixel boxes [x1, y1, x2, y2] on
+    ``image``, one per ``<region>`` in the question); every route of the answer goes to its tool:
     DET/GRD/SEG to the detector, GEN to ``sd``, EDIT to ``ip2p`` (which edits ``image``).
 
     Returns ``{"text", "finish_reason", "routes": [{"kind", "phrase"}], "detections": [{"route",
@@ -466,7 +641,12 @@ def answer(
         tiles, pixels = [pixels.shape[0]], pixels.to(model.device, model.dtype)
     prompt = build_prompt(get_template(cfg.template), question, tiles, num_image_token=model.num_image_token)
     ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)], device=model.device)
-    gen = model.generate(ids, pixels, max_new_tokens, cfg.llm.eos_token_id, tokenizer)
+    prompt_regions = None
+    if regions:
+        if image is None:
+            raise InputError("regions: given without an image")
+        prompt_regions = region_inputs(model, image, regions)
+    gen = model.generate(ids, pixels, max_new_tokens, cfg.llm.eos_token_id, tokenizer, prompt_regions)
     result: dict[str, Any] = {
         "text": gen.text,
         "finish_reason": gen.finish_reason,
@@ -580,18 +760,20 @@ def init_visionllm(
     gen: str | Path | None = None,
     edit: str | Path | None = None,
     diffusion: dict[str, dict[str, Any]] | None = None,
+    region: bool = False,
 ) -> tuple[VisionLLMv2Model, Any]:
     """A random-weight VisionLLM v2 on an interleaf preset, with the offline tokenizer plus the
     super-link tokens; ``gdino`` (a GroundingDinoConfig dict) defaults to a tiny detector, and
     ``detector=False`` builds none. ``gen`` / ``edit``: a Stable Diffusion / InstructPix2Pix pipeline
     folder (diffusers layout) for the GEN / EDIT routes, or ``"tiny"`` for a tiny random one;
-    ``diffusion`` {"gen": {...}, "edit": {...}}: their ``DiffusionLinkConfig`` settings."""
+    ``diffusion`` {"gen": {...}, "edit": {...}}: their ``DiffusionLinkConfig`` settings. ``region``
+    adds the ``<region>`` token and upstream's region encoder (visual prompts)."""
     from interleaf.model.presets import PRESETS, make_tokenizer, preset_config_for
 
     if preset not in PRESETS:
         raise ConfigError(f"preset: unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
     tok = make_tokenizer(PRESETS[preset][1]["family"])
-    ids = add_super_link_tokens(tok)
+    ids = add_super_link_tokens(tok, region=region)
     cfg = preset_config_for(preset, tok)
     if gdino is None and detector:
         from interleaf.model.grounding_dino import tiny_grounding_dino_config

@@ -126,6 +126,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     i.add_argument(
         "--train-gen-unet", action="store_true", help="train the [GEN] UNet too (upstream keeps it frozen)"
     )
+    i.add_argument(
+        "--region-encoder", action="store_true", help="add the <region> token and upstream's region encoder"
+    )
     i.add_argument("--seed", type=int, default=0)
     i.set_defaults(func=_visionllm_init)
     t = vsub.add_parser("train", help="fine-tune on detection, generation and editing records (JSONL)")
@@ -166,6 +169,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--max-new-tokens", type=int, default=128)
     a.add_argument("--steps", type=int, default=None, help="diffusion sampling steps (default: the model's)")
     a.add_argument("--seed", type=int, default=0, help="seeds the diffusion sampling")
+    a.add_argument(
+        "--region", action="append", default=None, help="x1,y1,x2,y2: the box of the question's next <region>"
+    )
     a.add_argument("--device", default="auto")
     a.set_defaults(func=_visionllm_ask)
 
@@ -265,7 +271,7 @@ def _visionllm_init(args: argparse.Namespace) -> int:
     from interleaf.train.visionllm import init_command
 
     print(init_command(args.out, args.preset, args.image_size, args.max_tiles, args.detector_size, args.seed,
-                       args.gen, args.edit, args.train_gen_unet))  # fmt: skip
+                       args.gen, args.edit, args.train_gen_unet, args.region_encoder))  # fmt: skip
     return 0
 
 
@@ -296,6 +302,6 @@ def _visionllm_ask(args: argparse.Namespace) -> int:
     from interleaf.train.visionllm import ask_command
 
     result = ask_command(args.model, args.question, args.image, args.out, args.threshold, args.max_new_tokens,
-                         args.steps, args.seed, args.device)  # fmt: skip
+                         args.steps, args.seed, args.device, args.region)  # fmt: skip
     print(json.dumps(result, ensure_ascii=False, indent=2))
     return 0

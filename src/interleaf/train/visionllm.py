@@ -50,6 +50,7 @@ from interleaf.model.visionllm import (
     DETECTOR_ROUTES,
     EMB_TOKENS,
     IGNORE_INDEX,
+    REGION_TOKEN,
     ROUTE_TOKENS,
     SPAN_TOKENS,
     VisionLLMv2Model,
@@ -66,17 +67,21 @@ STATE_FILE = "train_state.pt"
 _LOSS_NAMES = {"lm_loss": "lm", "det_loss": "detector", "sd_loss": "generation", "ip2p_loss": "editing"}
 # tokens a question may not hold: they would break the prompt's routes or image tokens
 _IN_PROMPT = (*ROUTE_TOKENS.values(), IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
-_RESERVED = (*_IN_PROMPT, *EMB_TOKENS, *SPAN_TOKENS, IMAGE_PLACEHOLDER)
+_RESERVED = (*_IN_PROMPT, *EMB_TOKENS, *SPAN_TOKENS, IMAGE_PLACEHOLDER, REGION_TOKEN)
 
 
-def check_question(question: str, name: str = "question") -> None:
-    """Refuse a question that holds a routing or image token, or more than one ``<image>`` (the
-    prompt has one image): an ``InputError`` naming ``name``."""
+def check_question(question: str, name: str = "question", regions: int = 0) -> None:
+    """Refuse a question that holds a routing or image token, more than one ``<image>`` (the prompt
+    has one image), or a ``<region>`` count other than ``regions``: an ``InputError`` naming ``name``."""
     bad = next((t for t in _IN_PROMPT if t in question), None)
     if bad:
         raise InputError(f"{name}: contains {bad!r}")
     if question.count(IMAGE_PLACEHOLDER) > 1:
         raise InputError(f"{name}: more than one {IMAGE_PLACEHOLDER!r} (there is one image)")
+    if question.count(REGION_TOKEN) != regions:
+        raise InputError(
+            f"{name}: holds {question.count(REGION_TOKEN)} {REGION_TOKEN!r}, for {regions} regions"
+        )
 
 
 @dataclass
@@ -219,23 +224,67 @@ def parse_generation_record(raw: Any, folder: Path, image_root: Path | None = No
     return GenerationRecord(route, caption, output, question, image)
 
 
-def parse_record(
-    raw: Any, folder: Path, image_root: Path | None = None
-) -> DetectionRecord | GenerationRecord:
-    """A detection, generation or editing record, by its ``route`` (default "det")."""
+@dataclass
+class RegionRecord:
+    """A question about regions of an image (visual prompts), one ``<region>`` per box, in order."""
+
+    image: Path
+    boxes: list[list[float]]  # x1, y1, x2, y2 in pixels
+    question: str
+    answer: str
+    line: int = 0
+
+
+Record = DetectionRecord | GenerationRecord | RegionRecord
+
+
+def parse_region_record(raw: Any, folder: Path, image_root: Path | None = None) -> RegionRecord:
+    """Check one region record ``{"image", "regions": [[x1, y1, x2, y2], ...], "question", "answer"}``."""
+    if not isinstance(raw, dict):
+        raise InputError("not a JSON object")
+    path, (width, height) = _image_path(raw, "image", folder, image_root)
+    boxes = raw.get("regions")
+    if not isinstance(boxes, list) or not boxes:
+        raise InputError("regions: must be a non-empty list of [x1, y1, x2, y2]")
+    for i, box in enumerate(boxes):
+        if not (
+            isinstance(box, list) and len(box) == 4 and all(is_number(v) and math.isfinite(v) for v in box)
+        ):
+            raise InputError(f"regions[{i}]: must be [x1, y1, x2, y2], numbers")
+        if not (box[2] > box[0] and box[3] > box[1]):
+            raise InputError(f"regions[{i}]: x2 > x1 and y2 > y1 needed, got {box}")
+        if not (box[0] < width and box[2] > 0 and box[1] < height and box[3] > 0):
+            raise InputError(f"regions[{i}]: {box} lies outside the {width}x{height} image")
+    question, answer = raw.get("question"), raw.get("answer")
+    if not isinstance(question, str) or not question.strip():
+        raise InputError("question: missing or empty")
+    check_question(question, regions=len(boxes))
+    if not isinstance(answer, str) or not answer.strip():
+        raise InputError("answer: missing or empty")
+    bad = next((t for t in _RESERVED if t in answer), None)
+    if bad:
+        raise InputError(f"answer: contains {bad!r}")
+    return RegionRecord(path, [[float(v) for v in b] for b in boxes], question, answer.strip())
+
+
+def parse_record(raw: Any, folder: Path, image_root: Path | None = None) -> Record:
+    """A detection, generation, editing or region record: by its ``route`` (default "det"), or its
+    ``regions``."""
     if isinstance(raw, dict) and raw.get("route") in DECODER_OF:
         return parse_generation_record(raw, folder, image_root)
+    if isinstance(raw, dict) and "regions" in raw:
+        return parse_region_record(raw, folder, image_root)
     return parse_detection_record(raw, folder, image_root)
 
 
 def read_records(
     path: str | Path, image_root: str | Path | None = None
-) -> tuple[list[DetectionRecord | GenerationRecord], list[dict[str, Any]]]:
+) -> tuple[list[Record], list[dict[str, Any]]]:
     """The usable records of a JSONL file (detection, generation and editing) and the skipped ones
     (``{"line", "reason"}``)."""
     path = Path(path)
     root = Path(image_root) if image_root is not None else None
-    records: list[DetectionRecord | GenerationRecord] = []
+    records: list[Record] = []
     skipped: list[dict[str, Any]] = []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -353,6 +402,17 @@ def collate_detection(examples: list[dict[str, Any]], pad_id: int, detector_size
     }
 
 
+def encode_region(model: VisionLLMv2Model, tokenizer: Any, record: RegionRecord) -> dict[str, Any]:
+    """One training example: ids/labels (the answer only), the MLLM's tiles and the regions."""
+    from interleaf.model.visionllm import region_inputs
+
+    image = to_rgb(load_image(record.image))
+    return {
+        **_prompt_ids(model, tokenizer, record.question, image, record.answer),
+        "regions": region_inputs(model, image, record.boxes),
+    }
+
+
 def collate_generation(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     """Right-padded batch of generation (or of editing) examples for :meth:`VisionLLMv2Model.forward`."""
     inputs = [e["input_image"] for e in examples]
@@ -364,8 +424,10 @@ def collate_generation(examples: list[dict[str, Any]], pad_id: int) -> dict[str,
     }
 
 
-def task_of(record: DetectionRecord | GenerationRecord) -> str:
-    """A record's task: "det" (DET/GRD/SEG), "gen" or "edit"; a batch holds one task."""
+def task_of(record: Record) -> str:
+    """A record's task: "det" (DET/GRD/SEG), "gen", "edit" or "region"; a batch holds one task."""
+    if isinstance(record, RegionRecord):
+        return "region"
     return record.route if isinstance(record, GenerationRecord) else "det"
 
 
@@ -389,7 +451,7 @@ def next_batch(
 def train_visionllm(
     model: VisionLLMv2Model,
     tokenizer: Any,
-    records: list[DetectionRecord | GenerationRecord],
+    records: list[Record],
     steps: int,
     batch_size: int = 4,
     lr: float = 1e-4,
@@ -440,6 +502,9 @@ def train_visionllm(
             batch["det_targets"] = [
                 {k: v.to(model.device) for k, v in t.items()} for t in batch["det_targets"]
             ]
+        elif task_of(records[chosen[0]]) == "region":
+            examples = [encode_region(model, tokenizer, records[i]) for i in chosen]
+            batch = {**_pad(examples, pad), "regions": [e["regions"] for e in examples]}
         else:
             batch = collate_generation([encode_generation(model, tokenizer, records[i]) for i in chosen], pad)
         batch = {k: (v.to(model.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
@@ -478,9 +543,11 @@ def frozen_prefixes(model: VisionLLMv2Model) -> tuple[str, ...]:
     return tuple(out)
 
 
-def missing_tool(model: VisionLLMv2Model, record: DetectionRecord | GenerationRecord) -> str | None:
+def missing_tool(model: VisionLLMv2Model, record: Record) -> str | None:
     """Why ``model`` cannot train on ``record`` (it lacks the record's decoder, or the detector takes
     fewer phrases), or None."""
+    if isinstance(record, RegionRecord):
+        return None if model.region_encoder is not None else "the model has no region encoder"
     if isinstance(record, GenerationRecord):
         name = DECODER_OF[record.route]
         return (
@@ -515,6 +582,7 @@ def init_command(
     gen: str | None = None,
     edit: str | None = None,
     train_gen_unet: bool = False,
+    region_encoder: bool = False,
 ) -> Path:
     """``interleaf visionllm init``: a random-weight model folder. ``gen`` / ``edit``: ``"tiny"`` or a
     Stable Diffusion / InstructPix2Pix pipeline folder (diffusers layout) for the GEN / EDIT routes;
@@ -534,7 +602,9 @@ def init_command(
         raise InputError("--train-gen-unet: needs --gen")
     out = _new_folder(out)
     settings = {"gen": {"train_unet": True}} if train_gen_unet else None
-    model, tok = init_visionllm(preset, seed=seed, gen=gen, edit=edit, diffusion=settings)
+    model, tok = init_visionllm(
+        preset, seed=seed, gen=gen, edit=edit, diffusion=settings, region=region_encoder
+    )
     if image_size is not None:
         if image_size % (model.config.vision.patch_size * 2):
             raise InputError(f"--image-size: must be a multiple of {model.config.vision.patch_size * 2}")
@@ -692,6 +762,7 @@ def ask_command(
     steps: int | None = None,
     seed: int = 0,
     device: str = "auto",
+    regions: list[str] | None = None,
 ) -> dict[str, Any]:
     """``interleaf visionllm ask``: the answer and what its routes' tools made (detections; images,
     written to ``out`` as ``route<i>.png`` with ``answer.json``), JSON-ready."""
@@ -701,7 +772,10 @@ def ask_command(
     check_minimums(("--max-new-tokens", max_new_tokens, 0), ("--steps", steps, 1))
     if not -(2**63) <= seed < 2**63:  # route i samples with seed + i; torch takes 64-bit seeds
         raise InputError(f"--seed: must be in [-2**63, 2**63), got {seed}")
-    check_question(question, "--question")
+    boxes = [parse_box(r) for r in regions or []]
+    check_question(question, "--question", regions=len(boxes))
+    if boxes and image is None:
+        raise InputError("--region: needs --image")
     if image is not None and not Path(image).is_file():
         raise InputError(f"{image}: image not found")
     if IMAGE_PLACEHOLDER in question and image is None:
@@ -710,7 +784,7 @@ def ask_command(
         out = _new_folder(out)
     model, tok = load_visionllm(model_dir, device=parse_device(device))
     result = answer(model, tok, question, image, threshold=threshold, max_new_tokens=max_new_tokens,
-                    num_inference_steps=steps, seed=seed)  # fmt: skip
+                    num_inference_steps=steps, seed=seed, regions=boxes or None)  # fmt: skip
     result = json_result(result, out)
     if out is not None:
         from interleaf.files import replace_text
@@ -718,6 +792,17 @@ def ask_command(
         Path(out).mkdir(parents=True, exist_ok=True)  # also when no route drew an image
         replace_text(Path(out) / "answer.json", json.dumps(result, ensure_ascii=False, indent=2) + "\n")
     return result
+
+
+def parse_box(text: str) -> list[float]:
+    """``--region x1,y1,x2,y2`` (pixels) as a box, or a one-line InputError."""
+    try:
+        box = [float(v) for v in text.split(",")]
+    except ValueError:
+        box = []
+    if len(box) != 4 or not all(math.isfinite(v) for v in box) or not (box[2] > box[0] and box[3] > box[1]):
+        raise InputError(f"--region: must be x1,y1,x2,y2 with x2 > x1 and y2 > y1, got {text!r}")
+    return box
 
 
 def json_result(result: dict[str, Any], out: str | Path | None = None) -> dict[str, Any]:
