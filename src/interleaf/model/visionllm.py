@@ -23,8 +23,10 @@ Built here: the super link for all six routing tokens and three of upstream's de
 (Grounding DINO, :mod:`interleaf.model.grounding_dino`), GEN (Stable Diffusion) and EDIT
 (InstructPix2Pix), both :mod:`interleaf.model.stable_diffusion` (attributes ``sd`` and ``ip2p``, as
 upstream). The pose decoder (UniPose upstream) is not: :meth:`VisionLLMv2Model.generate` returns POSE
-routes' hidden states for a decoder of one's own. The backbone is the InternVL of this package
-(upstream's 26B model is InternViT + pixel shuffle + ``mlp1`` + InternLM2 as well).
+routes' hidden states for a decoder of one's own. Visual prompts: with ``link.region_token_id`` set,
+each ``<region>`` token of a prompt takes upstream's :class:`RegionEncoder` feature of one region
+(a box or mask on the image). The backbone is the InternVL of this package (upstream's 26B model is
+InternViT + pixel shuffle + ``mlp1`` + InternLM2 as well).
 """
 
 from __future__ import annotations

@@ -24,7 +24,13 @@ Generation and editing records (upstream's ``text2img.py`` / ``ip2p.py`` dataset
 Prompt: ``Generate image with caption: <caption>.`` (the caption lower-cased, upstream's punctuation
 removed), or for an edit the image and the capitalised instruction. Answer: ``Here it is
 [GEN][EMB]x64.`` (``[EDIT]`` for an edit). The diffusion loss (and 0.1 x upstream's caption loss) is
-added to the LM loss. A batch holds one task (detection, generation or editing), as upstream's.
+added to the LM loss.
+
+Region records (visual prompts; the model needs a region encoder), trained with the LM loss::
+
+    {"image": "img.png", "regions": [[x1, y1, x2, y2], ...], "question": "What is <region>?", "answer": "..."}
+
+A batch holds one task (detection, generation, editing or regions), as upstream's.
 
 Records that cannot be used are skipped, each with its line and reason.
 """
