@@ -90,6 +90,19 @@ def check_question(question: str, name: str = "question", regions: int = 0) -> N
         )
 
 
+def check_box(box: Any, name: str, width: int, height: int) -> list[float]:
+    """A record's pixel box ``[x1, y1, x2, y2]`` on a ``width`` x ``height`` image as floats, or an
+    InputError naming ``name``."""
+    if not (isinstance(box, list) and len(box) == 4 and all(is_number(v) and math.isfinite(v) for v in box)):
+        raise InputError(f"{name}: must be [x1, y1, x2, y2], numbers")
+    if not (box[2] > box[0] and box[3] > box[1]):
+        raise InputError(f"{name}: x2 > x1 and y2 > y1 needed, got {box}")
+    if not (box[0] < width and box[2] > 0 and box[1] < height and box[3] > 0):
+        # clamping it to the image would leave a zero-size box on the edge
+        raise InputError(f"{name}: {box} lies outside the {width}x{height} image")
+    return [float(v) for v in box]
+
+
 @dataclass
 class DetectionRecord:
     image: Path
@@ -116,17 +129,8 @@ def parse_detection_record(raw: Any, folder: Path, image_root: Path | None = Non
         box = obj.get("box") if isinstance(obj, dict) else None
         if not isinstance(phrase, str) or not phrase.strip():
             raise InputError(f"objects[{i}].phrase: missing or empty")
-        if not (
-            isinstance(box, list) and len(box) == 4 and all(is_number(v) and math.isfinite(v) for v in box)
-        ):
-            raise InputError(f"objects[{i}].box: must be [x1, y1, x2, y2], numbers")
-        if not (box[2] > box[0] and box[3] > box[1]):
-            raise InputError(f"objects[{i}].box: x2 > x1 and y2 > y1 needed, got {box}")
-        if not (box[0] < width and box[2] > 0 and box[1] < height and box[3] > 0):
-            # clamping it to the image would leave a zero-size box on the edge
-            raise InputError(f"objects[{i}].box: {box} lies outside the {width}x{height} image")
+        boxes.append(check_box(box, f"objects[{i}].box", width, height))
         found.append(" ".join(phrase.split()))
-        boxes.append([float(v) for v in box])
     phrases = raw.get("phrases")
     if phrases is None:
         phrases = list(dict.fromkeys(found))
@@ -252,15 +256,7 @@ def parse_region_record(raw: Any, folder: Path, image_root: Path | None = None) 
     boxes = raw.get("regions")
     if not isinstance(boxes, list) or not boxes:
         raise InputError("regions: must be a non-empty list of [x1, y1, x2, y2]")
-    for i, box in enumerate(boxes):
-        if not (
-            isinstance(box, list) and len(box) == 4 and all(is_number(v) and math.isfinite(v) for v in box)
-        ):
-            raise InputError(f"regions[{i}]: must be [x1, y1, x2, y2], numbers")
-        if not (box[2] > box[0] and box[3] > box[1]):
-            raise InputError(f"regions[{i}]: x2 > x1 and y2 > y1 needed, got {box}")
-        if not (box[0] < width and box[2] > 0 and box[1] < height and box[3] > 0):
-            raise InputError(f"regions[{i}]: {box} lies outside the {width}x{height} image")
+    boxes = [check_box(box, f"regions[{i}]", width, height) for i, box in enumerate(boxes)]
     question, answer = raw.get("question"), raw.get("answer")
     if not isinstance(question, str) or not question.strip():
         raise InputError("question: missing or empty")
@@ -270,7 +266,7 @@ def parse_region_record(raw: Any, folder: Path, image_root: Path | None = None) 
     bad = next((t for t in _RESERVED if t in answer), None)
     if bad:
         raise InputError(f"answer: contains {bad!r}")
-    return RegionRecord(path, [[float(v) for v in b] for b in boxes], question, answer.strip())
+    return RegionRecord(path, boxes, question, answer.strip())
 
 
 def parse_record(raw: Any, folder: Path, image_root: Path | None = None) -> Record:
