@@ -197,3 +197,21 @@ def test_bad_region_records_are_skipped_with_their_reason(tmp_path, capsys):
         assert main(["visionllm", "ask", str(init), *argv]) == 1
         got = capsys.readouterr().err
         assert got.count("\n") == 1 and err in got, (argv, got)
+
+
+def _tiny_region_model():
+    torch.manual_seed(0)
+    model, tok = init_visionllm("tiny", detector=False, region=True)
+    model.config.force_image_size, model.config.max_dynamic_patch = 112, 1
+    return model, tok
+
+
+def test_a_sub_pixel_box_over_the_left_or_top_edge_names_the_pixel_on_that_edge():
+    """A box narrower than a tile pixel whose centre lies just off the image (a record's box may
+    overlap the image by a fraction of a pixel) named a pixel on the opposite side: the negative
+    index wrapped around."""
+    model, _ = _tiny_region_model()
+    image = Image.new("RGB", (80, 60))
+    masks = region_inputs(model, image, [[-5, 10, 0.2, 10.3], [10, -5, 10.3, 0.2]]).masks
+    assert masks[0].nonzero().tolist() == [[18, 0]]  # row of y 10.15, the first column
+    assert masks[1].nonzero().tolist() == [[0, 14]]  # the first row, column of x 10.15

@@ -600,11 +600,12 @@ def region_inputs(model: VisionLLMv2Model, image: Any, boxes: list[list[float]])
     masks = torch.zeros(len(boxes), side, side)
     for i, (x1, y1, x2, y2) in enumerate(boxes):
         inside = ((ys >= y1) & (ys < y2))[:, None] & ((xs >= x1) & (xs < x2))[None]
-        if not inside.any():  # a box narrower than a tile pixel
-            inside[
-                min(side - 1, int((y1 + y2) / 2 / image.height * side)),
-                min(side - 1, int((x1 + x2) / 2 / image.width * side)),
-            ] = True
+        if not inside.any():  # a box narrower than a tile pixel: the centre of its part on the image
+            # (the whole box's centre may lie off the image, and a negative index would wrap around)
+            cy = (max(y1, 0) + min(y2, image.height)) / 2
+            cx = (max(x1, 0) + min(x2, image.width)) / 2
+            row, col = int(cy / image.height * side), int(cx / image.width * side)
+            inside[min(side - 1, row), min(side - 1, col)] = True
         masks[i] = inside.float()
     return Regions(view, masks)
 
