@@ -17,6 +17,7 @@ from interleaf.model.visionllm import (
     REGION_TOKEN,
     RegionEncoder,
     Regions,
+    answer,
     init_visionllm,
     load_visionllm,
     region_inputs,
@@ -215,3 +216,15 @@ def test_a_sub_pixel_box_over_the_left_or_top_edge_names_the_pixel_on_that_edge(
     masks = region_inputs(model, image, [[-5, 10, 0.2, 10.3], [10, -5, 10.3, 0.2]]).masks
     assert masks[0].nonzero().tolist() == [[18, 0]]  # row of y 10.15, the first column
     assert masks[1].nonzero().tolist() == [[0, 14]]  # the first row, column of x 10.15
+
+
+def test_a_box_off_the_image_is_refused_not_pinned_to_some_pixel(tmp_path, capsys):
+    """`ask --region` and answer(regions=) checked only x2 > x1 and y2 > y1: a box wholly off the image
+    became a mask of one arbitrary pixel (a corner, or one wrapped from a negative index)."""
+    model, tok = _tiny_region_model()
+    image = Image.new("RGB", (40, 30))
+    for box in ([50, 1, 60, 9], [-20, -20, -5, -5], [1, 30, 9, 40]):
+        with pytest.raises(InputError, match=r"regions\[1\]: .* lies outside the 40x30 image"):
+            region_inputs(model, image, [[1, 1, 9, 9], box])
+    with pytest.raises(InputError, match="lies outside"):
+        answer(model, tok, "<image>\nWhat is <region>?", image, max_new_tokens=1, regions=[[50, 1, 60, 9]])

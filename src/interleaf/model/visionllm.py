@@ -587,7 +587,7 @@ def detector_inputs(images: list[Any], size: int) -> tuple[torch.Tensor, torch.T
 def region_inputs(model: VisionLLMv2Model, image: Any, boxes: list[list[float]]) -> Regions:
     """The :class:`Regions` of pixel ``boxes`` [x1, y1, x2, y2] on ``image``: its global view (the
     whole image resized to one tile) and one mask per box on it (the tile pixels whose centres fall in
-    the box; at least the one nearest its centre)."""
+    the box; at least the one nearest its centre). A box wholly off the image is an InputError."""
     from interleaf.processing.image import preprocess_image
 
     image = to_rgb(load_image(image))
@@ -599,6 +599,10 @@ def region_inputs(model: VisionLLMv2Model, image: Any, boxes: list[list[float]])
     xs, ys = centres * image.width, centres * image.height
     masks = torch.zeros(len(boxes), side, side)
     for i, (x1, y1, x2, y2) in enumerate(boxes):
+        if not (x1 < image.width and x2 > 0 and y1 < image.height and y2 > 0):  # no pixel to name
+            raise InputError(
+                f"regions[{i}]: {[x1, y1, x2, y2]} lies outside the {image.width}x{image.height} image"
+            )
         inside = ((ys >= y1) & (ys < y2))[:, None] & ((xs >= x1) & (xs < x2))[None]
         if not inside.any():  # a box narrower than a tile pixel: the centre of its part on the image
             # (the whole box's centre may lie off the image, and a negative index would wrap around)
