@@ -228,3 +228,15 @@ def test_a_box_off_the_image_is_refused_not_pinned_to_some_pixel(tmp_path, capsy
             region_inputs(model, image, [[1, 1, 9, 9], box])
     with pytest.raises(InputError, match="lies outside"):
         answer(model, tok, "<image>\nWhat is <region>?", image, max_new_tokens=1, regions=[[50, 1, 60, 9]])
+
+
+def test_a_region_token_without_its_region_is_refused_by_generate_and_answer():
+    """answer()/generate() with a <region> in the prompt but no regions ran on the token's bare
+    embedding, silently (forward's count check only ran when regions were given)."""
+    model, tok = _tiny_region_model()
+    image = Image.new("RGB", (40, 30))
+    with pytest.raises(InputError, match="1 <region> tokens and no regions"):
+        answer(model, tok, "<image>\nWhat is <region>?", image, max_new_tokens=1)
+    ids = torch.tensor([tok.encode(f"a {REGION_TOKEN}", add_special_tokens=False)])
+    with pytest.raises(InputError, match="1 <region> tokens and no regions"):
+        model.generate(ids, max_new_tokens=1)

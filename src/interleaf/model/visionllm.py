@@ -529,6 +529,10 @@ class VisionLLMv2Model(InternVLChatModel):
         input_ids = torch.tensor([self.with_slots(input_ids[0].tolist())], device=input_ids.device)
         if max_new_tokens < 0:
             raise InputError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
+        if regions is None and self.link.region_token_id is not None:
+            count = int((input_ids == self.link.region_token_id).sum())
+            if count:  # embed checks the count only when regions are given: the bare token passed silently
+                raise InputError(f"regions: the prompt has {count} {REGION_TOKEN} tokens and no regions")
         stops = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
         lm = self.language_model
         # room for the answer and a few routes; _room grows it (doubling) when routes need more
