@@ -240,3 +240,20 @@ def test_a_region_token_without_its_region_is_refused_by_generate_and_answer():
     ids = torch.tensor([tok.encode(f"a {REGION_TOKEN}", add_special_tokens=False)])
     with pytest.raises(InputError, match="1 <region> tokens and no regions"):
         model.generate(ids, max_new_tokens=1)
+
+
+def test_answer_with_a_region_is_repeatable_and_leaves_the_callers_rng_alone():
+    """A mask with more pixels than num_points contributes a random subset of them (2304 of a 448 px
+    tile: most boxes); answer() drew it from the global RNG, so the same call gave another region
+    feature each time, and moved the caller's RNG."""
+    model, tok = _tiny_region_model()
+    model.region_encoder.num_points = 20
+    feats: list[torch.Tensor] = []
+    model.region_encoder.register_forward_hook(lambda m, i, o: feats.append(o.clone()))
+    image = Image.fromarray(np.random.RandomState(0).randint(0, 255, (60, 80, 3), dtype=np.uint8))
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        before = torch.get_rng_state()
+        answer(model, tok, "<image>\nWhat is <region>?", image, max_new_tokens=1, regions=[[0, 0, 40, 40]])
+        assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(feats[0], feats[1])

@@ -637,7 +637,8 @@ def answer(
     Returns ``{"text", "finish_reason", "routes": [{"kind", "phrase"}], "detections": [{"route",
     "phrase", "score", "box": [x1, y1, x2, y2] pixels}] (by score), "images": [{"route", "kind",
     "image": PIL image}], "not_run": [{"route", "reason"}]}``; ``routes_not_detected`` counts the
-    detection routes past the detector's ``max_text_len``. ``seed`` seeds the diffusion sampling."""
+    detection routes past the detector's ``max_text_len``. ``seed`` seeds the diffusion sampling (and
+    the region encoder's subset of a large mask's pixels)."""
     from interleaf.processing.image import preprocess_image
     from interleaf.processing.prompt import build_prompt
     from interleaf.processing.templates import get_template
@@ -657,7 +658,11 @@ def answer(
         if image is None:
             raise InputError("regions: given without an image")
         prompt_regions = region_inputs(model, image, regions)
-    gen = model.generate(ids, pixels, max_new_tokens, cfg.llm.eos_token_id, tokenizer, prompt_regions)
+    # the region encoder samples a random subset of a large mask's pixels on the CPU RNG: seeded here,
+    # the answer is repeatable and the caller's RNG is left as it was
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        gen = model.generate(ids, pixels, max_new_tokens, cfg.llm.eos_token_id, tokenizer, prompt_regions)
     result: dict[str, Any] = {
         "text": gen.text,
         "finish_reason": gen.finish_reason,
