@@ -257,3 +257,17 @@ def test_answer_with_a_region_is_repeatable_and_leaves_the_callers_rng_alone():
         answer(model, tok, "<image>\nWhat is <region>?", image, max_new_tokens=1, regions=[[0, 0, 40, 40]])
         assert torch.equal(torch.get_rng_state(), before)
     assert torch.equal(feats[0], feats[1])
+
+
+def test_vision_levels_are_upstreams_last_three_hidden_states_also_for_a_shallow_vit():
+    """Upstream takes ``hidden_states[-3:]`` (embeddings output, block 1 .. block L outputs): for a
+    2-block ViT (the tiny preset) that is the embeddings and both blocks; only 2 levels came back."""
+    model, _ = _tiny_region_model()
+    vit = model.vision_model.eval()
+    pixels = torch.randn(1, 3, 112, 112)
+    states = [vit.embeddings(pixels)]
+    for layer in vit.encoder.layers:
+        states.append(layer(states[-1]))
+    levels = model.vision_levels(pixels)
+    assert len(vit.encoder.layers) == 2 and len(levels) == 3
+    assert all(torch.allclose(a, b[:, 1:]) for a, b in zip(levels, states[-3:]))

@@ -385,10 +385,11 @@ class VisionLLMv2Model(InternVLChatModel):
 
     def vision_levels(self, pixel_values: torch.Tensor, n: int = 3) -> list[torch.Tensor]:
         """The ViT's last ``n`` layer outputs without CLS, [N, patches, C] each (the region encoder's
-        multi-scale features, upstream's ``hidden_states[-3:]``)."""
+        multi-scale features, upstream's ``hidden_states[-3:]``; with fewer than ``n`` layers that list
+        starts with the embeddings output)."""
         vit = self.vision_model
         x = vit.embeddings(pixel_values.to(next(vit.parameters()).dtype))
-        outs = []
+        outs = [x[:, 1:]] if len(vit.encoder.layers) < n else []
         for i, layer in enumerate(vit.encoder.layers):
             x = layer(x)
             if i >= len(vit.encoder.layers) - n:
