@@ -271,3 +271,15 @@ def test_vision_levels_are_upstreams_last_three_hidden_states_also_for_a_shallow
     levels = model.vision_levels(pixels)
     assert len(vit.encoder.layers) == 2 and len(levels) == 3
     assert all(torch.allclose(a, b[:, 1:]) for a, b in zip(levels, states[-3:]))
+
+
+def test_embed_checks_every_row_against_its_regions():
+    """embed(regions=) replaced the rows it was given regions for: a batch with fewer entries than
+    rows, or with None entries only, left those rows' <region> tokens on their bare embedding."""
+    model, tok = _tiny_region_model()
+    regions = region_inputs(model, Image.new("RGB", (40, 30)), [[1, 1, 9, 9]])
+    ids = torch.tensor([tok.encode(f"a {REGION_TOKEN}", add_special_tokens=False)] * 2)
+    with pytest.raises(InputError, match="regions: 1 rows for a batch of 2"):
+        model.embed(ids, regions=[regions])
+    with pytest.raises(InputError, match="row 0 has 1 <region> tokens and 0 regions"):
+        model.embed(ids, regions=[None, None])

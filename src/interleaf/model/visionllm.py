@@ -379,7 +379,7 @@ class VisionLLMv2Model(InternVLChatModel):
         for b, row in enumerate(links):
             for link in row:
                 x[b, link.slots] = self.table(link.kind).weight.to(x.dtype)
-        if regions is not None and any(r is not None for r in regions):
+        if regions is not None:
             x = self.embed_regions(input_ids, x, regions)
         return x
 
@@ -400,8 +400,12 @@ class VisionLLMv2Model(InternVLChatModel):
         self, input_ids: torch.Tensor, x: torch.Tensor, regions: list[Regions | None]
     ) -> torch.Tensor:
         """``x`` [B, S, H] with the ``<region>`` embeddings replaced by the region encoder's features."""
+        if len(regions) != len(input_ids):  # a row without its entry would keep bare <region> embeddings
+            raise InputError(f"regions: {len(regions)} rows for a batch of {len(input_ids)}")
         if self.region_encoder is None:
-            raise ConfigError(f"{CONFIG_KEY}: regions given but the model has no region encoder")
+            if any(r is not None for r in regions):
+                raise ConfigError(f"{CONFIG_KEY}: regions given but the model has no region encoder")
+            return x
         x = x.clone()
         for b, r in enumerate(regions):
             where = (input_ids[b] == self.link.region_token_id).nonzero()[:, 0]
