@@ -194,6 +194,10 @@ def test_bad_region_records_are_skipped_with_their_reason(tmp_path, capsys):
             ["--question", "hi", "--image", str(tmp_path / "a.png"), "--region", "1,1,5,5"],
             "holds 0 '<region>', for 1",
         ),
+        (
+            ["--question", "<region>?", "--image", str(tmp_path / "a.png"), "--region", "50,1,60,9"],
+            "--region: [50.0, 1.0, 60.0, 9.0] lies outside the 40x30 image",
+        ),
     ):
         assert main(["visionllm", "ask", str(init), *argv]) == 1
         got = capsys.readouterr().err

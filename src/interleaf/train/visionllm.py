@@ -782,6 +782,9 @@ def ask_command(
         raise InputError(f"{image}: image not found")
     if IMAGE_PLACEHOLDER in question and image is None:
         raise InputError(f"--question: holds {IMAGE_PLACEHOLDER!r} but no --image is given")
+    if boxes:  # before the model loads, naming the option
+        width, height = load_image(image).size
+        boxes = [check_box(box, "--region", width, height) for box in boxes]
     if out is not None:
         out = _new_folder(out)
     model, tok = load_visionllm(model_dir, device=parse_device(device))
