@@ -33,11 +33,16 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def describe(exc: BaseException) -> str:
+    """``ExcType: first line of exc`` (just ``ExcType`` when it has no message), for one-line errors."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}{f': {lines[0]}' if lines else ''}"
+
+
 def cannot_read(path: object, exc: BaseException) -> InputError:
     """The one-line ``InputError`` '``path``: cannot read (``ExcType``: first line of ``exc``)' for a
     file that could not be opened, decoded or parsed; raise it ``from exc`` or ``from None``."""
-    lines = str(exc).splitlines()
-    return InputError(f"{path}: cannot read ({type(exc).__name__}{f': {lines[0]}' if lines else ''})")
+    return InputError(f"{path}: cannot read ({describe(exc)})")
 
 
 def check_minimums(*checks: tuple[str, float | None, float]) -> None:

@@ -58,7 +58,7 @@ from PIL import Image
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from interleaf.errors import CheckpointError, ConfigError, InputError, is_number
+from interleaf.errors import CheckpointError, ConfigError, InputError, describe, is_number
 from interleaf.model.visionllm import DECODER_OF  # the config section of each kind: sd / ip2p
 
 __all__ = [
@@ -151,11 +151,6 @@ class DiffusionLoss:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}{f': {lines[0]}' if lines else ''}"
 
 
 @contextmanager
@@ -342,7 +337,7 @@ class SuperLinkDiffusion(nn.Module):
         try:
             index = json.loads(index_file.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{index_file}: cannot read ({_first_line(exc)})") from None
+            raise CheckpointError(f"{index_file}: cannot read ({describe(exc)})") from None
         for name in COMPONENTS:
             if not (folder / name).is_dir():
                 raise CheckpointError(f"{folder / name}: missing (the pipeline's {name})")
@@ -353,7 +348,7 @@ class SuperLinkDiffusion(nn.Module):
                 with _quiet_scheduler(), _no_progress_bars(), _quiet_diffusers():
                     return loader()
             except Exception as exc:  # any library's failure on a bad folder: one line naming it
-                raise CheckpointError(f"{folder / name}: cannot load ({_first_line(exc)})") from None
+                raise CheckpointError(f"{folder / name}: cannot load ({describe(exc)})") from None
 
         def complete(name: str, loaded: tuple[Any, dict[str, Any]]) -> Any:
             model, info = loaded
