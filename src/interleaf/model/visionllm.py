@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from interleaf.errors import CheckpointError, ConfigError, InputError
+from interleaf.errors import CheckpointError, ConfigError, InputError, is_number
 from interleaf.model.cache import KVCache
 from interleaf.model.config import InternVLConfig
 from interleaf.model.internvl import InternVLChatModel
@@ -593,25 +593,35 @@ def detector_inputs(images: list[Any], size: int) -> tuple[torch.Tensor, torch.T
     return out["pixel_values"], out["pixel_mask"]
 
 
+def check_box(box: Any, name: str, width: int, height: int) -> list[float]:
+    """A pixel box ``[x1, y1, x2, y2]`` (a record's, an option's) on a ``width`` x ``height`` image as
+    floats, or an InputError naming ``name``."""
+    if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(is_number(v) for v in box)):
+        raise InputError(f"{name}: must be [x1, y1, x2, y2], numbers")
+    if not (box[2] > box[0] and box[3] > box[1]):
+        raise InputError(f"{name}: x2 > x1 and y2 > y1 needed, got {box}")
+    if not (box[0] < width and box[2] > 0 and box[1] < height and box[3] > 0):
+        # clamping it to the image would leave a zero-size box on the edge
+        raise InputError(f"{name}: {box} lies outside the {width}x{height} image")
+    return [float(v) for v in box]
+
+
 def region_inputs(model: VisionLLMv2Model, image: Any, boxes: list[list[float]]) -> Regions:
     """The :class:`Regions` of pixel ``boxes`` [x1, y1, x2, y2] on ``image``: its global view (the
     whole image resized to one tile) and one mask per box on it (the tile pixels whose centres fall in
-    the box; at least the one nearest its centre). A box wholly off the image is an InputError."""
+    the box; at least the one nearest its centre). A box that is not one, or lies wholly off the
+    image, is an InputError (:func:`check_box`)."""
     from interleaf.processing.image import preprocess_image
 
     image = to_rgb(load_image(image))
     side = model.config.image_size
-    view = preprocess_image(image, max_num=1, min_num=1, image_size=side, use_thumbnail=False, dynamic=False)[
-        0
-    ]
+    tiles = preprocess_image(image, max_num=1, min_num=1, image_size=side, use_thumbnail=False, dynamic=False)
+    view = tiles[0]
     centres = (torch.arange(side, dtype=torch.float32) + 0.5) / side
     xs, ys = centres * image.width, centres * image.height
     masks = torch.zeros(len(boxes), side, side)
-    for i, (x1, y1, x2, y2) in enumerate(boxes):
-        if not (x1 < image.width and x2 > 0 and y1 < image.height and y2 > 0):  # no pixel to name
-            raise InputError(
-                f"regions[{i}]: {[x1, y1, x2, y2]} lies outside the {image.width}x{image.height} image"
-            )
+    for i, box in enumerate(boxes):
+        x1, y1, x2, y2 = check_box(box, f"regions[{i}]", image.width, image.height)
         inside = ((ys >= y1) & (ys < y2))[:, None] & ((xs >= x1) & (xs < x2))[None]
         if not inside.any():  # a box narrower than a tile pixel: the centre of its part on the image
             # (the whole box's centre may lie off the image, and a negative index would wrap around)

@@ -49,7 +49,7 @@ import torch
 from PIL import Image
 from transformers.image_transforms import corners_to_center_format
 
-from interleaf.errors import InputError, cannot_read, is_number
+from interleaf.errors import InputError, cannot_read
 from interleaf.model.checkpoint import parse_device
 from interleaf.model.visionllm import (
     DECODER_OF,
@@ -60,6 +60,7 @@ from interleaf.model.visionllm import (
     ROUTE_TOKENS,
     SPAN_TOKENS,
     VisionLLMv2Model,
+    check_box,
     detector_inputs,
 )
 from interleaf.processing.image import load_image, preprocess_image, to_rgb
@@ -88,19 +89,6 @@ def check_question(question: str, name: str = "question", regions: int = 0) -> N
         raise InputError(
             f"{name}: holds {question.count(REGION_TOKEN)} {REGION_TOKEN!r}, for {regions} regions"
         )
-
-
-def check_box(box: Any, name: str, width: int, height: int) -> list[float]:
-    """A record's pixel box ``[x1, y1, x2, y2]`` on a ``width`` x ``height`` image as floats, or an
-    InputError naming ``name``."""
-    if not (isinstance(box, list) and len(box) == 4 and all(is_number(v) and math.isfinite(v) for v in box)):
-        raise InputError(f"{name}: must be [x1, y1, x2, y2], numbers")
-    if not (box[2] > box[0] and box[3] > box[1]):
-        raise InputError(f"{name}: x2 > x1 and y2 > y1 needed, got {box}")
-    if not (box[0] < width and box[2] > 0 and box[1] < height and box[3] > 0):
-        # clamping it to the image would leave a zero-size box on the edge
-        raise InputError(f"{name}: {box} lies outside the {width}x{height} image")
-    return [float(v) for v in box]
 
 
 @dataclass
