@@ -486,13 +486,14 @@ def train_visionllm(
     model.train()
     for step in range(start + 1, steps + 1):
         chosen, order = next_batch(order, records, batch_size, gen)
-        if task_of(records[chosen[0]]) == "det":
+        task = task_of(records[chosen[0]])
+        if task == "det":
             batch = collate_detection([encode_detection(model, tokenizer, records[i]) for i in chosen], pad,
                                       model.link.detector_size)  # fmt: skip
             batch["det_targets"] = [
                 {k: v.to(model.device) for k, v in t.items()} for t in batch["det_targets"]
             ]
-        elif task_of(records[chosen[0]]) == "region":
+        elif task == "region":
             examples = [encode_region(model, tokenizer, records[i]) for i in chosen]
             batch = {**_pad(examples, pad), "regions": [e["regions"] for e in examples]}
         else:
@@ -505,7 +506,7 @@ def train_visionllm(
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         opt.step()
         sched.step()
-        entry = {"step": step, "task": task_of(records[chosen[0]])}
+        entry = {"step": step, "task": task}
         for name in ("loss", "lm_loss", "det_loss", "sd_loss", "ip2p_loss"):
             if getattr(out, name) is not None:
                 entry[name] = getattr(out, name).item()
@@ -673,9 +674,10 @@ def train_command(
     check_records()
     model, tok = load_visionllm(model_dir, device=dev, dtype=torch.float32)  # trained in float32
     # records the model has no decoder for, or more phrases than the detector takes, are skipped
-    skipped += [{"line": r.line, "reason": why} for r in records if (why := missing_tool(model, r))]
+    reasons = [missing_tool(model, r) for r in records]
+    skipped += [{"line": r.line, "reason": why} for r, why in zip(records, reasons) if why]
     skipped.sort(key=lambda s: s["line"])
-    records = [r for r in records if not missing_tool(model, r)]
+    records = [r for r, why in zip(records, reasons) if not why]
     check_records()
     if resume is not None and resume.get("records", len(records)) != len(records):
         # the state's data order indexes the records: other records would be other data
