@@ -131,11 +131,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     i.add_argument("--seed", type=int, default=0)
     i.set_defaults(func=_visionllm_init)
-    t = vsub.add_parser("train", help="fine-tune on detection, generation and editing records (JSONL)")
+    t = vsub.add_parser(
+        "train", help="fine-tune on detection, generation, editing and region records (JSONL)"
+    )
     t.add_argument(
         "data",
         help="records: {image, objects: [{phrase, box}], phrases?, question?, route?} (detection), "
-        "{route: gen, caption, output_image} or {route: edit, image, caption, output_image}",
+        "{route: gen, caption, output_image}, {route: edit, image, caption, output_image} or "
+        "{image, regions: [[x1, y1, x2, y2]], question, answer} (visual prompts)",
     )
     t.add_argument("--model", required=True, help="a VisionLLM v2 folder (from init or train)")
     t.add_argument(

@@ -270,7 +270,7 @@ def parse_record(raw: Any, folder: Path, image_root: Path | None = None) -> Reco
 def read_records(
     path: str | Path, image_root: str | Path | None = None
 ) -> tuple[list[Record], list[dict[str, Any]]]:
-    """The usable records of a JSONL file (detection, generation and editing) and the skipped ones
+    """The usable records of a JSONL file (detection, generation, editing, regions) and the skipped ones
     (``{"line", "reason"}``)."""
     path = Path(path)
     root = Path(image_root) if image_root is not None else None
