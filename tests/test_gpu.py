@@ -134,12 +134,13 @@ def test_lcl_forward_and_a_bf16_step_on_the_gpu(tmp_path):
 
 def test_visionllm_losses_and_training_on_the_gpu(tmp_path):
     """VisionLLM v2 on CUDA: the LM and detector losses equal the CPU's; `visionllm train --device cuda`
-    runs and writes a model that `detect` reads."""
+    runs and writes a model that `detect` reads; with --deterministic it refuses in one line."""
     import copy
     import json
 
     from PIL import Image
 
+    from interleaf.errors import InputError
     from interleaf.model.visionllm import init_visionllm
     from interleaf.train.visionllm import (
         collate_detection,
@@ -180,6 +181,11 @@ def test_visionllm_losses_and_training_on_the_gpu(tmp_path):
         tmp_path / "d.jsonl", init, tmp_path / "run", steps=3, batch_size=1, device="cuda"
     )
     assert "3 steps" in summary
+    # the detector's deformable attention samples with grid_sample, whose CUDA backward has no
+    # deterministic kernel: --deterministic says so in one line instead of training irreproducibly
+    with pytest.raises(InputError, match="no deterministic grid_sampler_2d_backward_cuda"):
+        train_command(tmp_path / "d.jsonl", init, tmp_path / "det", steps=1, batch_size=1, device="cuda",
+                      deterministic=True)  # fmt: skip
     result = detect_command(
         tmp_path / "run", tmp_path / "a.png", phrases="red square", threshold=0.0, device="cuda"
     )
@@ -220,7 +226,8 @@ def test_visionllm_generation_and_editing_on_the_gpu(tmp_path):
 
 def test_visionllm_generation_training_resumes_exactly_on_the_gpu(tmp_path):
     """The diffusion losses draw noise, timesteps and cfg dropout from the GPU's generator: the train
-    state keeps its state, so 2 + 2 steps equal 4 on CUDA too."""
+    state keeps its state, so 2 + 2 steps equal 4 on CUDA too, with --deterministic (without it the
+    UNet's atomics-summed backward kernels differ between any two runs in the last bits)."""
     import json
 
     from PIL import Image
@@ -236,7 +243,7 @@ def test_visionllm_generation_training_resumes_exactly_on_the_gpu(tmp_path):
     assert main(["visionllm", "init", "-o", str(init), "--image-size", "112", "--max-tiles", "1",
                  "--gen", "tiny", "--edit", "tiny"]) == 0  # fmt: skip
     args = [str(tmp_path / "d.jsonl"), "--model", str(init), "--save-every", "2", "--batch-size", "1",
-            "--device", "cuda"]  # fmt: skip
+            "--device", "cuda", "--deterministic"]  # fmt: skip
     assert main(["visionllm", "train", *args, "--steps", "4", "-o", str(tmp_path / "whole")]) == 0
     assert main(["visionllm", "train", *args, "--steps", "2", "-o", str(tmp_path / "parts")]) == 0
     torch.cuda.manual_seed(12345)  # what a fresh process would hold: resuming must not depend on it

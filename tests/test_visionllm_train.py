@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import numpy as np
@@ -206,6 +207,9 @@ def test_train_resumes_exactly_after_a_kill_and_goes_on_to_more_steps(tmp_path, 
             "--batch-size", "2", "--lr", "1e-3", "--device", "cpu"]  # fmt: skip
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     assert main(["visionllm", "train", *args, "-o", str(whole)]) == 0
+    # --deterministic (for GPUs) changes nothing on the CPU, whose kernels are repeatable anyway
+    assert main(["visionllm", "train", *args, "--deterministic", "-o", str(tmp_path / "det")]) == 0
+    assert (tmp_path / "det" / "train_log.jsonl").read_text() == (whole / "train_log.jsonl").read_text()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "interleaf.cli", "visionllm", "train", *args, "-o", str(broken)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
@@ -229,6 +233,47 @@ def test_train_resumes_exactly_after_a_kill_and_goes_on_to_more_steps(tmp_path, 
     other_lr = ["2e-3" if x == "1e-3" else x for x in more]
     assert main(["visionllm", "train", *other_lr, "-o", str(whole)]) == 1
     assert "trained with lr=0.001, not 0.002" in capsys.readouterr().err
+
+
+def test_deterministic_algorithms_hold_inside_the_block_and_are_restored_after(monkeypatch):
+    from interleaf.train.visionllm import deterministic_algorithms
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    with pytest.raises(KeyError), deterministic_algorithms():
+        assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        raise KeyError  # restored on errors too
+    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    with deterministic_algorithms(False):
+        assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_deterministic_refusal_is_one_line_naming_the_op(tmp_path, monkeypatch, capsys):
+    """CUDA's grid_sample backward (detector, region encoder) refuses deterministic mode; that error,
+    raised only on a GPU (tests/test_gpu.py meets the real one), is one line naming the op."""
+    import interleaf.train.visionllm as tv
+
+    _write(tmp_path / "d.jsonl", squares(tmp_path, 1, seed=3))
+    init = tmp_path / "init"
+    assert main(["visionllm", "init", "-o", str(init), "--image-size", "112", "--max-tiles", "1"]) == 0
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError(
+            "grid_sampler_2d_backward_cuda does not have a deterministic implementation, but you set "
+            "'torch.use_deterministic_algorithms(True)'. You can turn off determinism just for this operation."
+        )
+
+    monkeypatch.setattr(tv, "train_visionllm", refuse)
+    args = ["visionllm", "train", str(tmp_path / "d.jsonl"), "--model", str(init), "--device", "cpu"]
+    assert main([*args, "--deterministic", "-o", str(tmp_path / "a")]) == 1
+    err = capsys.readouterr().err
+    assert (
+        err
+        == "error: --deterministic: torch has no deterministic grid_sampler_2d_backward_cuda (train without it)\n"
+    )
+    with pytest.raises(RuntimeError):  # without the flag it is not ours to explain
+        tv.train_command(tmp_path / "d.jsonl", init, tmp_path / "b", device="cpu")
 
 
 def test_records_whose_text_would_break_training_are_skipped(tmp_path):

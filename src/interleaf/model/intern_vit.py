@@ -74,10 +74,14 @@ class VisionEmbeddings(nn.Module):
         table = self.position_embedding[:, 1:]
         if h == self.grid and w == self.grid:
             return table.to(dtype)
-        c = table.shape[-1]
+        c, device = table.shape[-1], table.device
+        if device.type == "cuda" and torch.are_deterministic_algorithms_enabled() and table.requires_grad:
+            # CUDA's bicubic backward sums with atomics, which torch refuses in deterministic mode;
+            # the CPU's is exact (the table is small)
+            table = table.cpu()
         table = table.float().reshape(1, self.grid, self.grid, c).permute(0, 3, 1, 2)
         table = F.interpolate(table, size=(h, w), mode="bicubic", align_corners=False)
-        return table.reshape(1, c, h * w).permute(0, 2, 1).to(dtype)
+        return table.reshape(1, c, h * w).permute(0, 2, 1).to(device, dtype)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] -> [N, 1 + (H/p)(W/p), C]"""

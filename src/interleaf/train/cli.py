@@ -151,6 +151,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto", help="auto (the GPU where there is one) | cuda | cpu")
     t.add_argument("--save-every", type=int, default=50, help="steps between resumable states")
+    t.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="torch's deterministic algorithms: bitwise-repeatable runs and resumes on a GPU (slower)",
+    )
     t.set_defaults(func=_visionllm_train)
     d = vsub.add_parser("detect", help="ask about an image; the answer's [DET] routes go to the detector")
     d.add_argument("model", help="a VisionLLM v2 folder")
@@ -283,7 +288,7 @@ def _visionllm_train(args: argparse.Namespace) -> int:
 
     summary = train_command(args.data, args.model, args.out, image_root=args.image_root, steps=args.steps,
                             batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
-                            save_every=args.save_every)  # fmt: skip
+                            save_every=args.save_every, deterministic=args.deterministic)  # fmt: skip
     print(summary)
     return 0
 

@@ -40,7 +40,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -606,6 +607,30 @@ def init_command(
     return save_visionllm(model, tok, out)
 
 
+@contextmanager
+def deterministic_algorithms(on: bool = True) -> Iterator[None]:
+    """torch's deterministic algorithms (and no cuDNN autotuning) inside the block when ``on``; the
+    previous settings after it. An op with no deterministic CUDA kernel is then an error naming it."""
+    if not on:
+        yield
+        return
+    import os
+
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))  # fmt: skip
+    # cuBLAS is repeatable only with a fixed workspace (torch refuses its matmuls otherwise)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.benchmark = saved[2]
+        if saved[3] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
 def train_command(
     data: str | Path,
     model_dir: str | Path,
@@ -617,13 +642,17 @@ def train_command(
     seed: int = 0,
     device: str = "auto",
     save_every: int = 50,
+    deterministic: bool = False,
 ) -> str:
     """``interleaf visionllm train``: fine-tune, then write the model, ``train_log.jsonl`` and
     ``skipped.jsonl`` (every record not used, with its line and reason) to ``out``.
 
     ``out/train_state.pt`` (weights, optimizer, data order, random states; replaced whole every
     ``save_every`` steps) makes a rerun with the same ``out`` resume after a kill, exactly, or go on
-    to more ``steps``; the other settings must be the run's."""
+    to more ``steps``; the other settings must be the run's. On a GPU "exactly" needs
+    ``deterministic`` (torch's deterministic algorithms, for the whole run): some CUDA backward
+    kernels (the UNet's nearest upsampling, for one) sum with atomics in a varying order, so two runs
+    of the same steps differ in the last bits."""
     import os
 
     from interleaf.errors import CheckpointError, ConfigError, check_minimums
@@ -700,8 +729,15 @@ def train_command(
         torch.save({**state, "settings": settings, "records": len(records), "model": weights}, tmp)
         os.replace(tmp, state_path)  # whole, or the previous one
 
-    log = train_visionllm(model, tok, records, steps, batch_size=batch_size, lr=lr, seed=seed,
-                          resume=resume, save=save, save_every=save_every)  # fmt: skip
+    try:
+        with deterministic_algorithms(deterministic):
+            log = train_visionllm(model, tok, records, steps, batch_size=batch_size, lr=lr, seed=seed,
+                                  resume=resume, save=save, save_every=save_every)  # fmt: skip
+    except RuntimeError as exc:
+        if not (deterministic and "does not have a deterministic implementation" in str(exc)):
+            raise
+        op = str(exc).split()[0]  # e.g. the detector's and region encoder's grid_sample backward
+        raise InputError(f"--deterministic: torch has no deterministic {op} (train without it)") from None
     save_visionllm(model, tok, out)
     replace_text(out / "train_log.jsonl", jsonl_text(log))
     replace_text(out / "skipped.jsonl", jsonl_text(skipped))
