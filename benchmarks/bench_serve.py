@@ -30,13 +30,14 @@ offline tokenizer's), interleaf's requests per generated batch (its ``/metrics``
 concurrent burst) and the script checks the greedy replies: interleaf batched must equal interleaf
 one at a time; the peer is compared too (its prompt token counts are printed beside); later every
 streamed reply is compared with the same server's non-streamed one. Exit code 1 if interleaf's
-replies disagree or a reply is not ``--max-tokens`` long.
+replies disagree (in full precision; with ``--dtype bfloat16`` or ``float16`` agreement is reported
+only: see ``exact_replies``) or a reply is not ``--max-tokens`` long.
 
     .venv/bin/python benchmarks/bench_serve.py --peer-python peer/bin/python    # CPU, tiny (~2.5 min)
     .venv/bin/python benchmarks/bench_serve.py --quick                           # ~30 s smoke run
     .venv/bin/python benchmarks/bench_serve.py --presets internvl2-1b --concurrency 1,4 --requests 2 \\
         --pairs 4 --max-tokens 32 --repeats 1                                    # 1B shape, ~4 min
-    .venv/bin/python benchmarks/bench_serve.py --device cuda --dtype bfloat16
+    .venv/bin/python benchmarks/bench_serve.py --device cuda --dtype bfloat16 --peer none  # H100, ~1 min
 """
 
 from __future__ import annotations
@@ -376,8 +377,15 @@ def check_answers(servers: list[Server], payloads: dict, args, n: int) -> tuple[
         print(f"#   {name:<13} same as interleaf-b1: {same}/{n}, prompt tokens {prompt}, completion tokens "
               f"{lengths} ({wrong} not as asked); connections reset and retried: {resets}, connects "
               f"taking >= 0.5 s: {slow}", flush=True)  # fmt: skip
-        ok &= wrong == 0 and (same == n or not name.startswith("interleaf"))
+        ok &= wrong == 0 and (same == n or not name.startswith("interleaf") or not exact_replies(args))
     return out, ok
+
+
+def exact_replies(args: argparse.Namespace) -> bool:
+    """Whether interleaf's replies must agree token for token across batch shapes: not in half
+    precision, where a batched step rounds otherwise than a lone one and the random weights' near-tied
+    logits then pick other tokens (on an H100 in bf16: 12/16 equal; in fp32: 16/16)."""
+    return args.dtype not in ("bfloat16", "float16")
 
 
 HEADER = (
@@ -456,7 +464,7 @@ def bench_preset(preset: str, args, root: Path, log_dir: Path) -> tuple[list[dic
             print(
                 f"# {name}: streamed replies equal to its non-streamed reply to the same request: {same}/{total}"
             )
-            ok &= same == total or not name.startswith("interleaf")
+            ok &= same == total or not name.startswith("interleaf") or not exact_replies(args)
         if overflows is not None:
             print(f"# kernel TcpExt ListenOverflows during this preset: {listen_overflows() - overflows} "
                   "(system-wide counter)")  # fmt: skip
