@@ -156,6 +156,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="torch's deterministic algorithms: bitwise-repeatable runs and resumes on a GPU (slower)",
     )
+    t.add_argument(
+        "--freeze",
+        default="",
+        help="comma-separated parts kept as they are, as upstream's freeze flags: vision, bridge, llm, "
+        "region, queries, backbone (the tools' image backbones), gdino, sd, ip2p; decoders-only (stage 3): "
+        "vision,bridge,llm,region,queries (default: train all; upstream freezes vision)",
+    )
+    t.add_argument(
+        "--lora-rank", type=int, default=0, help="train the LLM through LoRA of this rank (upstream: 32)"
+    )
+    t.add_argument(
+        "--lr-llm-multiplier",
+        type=float,
+        default=1.0,
+        help="rate factor of the LLM, bridge, region encoder and diffusion mappers (upstream's scripts: 0.1)",
+    )
+    t.add_argument(
+        "--lr-backbone-multiplier",
+        type=float,
+        default=1.0,
+        help="rate factor of the tools' backbones and deformable sampling (upstream's default: 0.1)",
+    )
     t.set_defaults(func=_visionllm_train)
     d = vsub.add_parser("detect", help="ask about an image; the answer's [DET] routes go to the detector")
     d.add_argument("model", help="a VisionLLM v2 folder")
@@ -288,7 +310,10 @@ def _visionllm_train(args: argparse.Namespace) -> int:
 
     summary = train_command(args.data, args.model, args.out, image_root=args.image_root, steps=args.steps,
                             batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
-                            save_every=args.save_every, deterministic=args.deterministic)  # fmt: skip
+                            save_every=args.save_every, deterministic=args.deterministic,
+                            freeze=[p.strip() for p in args.freeze.split(",") if p.strip()],
+                            lora_rank=args.lora_rank, lr_llm_multiplier=args.lr_llm_multiplier,
+                            lr_backbone_multiplier=args.lr_backbone_multiplier)  # fmt: skip
     print(summary)
     return 0
 

@@ -48,9 +48,10 @@ from typing import Any
 
 import torch
 from PIL import Image
+from torch import nn
 from transformers.image_transforms import corners_to_center_format
 
-from interleaf.errors import InputError, cannot_read
+from interleaf.errors import ConfigError, InputError, cannot_read
 from interleaf.model.checkpoint import parse_device
 from interleaf.model.visionllm import (
     DECODER_OF,
@@ -453,6 +454,8 @@ def train_visionllm(
     save_every: int = 0,
     max_grad_norm: float | None = 1.0,
     min_lr_ratio: float = 0.1,
+    lr_llm_multiplier: float = 1.0,
+    lr_backbone_multiplier: float = 1.0,
 ) -> list[dict[str, float]]:
     """AdamW on LM loss + the decoders' losses over shuffled passes of ``records``, one task per batch
     (``lr`` after a linear warm-up over the first 5% of steps, cosine to ``min_lr_ratio`` x ``lr`` at
@@ -460,7 +463,9 @@ def train_visionllm(
 
     Every ``save_every`` steps ``save`` gets the training state (step, optimizer, data order, random
     states, log; the model's weights are the caller's to store); ``resume`` (such a state, with the
-    model already holding its weights) continues exactly where it was taken."""
+    model already holding its weights) continues exactly where it was taken. Each parameter's rate is
+    ``lr`` times its group's multiplier (:func:`param_groups`); frozen parameters (``requires_grad``
+    off: :func:`freeze_parts`, LoRA) are not trained."""
     if not records:
         raise InputError("train: no usable records")
     missing = next(filter(None, (missing_tool(model, r) for r in records)), None)
@@ -469,7 +474,10 @@ def train_visionllm(
     pad = model.config.llm.pad_token_id if model.config.llm.pad_token_id is not None else 0
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    groups = param_groups(model, lr, lr_llm_multiplier, lr_backbone_multiplier)
+    if not groups:
+        raise InputError("train: nothing to train (every part frozen)")
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     # the Hungarian-matched detector loss settles as the rate falls
     sched = warmup_cosine(opt, max(1, steps // 20), steps, min_lr_ratio)
     log: list[dict[str, float]] = []
@@ -521,6 +529,89 @@ def train_visionllm(
                   "generator": gen.get_state(), "rng": torch.get_rng_state(), "cuda_rng": cuda_rng})  # fmt: skip
     model.eval()
     return log
+
+
+# upstream's VisionLLMv2Trainer.create_optimizer: parameters whose names hold one of these get
+# lr x lr_multiplier (the tools' image backbones and deformable-attention sampling) ...
+BACKBONE_KEYWORDS = ("backbone", "sampling_offsets", "reference_points")
+# ... and these lr x lr_llm_multiplier (upstream's "llm", "vl_bridge", "region_encoder", under this
+# package's names; the "llm" substring also catches the diffusion tools' llm2sd_mapper, as upstream)
+LLM_KEYWORDS = ("language_model", "mlp1", "region_encoder", "llm")
+
+
+def param_groups(
+    model: nn.Module, lr: float, lr_llm_multiplier: float = 1.0, lr_backbone_multiplier: float = 1.0
+) -> list[dict[str, Any]]:
+    """AdamW groups of the trainable parameters by rate, as upstream's optimizer groups them (its
+    weight-decay split is moot: VisionLLM v2 trains with weight decay 0). Groups of equal rate are
+    one group, so with both multipliers 1 there is a single group."""
+    by_rate: dict[float, list[nn.Parameter]] = {}
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if any(k in name for k in BACKBONE_KEYWORDS):
+            factor = lr_backbone_multiplier
+        elif any(k in name for k in LLM_KEYWORDS):
+            factor = lr_llm_multiplier
+        else:
+            factor = 1.0
+        by_rate.setdefault(lr * factor, []).append(p)
+    return [{"params": ps, "lr": rate} for rate, ps in by_rate.items()]
+
+
+# --freeze parts: upstream's train.py flags freeze_vis_encoder, freeze_vl_bridge, freeze_llm,
+# freeze_region_encoder, freeze_emb_embeddings, freeze_backbone, and its model's freeze_gdino /
+# freeze_sd / freeze_ip2p
+FREEZE_PARTS = ("vision", "bridge", "llm", "region", "queries", "backbone", "gdino", "sd", "ip2p")
+# upstream's wrap_llm_lora targets: attention and the up/down projections, no gate projection
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+
+
+def part_prefixes(model: VisionLLMv2Model, part: str) -> tuple[str, ...]:
+    """The parameter-name prefixes of one ``--freeze`` part; a part the model lacks is an error."""
+    fixed = {"vision": ("vision_model.",), "bridge": ("mlp1.",), "llm": ("language_model.",),
+             "queries": tuple(f"emb_embeddings_{k}." for k in ("det", "pose", "gen", "edit"))}  # fmt: skip
+    if part in fixed:
+        return fixed[part]
+    if part == "backbone":  # upstream: every parameter with "backbone" in its name
+        found = {
+            n[: n.index("backbone") + len("backbone")] for n, _ in model.named_parameters() if "backbone" in n
+        }
+        if not found:
+            raise ConfigError("--freeze backbone: the model has no tool with a backbone (gdino)")
+        return tuple(sorted(found))
+    if part not in FREEZE_PARTS:
+        raise ConfigError(f"--freeze: unknown part {part!r} (parts: {', '.join(FREEZE_PARTS)})")
+    attr = "region_encoder" if part == "region" else part
+    if getattr(model, attr) is None:
+        raise ConfigError(f"--freeze {part}: the model has no {attr}")
+    return (f"{attr}.",)
+
+
+def freeze_parts(model: VisionLLMv2Model, parts: list[str]) -> tuple[str, ...]:
+    """Turn training off for the named parts; returns their prefixes (kept out of the train state)."""
+    prefixes = tuple(x for part in parts for x in part_prefixes(model, part))
+    for name, p in model.named_parameters():
+        if name.startswith(prefixes):
+            p.requires_grad_(False)
+    return prefixes
+
+
+def add_llm_lora(model: VisionLLMv2Model, r: int) -> list[str]:
+    """Upstream's ``wrap_llm_lora``: the LLM frozen, LoRA (r, alpha 2r, dropout 0.05) on its attention
+    and up/down projections, its input and output embeddings trained (they hold the added tokens);
+    returns the wrapped projections' names."""
+    from interleaf.train.lora import FUSED_GROUPS, apply_lora
+
+    llm = model.language_model
+    llm.requires_grad_(False)
+    groups = FUSED_GROUPS.get(model.config.llm.family, ())
+    wrapped = apply_lora(llm, LORA_TARGETS, r, dropout=0.05, fused=groups)
+    llm.get_input_embeddings().weight.requires_grad_(True)
+    llm.lm_head.weight.requires_grad_(True)
+    return wrapped
 
 
 def frozen_prefixes(model: VisionLLMv2Model) -> tuple[str, ...]:
@@ -643,6 +734,10 @@ def train_command(
     device: str = "auto",
     save_every: int = 50,
     deterministic: bool = False,
+    freeze: list[str] | None = None,
+    lora_rank: int = 0,
+    lr_llm_multiplier: float = 1.0,
+    lr_backbone_multiplier: float = 1.0,
 ) -> str:
     """``interleaf visionllm train``: fine-tune, then write the model, ``train_log.jsonl`` and
     ``skipped.jsonl`` (every record not used, with its line and reason) to ``out``.
@@ -652,24 +747,44 @@ def train_command(
     to more ``steps``; the other settings must be the run's. On a GPU "exactly" needs
     ``deterministic`` (torch's deterministic algorithms, for the whole run): some CUDA backward
     kernels (the UNet's nearest upsampling, for one) sum with atomics in a varying order, so two runs
-    of the same steps differ in the last bits."""
+    of the same steps differ in the last bits.
+
+    Upstream's training stages: ``freeze`` names parts to keep as they are (:data:`FREEZE_PARTS`;
+    the third stage, decoders only, freezes ``vision,bridge,llm,region,queries``), ``lora_rank`` > 0
+    trains the LLM through LoRA (merged into the saved weights), and the multipliers scale the rate
+    of upstream's parameter groups (:func:`param_groups`). Frozen parts stay out of the train state."""
     import os
 
-    from interleaf.errors import CheckpointError, ConfigError, check_minimums
+    from interleaf.errors import CheckpointError, check_minimums
     from interleaf.files import jsonl_text, replace_text
     from interleaf.model.visionllm import load_visionllm, save_visionllm
+    from interleaf.train.lora import merge_lora
 
     check_minimums(
         ("--steps", steps, 1),
         ("--batch-size", batch_size, 1),
         ("--lr", lr, 0),
         ("--save-every", save_every, 1),
+        ("--lora-rank", lora_rank, 0),
+        ("--lr-llm-multiplier", lr_llm_multiplier, 0),
+        ("--lr-backbone-multiplier", lr_backbone_multiplier, 0),
     )
+    freeze = sorted(set(freeze or []))
+    unknown = [p for p in freeze if p not in FREEZE_PARTS]
+    if unknown:
+        raise ConfigError(f"--freeze: unknown part {unknown[0]!r} (parts: {', '.join(FREEZE_PARTS)})")
+    if lora_rank and "llm" in freeze:
+        raise ConfigError("--lora-rank: LoRA trains the LLM, which --freeze llm keeps as it is")
     out = Path(out)
     state_path = out / STATE_FILE
     settings = {"data": os.path.realpath(data), "model": os.path.realpath(model_dir),
                 "image_root": os.path.realpath(image_root) if image_root is not None else None,
                 "batch_size": batch_size, "lr": lr, "seed": seed}  # fmt: skip
+    # the stage settings, with the values a state written before they existed was trained with
+    stage = {"freeze": freeze, "lora_rank": lora_rank, "lr_llm_multiplier": lr_llm_multiplier,
+             "lr_backbone_multiplier": lr_backbone_multiplier}  # fmt: skip
+    settings.update(stage)
+    stage_defaults = {"freeze": [], "lora_rank": 0, "lr_llm_multiplier": 1.0, "lr_backbone_multiplier": 1.0}
     resume = None
     if state_path.is_file():
         try:
@@ -679,11 +794,12 @@ def train_command(
         keys = {"settings", "step", "order", "log", "optimizer", "generator", "rng", "model"}
         if not (isinstance(resume, dict) and keys <= resume.keys() and isinstance(resume["settings"], dict)):
             raise CheckpointError(f"{state_path}: not a visionllm train state (pick a new output folder)")
-        changed = [k for k, v in settings.items() if resume["settings"].get(k) != v]
+        was = {**stage_defaults, **resume["settings"]}
+        changed = [k for k, v in settings.items() if was.get(k) != v]
         if changed:
             k = changed[0]
             raise ConfigError(
-                f"{state_path}: the run was trained with {k}={resume['settings'].get(k)!r}, not {settings[k]!r}"
+                f"{state_path}: the run was trained with {k}={was.get(k)!r}, not {settings[k]!r}"
             )
         if resume["step"] > steps:
             raise ConfigError(
@@ -713,15 +829,19 @@ def train_command(
         raise ConfigError(
             f"{state_path}: the run was trained on {resume['records']} usable records of {data}, now {len(records)}"
         )
-    # the frozen pipeline parts (VAE, text encoder, a frozen UNet) never change: not in the state
-    frozen = frozen_prefixes(model)
+    if resume is None:
+        torch.manual_seed(seed)  # LoRA's initial A and every draw of training start from the seed
+    # LoRA before the state loads: the state holds its adapters
+    if lora_rank:
+        add_llm_lora(model, lora_rank)
+    # the frozen pipeline parts (VAE, text encoder, a frozen UNet) and frozen parts never change:
+    # not in the state
+    frozen = frozen_prefixes(model) + freeze_parts(model, freeze)
     if resume is not None:
         left = model.load_state_dict(resume["model"], strict=False)
         wrong = [k for k in left.missing_keys if not k.startswith(frozen)] + left.unexpected_keys
         if wrong:
             raise CheckpointError(f"{state_path}: its weights do not fit the model ({wrong[0]})")
-    else:
-        torch.manual_seed(seed)
 
     def save(state: dict[str, Any]) -> None:
         tmp = state_path.with_name(f".{STATE_FILE}.tmp")
@@ -732,12 +852,16 @@ def train_command(
     try:
         with deterministic_algorithms(deterministic):
             log = train_visionllm(model, tok, records, steps, batch_size=batch_size, lr=lr, seed=seed,
-                                  resume=resume, save=save, save_every=save_every)  # fmt: skip
+                                  resume=resume, save=save, save_every=save_every,
+                                  lr_llm_multiplier=lr_llm_multiplier,
+                                  lr_backbone_multiplier=lr_backbone_multiplier)  # fmt: skip
     except RuntimeError as exc:
         if not (deterministic and "does not have a deterministic implementation" in str(exc)):
             raise
         op = str(exc).split()[0]  # e.g. the detector's and region encoder's grid_sample backward
         raise InputError(f"--deterministic: torch has no deterministic {op} (train without it)") from None
+    if lora_rank:
+        merge_lora(model.language_model)  # a plain model: loads as any other
     save_visionllm(model, tok, out)
     replace_text(out / "train_log.jsonl", jsonl_text(log))
     replace_text(out / "skipped.jsonl", jsonl_text(skipped))
