@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -159,3 +161,26 @@ def test_bad_stage_settings_are_one_line_errors(det_run, capsys):
     model, _ = init_visionllm("tiny", seed=0)
     assert freeze_parts(model, ["backbone"]) == ("gdino.gdino.model.backbone",)
     assert not any(p.requires_grad for n, p in model.named_parameters() if "backbone" in n)
+
+
+def test_decoders_only_stage_steps_over_batches_that_reach_no_trained_part(tmp_path):
+    """With upstream's third stage frozen, a region batch's LM loss reaches no trainable parameter:
+    its backward raised 'element 0 of tensors does not require grad' and killed the run."""
+    rows = squares(tmp_path, 2, seed=5, size=112)
+    rows += [{"image": r["image"], "regions": [r["objects"][0]["box"]], "question": "What is <region>?",
+              "answer": r["objects"][0]["phrase"]} for r in rows]  # fmt: skip
+    _write(tmp_path / "d.jsonl", rows)
+    init = tmp_path / "init"
+    assert main(["visionllm", "init", "-o", str(init), "--image-size", "112", "--max-tiles", "1",
+                 "--region-encoder"]) == 0  # fmt: skip
+    out = tmp_path / "s3"
+    assert main(["visionllm", "train", str(tmp_path / "d.jsonl"), "--model", str(init), "--batch-size", "2",
+                 "--steps", "4", "--device", "cpu", "--freeze", "vision,bridge,llm,region,queries",
+                 "-o", str(out)]) == 0  # fmt: skip
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert {e["task"] for e in log} == {"det", "region"}
+    before, after = _weights(init), _weights(out)
+    assert not torch.equal(
+        before["gdino.patch2query.layers.0.weight"], after["gdino.patch2query.layers.0.weight"]
+    )
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("region_encoder."))

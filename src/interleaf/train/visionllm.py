@@ -465,7 +465,8 @@ def train_visionllm(
     states, log; the model's weights are the caller's to store); ``resume`` (such a state, with the
     model already holding its weights) continues exactly where it was taken. Each parameter's rate is
     ``lr`` times its group's multiplier (:func:`param_groups`); frozen parameters (``requires_grad``
-    off: :func:`freeze_parts`, LoRA) are not trained."""
+    off: :func:`freeze_parts`, LoRA) are not trained, and a batch whose loss reaches none of the
+    trained ones (a region batch when the LLM side is frozen) is a step without an update."""
     if not records:
         raise InputError("train: no usable records")
     missing = next(filter(None, (missing_tool(model, r) for r in records)), None)
@@ -510,7 +511,8 @@ def train_visionllm(
         batch = {k: (v.to(model.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
         out = model(**batch)
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        if out.loss.requires_grad:  # not when --freeze keeps every part this batch's loss reaches
+            out.loss.backward()
         if max_grad_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         opt.step()
