@@ -184,3 +184,15 @@ def test_decoders_only_stage_steps_over_batches_that_reach_no_trained_part(tmp_p
         before["gdino.patch2query.layers.0.weight"], after["gdino.patch2query.layers.0.weight"]
     )
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("region_encoder."))
+
+
+def test_lora_state_leaves_out_the_llm_weights_lora_keeps_frozen(det_run):
+    """LoRA freezes the LLM but its adapters and embeddings: like a --freeze part, those weights never
+    change and are read from --model on resume (the state held the whole LLM, every --save-every)."""
+    tmp, args = det_run
+    assert main(["visionllm", "train", *args, "--lora-rank", "2", "--steps", "2", "-o", str(tmp / "ls")]) == 0
+    state = torch.load(tmp / "ls" / STATE_FILE, weights_only=False)["model"]
+    llm = {k for k in state if k.startswith("language_model.")}
+    trained = {"language_model.model.embed_tokens.weight", "language_model.lm_head.weight"}
+    assert trained <= llm and any("lora_A" in k for k in llm)
+    assert not [k for k in llm - trained if "lora_" not in k and not k.endswith("rotary_emb.inv_freq")]

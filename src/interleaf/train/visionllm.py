@@ -836,18 +836,24 @@ def train_command(
     # LoRA before the state loads: the state holds its adapters
     if lora_rank:
         add_llm_lora(model, lora_rank)
-    # the frozen pipeline parts (VAE, text encoder, a frozen UNet) and frozen parts never change:
-    # not in the state
+    # the frozen pipeline parts (VAE, text encoder, a frozen UNet), frozen parts and the LLM weights
+    # LoRA keeps frozen never change: not in the state
     frozen = frozen_prefixes(model) + freeze_parts(model, freeze)
+    llm = model.language_model.named_parameters(prefix="language_model", remove_duplicate=False)
+    lora_frozen = {n for n, p in llm if not p.requires_grad} if lora_rank else set()
+
+    def kept_out(key: str) -> bool:
+        return key.startswith(frozen) or key in lora_frozen
+
     if resume is not None:
         left = model.load_state_dict(resume["model"], strict=False)
-        wrong = [k for k in left.missing_keys if not k.startswith(frozen)] + left.unexpected_keys
+        wrong = [k for k in left.missing_keys if not kept_out(k)] + left.unexpected_keys
         if wrong:
             raise CheckpointError(f"{state_path}: its weights do not fit the model ({wrong[0]})")
 
     def save(state: dict[str, Any]) -> None:
         tmp = state_path.with_name(f".{STATE_FILE}.tmp")
-        weights = {k: v for k, v in model.state_dict().items() if not k.startswith(frozen)}
+        weights = {k: v for k, v in model.state_dict().items() if not kept_out(k)}
         torch.save({**state, "settings": settings, "records": len(records), "model": weights}, tmp)
         os.replace(tmp, state_path)  # whole, or the previous one
 
