@@ -151,7 +151,10 @@ def test_bad_stage_settings_are_one_line_errors(det_run, capsys):
         ),
         (["--lora-rank", "-1"], "--lora-rank"),
         (["--lr-llm-multiplier", "-0.5"], "--lr-llm-multiplier"),
-        (["--freeze", "vision,bridge,llm,queries,gdino"], "nothing to train (every part frozen)"),
+        (
+            ["--freeze", "vision,bridge,llm,queries,gdino"],
+            "error: --freeze: nothing left to train (every part the model has is frozen)",
+        ),
     ]
     for i, (extra, message) in enumerate(cases):
         capsys.readouterr()

@@ -839,6 +839,8 @@ def train_command(
     # the frozen pipeline parts (VAE, text encoder, a frozen UNet), frozen parts and the LLM weights
     # LoRA keeps frozen never change: not in the state
     frozen = frozen_prefixes(model) + freeze_parts(model, freeze)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError("--freeze: nothing left to train (every part the model has is frozen)")
     llm = model.language_model.named_parameters(prefix="language_model", remove_duplicate=False)
     lora_frozen = {n for n, p in llm if not p.requires_grad} if lora_rank else set()
 
