@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -199,3 +200,15 @@ def test_lora_state_leaves_out_the_llm_weights_lora_keeps_frozen(det_run):
     trained = {"language_model.model.embed_tokens.weight", "language_model.lm_head.weight"}
     assert trained <= llm and any("lora_A" in k for k in llm)
     assert not [k for k in llm - trained if "lora_" not in k and not k.endswith("rotary_emb.inv_freq")]
+
+
+def test_the_helps_decoders_only_parts_fit_a_model_without_a_region_encoder(capsys):
+    """`visionllm init` makes no region encoder unless asked, and --freeze region refuses a model
+    without one: the help's stage-3 list must work on such a model (it named region)."""
+    with pytest.raises(SystemExit):
+        main(["visionllm", "train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    parts = re.search(r"\(stage 3\): ([a-z,]+)", text).group(1).rstrip(",").split(",")
+    assert {"vision", "bridge", "llm", "queries"} <= set(parts)
+    model, _ = init_visionllm("tiny", seed=0)
+    freeze_parts(model, parts)

@@ -161,7 +161,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="",
         help="comma-separated parts kept as they are, as upstream's freeze flags: vision, bridge, llm, "
         "region, queries, backbone (the tools' image backbones), gdino, sd, ip2p; decoders-only (stage 3): "
-        "vision,bridge,llm,region,queries (default: train all; upstream freezes vision)",
+        "vision,bridge,llm,queries, plus region with a region encoder (default: train all; upstream freezes "
+        "vision)",
     )
     t.add_argument(
         "--lora-rank", type=int, default=0, help="train the LLM through LoRA of this rank (upstream: 32)"

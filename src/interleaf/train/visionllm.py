@@ -752,9 +752,10 @@ def train_command(
     of the same steps differ in the last bits.
 
     Upstream's training stages: ``freeze`` names parts to keep as they are (:data:`FREEZE_PARTS`;
-    the third stage, decoders only, freezes ``vision,bridge,llm,region,queries``), ``lora_rank`` > 0
-    trains the LLM through LoRA (merged into the saved weights), and the multipliers scale the rate
-    of upstream's parameter groups (:func:`param_groups`). Frozen parts stay out of the train state."""
+    the third stage, decoders only, freezes ``vision,bridge,llm,queries`` and ``region`` where the
+    model has one), ``lora_rank`` > 0 trains the LLM through LoRA (merged into the saved weights),
+    and the multipliers scale the rate of upstream's parameter groups (:func:`param_groups`). Frozen
+    parts stay out of the train state."""
     import os
 
     from interleaf.errors import CheckpointError, check_minimums
