@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -168,6 +169,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--lora-rank", type=int, default=0, help="train the LLM through LoRA of this rank (upstream: 32)"
     )
     t.add_argument(
+        "--grad-accum", type=int, default=1, help="micro-batches of --batch-size per step and process"
+    )
+    t.add_argument(
         "--lr-llm-multiplier",
         type=float,
         default=1.0,
@@ -314,8 +318,10 @@ def _visionllm_train(args: argparse.Namespace) -> int:
                             save_every=args.save_every, deterministic=args.deterministic,
                             freeze=[p.strip() for p in args.freeze.split(",") if p.strip()],
                             lora_rank=args.lora_rank, lr_llm_multiplier=args.lr_llm_multiplier,
-                            lr_backbone_multiplier=args.lr_backbone_multiplier)  # fmt: skip
-    print(summary)
+                            lr_backbone_multiplier=args.lr_backbone_multiplier,
+                            grad_accum=args.grad_accum)  # fmt: skip
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
+        print(summary)
     return 0
 
 

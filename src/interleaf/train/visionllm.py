@@ -456,6 +456,7 @@ def train_visionllm(
     min_lr_ratio: float = 0.1,
     lr_llm_multiplier: float = 1.0,
     lr_backbone_multiplier: float = 1.0,
+    grad_accum: int = 1,
 ) -> list[dict[str, float]]:
     """AdamW on LM loss + the decoders' losses over shuffled passes of ``records``, one task per batch
     (``lr`` after a linear warm-up over the first 5% of steps, cosine to ``min_lr_ratio`` x ``lr`` at
@@ -466,7 +467,12 @@ def train_visionllm(
     model already holding its weights) continues exactly where it was taken. Each parameter's rate is
     ``lr`` times its group's multiplier (:func:`param_groups`); frozen parameters (``requires_grad``
     off: :func:`freeze_parts`, LoRA) are not trained, and a batch whose loss reaches none of the
-    trained ones (a region batch when the LLM side is frozen) is a step without an update."""
+    trained ones (a region batch when the LLM side is frozen) is a step without an update.
+
+    A step's gradient is the mean over ``grad_accum`` micro-batches of ``batch_size`` and, under
+    torchrun (a process group), over the ranks, as DDP averages: every rank draws the same step batch
+    of ``world x grad_accum x batch_size`` records of one task and takes its own slices. The log holds
+    the losses averaged the same way; the state holds every rank's random state."""
     if not records:
         raise InputError("train: no usable records")
     missing = next(filter(None, (missing_tool(model, r) for r in records)), None)
@@ -475,6 +481,7 @@ def train_visionllm(
     pad = model.config.llm.pad_token_id if model.config.llm.pad_token_id is not None else 0
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
+    rank, world = _rank_world()
     groups = param_groups(model, lr, lr_llm_multiplier, lr_backbone_multiplier)
     if not groups:
         raise InputError("train: nothing to train (every part frozen)")
@@ -490,47 +497,111 @@ def train_visionllm(
         for group, base, factor in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
             group["lr"] = base * factor(start)  # LambdaLR's rate at `start` (its get_lr() warns here)
         gen.set_state(resume["generator"])
-        torch.set_rng_state(resume["rng"])
-        if resume.get("cuda_rng") is not None and model.device.type == "cuda":
-            torch.cuda.set_rng_state(resume["cuda_rng"], model.device)
+        rng, cuda_rng = resume["rng"], resume.get("cuda_rng")
+        if isinstance(rng, list):  # a state of ranks: this rank's
+            rng, cuda_rng = rng[rank], cuda_rng[rank]
+        torch.set_rng_state(rng)
+        if cuda_rng is not None and model.device.type == "cuda":
+            torch.cuda.set_rng_state(cuda_rng, model.device)
     model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
     for step in range(start + 1, steps + 1):
-        chosen, order = next_batch(order, records, batch_size, gen)
+        chosen, order = next_batch(order, records, batch_size * grad_accum * world, gen)
         task = task_of(records[chosen[0]])
-        if task == "det":
-            batch = collate_detection([encode_detection(model, tokenizer, records[i]) for i in chosen], pad,
-                                      model.link.detector_size)  # fmt: skip
-            batch["det_targets"] = [
-                {k: v.to(model.device) for k, v in t.items()} for t in batch["det_targets"]
-            ]
-        elif task == "region":
-            examples = [encode_region(model, tokenizer, records[i]) for i in chosen]
-            batch = {**_pad(examples, pad), "regions": [e["regions"] for e in examples]}
-        else:
-            batch = collate_generation([encode_generation(model, tokenizer, records[i]) for i in chosen], pad)
-        batch = {k: (v.to(model.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-        out = model(**batch)
         opt.zero_grad(set_to_none=True)
-        if out.loss.requires_grad:  # not when --freeze keeps every part this batch's loss reaches
-            out.loss.backward()
+        sums: dict[str, float] = {}
+        for micro in range(grad_accum):
+            at = (rank * grad_accum + micro) * batch_size
+            out = model(
+                **_batch(model, tokenizer, [records[i] for i in chosen[at : at + batch_size]], task, pad)
+            )
+            if out.loss.requires_grad:  # not when --freeze keeps every part this batch's loss reaches
+                (out.loss / grad_accum).backward()  # / 1 is exact: one micro-batch trains as before
+            for name in _LOSSES:
+                if getattr(out, name) is not None:
+                    sums[name] = sums.get(name, 0.0) + getattr(out, name).item()
+        if world > 1:
+            sums = _average_over_ranks(trainable, sums, world)
         if max_grad_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         opt.step()
         sched.step()
-        entry = {"step": step, "task": task}
-        for name in ("loss", "lm_loss", "det_loss", "sd_loss", "ip2p_loss"):
-            if getattr(out, name) is not None:
-                entry[name] = getattr(out, name).item()
+        entry = {"step": step, "task": task, **{k: v / (grad_accum * world) for k, v in sums.items()}}
         log.append(entry)
         if on_step is not None:
             on_step(entry)
         if save is not None and save_every and (step % save_every == 0 or step == steps):
             # the diffusion losses draw their noise on the model's device: on a GPU, its generator
             cuda_rng = torch.cuda.get_rng_state(model.device) if model.device.type == "cuda" else None
-            save({"step": step, "order": list(order), "log": list(log), "optimizer": opt.state_dict(),
-                  "generator": gen.get_state(), "rng": torch.get_rng_state(), "cuda_rng": cuda_rng})  # fmt: skip
+            rng = torch.get_rng_state()
+            if world > 1:  # each rank draws its own noise and dropout: the state keeps them all
+                rng, cuda_rng = _gather((rng, cuda_rng), world)
+            state = {"step": step, "order": list(order), "log": list(log), "optimizer": opt.state_dict(),
+                     "generator": gen.get_state(), "rng": rng, "cuda_rng": cuda_rng}  # fmt: skip
+            if rank == 0:
+                save(state)
     model.eval()
     return log
+
+
+_LOSSES = ("loss", "lm_loss", "det_loss", "sd_loss", "ip2p_loss")
+
+
+def _batch(
+    model: VisionLLMv2Model, tokenizer: Any, chosen: list[Record], task: str, pad: int
+) -> dict[str, Any]:
+    """One micro-batch of ``task`` records as model inputs on the model's device."""
+    if task == "det":
+        batch = collate_detection([encode_detection(model, tokenizer, r) for r in chosen], pad,
+                                  model.link.detector_size)  # fmt: skip
+        batch["det_targets"] = [{k: v.to(model.device) for k, v in t.items()} for t in batch["det_targets"]]
+    elif task == "region":
+        examples = [encode_region(model, tokenizer, r) for r in chosen]
+        batch = {**_pad(examples, pad), "regions": [e["regions"] for e in examples]}
+    else:
+        batch = collate_generation([encode_generation(model, tokenizer, r) for r in chosen], pad)
+    return {k: (v.to(model.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _gather(obj: Any, world: int) -> list[Any]:
+    """Every rank's ``obj`` tuple, transposed: a list per field, in rank order."""
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return [list(field) for field in zip(*out)]
+
+
+def _average_over_ranks(params: list[nn.Parameter], sums: dict[str, float], world: int) -> dict[str, float]:
+    """Gradients averaged over the ranks, as DDP does (a parameter no rank used keeps no gradient, so
+    AdamW skips it as in one process; one that only some used counts zero on the others); returns the
+    loss sums added over the ranks."""
+    import torch.distributed as dist
+
+    used = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
+    dist.all_reduce(used)
+    grads = []
+    for p, n in zip(params, used.tolist()):
+        if n:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+    if grads:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= world
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+    names = list(sums)  # the same losses in the same order on every rank: one task per step
+    total = torch.tensor([sums[k] for k in names], dtype=torch.float64, device=params[0].device)
+    dist.all_reduce(total)
+    return dict(zip(names, total.tolist()))
 
 
 # upstream's VisionLLMv2Trainer.create_optimizer: parameters whose names hold one of these get
@@ -736,10 +807,11 @@ def train_command(
     device: str = "auto",
     save_every: int = 50,
     deterministic: bool = False,
-    freeze: list[str] | None = None,
+    freeze: list[str] | str | None = None,
     lora_rank: int = 0,
     lr_llm_multiplier: float = 1.0,
     lr_backbone_multiplier: float = 1.0,
+    grad_accum: int = 1,
 ) -> str:
     """``interleaf visionllm train``: fine-tune, then write the model, ``train_log.jsonl`` and
     ``skipped.jsonl`` (every record not used, with its line and reason) to ``out``.
@@ -755,7 +827,44 @@ def train_command(
     the third stage, decoders only, freezes ``vision,bridge,llm,queries`` and ``region`` where the
     model has one), ``lora_rank`` > 0 trains the LLM through LoRA (merged into the saved weights),
     and the multipliers scale the rate of upstream's parameter groups (:func:`param_groups`). Frozen
-    parts stay out of the train state."""
+    parts stay out of the train state.
+
+    Under torchrun each process trains on its slices of every step's batch (``batch_size`` per
+    process and micro-batch) on its own GPU (``cuda:LOCAL_RANK``) or the CPU, with gradients averaged
+    over the ranks; rank 0 writes the files. A resume must use the same number of processes."""
+    import torch.distributed as dist
+
+    started = not dist.is_initialized()
+    try:
+        return _train_command(data, model_dir, out, image_root, steps, batch_size, lr, seed, device, save_every,
+                              deterministic, freeze, lora_rank, lr_llm_multiplier, lr_backbone_multiplier,
+                              grad_accum)  # fmt: skip
+    finally:
+        if started and dist.is_initialized():
+            import gc
+
+            gc.collect()  # gloo's threads end while the interpreter is whole (as the trainer found)
+            dist.destroy_process_group()
+
+
+def _train_command(
+    data: str | Path,
+    model_dir: str | Path,
+    out: str | Path,
+    image_root: str | Path | None,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    device: str,
+    save_every: int,
+    deterministic: bool,
+    freeze: list[str] | str | None,
+    lora_rank: int,
+    lr_llm_multiplier: float,
+    lr_backbone_multiplier: float,
+    grad_accum: int,
+) -> str:
     import os
 
     from interleaf.errors import CheckpointError, check_minimums
@@ -771,8 +880,11 @@ def train_command(
         ("--lora-rank", lora_rank, 0),
         ("--lr-llm-multiplier", lr_llm_multiplier, 0),
         ("--lr-backbone-multiplier", lr_backbone_multiplier, 0),
+        ("--grad-accum", grad_accum, 1),
     )
-    freeze = sorted(set(freeze or []))
+    if isinstance(freeze, str):  # "vision,llm" from Python, as the CLI takes it
+        freeze = freeze.split(",")
+    freeze = sorted({p.strip() for p in freeze or [] if p.strip()})
     unknown = [p for p in freeze if p not in FREEZE_PARTS]
     if unknown:
         raise ConfigError(f"--freeze: unknown part {unknown[0]!r} (parts: {', '.join(FREEZE_PARTS)})")
@@ -784,10 +896,16 @@ def train_command(
                 "image_root": os.path.realpath(image_root) if image_root is not None else None,
                 "batch_size": batch_size, "lr": lr, "seed": seed}  # fmt: skip
     # the stage settings, with the values a state written before they existed was trained with
+    import torch.distributed as dist
+
+    from interleaf.train.trainer import dist_info
+
+    rank, world, local_rank = dist_info()
     stage = {"freeze": freeze, "lora_rank": lora_rank, "lr_llm_multiplier": lr_llm_multiplier,
-             "lr_backbone_multiplier": lr_backbone_multiplier}  # fmt: skip
+             "lr_backbone_multiplier": lr_backbone_multiplier, "grad_accum": grad_accum, "world_size": world}  # fmt: skip
     settings.update(stage)
-    stage_defaults = {"freeze": [], "lora_rank": 0, "lr_llm_multiplier": 1.0, "lr_backbone_multiplier": 1.0}
+    stage_defaults = {"freeze": [], "lora_rank": 0, "lr_llm_multiplier": 1.0, "lr_backbone_multiplier": 1.0,
+                      "grad_accum": 1, "world_size": 1}  # fmt: skip
     resume = None
     if state_path.is_file():
         try:
@@ -810,8 +928,15 @@ def train_command(
             )
     else:  # a run killed while writing its first state leaves just the partial temporary file
         _new_folder(out, ignore=(f".{STATE_FILE}.tmp",))
-    out.mkdir(parents=True, exist_ok=True)
     dev = parse_device(device)
+    if world > 1:
+        if dev.type == "cuda":  # each rank its own GPU (NCCL's object gathers use the current one)
+            dev = torch.device("cuda", local_rank)
+            torch.cuda.set_device(dev)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        dist.barrier()  # every rank has seen the folder as it was before rank 0 writes to it
+    out.mkdir(parents=True, exist_ok=True)
     records, skipped = read_records(data, image_root)
 
     def check_records() -> None:
@@ -853,6 +978,8 @@ def train_command(
         wrong = [k for k in left.missing_keys if not kept_out(k)] + left.unexpected_keys
         if wrong:
             raise CheckpointError(f"{state_path}: its weights do not fit the model ({wrong[0]})")
+    elif world > 1:
+        torch.manual_seed(seed + rank)  # the same initial weights, each rank its own noise and dropout
 
     def save(state: dict[str, Any]) -> None:
         tmp = state_path.with_name(f".{STATE_FILE}.tmp")
@@ -865,7 +992,7 @@ def train_command(
             log = train_visionllm(model, tok, records, steps, batch_size=batch_size, lr=lr, seed=seed,
                                   resume=resume, save=save, save_every=save_every,
                                   lr_llm_multiplier=lr_llm_multiplier,
-                                  lr_backbone_multiplier=lr_backbone_multiplier)  # fmt: skip
+                                  lr_backbone_multiplier=lr_backbone_multiplier, grad_accum=grad_accum)  # fmt: skip
     except RuntimeError as exc:
         if not (deterministic and "does not have a deterministic implementation" in str(exc)):
             raise
@@ -873,9 +1000,12 @@ def train_command(
         raise InputError(f"--deterministic: torch has no deterministic {op} (train without it)") from None
     if lora_rank:
         merge_lora(model.language_model)  # a plain model: loads as any other
-    save_visionllm(model, tok, out)
-    replace_text(out / "train_log.jsonl", jsonl_text(log))
-    replace_text(out / "skipped.jsonl", jsonl_text(skipped))
+    if rank == 0:
+        save_visionllm(model, tok, out)
+        replace_text(out / "train_log.jsonl", jsonl_text(log))
+        replace_text(out / "skipped.jsonl", jsonl_text(skipped))
+    if world > 1:
+        dist.barrier()  # the run ends when its files are written
     last = log[-1]
     done = steps - (resume["step"] if resume is not None else 0)
     parts = ", ".join(f"{name} {last[k]:.4f}" for k, name in _LOSS_NAMES.items() if k in last)
