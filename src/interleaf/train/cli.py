@@ -209,6 +209,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     a.add_argument("--device", default="auto")
     a.set_defaults(func=_visionllm_ask)
+    e = vsub.add_parser(
+        "eval-det",
+        help="COCO box AP of the detection route on detection records (upstream's eval_det, pycocotools)",
+    )
+    e.add_argument("model", help="a VisionLLM v2 folder with a detector")
+    e.add_argument("data", help="JSONL detection records {image, objects: [{phrase, box}]} (train's format)")
+    e.add_argument(
+        "-o", "--out", required=True, help="folder for the detections, scores and report (resumable)"
+    )
+    e.add_argument(
+        "--phrases", default=None, help="comma-separated categories, in order (default: the data's phrases)"
+    )
+    e.add_argument("--image-root", default=None, help="folder of relative image paths (default: the file's)")
+    e.add_argument("--topk", type=int, default=100, help="detections kept per image (upstream: 100)")
+    e.add_argument("--limit", type=int, default=None, help="evaluate the first N records only")
+    e.add_argument("--device", default="auto")
+    e.set_defaults(func=_visionllm_eval_det)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -333,6 +350,18 @@ def _visionllm_detect(args: argparse.Namespace) -> int:
     result = detect_command(args.model, args.image, args.question, args.phrases, args.threshold,
                             args.max_new_tokens, args.device)  # fmt: skip
     print(json.dumps(result, ensure_ascii=False, indent=2))
+    return 0
+
+
+def _visionllm_eval_det(args: argparse.Namespace) -> int:
+    import json
+
+    from interleaf.eval.detection import evaluate_detection
+
+    phrases = [p for p in args.phrases.split(",") if p.strip()] if args.phrases is not None else None
+    summary = evaluate_detection(args.model, args.data, args.out, phrases=phrases, image_root=args.image_root,
+                                 topk=args.topk, limit=args.limit, device=args.device)  # fmt: skip
+    print(json.dumps(summary, indent=1))
     return 0
 
 

@@ -1,0 +1,219 @@
+"""Detection evaluation of a VisionLLM v2 model, as upstream's ``eval_det`` does it, scored by
+pycocotools' ``COCOeval`` (bbox), the scorer behind mmdet's ``CocoDataset.evaluate`` that upstream calls.
+
+Per image (upstream's evaluation sets build the same input):
+
+1. load: records in ``visionllm train``'s detection format (``{"image", "objects": [{"phrase", "box"}]}``);
+   the categories are ``phrases`` (in that order) or every object phrase of the data, in order of
+   first appearance; an object whose phrase is no category is left out of the ground truth (counted).
+2. prompt: one teacher-forced pass, the question ``Please detect <all categories> in the image.``
+   and the answer routing every category in order (``cat[DET][EMB]..., dog[DET]...``), so the k-th
+   route is category k, for every image alike;
+3. extract: the detector, fed the routes' slot states, scores every (object query, category) pair by
+   sigmoid; the ``topk`` (default 100) highest pairs are the image's detections, with no threshold
+   (upstream's ``post_process_det_gdino``), boxes in the image's pixels;
+4. score: COCO AP (IoU .50:.95), AP50, AP75, AP and AR by size, AR at 1/10/100 detections. The
+   records hold boxes only, so every object is not-crowd and its area (which sorts it into the small,
+   medium and large buckets) is its box's; COCO's own annotation files give mask areas, which moves
+   objects between those buckets but not the AP and AR over all sizes.
+
+Each image's detections are stored as they come (:class:`interleaf.store.ResponseStore`, keyed by the
+image's content, the categories, the model and ``topk``): a run killed at any point and run again
+redoes nothing and duplicates nothing. Records that cannot be read are skipped with their line and
+reason (``skipped.jsonl``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from interleaf.errors import ConfigError, InputError
+
+# COCOeval's stats, in its order
+STAT_NAMES = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
+              "AR_1", "AR_10", "AR_100", "AR_small", "AR_medium", "AR_large")  # fmt: skip
+
+
+def categories_of(records: list[Any], phrases: list[str] | None = None) -> list[str]:
+    """``phrases`` as given, or the records' object phrases in order of first appearance."""
+    if phrases is not None:
+        names = [" ".join(p.split()) for p in phrases]
+        if not names or not all(names):
+            raise InputError("--phrases: an empty phrase")
+        if len(set(names)) != len(names):
+            raise InputError("--phrases: a phrase given twice")
+        return names
+    seen: dict[str, None] = {}
+    for r in records:
+        for label in r.class_labels:
+            seen.setdefault(r.phrases[label], None)
+    if not seen:
+        raise InputError("no object in the data: pass the categories with --phrases")
+    return list(seen)
+
+
+def coco_ground_truth(
+    records: list[Any], sizes: list[tuple[int, int]], categories: list[str]
+) -> dict[str, Any]:
+    """The COCO ground-truth dict: image ``i`` is record ``i`` (``sizes`` its (width, height)),
+    category ``k + 1`` is ``categories[k]``, boxes as [x, y, w, h], area w * h, not crowd."""
+    index = {name: k for k, name in enumerate(categories)}
+    images = [{"id": i, "width": w, "height": h} for i, (w, h) in enumerate(sizes)]
+    annotations = []
+    for i, r in enumerate(records):
+        for label, (x1, y1, x2, y2) in zip(r.class_labels, r.boxes):
+            k = index.get(r.phrases[label])
+            if k is not None:
+                w, h = x2 - x1, y2 - y1
+                annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": k + 1,
+                                    "bbox": [x1, y1, w, h], "area": w * h, "iscrowd": 0})  # fmt: skip
+    cats = [{"id": k + 1, "name": name} for k, name in enumerate(categories)]
+    return {"images": images, "annotations": annotations, "categories": cats}
+
+
+def coco_results(detections: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """COCO results ([x, y, w, h]) from each image's ``{"category", "score", "box": [x1, y1, x2, y2]}``."""
+    out = []
+    for i, dets in enumerate(detections):
+        for d in dets:
+            x1, y1, x2, y2 = d["box"]
+            out.append({"image_id": i, "category_id": d["category"] + 1, "bbox": [x1, y1, x2 - x1, y2 - y1],
+                        "score": d["score"]})  # fmt: skip
+    return out
+
+
+def coco_scores(ground_truth: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, float]:
+    """pycocotools' bbox evaluation (its printed summary silenced): the 12 stats by name; -1 where
+    COCOeval has nothing to average (no object of that size), as it reports."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = json.loads(json.dumps(ground_truth))  # COCO keeps (and may change) what it is given
+        gt.createIndex()
+        if not results:  # loadRes refuses an empty list; no detection scores 0 wherever there is truth
+            return {name: (0.0 if ground_truth["annotations"] else -1.0) for name in STAT_NAMES}
+        dt = gt.loadRes(json.loads(json.dumps(results)))
+        ev = COCOeval(gt, dt, iouType="bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {name: float(v) for name, v in zip(STAT_NAMES, ev.stats)}
+
+
+@torch.no_grad()
+def detect_categories(
+    model: Any, tokenizer: Any, image: Any, categories: list[str], topk: int = 100
+) -> list[dict[str, Any]]:
+    """Upstream's teacher-forced detection of every category in ``image``: the ``topk`` best
+    (object query, category) pairs by sigmoid score, ``{"category": k, "score", "box": [x1, y1, x2, y2]}``
+    in pixels, by score."""
+    from transformers.image_transforms import center_to_corners_format
+
+    from interleaf.model.visionllm import detector_inputs
+    from interleaf.train.visionllm import DEFAULT_QUESTION, _pad, _prompt_ids, answer_text
+
+    question = DEFAULT_QUESTION.format(phrases=", ".join(categories))
+    example = _prompt_ids(
+        model, tokenizer, question, image, answer_text(categories, "det", model.link.num_embs)
+    )
+    pad = model.config.llm.pad_token_id if model.config.llm.pad_token_id is not None else 0
+    batch = _pad([example], pad)
+    batch.pop("labels")
+    det_pixels, det_mask = detector_inputs([image], model.link.detector_size)
+    device, dtype = model.device, next(model.parameters()).dtype
+    out = model(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()},
+                det_pixel_values=det_pixels.to(device, dtype), det_pixel_mask=det_mask.to(device))  # fmt: skip
+    logits = out.det.logits[0, :, : len(categories)].float()  # [queries, categories]: route k = category k
+    probs = logits.sigmoid().flatten()
+    scores, flat = probs.topk(min(topk, probs.numel()))
+    query, category = flat // len(categories), flat % len(categories)
+    w, h = image.size
+    boxes = center_to_corners_format(out.det.pred_boxes[0].float())[query] * torch.tensor([w, h, w, h])
+    return [{"category": int(k), "score": float(s), "box": [float(v) for v in b]}
+            for s, k, b in zip(scores.cpu(), category.cpu(), boxes.cpu())]  # fmt: skip
+
+
+def evaluate_detection(
+    model_dir: str | Path,
+    data: str | Path,
+    out: str | Path,
+    phrases: list[str] | None = None,
+    image_root: str | Path | None = None,
+    topk: int = 100,
+    limit: int | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """``interleaf visionllm eval-det``: detect every category in every image, store each image's
+    detections as they come, and write ``detections.jsonl``, ``coco_results.json``, ``scores.json``,
+    ``report.md`` and ``skipped.jsonl`` to ``out``; returns the scores."""
+    from tqdm import tqdm
+
+    from interleaf.errors import check_minimums
+    from interleaf.eval.adapters import directory_fingerprint
+    from interleaf.files import jsonl_text, replace_text
+    from interleaf.model.checkpoint import parse_device
+    from interleaf.model.visionllm import load_visionllm
+    from interleaf.processing.image import load_image, to_rgb
+    from interleaf.store import ResponseStore, file_digest, request_key
+    from interleaf.train.visionllm import DetectionRecord, read_records
+
+    check_minimums(("--topk", topk, 1), *((("--limit", limit, 1),) if limit is not None else ()))
+    records, skipped = read_records(data, image_root)
+    kept = [r for r in records if isinstance(r, DetectionRecord) and r.route == "det"]
+    skipped += [{"line": r.line, "reason": "not a detection record"} for r in records if r not in kept]
+    records = kept[:limit] if limit is not None else kept
+    if not records:
+        raise InputError(f"{data}: no detection records")
+    categories = categories_of(records, phrases)
+    model, tok = load_visionllm(model_dir, device=parse_device(device))
+    if model.gdino is None:
+        raise ConfigError(f"{model_dir}: the model has no detector (gdino)")
+    room = model.gdino.config.max_text_len
+    if len(categories) > room:
+        raise InputError(f"{len(categories)} categories; the detector takes at most {room} (--phrases)")
+    model.eval()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = directory_fingerprint(model_dir)
+    detections: list[list[dict[str, Any]]] = []
+    sizes: list[tuple[int, int]] = []
+    asked = 0
+    with ResponseStore(out / "responses.sqlite") as store:
+        for i, r in enumerate(tqdm(records, desc="eval-det", unit="image", disable=not progress)):
+            image = to_rgb(load_image(r.image))
+            sizes.append(image.size)
+            key = request_key(
+                str(i), json.dumps(categories), [file_digest(r.image)], fingerprint, {"topk": topk}
+            )
+            found = store.get(key)
+            if found is None:
+                found = json.dumps(detect_categories(model, tok, image, categories, topk))
+                store.put(key, str(i), found)
+                asked += 1
+            detections.append(json.loads(found))
+    truth = coco_ground_truth(records, sizes, categories)
+    results = coco_results(detections)
+    scores = coco_scores(truth, results)
+    outside = sum(len(r.class_labels) for r in records) - len(truth["annotations"])
+    summary = {"images": len(records), "categories": len(categories), "objects": len(truth["annotations"]),
+               "objects_outside_categories": outside, "skipped": len(skipped), "asked": asked, "topk": topk,
+               "scores": scores}  # fmt: skip
+    rows = [{"image": str(r.image), "line": r.line, "detections": d} for r, d in zip(records, detections)]
+    replace_text(out / "detections.jsonl", jsonl_text(rows))
+    replace_text(out / "coco_results.json", json.dumps(results))
+    replace_text(out / "scores.json", json.dumps(summary, indent=1) + "\n")
+    replace_text(out / "skipped.jsonl", jsonl_text(skipped))
+    table = "\n".join(f"| {name} | {value:.4f} |" for name, value in scores.items())
+    replace_text(out / "report.md", f"# Detection: {Path(data).name}\n\n{len(records)} images, "
+                 f"{len(categories)} categories, {summary['objects']} objects (COCOeval bbox, top {topk} per "
+                 f"image)\n\n| metric | value |\n|---|---|\n{table}\n")  # fmt: skip
+    return summary

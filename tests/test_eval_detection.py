@@ -1,0 +1,181 @@
+"""VisionLLM v2's detection evaluation: COCO conversion checked against pycocotools run by hand, the
+teacher-forced detection against the detector's own post-processing, and the resumable CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from interleaf.cli import main
+from interleaf.eval.detection import (
+    STAT_NAMES,
+    categories_of,
+    coco_ground_truth,
+    coco_results,
+    coco_scores,
+    detect_categories,
+)
+from interleaf.model.visionllm import init_visionllm
+from interleaf.train.visionllm import DetectionRecord
+from test_visionllm_train import _write, squares
+
+
+def _record(phrases, labels, boxes, line=1):
+    return DetectionRecord(
+        image=None, phrases=phrases, class_labels=labels, boxes=boxes, question="q", line=line
+    )
+
+
+def _pycocotools(gt: dict, dt: list) -> list[float]:
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = gt
+        coco.createIndex()
+        ev = COCOeval(coco, coco.loadRes(dt), iouType="bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return [float(x) for x in ev.stats]
+
+
+def test_scores_are_pycocotools_on_the_same_boxes_in_cocos_own_format():
+    records = [
+        _record(["cat", "dog"], [0, 1], [[10, 10, 50, 60], [60, 20, 90, 90]]),
+        _record(["dog", "bird"], [0, 0, 1], [[0, 0, 30, 30], [40, 40, 99, 99], [5, 50, 25, 70]], line=2),
+    ]
+    categories = categories_of(records)
+    assert categories == ["cat", "dog", "bird"]
+    detections = [
+        [{"category": 0, "score": 0.9, "box": [12, 11, 49, 58]}, {"category": 1, "score": 0.4, "box": [0, 0, 20, 20]}],
+        [{"category": 1, "score": 0.8, "box": [41, 38, 97, 99]}, {"category": 2, "score": 0.7, "box": [60, 60, 80, 80]},
+         {"category": 1, "score": 0.3, "box": [2, 1, 31, 29]}],
+    ]  # fmt: skip
+    ours = coco_scores(
+        coco_ground_truth(records, [(100, 100), (100, 100)], categories), coco_results(detections)
+    )
+    # the same data written by hand in COCO's format: [x, y, w, h], category ids from 1
+    gt = {
+        "images": [{"id": 0, "width": 100, "height": 100}, {"id": 1, "width": 100, "height": 100}],
+        "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}, {"id": 3, "name": "bird"}],
+        "annotations": [
+            {"id": 1, "image_id": 0, "category_id": 1, "bbox": [10, 10, 40, 50], "area": 2000, "iscrowd": 0},
+            {"id": 2, "image_id": 0, "category_id": 2, "bbox": [60, 20, 30, 70], "area": 2100, "iscrowd": 0},
+            {"id": 3, "image_id": 1, "category_id": 2, "bbox": [0, 0, 30, 30], "area": 900, "iscrowd": 0},
+            {"id": 4, "image_id": 1, "category_id": 2, "bbox": [40, 40, 59, 59], "area": 3481, "iscrowd": 0},
+            {"id": 5, "image_id": 1, "category_id": 3, "bbox": [5, 50, 20, 20], "area": 400, "iscrowd": 0},
+        ],
+    }
+    dt = [
+        {"image_id": 0, "category_id": 1, "bbox": [12, 11, 37, 47], "score": 0.9},
+        {"image_id": 0, "category_id": 2, "bbox": [0, 0, 20, 20], "score": 0.4},
+        {"image_id": 1, "category_id": 2, "bbox": [41, 38, 56, 61], "score": 0.8},
+        {"image_id": 1, "category_id": 3, "bbox": [60, 60, 20, 20], "score": 0.7},
+        {"image_id": 1, "category_id": 2, "bbox": [2, 1, 29, 28], "score": 0.3},
+    ]
+    assert [ours[k] for k in STAT_NAMES] == pytest.approx(_pycocotools(gt, dt), abs=1e-12)
+    assert 0 < ours["AP"] < 1
+    # the truth itself as detections scores 1; no detections score 0
+    perfect = [[{"category": categories.index(r.phrases[k]), "score": 1.0, "box": b}
+                for k, b in zip(r.class_labels, r.boxes)] for r in records]  # fmt: skip
+    truth = coco_ground_truth(records, [(100, 100), (100, 100)], categories)
+    assert coco_scores(truth, coco_results(perfect))["AP"] == pytest.approx(1.0)
+    assert coco_scores(truth, [])["AP"] == 0.0
+    # given categories: objects of other phrases leave the truth
+    assert len(coco_ground_truth(records, [(100, 100)] * 2, ["dog"])["annotations"]) == 3
+
+
+def test_teacher_forced_detection_ranks_every_query_category_pair():
+    model, tok = init_visionllm("tiny", seed=0)
+    model.config.force_image_size, model.config.max_dynamic_patch, model.link.detector_size = 112, 1, 128
+    model.eval()
+    image = Image.new("RGB", (160, 120), (128, 128, 128))
+    image.paste((220, 30, 30), (20, 30, 70, 90))
+    dets = detect_categories(model, tok, image, ["red square", "blue square", "dog"], topk=7)
+    assert len(dets) == 7 and [d["score"] for d in dets] == sorted((d["score"] for d in dets), reverse=True)
+    assert {d["category"] for d in dets} <= {0, 1, 2}
+    # the best pair is the detector's own best (query, route) after its post-processing, on the same routes
+    from interleaf.model.visionllm import detector_inputs
+    from interleaf.train.visionllm import DEFAULT_QUESTION, _pad, _prompt_ids, answer_text
+
+    names = ["red square", "blue square", "dog"]
+    ex = _prompt_ids(model, tok, DEFAULT_QUESTION.format(phrases=", ".join(names)), image,
+                     answer_text(names, "det", model.link.num_embs))  # fmt: skip
+    batch = _pad([ex], 0)
+    batch.pop("labels")
+    px, mask = detector_inputs([image], 128)
+    with torch.no_grad():
+        out = model(**batch, det_pixel_values=px, det_pixel_mask=mask)
+    best = model.gdino.postprocess(out.det, [(120, 160)], threshold=0.0)[0]
+    assert dets[0]["score"] == pytest.approx(best["scores"][0].item(), abs=1e-6)
+    # (the random model's routes may tie: the category's own best score is the pair's)
+    assert out.det.logits[0, :, dets[0]["category"]].sigmoid().max().item() == pytest.approx(dets[0]["score"])
+    assert dets[0]["box"] == pytest.approx(best["boxes"][0].tolist(), abs=1e-4)
+
+
+def test_eval_det_cli_writes_scores_and_resumes_without_asking_again(tmp_path, capsys):
+    rows = squares(tmp_path, 4, seed=11, size=112)
+    rows.insert(1, {"image": "missing.png", "objects": []})
+    rows.append(
+        {
+            "image": rows[0]["image"],
+            "regions": [[1, 1, 20, 20]],
+            "question": "What is <region>?",
+            "answer": "x",
+        }
+    )
+    _write(tmp_path / "d.jsonl", rows)
+    init = tmp_path / "init"
+    assert main(["visionllm", "init", "-o", str(init), "--image-size", "112", "--max-tiles", "1",
+                 "--region-encoder"]) == 0  # fmt: skip
+    capsys.readouterr()
+    args = ["visionllm", "eval-det", str(init), str(tmp_path / "d.jsonl"), "-o", str(tmp_path / "ev")]
+    assert main([*args, "--limit", "2"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["asked"] == 2 and first["images"] == 2
+    assert main(args) == 0  # the rest only
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["asked"] == 2 and summary["images"] == 4 and summary["categories"] == 2
+    assert summary["objects"] == 8 and set(summary["scores"]) == set(STAT_NAMES)
+    out = tmp_path / "ev"
+    assert len((out / "detections.jsonl").read_text().splitlines()) == 4
+    assert json.loads((out / "scores.json").read_text()) == summary
+    assert "| AP |" in (out / "report.md").read_text()
+    reasons = [json.loads(x)["reason"] for x in (out / "skipped.jsonl").read_text().splitlines()]
+    assert any("missing.png" in r for r in reasons) and "not a detection record" in reasons
+    # the same scores as a run that asked for every image at once
+    assert main([*args[:-1], str(tmp_path / "ev2")]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["asked"] == 4 and again["scores"] == summary["scores"]
+    assert (tmp_path / "ev2" / "coco_results.json").read_text() == (out / "coco_results.json").read_text()
+
+
+def test_eval_det_bad_input_is_one_line(tmp_path, capsys):
+    _write(tmp_path / "d.jsonl", squares(tmp_path, 1, seed=3, size=112))
+    init = tmp_path / "init"
+    assert main(["visionllm", "init", "-o", str(init), "--image-size", "112", "--max-tiles", "1"]) == 0
+    from interleaf.model.visionllm import save_visionllm
+
+    bare = save_visionllm(*init_visionllm("tiny", detector=False), tmp_path / "bare")
+    cases = [
+        ([str(init), "--phrases", "cat,cat"], "--phrases: a phrase given twice"),
+        (
+            [str(init), "--phrases", ",".join(f"c{i}" for i in range(300))],
+            "categories; the detector takes at most",
+        ),
+        ([str(init), "--topk", "0"], "--topk"),
+        ([str(bare)], "the model has no detector"),
+    ]
+    for extra, message in cases:
+        capsys.readouterr()
+        assert main(["visionllm", "eval-det", extra[0], str(tmp_path / "d.jsonl"), "-o", str(tmp_path / "o"),
+                     *extra[1:]]) == 1  # fmt: skip
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, (extra[1:], err)
