@@ -161,6 +161,15 @@ def test_cli_init_train_detect_learns_to_route_and_localise(tmp_path, capsys):
             hits += _iou(best["box"], obj["box"]) > 0.5
     print("hits", hits)
     assert hits >= 12, hits  # of 16 (phrase, image) pairs
+    # COCO box AP of the same images (upstream's eval_det): the trained detector, not the initial one
+    ap = {}
+    capsys.readouterr()
+    for name, model in (("init", init), ("trained", out)):
+        assert main(["visionllm", "eval-det", str(model), str(tmp_path / "train.jsonl"), "-o", str(tmp_path / f"ev-{name}"),
+                     "--device", "cpu"]) == 0  # fmt: skip
+        ap[name] = json.loads(capsys.readouterr().out)["scores"]
+    print("AP50", ap["init"]["AP50"], ap["trained"]["AP50"], "AP", ap["init"]["AP"], ap["trained"]["AP"])
+    assert ap["trained"]["AP50"] >= 0.4 and ap["init"]["AP50"] < 0.1, ap  # measured 0.60 and 0.007
 
 
 def _iou(a, b) -> float:
