@@ -103,12 +103,12 @@ def test_teacher_forced_detection_ranks_every_query_category_pair():
     assert {d["category"] for d in dets} <= {0, 1, 2}
     # the best pair is the detector's own best (query, route) after its post-processing, on the same routes
     from interleaf.model.visionllm import detector_inputs
-    from interleaf.train.visionllm import DEFAULT_QUESTION, _pad, _prompt_ids, answer_text
+    from interleaf.train.visionllm import DEFAULT_QUESTION, answer_text, pad_examples, prompt_example
 
     names = ["red square", "blue square", "dog"]
-    ex = _prompt_ids(model, tok, DEFAULT_QUESTION.format(phrases=", ".join(names)), image,
+    ex = prompt_example(model, tok, DEFAULT_QUESTION.format(phrases=", ".join(names)), image,
                      answer_text(names, "det", model.link.num_embs))  # fmt: skip
-    batch = _pad([ex], 0)
+    batch = pad_examples([ex], 0)
     batch.pop("labels")
     px, mask = detector_inputs([image], 128)
     with torch.no_grad():

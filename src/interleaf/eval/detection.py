@@ -118,14 +118,14 @@ def detect_categories(
     from transformers.image_transforms import center_to_corners_format
 
     from interleaf.model.visionllm import detector_inputs
-    from interleaf.train.visionllm import DEFAULT_QUESTION, _pad, _prompt_ids, answer_text
+    from interleaf.train.visionllm import DEFAULT_QUESTION, answer_text, pad_examples, prompt_example
 
     question = DEFAULT_QUESTION.format(phrases=", ".join(categories))
-    example = _prompt_ids(
+    example = prompt_example(
         model, tokenizer, question, image, answer_text(categories, "det", model.link.num_embs)
     )
     pad = model.config.llm.pad_token_id if model.config.llm.pad_token_id is not None else 0
-    batch = _pad([example], pad)
+    batch = pad_examples([example], pad)
     batch.pop("labels")
     det_pixels, det_mask = detector_inputs([image], model.link.detector_size)
     device, dtype = model.device, next(model.parameters()).dtype

@@ -304,7 +304,7 @@ def answer_text(phrases: list[str], route: str, num_embs: int) -> str:
     return ", ".join(p + link for p in phrases)
 
 
-def _prompt_ids(
+def prompt_example(
     model: VisionLLMv2Model, tokenizer: Any, question: str, image: Any, answer: str
 ) -> dict[str, Any]:
     """ids/labels (the answer only, with the end of turn) and the MLLM's tiles (None without an image)."""
@@ -340,7 +340,7 @@ def encode_detection(model: VisionLLMv2Model, tokenizer: Any, record: DetectionR
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h) / h
     cxcywh = corners_to_center_format(boxes)
     return {
-        **_prompt_ids(model, tokenizer, record.question, image, answer),
+        **prompt_example(model, tokenizer, record.question, image, answer),
         "image": image,
         "target": {"class_labels": torch.tensor(record.class_labels, dtype=torch.long), "boxes": cxcywh},
     }
@@ -358,14 +358,14 @@ def encode_generation(model: VisionLLMv2Model, tokenizer: Any, record: Generatio
         )
     link = ROUTE_TOKENS[record.route] + EMB_TOKENS[0] * model.link.num_embs_gen
     image = to_rgb(load_image(record.image)) if record.image is not None else None
-    example = _prompt_ids(model, tokenizer, record.question, image, f"{GEN_ANSWER} {link}.")
+    example = prompt_example(model, tokenizer, record.question, image, f"{GEN_ANSWER} {link}.")
     example["output_image"] = output_image_tensor(to_rgb(load_image(record.output_image)), module.config)
     example["input_image"] = output_image_tensor(image, module.config) if image is not None else None
     example["caption"] = record.caption
     return example
 
 
-def _pad(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+def pad_examples(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     """Right-padded ids, labels and attention mask; the examples' tiles concatenated (None if none)."""
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
@@ -387,7 +387,7 @@ def collate_detection(examples: list[dict[str, Any]], pad_id: int, detector_size
     """Right-padded batch for :meth:`VisionLLMv2Model.forward`."""
     det_pixels, det_mask = detector_inputs([e["image"] for e in examples], detector_size)
     return {
-        **_pad(examples, pad_id),
+        **pad_examples(examples, pad_id),
         "det_pixel_values": det_pixels,
         "det_pixel_mask": det_mask,
         "det_targets": [e["target"] for e in examples],
@@ -400,7 +400,7 @@ def encode_region(model: VisionLLMv2Model, tokenizer: Any, record: RegionRecord)
 
     image = to_rgb(load_image(record.image))
     return {
-        **_prompt_ids(model, tokenizer, record.question, image, record.answer),
+        **prompt_example(model, tokenizer, record.question, image, record.answer),
         "regions": region_inputs(model, image, record.boxes),
     }
 
@@ -409,7 +409,7 @@ def collate_generation(examples: list[dict[str, Any]], pad_id: int) -> dict[str,
     """Right-padded batch of generation (or of editing) examples for :meth:`VisionLLMv2Model.forward`."""
     inputs = [e["input_image"] for e in examples]
     return {
-        **_pad(examples, pad_id),
+        **pad_examples(examples, pad_id),
         "output_images": torch.stack([e["output_image"] for e in examples]),
         "input_images": torch.stack(inputs) if all(x is not None for x in inputs) else None,
         "captions": [e["caption"] for e in examples],
@@ -557,7 +557,7 @@ def _batch(
         batch["det_targets"] = [{k: v.to(model.device) for k, v in t.items()} for t in batch["det_targets"]]
     elif task == "region":
         examples = [encode_region(model, tokenizer, r) for r in chosen]
-        batch = {**_pad(examples, pad), "regions": [e["regions"] for e in examples]}
+        batch = {**pad_examples(examples, pad), "regions": [e["regions"] for e in examples]}
     else:
         batch = collate_generation([encode_generation(model, tokenizer, r) for r in chosen], pad)
     return {k: (v.to(model.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
