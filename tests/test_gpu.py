@@ -250,3 +250,34 @@ def test_visionllm_generation_training_resumes_exactly_on_the_gpu(tmp_path):
     assert main(["visionllm", "train", *args, "--steps", "4", "-o", str(tmp_path / "parts")]) == 0
     whole = (tmp_path / "whole" / "train_log.jsonl").read_text()
     assert (tmp_path / "parts" / "train_log.jsonl").read_text() == whole
+
+
+def test_visionllm_lora_stage_training_and_detection_eval_on_the_gpu(tmp_path):
+    """The training stages (LoRA + a frozen ViT, --grad-accum) and eval-det on CUDA: training runs
+    and merges its adapters; the GPU's detections are the CPU's (fp32, TF32 off)."""
+    import json
+
+    from interleaf.cli import main
+    from test_visionllm_train import _write, squares
+
+    _write(tmp_path / "d.jsonl", squares(tmp_path, 3, seed=4, size=112))
+    init = tmp_path / "init"
+    assert main(["visionllm", "init", "-o", str(init), "--image-size", "112", "--max-tiles", "1"]) == 0
+    assert main(["visionllm", "train", str(tmp_path / "d.jsonl"), "--model", str(init), "-o", str(tmp_path / "run"),
+                 "--steps", "3", "--batch-size", "1", "--grad-accum", "2", "--lora-rank", "2", "--freeze", "vision",
+                 "--device", "cuda"]) == 0  # fmt: skip
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        for device in ("cpu", "cuda"):
+            assert main(["visionllm", "eval-det", str(tmp_path / "run"), str(tmp_path / "d.jsonl"), "-o",
+                         str(tmp_path / f"ev-{device}"), "--device", device, "--topk", "5"]) == 0  # fmt: skip
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    rows = {d: [json.loads(x) for x in (tmp_path / f"ev-{d}" / "detections.jsonl").read_text().splitlines()]
+            for d in ("cpu", "cuda")}  # fmt: skip
+    for a, b in zip(rows["cpu"], rows["cuda"], strict=True):
+        assert [d["score"] for d in b["detections"]] == pytest.approx(
+            [d["score"] for d in a["detections"]], abs=1e-4
+        )
+        assert b["detections"][0]["box"] == pytest.approx(a["detections"][0]["box"], abs=0.05)

@@ -136,7 +136,8 @@ def detect_categories(
     scores, flat = probs.topk(min(topk, probs.numel()))
     query, category = flat // len(categories), flat % len(categories)
     w, h = image.size
-    boxes = center_to_corners_format(out.det.pred_boxes[0].float())[query] * torch.tensor([w, h, w, h])
+    boxes = center_to_corners_format(out.det.pred_boxes[0].float())[query]
+    boxes = boxes * torch.tensor([w, h, w, h], device=boxes.device)
     return [{"category": int(k), "score": float(s), "box": [float(v) for v in b]}
             for s, k, b in zip(scores.cpu(), category.cpu(), boxes.cpu())]  # fmt: skip
 
