@@ -171,6 +171,15 @@ def test_eval_det_bad_input_is_one_line(tmp_path, capsys):
             "categories; the detector takes at most",
         ),
         ([str(init), "--topk", "0"], "--topk"),
+        # a routing or image token in a category would break the prompt's routes (route k = category k)
+        (
+            [str(init), "--phrases", "red square[DET],blue square"],
+            "--phrases: 'red square[DET]' contains '[DET]'",
+        ),
+        (
+            [str(init), "--phrases", "red <image> square,dog"],
+            "--phrases: 'red <image> square' contains '<image>'",
+        ),
         ([str(bare)], "the model has no detector"),
     ]
     for extra, message in cases:

@@ -48,6 +48,12 @@ def categories_of(records: list[Any], phrases: list[str] | None = None) -> list[
             raise InputError("--phrases: an empty phrase")
         if len(set(names)) != len(names):
             raise InputError("--phrases: a phrase given twice")
+        from interleaf.train.visionllm import PHRASE_FORBIDDEN
+
+        for p in names:  # a routing or image token would break the routes (route k = category k)
+            bad = next((t for t in PHRASE_FORBIDDEN if t in p), None)
+            if bad:
+                raise InputError(f"--phrases: {p!r} contains {bad!r}")
         return names
     seen: dict[str, None] = {}
     for r in records:

@@ -77,6 +77,8 @@ _LOSS_NAMES = {"lm_loss": "lm", "det_loss": "detector", "sd_loss": "generation",
 # tokens a question may not hold: they would break the prompt's routes or image tokens
 _IN_PROMPT = (*ROUTE_TOKENS.values(), IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
 _RESERVED = (*_IN_PROMPT, *EMB_TOKENS, *SPAN_TOKENS, IMAGE_PLACEHOLDER, REGION_TOKEN)
+# what a phrase may not hold: the tokens above, and the separators of the answer's routes
+PHRASE_FORBIDDEN = (*_RESERVED, ",", ";", ":")
 
 
 def check_question(question: str, name: str = "question", regions: int = 0) -> None:
@@ -132,7 +134,7 @@ def parse_detection_record(raw: Any, folder: Path, image_root: Path | None = Non
     if len(set(phrases)) != len(phrases):
         raise InputError("phrases: repeated phrase")
     for p in phrases:
-        bad = next((t for t in (*_RESERVED, ",", ";", ":") if t in p), None)
+        bad = next((t for t in PHRASE_FORBIDDEN if t in p), None)
         if bad:
             raise InputError(f"phrases: {p!r} contains {bad!r}")
     missing = [p for p in found if p not in phrases]
