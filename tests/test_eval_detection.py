@@ -188,3 +188,18 @@ def test_eval_det_bad_input_is_one_line(tmp_path, capsys):
                      *extra[1:]]) == 1  # fmt: skip
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, (extra[1:], err)
+    # categories taken from the data: the errors about them name the data file
+    Image.new("RGB", (40, 40)).save(tmp_path / "a.png")
+    many = {"image": "a.png", "objects": [{"phrase": f"c{i}", "box": [1, 1, 5, 5]} for i in range(300)]}
+    for rows, message in (
+        ([{"image": "a.png", "objects": [], "phrases": ["cat"]}], "no object in the data"),
+        ([many], "300 categories; the detector takes at most"),
+    ):
+        _write(tmp_path / "e.jsonl", rows)
+        capsys.readouterr()
+        assert (
+            main(["visionllm", "eval-det", str(init), str(tmp_path / "e.jsonl"), "-o", str(tmp_path / "o")])
+            == 1
+        )
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and f"{tmp_path / 'e.jsonl'}:" in err, err

@@ -40,8 +40,11 @@ STAT_NAMES = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
               "AR_1", "AR_10", "AR_100", "AR_small", "AR_medium", "AR_large")  # fmt: skip
 
 
-def categories_of(records: list[Any], phrases: list[str] | None = None) -> list[str]:
-    """``phrases`` as given, or the records' object phrases in order of first appearance."""
+def categories_of(
+    records: list[Any], phrases: list[str] | None = None, source: str = "the data"
+) -> list[str]:
+    """``phrases`` as given, or the records' object phrases in order of first appearance (``source``
+    names the records in errors)."""
     if phrases is not None:
         names = [" ".join(p.split()) for p in phrases]
         if not names or not all(names):
@@ -60,7 +63,7 @@ def categories_of(records: list[Any], phrases: list[str] | None = None) -> list[
         for label in r.class_labels:
             seen.setdefault(r.phrases[label], None)
     if not seen:
-        raise InputError("no object in the data: pass the categories with --phrases")
+        raise InputError(f"{source}: no object in the data: pass the categories with --phrases")
     return list(seen)
 
 
@@ -180,13 +183,15 @@ def evaluate_detection(
     records = kept[:limit] if limit is not None else kept
     if not records:
         raise InputError(f"{data}: no detection records")
-    categories = categories_of(records, phrases)
+    categories = categories_of(records, phrases, source=str(data))
     model, tok = load_visionllm(model_dir, device=parse_device(device))
     if model.gdino is None:
         raise ConfigError(f"{model_dir}: the model has no detector (gdino)")
     room = model.gdino.config.max_text_len
     if len(categories) > room:
-        raise InputError(f"{len(categories)} categories; the detector takes at most {room} (--phrases)")
+        where = "--phrases" if phrases is not None else str(data)
+        hint = "" if phrases is not None else " (pick some with --phrases)"
+        raise InputError(f"{where}: {len(categories)} categories; the detector takes at most {room}{hint}")
     model.eval()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
