@@ -87,7 +87,9 @@ def test_scores_are_pycocotools_on_the_same_boxes_in_cocos_own_format():
                 for k, b in zip(r.class_labels, r.boxes)] for r in records]  # fmt: skip
     truth = coco_ground_truth(records, [(100, 100), (100, 100)], categories)
     assert coco_scores(truth, coco_results(perfect))["AP"] == pytest.approx(1.0)
-    assert coco_scores(truth, [])["AP"] == 0.0
+    # no detections: 0 where there is truth, and pycocotools' -1 where a size has none (no large box here)
+    empty = coco_scores(truth, [])
+    assert empty["AP"] == 0.0 and empty["AP_large"] == -1.0 and empty["AR_medium"] == 0.0
     # given categories: objects of other phrases leave the truth
     assert len(coco_ground_truth(records, [(100, 100)] * 2, ["dog"])["annotations"]) == 3
 

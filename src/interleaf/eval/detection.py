@@ -107,9 +107,16 @@ def coco_scores(ground_truth: dict[str, Any], results: list[dict[str, Any]]) -> 
         gt = COCO()
         gt.dataset = json.loads(json.dumps(ground_truth))  # COCO keeps (and may change) what it is given
         gt.createIndex()
-        if not results:  # loadRes refuses an empty list; no detection scores 0 wherever there is truth
-            return {name: (0.0 if ground_truth["annotations"] else -1.0) for name in STAT_NAMES}
-        dt = gt.loadRes(json.loads(json.dumps(results)))
+        if results:
+            dt = gt.loadRes(json.loads(json.dumps(results)))
+        else:  # loadRes refuses an empty list: an empty result set of the same images
+            dt = COCO()
+            dt.dataset = {
+                "images": gt.dataset["images"],
+                "categories": gt.dataset["categories"],
+                "annotations": [],
+            }
+            dt.createIndex()
         ev = COCOeval(gt, dt, iouType="bbox")
         ev.evaluate()
         ev.accumulate()
@@ -179,7 +186,9 @@ def evaluate_detection(
     check_minimums(("--topk", topk, 1), *((("--limit", limit, 1),) if limit is not None else ()))
     records, skipped = read_records(data, image_root)
     kept = [r for r in records if isinstance(r, DetectionRecord) and r.route == "det"]
-    skipped += [{"line": r.line, "reason": "not a detection record"} for r in records if r not in kept]
+    taken = {id(r) for r in kept}
+    skipped += [{"line": r.line, "reason": "not a detection record"} for r in records if id(r) not in taken]
+    skipped.sort(key=lambda s: s["line"])
     records = kept[:limit] if limit is not None else kept
     if not records:
         raise InputError(f"{data}: no detection records")
@@ -204,7 +213,11 @@ def evaluate_detection(
             image = to_rgb(load_image(r.image))
             sizes.append(image.size)
             key = request_key(
-                str(i), json.dumps(categories), [file_digest(r.image)], fingerprint, {"topk": topk}
+                str(i),
+                json.dumps(categories),
+                [file_digest(r.image)],
+                fingerprint,
+                {"topk": topk, "device": model.device.type},  # a GPU's answers are not the CPU's bits
             )
             found = store.get(key)
             if found is None:
