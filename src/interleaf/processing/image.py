@@ -15,8 +15,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -50,19 +49,10 @@ def load_image(source: ImageInput) -> Image.Image:
     Images larger than PIL's ``Image.MAX_IMAGE_PIXELS`` are refused as possible decompression bombs
     (PIL only warns between 1x and 2x that limit; here the warning is an error too).
     """
-    if isinstance(source, Image.Image):
-        _check_pixels(source.size, _describe(source))
-        return source if source.mode == "RGB" else to_rgb(source)
-    with _opened(source) as img:
-        img.load()  # force decoding now so that truncated files fail here
-        return to_rgb(img)
-
-
-@contextmanager
-def _opened(source: str | os.PathLike | bytes) -> Iterator[Image.Image]:
-    """The PIL image of a path or bytes, not yet decoded; what goes wrong while it is open or used
-    inside the block is one ``InputError`` naming it."""
     name = _describe(source)
+    if isinstance(source, Image.Image):
+        _check_pixels(source.size, name)
+        return source if source.mode == "RGB" else to_rgb(source)
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.exists(path):
@@ -81,7 +71,8 @@ def _opened(source: str | os.PathLike | bytes) -> Iterator[Image.Image]:
             # Turn PIL's "could be decompression bomb" warning into an error.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(fp) as img:
-                yield img
+                img.load()  # force decoding now so that truncated files fail here
+                image = to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InputError(f"image refused as a possible decompression bomb: {name} ({exc})") from None
     except UnidentifiedImageError:
@@ -89,6 +80,7 @@ def _opened(source: str | os.PathLike | bytes) -> Iterator[Image.Image]:
     except (OSError, SyntaxError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"corrupt or unreadable image: {name} ({first})") from None
+    return image
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
