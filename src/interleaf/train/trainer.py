@@ -295,7 +295,8 @@ def dist_info() -> tuple[int, int, int]:
     )
 
 
-def _all_gather_object(obj: Any, world: int) -> list[Any]:
+def all_gather_object(obj: Any, world: int) -> list[Any]:
+    """Every rank's ``obj``, in rank order (``[obj]`` outside torchrun)."""
     if world == 1:
         return [obj]
     import torch.distributed as dist
@@ -695,7 +696,7 @@ class Trainer:
         final_dir = self.out / name
         tmp = self.out / f".tmp-{name}"
         state = self._model_state_for_save()
-        per_rank = _all_gather_object(
+        per_rank = all_gather_object(
             {"rng": rng_state(), **self._data_position()},
             self.world,
         )
@@ -964,7 +965,7 @@ class Trainer:
                 )
             if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < cfg.max_steps:
                 self.save()
-        skipped = _merge_counts(_all_gather_object(dict(self.skip_log.counts), self.world))  # all ranks'
+        skipped = _merge_counts(all_gather_object(dict(self.skip_log.counts), self.world))  # all ranks'
         # (gathered before the save, which ends on a barrier: a rank leaving straight after an
         # all-gather can tear gloo's connections down while its peer is still in it)
         ckpt = self.save(final=True)

@@ -67,7 +67,7 @@ from interleaf.model.visionllm import (
 )
 from interleaf.processing.image import load_image, preprocess_image, to_rgb
 from interleaf.processing.prompt import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
-from interleaf.train.trainer import warmup_cosine
+from interleaf.train.trainer import all_gather_object, warmup_cosine
 
 DEFAULT_QUESTION = "Please detect {phrases} in the image."
 GEN_QUESTION = "Generate image with caption: {caption}."  # upstream's first prompt of each list
@@ -537,7 +537,7 @@ def train_visionllm(
             cuda_rng = torch.cuda.get_rng_state(model.device) if model.device.type == "cuda" else None
             rng = torch.get_rng_state()
             if world > 1:  # each rank draws its own noise and dropout: the state keeps them all
-                rng, cuda_rng = _gather((rng, cuda_rng), world)
+                rng, cuda_rng = (list(field) for field in zip(*all_gather_object((rng, cuda_rng), world)))
             state = {"step": step, "order": list(order), "log": list(log), "optimizer": opt.state_dict(),
                      "generator": gen.get_state(), "rng": rng, "cuda_rng": cuda_rng}  # fmt: skip
             if rank == 0:
@@ -569,15 +569,6 @@ def _rank_world() -> tuple[int, int]:
     import torch.distributed as dist
 
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def _gather(obj: Any, world: int) -> list[Any]:
-    """Every rank's ``obj`` tuple, transposed: a list per field, in rank order."""
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, obj)
-    return [list(field) for field in zip(*out)]
 
 
 def _average_over_ranks(params: list[nn.Parameter], sums: dict[str, float], world: int) -> dict[str, float]:
@@ -869,10 +860,13 @@ def _train_command(
 ) -> str:
     import os
 
+    import torch.distributed as dist
+
     from interleaf.errors import CheckpointError, check_minimums
     from interleaf.files import jsonl_text, replace_text
     from interleaf.model.visionllm import load_visionllm, save_visionllm
     from interleaf.train.lora import merge_lora
+    from interleaf.train.trainer import dist_info
 
     check_minimums(
         ("--steps", steps, 1),
@@ -897,12 +891,8 @@ def _train_command(
     settings = {"data": os.path.realpath(data), "model": os.path.realpath(model_dir),
                 "image_root": os.path.realpath(image_root) if image_root is not None else None,
                 "batch_size": batch_size, "lr": lr, "seed": seed}  # fmt: skip
-    # the stage settings, with the values a state written before they existed was trained with
-    import torch.distributed as dist
-
-    from interleaf.train.trainer import dist_info
-
     rank, world, local_rank = dist_info()
+    # the stage settings, with the values a state written before they existed was trained with
     stage = {"freeze": freeze, "lora_rank": lora_rank, "lr_llm_multiplier": lr_llm_multiplier,
              "lr_backbone_multiplier": lr_backbone_multiplier, "grad_accum": grad_accum, "world_size": world}  # fmt: skip
     settings.update(stage)
