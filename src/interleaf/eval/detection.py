@@ -51,12 +51,10 @@ def categories_of(
             raise InputError("--phrases: an empty phrase")
         if len(set(names)) != len(names):
             raise InputError("--phrases: a phrase given twice")
-        from interleaf.train.visionllm import PHRASE_FORBIDDEN
+        from interleaf.train.visionllm import check_phrase
 
         for p in names:  # a routing or image token would break the routes (route k = category k)
-            bad = next((t for t in PHRASE_FORBIDDEN if t in p), None)
-            if bad:
-                raise InputError(f"--phrases: {p!r} contains {bad!r}")
+            check_phrase(p, "--phrases")
         return names
     seen: dict[str, None] = {}
     for r in records:

@@ -95,6 +95,14 @@ def check_question(question: str, name: str = "question", regions: int = 0) -> N
         )
 
 
+def check_phrase(phrase: str, name: str) -> None:
+    """Refuse a phrase holding a routing or image token or a route separator (it would break the
+    answer's routes): an ``InputError`` naming ``name``."""
+    bad = next((t for t in PHRASE_FORBIDDEN if t in phrase), None)
+    if bad:
+        raise InputError(f"{name}: {phrase!r} contains {bad!r}")
+
+
 @dataclass
 class DetectionRecord:
     image: Path
@@ -134,9 +142,7 @@ def parse_detection_record(raw: Any, folder: Path, image_root: Path | None = Non
     if len(set(phrases)) != len(phrases):
         raise InputError("phrases: repeated phrase")
     for p in phrases:
-        bad = next((t for t in PHRASE_FORBIDDEN if t in p), None)
-        if bad:
-            raise InputError(f"phrases: {p!r} contains {bad!r}")
+        check_phrase(p, "phrases")
     missing = [p for p in found if p not in phrases]
     if missing:
         raise InputError(f"objects: phrase {missing[0]!r} is not among phrases")
