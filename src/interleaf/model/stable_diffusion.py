@@ -432,11 +432,9 @@ class SuperLinkDiffusion(nn.Module):
         }
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The super link's parameters, and the UNet's when the config trains it."""
-        params = [*self.emb_proj.parameters(), self.llm2sd_mapper_queries, *self.llm2sd_mapper.parameters()]
-        if self.config.trains_unet:
-            params += list(self.sd_unet.parameters())
-        return params
+        """The super link's parameters, and the UNet's when the config trains it (``__init__`` freezes
+        the rest)."""
+        return [p for p in self.parameters() if p.requires_grad]
 
     @property
     def vae_factor(self) -> int:

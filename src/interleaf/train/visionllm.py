@@ -692,9 +692,13 @@ def frozen_prefixes(model: VisionLLMv2Model) -> tuple[str, ...]:
     out: list[str] = []
     for name in DECODER_OF.values():
         module = getattr(model, name)
-        if module is not None:
-            out += [f"{name}.sd_vae.", f"{name}.sd_text_encoder."]
-            out += [] if module.config.trains_unet else [f"{name}.sd_unet."]
+        if module is not None:  # the parts the pipeline froze itself
+            parts = ("sd_vae", "sd_text_encoder", "sd_unet")
+            out += [
+                f"{name}.{part}."
+                for part in parts
+                if not any(p.requires_grad for p in getattr(module, part).parameters())
+            ]
     return tuple(out)
 
 
