@@ -333,7 +333,7 @@ def _visionllm_train(args: argparse.Namespace) -> int:
     summary = train_command(args.data, args.model, args.out, image_root=args.image_root, steps=args.steps,
                             batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
                             save_every=args.save_every, deterministic=args.deterministic,
-                            freeze=[p.strip() for p in args.freeze.split(",") if p.strip()],
+                            freeze=args.freeze,
                             lora_rank=args.lora_rank, lr_llm_multiplier=args.lr_llm_multiplier,
                             lr_backbone_multiplier=args.lr_backbone_multiplier,
                             grad_accum=args.grad_accum)  # fmt: skip
