@@ -84,21 +84,28 @@ def gray_video():
 
 
 @pytest.fixture
-def torchrun():
+def torchrun(tmp_path_factory):
     """Runs ``torchrun --standalone --nproc_per_node 2 -m interleaf.cli *args``. ``--standalone``
     picks a free rendezvous port: two xdist workers starting torchrun on the default port 29500 at
-    once joined each other's rendezvous, and a rank aborted."""
+    once joined each other's rendezvous, and a rank aborted. Each rank must also have freed its
+    process group by exit (tests/torchrun_probe lists the gloo threads still running then)."""
     import os
     import subprocess
     import sys
 
+    probe = Path(__file__).parent / "torchrun_probe"
+
     def run(*args: str) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        report = tmp_path_factory.mktemp("torchrun-probe")
+        path = os.pathsep.join(p for p in (str(probe), os.environ.get("PYTHONPATH")) if p)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "INTERLEAF_PROBE_DIR": str(report)}
         proc = subprocess.run(
             [*cmd, "-m", "interleaf.cli", *args], capture_output=True, text=True, env=env, timeout=240
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
+        left = {f"rank{r}": (report / f"rank{r}").read_text() for r in range(2)}
+        assert not any(left.values()), f"gloo threads alive at exit (process group not freed): {left}"
         return proc
 
     return run

@@ -500,14 +500,14 @@ def pretrain(cfg: LCLTrainConfig, log=print) -> dict[str, Any]:
 def _pretrain(cfg: LCLTrainConfig, log) -> dict[str, Any]:
     import torch.distributed as dist
 
-    from interleaf.train.trainer import dist_info, seed_everything, set_rng_state
+    from interleaf.train.trainer import dist_info, init_process_group, seed_everything, set_rng_state
 
     rank, world, local_rank = dist_info()
     kind = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     if kind == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no GPU is available")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+        init_process_group("nccl" if kind == "cuda" else "gloo")
     device = torch.device(f"cuda:{local_rank}" if kind == "cuda" else kind)
     if device.type == "cuda":  # NCCL's object collectives (the checkpoints' gathers) use the current device
         torch.cuda.set_device(device)

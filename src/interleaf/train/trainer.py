@@ -295,6 +295,21 @@ def dist_info() -> tuple[int, int, int]:
     )
 
 
+def init_process_group(backend: str) -> None:
+    """``torch.distributed.init_process_group(backend)``, with ``torch.distributed.nn`` imported first.
+
+    That module's functions take ``group=group.WORLD`` as a default argument, which binds the default
+    group itself when the module is imported after the group exists (building AdamW imports it, by
+    way of torch._dynamo). The group then outlives ``destroy_process_group``, and so do gloo's
+    threads, into interpreter exit, where a rank of a finished run sometimes aborted ('terminate
+    called without an active exception'). Imported before, those defaults are None.
+    """
+    import torch.distributed as dist
+    import torch.distributed.nn  # noqa: F401 - for its import-time defaults, above
+
+    dist.init_process_group(backend)
+
+
 def all_gather_object(obj: Any, world: int) -> list[Any]:
     """Every rank's ``obj``, in rank order (``[obj]`` outside torchrun)."""
     if world == 1:
@@ -426,8 +441,7 @@ class Trainer:
             import torch.distributed as dist
 
             if not dist.is_initialized():
-                backend = "nccl" if (cfg.device != "cpu" and torch.cuda.is_available()) else "gloo"
-                dist.init_process_group(backend)
+                init_process_group("nccl" if (cfg.device != "cpu" and torch.cuda.is_available()) else "gloo")
         self.device = self._device()
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -996,9 +1010,30 @@ class Trainer:
             # left to interpreter exit, gloo's worker threads go down with it and a rank of a finished
             # run sometimes aborted there (SIGABRT, 'terminate called without an active exception')
             self.step_module = self.raw_model = self.optimizer = self.scheduler = self.master = None
+            if self.cfg.distributed == "fsdp":
+                _clear_dtensor_caches()
             gc.collect()
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def _clear_dtensor_caches() -> None:
+    """Empty the module-level caches of DTensor (FSDP2's parameters): their entries hold the device
+    mesh, and so the process group, past ``destroy_process_group``. Names as in torch 2.13; a cache
+    another version lacks is skipped (the torchrun tests would show one it adds)."""
+    from torch.distributed.tensor import _collective_utils, _redistribute
+    from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+
+    _clear_sharding_prop_cache()
+    if hasattr(_redistribute, "clear_redistribute_planner_cache"):
+        _redistribute.clear_redistribute_planner_cache()
+    topo = getattr(_collective_utils, "MeshTopoInfo", None)
+    for cached in (
+        getattr(_redistribute, "_gen_transform_infos", None),
+        getattr(topo, "build_from_mesh", None),
+    ):
+        if hasattr(cached, "cache_clear"):
+            cached.cache_clear()
 
 
 class _Concat:

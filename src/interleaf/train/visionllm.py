@@ -67,7 +67,7 @@ from interleaf.model.visionllm import (
 )
 from interleaf.processing.image import load_image, preprocess_image, to_rgb
 from interleaf.processing.prompt import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
-from interleaf.train.trainer import all_gather_object, warmup_cosine
+from interleaf.train.trainer import all_gather_object, init_process_group, warmup_cosine
 
 DEFAULT_QUESTION = "Please detect {phrases} in the image."
 GEN_QUESTION = "Generate image with caption: {caption}."  # upstream's first prompt of each list
@@ -936,7 +936,7 @@ def _train_command(
             dev = torch.device("cuda", local_rank)
             torch.cuda.set_device(dev)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+            init_process_group("nccl" if dev.type == "cuda" else "gloo")
         dist.barrier()  # every rank has seen the folder as it was before rank 0 writes to it
     out.mkdir(parents=True, exist_ok=True)
     records, skipped = read_records(data, image_root)
