@@ -157,6 +157,10 @@ def test_eval_det_cli_writes_scores_and_resumes_without_asking_again(tmp_path, c
     again = json.loads(capsys.readouterr().out)
     assert again["asked"] == 4 and again["scores"] == summary["scores"]
     assert (tmp_path / "ev2" / "coco_results.json").read_text() == (out / "coco_results.json").read_text()
+    # an output folder inside the model's is not part of the model: a rerun asks nothing
+    inside = ["visionllm", "eval-det", str(init), str(tmp_path / "d.jsonl"), "-o", str(init / "ev")]
+    assert main([*inside, "--limit", "2"]) == 0 and json.loads(capsys.readouterr().out)["asked"] == 2
+    assert main(inside) == 0 and json.loads(capsys.readouterr().out)["asked"] == 2
 
 
 def test_eval_det_bad_input_is_one_line(tmp_path, capsys):

@@ -171,6 +171,22 @@ def test_fingerprint_reads_every_byte_of_every_file(tmp_path):
     assert directory_fingerprint(a) == before
 
 
+def test_output_inside_the_checkpoint_resumes(mini, tiny_ckpt, tmp_path):
+    # `-o CKPT/eval`: the run's own files are not the model, so a rerun still finds its answers
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, ckpt)
+    args = ("mmiu", str(mini["mmiu"]), ckpt / "eval")
+    first = runner.run(str(ckpt), *args, limit=2, max_new_tokens=4, progress=False)
+    assert first["run"] == {"cached": 0, "generated": 2, "failed": 0}
+    rest = runner.run(str(ckpt), *args, max_new_tokens=4, progress=False)
+    assert rest["run"] == {"cached": 2, "generated": 4, "failed": 0}
+    (ckpt / "config.json").write_text((ckpt / "config.json").read_text() + "\n")  # the model's files count
+    again = runner.run(str(ckpt), *args, limit=1, max_new_tokens=4, progress=False)
+    assert again["run"]["generated"] == 1
+
+
 def test_dtype_and_device_kind_are_in_the_resume_key(mini, tiny_ckpt, tiny_ckpt_hf):
     import torch
 

@@ -69,16 +69,21 @@ class Adapter:
 # --------------------------------------------------------------------------------------------
 
 
-def directory_fingerprint(path: str | os.PathLike) -> str:
+def directory_fingerprint(path: str | os.PathLike, exclude: str | os.PathLike | None = None) -> str:
     """SHA-256 over every file below ``path`` (subfolders too): relative path + xxh3-128 of its
     full content. Sampling parts of the weights let checkpoints that differ only in the middle of
     a file (a stage that trains a few layers) share resume keys, so every byte is read. Hidden
-    entries (``.git``, the hub's ``.cache``) are skipped: they change without the model changing."""
+    entries (``.git``, the hub's ``.cache``) are skipped: they change without the model changing,
+    and so is ``exclude``, a run's output folder placed inside the model's (its answers change as
+    they come)."""
     root = Path(path)
+    skip = Path(exclude).resolve() if exclude is not None else None
     h = hashlib.sha256()
     files = (p for p in root.rglob("*") if p.is_file())
     for rel, f in sorted((f.relative_to(root), f) for f in files):
         if any(part.startswith(".") for part in rel.parts):
+            continue
+        if skip is not None and f.resolve().is_relative_to(skip):
             continue
         h.update(rel.as_posix().encode() + b"\0" + file_digest(f).encode() + b"\n")
     return h.hexdigest()
@@ -104,12 +109,19 @@ class InterleafAdapter(Adapter):
 
     batched = True
 
-    def __init__(self, path: str, device: str = "cpu", dtype: Any = None, chat_model: Any = None):
+    def __init__(
+        self,
+        path: str,
+        device: str = "cpu",
+        dtype: Any = None,
+        chat_model: Any = None,
+        exclude: str | os.PathLike | None = None,
+    ):
         if chat_model is None and not Path(path).is_dir():
             raise InputError(f"{path}: not a checkpoint directory")
         self.path = path
         self.name = Path(path).resolve().name
-        self.fingerprint = "interleaf:" + directory_fingerprint(path)
+        self.fingerprint = "interleaf:" + directory_fingerprint(path, exclude)
         self.device, self.dtype = device, dtype
         self._chat_model = chat_model  # loaded on first use: a fully cached rerun never loads weights
         # ChatModel.generate_batch's prefill: auto (rows on CPU, else padded) | rows | padded
@@ -237,12 +249,19 @@ class HFAdapter(Adapter):
     ``InterleafAdapter`` (the ``-hf`` directories interleaf writes carry no processor config).
     """
 
-    def __init__(self, path: str, device: str = "cpu", template: str | None = None, dtype: Any = None):
+    def __init__(
+        self,
+        path: str,
+        device: str = "cpu",
+        template: str | None = None,
+        dtype: Any = None,
+        exclude: str | os.PathLike | None = None,
+    ):
         if not Path(path).is_dir():
             raise InputError(f"{path}: not a checkpoint directory")
         self.path = path
         self.name = Path(path).resolve().name
-        self.fingerprint = "hf:" + directory_fingerprint(path)
+        self.fingerprint = "hf:" + directory_fingerprint(path, exclude)
         self.device, self.dtype = device, dtype
         cfg = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
         extra = cfg.get("interleaf") or {}
@@ -385,11 +404,17 @@ def make_judge(spec: str, timeout: float = 60.0, retries: int = 3):
 
 
 def make_adapter(
-    spec: str, device: str = "cpu", concurrency: int = 8, timeout: float = 60.0, retries: int = 3
+    spec: str,
+    device: str = "cpu",
+    concurrency: int = 8,
+    timeout: float = 60.0,
+    retries: int = 3,
+    output_dir: str | os.PathLike | None = None,
 ) -> Adapter:
-    """``openai:URL#MODEL`` | ``hf:PATH`` | an interleaf checkpoint directory."""
+    """``openai:URL#MODEL`` | ``hf:PATH`` | an interleaf checkpoint directory. ``output_dir`` (the
+    run's) is left out of a checkpoint's fingerprint, should it lie inside the checkpoint."""
     if spec.startswith("openai:"):
         return OpenAIAdapter(spec, concurrency=concurrency, timeout=timeout, retries=retries)
     if spec.startswith("hf:"):
-        return HFAdapter(spec[3:], device=device)
-    return InterleafAdapter(spec, device=device)
+        return HFAdapter(spec[3:], device=device, exclude=output_dir)
+    return InterleafAdapter(spec, device=device, exclude=output_dir)

@@ -202,7 +202,7 @@ def evaluate_detection(
     model.eval()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    fingerprint = directory_fingerprint(model_dir)
+    fingerprint = directory_fingerprint(model_dir, exclude=out)
     detections: list[list[dict[str, Any]]] = []
     sizes: list[tuple[int, int]] = []
     asked = 0

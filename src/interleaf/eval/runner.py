@@ -290,7 +290,9 @@ def run(
     if not items:
         raise InputError(f"{data}: no samples")
     adapter = (
-        model if isinstance(model, Adapter) else make_adapter(model, device, concurrency, timeout, retries)
+        model
+        if isinstance(model, Adapter)
+        else make_adapter(model, device, concurrency, timeout, retries, out)
     )
     out.mkdir(parents=True, exist_ok=True)  # only once the data and model are known good: no empty OUT
     with ResponseStore(out / "responses.sqlite") as store:
