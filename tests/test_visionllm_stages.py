@@ -104,6 +104,26 @@ def test_lora_trains_low_rank_updates_of_upstreams_targets_and_saves_them_merged
     assert (tmp / "l22" / "model.safetensors").read_bytes() == (tmp / "l4" / "model.safetensors").read_bytes()
 
 
+def test_lora_on_internlm2_wraps_the_fused_projections_as_upstream(tmp_path):
+    # InternLM2 fuses q, k and v into one wqkv: one adapter for it, as peft on upstream's wqkv
+    _write(tmp_path / "d.jsonl", squares(tmp_path, 2, seed=5, size=112))
+    init, out = tmp_path / "init", tmp_path / "l2"
+    assert main(["visionllm", "init", "-o", str(init), "--preset", "tiny-internlm2", "--image-size", "112",
+                 "--max-tiles", "1"]) == 0  # fmt: skip
+    assert main(["visionllm", "train", str(tmp_path / "d.jsonl"), "--model", str(init), "--lr", "1e-3",
+                 "--device", "cpu", "--lora-rank", "2", "--steps", "2", "-o", str(out)]) == 0  # fmt: skip
+    before, after = _weights(init), _weights(out)
+    assert before.keys() == after.keys()
+    layer = "language_model.model.layers.0."
+    for name in ("attention.wqkv", "attention.wo", "feed_forward.w3", "feed_forward.w2"):  # q k v, o, up, down
+        delta = after[layer + name + ".weight"] - before[layer + name + ".weight"]
+        assert 0 < torch.linalg.matrix_rank(delta, rtol=1e-4) <= 2, name
+    for name in ("feed_forward.w1.weight", "attention_norm.weight"):  # the gate, and the rest: frozen
+        assert torch.equal(before[layer + name], after[layer + name]), name
+    for name in ("language_model.model.tok_embeddings.weight", "language_model.output.weight"):
+        assert not torch.equal(before[name], after[name]), name
+
+
 def test_rate_multipliers_change_training_and_must_match_on_resume(det_run, capsys):
     tmp, args = det_run
     slow = ["--lr-llm-multiplier", "0.1", "--lr-backbone-multiplier", "0.1"]
