@@ -13,9 +13,16 @@ import os
 from pathlib import Path
 
 
+def _thread_name(task: Path) -> str:
+    try:
+        return (task / "comm").read_text().strip()
+    except OSError:  # the thread ended since the folder was listed
+        return ""
+
+
 def _write_gloo_threads() -> None:
     tasks = Path("/proc/self/task")
-    names = [(t / "comm").read_text().strip() for t in tasks.iterdir()] if tasks.is_dir() else []
+    names = [_thread_name(t) for t in tasks.iterdir()] if tasks.is_dir() else []
     gloo = [n for n in names if "gloo" in n]
     Path(os.environ["INTERLEAF_PROBE_DIR"], f"rank{os.environ['RANK']}").write_text(" ".join(gloo))
 
