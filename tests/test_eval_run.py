@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from interleaf.cli import main
+from interleaf.errors import InputError
 from interleaf.eval import mmniah, runner
 from interleaf.eval.adapters import InterleafAdapter
 from interleaf.eval.mini import make_mini_mmiu, make_mini_mmniah
@@ -185,6 +186,9 @@ def test_output_inside_the_checkpoint_resumes(mini, tiny_ckpt, tmp_path):
     (ckpt / "config.json").write_text((ckpt / "config.json").read_text() + "\n")  # the model's files count
     again = runner.run(str(ckpt), *args, limit=1, max_new_tokens=4, progress=False)
     assert again["run"]["generated"] == 1
+    # the model's folder itself as the output: nothing would be left to fingerprint
+    with pytest.raises(InputError, match="the output folder is the model's folder"):
+        runner.run(str(ckpt), "mmiu", str(mini["mmiu"]), ckpt, limit=1, progress=False)
 
 
 def test_dtype_and_device_kind_are_in_the_resume_key(mini, tiny_ckpt, tiny_ckpt_hf):

@@ -75,9 +75,11 @@ def directory_fingerprint(path: str | os.PathLike, exclude: str | os.PathLike | 
     a file (a stage that trains a few layers) share resume keys, so every byte is read. Hidden
     entries (``.git``, the hub's ``.cache``) are skipped: they change without the model changing,
     and so is ``exclude``, a run's output folder placed inside the model's (its answers change as
-    they come)."""
+    they come); the model's folder itself is refused as that."""
     root = Path(path)
     skip = Path(exclude).resolve() if exclude is not None else None
+    if skip is not None and skip == root.resolve():
+        raise InputError(f"{exclude}: the output folder is the model's folder; give -o a folder of its own")
     h = hashlib.sha256()
     files = (p for p in root.rglob("*") if p.is_file())
     for rel, f in sorted((f.relative_to(root), f) for f in files):
