@@ -66,6 +66,14 @@ from interleaf.train.data import (
     read_corpus_rows,
     row_id,
 )
+from interleaf.train.trainer import (
+    dist_info,
+    ending_process_group,
+    init_process_group,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 
 _CLIP_NAMES = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
 
@@ -480,27 +488,10 @@ def _checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
+@ending_process_group()
 def pretrain(cfg: LCLTrainConfig, log=print) -> dict[str, Any]:
     """Train (or resume) an LCL model; returns a summary with the final model folder."""
     import torch.distributed as dist
-
-    started_group = not dist.is_initialized()
-    try:
-        return _pretrain(cfg, log)
-    finally:
-        if started_group and dist.is_initialized():
-            import gc
-
-            # end gloo's threads while the interpreter is whole: left to exit, a rank of a finished run
-            # can abort ('terminate called without an active exception'), as the trainer found
-            gc.collect()
-            dist.destroy_process_group()
-
-
-def _pretrain(cfg: LCLTrainConfig, log) -> dict[str, Any]:
-    import torch.distributed as dist
-
-    from interleaf.train.trainer import dist_info, init_process_group, seed_everything, set_rng_state
 
     rank, world, local_rank = dist_info()
     kind = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
@@ -633,8 +624,6 @@ def _pretrain(cfg: LCLTrainConfig, log) -> dict[str, Any]:
 
 def _save(model, optimizer, order, skips, step, out, tok, cfg, rank, world) -> None:
     import torch.distributed as dist
-
-    from interleaf.train.trainer import rng_state
 
     orders, rngs, counts = [order.state()], [rng_state()], [dict(skips.counts)]
     if world > 1:

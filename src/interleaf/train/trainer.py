@@ -27,6 +27,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from functools import partial
@@ -308,6 +309,24 @@ def init_process_group(backend: str) -> None:
     import torch.distributed.nn  # noqa: F401 - for its import-time defaults, above
 
     dist.init_process_group(backend)
+
+
+@contextmanager
+def ending_process_group() -> Iterator[None]:
+    """A process group started inside the block (or the decorated call: ``@ending_process_group()``)
+    is destroyed when it ends, after a garbage collection, so that gloo's threads end while the
+    interpreter is whole (see :func:`init_process_group`); one that existed before is its owner's."""
+    import gc
+
+    import torch.distributed as dist
+
+    started = not dist.is_initialized()
+    try:
+        yield
+    finally:
+        if started and dist.is_initialized():
+            gc.collect()
+            dist.destroy_process_group()
 
 
 def all_gather_object(obj: Any, world: int) -> list[Any]:

@@ -67,7 +67,13 @@ from interleaf.model.visionllm import (
 )
 from interleaf.processing.image import load_image, preprocess_image, to_rgb
 from interleaf.processing.prompt import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
-from interleaf.train.trainer import all_gather_object, init_process_group, warmup_cosine
+from interleaf.train.trainer import (
+    all_gather_object,
+    dist_info,
+    ending_process_group,
+    init_process_group,
+    warmup_cosine,
+)
 
 DEFAULT_QUESTION = "Please detect {phrases} in the image."
 GEN_QUESTION = "Generate image with caption: {caption}."  # upstream's first prompt of each list
@@ -798,6 +804,7 @@ def deterministic_algorithms(on: bool = True) -> Iterator[None]:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
+@ending_process_group()
 def train_command(
     data: str | Path,
     model_dir: str | Path,
@@ -835,39 +842,6 @@ def train_command(
     Under torchrun each process trains on its slices of every step's batch (``batch_size`` per
     process and micro-batch) on its own GPU (``cuda:LOCAL_RANK``) or the CPU, with gradients averaged
     over the ranks; rank 0 writes the files. A resume must use the same number of processes."""
-    import torch.distributed as dist
-
-    started = not dist.is_initialized()
-    try:
-        return _train_command(data, model_dir, out, image_root, steps, batch_size, lr, seed, device, save_every,
-                              deterministic, freeze, lora_rank, lr_llm_multiplier, lr_backbone_multiplier,
-                              grad_accum)  # fmt: skip
-    finally:
-        if started and dist.is_initialized():
-            import gc
-
-            gc.collect()  # gloo's threads end while the interpreter is whole (as the trainer found)
-            dist.destroy_process_group()
-
-
-def _train_command(
-    data: str | Path,
-    model_dir: str | Path,
-    out: str | Path,
-    image_root: str | Path | None,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    device: str,
-    save_every: int,
-    deterministic: bool,
-    freeze: list[str] | str | None,
-    lora_rank: int,
-    lr_llm_multiplier: float,
-    lr_backbone_multiplier: float,
-    grad_accum: int,
-) -> str:
     import os
 
     import torch.distributed as dist
@@ -876,7 +850,6 @@ def _train_command(
     from interleaf.files import jsonl_text, replace_text
     from interleaf.model.visionllm import load_visionllm, save_visionllm
     from interleaf.train.lora import merge_lora
-    from interleaf.train.trainer import dist_info
 
     check_minimums(
         ("--steps", steps, 1),
