@@ -67,6 +67,7 @@ from interleaf.train.data import (
     row_id,
 )
 from interleaf.train.trainer import (
+    all_gather_object,
     dist_info,
     ending_process_group,
     init_process_group,
@@ -625,12 +626,9 @@ def pretrain(cfg: LCLTrainConfig, log=print) -> dict[str, Any]:
 def _save(model, optimizer, order, skips, step, out, tok, cfg, rank, world) -> None:
     import torch.distributed as dist
 
-    orders, rngs, counts = [order.state()], [rng_state()], [dict(skips.counts)]
-    if world > 1:
-        orders, rngs, counts = ([None] * world, [None] * world, [None] * world)
-        dist.all_gather_object(orders, order.state())
-        dist.all_gather_object(rngs, rng_state())
-        dist.all_gather_object(counts, dict(skips.counts))
+    orders = all_gather_object(order.state(), world)
+    rngs = all_gather_object(rng_state(), world)
+    counts = all_gather_object(dict(skips.counts), world)
     if rank == 0:
         final = out / f"checkpoint-{step}"
         tmp = out / f"checkpoint-{step}.tmp"
