@@ -132,14 +132,19 @@ def detect_categories(
     from transformers.image_transforms import center_to_corners_format
 
     from interleaf.model.visionllm import detector_inputs
-    from interleaf.train.visionllm import DEFAULT_QUESTION, answer_text, pad_examples, prompt_example
+    from interleaf.train.visionllm import (
+        DEFAULT_QUESTION,
+        answer_text,
+        pad_examples,
+        pad_token_id,
+        prompt_example,
+    )
 
     question = DEFAULT_QUESTION.format(phrases=", ".join(categories))
     example = prompt_example(
         model, tokenizer, question, image, answer_text(categories, "det", model.link.num_embs)
     )
-    pad = model.config.llm.pad_token_id if model.config.llm.pad_token_id is not None else 0
-    batch = pad_examples([example], pad)
+    batch = pad_examples([example], pad_token_id(model))
     batch.pop("labels")
     det_pixels, det_mask = detector_inputs([image], model.link.detector_size)
     device, dtype = model.device, next(model.parameters()).dtype

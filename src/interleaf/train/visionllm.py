@@ -379,6 +379,12 @@ def encode_generation(model: VisionLLMv2Model, tokenizer: Any, record: Generatio
     return example
 
 
+def pad_token_id(model: VisionLLMv2Model) -> int:
+    """The id that pads the LLM's input (0 where its config names none)."""
+    pad = model.config.llm.pad_token_id
+    return pad if pad is not None else 0
+
+
 def pad_examples(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     """Right-padded ids, labels and attention mask; the examples' tiles concatenated (None if none)."""
     width = max(len(e["input_ids"]) for e in examples)
@@ -492,7 +498,7 @@ def train_visionllm(
     missing = next(filter(None, (missing_tool(model, r) for r in records)), None)
     if missing:
         raise InputError(f"train: {missing}")
-    pad = model.config.llm.pad_token_id if model.config.llm.pad_token_id is not None else 0
+    pad = pad_token_id(model)
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
     rank, world = _rank_world()
@@ -647,6 +653,12 @@ FREEZE_PARTS = ("vision", "bridge", "llm", "region", "queries", "backbone", "gdi
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
 
 
+def check_part(part: str) -> None:
+    """A ``ConfigError`` for a name that is none of :data:`FREEZE_PARTS`."""
+    if part not in FREEZE_PARTS:
+        raise ConfigError(f"--freeze: unknown part {part!r} (parts: {', '.join(FREEZE_PARTS)})")
+
+
 def part_prefixes(model: VisionLLMv2Model, part: str) -> tuple[str, ...]:
     """The parameter-name prefixes of one ``--freeze`` part; a part the model lacks is an error."""
     fixed = {"vision": ("vision_model.",), "bridge": ("mlp1.",), "llm": ("language_model.",),
@@ -660,8 +672,7 @@ def part_prefixes(model: VisionLLMv2Model, part: str) -> tuple[str, ...]:
         if not found:
             raise ConfigError("--freeze backbone: the model has no tool with a backbone (gdino)")
         return tuple(sorted(found))
-    if part not in FREEZE_PARTS:
-        raise ConfigError(f"--freeze: unknown part {part!r} (parts: {', '.join(FREEZE_PARTS)})")
+    check_part(part)
     attr = "region_encoder" if part == "region" else part
     if getattr(model, attr) is None:
         raise ConfigError(f"--freeze {part}: the model has no {attr}")
@@ -864,9 +875,8 @@ def train_command(
     if isinstance(freeze, str):  # "vision,llm" from Python, as the CLI takes it
         freeze = freeze.split(",")
     freeze = sorted({p.strip() for p in freeze or [] if p.strip()})
-    unknown = [p for p in freeze if p not in FREEZE_PARTS]
-    if unknown:
-        raise ConfigError(f"--freeze: unknown part {unknown[0]!r} (parts: {', '.join(FREEZE_PARTS)})")
+    for part in freeze:  # before the model loads
+        check_part(part)
     if lora_rank and "llm" in freeze:
         raise ConfigError("--lora-rank: LoRA trains the LLM, which --freeze llm keeps as it is")
     out = Path(out)
