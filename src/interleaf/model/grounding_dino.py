@@ -20,10 +20,10 @@ transformers' outputs exactly (checked in the tests).
 
 Departures from the official OV-GDINO of VisionLLM v2 (``OVGroundingDinoForObjectDetection``):
 
-* no mask head (boxes only) and no denoising queries;
-* the loss is transformers' ``GroundingDinoForObjectDetectionLoss`` (Hungarian matching, focal
-  class loss over route tokens, L1 + GIoU box losses, optional auxiliary and two-stage encoder terms),
-  not the official criterion;
+* no denoising queries;
+* the class and box loss is transformers' ``GroundingDinoForObjectDetectionLoss`` (Hungarian
+  matching, focal class loss over route tokens, L1 + GIoU box losses, optional auxiliary and
+  two-stage encoder terms), not the official criterion;
 * padded route tokens are zeroed before the encoder, so what sits in a padded query slot never
   changes any output (transformers' bi-attention subtracts a batch-wide max, which would otherwise
   let padded values perturb the results at rounding level);
@@ -31,6 +31,22 @@ Departures from the official OV-GDINO of VisionLLM v2 (``OVGroundingDinoForObjec
   5.x fails to initialise them; ``two_stage=True, embedding_init_target=False`` (decoder targets
   gathered from the top-k encoder proposals) and ``two_stage=False, embedding_init_target=False`` run
   here, where transformers' own forward fails.
+
+**Masks** (the ``[SEG]`` route), with ``config.mask_dim`` > 0, as the official mask head
+(Mask DINO's, ``modeling_ov_grounding_dino_mask_dn.py``): the backbone's finest output level (stride
+4 for Swin with ``out_indices`` from 1) feeds only the masks, the others the transformer as before::
+
+    finest backbone map --lateral_convs[0] (1x1 conv + GN)--+ bilinear(encoder memory, level 0)
+        --output_convs[0] (3x3 conv + GN + ReLU)--mask_features (1x1 conv)--> F [B, mask_dim, h, w]
+    decoder layer l: mask_embed[l](hidden [B, Q, d]) -> E [B, Q, mask_dim]  (one MLP for all layers)
+    mask logits [B, Q, h, w] = E . F  (einsum over mask_dim)
+
+trained with Mask2Former's loss on the Hungarian pairs of the box matching (the official matcher's
+mask costs are commented out): sigmoid cross-entropy + dice on 12,544 points sampled by uncertainty,
+weights ``mask_weight`` / ``dice_weight`` (5 and 5, as VisionLLM v2 trains), on every decoder layer
+with ``auxiliary_loss`` and on the two-stage proposals (``model.mask_embed``). Post-processing
+upsamples a kept query's logits by the stride, crops the padding, resizes to the image and keeps
+``sigmoid > 0.5``, as the official ``post_process_instseg_gdino``.
 """
 
 from __future__ import annotations
@@ -40,10 +56,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, GroundingDinoConfig, GroundingDinoForObjectDetection, SwinConfig
 from transformers.image_transforms import center_to_corners_format
-from transformers.loss.loss_grounding_dino import GroundingDinoForObjectDetectionLoss
+from transformers.loss.loss_grounding_dino import (
+    GroundingDinoForObjectDetectionLoss,
+    GroundingDinoHungarianMatcher,
+)
+from transformers.models.grounding_dino.modeling_grounding_dino import GroundingDinoMLPPredictionHead
+from transformers.models.mask2former.modeling_mask2former import (
+    dice_loss,
+    sample_point,
+    sigmoid_cross_entropy_loss,
+)
 
 __all__ = [
     "PatchToQuery",
@@ -51,8 +77,19 @@ __all__ = [
     "SuperLinkGroundingDino",
     "TextDetectionOutput",
     "build_grounding_dino",
+    "point_mask_losses",
     "tiny_grounding_dino_config",
 ]
+
+# the mask settings VisionLLM v2 trains with (train.py sets them on the Grounding DINO config) and
+# Mask2Former's point sampling; a config may override each
+MASK_DEFAULTS = {
+    "mask_weight": 5.0,
+    "dice_weight": 5.0,
+    "mask_num_points": 112 * 112,
+    "mask_oversample_ratio": 3.0,
+    "mask_importance_sample_ratio": 0.75,
+}
 
 
 def tiny_grounding_dino_config(**overrides: object) -> GroundingDinoConfig:
@@ -73,7 +110,7 @@ def tiny_grounding_dino_config(**overrides: object) -> GroundingDinoConfig:
         mlp_ratio=2.0,
         drop_path_rate=0.0,
         out_features=None,
-        out_indices=[2, 3, 4],
+        out_indices=[1, 2, 3, 4] if overrides.get("mask_dim") else [2, 3, 4],
     )
     # vocab above 1029 so the special token ids Grounding DINO knows ([CLS] 101, [SEP] 102, '.' 1012) exist
     text = BertConfig(
@@ -135,6 +172,11 @@ class TextDetectionOutput:
     [B, Q, 4]; ``outputs_class`` [L, B, Q, max_text_len] and ``outputs_coord`` [L, B, Q, 4] per decoder
     layer; ``encoder_logits`` / ``encoder_pred_boxes`` the two-stage top-k proposals (None without two
     stage); ``enc_outputs_class`` / ``enc_outputs_coord_logits`` the per-pixel ones.
+
+    With a mask head: ``mask_features`` [B, mask_dim, h, w] (stride ``mask_stride`` to the padded
+    input), ``mask_embeddings`` [L, B, Q, mask_dim] per decoder layer, ``encoder_mask_embeddings``
+    [B, Q, mask_dim] of the two-stage proposals; mask logits are their products (:func:`mask_logits`).
+    ``input_sizes``: each image's (height, width) inside the padded input of ``padded_size``.
     """
 
     logits: torch.Tensor
@@ -150,13 +192,25 @@ class TextDetectionOutput:
     encoder_pred_boxes: torch.Tensor | None = None
     enc_outputs_class: torch.Tensor | None = None
     enc_outputs_coord_logits: torch.Tensor | None = None
+    mask_features: torch.Tensor | None = None
+    mask_embeddings: torch.Tensor | None = None
+    encoder_mask_embeddings: torch.Tensor | None = None
+    mask_stride: int | None = None
+    input_sizes: list[tuple[int, int]] | None = None
+    padded_size: tuple[int, int] | None = None
+
+
+def mask_logits(embeddings: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Mask logits of queries: embeddings [B, Q, C] . features [B, C, h, w] -> [B, Q, h, w]."""
+    return torch.einsum("bqc,bchw->bqhw", embeddings, features)
 
 
 @dataclass
 class SuperLinkDetectionOutput:
     """``forward``'s result. ``logits`` [B, Q, R] (``-inf`` at padded routes), ``pred_boxes`` [B, Q, 4]
     normalised cxcywh, ``encoder_logits`` [B, Q, R] (two stage only); ``loss`` / ``loss_dict`` when
-    labels were given; ``detection`` the full ``TextDetectionOutput``."""
+    labels were given; ``detection`` the full ``TextDetectionOutput`` (its mask embeddings and
+    features, with a mask head; ``pred_masks()`` multiplies out the last layer's)."""
 
     logits: torch.Tensor
     pred_boxes: torch.Tensor
@@ -166,6 +220,57 @@ class SuperLinkDetectionOutput:
     encoder_pred_boxes: torch.Tensor | None = None
     loss: torch.Tensor | None = None
     loss_dict: dict[str, torch.Tensor] | None = None
+
+    def pred_masks(self) -> torch.Tensor | None:
+        """The last decoder layer's mask logits [B, Q, h, w] (None without a mask head)."""
+        d = self.detection
+        return None if d.mask_features is None else mask_logits(d.mask_embeddings[-1], d.mask_features)
+
+
+class ConvNorm(nn.Conv2d):
+    """detectron2's ``Conv2d`` with ``norm="GN"`` as the official pixel decoder builds it: a conv
+    without bias, GroupNorm(32) (``norm``), then ReLU if asked (names ``weight``, ``norm.*``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, relu: bool = False) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
+        self.norm = nn.GroupNorm(32, out_channels)
+        self.relu = relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(super().forward(x))
+        return torch.relu(x) if self.relu else x
+
+
+def point_mask_losses(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    num_masks: float,
+    num_points: int = MASK_DEFAULTS["mask_num_points"],
+    oversample_ratio: float = MASK_DEFAULTS["mask_oversample_ratio"],
+    importance_sample_ratio: float = MASK_DEFAULTS["mask_importance_sample_ratio"],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask2Former's mask losses (the official OV-GDINO's ``loss_masks``): pred [n, h, w] logits and
+    target [n, H, W] in {0, 1} over the same (padded) frame, compared at ``num_points`` points per
+    mask in [0, 1]^2: ``importance_sample_ratio`` of them the most uncertain (|logit| smallest) of
+    ``oversample_ratio`` x as many random ones, the rest random. Returns (sigmoid cross-entropy,
+    dice), each summed over masks and divided by ``num_masks``. Draws from the global RNG."""
+    pred, target = pred[:, None], target[:, None].to(pred.dtype)
+    n = pred.shape[0]
+    with torch.no_grad():
+        sampled = int(num_points * oversample_ratio)
+        coords = torch.rand(n, sampled, 2, device=pred.device)
+        uncertainty = -sample_point(pred, coords, align_corners=False).abs()
+        num_uncertain = int(importance_sample_ratio * num_points)
+        idx = torch.topk(uncertainty[:, 0, :], k=num_uncertain, dim=1)[1]
+        idx = idx + sampled * torch.arange(n, device=pred.device)[:, None]
+        coords = coords.view(-1, 2)[idx.view(-1), :].view(n, num_uncertain, 2)
+        if num_points > num_uncertain:
+            coords = torch.cat(
+                [coords, torch.rand(n, num_points - num_uncertain, 2, device=pred.device)], dim=1
+            )
+        labels = sample_point(target, coords, align_corners=False).squeeze(1)
+    logits = sample_point(pred, coords, align_corners=False).squeeze(1)
+    return sigmoid_cross_entropy_loss(logits, labels, num_masks), dice_loss(logits, labels, num_masks)
 
 
 def build_grounding_dino(config: GroundingDinoConfig) -> GroundingDinoForObjectDetection:
@@ -214,7 +319,9 @@ class SuperLinkGroundingDino(nn.Module):
 
     ``self.gdino`` is a ``GroundingDinoForObjectDetection`` without ``model.text_backbone`` and
     ``model.text_projection`` (so its state dict has the checkpoint's names minus the text encoder);
-    ``self.patch2query`` maps the LLM's hidden size to ``d_model``.
+    ``self.patch2query`` maps the LLM's hidden size to ``d_model``. ``config.mask_dim`` > 0 adds the
+    official mask head (module docstring): ``model.lateral_convs``, ``model.output_convs``,
+    ``model.mask_features``, ``model.mask_embed`` (two-stage proposals) and ``mask_embed`` (decoder).
     """
 
     def __init__(self, config: GroundingDinoConfig, llm_hidden_size: int) -> None:
@@ -227,6 +334,49 @@ class SuperLinkGroundingDino(nn.Module):
         del self.gdino.model.text_projection
         self.config = self.gdino.config
         self.patch2query = PatchToQuery(llm_hidden_size, config.d_model)
+        self.mask_dim = int(getattr(config, "mask_dim", 0) or 0)
+        if self.mask_dim:
+            for key, value in MASK_DEFAULTS.items():
+                if not hasattr(self.config, key):
+                    setattr(self.config, key, value)
+            self._add_mask_head()
+
+    def _add_mask_head(self) -> None:
+        """The official mask head. The finest backbone level is the pixel decoder's alone, so the
+        transformer's input projections are rebuilt (as transformers builds them) for the others."""
+        model, config, d = self.gdino.model, self.gdino.config, self.gdino.config.d_model
+        channels = list(model.backbone.conv_encoder.intermediate_channel_sizes)
+        if len(channels) < 2 or config.num_feature_levels < 2:
+            raise ValueError(
+                "mask_dim needs a backbone with at least two output levels (the finest is the masks') "
+                f"and num_feature_levels >= 2; got {len(channels)} backbone levels, "
+                f"num_feature_levels={config.num_feature_levels}"
+            )
+        projections = [
+            nn.Sequential(nn.Conv2d(c, d, kernel_size=1), nn.GroupNorm(32, d)) for c in channels[1:]
+        ]
+        in_channels = channels[-1]
+        for _ in range(config.num_feature_levels - len(projections)):
+            projections.append(
+                nn.Sequential(
+                    nn.Conv2d(in_channels, d, kernel_size=3, stride=2, padding=1), nn.GroupNorm(32, d)
+                )
+            )
+            in_channels = d
+        model.input_proj_vision = nn.ModuleList(projections)
+        model.lateral_convs = nn.ModuleList([ConvNorm(channels[0], d, 1)])
+        model.output_convs = nn.ModuleList([ConvNorm(d, d, 3, relu=True)])
+        model.mask_features = nn.Conv2d(d, self.mask_dim, kernel_size=1)
+        model.mask_embed = GroundingDinoMLPPredictionHead(d, d, self.mask_dim, 3)
+        head = GroundingDinoMLPPredictionHead(d, d, self.mask_dim, 3)
+        self.gdino.mask_embed = nn.ModuleList([head for _ in range(config.decoder_layers)])
+        new = [model.input_proj_vision, model.lateral_convs, model.output_convs, model.mask_features,
+               model.mask_embed, self.gdino.mask_embed]  # fmt: skip
+        # transformers' init, as for the rest of the detector; for the mask modules it is what the
+        # official head starts from when VisionLLM v2 loads a pretrained Grounding DINO without them
+        # (the mask MLPs' last layers at zero)
+        for module in new:
+            module.apply(self.gdino._init_weights)  # children first, as a model's own init runs
 
     # ------------------------------------------------------------------ text side
 
@@ -293,6 +443,10 @@ class SuperLinkGroundingDino(nn.Module):
 
         # multi-scale backbone features and their masks (True = real pixel)
         vision_features, position_embeddings_list = model.backbone(pixel_values, pixel_mask)
+        finest = None
+        if self.mask_dim:  # the finest level is the pixel decoder's alone
+            finest = vision_features[0][0]
+            vision_features, position_embeddings_list = vision_features[1:], position_embeddings_list[1:]
         feature_maps = []
         masks = []
         for level, (source, mask) in enumerate(vision_features):
@@ -357,11 +511,20 @@ class SuperLinkGroundingDino(nn.Module):
         )
         vision_memory = encoder_outputs.last_hidden_state_vision
         text_memory = encoder_outputs.last_hidden_state_text
+        mask_features = None
+        if finest is not None:
+            # the encoder's finest level, upsampled onto the finest backbone map (official pixel decoder)
+            h0, w0 = spatial_shapes_list[0]
+            level0 = vision_memory[:, : h0 * w0].transpose(1, 2).reshape(batch_size, -1, h0, w0)
+            lateral = model.lateral_convs[0](finest)
+            up = F.interpolate(level0.float(), size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+            mask_features = model.mask_features(model.output_convs[0](lateral + up.to(lateral.dtype)))
 
         enc_outputs_class = None
         enc_outputs_coord_logits = None
         encoder_logits = None
         encoder_pred_boxes = None
+        encoder_mask_embeddings = None
         if config.two_stage:
             # every pixel is a proposal; the num_queries best (max over text tokens) seed the decoder
             object_query_embedding, output_proposals = model.generate_encoder_output_proposals(
@@ -381,10 +544,15 @@ class SuperLinkGroundingDino(nn.Module):
             init_reference_points = reference_points
             if query_embeds is not None:
                 target = query_embeds.unsqueeze(0).repeat(batch_size, 1, 1)
+                if mask_features is not None:
+                    encoder_mask_embeddings = model.mask_embed(target)
             else:
                 target = torch.gather(
                     object_query_embedding, 1, topk_proposals.unsqueeze(-1).repeat(1, 1, config.d_model)
-                ).detach()
+                )
+                if mask_features is not None:  # the official head reads the proposals before the detach
+                    encoder_mask_embeddings = model.mask_embed(target)
+                target = target.detach()
             encoder_pred_boxes = reference_points
             # transformers scores these against the text features *before* the encoder; so do we
             encoder_logits = model.encoder_output_class_embed(target, text_features, text_token_mask)
@@ -435,6 +603,17 @@ class SuperLinkGroundingDino(nn.Module):
             outputs_coords.append(coord_logits.sigmoid())
         outputs_class = torch.stack(outputs_classes)
         outputs_coord = torch.stack(outputs_coords)
+        mask_embeddings = mask_stride = input_sizes = None
+        if mask_features is not None:
+            mask_embeddings = torch.stack(
+                [
+                    self.gdino.mask_embed[level](hidden_states[:, level])
+                    for level in range(hidden_states.shape[1])
+                ]
+            )
+            mask_stride = round(height / finest.shape[-2])
+            real = pixel_mask.bool()
+            input_sizes = list(zip(real.any(dim=2).sum(dim=1).tolist(), real.any(dim=1).sum(dim=1).tolist()))
 
         return TextDetectionOutput(
             logits=outputs_class[-1],
@@ -450,6 +629,12 @@ class SuperLinkGroundingDino(nn.Module):
             encoder_pred_boxes=encoder_pred_boxes,
             enc_outputs_class=enc_outputs_class,
             enc_outputs_coord_logits=enc_outputs_coord_logits,
+            mask_features=mask_features,
+            mask_embeddings=mask_embeddings,
+            encoder_mask_embeddings=encoder_mask_embeddings,
+            mask_stride=mask_stride,
+            input_sizes=input_sizes,
+            padded_size=(height, width) if mask_features is not None else None,
         )
 
     # ------------------------------------------------------------------ loss
@@ -483,6 +668,69 @@ class SuperLinkGroundingDino(nn.Module):
         )
         return loss, loss_dict
 
+    def mask_loss(
+        self,
+        detection: TextDetectionOutput,
+        labels: Sequence[dict[str, torch.Tensor]],
+        label_maps: Sequence[torch.Tensor],
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """The mask terms, for the samples whose labels hold ``masks`` [n, h, w] (their objects', in
+        {0, 1}, over the image's part of the padded input: top-left, at most ``padded_size``); None
+        when none does. Pairs are the box matching's (transformers' matcher with the config's costs,
+        as the box loss matches), per output: the last decoder layer, every other one with
+        ``auxiliary_loss`` (suffix ``_i``), the two-stage proposals (``_enc``). Each output adds
+        ``mask_weight * loss_mask + dice_weight * loss_dice``, normalised by the number of masks."""
+        config = self.config
+        chosen = [i for i, target in enumerate(labels) if target.get("masks") is not None]
+        if not chosen or detection.mask_features is None:
+            return None
+        height, width = detection.padded_size
+        targets = {}
+        for i in chosen:
+            masks, n = labels[i]["masks"], len(labels[i]["class_labels"])
+            if masks.dim() != 3 or masks.shape[0] != n or masks.shape[1] > height or masks.shape[2] > width:
+                raise ValueError(
+                    f"sample {i}: masks must be [{n}, h, w] with h <= {height}, w <= {width} (the padded "
+                    f"input), got shape {tuple(masks.shape)}"
+                )
+            targets[i] = F.pad(masks.float(), (0, width - masks.shape[2], 0, height - masks.shape[1]))
+        num_masks = max(sum(len(labels[i]["class_labels"]) for i in chosen), 1)
+
+        layers = detection.outputs_class.shape[0]
+        outputs = [("", detection.logits, detection.pred_boxes, detection.mask_embeddings[-1])]
+        if config.auxiliary_loss:
+            outputs += [(f"_{i}", detection.outputs_class[i], detection.outputs_coord[i],
+                         detection.mask_embeddings[i]) for i in range(layers - 1)]  # fmt: skip
+        if config.two_stage:
+            outputs.append(("_enc", detection.encoder_logits, detection.encoder_pred_boxes,
+                            detection.encoder_mask_embeddings))  # fmt: skip
+        matcher = GroundingDinoHungarianMatcher(
+            class_cost=config.class_cost, bbox_cost=config.bbox_cost, giou_cost=config.giou_cost
+        )
+        features = detection.mask_features.float()
+        total = features.new_zeros(())
+        loss_dict = {}
+        for suffix, logits, boxes, embeddings in outputs:
+            indices = matcher(
+                {"logits": logits.float(), "pred_boxes": boxes.float(), "label_maps": tuple(label_maps)},
+                list(labels),
+            )
+            pred = torch.cat(
+                [
+                    mask_logits(embeddings[i : i + 1, indices[i][0]].float(), features[i : i + 1])[0]
+                    for i in chosen
+                ]
+            )
+            target = torch.cat([targets[i][indices[i][1]] for i in chosen])
+            loss_mask, loss_dice = point_mask_losses(
+                pred, target, num_masks, config.mask_num_points, config.mask_oversample_ratio,
+                config.mask_importance_sample_ratio,
+            )  # fmt: skip
+            loss_dict[f"loss_mask{suffix}"] = loss_mask
+            loss_dict[f"loss_dice{suffix}"] = loss_dice
+            total = total + config.mask_weight * loss_mask + config.dice_weight * loss_dice
+        return total, loss_dict
+
     def route_label_maps(self, route_mask: torch.Tensor, width: int) -> tuple[torch.Tensor, ...]:
         """Class r is text token r: per sample the one-hot map [R, width] (label_map[r, r] = 1).
 
@@ -506,7 +754,7 @@ class SuperLinkGroundingDino(nn.Module):
     ) -> SuperLinkDetectionOutput:
         """pixel_values [B, 3, h, w], queries [B, R, E, H_llm], route_mask [B, R] bool, pixel_mask
         [B, h, w] (1 = real pixel), labels: per sample ``class_labels`` (route indices) and ``boxes``
-        [n, 4] normalised cxcywh."""
+        [n, 4] normalised cxcywh, and with a mask head optionally ``masks`` [n, h, w] (:meth:`mask_loss`)."""
         route_mask = route_mask.to(device=queries.device, dtype=torch.bool)
         tokens, self_attn, position_ids = self.text_features(queries, route_mask)
         pixel_values = pixel_values.to(tokens.dtype)  # the detector's dtype (float32 pixels, bf16 model)
@@ -531,6 +779,10 @@ class SuperLinkGroundingDino(nn.Module):
             text_mask = torch.zeros_like(detection.logits, dtype=torch.bool)
             text_mask[:, :, : route_mask.shape[1]] = route_mask[:, None, :]
             loss, loss_dict = self.detection_loss(detection, labels, label_maps, text_mask)
+            masks = self.mask_loss(detection, labels, label_maps)
+            if masks is not None:
+                loss = loss + masks[0]
+                loss_dict = {**loss_dict, **masks[1]}
 
         num_routes = route_mask.shape[1]
         encoder_logits = detection.encoder_logits
@@ -556,7 +808,9 @@ class SuperLinkGroundingDino(nn.Module):
         """Per sample: each object query's best valid route (max sigmoid score), kept above
         ``threshold``, sorted by score. ``target_sizes`` [(height, width)] per sample. Returns
         ``{"scores" [n], "routes" [n] long, "boxes" [n, 4] xyxy in pixels}`` (not clipped, as
-        transformers' post-processing)."""
+        transformers' post-processing); with a mask head also ``"masks"`` [n, height, width] bool:
+        each kept query's logits upsampled by the mask stride, cut to the image's part of the padded
+        input, resized to ``target_sizes`` and ``sigmoid > 0.5`` (official ``post_process_instseg_gdino``)."""
         logits = outputs.logits.float()  # a bf16 model's boxes would be scaled to pixels in bf16
         probs = logits.sigmoid().masked_fill(~outputs.route_mask[:, None, :], 0.0)
         scores, routes = probs.max(dim=-1)
@@ -569,15 +823,34 @@ class SuperLinkGroundingDino(nn.Module):
         scale = torch.stack([sizes[:, 1], sizes[:, 0], sizes[:, 1], sizes[:, 0]], dim=-1)
         xyxy = xyxy * scale[:, None, :]
 
+        detection = outputs.detection
         results = []
         for b in range(logits.shape[0]):
             keep = scores[b] > threshold
             order = scores[b][keep].argsort(descending=True)
-            results.append(
-                {
-                    "scores": scores[b][keep][order],
-                    "routes": routes[b][keep][order],
-                    "boxes": xyxy[b][keep][order],
-                }
-            )
+            found = {
+                "scores": scores[b][keep][order],
+                "routes": routes[b][keep][order],
+                "boxes": xyxy[b][keep][order],
+            }
+            if detection is not None and detection.mask_features is not None:
+                queries = keep.nonzero()[:, 0][order]
+                found["masks"] = _pixel_masks(detection, b, queries, [int(v) for v in sizes[b].tolist()])
+            results.append(found)
         return results
+
+
+def _pixel_masks(
+    detection: TextDetectionOutput, b: int, queries: torch.Tensor, size: list[int]
+) -> torch.Tensor:
+    """Sample ``b``'s masks of ``queries`` [n] as bools [n, height, width] for an image of ``size``."""
+    if queries.numel() == 0:
+        return torch.zeros((0, *size), dtype=torch.bool, device=queries.device)
+    embeddings = detection.mask_embeddings[-1][b : b + 1, queries].float()
+    logits = mask_logits(embeddings, detection.mask_features[b : b + 1].float())
+    h, w = logits.shape[-2:]
+    stride = detection.mask_stride
+    logits = F.interpolate(logits, size=(h * stride, w * stride), mode="bilinear", align_corners=False)
+    real_h, real_w = detection.input_sizes[b]
+    logits = F.interpolate(logits[..., :real_h, :real_w], size=size, mode="bilinear", align_corners=False)
+    return logits[0].sigmoid() > 0.5
