@@ -12,7 +12,7 @@ import dataclasses
 
 import pytest
 import torch
-from transformers import GroundingDinoForObjectDetection
+from transformers import GroundingDinoForObjectDetection, SwinConfig
 from transformers.models.grounding_dino.modeling_grounding_dino import (
     build_label_maps,
     build_text_mask,
@@ -419,3 +419,280 @@ def test_postprocess_of_a_bf16_model_gives_float32_pixel_boxes():
     assert found["boxes"].dtype == found["scores"].dtype == torch.float32
     torch.testing.assert_close(found["boxes"], want, atol=1e-3, rtol=0)
     torch.testing.assert_close(found["scores"], torch.sigmoid(torch.tensor([3.0, 2.0])), atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------- the mask head ([SEG])
+
+
+def test_mask_head_has_the_official_names_and_keeps_the_finest_level_for_masks():
+    plain = _model()
+    assert not any("mask" in k or "lateral" in k or "output_convs" in k for k in plain.state_dict())
+
+    model = _model(mask_dim=32)
+    names = set(model.state_dict())
+    # upstream's OVGroundingDinoForObjectDetection: detectron2 Conv2d + GN in the pixel decoder
+    for name in (
+        "gdino.model.lateral_convs.0.weight", "gdino.model.lateral_convs.0.norm.weight",
+        "gdino.model.output_convs.0.weight", "gdino.model.output_convs.0.norm.bias",
+        "gdino.model.mask_features.weight", "gdino.model.mask_features.bias",
+        "gdino.model.mask_embed.layers.2.weight", "gdino.mask_embed.0.layers.0.weight",
+        "gdino.mask_embed.1.layers.2.bias",
+    ):  # fmt: skip
+        assert name in names, name
+    assert "gdino.model.lateral_convs.0.bias" not in names  # norm "GN": the conv has no bias
+    gdino = model.gdino
+    assert gdino.mask_embed[0] is gdino.mask_embed[1]  # one head for every decoder layer, as upstream
+    # the mask MLPs start with their last layer at zero (transformers' init of a missing head)
+    assert gdino.mask_embed[0].layers[-1].weight.abs().sum() == 0
+    # Swin stages at strides 4, 8, 16, 32: the first is the masks', the transformer gets 8..32 + one
+    # stride-2 conv level, as without a mask head
+    channels = gdino.model.backbone.conv_encoder.intermediate_channel_sizes
+    assert channels == [16, 32, 64, 128]
+    projections = gdino.model.input_proj_vision
+    assert [p[0].in_channels for p in projections] == [32, 64, 128, 128]
+    assert [p[0].kernel_size for p in projections] == [(1, 1)] * 3 + [(3, 3)]
+    assert gdino.model.lateral_convs[0].in_channels == 16
+
+    one_level = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2],
+                           window_size=4, out_indices=[2])  # fmt: skip
+    with pytest.raises(ValueError, match="at least two output levels"):
+        _model(mask_dim=32, backbone_config=one_level)
+
+
+def test_mask_features_follow_the_official_pixel_decoder():
+    """F = mask_features(output_conv(lateral(finest backbone map) + bilinear(encoder level 0))), the
+    encoder reads strides 8..64 only, and a query's mask logits are mask_embed(hidden) . F."""
+    model = _model(mask_dim=32).eval()
+    for head in (model.gdino.mask_embed[0], model.gdino.model.mask_embed):  # not zero, to test the product
+        torch.nn.init.normal_(head.layers[-1].weight, std=0.5)
+    seen = {}
+    model.gdino.model.backbone.register_forward_hook(lambda m, i, o: seen.update(backbone=o[0]))
+    model.gdino.model.encoder.register_forward_hook(lambda m, i, o: seen.update(encoder=o))
+    model.gdino.model.decoder.register_forward_hook(lambda m, i, o: seen.update(decoder=o))
+    route_mask = torch.tensor([[True, True], [True, False]])
+    with torch.no_grad():
+        out = model(_pixels(), _queries(2, 2), route_mask)
+        d = out.detection
+        finest = seen["backbone"][0][0]
+        assert finest.shape[-2:] == (16, 16)  # stride 4 on 64 x 64
+        memory = seen["encoder"].last_hidden_state_vision
+        assert memory.shape[1] == 8 * 8 + 4 * 4 + 2 * 2 + 1 * 1  # strides 8, 16, 32, 64
+        level0 = memory[:, :64].transpose(1, 2).reshape(2, 32, 8, 8)
+        m = model.gdino.model
+        up = torch.nn.functional.interpolate(level0, size=(16, 16), mode="bilinear", align_corners=False)
+        want = m.mask_features(m.output_convs[0](m.lateral_convs[0](finest) + up))
+        torch.testing.assert_close(d.mask_features, want)
+        hidden = seen["decoder"].intermediate_hidden_states
+        for layer in range(2):
+            emb = model.gdino.mask_embed[layer](hidden[:, layer])
+            torch.testing.assert_close(d.mask_embeddings[layer], emb)
+        torch.testing.assert_close(out.pred_masks(), torch.einsum("bqc,bchw->bqhw", emb, want))
+    assert out.pred_masks().shape == (2, 20, 16, 16)
+    assert d.mask_stride == 4 and d.input_sizes == [(64, 64), (64, 64)] and d.padded_size == (64, 64)
+    assert d.encoder_mask_embeddings.shape == (2, 20, 32)
+
+
+def test_padded_route_slots_never_change_the_masks():
+    model = _model(mask_dim=32).eval()
+    torch.nn.init.normal_(model.gdino.mask_embed[0].layers[-1].weight, std=0.5)
+    route_mask = torch.tensor([[True, False, False], [True, True, True]])
+    queries = _queries(2, 3)
+    other = queries.clone()
+    other[0, 1:] = 100 * torch.randn(2, 4, LLM_HIDDEN, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        a, b = model(_pixels(), queries, route_mask), model(_pixels(), other, route_mask)
+    assert torch.equal(a.pred_masks(), b.pred_masks())
+    assert torch.equal(a.detection.mask_features, b.detection.mask_features)
+
+
+def test_point_mask_losses_are_mask2formers():
+    """The official loss_masks is Mask2Former's: same point sampling (draw for draw), same terms."""
+    from transformers import Mask2FormerConfig
+    from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
+
+    from interleaf.model.grounding_dino import point_mask_losses
+
+    gen = torch.Generator().manual_seed(3)
+    pred = torch.randn(5, 12, 10, generator=gen) * 3
+    target = (torch.rand(5, 48, 40, generator=gen) > 0.6).float()
+    config = Mask2FormerConfig(train_num_points=300, oversample_ratio=3.0, importance_sample_ratio=0.75)
+    reference = Mask2FormerLoss(config, weight_dict={})
+    indices = [(torch.arange(5), torch.arange(5))]
+    torch.manual_seed(11)
+    want = reference.loss_masks(pred[None], [target], indices, num_masks=4)
+    torch.manual_seed(11)
+    loss_mask, loss_dice = point_mask_losses(pred, target, 4, 300, 3.0, 0.75)
+    torch.testing.assert_close(loss_mask, want["loss_mask"], rtol=0, atol=0)
+    torch.testing.assert_close(loss_dice, want["loss_dice"], rtol=0, atol=0)
+    # and every point random (importance 0) still matches
+    config = Mask2FormerConfig(train_num_points=64, oversample_ratio=2.0, importance_sample_ratio=0.0)
+    torch.manual_seed(5)
+    want = Mask2FormerLoss(config, weight_dict={}).loss_masks(pred[None], [target], indices, num_masks=5)
+    torch.manual_seed(5)
+    got = point_mask_losses(pred, target, 5, 64, 2.0, 0.0)
+    torch.testing.assert_close(got, (want["loss_mask"], want["loss_dice"]), rtol=0, atol=0)
+
+
+def _mask_labels(with_masks: tuple[bool, bool] = (True, True)) -> list[dict[str, torch.Tensor]]:
+    masks = torch.zeros(1, 64, 48)
+    masks[0, 10:30, 8:20] = 1
+    second = torch.zeros(2, 64, 64)
+    second[0, 40:60, 40:60] = 1
+    second[1, 5:15, 30:50] = 1
+    labels = [
+        {"class_labels": torch.tensor([0]), "boxes": torch.tensor([[14 / 48, 20 / 64, 12 / 48, 20 / 64]])},
+        {"class_labels": torch.tensor([1, 2]), "boxes": torch.tensor([[50 / 64, 50 / 64, 20 / 64, 20 / 64],
+                                                                      [40 / 64, 10 / 64, 20 / 64, 10 / 64]])},
+    ]  # fmt: skip
+    for label, mask, keep in zip(labels, (masks, second), with_masks):
+        if keep:
+            label["masks"] = mask
+    return labels
+
+
+def test_mask_loss_terms_reach_the_mask_head_and_the_queries():
+    model = _model(mask_dim=32, auxiliary_loss=True).train()
+    route_mask = torch.tensor([[True, False, False], [True, True, True]])
+    pixel_mask = torch.ones(2, 64, 64, dtype=torch.long)
+    pixel_mask[0, :, 48:] = 0  # sample 0 is a 64 x 48 image padded to 64 x 64
+    queries = _queries(2, 3).requires_grad_(True)
+    out = model(_pixels(), queries, route_mask, pixel_mask=pixel_mask, labels=_mask_labels())
+    keys = {f"loss_{t}{s}" for t in ("mask", "dice") for s in ("", "_0", "_enc")}
+    assert keys <= set(out.loss_dict) and all(torch.isfinite(out.loss_dict[k]) for k in keys)
+    # the zero-initialised last layers make every logit 0: BCE is log 2 on every point
+    for suffix in ("", "_0", "_enc"):
+        torch.testing.assert_close(out.loss_dict[f"loss_mask{suffix}"], torch.tensor(0.6931472))
+    assert out.detection.input_sizes == [(64, 48), (64, 64)]
+    out.loss.backward()
+    assert model.gdino.mask_embed[0].layers[-1].weight.grad.abs().sum() > 0
+    assert model.gdino.model.mask_embed.layers[-1].weight.grad.abs().sum() > 0
+
+    # after a step the masks depend on the image: gradients reach the pixel decoder and the queries
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    model.zero_grad()
+    out = model(_pixels(), queries, route_mask, pixel_mask=pixel_mask, labels=_mask_labels())
+    out.loss.backward()
+    assert model.gdino.model.lateral_convs[0].weight.grad.abs().sum() > 0
+    assert model.gdino.model.mask_features.weight.grad.abs().sum() > 0
+    assert queries.grad[route_mask].abs().sum(-1).gt(0).all()
+
+    # the box terms are the ones without masks, and the total adds the weighted mask terms
+    model.eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        plain = model(
+            _pixels(), queries, route_mask, pixel_mask=pixel_mask, labels=_mask_labels((False, False))
+        )
+        torch.manual_seed(0)
+        masked = model(_pixels(), queries, route_mask, pixel_mask=pixel_mask, labels=_mask_labels())
+    assert not any("mask" in k or "dice" in k for k in plain.loss_dict)
+    for key, value in plain.loss_dict.items():
+        torch.testing.assert_close(masked.loss_dict[key], value)
+    extra = sum(5.0 * masked.loss_dict[k] for k in keys)
+    torch.testing.assert_close(masked.loss, plain.loss + extra)
+
+
+def test_mask_loss_counts_only_the_samples_with_masks():
+    model = _model(mask_dim=32).eval()
+    torch.nn.init.normal_(model.gdino.mask_embed[0].layers[-1].weight, std=0.5)
+    route_mask = torch.tensor([[True, False, False], [True, True, True]])
+    with torch.no_grad():
+        out = model(_pixels(), _queries(2, 3), route_mask, labels=_mask_labels((False, True)))
+        d = out.detection
+        labels = _mask_labels((False, True))
+        maps = model.route_label_maps(route_mask, d.logits.shape[-1])
+        torch.manual_seed(4)
+        total, terms = model.mask_loss(d, labels, maps)
+        # by hand: sample 1's matched pairs (the box matching's), normalised by its 2 masks
+        from transformers.loss.loss_grounding_dino import GroundingDinoHungarianMatcher
+
+        from interleaf.model.grounding_dino import point_mask_losses
+
+        c = model.config
+        matcher = GroundingDinoHungarianMatcher(
+            class_cost=c.class_cost, bbox_cost=c.bbox_cost, giou_cost=c.giou_cost
+        )
+        src, tgt = matcher({"logits": d.logits, "pred_boxes": d.pred_boxes, "label_maps": maps}, labels)[1]
+        pred = out.pred_masks()[1, src]
+        torch.manual_seed(4)
+        want = point_mask_losses(pred, labels[1]["masks"][tgt], 2, c.mask_num_points)
+    torch.testing.assert_close((terms["loss_mask"], terms["loss_dice"]), want)
+    assert model.mask_loss(d, _mask_labels((False, False)), maps) is None
+
+    with pytest.raises(ValueError, match=r"sample 1: masks must be \[2, h, w\]"):
+        bad = _mask_labels()
+        bad[1]["masks"] = torch.zeros(1, 64, 64)
+        model(_pixels(), _queries(2, 3), route_mask, labels=bad)
+    with pytest.raises(ValueError, match=r"h <= 64, w <= 64"):
+        bad = _mask_labels()
+        bad[0]["masks"] = torch.zeros(1, 80, 64)
+        model(_pixels(), _queries(2, 3), route_mask, labels=bad)
+
+
+def test_postprocess_masks_crop_the_padding_and_resize_to_the_image():
+    """Logits positive on the 3 left columns of a 16 x 16 map (stride 4: 12 of 64 pixels); the image
+    fills 32 x 24 of the padded 64 x 64 input, so its left half; at 60 x 50 that is columns 0..24."""
+    features = torch.full((1, 1, 16, 16), -10.0)
+    features[0, 0, :, :3] = 10.0
+    detection = TextDetectionOutput(
+        logits=torch.zeros(1, 2, 1), pred_boxes=torch.full((1, 2, 4), 0.5),
+        outputs_class=torch.zeros(1, 1, 2, 1), outputs_coord=torch.zeros(1, 1, 2, 4),
+        last_hidden_state=torch.zeros(1, 2, 8), encoder_last_hidden_state_vision=torch.zeros(1, 1, 8),
+        encoder_last_hidden_state_text=torch.zeros(1, 1, 8), init_reference_points=torch.zeros(1, 2, 4),
+        intermediate_reference_points=torch.zeros(1, 1, 2, 4), mask_features=features,
+        mask_embeddings=torch.tensor([[[[1.0], [-1.0]]]]), mask_stride=4, input_sizes=[(32, 24)],
+        padded_size=(64, 64),
+    )  # fmt: skip
+    outputs = SuperLinkDetectionOutput(
+        logits=torch.tensor([[[2.0], [1.0]]]), pred_boxes=detection.pred_boxes,
+        route_mask=torch.tensor([[True]]), detection=detection,
+    )  # fmt: skip
+    found = SuperLinkGroundingDino.postprocess(outputs, [(60, 50)], threshold=0.5)[0]
+    masks = found["masks"]
+    assert masks.shape == (2, 60, 50) and masks.dtype == torch.bool
+    assert masks[0, :, :24].all() and not masks[0, :, 26:].any()  # the edge pixel is interpolated
+    assert not masks[1, :, :24].any() and masks[1, :, 26:].all()  # query 1: the negated mask
+    none = SuperLinkGroundingDino.postprocess(outputs, [(60, 50)], threshold=0.99)[0]
+    assert none["masks"].shape == (0, 60, 50)
+
+
+def test_short_overfit_learns_the_square_masks():
+    model = _model(seed=0, dropout=0.0, fusion_droppath=0.0, mask_dim=32, mask_num_points=1024).train()
+    images, labels = _square_batch()
+    for label in labels:
+        cx, cy, w, h = (label["boxes"][0] * 64).tolist()
+        mask = torch.zeros(1, 64, 64)
+        mask[0, round(cy - h / 2) : round(cy + h / 2), round(cx - w / 2) : round(cx + w / 2)] = 1
+        label["masks"] = mask
+    queries = _queries(2, 1)
+    route_mask = torch.ones(2, 1, dtype=torch.bool)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    dice = []
+    for _ in range(100):
+        out = model(images, queries, route_mask, labels=labels)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        dice.append(out.loss_dict["loss_dice"].item())
+    assert sum(dice[-5:]) / 5 < 0.5 * dice[0], (dice[0], dice[-5:])
+    model.eval()
+    with torch.no_grad():
+        out = model(images, queries, route_mask)
+    for found, label in zip(model.postprocess(out, [(64, 64), (64, 64)], threshold=0.3), labels):
+        mask, target = found["masks"][0], label["masks"][0].bool()
+        iou = (mask & target).sum() / (mask | target).sum()
+        assert iou > 0.5, float(iou)
+
+
+@pytest.mark.parametrize("two_stage", [True, False])
+def test_mask_loss_without_embedding_init_target(two_stage):
+    """Decoder targets from the top-k proposals: their masks (``_enc``) come from the proposals
+    before the detach, as the official head reads them; one stage has no ``_enc`` terms."""
+    model = _model(two_stage=two_stage, embedding_init_target=False, mask_dim=32).train()
+    route_mask = torch.tensor([[True, False, False], [True, True, True]])
+    out = model(_pixels(), _queries(2, 3), route_mask, labels=_mask_labels())
+    assert ("loss_mask_enc" in out.loss_dict) == two_stage
+    assert all(torch.isfinite(v) for v in out.loss_dict.values())
+    assert (out.detection.encoder_mask_embeddings is not None) == two_stage
+    out.loss.backward()
+    assert model.gdino.model.mask_embed.layers[-1].weight.grad is not None or not two_stage
