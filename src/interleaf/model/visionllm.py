@@ -457,7 +457,9 @@ class VisionLLMv2Model(InternVLChatModel):
         """``input_ids`` [B, S] with the query slots in place; ``labels`` [B, S] (-100 = no loss; the
         slots are excluded whatever they hold). ``det_pixel_values`` [B, 3, h, w]: the detector's view of
         each row's image; ``det_targets`` per row ``{"class_labels": route indices among the row's
-        DET/GRD/SEG routes, "boxes": [n, 4] normalised cx, cy, w, h}``. ``output_images`` [B, 3, r, r] in
+        DET/GRD/SEG routes, "boxes": [n, 4] normalised cx, cy, w, h}``, with a mask head optionally
+        ``"masks"`` [n, h', w'] in {0, 1} over the row's image in the detector's input (top-left;
+        a ``ConfigError`` without one). ``output_images`` [B, 3, r, r] in
         [-1, 1]: each row's target image for its GEN/EDIT routes (``input_images`` the image an EDIT
         route edits; ``captions`` per row, for upstream's caption loss, or None). ``regions`` per row:
         the regions its ``<region>`` tokens name (:meth:`embed`)."""
@@ -482,6 +484,11 @@ class VisionLLMv2Model(InternVLChatModel):
             if self.gdino is None:
                 raise ConfigError(
                     f"{CONFIG_KEY}: detection inputs given but the model has no detector (gdino)"
+                )
+            if det_targets is not None and not self.gdino.mask_dim and any("masks" in t for t in det_targets):
+                # the detector would train its boxes and drop the masks without a word
+                raise ConfigError(
+                    f"{CONFIG_KEY}: mask targets given but the detector has no mask head (gdino.mask_dim)"
                 )
             queries, mask = self.link_states(result.hidden, links)
             result.det = self.gdino(
@@ -792,10 +799,14 @@ def init_visionllm(
     edit: str | Path | None = None,
     diffusion: dict[str, dict[str, Any]] | None = None,
     region: bool = False,
+    mask_dim: int = 0,
 ) -> tuple[VisionLLMv2Model, Any]:
     """A random-weight VisionLLM v2 on an interleaf preset, with the offline tokenizer plus the
     super-link tokens; ``gdino`` (a GroundingDinoConfig dict) defaults to a tiny detector, and
-    ``detector=False`` builds none. ``gen`` / ``edit``: a Stable Diffusion / InstructPix2Pix pipeline
+    ``detector=False`` builds none. ``mask_dim`` > 0 gives the detector upstream's mask head (the
+    ``[SEG]`` route's masks; upstream: 256): the tiny detector gets the finest backbone level it
+    needs, a ``gdino`` of one's own must have it (a backbone with at least 2 ``out_indices``, the
+    finest the masks'). ``gen`` / ``edit``: a Stable Diffusion / InstructPix2Pix pipeline
     folder (diffusers layout) for the GEN / EDIT routes, or ``"tiny"`` for a tiny random one;
     ``diffusion`` {"gen": {...}, "edit": {...}}: their ``DiffusionLinkConfig`` settings. ``region``
     adds the ``<region>`` token and upstream's region encoder (visual prompts)."""
@@ -806,12 +817,23 @@ def init_visionllm(
     tok = make_tokenizer(PRESETS[preset][1]["family"])
     ids = add_super_link_tokens(tok, region=region)
     cfg = preset_config_for(preset, tok)
+    if mask_dim < 0:
+        raise ConfigError(f"mask_dim: must be >= 0, got {mask_dim}")
+    if mask_dim and not detector:
+        raise ConfigError("mask_dim: the mask head is the detector's, and detector=False builds none")
     if gdino is None and detector:
         from interleaf.model.grounding_dino import tiny_grounding_dino_config
 
-        gdino = tiny_grounding_dino_config(**TINY_DETECTOR).to_dict()
+        gdino = tiny_grounding_dino_config(
+            **TINY_DETECTOR, **({"mask_dim": mask_dim} if mask_dim else {})
+        ).to_dict()
+    elif gdino is not None and mask_dim:
+        gdino = {**gdino, "mask_dim": mask_dim}
     link = SuperLinkConfig(**ids, gdino=gdino if detector else None)
-    model = build_visionllm(cfg, link, seed=seed)
+    try:
+        model = build_visionllm(cfg, link, seed=seed)
+    except ValueError as exc:  # the detector's own check of its config (a mask head's backbone levels)
+        raise ConfigError(f"gdino: {str(exc).splitlines()[0]}") from None
     for kind, source in (("gen", gen), ("edit", edit)):
         if source is not None:
             model.add_diffusion(_diffusion_from(source, kind, (diffusion or {}).get(kind, {}), cfg, seed))

@@ -130,6 +130,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     i.add_argument(
         "--region-encoder", action="store_true", help="add the <region> token and upstream's region encoder"
     )
+    i.add_argument(
+        "--mask-dim",
+        type=int,
+        default=0,
+        help="give the detector upstream's mask head of this width, for [SEG] masks (upstream: 256; "
+        "default 0: boxes only)",
+    )
     i.add_argument("--seed", type=int, default=0)
     i.set_defaults(func=_visionllm_init)
     t = vsub.add_parser(
@@ -137,7 +144,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     t.add_argument(
         "data",
-        help="records: {image, objects: [{phrase, box}], phrases?, question?, route?} (detection), "
+        help="records: {image, objects: [{phrase, box, mask?}], phrases?, question?, route?} (detection; "
+        "mask: COCO polygons or RLE), "
         "{route: gen, caption, output_image}, {route: edit, image, caption, output_image} or "
         "{image, regions: [[x1, y1, x2, y2]], question, answer} (visual prompts)",
     )
@@ -323,7 +331,8 @@ def _visionllm_init(args: argparse.Namespace) -> int:
     from interleaf.train.visionllm import init_command
 
     print(init_command(args.out, args.preset, args.image_size, args.max_tiles, args.detector_size, args.seed,
-                       args.gen, args.edit, args.train_gen_unet, args.region_encoder))  # fmt: skip
+                       args.gen, args.edit, args.train_gen_unet, args.region_encoder,
+                       args.mask_dim))  # fmt: skip
     return 0
 
 

@@ -5,7 +5,8 @@ answer formats).
 Detection records, one JSON object per line::
 
     {"image": "img.jpg",                 # relative to the records file's folder, or to image_root
-     "objects": [{"phrase": "red square", "box": [x1, y1, x2, y2]}, ...],      # pixels
+     "objects": [{"phrase": "red square", "box": [x1, y1, x2, y2],             # pixels
+                  "mask": [[x1, y1, x2, y2, x3, y3, ...]]}, ...],  # optional: COCO polygons or RLE
      "phrases": ["red square", "blue circle"],   # optional: asked for, in this order; a phrase
                                                  # without objects is a negative (default: the
                                                  # objects' phrases, in order of appearance)
@@ -15,6 +16,13 @@ Prompt: the image, then the question (default ``Please detect p1, p2 in the imag
 upstream's detection datasets write it: ``p1[DET][EMB][EMB2][EMB3][EMB4], p2[DET][EMB]...`` and the
 end-of-turn token. Detector targets: class = the index of the object's phrase among the routes, box
 normalised (cx, cy, w, h).
+
+Masks (for a detector with a mask head, ``visionllm init --mask-dim``): an object's ``mask`` is a COCO
+``segmentation`` in the image's pixels, polygons ``[[x1, y1, x2, y2, ...], ...]`` or an RLE ``{"size":
+[h, w], "counts": str or [runs]}`` (:mod:`interleaf.processing.masks`); a record gives every object a
+mask or none. Drawn at the image's size, then resized (nearest) to the detector's input as the image is
+(:func:`collate_detection`), they become the targets' ``masks``. A record with masks is skipped (with
+its reason) for a model whose detector has no mask head.
 
 Generation and editing records (upstream's ``text2img.py`` / ``ip2p.py`` datasets)::
 
@@ -66,6 +74,7 @@ from interleaf.model.visionllm import (
     detector_inputs,
 )
 from interleaf.processing.image import load_image, preprocess_image, to_rgb
+from interleaf.processing.masks import decode_masks, object_mask, resize_masks
 from interleaf.processing.prompt import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 from interleaf.train.trainer import (
     all_gather_object,
@@ -118,6 +127,8 @@ class DetectionRecord:
     question: str
     route: str = "det"
     line: int = 0
+    # per object: its mask as a compressed COCO RLE at the image's size; None: the record has none
+    masks: list[dict[str, Any]] | None = None
 
 
 def parse_detection_record(raw: Any, folder: Path, image_root: Path | None = None) -> DetectionRecord:
@@ -130,6 +141,8 @@ def parse_detection_record(raw: Any, folder: Path, image_root: Path | None = Non
         raise InputError("objects: missing or not a list")
     found: list[str] = []
     boxes: list[list[float]] = []
+    masks: list[dict[str, Any]] = []
+    with_mask = [isinstance(obj, dict) and obj.get("mask") is not None for obj in objects]
     for i, obj in enumerate(objects):
         phrase = obj.get("phrase") if isinstance(obj, dict) else None
         box = obj.get("box") if isinstance(obj, dict) else None
@@ -137,6 +150,14 @@ def parse_detection_record(raw: Any, folder: Path, image_root: Path | None = Non
             raise InputError(f"objects[{i}].phrase: missing or empty")
         boxes.append(check_box(box, f"objects[{i}].box", width, height))
         found.append(" ".join(phrase.split()))
+        if any(with_mask):
+            if not with_mask[i]:  # an object without a mask would be trained as all background
+                first = with_mask.index(True)
+                raise InputError(
+                    f"objects[{i}].mask: missing, and objects[{first}] has one (every object of a record "
+                    "has a mask, or none)"
+                )
+            masks.append(object_mask(obj["mask"], f"objects[{i}].mask", width, height))
     phrases = raw.get("phrases")
     if phrases is None:
         phrases = list(dict.fromkeys(found))
@@ -159,7 +180,8 @@ def parse_detection_record(raw: Any, folder: Path, image_root: Path | None = Non
     route = raw.get("route", "det")
     if route not in DETECTOR_ROUTES:
         raise InputError(f"route: must be one of {', '.join(DETECTOR_ROUTES)}, got {route!r}")
-    return DetectionRecord(path, phrases, [phrases.index(p) for p in found], boxes, question, route)
+    return DetectionRecord(path, phrases, [phrases.index(p) for p in found], boxes, question, route,
+                           masks=masks if any(with_mask) else None)  # fmt: skip
 
 
 @dataclass
@@ -345,7 +367,8 @@ def prompt_example(
 
 def encode_detection(model: VisionLLMv2Model, tokenizer: Any, record: DetectionRecord) -> dict[str, Any]:
     """One training example: ids/labels (answer only), the MLLM's tiles, the detector's image and
-    targets."""
+    targets; a record with masks adds the target ``masks`` [n, H, W] bool at the image's size
+    (:func:`collate_detection` brings them to the detector's input)."""
     image = to_rgb(load_image(record.image))
     answer = answer_text(record.phrases, record.route, model.link.num_embs)
     w, h = image.size
@@ -353,10 +376,13 @@ def encode_detection(model: VisionLLMv2Model, tokenizer: Any, record: DetectionR
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w) / w
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h) / h
     cxcywh = corners_to_center_format(boxes)
+    target = {"class_labels": torch.tensor(record.class_labels, dtype=torch.long), "boxes": cxcywh}
+    if record.masks is not None:
+        target["masks"] = decode_masks(record.masks)
     return {
         **prompt_example(model, tokenizer, record.question, image, answer),
         "image": image,
-        "target": {"class_labels": torch.tensor(record.class_labels, dtype=torch.long), "boxes": cxcywh},
+        "target": target,
     }
 
 
@@ -404,13 +430,22 @@ def pad_examples(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
 
 
 def collate_detection(examples: list[dict[str, Any]], pad_id: int, detector_size: int) -> dict[str, Any]:
-    """Right-padded batch for :meth:`VisionLLMv2Model.forward`."""
+    """Right-padded batch for :meth:`VisionLLMv2Model.forward`. Target ``masks`` are resized (nearest)
+    to the size the detector's preprocessing gave their image: [n, h, w] over the image's top-left
+    part of the padded input, which the detector pads."""
     det_pixels, det_mask = detector_inputs([e["image"] for e in examples], detector_size)
+    targets = []
+    for e, real in zip(examples, det_mask.bool()):
+        target = e["target"]
+        if "masks" in target:  # the resized image's size: the real pixels' rows and columns
+            size = (int(real.any(dim=1).sum()), int(real.any(dim=0).sum()))
+            target = {**target, "masks": resize_masks(target["masks"], size)}
+        targets.append(target)
     return {
         **pad_examples(examples, pad_id),
         "det_pixel_values": det_pixels,
         "det_pixel_mask": det_mask,
-        "det_targets": [e["target"] for e in examples],
+        "det_targets": targets,
     }
 
 
@@ -733,6 +768,8 @@ def missing_tool(model: VisionLLMv2Model, record: Record) -> str | None:
         )
     if model.gdino is None:
         return "the model has no detector (gdino)"
+    if record.masks is not None and not model.gdino.mask_dim:
+        return "objects' masks: the detector has no mask head (visionllm init --mask-dim)"
     room = model.gdino.config.max_text_len
     if len(record.phrases) > room:
         return f"phrases: {len(record.phrases)} asked for; the detector takes at most {room}"
@@ -759,10 +796,12 @@ def init_command(
     edit: str | None = None,
     train_gen_unet: bool = False,
     region_encoder: bool = False,
+    mask_dim: int = 0,
 ) -> Path:
     """``interleaf visionllm init``: a random-weight model folder. ``gen`` / ``edit``: ``"tiny"`` or a
     Stable Diffusion / InstructPix2Pix pipeline folder (diffusers layout) for the GEN / EDIT routes;
-    ``train_gen_unet`` lets training update the GEN UNet too (upstream keeps it frozen)."""
+    ``train_gen_unet`` lets training update the GEN UNet too (upstream keeps it frozen); ``mask_dim``
+    > 0 gives the detector upstream's mask head of that width (0: boxes only)."""
     from interleaf.errors import check_minimums
     from interleaf.model.visionllm import init_visionllm, save_visionllm
 
@@ -770,6 +809,7 @@ def init_command(
         ("--image-size", image_size, 28),
         ("--max-tiles", max_tiles, 1),
         ("--detector-size", detector_size, 32),
+        ("--mask-dim", mask_dim, 0),
     )
     for flag, source in (("--gen", gen), ("--edit", edit)):
         if source is not None and source != "tiny" and not Path(source).is_dir():
@@ -779,7 +819,7 @@ def init_command(
     out = _new_folder(out)
     settings = {"gen": {"train_unet": True}} if train_gen_unet else None
     model, tok = init_visionllm(
-        preset, seed=seed, gen=gen, edit=edit, diffusion=settings, region=region_encoder
+        preset, seed=seed, gen=gen, edit=edit, diffusion=settings, region=region_encoder, mask_dim=mask_dim
     )
     if image_size is not None:
         if image_size % (model.config.vision.patch_size * 2):
