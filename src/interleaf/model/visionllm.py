@@ -658,7 +658,9 @@ def answer(
 
     Returns ``{"text", "finish_reason", "routes": [{"kind", "phrase"}], "detections": [{"route",
     "phrase", "score", "box": [x1, y1, x2, y2] pixels}] (by score), "images": [{"route", "kind",
-    "image": PIL image}], "not_run": [{"route", "reason"}]}``; ``routes_not_detected`` counts the
+    "image": PIL image}], "not_run": [{"route", "reason"}]}``; with a mask head, a detection of a
+    SEG route also holds ``"mask"``: a numpy bool array [height, width] at the image's size (DET and
+    GRD routes ask for boxes, as upstream). ``routes_not_detected`` counts the
     detection routes past the detector's ``max_text_len``. ``seed`` seeds the diffusion sampling (and
     the region encoder's subset of a large mask's pixels)."""
     from interleaf.processing.image import preprocess_image
@@ -737,20 +739,31 @@ def _detections(
     model: VisionLLMv2Model, image: Any, chosen: list[tuple[int, Route]], threshold: float
 ) -> list[dict[str, Any]]:
     """The detector's boxes for the ``chosen`` (index, route) detection routes of an answer about
-    ``image``: ``{"route", "phrase", "score", "box"}`` by score."""
+    ``image``: ``{"route", "phrase", "score", "box"}`` by score, and ``"mask"`` (bool [height, width])
+    for a SEG route's detection when the detector has a mask head."""
+    from dataclasses import replace
+
     queries = torch.stack([r.states for _, r in chosen])[None]
     mask = torch.ones(1, len(chosen), dtype=torch.bool, device=queries.device)
     det_pixels, det_mask = detector_inputs([image], model.link.detector_size)
     out = model.gdino(
         det_pixels.to(queries.device, queries.dtype), queries, mask, pixel_mask=det_mask.to(queries.device)
     )
+    if not any(r.kind == "seg" for _, r in chosen) and out.detection.mask_features is not None:
+        # no route asks for masks: don't draw an image-sized mask for every kept query
+        out = replace(out, detection=replace(out.detection, mask_features=None))
     found = model.gdino.postprocess(out, [(image.height, image.width)], threshold=threshold)[0]
-    return [
-        {"route": chosen[route][0], "phrase": chosen[route][1].phrase, "score": score, "box": box}
-        for score, route, box in zip(
-            found["scores"].tolist(), found["routes"].tolist(), found["boxes"].tolist()
-        )
-    ]
+    masks = found.get("masks")
+    result = []
+    for k, (score, route, box) in enumerate(
+        zip(found["scores"].tolist(), found["routes"].tolist(), found["boxes"].tolist())
+    ):
+        index, r = chosen[route]
+        item = {"route": index, "phrase": r.phrase, "score": score, "box": box}
+        if masks is not None and r.kind == "seg":
+            item["mask"] = masks[k].cpu().numpy()
+        result.append(item)
+    return result
 
 
 def detect(

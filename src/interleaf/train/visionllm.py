@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -1128,7 +1129,21 @@ def parse_box(text: str) -> list[float]:
 
 def json_result(result: dict[str, Any], out: str | Path | None = None) -> dict[str, Any]:
     """:func:`~interleaf.model.visionllm.answer`'s result, JSON-ready: each image is saved to ``out``
-    as ``route<i>.png`` and named by its ``file`` (None without ``out``) and ``size``."""
+    as ``route<i>.png`` and named by its ``file`` (None without ``out``) and ``size``; a detection's
+    ``mask`` becomes a COCO RLE ``{"size": [h, w], "counts": str}``, and with ``out`` is also saved as
+    ``mask<k>.png`` (k: the detection's index; 255 = the object), named by its ``mask_file``."""
+    from interleaf.processing.masks import json_rle
+
+    detections = []
+    for k, item in enumerate(result.get("detections", [])):
+        if "mask" in item:
+            mask = item["mask"]
+            item = {**item, "mask": json_rle(mask)}
+            if out is not None:
+                Path(out).mkdir(parents=True, exist_ok=True)
+                item["mask_file"] = str(Path(out) / f"mask{k}.png")
+                Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255).save(item["mask_file"])
+        detections.append(item)
     images = []
     for item in result.get("images", []):
         file = None
@@ -1139,4 +1154,4 @@ def json_result(result: dict[str, Any], out: str | Path | None = None) -> dict[s
         images.append(
             {"route": item["route"], "kind": item["kind"], "file": file, "size": list(item["image"].size)}
         )
-    return {**result, "images": images}
+    return {**result, "detections": detections, "images": images}
