@@ -1,5 +1,6 @@
 """Detection evaluation of a VisionLLM v2 model, as upstream's ``eval_det`` does it, scored by
-pycocotools' ``COCOeval`` (bbox), the scorer behind mmdet's ``CocoDataset.evaluate`` that upstream calls.
+pycocotools' ``COCOeval`` (bbox, and segm for masks), the scorer behind mmdet's ``CocoDataset.evaluate``
+that upstream calls.
 
 Per image (upstream's evaluation sets build the same input):
 
@@ -12,10 +13,17 @@ Per image (upstream's evaluation sets build the same input):
 3. extract: the detector, fed the routes' slot states, scores every (object query, category) pair by
    sigmoid; the ``topk`` (default 100) highest pairs are the image's detections, with no threshold
    (upstream's ``post_process_det_gdino``), boxes in the image's pixels;
-4. score: COCO AP (IoU .50:.95), AP50, AP75, AP and AR by size, AR at 1/10/100 detections. The
-   records hold boxes only, so every object is not-crowd and its area (which sorts it into the small,
-   medium and large buckets) is its box's; COCO's own annotation files give mask areas, which moves
-   objects between those buckets but not the AP and AR over all sizes.
+4. score: COCO AP (IoU .50:.95), AP50, AP75, AP and AR by size, AR at 1/10/100 detections. Every
+   object is not-crowd; its area (which sorts it into the small, medium and large buckets) is its
+   box's for records with boxes only. COCO's own annotation files give mask areas, which moves objects
+   between those buckets but not the AP and AR over all sizes.
+
+Masks, as upstream's ``eval_det`` with ``metric=['bbox', 'segm']``: when the model's detector has a mask
+head, each detection also gets its query's mask (upstream's ``post_process_instseg_gdino``: upsampled
+by the mask stride, the padding cut off, resized to the image, ``sigmoid > 0.5``), stored as a COCO
+RLE. When every record with objects holds their masks as well, ``COCOeval`` also scores segm AP; the
+objects' areas are then their masks' (for both scores, as in COCO's files), and the segm results
+carry no box, so that pycocotools takes each detection's area from its mask (as mmdet drops it).
 
 Each image's detections are stored as they come (:class:`interleaf.store.ResponseStore`, keyed by the
 image's content, the categories, the model and ``topk``): a run killed at any point and run again
@@ -66,38 +74,56 @@ def categories_of(
 
 
 def coco_ground_truth(
-    records: list[Any], sizes: list[tuple[int, int]], categories: list[str]
+    records: list[Any], sizes: list[tuple[int, int]], categories: list[str], masks: bool = False
 ) -> dict[str, Any]:
     """The COCO ground-truth dict: image ``i`` is record ``i`` (``sizes`` its (width, height)),
-    category ``k + 1`` is ``categories[k]``, boxes as [x, y, w, h], area w * h, not crowd."""
+    category ``k + 1`` is ``categories[k]``, boxes as [x, y, w, h], area w * h, not crowd. With
+    ``masks`` (every record with objects holds their masks) each object also gets its ``segmentation``
+    (a COCO RLE) and its mask's area."""
+    from pycocotools import mask as coco_mask
+
+    from interleaf.processing.masks import json_rle
+
     index = {name: k for k, name in enumerate(categories)}
     images = [{"id": i, "width": w, "height": h} for i, (w, h) in enumerate(sizes)]
     annotations = []
     for i, r in enumerate(records):
-        for label, (x1, y1, x2, y2) in zip(r.class_labels, r.boxes):
+        rles = r.masks if masks else [None] * len(r.boxes)
+        for label, (x1, y1, x2, y2), rle in zip(r.class_labels, r.boxes, rles):
             k = index.get(r.phrases[label])
             if k is not None:
                 w, h = x2 - x1, y2 - y1
-                annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": k + 1,
-                                    "bbox": [x1, y1, w, h], "area": w * h, "iscrowd": 0})  # fmt: skip
+                ann = {"id": len(annotations) + 1, "image_id": i, "category_id": k + 1,
+                       "bbox": [x1, y1, w, h], "area": w * h, "iscrowd": 0}  # fmt: skip
+                if rle is not None:
+                    ann["segmentation"] = json_rle(rle)
+                    ann["area"] = float(coco_mask.area(rle))
+                annotations.append(ann)
     cats = [{"id": k + 1, "name": name} for k, name in enumerate(categories)]
     return {"images": images, "annotations": annotations, "categories": cats}
 
 
-def coco_results(detections: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """COCO results ([x, y, w, h]) from each image's ``{"category", "score", "box": [x1, y1, x2, y2]}``."""
+def coco_results(detections: list[list[dict[str, Any]]], iou_type: str = "bbox") -> list[dict[str, Any]]:
+    """COCO results from each image's ``{"category", "score", "box": [x1, y1, x2, y2], "mask"?: RLE}``:
+    ``bbox`` [x, y, w, h] for ``iou_type`` "bbox", the ``segmentation`` RLE (and no box) for "segm"."""
     out = []
     for i, dets in enumerate(detections):
         for d in dets:
-            x1, y1, x2, y2 = d["box"]
-            out.append({"image_id": i, "category_id": d["category"] + 1, "bbox": [x1, y1, x2 - x1, y2 - y1],
-                        "score": d["score"]})  # fmt: skip
+            found: dict[str, Any] = {"image_id": i, "category_id": d["category"] + 1}
+            if iou_type == "segm":
+                found["segmentation"] = d["mask"]
+            else:
+                x1, y1, x2, y2 = d["box"]
+                found["bbox"] = [x1, y1, x2 - x1, y2 - y1]
+            out.append({**found, "score": d["score"]})
     return out
 
 
-def coco_scores(ground_truth: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, float]:
-    """pycocotools' bbox evaluation (its printed summary silenced): the 12 stats by name; -1 where
-    COCOeval has nothing to average (no object of that size), as it reports."""
+def coco_scores(
+    ground_truth: dict[str, Any], results: list[dict[str, Any]], iou_type: str = "bbox"
+) -> dict[str, float]:
+    """pycocotools' ``iou_type`` ("bbox" or "segm") evaluation (its printed summary silenced): the 12
+    stats by name; -1 where COCOeval has nothing to average (no object of that size), as it reports."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -115,7 +141,7 @@ def coco_scores(ground_truth: dict[str, Any], results: list[dict[str, Any]]) -> 
                 "annotations": [],
             }
             dt.createIndex()
-        ev = COCOeval(gt, dt, iouType="bbox")
+        ev = COCOeval(gt, dt, iouType=iou_type)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
@@ -128,10 +154,13 @@ def detect_categories(
 ) -> list[dict[str, Any]]:
     """Upstream's teacher-forced detection of every category in ``image``: the ``topk`` best
     (object query, category) pairs by sigmoid score, ``{"category": k, "score", "box": [x1, y1, x2, y2]}``
-    in pixels, by score."""
+    in pixels, by score; with a mask head also ``"mask"``, the pair's query's mask as a COCO RLE
+    (upstream's ``post_process_instseg_gdino``)."""
     from transformers.image_transforms import center_to_corners_format
 
+    from interleaf.model.grounding_dino import _pixel_masks
     from interleaf.model.visionllm import detector_inputs
+    from interleaf.processing.masks import json_rle
     from interleaf.train.visionllm import (
         DEFAULT_QUESTION,
         answer_text,
@@ -157,8 +186,14 @@ def detect_categories(
     w, h = image.size
     boxes = center_to_corners_format(out.det.pred_boxes[0].float())[query]
     boxes = boxes * torch.tensor([w, h, w, h], device=boxes.device)
-    return [{"category": int(k), "score": float(s), "box": [float(v) for v in b]}
-            for s, k, b in zip(scores.cpu(), category.cpu(), boxes.cpu())]  # fmt: skip
+    found = [{"category": int(k), "score": float(s), "box": [float(v) for v in b]}
+             for s, k, b in zip(scores.cpu(), category.cpu(), boxes.cpu())]  # fmt: skip
+    if out.det.detection.mask_features is not None:
+        # the detector's own post-processing of a query's mask (stride up, padding off, image size, > 0.5)
+        masks = _pixel_masks(out.det.detection, 0, query, [h, w]).cpu().numpy()
+        for d, mask in zip(found, masks):
+            d["mask"] = json_rle(mask)
+    return found
 
 
 def evaluate_detection(
@@ -174,7 +209,9 @@ def evaluate_detection(
 ) -> dict[str, Any]:
     """``interleaf visionllm eval-det``: detect every category in every image, store each image's
     detections as they come, and write ``detections.jsonl``, ``coco_results.json``, ``scores.json``,
-    ``report.md`` and ``skipped.jsonl`` to ``out``; returns the scores."""
+    ``report.md`` and ``skipped.jsonl`` to ``out`` (with segm, ``coco_results_segm.json`` too);
+    returns the scores: ``scores`` (bbox), and ``segm_scores`` or ``segm_not_scored`` (why) when
+    the records hold masks."""
     from tqdm import tqdm
 
     from interleaf.errors import check_minimums
@@ -208,6 +245,20 @@ def evaluate_detection(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = directory_fingerprint(model_dir, exclude=out)
+    # segm when the detector draws masks and every record with objects holds theirs
+    with_masks = bool(model.gdino.mask_dim)
+    unmasked = next((r for r in records if r.class_labels and r.masks is None), None)
+    segm_why = None
+    if any(r.masks is not None for r in records):
+        if not with_masks:
+            segm_why = "the model's detector has no mask head"
+        elif unmasked is not None:
+            segm_why = f"the objects of line {unmasked.line} have no masks"
+    segm = with_masks and unmasked is None and any(r.masks is not None for r in records)
+    # a GPU's answers are not the CPU's bits
+    params: dict[str, Any] = {"topk": topk, "device": model.device.type}
+    if with_masks:  # stored detections hold masks; a box-only model's keys stay as they were
+        params["masks"] = True
     detections: list[list[dict[str, Any]]] = []
     sizes: list[tuple[int, int]] = []
     asked = 0
@@ -220,7 +271,7 @@ def evaluate_detection(
                 json.dumps(categories),
                 [file_digest(r.image)],
                 fingerprint,
-                {"topk": topk, "device": model.device.type},  # a GPU's answers are not the CPU's bits
+                params,
             )
             found = store.get(key)
             if found is None:
@@ -228,20 +279,33 @@ def evaluate_detection(
                 store.put(key, str(i), found)
                 asked += 1
             detections.append(json.loads(found))
-    truth = coco_ground_truth(records, sizes, categories)
+    truth = coco_ground_truth(records, sizes, categories, masks=segm)
     results = coco_results(detections)
     scores = coco_scores(truth, results)
     outside = sum(len(r.class_labels) for r in records) - len(truth["annotations"])
     summary = {"images": len(records), "categories": len(categories), "objects": len(truth["annotations"]),
                "objects_outside_categories": outside, "skipped": len(skipped), "asked": asked, "topk": topk,
                "scores": scores}  # fmt: skip
+    if segm:
+        segm_results = coco_results(detections, "segm")
+        summary["segm_scores"] = coco_scores(truth, segm_results, "segm")
+        replace_text(out / "coco_results_segm.json", json.dumps(segm_results))
+    elif segm_why is not None:
+        summary["segm_not_scored"] = segm_why
     rows = [{"image": str(r.image), "line": r.line, "detections": d} for r, d in zip(records, detections)]
     replace_text(out / "detections.jsonl", jsonl_text(rows))
     replace_text(out / "coco_results.json", json.dumps(results))
     replace_text(out / "scores.json", json.dumps(summary, indent=1) + "\n")
     replace_text(out / "skipped.jsonl", jsonl_text(skipped))
-    table = "\n".join(f"| {name} | {value:.4f} |" for name, value in scores.items())
+    if segm:
+        table = "\n".join(f"| {name} | {value:.4f} | {summary['segm_scores'][name]:.4f} |"
+                          for name, value in scores.items())  # fmt: skip
+        head, kinds = "| metric | bbox | segm |\n|---|---|---|", "bbox and segm"
+    else:
+        table = "\n".join(f"| {name} | {value:.4f} |" for name, value in scores.items())
+        head, kinds = "| metric | value |\n|---|---|", "bbox"
+    note = f"\nsegm not scored: {segm_why}\n" if segm_why else ""
     replace_text(out / "report.md", f"# Detection: {Path(data).name}\n\n{len(records)} images, "
-                 f"{len(categories)} categories, {summary['objects']} objects (COCOeval bbox, top {topk} per "
-                 f"image)\n\n| metric | value |\n|---|---|\n{table}\n")  # fmt: skip
+                 f"{len(categories)} categories, {summary['objects']} objects (COCOeval {kinds}, top {topk} "
+                 f"per image)\n{note}\n{head}\n{table}\n")  # fmt: skip
     return summary

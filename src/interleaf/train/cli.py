@@ -219,10 +219,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a.set_defaults(func=_visionllm_ask)
     e = vsub.add_parser(
         "eval-det",
-        help="COCO box AP of the detection route on detection records (upstream's eval_det, pycocotools)",
+        help="COCO box AP (and mask AP) of the detection route on detection records (upstream's eval_det, "
+        "pycocotools)",
     )
     e.add_argument("model", help="a VisionLLM v2 folder with a detector")
-    e.add_argument("data", help="JSONL detection records {image, objects: [{phrase, box}]} (train's format)")
+    e.add_argument(
+        "data",
+        help="JSONL detection records {image, objects: [{phrase, box, mask?}]} (train's format; mask AP "
+        "when they hold masks and the detector has a mask head)",
+    )
     e.add_argument(
         "-o", "--out", required=True, help="folder for the detections, scores and report (resumable)"
     )
