@@ -158,7 +158,7 @@ def detect_categories(
     (upstream's ``post_process_instseg_gdino``)."""
     from transformers.image_transforms import center_to_corners_format
 
-    from interleaf.model.grounding_dino import _pixel_masks
+    from interleaf.model.grounding_dino import pixel_masks
     from interleaf.model.visionllm import detector_inputs
     from interleaf.processing.masks import json_rle
     from interleaf.train.visionllm import (
@@ -190,7 +190,7 @@ def detect_categories(
              for s, k, b in zip(scores.cpu(), category.cpu(), boxes.cpu())]  # fmt: skip
     if out.det.detection.mask_features is not None:
         # the detector's own post-processing of a query's mask (stride up, padding off, image size, > 0.5)
-        masks = _pixel_masks(out.det.detection, 0, query, [h, w]).cpu().numpy()
+        masks = pixel_masks(out.det.detection, 0, query, [h, w]).cpu().numpy()
         for d, mask in zip(found, masks):
             d["mask"] = json_rle(mask)
     return found

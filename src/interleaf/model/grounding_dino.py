@@ -77,6 +77,7 @@ __all__ = [
     "SuperLinkGroundingDino",
     "TextDetectionOutput",
     "build_grounding_dino",
+    "pixel_masks",
     "point_mask_losses",
     "tiny_grounding_dino_config",
 ]
@@ -835,12 +836,12 @@ class SuperLinkGroundingDino(nn.Module):
             }
             if detection is not None and detection.mask_features is not None:
                 queries = keep.nonzero()[:, 0][order]
-                found["masks"] = _pixel_masks(detection, b, queries, [int(v) for v in sizes[b].tolist()])
+                found["masks"] = pixel_masks(detection, b, queries, [int(v) for v in sizes[b].tolist()])
             results.append(found)
         return results
 
 
-def _pixel_masks(
+def pixel_masks(
     detection: TextDetectionOutput, b: int, queries: torch.Tensor, size: list[int]
 ) -> torch.Tensor:
     """Sample ``b``'s masks of ``queries`` [n] as bools [n, height, width] for an image of ``size``."""
