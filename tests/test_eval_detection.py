@@ -209,3 +209,36 @@ def test_eval_det_bad_input_is_one_line(tmp_path, capsys):
         )
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err and f"{tmp_path / 'e.jsonl'}:" in err, err
+
+
+def test_eval_det_answers_seg_records_with_seg_routes(tmp_path, monkeypatch, capsys):
+    """A [SEG] record is scored on a teacher-forced [SEG] answer, as it was trained; [DET] records keep
+    their [DET] answers (and store keys), and [GRD] records are not this evaluation's."""
+    from interleaf.eval import detection
+    from interleaf.model.visionllm import load_visionllm
+
+    rows = squares(tmp_path, 3, seed=13, size=112)
+    rows[1]["route"] = "seg"
+    rows[2]["route"] = "grd"
+    _write(tmp_path / "d.jsonl", rows)
+    init = tmp_path / "init"
+    assert main(["visionllm", "init", "-o", str(init), "--image-size", "112", "--max-tiles", "1"]) == 0
+    capsys.readouterr()
+    real, routes = detection.detect_categories, []
+
+    def spy(model, tokenizer, image, categories, topk=100, route="det"):
+        routes.append(route)
+        return real(model, tokenizer, image, categories, topk, route)
+
+    monkeypatch.setattr(detection, "detect_categories", spy)
+    assert main(["visionllm", "eval-det", str(init), str(tmp_path / "d.jsonl"), "-o", str(tmp_path / "ev"),
+                 "--device", "cpu"]) == 0  # fmt: skip
+    summary = json.loads(capsys.readouterr().out)
+    assert routes == ["det", "seg"] and summary["images"] == 2 and summary["skipped"] == 1
+    stored = [json.loads(x) for x in (tmp_path / "ev" / "detections.jsonl").read_text().splitlines()]
+    model, tok = load_visionllm(init)
+    image = Image.open(tmp_path / rows[1]["image"]).convert("RGB")
+    categories = list(dict.fromkeys(o["phrase"] for o in rows[0]["objects"]))
+    as_seg = real(model, tok, image, categories, 100, "seg")
+    assert stored[1]["detections"] == json.loads(json.dumps(as_seg))
+    assert as_seg != real(model, tok, image, categories, 100, "det")  # the routing token is read

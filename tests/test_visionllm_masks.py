@@ -561,9 +561,9 @@ def test_eval_det_scores_segm_as_pycocotools_and_resumes_with_the_masks_stored(t
     real, asked = detection.detect_categories, []
     of_image = {np.asarray(Image.open(tmp_path / r["image"]).convert("RGB")).tobytes(): r for r in rows}
 
-    def detect_and_near_misses(model, tokenizer, image, categories, topk=100):
+    def detect_and_near_misses(model, tokenizer, image, categories, topk=100, route="det"):
         asked.append(1)
-        found = real(model, tokenizer, image, categories, topk)
+        found = real(model, tokenizer, image, categories, topk, route)
         h, w = image.height, image.width
         for j, o in enumerate(of_image[np.asarray(image).tobytes()]["objects"]):
             x1, y1, x2, y2 = o["box"]

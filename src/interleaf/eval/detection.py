@@ -8,8 +8,8 @@ Per image (upstream's evaluation sets build the same input):
    the categories are ``phrases`` (in that order) or every object phrase of the data, in order of
    first appearance; an object whose phrase is no category is left out of the ground truth (counted).
 2. prompt: one teacher-forced pass, the question ``Please detect <all categories> in the image.``
-   and the answer routing every category in order (``cat[DET][EMB]..., dog[DET]...``), so the k-th
-   route is category k, for every image alike;
+   and the answer routing every category in order (``cat[DET][EMB]..., dog[DET]...``; ``[SEG]`` for a
+   record whose ``route`` is ``seg``), so the k-th route is category k, for every image alike;
 3. extract: the detector, fed the routes' slot states, scores every (object query, category) pair by
    sigmoid; the ``topk`` (default 100) highest pairs are the image's detections, with no threshold
    (upstream's ``post_process_det_gdino``), boxes in the image's pixels;
@@ -150,7 +150,7 @@ def coco_scores(
 
 @torch.no_grad()
 def detect_categories(
-    model: Any, tokenizer: Any, image: Any, categories: list[str], topk: int = 100
+    model: Any, tokenizer: Any, image: Any, categories: list[str], topk: int = 100, route: str = "det"
 ) -> list[dict[str, Any]]:
     """Upstream's teacher-forced detection of every category in ``image``: the ``topk`` best
     (object query, category) pairs by sigmoid score, ``{"category": k, "score", "box": [x1, y1, x2, y2]}``
@@ -171,7 +171,7 @@ def detect_categories(
 
     question = DEFAULT_QUESTION.format(phrases=", ".join(categories))
     example = prompt_example(
-        model, tokenizer, question, image, answer_text(categories, "det", model.link.num_embs)
+        model, tokenizer, question, image, answer_text(categories, route, model.link.num_embs)
     )
     batch = pad_examples([example], pad_token_id(model))
     batch.pop("labels")
@@ -225,7 +225,9 @@ def evaluate_detection(
 
     check_minimums(("--topk", topk, 1), *((("--limit", limit, 1),) if limit is not None else ()))
     records, skipped = read_records(data, image_root)
-    kept = [r for r in records if isinstance(r, DetectionRecord) and r.route == "det"]
+    # [DET] records, as upstream's eval_det, and [SEG] ones (answered with [SEG], as they were trained);
+    # [GRD] (referring expressions) has a metric of its own
+    kept = [r for r in records if isinstance(r, DetectionRecord) and r.route in ("det", "seg")]
     taken = {id(r) for r in kept}
     skipped += [{"line": r.line, "reason": "not a detection record"} for r in records if id(r) not in taken]
     skipped.sort(key=lambda s: s["line"])
@@ -271,11 +273,11 @@ def evaluate_detection(
                 json.dumps(categories),
                 [file_digest(r.image)],
                 fingerprint,
-                params,
+                params if r.route == "det" else {**params, "route": r.route},  # [DET] keys as before
             )
             found = store.get(key)
             if found is None:
-                found = json.dumps(detect_categories(model, tok, image, categories, topk))
+                found = json.dumps(detect_categories(model, tok, image, categories, topk, r.route))
                 store.put(key, str(i), found)
                 asked += 1
             detections.append(json.loads(found))
