@@ -24,6 +24,7 @@ from interleaf.model.grounding_dino import (
     SuperLinkGroundingDino,
     TextDetectionOutput,
     build_grounding_dino,
+    mask_logits,
     tiny_grounding_dino_config,
 )
 
@@ -696,3 +697,154 @@ def test_mask_loss_without_embedding_init_target(two_stage):
     assert (out.detection.encoder_mask_embeddings is not None) == two_stage
     out.loss.backward()
     assert model.gdino.model.mask_embed.layers[-1].weight.grad is not None or not two_stage
+
+
+# ---------------------------------------------------------------------------- contrastive denoising
+
+
+def _dn_labels() -> list[dict[str, torch.Tensor]]:
+    return [
+        {"class_labels": torch.tensor([0]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.4]])},
+        {
+            "class_labels": torch.tensor([2, 1]),
+            "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.2], [0.7, 0.2, 0.1, 0.1]]),
+        },
+    ]
+
+
+def test_denoising_queries_put_each_object_in_every_group_with_its_route_and_box():
+    model = _model(dn_number=10, dn_label_noise_ratio=0.0, dn_box_noise_scale=0.0).train()
+    route_mask = torch.tensor([[True, False, False], [True, True, True]])
+    tokens, _, _ = model.text_features(_queries(2, 3), route_mask)
+    dn = model.denoising_queries(_dn_labels(), tokens, route_mask)
+    # 10 // 2 objects at most = 5 groups of 2 x 2 queries (positives, then negatives)
+    assert (dn.groups, dn.group_size, dn.num_queries) == (5, 4, 20)
+    assert dn.label_embeds.shape == (2, 20, 32) and dn.box_logits.shape == (2, 20, 4)
+    for g in range(5):
+        for k in (0, 2):  # positive, negative: without noise the same route and box
+            torch.testing.assert_close(dn.label_embeds[0, 4 * g + k], tokens[0, 0])
+            torch.testing.assert_close(dn.label_embeds[1, 4 * g + k], tokens[1, 2])
+            torch.testing.assert_close(dn.label_embeds[1, 4 * g + k + 1], tokens[1, 1])
+            torch.testing.assert_close(
+                dn.box_logits[1, 4 * g + k + 1].sigmoid(), torch.tensor([0.7, 0.2, 0.1, 0.1])
+            )
+            # sample 0 has one object: its second slot of each half is padding (zeros)
+            assert (
+                dn.label_embeds[0, 4 * g + k + 1].abs().sum() == 0
+                and dn.box_logits[0, 4 * g + k + 1].abs().sum() == 0
+            )
+    assert [p.tolist() for p, _ in dn.indices([1, 2])] == [
+        [0, 4, 8, 12, 16],
+        [0, 1, 4, 5, 8, 9, 12, 13, 16, 17],
+    ]
+    assert dn.indices([1, 2])[1][1].tolist() == [0, 1] * 5
+    # attention: object queries see no denoising query; a group sees itself and the object queries
+    mask = dn.attn_mask
+    assert mask.shape == (40, 40) and mask[20:, :20].all() and not mask[20:, 20:].any()
+    for g in range(5):
+        rows = slice(4 * g, 4 * g + 4)
+        assert not mask[rows, 4 * g : 4 * g + 4].any() and not mask[rows, 20:].any()
+        assert mask[rows, : 4 * g].all() and mask[rows, 4 * g + 4 : 20].all()
+    assert model.denoising_queries([{"class_labels": torch.tensor([]), "boxes": torch.zeros(0, 4)}] * 2,
+                                   tokens, route_mask) is None  # fmt: skip
+    assert _model().denoising_queries(_dn_labels(), tokens, route_mask) is None  # dn_number 0: none
+
+
+def test_denoising_noise_moves_negatives_further_than_positives_and_swaps_routes():
+    model = _model(dn_number=200, dn_label_noise_ratio=1.0, dn_box_noise_scale=1.0).train()
+    route_mask = torch.tensor([[True, True, False], [True, True, True]])
+    labels = [{"class_labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}] * 2
+    tokens, _, _ = model.text_features(_queries(2, 3), route_mask)
+    torch.manual_seed(0)
+    dn = model.denoising_queries(labels, tokens, route_mask)
+    boxes = dn.box_logits.sigmoid()
+    corners = torch.cat([boxes[..., :2] - boxes[..., 2:] / 2, boxes[..., :2] + boxes[..., 2:] / 2], -1)
+    shift = (corners - torch.tensor([0.4, 0.4, 0.6, 0.6])).abs()  # half the box's size is 0.1
+    positive, negative = shift[:, 0::2], shift[:, 1::2]
+    # a negative's corners may cross (x2 < x1), as upstream's: its size is then the logit's floor
+    uncrossed = (boxes[:, 1::2, 2:] > 1e-3).all(-1)
+    assert positive.max() <= 0.1 + 1e-5 and (boxes[:, 0::2, 2:] > 1e-3).all()
+    assert negative[uncrossed].min() >= 0.1 - 1e-5 and negative[uncrossed].max() <= 0.2 + 1e-5
+    assert uncrossed.float().mean() > 0.5
+    # label noise 1.0: half the queries take a random valid route (sample 0: routes 0-1, never 2)
+    same = (dn.label_embeds[0] - tokens[0, 0]).abs().sum(-1) == 0
+    other = (dn.label_embeds[0] - tokens[0, 1]).abs().sum(-1) == 0
+    assert bool((same | other).all()) and 0.1 < other.float().mean() < 0.4  # ~ 0.5 x 1/2
+    picked = [(dn.label_embeds[1] - tokens[1, r]).abs().sum(-1).eq(0).float().mean() for r in range(3)]
+    assert picked[2] > 0
+
+
+def test_object_queries_are_the_same_with_or_without_denoising_queries():
+    plain = _model(dropout=0.0, fusion_droppath=0.0, mask_dim=32, auxiliary_loss=True).train()
+    torch.nn.init.normal_(plain.gdino.mask_embed[0].layers[-1].weight, std=0.5)
+    noisy = _model(dropout=0.0, fusion_droppath=0.0, mask_dim=32, auxiliary_loss=True, dn_number=10).train()
+    noisy.load_state_dict(plain.state_dict())
+    route_mask = torch.tensor([[True, False, False], [True, True, True]])
+    with torch.no_grad():
+        a = plain(_pixels(), _queries(2, 3), route_mask, labels=_dn_labels())
+        b = noisy(_pixels(), _queries(2, 3), route_mask, labels=_dn_labels())
+    assert a.detection.denoising is None and b.detection.denoising is not None
+    for field in ("logits", "pred_boxes", "encoder_logits", "encoder_pred_boxes"):
+        torch.testing.assert_close(getattr(b, field), getattr(a, field), rtol=1e-5, atol=1e-5)
+    for field in ("outputs_class", "outputs_coord", "mask_embeddings", "last_hidden_state",
+                  "init_reference_points", "intermediate_reference_points"):  # fmt: skip
+        torch.testing.assert_close(
+            getattr(b.detection, field), getattr(a.detection, field), rtol=1e-5, atol=1e-5
+        )
+    for key, value in a.loss_dict.items():  # the matching terms are the same; the _dn ones come on top
+        torch.testing.assert_close(b.loss_dict[key], value, rtol=1e-5, atol=1e-5)
+    extra = set(b.loss_dict) - set(a.loss_dict)
+    assert extra == {f"loss_{t}_dn{s}" for t in ("ce", "bbox", "giou") for s in ("", "_0")}
+    assert noisy.config.num_queries == 20  # the decoder's count is restored
+    noisy.eval()  # no denoising out of training
+    with torch.no_grad():
+        c = noisy(_pixels(), _queries(2, 3), route_mask, labels=_dn_labels())
+    assert c.detection.denoising is None and not any("_dn" in k for k in c.loss_dict)
+
+
+def test_denoising_loss_pairs_each_positive_with_its_object():
+    model = _model(dn_number=10, dn_label_noise_ratio=0.0, dn_box_noise_scale=0.0, mask_dim=32).train()
+    torch.nn.init.normal_(model.gdino.mask_embed[0].layers[-1].weight, std=0.5)
+    # the box head starts at zero, so a query would give back its (here exact) box: move it
+    torch.nn.init.normal_(model.gdino.bbox_embed[0].layers[-1].weight, std=0.5)
+    route_mask = torch.tensor([[True, False, False], [True, True, True]])
+    labels = _dn_labels()
+    masks = torch.zeros(2, 64, 64)
+    masks[0, 20:40, 20:40] = 1
+    masks[1, 5:10, 40:50] = 1
+    labels[1]["masks"] = masks
+    from interleaf.model import grounding_dino
+
+    real, calls = grounding_dino.point_mask_losses, []
+
+    def recorded(pred, target, num_masks, *args):
+        calls.append((pred.shape[0], num_masks))
+        return real(pred, target, num_masks, *args)
+
+    grounding_dino.point_mask_losses = recorded
+    try:
+        out = model(_pixels(), _queries(2, 3), route_mask, labels=labels)
+    finally:
+        grounding_dino.point_mask_losses = real
+    # matching: sample 1's 2 matched masks / 2 (last layer, two-stage proposals); denoising: its
+    # 2 objects x 5 groups / 10
+    assert calls == [(2, 2), (2, 2), (10, 10)]
+    dn = out.detection.denoising
+    boxes = dn.outputs_coord[-1]
+    # L1 over the 3 objects x 5 groups, each positive against its own object, / (3 x 5)
+    want = sum((boxes[0, 4 * g] - labels[0]["boxes"][0]).abs().sum()
+               + (boxes[1, 4 * g : 4 * g + 2] - labels[1]["boxes"]).abs().sum() for g in range(5)) / 15  # fmt: skip
+    assert want > 0.01
+    torch.testing.assert_close(out.loss_dict["loss_bbox_dn"], want)
+    # the mask terms: sample 1's positives, each against its own object's mask
+    assert {"loss_mask_dn", "loss_dice_dn"} <= set(out.loss_dict)
+    pred = mask_logits(dn.mask_embeddings[-1][1:2, torch.tensor([0, 1, 4, 5, 8, 9, 12, 13, 16, 17])],
+                       out.detection.mask_features[1:2])[0]  # fmt: skip
+    torch.manual_seed(7)
+    want_mask = real(pred, masks.repeat(5, 1, 1), 10, model.config.mask_num_points)
+    torch.manual_seed(7)
+    got = model.mask_terms(dn.mask_embeddings[-1], out.detection.mask_features, dn.queries.indices([1, 2]),
+                           model.mask_targets(out.detection, labels), 10)  # fmt: skip
+    torch.testing.assert_close(got, want_mask)
+    out.loss.backward()
+    assert model.patch2query.layers[0].weight.grad.abs().sum() > 0

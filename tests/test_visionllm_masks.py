@@ -646,3 +646,36 @@ def test_eval_det_scores_segm_as_pycocotools_and_resumes_with_the_masks_stored(t
         "segm not scored: the model's detector has no mask head"
         in (tmp_path / "ev2" / "report.md").read_text()
     )
+
+
+def test_dn_number_trains_the_detector_with_denoising_queries(tmp_path, capsys):
+    """visionllm init --dn-number: the detector's config keeps it through save and load, and a
+    training forward adds the denoising terms (an eval one does not)."""
+    assert main(["visionllm", "init", "-o", str(tmp_path / "vl"), "--image-size", "112", "--max-tiles", "1",
+                 "--detector-size", "64", "--dn-number", "6"]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "vl" / "config.json").read_text())["visionllmv2"]["gdino"]["dn_number"] == 6
+    model, tok = load_visionllm(tmp_path / "vl")
+    assert model.gdino.denoising_setting("dn_number") == 6
+    _write(tmp_path / "b.jsonl", squares(tmp_path, 2, seed=5, size=64))
+    records, _ = read_records(tmp_path / "b.jsonl")
+    batch = collate_detection([encode_detection(model, tok, r) for r in records], 0, 64)
+    model.train()
+    with torch.no_grad():
+        out = model(**batch)
+    dn = out.det.detection.denoising
+    assert dn is not None and dn.queries.groups == 6 // max(len(r.class_labels) for r in records)
+    assert {"loss_ce_dn", "loss_bbox_dn", "loss_giou_dn"} <= set(out.det.loss_dict)
+    model.eval()
+    with torch.no_grad():
+        out = model(**batch)
+    assert out.det.detection.denoising is None and not any("_dn" in k for k in out.det.loss_dict)
+    assert main(["visionllm", "init", "-o", str(tmp_path / "plain")]) == 0
+    assert (
+        "dn_number"
+        not in json.loads((tmp_path / "plain" / "config.json").read_text())["visionllmv2"]["gdino"]
+    )
+    capsys.readouterr()
+    assert main(["visionllm", "init", "-o", str(tmp_path / "neg"), "--dn-number", "-1"]) == 1
+    assert "--dn-number must be >= 0" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="detector=False builds none"):
+        init_visionllm("tiny", detector=False, dn_number=8)

@@ -20,7 +20,8 @@ transformers' outputs exactly (checked in the tests).
 
 Departures from the official OV-GDINO of VisionLLM v2 (``OVGroundingDinoForObjectDetection``):
 
-* no denoising queries;
+* denoising label noise picks among the sample's valid routes (upstream draws from all text slots,
+  padding included);
 * the class and box loss is transformers' ``GroundingDinoForObjectDetectionLoss`` (Hungarian
   matching, focal class loss over route tokens, L1 + GIoU box losses, optional auxiliary and
   two-stage encoder terms), not the official criterion;
@@ -47,6 +48,14 @@ weights ``mask_weight`` / ``dice_weight`` (5 and 5, as VisionLLM v2 trains), on 
 with ``auxiliary_loss`` and on the two-stage proposals (``model.mask_embed``). Post-processing
 upsamples a kept query's logits by the stride, crops the padding, resizes to the image and keeps
 ``sigmoid > 0.5``, as the official ``post_process_instseg_gdino``.
+
+**Contrastive denoising** (DINO's CDN, the official ``prepare_for_cdn``), in training with
+``config.dn_number`` > 0 (upstream: 100; default 0, as transformers' Grounding DINO has none): each
+ground-truth object enters the decoder again in ``dn_number // max objects`` groups, as a positive
+query (its route's text token, its box a little noised) to reconstruct and a negative (box noised
+more) to call background, in front of the object queries, which cannot see them. Their terms (focal
+class, L1 + GIoU box, mask) use fixed pairs and come on top (``_dn``, ``_dn_i``); the object
+queries' outputs are what they would be without them.
 """
 
 from __future__ import annotations
@@ -63,6 +72,7 @@ from transformers.image_transforms import center_to_corners_format
 from transformers.loss.loss_grounding_dino import (
     GroundingDinoForObjectDetectionLoss,
     GroundingDinoHungarianMatcher,
+    GroundingDinoImageLoss,
 )
 from transformers.models.grounding_dino.modeling_grounding_dino import GroundingDinoMLPPredictionHead
 from transformers.models.mask2former.modeling_mask2former import (
@@ -91,6 +101,10 @@ MASK_DEFAULTS = {
     "mask_oversample_ratio": 3.0,
     "mask_importance_sample_ratio": 0.75,
 }
+# contrastive denoising (DINO's CDN) in training: off unless the config sets dn_number (the official
+# OV-GDINO uses 100 groups' worth of queries, label noise 0.5, box noise 1.0)
+CLASS_LOSS_WEIGHT = 2.0  # transformers' GroundingDinoForObjectDetectionLoss weighs loss_ce so, fixed
+DENOISING_DEFAULTS = {"dn_number": 0, "dn_label_noise_ratio": 0.5, "dn_box_noise_scale": 1.0}
 
 
 def tiny_grounding_dino_config(**overrides: object) -> GroundingDinoConfig:
@@ -166,6 +180,50 @@ class PatchToQuery(nn.Module):
 
 
 @dataclass
+class DenoisingQueries:
+    """Contrastive denoising queries (DINO's CDN, as the official OV-GDINO's ``prepare_for_cdn``
+    builds them) put before the object queries in training. ``groups`` groups of ``group_size`` =
+    2 x (most objects of a sample) queries: in group g, object j of a sample is query
+    ``g * group_size + j`` with a slightly noised box (positive: to be reconstructed) and query
+    ``g * group_size + group_size / 2 + j`` with a more noised one (negative: background); padding
+    queries are zeros. ``label_embeds`` [B, P, d] are the text tokens (routes) of the objects'
+    classes, some swapped for a random route; ``box_logits`` [B, P, 4] inverse-sigmoid cxcywh;
+    ``attn_mask`` [P + Q, P + Q] True where a query may not attend: the object queries see no
+    denoising query, a group sees no other group (it does see the object queries)."""
+
+    label_embeds: torch.Tensor
+    box_logits: torch.Tensor
+    attn_mask: torch.Tensor
+    groups: int
+    group_size: int
+
+    @property
+    def num_queries(self) -> int:
+        return self.groups * self.group_size
+
+    def indices(self, counts: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The positive (query, object) pairs per sample with ``counts`` objects."""
+        device = self.label_embeds.device
+        pairs = []
+        for n in counts:
+            objects = torch.arange(n, device=device)
+            starts = torch.arange(self.groups, device=device)[:, None] * self.group_size
+            pairs.append(((starts + objects).flatten(), objects.repeat(self.groups)))
+        return pairs
+
+
+@dataclass
+class DenoisingOutput:
+    """The denoising queries' outputs, per decoder layer: ``outputs_class`` [L, B, P, max_text_len],
+    ``outputs_coord`` [L, B, P, 4], ``mask_embeddings`` [L, B, P, mask_dim] (with a mask head)."""
+
+    queries: DenoisingQueries
+    outputs_class: torch.Tensor
+    outputs_coord: torch.Tensor
+    mask_embeddings: torch.Tensor | None = None
+
+
+@dataclass
 class TextDetectionOutput:
     """What ``detect_with_text`` returns: transformers' layout, text axis padded to ``max_text_len``.
 
@@ -178,6 +236,8 @@ class TextDetectionOutput:
     input), ``mask_embeddings`` [L, B, Q, mask_dim] per decoder layer, ``encoder_mask_embeddings``
     [B, Q, mask_dim] of the two-stage proposals; mask logits are their products (:func:`mask_logits`).
     ``input_sizes``: each image's (height, width) inside the padded input of ``padded_size``.
+    ``denoising``: the denoising queries' outputs, when there were some (training); every other
+    field is the object queries' alone.
     """
 
     logits: torch.Tensor
@@ -199,6 +259,7 @@ class TextDetectionOutput:
     mask_stride: int | None = None
     input_sizes: list[tuple[int, int]] | None = None
     padded_size: tuple[int, int] | None = None
+    denoising: DenoisingOutput | None = None
 
 
 def mask_logits(embeddings: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
@@ -405,6 +466,67 @@ class SuperLinkGroundingDino(nn.Module):
         position_ids = (route_mask.long().cumsum(dim=1) - 1).clamp(min=0) * route_mask.long()
         return tokens, self_attn, position_ids
 
+    def denoising_setting(self, key: str) -> float:
+        """A denoising setting: the config's, else :data:`DENOISING_DEFAULTS`'."""
+        return getattr(self.config, key, DENOISING_DEFAULTS[key])
+
+    def denoising_queries(
+        self, labels: Sequence[dict[str, torch.Tensor]], tokens: torch.Tensor, route_mask: torch.Tensor
+    ) -> DenoisingQueries | None:
+        """The training batch's denoising queries (:class:`DenoisingQueries`) from its ``labels`` and
+        text tokens [B, R, d]; None when ``dn_number`` is 0 or no sample has an object. Noise as the
+        official ``prepare_for_cdn``: with probability ``dn_label_noise_ratio / 2`` a query's class is
+        a random one (here: a random valid route of its sample, as padded routes are no class); each
+        box corner moves by up to ``dn_box_noise_scale`` x half the box's size, by 1 to 2 x that for
+        negatives, clamped to the image. Draws from the global RNG."""
+        dn_number = int(self.denoising_setting("dn_number"))
+        counts = [len(t["class_labels"]) for t in labels]
+        most = max(counts, default=0)
+        if dn_number <= 0 or most == 0:
+            return None
+        groups = max(dn_number // most, 1)
+        size = 2 * most
+        batch, _, d = tokens.shape
+        total = groups * size
+        device = tokens.device
+        label_embeds = tokens.new_zeros(batch, total, d)
+        box_logits = tokens.new_zeros(batch, total, 4)
+        label_noise = float(self.denoising_setting("dn_label_noise_ratio"))
+        box_noise = float(self.denoising_setting("dn_box_noise_scale"))
+        valid = route_mask.sum(dim=1)
+        for b, target in enumerate(labels):
+            n = counts[b]
+            if n == 0:
+                continue
+            # repetition k of the sample's objects: group k // 2, positive for even k, negative for odd
+            repeats = torch.arange(2 * groups, device=device)
+            classes = target["class_labels"].to(device).repeat(2 * groups)
+            if label_noise > 0:
+                swap = torch.rand(classes.shape, device=device) < label_noise * 0.5
+                classes = torch.where(swap, torch.randint_like(classes, 0, int(valid[b])), classes)
+            boxes = target["boxes"].to(device=device, dtype=torch.float32).repeat(2 * groups, 1)
+            if box_noise > 0:
+                corners = center_to_corners_format(boxes)
+                half = boxes[:, 2:].repeat(1, 2) / 2
+                sign = torch.randint_like(boxes, 0, 2) * 2.0 - 1.0
+                part = torch.rand_like(boxes)
+                part[repeats.repeat_interleave(n) % 2 == 1] += 1.0  # negatives: further off
+                corners = (corners + part * sign * half * box_noise).clamp(0.0, 1.0)
+                boxes = torch.cat(
+                    [(corners[:, :2] + corners[:, 2:]) / 2, corners[:, 2:] - corners[:, :2]], dim=1
+                )
+            slots = (repeats[:, None] * most + torch.arange(n, device=device)).flatten()
+            label_embeds[b, slots] = tokens[b, classes]
+            box_logits[b, slots] = torch.special.logit(boxes, eps=1e-5).to(box_logits.dtype)
+        size_all = total + self.config.num_queries
+        attn_mask = torch.zeros(size_all, size_all, dtype=torch.bool, device=device)
+        attn_mask[total:, :total] = True  # the object queries must not see the answers
+        for g in range(groups):
+            rows = slice(g * size, (g + 1) * size)
+            attn_mask[rows, (g + 1) * size : total] = True
+            attn_mask[rows, : g * size] = True
+        return DenoisingQueries(label_embeds, box_logits, attn_mask, groups, size)
+
     # ------------------------------------------------------------------ Grounding DINO after the text projection
 
     def detect_with_text(
@@ -415,6 +537,7 @@ class SuperLinkGroundingDino(nn.Module):
         text_token_mask: torch.Tensor,
         text_self_attention_masks: torch.Tensor,
         text_position_ids: torch.Tensor,
+        denoising: DenoisingQueries | None = None,
     ) -> TextDetectionOutput:
         """Grounding DINO from the projected text features on, as transformers' forward runs it.
 
@@ -422,6 +545,8 @@ class SuperLinkGroundingDino(nn.Module):
         ``text_token_mask`` [B, T] True = real token; ``text_self_attention_masks`` [B, T, T] True =
         may attend (as ``generate_masks_with_special_tokens_and_transfer_map`` returns them). The
         inversions each submodule expects are applied here, exactly where transformers applies them.
+        ``denoising`` queries (training) go before the object queries, as the official OV-GDINO puts
+        them; their outputs come back apart (``denoising``).
         """
         model = self.gdino.model
         config = self.gdino.config
@@ -562,21 +687,43 @@ class SuperLinkGroundingDino(nn.Module):
             reference_points = model.reference_points.weight.unsqueeze(0).repeat(batch_size, 1, 1).sigmoid()
             init_reference_points = reference_points
 
-        # decoder: its vision mask is "True = real pixel" (no ~), its text mask "True = padding"
-        decoder_outputs = model.decoder(
-            inputs_embeds=target,
-            vision_encoder_hidden_states=vision_memory,
-            vision_encoder_attention_mask=mask_flatten,
-            text_encoder_hidden_states=text_memory,
-            text_encoder_attention_mask=~text_token_mask,
-            reference_points=reference_points,
-            spatial_shapes=spatial_shapes,
-            spatial_shapes_list=spatial_shapes_list,
-            level_start_index=level_start_index,
-            valid_ratios=valid_ratios,
-            self_attn_mask=None,
-            return_dict=True,
-        )
+        self_attn_mask = None
+        num_denoising = 0
+        if denoising is not None:
+            num_denoising = denoising.num_queries
+            target = torch.cat([denoising.label_embeds.to(target.dtype), target], dim=1)
+            reference_points = torch.cat(
+                [denoising.box_logits.sigmoid().to(reference_points.dtype), reference_points], dim=1
+            )
+            init_reference_points = reference_points
+            # additive, as transformers' decoder self-attention adds it to the scores
+            self_attn_mask = torch.zeros(denoising.attn_mask.shape, dtype=target.dtype, device=target.device)
+            self_attn_mask = self_attn_mask.masked_fill(denoising.attn_mask, torch.finfo(target.dtype).min)[
+                None, None
+            ]
+
+        # decoder: its vision mask is "True = real pixel" (no ~), its text mask "True = padding".
+        # It shapes that text mask for config.num_queries rows, so while denoising queries ride
+        # along the config (shared by the whole detector) counts them too
+        num_queries = config.num_queries
+        config.num_queries = num_queries + num_denoising
+        try:
+            decoder_outputs = model.decoder(
+                inputs_embeds=target,
+                vision_encoder_hidden_states=vision_memory,
+                vision_encoder_attention_mask=mask_flatten,
+                text_encoder_hidden_states=text_memory,
+                text_encoder_attention_mask=~text_token_mask,
+                reference_points=reference_points,
+                spatial_shapes=spatial_shapes,
+                spatial_shapes_list=spatial_shapes_list,
+                level_start_index=level_start_index,
+                valid_ratios=valid_ratios,
+                self_attn_mask=self_attn_mask,
+                return_dict=True,
+            )
+        finally:
+            config.num_queries = num_queries
         hidden_states = decoder_outputs.intermediate_hidden_states
         inter_reference_points = decoder_outputs.intermediate_reference_points
 
@@ -612,6 +759,20 @@ class SuperLinkGroundingDino(nn.Module):
                     for level in range(hidden_states.shape[1])
                 ]
             )
+        last_hidden_state = decoder_outputs.last_hidden_state
+        denoising_output = None
+        if denoising is not None:  # the denoising queries' outputs apart; the rest as without them
+            k = num_denoising
+            denoising_output = DenoisingOutput(
+                denoising, outputs_class[:, :, :k], outputs_coord[:, :, :k],
+                None if mask_embeddings is None else mask_embeddings[:, :, :k],
+            )  # fmt: skip
+            outputs_class, outputs_coord = outputs_class[:, :, k:], outputs_coord[:, :, k:]
+            mask_embeddings = None if mask_embeddings is None else mask_embeddings[:, :, k:]
+            last_hidden_state = last_hidden_state[:, k:]
+            init_reference_points = init_reference_points[:, k:]
+            inter_reference_points = inter_reference_points[:, :, k:]
+        if mask_features is not None:
             mask_stride = round(height / finest.shape[-2])
             real = pixel_mask.bool()
             input_sizes = list(zip(real.any(dim=2).sum(dim=1).tolist(), real.any(dim=1).sum(dim=1).tolist()))
@@ -621,7 +782,7 @@ class SuperLinkGroundingDino(nn.Module):
             pred_boxes=outputs_coord[-1],
             outputs_class=outputs_class,
             outputs_coord=outputs_coord,
-            last_hidden_state=decoder_outputs.last_hidden_state,
+            last_hidden_state=last_hidden_state,
             encoder_last_hidden_state_vision=vision_memory,
             encoder_last_hidden_state_text=text_memory,
             init_reference_points=init_reference_points,
@@ -636,6 +797,7 @@ class SuperLinkGroundingDino(nn.Module):
             mask_stride=mask_stride,
             input_sizes=input_sizes,
             padded_size=(height, width) if mask_features is not None else None,
+            denoising=denoising_output,
         )
 
     # ------------------------------------------------------------------ loss
@@ -669,34 +831,70 @@ class SuperLinkGroundingDino(nn.Module):
         )
         return loss, loss_dict
 
-    def mask_loss(
-        self,
-        detection: TextDetectionOutput,
-        labels: Sequence[dict[str, torch.Tensor]],
-        label_maps: Sequence[torch.Tensor],
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
-        """The mask terms, for the samples whose labels hold ``masks`` [n, h, w] (their objects', in
-        {0, 1}, over the image's part of the padded input: top-left, at most ``padded_size``); None
-        when none does. Pairs are the box matching's (transformers' matcher with the config's costs,
-        as the box loss matches), per output: the last decoder layer, every other one with
-        ``auxiliary_loss`` (suffix ``_i``), the two-stage proposals (``_enc``). Each output adds
-        ``mask_weight * loss_mask + dice_weight * loss_dice``, normalised by the number of masks."""
-        config = self.config
-        chosen = [i for i, target in enumerate(labels) if target.get("masks") is not None]
-        if not chosen or detection.mask_features is None:
-            return None
+    def mask_targets(
+        self, detection: TextDetectionOutput, labels: Sequence[dict[str, torch.Tensor]]
+    ) -> dict[int, torch.Tensor]:
+        """The samples whose labels hold ``masks`` [n, h, w] (their objects', in {0, 1}, over the
+        image's part of the padded input: top-left, at most ``padded_size``), each padded to the
+        input: {sample: [n, H, W]}. Empty without a mask head."""
+        if detection.mask_features is None:
+            return {}
         height, width = detection.padded_size
         targets = {}
-        for i in chosen:
-            masks, n = labels[i]["masks"], len(labels[i]["class_labels"])
+        for i, target in enumerate(labels):
+            masks = target.get("masks")
+            if masks is None:
+                continue
+            n = len(target["class_labels"])
             if masks.dim() != 3 or masks.shape[0] != n or masks.shape[1] > height or masks.shape[2] > width:
                 raise ValueError(
                     f"sample {i}: masks must be [{n}, h, w] with h <= {height}, w <= {width} (the padded "
                     f"input), got shape {tuple(masks.shape)}"
                 )
             targets[i] = F.pad(masks.float(), (0, width - masks.shape[2], 0, height - masks.shape[1]))
-        num_masks = max(sum(len(labels[i]["class_labels"]) for i in chosen), 1)
+        return targets
 
+    def mask_terms(
+        self,
+        embeddings: torch.Tensor,
+        features: torch.Tensor,
+        indices: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        targets: dict[int, torch.Tensor],
+        num_masks: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss_mask, loss_dice) of the (query, object) pairs ``indices`` of the samples in
+        ``targets``: query masks ``embeddings`` [B, Q, C] . ``features`` [B, C, h, w] against the
+        objects' masks, by :func:`point_mask_losses` with the config's point sampling."""
+        config = self.config
+        chosen = sorted(targets)
+        pred = torch.cat(
+            [
+                mask_logits(embeddings[i : i + 1, indices[i][0]].float(), features[i : i + 1].float())[0]
+                for i in chosen
+            ]
+        )
+        target = torch.cat([targets[i][indices[i][1]] for i in chosen])
+        return point_mask_losses(
+            pred, target, num_masks, config.mask_num_points, config.mask_oversample_ratio,
+            config.mask_importance_sample_ratio,
+        )  # fmt: skip
+
+    def mask_loss(
+        self,
+        detection: TextDetectionOutput,
+        labels: Sequence[dict[str, torch.Tensor]],
+        label_maps: Sequence[torch.Tensor],
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """The mask terms, for the samples whose labels hold masks (:meth:`mask_targets`); None when
+        none does. Pairs are the box matching's (transformers' matcher with the config's costs, as
+        the box loss matches), per output: the last decoder layer, every other one with
+        ``auxiliary_loss`` (suffix ``_i``), the two-stage proposals (``_enc``). Each output adds
+        ``mask_weight * loss_mask + dice_weight * loss_dice``, normalised by the number of masks."""
+        config = self.config
+        targets = self.mask_targets(detection, labels)
+        if not targets:
+            return None
+        num_masks = max(sum(len(labels[i]["class_labels"]) for i in targets), 1)
         layers = detection.outputs_class.shape[0]
         outputs = [("", detection.logits, detection.pred_boxes, detection.mask_embeddings[-1])]
         if config.auxiliary_loss:
@@ -708,28 +906,67 @@ class SuperLinkGroundingDino(nn.Module):
         matcher = GroundingDinoHungarianMatcher(
             class_cost=config.class_cost, bbox_cost=config.bbox_cost, giou_cost=config.giou_cost
         )
-        features = detection.mask_features.float()
-        total = features.new_zeros(())
+        total = detection.mask_features.new_zeros((), dtype=torch.float32)
         loss_dict = {}
         for suffix, logits, boxes, embeddings in outputs:
             indices = matcher(
                 {"logits": logits.float(), "pred_boxes": boxes.float(), "label_maps": tuple(label_maps)},
                 list(labels),
             )
-            pred = torch.cat(
-                [
-                    mask_logits(embeddings[i : i + 1, indices[i][0]].float(), features[i : i + 1])[0]
-                    for i in chosen
-                ]
+            loss_mask, loss_dice = self.mask_terms(
+                embeddings, detection.mask_features, indices, targets, num_masks
             )
-            target = torch.cat([targets[i][indices[i][1]] for i in chosen])
-            loss_mask, loss_dice = point_mask_losses(
-                pred, target, num_masks, config.mask_num_points, config.mask_oversample_ratio,
-                config.mask_importance_sample_ratio,
-            )  # fmt: skip
             loss_dict[f"loss_mask{suffix}"] = loss_mask
             loss_dict[f"loss_dice{suffix}"] = loss_dice
             total = total + config.mask_weight * loss_mask + config.dice_weight * loss_dice
+        return total, loss_dict
+
+    def denoising_loss(
+        self,
+        detection: TextDetectionOutput,
+        labels: Sequence[dict[str, torch.Tensor]],
+        label_maps: Sequence[torch.Tensor],
+        route_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """The denoising queries' terms (None without them): each positive query reconstructs its
+        object (pairs fixed, no matching), negatives and padding are background. transformers'
+        focal class loss and L1 + GIoU box losses (weights as its detection loss), and the mask terms
+        for samples with masks, each normalised by objects x groups as the official criterion; for
+        the last decoder layer (``_dn``) and, with ``auxiliary_loss``, every other (``_dn_i``)."""
+        denoising = detection.denoising
+        if denoising is None:
+            return None
+        config = self.config
+        counts = [len(t["class_labels"]) for t in labels]
+        groups = denoising.queries.groups
+        indices = denoising.queries.indices(counts)
+        num_boxes = max(sum(counts), 1) * groups
+        criterion = GroundingDinoImageLoss(matcher=None, focal_alpha=config.focal_alpha, losses=[])
+        text_mask = torch.zeros_like(denoising.outputs_class[-1], dtype=torch.bool)
+        text_mask[:, :, : route_mask.shape[1]] = route_mask[:, None, :]
+        targets = self.mask_targets(detection, labels)
+        num_masks = max(sum(counts[i] for i in targets), 1) * groups
+        weights = {"loss_ce": CLASS_LOSS_WEIGHT, "loss_bbox": config.bbox_loss_coefficient,
+                   "loss_giou": config.giou_loss_coefficient, "loss_mask": getattr(config, "mask_weight", 0.0),
+                   "loss_dice": getattr(config, "dice_weight", 0.0)}  # fmt: skip
+        layers = denoising.outputs_class.shape[0]
+        outputs = [("_dn", layers - 1)]
+        if config.auxiliary_loss:
+            outputs += [(f"_dn_{i}", i) for i in range(layers - 1)]
+        total = denoising.outputs_class.new_zeros((), dtype=torch.float32)
+        loss_dict = {}
+        for suffix, layer in outputs:
+            out = {"logits": denoising.outputs_class[layer].float(), "pred_boxes": denoising.outputs_coord[layer].float(),
+                   "label_maps": tuple(label_maps), "text_mask": text_mask}  # fmt: skip
+            terms = {**criterion.loss_labels(out, list(labels), indices, num_boxes),
+                     **criterion.loss_boxes(out, list(labels), indices, num_boxes)}  # fmt: skip
+            if targets:
+                terms["loss_mask"], terms["loss_dice"] = self.mask_terms(
+                    denoising.mask_embeddings[layer], detection.mask_features, indices, targets, num_masks
+                )
+            for key, value in terms.items():
+                loss_dict[key + suffix] = value
+                total = total + weights[key] * value
         return total, loss_dict
 
     def route_label_maps(self, route_mask: torch.Tensor, width: int) -> tuple[torch.Tensor, ...]:
@@ -755,15 +992,13 @@ class SuperLinkGroundingDino(nn.Module):
     ) -> SuperLinkDetectionOutput:
         """pixel_values [B, 3, h, w], queries [B, R, E, H_llm], route_mask [B, R] bool, pixel_mask
         [B, h, w] (1 = real pixel), labels: per sample ``class_labels`` (route indices) and ``boxes``
-        [n, 4] normalised cxcywh, and with a mask head optionally ``masks`` [n, h, w] (:meth:`mask_loss`)."""
+        [n, 4] normalised cxcywh, and with a mask head optionally ``masks`` [n, h, w] (:meth:`mask_loss`).
+        In training with labels and ``dn_number`` > 0, denoising queries join the decoder
+        (:meth:`denoising_queries`) and their terms the loss (:meth:`denoising_loss`)."""
         route_mask = route_mask.to(device=queries.device, dtype=torch.bool)
         tokens, self_attn, position_ids = self.text_features(queries, route_mask)
         pixel_values = pixel_values.to(tokens.dtype)  # the detector's dtype (float32 pixels, bf16 model)
-        detection = self.detect_with_text(
-            pixel_values, pixel_mask, tokens, route_mask, self_attn, position_ids
-        )
-
-        loss = loss_dict = None
+        denoising = None
         if labels is not None:
             if len(labels) != route_mask.shape[0]:
                 raise ValueError(f"{len(labels)} label dicts for a batch of {route_mask.shape[0]}")
@@ -774,16 +1009,27 @@ class SuperLinkGroundingDino(nn.Module):
                     raise ValueError(
                         f"sample {i}: class_labels {classes.tolist()} outside its {int(num_valid[i])} valid routes"
                     )
+            if self.training:
+                denoising = self.denoising_queries(labels, tokens, route_mask)
+        detection = self.detect_with_text(
+            pixel_values, pixel_mask, tokens, route_mask, self_attn, position_ids, denoising
+        )
+
+        loss = loss_dict = None
+        if labels is not None:
             width = detection.logits.shape[-1]
             label_maps = self.route_label_maps(route_mask, width)
             # as transformers' build_text_mask: [B, Q, width], True at real text tokens (routes)
             text_mask = torch.zeros_like(detection.logits, dtype=torch.bool)
             text_mask[:, :, : route_mask.shape[1]] = route_mask[:, None, :]
             loss, loss_dict = self.detection_loss(detection, labels, label_maps, text_mask)
-            masks = self.mask_loss(detection, labels, label_maps)
-            if masks is not None:
-                loss = loss + masks[0]
-                loss_dict = {**loss_dict, **masks[1]}
+            for extra in (
+                self.mask_loss(detection, labels, label_maps),
+                self.denoising_loss(detection, labels, label_maps, route_mask),
+            ):
+                if extra is not None:
+                    loss = loss + extra[0]
+                    loss_dict = {**loss_dict, **extra[1]}
 
         num_routes = route_mask.shape[1]
         encoder_logits = detection.encoder_logits

@@ -660,7 +660,7 @@ def answer(
     "phrase", "score", "box": [x1, y1, x2, y2] pixels}] (by score), "images": [{"route", "kind",
     "image": PIL image}], "not_run": [{"route", "reason"}]}``; with a mask head, a detection of a
     SEG route also holds ``"mask"``: a numpy bool array [height, width] at the image's size (DET and
-    GRD routes ask for boxes, as upstream). ``routes_not_detected`` counts the
+    GRD routes ask for boxes; masks are drawn only where SEG asks for them). ``routes_not_detected`` counts the
     detection routes past the detector's ``max_text_len``. ``seed`` seeds the diffusion sampling (and
     the region encoder's subset of a large mask's pixels)."""
     from interleaf.processing.image import preprocess_image
@@ -813,13 +813,15 @@ def init_visionllm(
     diffusion: dict[str, dict[str, Any]] | None = None,
     region: bool = False,
     mask_dim: int = 0,
+    dn_number: int = 0,
 ) -> tuple[VisionLLMv2Model, Any]:
     """A random-weight VisionLLM v2 on an interleaf preset, with the offline tokenizer plus the
     super-link tokens; ``gdino`` (a GroundingDinoConfig dict) defaults to a tiny detector, and
     ``detector=False`` builds none. ``mask_dim`` > 0 gives the detector upstream's mask head (the
     ``[SEG]`` route's masks; upstream: 256): the tiny detector gets the finest backbone level it
     needs, a ``gdino`` of one's own must have it (a backbone with at least 2 ``out_indices``, the
-    finest the masks'). ``gen`` / ``edit``: a Stable Diffusion / InstructPix2Pix pipeline
+    finest the masks'). ``dn_number`` > 0 trains the detector with upstream's contrastive denoising
+    queries (upstream: 100). ``gen`` / ``edit``: a Stable Diffusion / InstructPix2Pix pipeline
     folder (diffusers layout) for the GEN / EDIT routes, or ``"tiny"`` for a tiny random one;
     ``diffusion`` {"gen": {...}, "edit": {...}}: their ``DiffusionLinkConfig`` settings. ``region``
     adds the ``<region>`` token and upstream's region encoder (visual prompts)."""
@@ -834,6 +836,10 @@ def init_visionllm(
         raise ConfigError(f"mask_dim: must be >= 0, got {mask_dim}")
     if mask_dim and not detector:
         raise ConfigError("mask_dim: the mask head is the detector's, and detector=False builds none")
+    if dn_number < 0:
+        raise ConfigError(f"dn_number: must be >= 0, got {dn_number}")
+    if dn_number and not detector:
+        raise ConfigError("dn_number: denoising queries are the detector's, and detector=False builds none")
     if gdino is None and detector:
         from interleaf.model.grounding_dino import tiny_grounding_dino_config
 
@@ -842,6 +848,8 @@ def init_visionllm(
         ).to_dict()
     elif gdino is not None and mask_dim:
         gdino = {**gdino, "mask_dim": mask_dim}
+    if dn_number:
+        gdino = {**gdino, "dn_number": dn_number}
     link = SuperLinkConfig(**ids, gdino=gdino if detector else None)
     try:
         model = build_visionllm(cfg, link, seed=seed)

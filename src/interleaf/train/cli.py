@@ -137,6 +137,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="give the detector upstream's mask head of this width, for [SEG] masks (upstream: 256; "
         "default 0: boxes only)",
     )
+    i.add_argument(
+        "--dn-number",
+        type=int,
+        default=0,
+        help="train the detector with contrastive denoising: N // (most objects of an image) groups of a "
+        "positive and a negative query per object (upstream: 100; default 0: none)",
+    )
     i.add_argument("--seed", type=int, default=0)
     i.set_defaults(func=_visionllm_init)
     t = vsub.add_parser(
@@ -337,7 +344,7 @@ def _visionllm_init(args: argparse.Namespace) -> int:
 
     print(init_command(args.out, args.preset, args.image_size, args.max_tiles, args.detector_size, args.seed,
                        args.gen, args.edit, args.train_gen_unet, args.region_encoder,
-                       args.mask_dim))  # fmt: skip
+                       args.mask_dim, args.dn_number))  # fmt: skip
     return 0
 
 

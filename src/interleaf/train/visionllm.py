@@ -798,11 +798,13 @@ def init_command(
     train_gen_unet: bool = False,
     region_encoder: bool = False,
     mask_dim: int = 0,
+    dn_number: int = 0,
 ) -> Path:
     """``interleaf visionllm init``: a random-weight model folder. ``gen`` / ``edit``: ``"tiny"`` or a
     Stable Diffusion / InstructPix2Pix pipeline folder (diffusers layout) for the GEN / EDIT routes;
     ``train_gen_unet`` lets training update the GEN UNet too (upstream keeps it frozen); ``mask_dim``
-    > 0 gives the detector upstream's mask head of that width (0: boxes only)."""
+    > 0 gives the detector upstream's mask head of that width (0: boxes only); ``dn_number`` > 0
+    trains it with contrastive denoising: dn_number // (most objects of an image) groups of a positive and a negative query per object (upstream: 100)."""
     from interleaf.errors import check_minimums
     from interleaf.model.visionllm import init_visionllm, save_visionllm
 
@@ -811,6 +813,7 @@ def init_command(
         ("--max-tiles", max_tiles, 1),
         ("--detector-size", detector_size, 32),
         ("--mask-dim", mask_dim, 0),
+        ("--dn-number", dn_number, 0),
     )
     for flag, source in (("--gen", gen), ("--edit", edit)):
         if source is not None and source != "tiny" and not Path(source).is_dir():
@@ -820,7 +823,14 @@ def init_command(
     out = _new_folder(out)
     settings = {"gen": {"train_unet": True}} if train_gen_unet else None
     model, tok = init_visionllm(
-        preset, seed=seed, gen=gen, edit=edit, diffusion=settings, region=region_encoder, mask_dim=mask_dim
+        preset,
+        seed=seed,
+        gen=gen,
+        edit=edit,
+        diffusion=settings,
+        region=region_encoder,
+        mask_dim=mask_dim,
+        dn_number=dn_number,
     )
     if image_size is not None:
         if image_size % (model.config.vision.patch_size * 2):
