@@ -203,3 +203,19 @@ def test_longrope_rotary_embedding_is_unchanged_by_the_save():
         cos0, sin0 = RotaryEmbedding(cfg.llm)(pos)
         torch.testing.assert_close((cos, sin), (cos0, sin0), rtol=0, atol=0)
     assert not math.isnan(float(cos.sum()))
+
+
+def test_a_visionllm_checkpoint_names_its_own_loader(tmp_path, capsys):
+    """`interleaf chat` / `load_checkpoint` on a VisionLLM v2 folder said only "unknown config key
+    'visionllmv2'"; it now says which commands load it."""
+    from interleaf.cli import main
+    from interleaf.model.visionllm import init_visionllm, load_visionllm, save_visionllm
+
+    model, tok = init_visionllm("tiny", seed=0)
+    folder = save_visionllm(model, tok, tmp_path / "vl")
+    with pytest.raises(ConfigError, match=r"a VisionLLM v2 checkpoint: use `interleaf visionllm ask`"):
+        load_checkpoint(folder)
+    assert main(["chat", str(folder), "hi"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "interleaf visionllm ask" in err
+    assert load_visionllm(folder)[0].gdino is not None  # its own loader still reads it

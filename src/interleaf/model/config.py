@@ -207,6 +207,11 @@ class InternVLConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> InternVLConfig:
         """Parse either layout (auto-detected from ``model_type`` / the sub-config keys)."""
+        if "visionllmv2" in raw:  # an InternVL inside, but its routes and tools need their own loader
+            raise ConfigError(
+                f"{source}: a VisionLLM v2 checkpoint: use `interleaf visionllm ask` / `detect`, or "
+                "interleaf.model.visionllm.load_visionllm"
+            )
         model_type = raw.get("model_type")
         if model_type == "internvl" or (model_type is None and "text_config" in raw):
             return _parse_hf(raw, source)
