@@ -219,3 +219,15 @@ def test_a_visionllm_checkpoint_names_its_own_loader(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "interleaf visionllm ask" in err
     assert load_visionllm(folder)[0].gdino is not None  # its own loader still reads it
+
+
+def test_an_lcl_checkpoint_names_its_own_commands(tmp_path):
+    from interleaf.model.lcl import LCLConfig, LCLModel, load_lcl, save_lcl
+
+    config = LCLConfig(image_size=32, patch_size=16, vision_width=64, vision_layers=1, vision_heads=2,
+                       text_width=64, text_heads=2, text_layers=1, embed_dim=64, pool_heads=2,
+                       context_length=16)  # fmt: skip
+    folder = save_lcl(LCLModel(config), tmp_path / "lcl")
+    with pytest.raises(ConfigError, match=r"an LCL checkpoint .*`interleaf lcl retrieval`"):
+        load_checkpoint(folder)
+    assert load_lcl(folder).config == config

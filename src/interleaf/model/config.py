@@ -217,6 +217,11 @@ class InternVLConfig:
             return _parse_hf(raw, source)
         if model_type in (None, "internvl_chat") and "llm_config" in raw:
             return _parse_original(raw, source)
+        if model_type == "lcl":  # a vision encoder pretrained by LCL, not an MLLM
+            raise ConfigError(
+                f"{source}: an LCL checkpoint (a ViT and its text model): use `interleaf lcl retrieval` / "
+                "`export-vit`, or interleaf.model.lcl.load_lcl"
+            )
         raise ConfigError(
             f"{source}: not an InternVL config (model_type {model_type!r}; expected 'internvl_chat' with "
             "llm_config or 'internvl' with text_config)"
