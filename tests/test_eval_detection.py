@@ -242,3 +242,27 @@ def test_eval_det_answers_seg_records_with_seg_routes(tmp_path, monkeypatch, cap
     as_seg = real(model, tok, image, categories, 100, "seg")
     assert stored[1]["detections"] == json.loads(json.dumps(as_seg))
     assert as_seg != real(model, tok, image, categories, 100, "det")  # the routing token is read
+
+
+def test_segm_ground_truth_takes_records_without_objects():
+    """A negative image (no objects, so no masks) among records with masks: segm is still scored
+    (every record *with objects* has masks), the negative image adds no truth, only false positives."""
+    import numpy as np
+    from pycocotools import mask as coco_mask
+
+    m = np.zeros((40, 40), np.uint8)
+    m[5:25, 10:30] = 1
+    rle = coco_mask.encode(np.asfortranarray(m))
+    masked = DetectionRecord(image=None, phrases=["cat"], class_labels=[0], boxes=[[10, 5, 30, 25]],
+                             question="q", masks=[rle])  # fmt: skip
+    negative = _record(["cat"], [], [], line=2)
+    truth = coco_ground_truth([masked, negative], [(40, 40), (40, 40)], ["cat"], masks=True)
+    assert len(truth["annotations"]) == 1 and truth["annotations"][0]["area"] == 400.0
+    hit = {"category": 0, "score": 0.9, "box": [10, 5, 30, 25],
+           "mask": {"size": [40, 40], "counts": rle["counts"].decode()}}  # fmt: skip
+    scores = coco_scores(truth, coco_results([[hit], [{**hit, "score": 0.5}]], "segm"), "segm")
+    assert scores["AP"] == pytest.approx(1.0)
+    scores = coco_scores(
+        truth, coco_results([[{**hit, "score": 0.5}], [{**hit, "score": 0.9}]], "segm"), "segm"
+    )
+    assert scores["AP"] < 1.0

@@ -88,7 +88,8 @@ def coco_ground_truth(
     images = [{"id": i, "width": w, "height": h} for i, (w, h) in enumerate(sizes)]
     annotations = []
     for i, r in enumerate(records):
-        rles = r.masks if masks else [None] * len(r.boxes)
+        # (a record without objects has no masks: nothing to pair)
+        rles = r.masks if masks and r.class_labels else [None] * len(r.boxes)
         for label, (x1, y1, x2, y2), rle in zip(r.class_labels, r.boxes, rles):
             k = index.get(r.phrases[label])
             if k is not None:
