@@ -182,6 +182,10 @@ def test_bad_masks_are_one_line_errors_naming_the_field(tmp_path):
         ([[1, 1, 9, "x", 9, 9]], "objects[0].mask[0]: a polygon is [x1, y1, x2, y2, ...], numbers"),
         ([[1, 1, 9, 1, 9, True]], "objects[0].mask[0]: a polygon is"),
         ([[30, 30, 40, 30, 40, 40]], "objects[0].mask: covers no pixel of the 20x10 image"),
+        # pycocotools would draw every edge point at 5x scale: a wild coordinate takes gigabytes or the OOM
+        # killer instead of an error
+        ([[1, 1, 9, 1, 3e8, 9]], "objects[0].mask[0]: coordinate 300000000.0 lies far outside the 20x10 image"),
+        ([ok[0], [1, -1e12, 9, 1, 9, 9]], "objects[0].mask[1]: coordinate -1000000000000.0 lies far outside"),
         ({"counts": [200]}, "objects[0].mask: an RLE needs size [height, width], integers"),
         ({"size": [20, 10], "counts": [200]}, "RLE size [20, 10] is not the image's [height, width] [10, 20]"),
         ({"size": [10, 20], "counts": [100, 50]}, "objects[0].mask: counts: the runs cover 150 pixels, not 10x20 = 200"),

@@ -21,6 +21,8 @@ import torch
 
 from interleaf.errors import InputError, is_number
 
+# how far off the image (in multiples of its larger side) a polygon point may lie
+POLYGON_REACH = 10
 FORMS = "polygons [[x1, y1, x2, y2, x3, y3, ...], ...] or an RLE {size: [h, w], counts}"
 
 
@@ -96,6 +98,15 @@ def object_mask(raw: Any, name: str, width: int, height: int) -> dict[str, Any]:
             if len(poly) < 6 or len(poly) % 2:
                 raise InputError(
                     f"{name}[{j}]: a polygon needs 3 or more (x, y) points, got {len(poly)} numbers"
+                )
+            # pycocotools draws every edge's points (at 5x scale): a wild coordinate would take memory
+            # in proportion (gigabytes, or the OOM killer, for 1e8) rather than fail
+            limit = POLYGON_REACH * max(width, height)
+            far = next((v for v in poly if abs(v) > limit), None)
+            if far is not None:
+                raise InputError(
+                    f"{name}[{j}]: coordinate {float(far)} lies far outside the {width}x{height} image "
+                    f"(more than {POLYGON_REACH} x its larger side)"
                 )
         rle = coco_mask.merge(coco_mask.frPyObjects([[float(v) for v in p] for p in raw], height, width))
     else:
