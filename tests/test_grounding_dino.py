@@ -25,6 +25,7 @@ from interleaf.model.grounding_dino import (
     TextDetectionOutput,
     build_grounding_dino,
     mask_logits,
+    pixel_masks,
     tiny_grounding_dino_config,
 )
 
@@ -683,6 +684,25 @@ def test_short_overfit_learns_the_square_masks():
         mask, target = found["masks"][0], label["masks"][0].bool()
         iou = (mask & target).sum() / (mask | target).sum()
         assert iou > 0.5, float(iou)
+
+
+def test_mask_stride_of_a_short_wide_input():
+    """A short wide input (an 800 x 100 image at detector size 64 is 13 x 106): a 13 x 120 input's
+    stride-4 map is 4 x 30 (Swin pads to whole patches), and 13 / 4 rounds to 3. The stride must still
+    be 4, or post-processing upsamples to 12 x 90, keeps 90 of the 120 columns and stretches the masks
+    across the image."""
+    model = _model(mask_dim=32).eval()
+    torch.nn.init.normal_(model.gdino.mask_embed[0].layers[-1].weight, std=0.5)
+    with torch.no_grad():
+        pixels = torch.randn(1, 3, 13, 120, generator=torch.Generator().manual_seed(1))
+        out = model(pixels, _queries(1, 2), torch.ones(1, 2, dtype=torch.bool))
+    d = out.detection
+    assert d.mask_features.shape[-2:] == (4, 30) and d.mask_stride == 4
+    # post-processing at the input's own size is the stride-4 upsampling, cut to the input
+    logits = out.pred_masks()[:, :3]
+    up = torch.nn.functional.interpolate(logits, size=(16, 120), mode="bilinear", align_corners=False)
+    want = up[0, :, :13, :120].sigmoid() > 0.5
+    assert torch.equal(pixel_masks(d, 0, torch.arange(3), [13, 120]), want)
 
 
 @pytest.mark.parametrize("two_stage", [True, False])

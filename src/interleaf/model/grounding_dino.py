@@ -773,7 +773,9 @@ class SuperLinkGroundingDino(nn.Module):
             init_reference_points = init_reference_points[:, k:]
             inter_reference_points = inter_reference_points[:, :, k:]
         if mask_features is not None:
-            mask_stride = round(height / finest.shape[-2])
+            # Swin pads to whole patches, so a side of ceil(L / stride) can round L / side below the
+            # stride on a short side (13 / 4 -> 3); it never rounds above, so take the larger side's
+            mask_stride = max(round(height / finest.shape[-2]), round(width / finest.shape[-1]))
             real = pixel_mask.bool()
             input_sizes = list(zip(real.any(dim=2).sum(dim=1).tolist(), real.any(dim=1).sum(dim=1).tolist()))
 
