@@ -7,11 +7,13 @@ import contextlib
 import io
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from interleaf.cli import main
+from interleaf.errors import InputError
 from interleaf.eval.detection import (
     STAT_NAMES,
     categories_of,
@@ -266,3 +268,122 @@ def test_segm_ground_truth_takes_records_without_objects():
         truth, coco_results([[{**hit, "score": 0.5}], [{**hit, "score": 0.9}]], "segm"), "segm"
     )
     assert scores["AP"] < 1.0
+
+
+# ---------------------------------------------------------------------------------------- grounding
+
+
+def _refcocoeval(pairs_xyxy):
+    """Upstream's RefCOCOeval arithmetic, by hand: pycocotools' IoU (xywh) for P@t and mIoU, and its
+    compute_bbox_iou's intersection and union (xyxy) for oIoU."""
+    from pycocotools import mask as coco_mask
+
+    ious, inter_sum, union_sum = [], 0.0, 0.0
+    for d, g in pairs_xyxy:
+        dx, gx = [d[0], d[1], d[2] - d[0], d[3] - d[1]], [g[0], g[1], g[2] - g[0], g[3] - g[1]]
+        ious.append(float(coco_mask.iou([dx], [gx], [0])[0][0]))
+        w = max(0.0, min(d[2], g[2]) - max(d[0], g[0]))
+        h = max(0.0, min(d[3], g[3]) - max(d[1], g[1]))
+        inter = w * h
+        inter_sum += inter
+        union_sum += (d[2] - d[0]) * (d[3] - d[1]) + (g[2] - g[0]) * (g[3] - g[1]) - inter
+    out = {f"P@{t}": float(np.sum(np.array(ious) > t)) / len(ious) for t in (0.5, 0.6, 0.7, 0.8, 0.9)}
+    return {**out, "oIoU": inter_sum / union_sum, "mIoU": float(np.mean(ious))}
+
+
+def test_grounding_scores_are_upstreams_refcoco_metrics():
+    from interleaf.eval.detection import GROUNDING_METRICS, box_overlap, grounding_scores, mask_overlap
+    from interleaf.processing.masks import json_rle
+
+    pairs = [
+        ([0, 0, 10, 10], [0, 0, 10, 10]),  # 1.0
+        ([0, 0, 10, 10], [0, 0, 10, 20]),  # exactly 0.5: not above 0.5
+        ([0, 0, 10, 10], [0, 0, 10, 14]),  # 0.714
+        ([0, 0, 10, 10], [20, 20, 30, 30]),  # 0
+        ([2.5, 3.5, 40.25, 18.0], [5.0, 1.0, 38.0, 20.0]),
+    ]
+    got = grounding_scores([box_overlap(d, g) for d, g in pairs])
+    assert list(got) == list(GROUNDING_METRICS)
+    assert got == pytest.approx(_refcocoeval(pairs), abs=1e-12)
+    # IoUs 1, 0.5, 0.714, 0, 0.688
+    assert (got["P@0.5"], got["P@0.6"], got["P@0.7"], got["P@0.8"]) == (3 / 5, 3 / 5, 2 / 5, 1 / 5)
+    # masks: the same numbers from the decoded pixels
+    rng = np.random.default_rng(0)
+    a = [rng.random((20, 30)) > 0.5 for _ in range(3)]
+    b = [rng.random((20, 30)) > 0.4 for _ in range(3)]
+    got = grounding_scores([mask_overlap(json_rle(x), json_rle(y)) for x, y in zip(a, b)])
+    ious = [(x & y).sum() / (x | y).sum() for x, y in zip(a, b)]
+    assert got["mIoU"] == pytest.approx(np.mean(ious), abs=1e-12)
+    assert got["oIoU"] == pytest.approx(
+        sum((x & y).sum() for x, y in zip(a, b)) / sum((x | y).sum() for x, y in zip(a, b))
+    )
+
+
+def test_eval_grd_scores_the_top_grd_detection_and_resumes(tmp_path, monkeypatch, capsys):
+    from interleaf.eval import detection
+    from test_visionllm_masks import _seg_folder, _with_masks
+
+    rows = []
+    for row in _with_masks(squares(tmp_path, 2, seed=14, size=64)):
+        for obj in row["objects"]:  # one expression per object, as RefCOCO
+            rows.append({"image": row["image"], "objects": [obj], "route": "grd",
+                         "question": f"Where is the {obj['phrase']}?"})  # fmt: skip
+    rows.append({**rows[0], "route": "det"})  # not a grounding record
+    rows.append({**rows[0], "objects": rows[0]["objects"] + rows[1]["objects"]})  # two objects
+    _write(tmp_path / "g.jsonl", rows)
+    init = _seg_folder(tmp_path / "init")
+    real, seen = detection.detect_categories, []
+
+    def spy(model, tokenizer, image, categories, **kwargs):
+        seen.append((categories, kwargs))
+        return real(model, tokenizer, image, categories, **kwargs)
+
+    monkeypatch.setattr(detection, "detect_categories", spy)
+    args = [
+        "visionllm",
+        "eval-grd",
+        str(init),
+        str(tmp_path / "g.jsonl"),
+        "-o",
+        str(tmp_path / "ev"),
+        "--device",
+        "cpu",
+    ]
+    assert main([*args, "--limit", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["asked"] == 3
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["expressions"] == 4 and summary["asked"] == 1 and summary["skipped"] == 2
+    assert seen[0] == (
+        [rows[0]["objects"][0]["phrase"]],
+        {"topk": 1, "route": "grd", "question": rows[0]["question"]},
+    )
+    stored = [json.loads(x) for x in (tmp_path / "ev" / "detections.jsonl").read_text().splitlines()]
+    # the reference: upstream's arithmetic on the stored top detections and the records' boxes
+    pairs = [(s["detection"]["box"], r["objects"][0]["box"]) for s, r in zip(stored, rows)]
+    assert summary["scores"] == pytest.approx(_refcocoeval(pairs), abs=1e-12)
+    # masks: pycocotools' IoU of the stored RLE and the record's polygon, and their pixels for oIoU
+    from pycocotools import mask as coco_mask
+
+    ious, inter, union = [], 0, 0
+    for s, r in zip(stored, rows):
+        w, h = Image.open(tmp_path / r["image"]).size
+        truth = coco_mask.merge(coco_mask.frPyObjects(r["objects"][0]["mask"], h, w))
+        det = {"size": s["detection"]["mask"]["size"], "counts": s["detection"]["mask"]["counts"].encode()}
+        ious.append(float(coco_mask.iou([det], [truth], [0])[0][0]))
+        a, b = coco_mask.decode(det).astype(bool), coco_mask.decode(truth).astype(bool)
+        inter, union = inter + (a & b).sum(), union + (a | b).sum()
+    want = {f"P@{t}": sum(i > t for i in ious) / 4 for t in (0.5, 0.6, 0.7, 0.8, 0.9)}
+    want.update(oIoU=inter / union, mIoU=float(np.mean(ious)))
+    assert summary["segm_scores"] == pytest.approx(want, abs=1e-12) and 0 < want["mIoU"] < 1
+    reasons = [json.loads(x)["reason"] for x in (tmp_path / "ev" / "skipped.jsonl").read_text().splitlines()]
+    assert reasons == [
+        "not a grounding record (route: grd)",
+        "a grounding record refers to one object, this one to 2 (phrases: 2)",
+    ]
+    assert "| P@0.5 |" in (tmp_path / "ev" / "report.md").read_text()
+    assert main(args) == 0  # a rerun asks nothing
+    assert json.loads(capsys.readouterr().out)["asked"] == 0 and len(seen) == 4
+    with pytest.raises(InputError, match="no grounding records"):
+        _write(tmp_path / "det.jsonl", squares(tmp_path, 1, seed=15, size=64))
+        detection.evaluate_grounding(init, tmp_path / "det.jsonl", tmp_path / "x")

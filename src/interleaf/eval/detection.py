@@ -151,9 +151,16 @@ def coco_scores(
 
 @torch.no_grad()
 def detect_categories(
-    model: Any, tokenizer: Any, image: Any, categories: list[str], topk: int = 100, route: str = "det"
+    model: Any,
+    tokenizer: Any,
+    image: Any,
+    categories: list[str],
+    topk: int = 100,
+    route: str = "det",
+    question: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Upstream's teacher-forced detection of every category in ``image``: the ``topk`` best
+    """Upstream's teacher-forced detection of every category in ``image`` (``question``: default
+    ``Please detect <categories> in the image.``, as training's default): the ``topk`` best
     (object query, category) pairs by sigmoid score, ``{"category": k, "score", "box": [x1, y1, x2, y2]}``
     in pixels, by score; with a mask head also ``"mask"``, the pair's query's mask as a COCO RLE
     (upstream's ``post_process_instseg_gdino``)."""
@@ -170,7 +177,7 @@ def detect_categories(
         prompt_example,
     )
 
-    question = DEFAULT_QUESTION.format(phrases=", ".join(categories))
+    question = question or DEFAULT_QUESTION.format(phrases=", ".join(categories))
     example = prompt_example(
         model, tokenizer, question, image, answer_text(categories, route, model.link.num_embs)
     )
@@ -197,6 +204,42 @@ def detect_categories(
     return found
 
 
+def ask_stored(
+    model: Any,
+    tokenizer: Any,
+    store: Any,
+    fingerprint: str,
+    asks: list[tuple[str, Any, list[str], dict[str, Any], dict[str, Any]]],
+    desc: str,
+    progress: bool = True,
+) -> tuple[list[list[dict[str, Any]]], list[tuple[int, int]], int]:
+    """Each ask ``(id, record, categories, settings, kwargs)``: the record image's teacher-forced
+    detections (:func:`detect_categories` with ``kwargs``), from ``store`` when it holds them (keyed by
+    the id, categories, image content, model and settings), else computed and stored at once.
+    Returns (detections, image sizes (width, height), number computed)."""
+    from tqdm import tqdm
+
+    from interleaf.processing.image import load_image, to_rgb
+    from interleaf.store import file_digest, request_key
+
+    detections: list[list[dict[str, Any]]] = []
+    sizes: list[tuple[int, int]] = []
+    asked = 0
+    for sample_id, r, categories, settings, kwargs in tqdm(
+        asks, desc=desc, unit="image", disable=not progress
+    ):
+        image = to_rgb(load_image(r.image))
+        sizes.append(image.size)
+        key = request_key(sample_id, json.dumps(categories), [file_digest(r.image)], fingerprint, settings)
+        found = store.get(key)
+        if found is None:
+            found = json.dumps(detect_categories(model, tokenizer, image, categories, **kwargs))
+            store.put(key, sample_id, found)
+            asked += 1
+        detections.append(json.loads(found))
+    return detections, sizes, asked
+
+
 def evaluate_detection(
     model_dir: str | Path,
     data: str | Path,
@@ -213,15 +256,12 @@ def evaluate_detection(
     ``report.md`` and ``skipped.jsonl`` to ``out`` (with segm, ``coco_results_segm.json`` too);
     returns the scores: ``scores`` (bbox), and ``segm_scores`` or ``segm_not_scored`` (why) when
     the records hold masks."""
-    from tqdm import tqdm
-
     from interleaf.errors import check_minimums
     from interleaf.eval.adapters import directory_fingerprint
     from interleaf.files import jsonl_text, replace_text
     from interleaf.model.checkpoint import parse_device
     from interleaf.model.visionllm import load_visionllm
-    from interleaf.processing.image import load_image, to_rgb
-    from interleaf.store import ResponseStore, file_digest, request_key
+    from interleaf.store import ResponseStore
     from interleaf.train.visionllm import DetectionRecord, read_records
 
     check_minimums(("--topk", topk, 1), *((("--limit", limit, 1),) if limit is not None else ()))
@@ -262,26 +302,11 @@ def evaluate_detection(
     params: dict[str, Any] = {"topk": topk, "device": model.device.type}
     if with_masks:  # stored detections hold masks; a box-only model's keys stay as they were
         params["masks"] = True
-    detections: list[list[dict[str, Any]]] = []
-    sizes: list[tuple[int, int]] = []
-    asked = 0
+    # ([DET] records' keys as before the route was part of them)
+    asks = [(str(i), r, categories, params if r.route == "det" else {**params, "route": r.route},
+             {"topk": topk, "route": r.route}) for i, r in enumerate(records)]  # fmt: skip
     with ResponseStore(out / "responses.sqlite") as store:
-        for i, r in enumerate(tqdm(records, desc="eval-det", unit="image", disable=not progress)):
-            image = to_rgb(load_image(r.image))
-            sizes.append(image.size)
-            key = request_key(
-                str(i),
-                json.dumps(categories),
-                [file_digest(r.image)],
-                fingerprint,
-                params if r.route == "det" else {**params, "route": r.route},  # [DET] keys as before
-            )
-            found = store.get(key)
-            if found is None:
-                found = json.dumps(detect_categories(model, tok, image, categories, topk, r.route))
-                store.put(key, str(i), found)
-                asked += 1
-            detections.append(json.loads(found))
+        detections, sizes, asked = ask_stored(model, tok, store, fingerprint, asks, "eval-det", progress)
     truth = coco_ground_truth(records, sizes, categories, masks=segm)
     results = coco_results(detections)
     scores = coco_scores(truth, results)
@@ -311,4 +336,144 @@ def evaluate_detection(
     replace_text(out / "report.md", f"# Detection: {Path(data).name}\n\n{len(records)} images, "
                  f"{len(categories)} categories, {summary['objects']} objects (COCOeval {kinds}, top {topk} "
                  f"per image)\n{note}\n{head}\n{table}\n")  # fmt: skip
+    return summary
+
+
+# ---------------------------------------------------------------------------------------- grounding
+
+GROUNDING_METRICS = ("P@0.5", "P@0.6", "P@0.7", "P@0.8", "P@0.9", "oIoU", "mIoU")
+
+
+def box_overlap(det: list[float], truth: list[float]) -> tuple[float, float, float]:
+    """Two pixel boxes [x1, y1, x2, y2]: (pycocotools' IoU, intersection, union), as upstream's
+    RefCOCOeval takes them (the IoU for P@k and mIoU; the areas for oIoU)."""
+    from pycocotools import mask as coco_mask
+
+    def xywh(b: list[float]) -> list[float]:
+        return [b[0], b[1], b[2] - b[0], b[3] - b[1]]
+
+    iou = float(coco_mask.iou([xywh(det)], [xywh(truth)], [0])[0][0])
+    inter = max(0.0, min(det[2], truth[2]) - max(det[0], truth[0])) * max(
+        0.0, min(det[3], truth[3]) - max(det[1], truth[1])
+    )
+    union = (det[2] - det[0]) * (det[3] - det[1]) + (truth[2] - truth[0]) * (truth[3] - truth[1]) - inter
+    return iou, inter, union
+
+
+def mask_overlap(det: dict[str, Any], truth: dict[str, Any]) -> tuple[float, float, float]:
+    """Two COCO RLE masks of one image: (pycocotools' IoU, intersection, union) in pixels."""
+    from pycocotools import mask as coco_mask
+
+    det, truth = _coco_rle(det), _coco_rle(truth)
+    iou = float(coco_mask.iou([det], [truth], [0])[0][0])
+    a, b = coco_mask.decode(det).astype(bool), coco_mask.decode(truth).astype(bool)
+    return iou, float((a & b).sum()), float((a | b).sum())
+
+
+def _coco_rle(rle: dict[str, Any]) -> dict[str, Any]:
+    """A JSON RLE (counts as text) as pycocotools takes it (counts as bytes)."""
+    counts = rle["counts"]
+    return {"size": list(rle["size"]), "counts": counts.encode() if isinstance(counts, str) else counts}
+
+
+def grounding_scores(overlaps: list[tuple[float, float, float]]) -> dict[str, float]:
+    """Upstream's RefCOCO metrics (its ``RefCOCOeval``) from each expression's top detection against
+    its object, ``(iou, intersection, union)``: P@t the share of IoUs strictly above t, oIoU the
+    summed intersections over the summed unions, mIoU the mean IoU."""
+    if not overlaps:
+        return {name: float("nan") for name in GROUNDING_METRICS}
+    ious = [o[0] for o in overlaps]
+    scores = {f"P@{t}": sum(iou > t for iou in ious) / len(ious) for t in (0.5, 0.6, 0.7, 0.8, 0.9)}
+    union = sum(o[2] for o in overlaps)
+    scores["oIoU"] = sum(o[1] for o in overlaps) / union if union else float("nan")
+    scores["mIoU"] = sum(ious) / len(ious)
+    return scores
+
+
+def evaluate_grounding(
+    model_dir: str | Path,
+    data: str | Path,
+    out: str | Path,
+    image_root: str | Path | None = None,
+    limit: int | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """``interleaf visionllm eval-grd``: referring expression comprehension (and segmentation, with
+    masks), as upstream evaluates RefCOCO/+/g and ReasonSeg (``task == 'grd'``: one category, top 1).
+    Each ``route: grd`` record names one object (its phrase is the expression); the answer to its
+    question is teacher-forced with one ``[GRD]`` route and the detector's best query is the
+    prediction. Scores: :func:`grounding_scores` of the boxes, and of the masks when every record
+    holds its object's mask and the detector has a mask head. Stored as they come (resumable);
+    ``detections.jsonl``, ``scores.json``, ``report.md`` and ``skipped.jsonl`` go to ``out``."""
+    from interleaf.errors import check_minimums
+    from interleaf.eval.adapters import directory_fingerprint
+    from interleaf.files import jsonl_text, replace_text
+    from interleaf.model.checkpoint import parse_device
+    from interleaf.model.visionllm import load_visionllm
+    from interleaf.store import ResponseStore
+    from interleaf.train.visionllm import DetectionRecord, read_records
+
+    if limit is not None:
+        check_minimums(("--limit", limit, 1))
+    records, skipped = read_records(data, image_root)
+    kept = []
+    for r in records:
+        if not (isinstance(r, DetectionRecord) and r.route == "grd"):
+            skipped.append({"line": r.line, "reason": "not a grounding record (route: grd)"})
+        elif len(r.boxes) != 1 or len(r.phrases) != 1:
+            skipped.append({"line": r.line, "reason": f"a grounding record refers to one object, this one "
+                            f"to {len(r.boxes)} (phrases: {len(r.phrases)})"})  # fmt: skip
+        else:
+            kept.append(r)
+    skipped.sort(key=lambda s: s["line"])
+    records = kept[:limit] if limit is not None else kept
+    if not records:
+        raise InputError(f"{data}: no grounding records (route: grd, one object each)")
+    model, tok = load_visionllm(model_dir, device=parse_device(device))
+    if model.gdino is None:
+        raise ConfigError(f"{model_dir}: the model has no detector (gdino)")
+    model.eval()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = directory_fingerprint(model_dir, exclude=out)
+    with_masks = bool(model.gdino.mask_dim)
+    segm_why = None
+    if any(r.masks is not None for r in records):
+        unmasked = next((r for r in records if r.masks is None), None)
+        if not with_masks:
+            segm_why = "the model's detector has no mask head"
+        elif unmasked is not None:
+            segm_why = f"the object of line {unmasked.line} has no mask"
+    segm = with_masks and segm_why is None and any(r.masks is not None for r in records)
+    settings: dict[str, Any] = {"topk": 1, "route": "grd", "device": model.device.type, "masks": with_masks}
+    asks = [(f"grd{i}", r, r.phrases, {**settings, "question": r.question},
+             {"topk": 1, "route": "grd", "question": r.question}) for i, r in enumerate(records)]  # fmt: skip
+    with ResponseStore(out / "responses.sqlite") as store:
+        found, _, asked = ask_stored(model, tok, store, fingerprint, asks, "eval-grd", progress)
+    best = [d[0] for d in found]
+    summary: dict[str, Any] = {"expressions": len(records), "skipped": len(skipped), "asked": asked,
+                               "scores": grounding_scores([box_overlap(d["box"], r.boxes[0])
+                                                           for d, r in zip(best, records)])}  # fmt: skip
+    if segm:
+        from interleaf.processing.masks import json_rle
+
+        summary["segm_scores"] = grounding_scores(
+            [mask_overlap(d["mask"], json_rle(r.masks[0])) for d, r in zip(best, records)]
+        )
+    elif segm_why is not None:
+        summary["segm_not_scored"] = segm_why
+    rows = [{"image": str(r.image), "line": r.line, "expression": r.phrases[0], "detection": d}
+            for r, d in zip(records, best)]  # fmt: skip
+    replace_text(out / "detections.jsonl", jsonl_text(rows))
+    replace_text(out / "scores.json", json.dumps(summary, indent=1) + "\n")
+    replace_text(out / "skipped.jsonl", jsonl_text(skipped))
+    kinds = {"box": "scores", **({"mask": "segm_scores"} if segm else {})}
+    head = "| metric | " + " | ".join(kinds) + " |\n|---|" + "---|" * len(kinds)
+    lines = ["| " + " | ".join([name, *(f"{summary[k][name]:.4f}" for k in kinds.values())]) + " |"
+             for name in GROUNDING_METRICS]  # fmt: skip
+    table = "\n".join(lines)
+    note = f"\nsegm not scored: {segm_why}\n" if segm_why else ""
+    replace_text(out / "report.md", f"# Grounding: {Path(data).name}\n\n{len(records)} expressions (top 1 "
+                 f"detection each; P@t: IoU > t)\n{note}\n{head}\n{table}\n")  # fmt: skip
     return summary

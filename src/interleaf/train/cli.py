@@ -246,6 +246,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--limit", type=int, default=None, help="evaluate the first N records only")
     e.add_argument("--device", default="auto")
     e.set_defaults(func=_visionllm_eval_det)
+    g = vsub.add_parser(
+        "eval-grd",
+        help="referring expressions (RefCOCO-style): P@0.5..0.9, oIoU and mIoU of the [GRD] route's top "
+        "detection, boxes and masks (upstream's RefCOCOeval)",
+    )
+    g.add_argument("model", help="a VisionLLM v2 folder with a detector")
+    g.add_argument(
+        "data",
+        help="JSONL records {image, objects: [{phrase, box, mask?}], route: grd, question?}, one object "
+        "each: the phrase is the expression",
+    )
+    g.add_argument(
+        "-o", "--out", required=True, help="folder for the detections, scores and report (resumable)"
+    )
+    g.add_argument("--image-root", default=None, help="folder of relative image paths (default: the file's)")
+    g.add_argument("--limit", type=int, default=None, help="evaluate the first N records only")
+    g.add_argument("--device", default="auto")
+    g.set_defaults(func=_visionllm_eval_grd)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -382,6 +400,17 @@ def _visionllm_eval_det(args: argparse.Namespace) -> int:
     phrases = [p for p in args.phrases.split(",") if p.strip()] if args.phrases is not None else None
     summary = evaluate_detection(args.model, args.data, args.out, phrases=phrases, image_root=args.image_root,
                                  topk=args.topk, limit=args.limit, device=args.device)  # fmt: skip
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _visionllm_eval_grd(args: argparse.Namespace) -> int:
+    import json
+
+    from interleaf.eval.detection import evaluate_grounding
+
+    summary = evaluate_grounding(args.model, args.data, args.out, image_root=args.image_root, limit=args.limit,
+                                 device=args.device)  # fmt: skip
     print(json.dumps(summary, indent=1))
     return 0
 
