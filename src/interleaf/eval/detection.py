@@ -204,6 +204,21 @@ def detect_categories(
     return found
 
 
+def open_detector(model_dir: str | Path, device: str, out: str | Path) -> tuple[Any, Any, Path, str]:
+    """A VisionLLM v2 folder with a detector, loaded for evaluation: (model in eval mode, tokenizer,
+    the output folder (made), the model's fingerprint for the store, leaving ``out`` out of it)."""
+    from interleaf.eval.adapters import directory_fingerprint
+    from interleaf.model.checkpoint import parse_device
+    from interleaf.model.visionllm import load_visionllm
+
+    model, tok = load_visionllm(model_dir, device=parse_device(device))
+    if model.gdino is None:
+        raise ConfigError(f"{model_dir}: the model has no detector (gdino)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return model.eval(), tok, out, directory_fingerprint(model_dir, exclude=out)
+
+
 def ask_stored(
     model: Any,
     tokenizer: Any,
@@ -257,10 +272,7 @@ def evaluate_detection(
     returns the scores: ``scores`` (bbox), and ``segm_scores`` or ``segm_not_scored`` (why) when
     the records hold masks."""
     from interleaf.errors import check_minimums
-    from interleaf.eval.adapters import directory_fingerprint
     from interleaf.files import jsonl_text, replace_text
-    from interleaf.model.checkpoint import parse_device
-    from interleaf.model.visionllm import load_visionllm
     from interleaf.store import ResponseStore
     from interleaf.train.visionllm import DetectionRecord, read_records
 
@@ -276,18 +288,12 @@ def evaluate_detection(
     if not records:
         raise InputError(f"{data}: no detection records")
     categories = categories_of(records, phrases, source=str(data))
-    model, tok = load_visionllm(model_dir, device=parse_device(device))
-    if model.gdino is None:
-        raise ConfigError(f"{model_dir}: the model has no detector (gdino)")
+    model, tok, out, fingerprint = open_detector(model_dir, device, out)
     room = model.gdino.config.max_text_len
     if len(categories) > room:
         where = "--phrases" if phrases is not None else str(data)
         hint = "" if phrases is not None else " (pick some with --phrases)"
         raise InputError(f"{where}: {len(categories)} categories; the detector takes at most {room}{hint}")
-    model.eval()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    fingerprint = directory_fingerprint(model_dir, exclude=out)
     # segm when the detector draws masks and every record with objects holds theirs
     with_masks = bool(model.gdino.mask_dim)
     unmasked = next((r for r in records if r.class_labels and r.masks is None), None)
@@ -407,10 +413,7 @@ def evaluate_grounding(
     holds its object's mask and the detector has a mask head. Stored as they come (resumable);
     ``detections.jsonl``, ``scores.json``, ``report.md`` and ``skipped.jsonl`` go to ``out``."""
     from interleaf.errors import check_minimums
-    from interleaf.eval.adapters import directory_fingerprint
     from interleaf.files import jsonl_text, replace_text
-    from interleaf.model.checkpoint import parse_device
-    from interleaf.model.visionllm import load_visionllm
     from interleaf.store import ResponseStore
     from interleaf.train.visionllm import DetectionRecord, read_records
 
@@ -430,13 +433,7 @@ def evaluate_grounding(
     records = kept[:limit] if limit is not None else kept
     if not records:
         raise InputError(f"{data}: no grounding records (route: grd, one object each)")
-    model, tok = load_visionllm(model_dir, device=parse_device(device))
-    if model.gdino is None:
-        raise ConfigError(f"{model_dir}: the model has no detector (gdino)")
-    model.eval()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    fingerprint = directory_fingerprint(model_dir, exclude=out)
+    model, tok, out, fingerprint = open_detector(model_dir, device, out)
     with_masks = bool(model.gdino.mask_dim)
     segm_why = None
     if any(r.masks is not None for r in records):
