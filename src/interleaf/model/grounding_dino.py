@@ -87,6 +87,7 @@ __all__ = [
     "SuperLinkGroundingDino",
     "TextDetectionOutput",
     "build_grounding_dino",
+    "image_sizes",
     "pixel_masks",
     "point_mask_losses",
     "tiny_grounding_dino_config",
@@ -101,9 +102,9 @@ MASK_DEFAULTS = {
     "mask_oversample_ratio": 3.0,
     "mask_importance_sample_ratio": 0.75,
 }
+CLASS_LOSS_WEIGHT = 2.0  # transformers' GroundingDinoForObjectDetectionLoss weighs loss_ce so, fixed
 # contrastive denoising (DINO's CDN) in training: off unless the config sets dn_number (the official
 # OV-GDINO uses 100 groups' worth of queries, label noise 0.5, box noise 1.0)
-CLASS_LOSS_WEIGHT = 2.0  # transformers' GroundingDinoForObjectDetectionLoss weighs loss_ce so, fixed
 DENOISING_DEFAULTS = {"dn_number": 0, "dn_label_noise_ratio": 0.5, "dn_box_noise_scale": 1.0}
 
 
@@ -260,6 +261,13 @@ class TextDetectionOutput:
     input_sizes: list[tuple[int, int]] | None = None
     padded_size: tuple[int, int] | None = None
     denoising: DenoisingOutput | None = None
+
+
+def image_sizes(pixel_mask: torch.Tensor) -> list[tuple[int, int]]:
+    """Each image's (height, width) inside a padded batch: the rows and columns of its real pixels
+    (``pixel_mask`` [B, h, w], 1 = real; images sit top-left, as the image processor pads them)."""
+    real = pixel_mask.bool()
+    return list(zip(real.any(dim=2).sum(dim=1).tolist(), real.any(dim=1).sum(dim=1).tolist()))
 
 
 def mask_logits(embeddings: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
@@ -669,16 +677,14 @@ class SuperLinkGroundingDino(nn.Module):
             reference_points = topk_coords_logits.sigmoid()
             init_reference_points = reference_points
             if query_embeds is not None:
-                target = query_embeds.unsqueeze(0).repeat(batch_size, 1, 1)
-                if mask_features is not None:
-                    encoder_mask_embeddings = model.mask_embed(target)
+                target = proposals = query_embeds.unsqueeze(0).repeat(batch_size, 1, 1)
             else:
-                target = torch.gather(
+                proposals = torch.gather(
                     object_query_embedding, 1, topk_proposals.unsqueeze(-1).repeat(1, 1, config.d_model)
                 )
-                if mask_features is not None:  # the official head reads the proposals before the detach
-                    encoder_mask_embeddings = model.mask_embed(target)
-                target = target.detach()
+                target = proposals.detach()
+            if mask_features is not None:  # the official head reads the proposals before the detach
+                encoder_mask_embeddings = model.mask_embed(proposals)
             encoder_pred_boxes = reference_points
             # transformers scores these against the text features *before* the encoder; so do we
             encoder_logits = model.encoder_output_class_embed(target, text_features, text_token_mask)
@@ -776,8 +782,7 @@ class SuperLinkGroundingDino(nn.Module):
             # Swin pads to whole patches, so a side of ceil(L / stride) can round L / side below the
             # stride on a short side (13 / 4 -> 3); it never rounds above, so take the larger side's
             mask_stride = max(round(height / finest.shape[-2]), round(width / finest.shape[-1]))
-            real = pixel_mask.bool()
-            input_sizes = list(zip(real.any(dim=2).sum(dim=1).tolist(), real.any(dim=1).sum(dim=1).tolist()))
+            input_sizes = image_sizes(pixel_mask)
 
         return TextDetectionOutput(
             logits=outputs_class[-1],
@@ -886,14 +891,16 @@ class SuperLinkGroundingDino(nn.Module):
         detection: TextDetectionOutput,
         labels: Sequence[dict[str, torch.Tensor]],
         label_maps: Sequence[torch.Tensor],
+        targets: dict[int, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
-        """The mask terms, for the samples whose labels hold masks (:meth:`mask_targets`); None when
-        none does. Pairs are the box matching's (transformers' matcher with the config's costs, as
+        """The mask terms, for the samples whose labels hold masks (``targets``, as
+        :meth:`mask_targets` gives them; computed when not given); None when none does. Pairs are the box matching's (transformers' matcher with the config's costs, as
         the box loss matches), per output: the last decoder layer, every other one with
         ``auxiliary_loss`` (suffix ``_i``), the two-stage proposals (``_enc``). Each output adds
         ``mask_weight * loss_mask + dice_weight * loss_dice``, normalised by the number of masks."""
         config = self.config
-        targets = self.mask_targets(detection, labels)
+        if targets is None:
+            targets = self.mask_targets(detection, labels)
         if not targets:
             return None
         num_masks = max(sum(len(labels[i]["class_labels"]) for i in targets), 1)
@@ -929,11 +936,12 @@ class SuperLinkGroundingDino(nn.Module):
         labels: Sequence[dict[str, torch.Tensor]],
         label_maps: Sequence[torch.Tensor],
         route_mask: torch.Tensor,
+        targets: dict[int, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
         """The denoising queries' terms (None without them): each positive query reconstructs its
         object (pairs fixed, no matching), negatives and padding are background. transformers'
         focal class loss and L1 + GIoU box losses (weights as its detection loss), and the mask terms
-        for samples with masks, each normalised by objects x groups as the official criterion; for
+        for samples with masks (``targets`` as in :meth:`mask_loss`), each normalised by objects x groups as the official criterion; for
         the last decoder layer (``_dn``) and, with ``auxiliary_loss``, every other (``_dn_i``)."""
         denoising = detection.denoising
         if denoising is None:
@@ -944,9 +952,9 @@ class SuperLinkGroundingDino(nn.Module):
         indices = denoising.queries.indices(counts)
         num_boxes = max(sum(counts), 1) * groups
         criterion = GroundingDinoImageLoss(matcher=None, focal_alpha=config.focal_alpha, losses=[])
-        text_mask = torch.zeros_like(denoising.outputs_class[-1], dtype=torch.bool)
-        text_mask[:, :, : route_mask.shape[1]] = route_mask[:, None, :]
-        targets = self.mask_targets(detection, labels)
+        text_mask = self.route_text_mask(route_mask, denoising.outputs_class[-1])
+        if targets is None:
+            targets = self.mask_targets(detection, labels)
         num_masks = max(sum(counts[i] for i in targets), 1) * groups
         weights = {"loss_ce": CLASS_LOSS_WEIGHT, "loss_bbox": config.bbox_loss_coefficient,
                    "loss_giou": config.giou_loss_coefficient, "loss_mask": getattr(config, "mask_weight", 0.0),
@@ -970,6 +978,14 @@ class SuperLinkGroundingDino(nn.Module):
                 loss_dict[key + suffix] = value
                 total = total + weights[key] * value
         return total, loss_dict
+
+    @staticmethod
+    def route_text_mask(route_mask: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """As transformers' ``build_text_mask``: for ``logits`` [B, Q, width], True where query q of
+        sample b scores a real text token (route)."""
+        text_mask = torch.zeros_like(logits, dtype=torch.bool)
+        text_mask[:, :, : route_mask.shape[1]] = route_mask[:, None, :]
+        return text_mask
 
     def route_label_maps(self, route_mask: torch.Tensor, width: int) -> tuple[torch.Tensor, ...]:
         """Class r is text token r: per sample the one-hot map [R, width] (label_map[r, r] = 1).
@@ -1021,13 +1037,12 @@ class SuperLinkGroundingDino(nn.Module):
         if labels is not None:
             width = detection.logits.shape[-1]
             label_maps = self.route_label_maps(route_mask, width)
-            # as transformers' build_text_mask: [B, Q, width], True at real text tokens (routes)
-            text_mask = torch.zeros_like(detection.logits, dtype=torch.bool)
-            text_mask[:, :, : route_mask.shape[1]] = route_mask[:, None, :]
+            text_mask = self.route_text_mask(route_mask, detection.logits)
             loss, loss_dict = self.detection_loss(detection, labels, label_maps, text_mask)
+            targets = self.mask_targets(detection, labels)
             for extra in (
-                self.mask_loss(detection, labels, label_maps),
-                self.denoising_loss(detection, labels, label_maps, route_mask),
+                self.mask_loss(detection, labels, label_maps, targets),
+                self.denoising_loss(detection, labels, label_maps, route_mask, targets),
             ):
                 if extra is not None:
                     loss = loss + extra[0]
@@ -1053,11 +1068,12 @@ class SuperLinkGroundingDino(nn.Module):
         outputs: SuperLinkDetectionOutput,
         target_sizes: torch.Tensor | Sequence[tuple[int, int]],
         threshold: float = 0.3,
+        masks: bool = True,
     ) -> list[dict[str, torch.Tensor]]:
         """Per sample: each object query's best valid route (max sigmoid score), kept above
         ``threshold``, sorted by score. ``target_sizes`` [(height, width)] per sample. Returns
         ``{"scores" [n], "routes" [n] long, "boxes" [n, 4] xyxy in pixels}`` (not clipped, as
-        transformers' post-processing); with a mask head also ``"masks"`` [n, height, width] bool:
+        transformers' post-processing); with a mask head (and ``masks``) also ``"masks"`` [n, height, width] bool:
         each kept query's logits upsampled by the mask stride, cut to the image's part of the padded
         input, resized to ``target_sizes`` and ``sigmoid > 0.5`` (official ``post_process_instseg_gdino``)."""
         logits = outputs.logits.float()  # a bf16 model's boxes would be scaled to pixels in bf16
@@ -1082,7 +1098,7 @@ class SuperLinkGroundingDino(nn.Module):
                 "routes": routes[b][keep][order],
                 "boxes": xyxy[b][keep][order],
             }
-            if detection is not None and detection.mask_features is not None:
+            if masks and detection is not None and detection.mask_features is not None:
                 queries = keep.nonzero()[:, 0][order]
                 found["masks"] = pixel_masks(detection, b, queries, [int(v) for v in sizes[b].tolist()])
             results.append(found)

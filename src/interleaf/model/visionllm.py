@@ -741,18 +741,15 @@ def _detections(
     """The detector's boxes for the ``chosen`` (index, route) detection routes of an answer about
     ``image``: ``{"route", "phrase", "score", "box"}`` by score, and ``"mask"`` (bool [height, width])
     for a SEG route's detection when the detector has a mask head."""
-    from dataclasses import replace
-
     queries = torch.stack([r.states for _, r in chosen])[None]
     mask = torch.ones(1, len(chosen), dtype=torch.bool, device=queries.device)
     det_pixels, det_mask = detector_inputs([image], model.link.detector_size)
     out = model.gdino(
         det_pixels.to(queries.device, queries.dtype), queries, mask, pixel_mask=det_mask.to(queries.device)
     )
-    if not any(r.kind == "seg" for _, r in chosen) and out.detection.mask_features is not None:
-        # no route asks for masks: don't draw an image-sized mask for every kept query
-        out = replace(out, detection=replace(out.detection, mask_features=None))
-    found = model.gdino.postprocess(out, [(image.height, image.width)], threshold=threshold)[0]
+    # masks only where a route asks for them: each is drawn at the image's size
+    seg = any(r.kind == "seg" for _, r in chosen)
+    found = model.gdino.postprocess(out, [(image.height, image.width)], threshold=threshold, masks=seg)[0]
     masks = found.get("masks")
     result = []
     for k, (score, route, box) in enumerate(

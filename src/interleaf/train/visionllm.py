@@ -434,12 +434,13 @@ def collate_detection(examples: list[dict[str, Any]], pad_id: int, detector_size
     """Right-padded batch for :meth:`VisionLLMv2Model.forward`. Target ``masks`` are resized (nearest)
     to the size the detector's preprocessing gave their image: [n, h, w] over the image's top-left
     part of the padded input, which the detector pads."""
+    from interleaf.model.grounding_dino import image_sizes
+
     det_pixels, det_mask = detector_inputs([e["image"] for e in examples], detector_size)
     targets = []
-    for e, real in zip(examples, det_mask.bool()):
+    for e, size in zip(examples, image_sizes(det_mask)):  # the resized images' sizes
         target = e["target"]
-        if "masks" in target:  # the resized image's size: the real pixels' rows and columns
-            size = (int(real.any(dim=1).sum()), int(real.any(dim=0).sum()))
+        if "masks" in target:
             target = {**target, "masks": resize_masks(target["masks"], size)}
         targets.append(target)
     return {
