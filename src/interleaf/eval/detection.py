@@ -255,6 +255,28 @@ def ask_stored(
     return detections, sizes, asked
 
 
+def segm_plan(records: list[Any], with_masks: bool) -> tuple[bool, str | None]:
+    """Whether masks are scored: (segm, why not). segm when the detector draws masks and every record
+    with objects holds theirs; ``why`` says which is missing when some records hold masks."""
+    if not any(r.masks is not None for r in records):
+        return False, None
+    if not with_masks:
+        return False, "the model's detector has no mask head"
+    unmasked = next((r for r in records if r.class_labels and r.masks is None), None)
+    if unmasked is not None:
+        return False, f"the objects of line {unmasked.line} have no masks"
+    return True, None
+
+
+def metrics_table(columns: dict[str, dict[str, float]]) -> str:
+    """A markdown table: a row per metric (the first column's names), a column per named score set."""
+    names = next(iter(columns.values()))
+    head = "| metric | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns)
+    rows = ["| " + " | ".join([name, *(f"{scores[name]:.4f}" for scores in columns.values())]) + " |"
+            for name in names]  # fmt: skip
+    return "\n".join([head, *rows])
+
+
 def evaluate_detection(
     model_dir: str | Path,
     data: str | Path,
@@ -294,16 +316,8 @@ def evaluate_detection(
         where = "--phrases" if phrases is not None else str(data)
         hint = "" if phrases is not None else " (pick some with --phrases)"
         raise InputError(f"{where}: {len(categories)} categories; the detector takes at most {room}{hint}")
-    # segm when the detector draws masks and every record with objects holds theirs
     with_masks = bool(model.gdino.mask_dim)
-    unmasked = next((r for r in records if r.class_labels and r.masks is None), None)
-    segm_why = None
-    if any(r.masks is not None for r in records):
-        if not with_masks:
-            segm_why = "the model's detector has no mask head"
-        elif unmasked is not None:
-            segm_why = f"the objects of line {unmasked.line} have no masks"
-    segm = with_masks and unmasked is None and any(r.masks is not None for r in records)
+    segm, segm_why = segm_plan(records, with_masks)
     # a GPU's answers are not the CPU's bits
     params: dict[str, Any] = {"topk": topk, "device": model.device.type}
     if with_masks:  # stored detections hold masks; a box-only model's keys stay as they were
@@ -331,17 +345,12 @@ def evaluate_detection(
     replace_text(out / "coco_results.json", json.dumps(results))
     replace_text(out / "scores.json", json.dumps(summary, indent=1) + "\n")
     replace_text(out / "skipped.jsonl", jsonl_text(skipped))
-    if segm:
-        table = "\n".join(f"| {name} | {value:.4f} | {summary['segm_scores'][name]:.4f} |"
-                          for name, value in scores.items())  # fmt: skip
-        head, kinds = "| metric | bbox | segm |\n|---|---|---|", "bbox and segm"
-    else:
-        table = "\n".join(f"| {name} | {value:.4f} |" for name, value in scores.items())
-        head, kinds = "| metric | value |\n|---|---|", "bbox"
+    columns = {"bbox": scores, "segm": summary["segm_scores"]} if segm else {"value": scores}
+    kinds = "bbox and segm" if segm else "bbox"
     note = f"\nsegm not scored: {segm_why}\n" if segm_why else ""
     replace_text(out / "report.md", f"# Detection: {Path(data).name}\n\n{len(records)} images, "
                  f"{len(categories)} categories, {summary['objects']} objects (COCOeval {kinds}, top {topk} "
-                 f"per image)\n{note}\n{head}\n{table}\n")  # fmt: skip
+                 f"per image)\n{note}\n{metrics_table(columns)}\n")  # fmt: skip
     return summary
 
 
@@ -367,19 +376,13 @@ def box_overlap(det: list[float], truth: list[float]) -> tuple[float, float, flo
 
 
 def mask_overlap(det: dict[str, Any], truth: dict[str, Any]) -> tuple[float, float, float]:
-    """Two COCO RLE masks of one image: (pycocotools' IoU, intersection, union) in pixels."""
+    """Two COCO RLE masks of one image (counts as text or bytes; pycocotools reads either):
+    (pycocotools' IoU, intersection, union) in pixels."""
     from pycocotools import mask as coco_mask
 
-    det, truth = _coco_rle(det), _coco_rle(truth)
     iou = float(coco_mask.iou([det], [truth], [0])[0][0])
     a, b = coco_mask.decode(det).astype(bool), coco_mask.decode(truth).astype(bool)
     return iou, float((a & b).sum()), float((a | b).sum())
-
-
-def _coco_rle(rle: dict[str, Any]) -> dict[str, Any]:
-    """A JSON RLE (counts as text) as pycocotools takes it (counts as bytes)."""
-    counts = rle["counts"]
-    return {"size": list(rle["size"]), "counts": counts.encode() if isinstance(counts, str) else counts}
 
 
 def grounding_scores(overlaps: list[tuple[float, float, float]]) -> dict[str, float]:
@@ -435,14 +438,7 @@ def evaluate_grounding(
         raise InputError(f"{data}: no grounding records (route: grd, one object each)")
     model, tok, out, fingerprint = open_detector(model_dir, device, out)
     with_masks = bool(model.gdino.mask_dim)
-    segm_why = None
-    if any(r.masks is not None for r in records):
-        unmasked = next((r for r in records if r.masks is None), None)
-        if not with_masks:
-            segm_why = "the model's detector has no mask head"
-        elif unmasked is not None:
-            segm_why = f"the object of line {unmasked.line} has no mask"
-    segm = with_masks and segm_why is None and any(r.masks is not None for r in records)
+    segm, segm_why = segm_plan(records, with_masks)  # (each record has its one object)
     settings: dict[str, Any] = {"topk": 1, "route": "grd", "device": model.device.type, "masks": with_masks}
     asks = [(f"grd{i}", r, r.phrases, {**settings, "question": r.question},
              {"topk": 1, "route": "grd", "question": r.question}) for i, r in enumerate(records)]  # fmt: skip
@@ -453,10 +449,8 @@ def evaluate_grounding(
                                "scores": grounding_scores([box_overlap(d["box"], r.boxes[0])
                                                            for d, r in zip(best, records)])}  # fmt: skip
     if segm:
-        from interleaf.processing.masks import json_rle
-
         summary["segm_scores"] = grounding_scores(
-            [mask_overlap(d["mask"], json_rle(r.masks[0])) for d, r in zip(best, records)]
+            [mask_overlap(d["mask"], r.masks[0]) for d, r in zip(best, records)]
         )
     elif segm_why is not None:
         summary["segm_not_scored"] = segm_why
@@ -465,12 +459,8 @@ def evaluate_grounding(
     replace_text(out / "detections.jsonl", jsonl_text(rows))
     replace_text(out / "scores.json", json.dumps(summary, indent=1) + "\n")
     replace_text(out / "skipped.jsonl", jsonl_text(skipped))
-    kinds = {"box": "scores", **({"mask": "segm_scores"} if segm else {})}
-    head = "| metric | " + " | ".join(kinds) + " |\n|---|" + "---|" * len(kinds)
-    lines = ["| " + " | ".join([name, *(f"{summary[k][name]:.4f}" for k in kinds.values())]) + " |"
-             for name in GROUNDING_METRICS]  # fmt: skip
-    table = "\n".join(lines)
+    columns = {"box": summary["scores"], **({"mask": summary["segm_scores"]} if segm else {})}
     note = f"\nsegm not scored: {segm_why}\n" if segm_why else ""
     replace_text(out / "report.md", f"# Grounding: {Path(data).name}\n\n{len(records)} expressions (top 1 "
-                 f"detection each; P@t: IoU > t)\n{note}\n{head}\n{table}\n")  # fmt: skip
+                 f"detection each; P@t: IoU > t)\n{note}\n{metrics_table(columns)}\n")  # fmt: skip
     return summary

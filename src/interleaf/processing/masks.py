@@ -91,6 +91,9 @@ def object_mask(raw: Any, name: str, width: int, height: int) -> dict[str, Any]:
             )
         rle = coco_mask.frPyObjects({"size": [height, width], "counts": runs}, height, width)
     elif isinstance(raw, list) and raw and all(isinstance(p, list) for p in raw):
+        # pycocotools draws every edge's points (at 5x scale): a wild coordinate would take memory
+        # in proportion (gigabytes, or the OOM killer, for 1e8) rather than fail
+        limit = POLYGON_REACH * max(width, height)
         for j, poly in enumerate(raw):
             if not all(is_number(v) for v in poly):
                 raise InputError(f"{name}[{j}]: a polygon is [x1, y1, x2, y2, ...], numbers")
@@ -99,9 +102,6 @@ def object_mask(raw: Any, name: str, width: int, height: int) -> dict[str, Any]:
                 raise InputError(
                     f"{name}[{j}]: a polygon needs 3 or more (x, y) points, got {len(poly)} numbers"
                 )
-            # pycocotools draws every edge's points (at 5x scale): a wild coordinate would take memory
-            # in proportion (gigabytes, or the OOM killer, for 1e8) rather than fail
-            limit = POLYGON_REACH * max(width, height)
             far = next((v for v in poly if abs(v) > limit), None)
             if far is not None:
                 raise InputError(
