@@ -224,45 +224,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     a.add_argument("--device", default="auto")
     a.set_defaults(func=_visionllm_ask)
-    e = vsub.add_parser(
+    e = _visionllm_eval_parser(
+        vsub,
         "eval-det",
-        help="COCO box AP (and mask AP) of the detection route on detection records (upstream's eval_det, "
+        "COCO box AP (and mask AP) of the detection route on detection records (upstream's eval_det, "
         "pycocotools)",
-    )
-    e.add_argument("model", help="a VisionLLM v2 folder with a detector")
-    e.add_argument(
-        "data",
-        help="JSONL detection records {image, objects: [{phrase, box, mask?}]} (train's format; mask AP "
-        "when they hold masks and the detector has a mask head)",
-    )
-    e.add_argument(
-        "-o", "--out", required=True, help="folder for the detections, scores and report (resumable)"
+        "JSONL detection records {image, objects: [{phrase, box, mask?}]} (train's format; mask AP when "
+        "they hold masks and the detector has a mask head)",
     )
     e.add_argument(
         "--phrases", default=None, help="comma-separated categories, in order (default: the data's phrases)"
     )
-    e.add_argument("--image-root", default=None, help="folder of relative image paths (default: the file's)")
     e.add_argument("--topk", type=int, default=100, help="detections kept per image (upstream: 100)")
-    e.add_argument("--limit", type=int, default=None, help="evaluate the first N records only")
-    e.add_argument("--device", default="auto")
     e.set_defaults(func=_visionllm_eval_det)
-    g = vsub.add_parser(
+    g = _visionllm_eval_parser(
+        vsub,
         "eval-grd",
-        help="referring expressions (RefCOCO-style): P@0.5..0.9, oIoU and mIoU of the [GRD] route's top "
+        "referring expressions (RefCOCO-style): P@0.5..0.9, oIoU and mIoU of the [GRD] route's top "
         "detection, boxes and masks (upstream's RefCOCOeval)",
+        "JSONL records {image, objects: [{phrase, box, mask?}], route: grd, question?}, one object each: "
+        "the phrase is the expression",
     )
-    g.add_argument("model", help="a VisionLLM v2 folder with a detector")
-    g.add_argument(
-        "data",
-        help="JSONL records {image, objects: [{phrase, box, mask?}], route: grd, question?}, one object "
-        "each: the phrase is the expression",
-    )
-    g.add_argument(
-        "-o", "--out", required=True, help="folder for the detections, scores and report (resumable)"
-    )
-    g.add_argument("--image-root", default=None, help="folder of relative image paths (default: the file's)")
-    g.add_argument("--limit", type=int, default=None, help="evaluate the first N records only")
-    g.add_argument("--device", default="auto")
     g.set_defaults(func=_visionllm_eval_grd)
 
 
@@ -390,6 +372,22 @@ def _visionllm_detect(args: argparse.Namespace) -> int:
                             args.max_new_tokens, args.device)  # fmt: skip
     print(json.dumps(result, ensure_ascii=False, indent=2))
     return 0
+
+
+def _visionllm_eval_parser(
+    vsub: argparse._SubParsersAction, name: str, help: str, data_help: str
+) -> argparse.ArgumentParser:
+    """A ``visionllm`` evaluation command's parser with the arguments eval-det and eval-grd share."""
+    e = vsub.add_parser(name, help=help)
+    e.add_argument("model", help="a VisionLLM v2 folder with a detector")
+    e.add_argument("data", help=data_help)
+    e.add_argument(
+        "-o", "--out", required=True, help="folder for the detections, scores and report (resumable)"
+    )
+    e.add_argument("--image-root", default=None, help="folder of relative image paths (default: the file's)")
+    e.add_argument("--limit", type=int, default=None, help="evaluate the first N records only")
+    e.add_argument("--device", default="auto")
+    return e
 
 
 def _visionllm_eval_det(args: argparse.Namespace) -> int:
