@@ -231,3 +231,41 @@ def test_an_lcl_checkpoint_names_its_own_commands(tmp_path):
     with pytest.raises(ConfigError, match=r"an LCL checkpoint .*`interleaf lcl retrieval`"):
         load_checkpoint(folder)
     assert load_lcl(folder).config == config
+
+
+def _qwen3(c):
+    """QWEN2_05B's llm_config restated as a Qwen3 one (as InternVL3.5 ships it)."""
+    c["llm_config"].update(architectures=["Qwen3ForCausalLM"], model_type="qwen3")
+
+
+def test_qwen3_config_reads_as_transformers_reads_it():
+    from transformers import Qwen3Config
+
+    cfg = _parse(_qwen3).llm
+    # no head_dim: transformers' Qwen3Config default (128), not hidden_size / heads (64)
+    assert cfg.family == "qwen3" and cfg.qk_norm and cfg.head_dim == Qwen3Config().head_dim == 128
+    assert not cfg.qkv_bias and not cfg.o_bias
+    cfg = _parse(lambda c: (_qwen3(c), c["llm_config"].update(attention_bias=True, head_dim=64))).llm
+    assert cfg.qkv_bias and cfg.o_bias and cfg.head_dim == 64
+    for mutate, message in [
+        (lambda c: c["llm_config"].update(attention_bias="yes"), "llm_config.attention_bias must be true or false"),
+        (lambda c: c["llm_config"].update(use_sliding_window=True, sliding_window=4096),
+         "llm_config.sliding_window 4096 is shorter than max_position_embeddings"),
+    ]:  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            _parse(lambda c, m=mutate: (_qwen3(c), m(c)))
+
+
+def test_qwen3_checkpoint_without_its_qk_norms_names_them(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from interleaf.errors import CheckpointError
+    from interleaf.model import init_model
+
+    path = init_model("tiny-qwen3", tmp_path / "q3", seed=2)
+    tensors = load_file(str(path / "model.safetensors"))
+    del tensors["language_model.model.layers.1.self_attn.k_norm.weight"]
+    save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"layers\.1\.self_attn\.k_norm\.weight") as info:
+        load_checkpoint(path)
+    assert "\n" not in str(info.value)

@@ -33,7 +33,7 @@ def _assert_same_weights(a, b):
         assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-internlm2", "tiny-phi3", "tiny-llama"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-internlm2", "tiny-phi3", "tiny-llama", "tiny-qwen3"])
 def test_round_trip_both_layouts_is_lossless(preset, tmp_path):
     path = init_model(preset, tmp_path / "a", layout="internvl_chat", seed=3)
     model, tok = load_checkpoint(path)

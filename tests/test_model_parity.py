@@ -2,7 +2,8 @@
 
 * whole model: transformers' ``InternVLForConditionalGeneration`` loads our saved ``-hf`` checkpoint;
   logits agree to 1e-4 across sizes, GQA ratios, tied/untied embeddings, ViT qk-norm / RMSNorm,
-  tiles and images, Qwen2 vs Llama text configs (InternLM2 goes to hf as Llama), RoPE scalings;
+  tiles and images, Qwen2 vs Qwen3 (per-head q/k RMSNorm, decoupled head_dim) vs Llama text configs
+  (InternLM2 goes to hf as Llama), RoPE scalings;
   greedy generation (our KV-cache loop) yields the same tokens as transformers' ``generate``.
 * Phi-3 (no official hf InternVL conversion; transformers still builds it from our text_config, so it
   is in the matrix too): text-only logits vs ``Phi3ForCausalLM`` with longrope scaling,
@@ -11,6 +12,8 @@
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -29,9 +32,10 @@ def tokenizer():
 
 
 def _config(tokenizer, family="qwen2", vision=None, **llm):
-    preset = {"qwen2": "tiny", "llama": "tiny-llama", "internlm2": "tiny-internlm2", "phi3": "tiny-phi3"}[
-        family
-    ]
+    preset = {
+        "qwen2": "tiny", "qwen3": "tiny-qwen3", "llama": "tiny-llama", "internlm2": "tiny-internlm2",
+        "phi3": "tiny-phi3",
+    }[family]  # fmt: skip
     cfg = preset_config(preset, vocab_size=-(-len(tokenizer) // 64) * 64)
     for k, v in (vision or {}).items():
         setattr(cfg.vision, k, v)
@@ -113,6 +117,13 @@ CASES = {
         },
         [1],
     ),
+    "qwen3-untied-headdim64-1tile": ("qwen3", {}, {}, [1]),
+    "qwen3-tied-bias-mqa-2images": (
+        "qwen3",
+        {},
+        {"tie_word_embeddings": True, "qkv_bias": True, "o_bias": True, "num_key_value_heads": 1},
+        [1, 2],
+    ),
     "llama-linear-rope-bias": (
         "llama",
         {},
@@ -132,6 +143,7 @@ def test_logits_and_greedy_match_transformers(case, tokenizer, tmp_path):
     family, vision, llm, tiles = CASES[case]
     cfg = _config(tokenizer, family, vision, **llm)
     model = build_model(cfg, seed=list(CASES).index(case))
+    _random_qk_norms(model)
     path = save_checkpoint(model, tokenizer, tmp_path / "hf", layout="hf")
     ours, _ = load_checkpoint(path)
     ref = _hf_model(path)
@@ -160,6 +172,16 @@ def test_logits_and_greedy_match_transformers(case, tokenizer, tmp_path):
         )[0, ids.shape[1]:]  # fmt: skip
         got = _greedy(ours, ids, pixel_values, new)
     assert got == expected.tolist()
+
+
+def _random_qk_norms(model: InternVLChatModel) -> None:
+    """Qwen3's q/k norms start at ones; random weights make a mix-up of q and k, or of the order of
+    norm and RoPE, show in the logits."""
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.language_model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=gen))
 
 
 def _greedy(model: InternVLChatModel, ids: torch.Tensor, pixel_values, new: int) -> list[int]:
@@ -234,6 +256,29 @@ def test_phi3_longrope_matches_transformers_phi3(tokenizer, tmp_path):
             b = ref(input_ids=ids).logits
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
     assert ours.language_model.model.rotary_emb.attention_factor > 1.0
+
+
+def test_qwen3_original_layout_matches_transformers_qwen3(tokenizer, tmp_path):
+    """InternVL3.5's original layout: ``llm_config`` as written is a valid ``Qwen3Config`` and
+    ``Qwen3ForCausalLM`` on the ``language_model.`` tensors gives our text logits (random q/k norms)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = _config(tokenizer, "qwen3")
+    model = build_model(cfg, seed=6)
+    _random_qk_norms(model)
+    path = save_checkpoint(model, tokenizer, tmp_path / "orig", layout="internvl_chat")
+    raw = json.loads((path / "config.json").read_text())["llm_config"]
+    assert raw["architectures"] == ["Qwen3ForCausalLM"] and raw["head_dim"] == 64
+    ours, _ = load_checkpoint(path)
+    disk, _ = read_weights(path)
+    assert any(k.endswith("self_attn.q_norm.weight") for k in disk)
+    ref = Qwen3ForCausalLM(Qwen3Config(**raw)).eval()
+    llm_sd = {k[len("language_model.") :]: v for k, v in disk.items() if k.startswith("language_model.")}
+    missing, unexpected = ref.load_state_dict(llm_sd, strict=False)
+    assert not unexpected and not [m for m in missing if "rotary" not in m]
+    ids = torch.randint(0, len(tokenizer), (2, 60), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, ref(input_ids=ids).logits, atol=ATOL, rtol=0)
 
 
 def test_internlm2_wqkv_layout_matches_upstream_split(tokenizer, tmp_path):

@@ -312,6 +312,7 @@ def test_expert_weights_under_a_plain_config_are_named(tmp_path):
         ("tiny", "hf", False),  # Qwen2, the transformers-native layout
         ("tiny-phi3", "internvl_chat", False),
         ("tiny-llama", "hf", True),
+        ("tiny-qwen3", "hf", True),  # Qwen3 (InternVL3.5): q/k norms shared by both modalities
     ],
 )
 def test_init_from_internvl_checkpoint_copies_ffn_to_experts(tmp_path, preset, layout, attention_experts):
@@ -391,7 +392,7 @@ def test_init_from_bare_llm_checkpoint_grows_vocab_for_image_tokens(tmp_path, to
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-phi3", "tiny-llama"])  # Qwen2 / Phi-3 / Llama
+@pytest.mark.parametrize("preset", ["tiny", "tiny-phi3", "tiny-llama", "tiny-qwen3"])  # Qwen2/Phi-3/Llama/Qwen3
 def test_init_from_bare_llm_of_every_family(tmp_path, preset):
     ivl_dir = init_model(preset, tmp_path / "ivl", seed=4)
     ivl, tok = load_checkpoint(ivl_dir)

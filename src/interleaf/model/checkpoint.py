@@ -87,11 +87,11 @@ def llm_state_to_disk(sd: dict[str, torch.Tensor], cfg: LLMConfig, family: str) 
     """A decoder LLM's state dict in interleaf names -> the tensors as ``family`` stores them.
 
     ``sd``: names relative to the LLM (``model.layers.0.self_attn.q_proj.weight``, ``lm_head.weight``,
-    i.e. without ``language_model.``). ``family``: ``qwen2`` / ``llama`` (unchanged), ``internlm2``
+    i.e. without ``language_model.``). ``family``: ``qwen2`` / ``qwen3`` / ``llama`` (unchanged), ``internlm2``
     (``tok_embeddings``, grouped fused ``attention.wqkv``, ``wo``, ``w1/w2/w3``, ``output``) or
     ``phi3`` (fused ``qkv_proj`` and ``gate_up_proj``). Tensors are not copied unless fused.
     """
-    if family in ("qwen2", "llama"):
+    if family in ("qwen2", "qwen3", "llama"):
         return dict(sd)
     out: dict[str, torch.Tensor] = {}
     fused: dict[str, dict[str, torch.Tensor]] = {}
@@ -158,7 +158,7 @@ def llm_state_from_disk(
     as ``where(name)`` (e.g. its file and full name; default ``tensor <name>``).
     """
     label = where or (lambda name: f"tensor {name}")
-    if family in ("qwen2", "llama"):
+    if family in ("qwen2", "qwen3", "llama"):
         return dict(sd)
     out: dict[str, torch.Tensor] = {}
     q_rows = cfg.num_attention_heads * cfg.head_dim

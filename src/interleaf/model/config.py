@@ -3,10 +3,10 @@
 Two ``config.json`` layouts exist upstream:
 
 * the original InternVL-Chat layout (``model_type: internvl_chat``): ``vision_config`` (InternViT),
-  ``llm_config`` (a Qwen2 / InternLM2 / Phi-3 / Llama config) and InternVL keys such as ``template``,
+  ``llm_config`` (a Qwen2 / Qwen3 / InternLM2 / Phi-3 / Llama config) and InternVL keys such as ``template``,
   ``downsample_ratio``, ``ps_version``, ``select_layer``, ``max_dynamic_patch``;
 * the transformers-native layout (``model_type: internvl``, the ``-hf`` checkpoints): ``vision_config``
-  (``internvl_vision``), ``text_config`` (qwen2 or llama) and ``image_token_id``.
+  (``internvl_vision``), ``text_config`` (qwen2, qwen3 or llama) and ``image_token_id``.
 
 Both parse into one :class:`InternVLConfig` made of a :class:`VisionConfig` and an :class:`LLMConfig`.
 Top-level keys are checked against the keys each layout is known to carry; anything else is a
@@ -52,14 +52,18 @@ HF_KEYS = GENERIC_KEYS | frozenset(
 # llm_config ``architectures[0]`` (original layout) / text_config ``model_type`` -> our family name.
 ARCH_TO_FAMILY = {
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
     "InternLM2ForCausalLM": "internlm2",
     "InternLM2VEForCausalLM": "internlm2",
     "Phi3ForCausalLM": "phi3",
     "LlamaForCausalLM": "llama",
 }
-MODEL_TYPE_TO_FAMILY = {"qwen2": "qwen2", "internlm2": "internlm2", "phi3": "phi3", "llama": "llama"}
+MODEL_TYPE_TO_FAMILY = {
+    "qwen2": "qwen2", "qwen3": "qwen3", "internlm2": "internlm2", "phi3": "phi3", "llama": "llama"
+}  # fmt: skip
 FAMILY_TO_ARCH = {
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
     "internlm2": "InternLM2ForCausalLM",
     "phi3": "Phi3ForCausalLM",
     "llama": "LlamaForCausalLM",
@@ -101,8 +105,9 @@ class VisionConfig:
 class LLMConfig:
     """Decoder LLM hyper-parameters, one dataclass for every family.
 
-    ``family`` is one of ``qwen2``, ``internlm2``, ``phi3``, ``llama``; it only decides how weights and
-    configs are named on disk and which biases exist (the maths is shared).
+    ``family`` is one of ``qwen2``, ``qwen3``, ``internlm2``, ``phi3``, ``llama``; it decides how weights
+    and configs are named on disk, which biases exist and whether q and k are normalised per head
+    (Qwen3, :attr:`qk_norm`); the rest of the maths is shared.
     """
 
     family: str = "qwen2"
@@ -137,6 +142,12 @@ class LLMConfig:
                 f"llm_config: num_attention_heads ({self.num_attention_heads}) is not a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
+
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3 (InternVL3.5): an RMSNorm over each head's q and k (``self_attn.q_norm``/``k_norm``,
+        weight [head_dim]) before RoPE."""
+        return self.family == "qwen3"
 
     @property
     def rope_type(self) -> str:
@@ -561,7 +572,8 @@ def _parse_llm(raw: dict[str, Any], source: str, key: str) -> LLMConfig:
         raise ConfigError(
             f"{source}: {w}num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})"
         )
-    head_dim = _pos_int(raw, "head_dim", None, source, w)
+    # transformers' Qwen3Config defaults head_dim to 128 rather than hidden_size / heads
+    head_dim = _pos_int(raw, "head_dim", 128 if family == "qwen3" else None, source, w)
     if head_dim is None and hidden % heads:
         raise ConfigError(
             f"{source}: {w}hidden_size ({hidden}) is not a multiple of num_attention_heads ({heads}) "
@@ -605,6 +617,8 @@ def _parse_llm(raw: dict[str, Any], source: str, key: str) -> LLMConfig:
         bias = _flag(raw, "attention_bias", False, source, w)
         cfg.qkv_bias = cfg.o_bias = bias
         cfg.mlp_bias = _flag(raw, "mlp_bias", False, source, w)
+    elif family == "qwen3":
+        cfg.qkv_bias = cfg.o_bias = _flag(raw, "attention_bias", False, source, w)
     elif family == "phi3":
         cfg.qkv_bias = cfg.o_bias = False
     if cfg.hidden_act != "silu":
@@ -638,7 +652,7 @@ def _check_sliding_window(raw: dict[str, Any], cfg: LLMConfig, source: str, w: s
     the same as full causal attention and is accepted.
     """
     window = raw.get("sliding_window")
-    if cfg.family == "qwen2":
+    if cfg.family in ("qwen2", "qwen3"):
         if not _flag(raw, "use_sliding_window", False, source, w):
             return
         # transformers 4.x windows the layers from max_window_layers on, 5.x those that layer_types
@@ -657,7 +671,7 @@ def _check_sliding_window(raw: dict[str, Any], cfg: LLMConfig, source: str, w: s
         raise ConfigError(
             f"{source}: {w}sliding_window {window} is shorter than max_position_embeddings "
             f"{cfg.max_position_embeddings}: sliding-window attention is not supported"
-            + (" (set use_sliding_window to false)" if cfg.family == "qwen2" else "")
+            + (" (set use_sliding_window to false)" if cfg.family != "phi3" else "")
         )
 
 
@@ -889,9 +903,20 @@ def _llm_to_original(c: LLMConfig) -> dict[str, Any]:
     elif c.family == "llama":
         out["attention_bias"] = c.qkv_bias
         out["mlp_bias"] = c.mlp_bias
+    elif c.family == "qwen3":
+        out["head_dim"] = c.head_dim  # its own default (128) is not hidden_size / heads
+        out["attention_bias"] = _one_attention_bias(c, "llm_config")
     elif c.family == "phi3":
         out["original_max_position_embeddings"] = c.original_max_position_embeddings
     return out
+
+
+def _one_attention_bias(c: LLMConfig, key: str) -> bool:
+    """Llama's and Qwen3's ``attention_bias`` covers q/k/v and o alike."""
+    if c.qkv_bias != c.o_bias:
+        name = "Qwen3" if c.family == "qwen3" else "Llama"  # InternLM2 goes to the hf layout as Llama
+        raise ConfigError(f"{key}: {name} needs the same bias on q/k/v and o projections (one attention_bias)")
+    return c.qkv_bias
 
 
 def _llm_to_hf(c: LLMConfig) -> dict[str, Any]:
@@ -900,12 +925,11 @@ def _llm_to_hf(c: LLMConfig) -> dict[str, Any]:
     model_type = {"internlm2": "llama"}.get(c.family, c.family)
     out["model_type"] = model_type
     out["architectures"] = [FAMILY_TO_ARCH[model_type]]
-    if c.head_dim != c.hidden_size // c.num_attention_heads or model_type == "llama":
+    if c.head_dim != c.hidden_size // c.num_attention_heads or model_type in ("llama", "qwen3"):
         out["head_dim"] = c.head_dim
+    if model_type in ("llama", "qwen3"):
+        out["attention_bias"] = _one_attention_bias(c, "text_config")
     if model_type == "llama":
-        if c.qkv_bias != c.o_bias:
-            raise ConfigError("text_config: Llama needs the same bias on q/k/v and o projections")
-        out["attention_bias"] = c.qkv_bias
         out["mlp_bias"] = c.mlp_bias
     if c.family == "phi3":
         out["original_max_position_embeddings"] = c.original_max_position_embeddings

@@ -1,7 +1,8 @@
-"""The decoder LLM: one implementation for Qwen2/Qwen2.5, InternLM2/2.5, Phi-3 and Llama.
+"""The decoder LLM: one implementation for Qwen2/Qwen2.5, Qwen3, InternLM2/2.5, Phi-3 and Llama.
 
 The families differ only in naming on disk (handled by ``checkpoint.py``), in which projections carry
-a bias, and in their RoPE scaling; the maths below is shared:
+a bias, in their RoPE scaling and in Qwen3's per-head RMSNorm of q and k (``q_norm``/``k_norm``, before
+RoPE); the maths below is shared:
 
     x = embed_tokens(ids)                                   [B, S, H]
     for each layer:
@@ -283,6 +284,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * d, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * d, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * d, cfg.hidden_size, bias=cfg.o_bias)
+        # Qwen3: RMSNorm over each head's d channels (weight [d]) of q and k, before RoPE
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
 
     def forward(
         self,
@@ -301,8 +305,8 @@ class Attention(nn.Module):
         ``cu_seqlens`` (int32 [n_segments + 1] over the flattened [B * S] tokens): packed samples, each
         attending causally to itself only (``attn_mask``/``is_causal`` are then ignored)."""
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_norm(self.q_proj(x).view(b, s, self.num_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cu_seqlens is not None:

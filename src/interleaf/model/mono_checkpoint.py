@@ -59,6 +59,7 @@ MONO_PRESETS: dict[str, tuple[str, dict]] = {
 FAMILY_TEMPLATE = {
     "internlm2": "internlm2-chat",
     "qwen2": "Hermes-2",
+    "qwen3": "internvl2_5",
     "phi3": "phi3-chat",
     "llama": "internvl2_5",
 }

@@ -301,8 +301,9 @@ class MonoAttention(Attention):
             out = route.merge(None if text is None else text_fn(text), visual_fn(visual))
             return out.view(b, s, heads, d).transpose(1, 2)
 
-        q = project(self.q_proj, self.q_proj_ve, self.num_heads)
-        k = project(self.k_proj, self.k_proj_ve, self.num_kv_heads)
+        # a Qwen3 LLM's q/k norms are shared by both modalities (the experts are the projections)
+        q = self.q_norm(project(self.q_proj, self.q_proj_ve, self.num_heads))
+        k = self.k_norm(project(self.k_proj, self.k_proj_ve, self.num_kv_heads))
         v = project(self.v_proj, self.v_proj_ve, self.num_kv_heads)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cu_seqlens is not None:  # packed samples: variable-length attention

@@ -1,8 +1,8 @@
 """Model presets and random-weight checkpoints made offline.
 
 ``tiny*`` presets (about 2M parameters, 448 px tiles, 256 tokens per tile) are for tests and demos;
-the real-shape presets reproduce the published InternVL2 / InternVL2.5 small models (InternViT-300M
-+ Qwen2 / InternLM2 / Phi-3 / Qwen2.5) with random weights and the offline tokenizer (embedding rows
+the real-shape presets reproduce the published InternVL2 / InternVL2.5 / InternVL3.5 small models
+(InternViT-300M + Qwen2 / InternLM2 / Phi-3 / Qwen2.5 / Qwen3) with random weights and the offline tokenizer (embedding rows
 keep the real vocabulary size). Phi-3's real longrope factor lists are not embedded: the 4B preset uses
 a smooth stand-in with the same shape and scaling type.
 """
@@ -68,6 +68,8 @@ PRESETS: dict[str, tuple[dict, dict, dict]] = {
         dict(template="phi3-chat"),
     ),  # fmt: skip
     "tiny-llama": (VIT_TINY, _tiny_llm("llama", tie_word_embeddings=True), dict(template="internvl2_5")),
+    # head_dim 64 != hidden / heads (32), as Qwen3's 128 != 1024 / 16
+    "tiny-qwen3": (VIT_TINY, _tiny_llm("qwen3", head_dim=64), dict(template="internvl2_5")),
     "internvl2-1b": (
         VIT_300M,
         dict(
@@ -151,6 +153,25 @@ PRESETS: dict[str, tuple[dict, dict, dict]] = {
             rms_norm_eps=1e-6,
             rope_theta=1e6,
             qkv_bias=True,
+        ),
+        dict(template="internvl2_5"),
+    ),  # fmt: skip
+    # InternVL3.5-1B: InternViT-300M-448px-V2_5 + Qwen3-0.6B, lm_head untied (the -HF release's
+    # 1,060,897,792 parameters are these shapes with an untied 151936 x 1024 lm_head)
+    "internvl3_5-1b": (
+        VIT_300M,
+        dict(
+            family="qwen3",
+            vocab_size=151936,
+            hidden_size=1024,
+            intermediate_size=3072,
+            num_hidden_layers=28,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=128,
+            max_position_embeddings=40960,
+            rms_norm_eps=1e-6,
+            rope_theta=1e6,
         ),
         dict(template="internvl2_5"),
     ),  # fmt: skip
