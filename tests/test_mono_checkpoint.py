@@ -500,3 +500,11 @@ def test_command_line_into_a_closed_stdout_ends_quietly(tmp_path):
     )
     assert (proc.returncode, proc.stderr) == (141, "")
     assert (tmp_path / "m" / "config.json").is_file()  # the work was done; only the output was lost
+
+
+def test_init_model_command_offers_every_preset():
+    from interleaf.model.cli import PRESET_NAMES
+    from interleaf.model.mono_checkpoint import MONO_PRESETS
+    from interleaf.model.presets import PRESETS
+
+    assert set(PRESET_NAMES) == set(PRESETS) | set(MONO_PRESETS) and len(PRESET_NAMES) == len(set(PRESET_NAMES))
