@@ -177,6 +177,21 @@ def test_cli_chat_streams_the_reply(tiny_ckpt, image_file, chat, capsys):
     assert printed == chat.chat("Describe the image.", images=image_file, max_num=1, max_new_tokens=8) + "\n"
 
 
+def test_system_message_replaces_the_checkpoints_in_chat_stream_and_cli(tiny_ckpt, chat, capsys):
+    system = "Think in <think> </think> tags first, then answer."
+    _, ids, _, text = chat.prepare("Why?", system_message=system)
+    assert text.startswith("<|im_start|>system\n" + system + "<|im_end|>")
+    assert chat.template.system_message not in text
+    kw = dict(max_new_tokens=10)
+    want = chat.decode_reply(
+        chat.generator.generate(torch.tensor([ids]), config=chat._config(dict(kw))).tokens[0]
+    )
+    assert chat.chat("Why?", system_message=system, **kw) == want
+    assert "".join(chat.stream_chat("Why?", system_message=system, **kw)) == want
+    assert main(["chat", str(tiny_ckpt), "--system-message", system, "--max-new-tokens", "10", "Why?"]) == 0
+    assert capsys.readouterr().out == want + "\n"
+
+
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [

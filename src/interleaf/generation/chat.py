@@ -248,6 +248,7 @@ class ChatModel:
         return_history: bool = False,
         pixel_values: torch.Tensor | None = None,
         num_tiles: Sequence[int] | None = None,
+        system_message: str | None = None,
         **generation,
     ) -> str | tuple[str, list[tuple[str, str]]]:
         """Answer one question.
@@ -259,11 +260,13 @@ class ChatModel:
             video: a video file; ``num_segments`` frames, one tile each.
             max_num: tile budget (default: the checkpoint's ``max_dynamic_patch``), shared by images.
             return_history: also return the history with this turn appended.
+            system_message: replaces the checkpoint's system message for this turn (e.g. a
+                reasoning prompt for InternVL3.5's thinking mode).
             **generation: ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``, ``top_k``,
                 ``seed``, ... (see :class:`GenerationConfig`).
         """
         question, ids, px, _ = self.prepare(
-            question, images, history, video, max_num, num_segments, pixel_values, num_tiles
+            question, images, history, video, max_num, num_segments, pixel_values, num_tiles, system_message
         )
         out = self.generator.generate(torch.tensor([ids]), pixel_values=px, config=self._config(generation))
         reply = self.decode_reply(out.tokens[0])
@@ -279,13 +282,16 @@ class ChatModel:
         video: str | os.PathLike | None = None,
         max_num: int | None = None,
         num_segments: int = 8,
+        system_message: str | None = None,
         **generation,
     ) -> Iterator[str]:
         """Like :meth:`chat`, but yield the reply in pieces as it is generated.
 
         The pieces concatenate to exactly what :meth:`chat` returns.
         """
-        _, ids, px, _ = self.prepare(question, images, history, video, max_num, num_segments)
+        _, ids, px, _ = self.prepare(
+            question, images, history, video, max_num, num_segments, system_message=system_message
+        )
         streamer = TextStreamer(self)
         for step in self.generator.stream(
             torch.tensor([ids]), pixel_values=px, config=self._config(generation)

@@ -22,6 +22,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-segments", type=int, default=8, help="video frames to sample (default 8)")
     p.add_argument("--max-num", type=int, default=None, help="tile budget (default: the checkpoint's)")
     p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument(
+        "--system-message", default=None, metavar="TEXT",
+        help="replaces the checkpoint's system message (e.g. a reasoning prompt for thinking mode)",
+    )  # fmt: skip
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -51,6 +55,7 @@ def _chat(args: argparse.Namespace) -> int:
         video=args.video,
         max_num=args.max_num,
         num_segments=args.num_segments,
+        system_message=args.system_message,
         max_new_tokens=args.max_new_tokens,
         do_sample=args.do_sample,
         temperature=args.temperature,
