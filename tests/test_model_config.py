@@ -129,3 +129,13 @@ def test_bad_configs_name_the_field(mutate, message):
 def test_not_an_internvl_config():
     with pytest.raises(ConfigError, match="not an InternVL config"):
         InternVLConfig.from_dict({"model_type": "llava", "text_config": None, "vision_config": {}}, "x.json")
+
+
+def test_transformers_private_bookkeeping_keys_are_not_unknown_keys():
+    """InternVL's ``to_dict`` copies ``__dict__``, so a config saved by a newer transformers may carry
+    its private attributes; they say nothing about the model."""
+    raw = original(dict(QWEN2_05B))
+    raw["vision_config"] = dict(VIT_300M)
+    plain = InternVLConfig.from_dict(dict(raw), "ckpt/config.json")
+    raw.update(_attn_implementation_internal=None, _output_attentions=False)
+    assert InternVLConfig.from_dict(raw, "ckpt/config.json") == plain

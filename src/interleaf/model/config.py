@@ -327,7 +327,9 @@ class InternVLConfig:
 # ---------------------------------------------------------------------- helpers
 def _check_keys(raw: dict[str, Any], known: frozenset[str], source: str, where: str = "") -> None:
     for key in raw:
-        if key not in known:
+        # "_"-prefixed keys are transformers' bookkeeping (``_attn_implementation_internal``,
+        # ``_output_attentions``, ...), which InternVL's to_dict (a copy of ``__dict__``) lets through
+        if key not in known and not key.startswith("_"):
             raise ConfigError(f"{source}: unknown config key {where}{key!r}")
 
 
