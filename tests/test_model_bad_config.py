@@ -269,3 +269,43 @@ def test_qwen3_checkpoint_without_its_qk_norms_names_them(tmp_path):
     with pytest.raises(CheckpointError, match=r"layers\.1\.self_attn\.k_norm\.weight") as info:
         load_checkpoint(path)
     assert "\n" not in str(info.value)
+
+
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}  # Qwen3's long context
+
+
+def test_yarn_is_refused_naming_the_scalings_that_are_supported(tmp_path):
+    """Qwen3's model cards add a yarn ``rope_scaling`` for long inputs; it is not implemented. From a file
+    (either layout) the error names the supported types; set in code (an init-model override), building
+    the model refuses it rather than running plain RoPE under a config that says yarn."""
+    from interleaf.model import init_model
+
+    supported = r"unsupported rope scaling type 'yarn' \(supported: linear, dynamic, longrope, llama3\)"
+    with pytest.raises(ConfigError, match=r"llm_config\.rope_scaling: " + supported):
+        _parse(lambda c: (_qwen3(c), c["llm_config"].update(rope_scaling=dict(YARN))))
+    with pytest.raises(ConfigError, match=r"llm_config\.rope_parameters: " + supported):
+        _parse(lambda c: (_qwen3(c), c["llm_config"].update(rope_parameters={**YARN, "rope_theta": 1e6})))
+    with pytest.raises(ConfigError, match="llm.rope_scaling: rope scaling type 'yarn' is not implemented"):
+        init_model("tiny-qwen3", tmp_path / "y", overrides={"llm.rope_scaling": dict(YARN)})
+    assert not (tmp_path / "y" / "config.json").exists()
+
+
+@pytest.mark.parametrize("layout", ["internvl_chat", "hf"])
+def test_qk_norms_under_a_config_that_is_not_qwen3_say_so(tmp_path, layout):
+    """A Qwen3 (InternVL3.5) checkpoint whose config names another LLM: the stray q/k norms are named and
+    the error says whose they are."""
+    from interleaf.errors import CheckpointError
+    from interleaf.model import init_model
+
+    path = init_model("tiny-qwen3", tmp_path / "q3", layout=layout, seed=2)
+    raw = json.loads((path / "config.json").read_text())
+    raw["llm_config" if layout == "internvl_chat" else "text_config"].update(
+        architectures=["LlamaForCausalLM"], model_type="llama"
+    )
+    (path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(
+        CheckpointError, match=r"tensors the config does not use: .*self_attn\.k_norm\.weight"
+    ) as info:
+        load_checkpoint(path)
+    assert "q_norm/k_norm are a Qwen3 LLM's" in str(info.value) and "the config says llama" in str(info.value)
+    assert "\n" not in str(info.value)

@@ -139,3 +139,33 @@ def test_transformers_private_bookkeeping_keys_are_not_unknown_keys():
     plain = InternVLConfig.from_dict(dict(raw), "ckpt/config.json")
     raw.update(_attn_implementation_internal=None, _output_attentions=False)
     assert InternVLConfig.from_dict(raw, "ckpt/config.json") == plain
+
+
+QWEN3_06B = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 1024, "head_dim": 128,
+             "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
+             "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000, "rope_scaling": None,
+             "vocab_size": 151936, "attention_bias": False, "attention_dropout": 0.0, "sliding_window": None,
+             "use_sliding_window": False, "max_window_layers": 28, "tie_word_embeddings": False,
+             "bos_token_id": 151643, "eos_token_id": 151645, **GENERIC}  # fmt: skip
+
+
+def test_internvl3_5_1b_configs_in_both_layouts_give_the_preset():
+    """InternVL3.5-1B as published: ``llm_config`` (transformers 4.x, rope_theta) and the -HF
+    ``text_config`` (transformers 5: rope_parameters, layer_types); both read as the preset's LLM."""
+    from interleaf.model import preset_config
+
+    want = preset_config("internvl3_5-1b").llm
+    fields = ("family", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta",
+              "rope_scaling", "qkv_bias", "o_bias", "mlp_bias", "tie_word_embeddings", "qk_norm")  # fmt: skip
+    orig = InternVLConfig.from_dict(original(dict(QWEN3_06B), template="internvl2_5"), "c/config.json")
+    text = {k: v for k, v in QWEN3_06B.items() if k not in ("rope_theta", "rope_scaling", "torch_dtype")}
+    text.update(rope_parameters={"rope_theta": 1000000.0, "rope_type": "default"}, dtype="bfloat16",
+                layer_types=["full_attention"] * 28)  # fmt: skip
+    hf = InternVLConfig.from_dict(
+        {"model_type": "internvl", "text_config": text, "vision_config": {"model_type": "internvl_vision"},
+         "image_token_id": 151671, "tie_word_embeddings": False},
+        "c/config.json",
+    )  # fmt: skip
+    for cfg in (orig, hf):
+        assert [getattr(cfg.llm, f) for f in fields] == [getattr(want, f) for f in fields]

@@ -490,6 +490,17 @@ def load_checkpoint(
     return model, tokenizer
 
 
+def _qk_norm_hint(extra: list[str], model: torch.nn.Module) -> str:
+    """Whose stray ``self_attn.q_norm``/``k_norm`` tensors are: a Qwen3 LLM's under another family's config."""
+    norms = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
+    if model.config.llm.qk_norm or not any(k.endswith(norms) for k in extra):
+        return ""
+    return (
+        f" (self_attn.q_norm/k_norm are a Qwen3 LLM's; the config says {model.config.llm.family}: a Qwen3 LLM "
+        "is architectures Qwen3ForCausalLM / model_type qwen3)"
+    )
+
+
 def check_tensors(
     model: torch.nn.Module,
     sd: dict[str, torch.Tensor],
@@ -508,7 +519,9 @@ def check_tensors(
     if missing:
         raise CheckpointError(f"{path.name}: missing tensors for the config: {_listing(missing)}")
     if extra:
-        raise CheckpointError(f"{path.name}: tensors the config does not use: {_listing(extra)}")
+        raise CheckpointError(
+            f"{path.name}: tensors the config does not use: {_listing(extra)}{_qk_norm_hint(extra, model)}"
+        )
     for k, v in expected.items():
         if tuple(sd[k].shape) != tuple(v.shape):
             raise CheckpointError(

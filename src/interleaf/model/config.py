@@ -69,6 +69,10 @@ FAMILY_TO_ARCH = {
     "llama": "LlamaForCausalLM",
 }
 
+# RoPE scalings :class:`~interleaf.model.llm.RotaryEmbedding` implements (besides ``default``); others
+# (e.g. Qwen3's long-context ``yarn``) are refused, never run as plain RoPE.
+ROPE_SCALINGS = ("linear", "dynamic", "longrope", "llama3")
+
 # The chat template an hf-layout checkpoint falls back to when it does not record one.
 DEFAULT_HF_TEMPLATE = "internvl2_5"
 
@@ -516,8 +520,10 @@ def _parse_rope(raw: dict[str, Any], source: str, w: str) -> tuple[dict[str, Any
     if not isinstance(rtype, str):
         raise ConfigError(f"{source}: {w}{key}.type must be a string, got {type(rtype).__name__}")
     rope["rope_type"] = "longrope" if rtype == "su" else rtype  # ``type`` keeps the original spelling
-    if rope["rope_type"] not in ("default", "linear", "dynamic", "longrope", "llama3"):
-        raise ConfigError(f"{source}: {w}{key}: unsupported rope scaling type {rtype!r}")
+    if rope["rope_type"] not in ("default", *ROPE_SCALINGS):
+        raise ConfigError(
+            f"{source}: {w}{key}: unsupported rope scaling type {rtype!r} (supported: {', '.join(ROPE_SCALINGS)})"
+        )
     if rope["rope_type"] == "default":
         return None, theta, key
     needs = {
@@ -917,7 +923,9 @@ def _one_attention_bias(c: LLMConfig, key: str) -> bool:
     """Llama's and Qwen3's ``attention_bias`` covers q/k/v and o alike."""
     if c.qkv_bias != c.o_bias:
         name = "Qwen3" if c.family == "qwen3" else "Llama"  # InternLM2 goes to the hf layout as Llama
-        raise ConfigError(f"{key}: {name} needs the same bias on q/k/v and o projections (one attention_bias)")
+        raise ConfigError(
+            f"{key}: {name} needs the same bias on q/k/v and o projections (one attention_bias)"
+        )
     return c.qkv_bias
 
 

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from interleaf.errors import ConfigError
 from interleaf.model.cache import KVCache
-from interleaf.model.config import LLMConfig
+from interleaf.model.config import ROPE_SCALINGS, LLMConfig
 from interleaf.model.intern_vit import RMSNorm
 
 
@@ -60,6 +61,11 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.dim = dim = cfg.head_dim
         self.rope_type = cfg.rope_type
+        if self.rope_type not in ("default", *ROPE_SCALINGS):  # a config made in code, not parsed
+            raise ConfigError(
+                f"llm.rope_scaling: rope scaling type {self.rope_type!r} is not implemented "
+                f"(supported: {', '.join(ROPE_SCALINGS)})"
+            )
         rope = cfg.rope_scaling or {}
         self.base = cfg.rope_theta
         self.attention_factor = 1.0
