@@ -274,20 +274,27 @@ def test_qwen3_checkpoint_without_its_qk_norms_names_them(tmp_path):
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}  # Qwen3's long context
 
 
-def test_yarn_is_refused_naming_the_scalings_that_are_supported(tmp_path):
-    """Qwen3's model cards add a yarn ``rope_scaling`` for long inputs; it is not implemented. From a file
-    (either layout) the error names the supported types; set in code (an init-model override), building
-    the model refuses it rather than running plain RoPE under a config that says yarn."""
+def test_unimplemented_rope_scalings_are_refused_naming_the_supported_ones(tmp_path):
+    """Qwen3's model cards add a yarn ``rope_scaling`` for long inputs: read from either spelling. A type
+    not implemented (transformers' ``proportional``) is refused from a file with the supported types
+    named; set in code (an init-model override), building the model refuses it rather than running
+    plain RoPE under a config that says otherwise."""
     from interleaf.model import init_model
 
-    supported = r"unsupported rope scaling type 'yarn' \(supported: linear, dynamic, longrope, llama3\)"
+    for key, value in (("rope_scaling", dict(YARN)), ("rope_parameters", {**YARN, "rope_theta": 1e6})):
+        llm = _parse(lambda c, k=key, v=value: (_qwen3(c), c["llm_config"].update({k: v}))).llm
+        assert llm.rope_type == "yarn" and llm.rope_scaling["factor"] == 4.0
+    other = {"rope_type": "proportional", "factor": 2.0}
+    supported = r"unsupported rope scaling type 'proportional' \(supported: linear, dynamic, longrope, llama3, yarn\)"
     with pytest.raises(ConfigError, match=r"llm_config\.rope_scaling: " + supported):
-        _parse(lambda c: (_qwen3(c), c["llm_config"].update(rope_scaling=dict(YARN))))
+        _parse(lambda c: (_qwen3(c), c["llm_config"].update(rope_scaling=dict(other))))
     with pytest.raises(ConfigError, match=r"llm_config\.rope_parameters: " + supported):
-        _parse(lambda c: (_qwen3(c), c["llm_config"].update(rope_parameters={**YARN, "rope_theta": 1e6})))
-    with pytest.raises(ConfigError, match="llm.rope_scaling: rope scaling type 'yarn' is not implemented"):
-        init_model("tiny-qwen3", tmp_path / "y", overrides={"llm.rope_scaling": dict(YARN)})
+        _parse(lambda c: (_qwen3(c), c["llm_config"].update(rope_parameters={**other, "rope_theta": 1e6})))
+    with pytest.raises(ConfigError, match="llm.rope_scaling: rope scaling type 'proportional' is not implemented"):
+        init_model("tiny-qwen3", tmp_path / "y", overrides={"llm.rope_scaling": dict(other)})
     assert not (tmp_path / "y" / "config.json").exists()
+    with pytest.raises(ConfigError, match=r"llm_config\.rope_scaling\.truncate must be true or false"):
+        _parse(lambda c: (_qwen3(c), c["llm_config"].update(rope_scaling={**YARN, "truncate": "no"})))
 
 
 @pytest.mark.parametrize("layout", ["internvl_chat", "hf"])

@@ -111,7 +111,7 @@ def test_hf_configs_in_both_transformers_styles():
         (lambda c: c["llm_config"].update(num_key_value_heads=5), "num_key_value_heads"),
         (
             lambda c: c["llm_config"].update(rope_scaling={"type": "yarn", "factor": 2}),
-            "rope scaling type 'yarn'",
+            "rope_scaling of type 'yarn' needs the key 'original_max_position_embeddings'",
         ),
         (lambda c: c["vision_config"].update(norm_type="batch_norm"), "vision_config.norm_type must be"),
         (lambda c: c.update(llm_config=[]), "field 'llm_config' must be an object"),

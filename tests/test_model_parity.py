@@ -124,6 +124,15 @@ CASES = {
         {"tie_word_embeddings": True, "qkv_bias": True, "o_bias": True, "num_key_value_heads": 1},
         [1, 2],
     ),
+    "qwen3-yarn-beyond-original-context": (
+        "qwen3",
+        {},
+        {
+            "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+            "max_position_embeddings": 256,
+        },  # the 280-token prompt runs past the original 64 positions
+        [1],
+    ),
     "llama-linear-rope-bias": (
         "llama",
         {},
@@ -258,12 +267,14 @@ def test_phi3_longrope_matches_transformers_phi3(tokenizer, tmp_path):
     assert ours.language_model.model.rotary_emb.attention_factor > 1.0
 
 
-def test_qwen3_original_layout_matches_transformers_qwen3(tokenizer, tmp_path):
+@pytest.mark.parametrize("rope", [None, {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32}])
+def test_qwen3_original_layout_matches_transformers_qwen3(tokenizer, tmp_path, rope):
     """InternVL3.5's original layout: ``llm_config`` as written is a valid ``Qwen3Config`` and
-    ``Qwen3ForCausalLM`` on the ``language_model.`` tensors gives our text logits (random q/k norms)."""
+    ``Qwen3ForCausalLM`` on the ``language_model.`` tensors gives our text logits (random q/k norms),
+    with plain RoPE and with Qwen3's long-context yarn (60 tokens, past the original 32)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    cfg = _config(tokenizer, "qwen3")
+    cfg = _config(tokenizer, "qwen3", rope_scaling=rope)
     model = build_model(cfg, seed=6)
     _random_qk_norms(model)
     path = save_checkpoint(model, tokenizer, tmp_path / "orig", layout="internvl_chat")

@@ -70,8 +70,8 @@ FAMILY_TO_ARCH = {
 }
 
 # RoPE scalings :class:`~interleaf.model.llm.RotaryEmbedding` implements (besides ``default``); others
-# (e.g. Qwen3's long-context ``yarn``) are refused, never run as plain RoPE.
-ROPE_SCALINGS = ("linear", "dynamic", "longrope", "llama3")
+# are refused, never run as plain RoPE.
+ROPE_SCALINGS = ("linear", "dynamic", "longrope", "llama3", "yarn")
 
 # The chat template an hf-layout checkpoint falls back to when it does not record one.
 DEFAULT_HF_TEMPLATE = "internvl2_5"
@@ -531,11 +531,14 @@ def _parse_rope(raw: dict[str, Any], source: str, w: str) -> tuple[dict[str, Any
         "dynamic": ("factor",),
         "longrope": ("short_factor", "long_factor"),
         "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+        "yarn": ("factor", "original_max_position_embeddings"),  # Qwen3's long-context setting
     }[rope["rope_type"]]
     for name in needs:
         if name not in rope:
             raise ConfigError(f"{source}: {w}{key} of type {rtype!r} needs the key '{name}'")
-    for name in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+    positive = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
+                "beta_fast", "beta_slow", "mscale", "mscale_all_dim")  # fmt: skip
+    for name in positive:
         value = rope.get(name)
         if value is not None and not (_number(value) and value > 0):
             raise ConfigError(f"{source}: {w}{key}.{name} must be a positive number, got {value!r}")
@@ -543,6 +546,8 @@ def _parse_rope(raw: dict[str, Any], source: str, w: str) -> tuple[dict[str, Any
         raise ConfigError(
             f"{source}: {w}{key}.attention_factor must be a number, got {rope['attention_factor']!r}"
         )
+    if rope.get("truncate") is not None and not isinstance(rope["truncate"], bool):
+        raise ConfigError(f"{source}: {w}{key}.truncate must be true or false, got {rope['truncate']!r}")
     if rope["rope_type"] == "llama3" and rope["low_freq_factor"] == rope["high_freq_factor"]:
         raise ConfigError(f"{source}: {w}{key}: low_freq_factor and high_freq_factor must differ")
     return rope, theta, key

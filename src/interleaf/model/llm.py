@@ -52,6 +52,8 @@ class RotaryEmbedding(nn.Module):
     * ``longrope`` / ``su`` (Phi-3): per-frequency short or long factors, chosen by sequence length,
       and cos/sin scaled by an attention factor
     * ``llama3``: wavelength-dependent smooth scaling
+    * ``yarn`` (Qwen3's long context): per-frequency blend of scaled and unscaled frequencies over a
+      ramp between ``beta_fast`` and ``beta_slow`` rotations, and cos/sin scaled by an attention factor
 
     ``forward(position_ids [B, S]) -> (cos, sin)`` each [B, S, d], computed in fp32.
     The length-dependent choices are tensor ops (no host sync), so a CUDA graph can capture them.
@@ -94,6 +96,8 @@ class RotaryEmbedding(nn.Module):
             inv_freq = 1.0 / (torch.tensor(rope["short_factor"]).float() * base_freq)
         elif self.rope_type == "llama3":
             inv_freq = _llama3_scale(inv_freq, rope)
+        elif self.rope_type == "yarn":
+            inv_freq, self.attention_factor = _yarn_scale(inv_freq, rope, dim, cfg.rope_theta)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def _inv_freq(self, position_ids: torch.Tensor) -> torch.Tensor:
@@ -126,6 +130,37 @@ def _llama3_scale(inv_freq: torch.Tensor, rope: dict) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return torch.where(medium, smoothed, scaled)
+
+
+def _yarn_scale(inv_freq: torch.Tensor, rope: dict, dim: int, theta: float) -> tuple[torch.Tensor, float]:
+    """YaRN (arXiv 2309.00071), as transformers computes it: frequencies that turn fewer than
+    ``beta_slow`` times over the original context are divided by ``factor`` (interpolated), those that
+    turn more than ``beta_fast`` times are kept, with a linear ramp between; cos/sin are scaled by
+    ``attention_factor`` (default 0.1 ln(factor) + 1, or the ratio of the two ``mscale`` terms)."""
+    factor, original = float(rope["factor"]), rope["original_max_position_embeddings"]
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = rope.get("attention_factor")
+    if attention is None:
+        if rope.get("mscale") and rope.get("mscale_all_dim"):
+            attention = mscale(factor, rope["mscale"]) / mscale(factor, rope["mscale_all_dim"])
+        else:
+            attention = mscale(factor)
+
+    def dim_of(rotations: float) -> float:  # the rotary dimension that turns this often over `original`
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(rope.get("beta_fast") or 32), dim_of(rope.get("beta_slow") or 1)
+    if rope.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (unscaled), 0: interpolate (divided by factor)
+    return inv_freq / factor * (1 - keep) + inv_freq * keep, float(attention)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
