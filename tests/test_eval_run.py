@@ -143,6 +143,27 @@ def test_batched_paths_match_the_per_sample_loop(mini, tiny_ckpt):
     assert len({len(r.images) for r in reqs}) > 1  # different tile budgets share the batch
 
 
+def test_qwen3_cli_batches_answer_as_one_sample_chats_and_transformers(mini, tmp_path):
+    """InternVL3.5's LLM family (tiny-qwen3: per-head q/k norms, head_dim != width / heads) through
+    ``interleaf eval run``: batched answers (mixed tile budgets) = ``ChatModel.chat`` one sample at a
+    time = transformers' InternVL on the same -hf checkpoint."""
+    from interleaf.model import init_model
+
+    ckpt = init_model("tiny-qwen3", tmp_path / "qwen3", layout="hf", seed=0)
+    out = tmp_path / "out"
+    assert main(["eval", "run", "--model", str(ckpt), "--bench", "mmiu", "--data", str(mini["mmiu"]),
+                 "-o", str(out), "--limit", "4", "--batch-size", "4", "--max-new-tokens", "6",
+                 "--no-progress"]) == 0  # fmt: skip
+    batched = [p["response"] for p in _preds(out)]
+    reqs = [it.request for it in runner.mmiu_items(str(mini["mmiu"]), 4, 6, None)]
+    assert len({len(r.images) for r in reqs}) > 1 and all(batched)
+    assert batched == [InterleafAdapter(str(ckpt))._one(r) for r in reqs]
+    runner.run(
+        f"hf:{ckpt}", "mmiu", str(mini["mmiu"]), tmp_path / "hf", limit=4, max_new_tokens=6, progress=False
+    )
+    assert [p["response"] for p in _preds(tmp_path / "hf")] == batched
+
+
 def test_fingerprint_reads_every_byte_of_every_file(tmp_path):
     from interleaf.eval.adapters import directory_fingerprint
 

@@ -69,7 +69,26 @@ def test_greedy_matches_transformers_generate(chat, hf_model, noise_image):
     assert len(ours.tokens[0]) > 0
 
 
-def test_left_padded_batch_matches_transformers_and_single_rows(chat, hf_model, noise_image):
+@pytest.fixture(scope="module")
+def qwen3_pair(tmp_path_factory):
+    """tiny-qwen3 (InternVL3.5's LLM: per-head q/k RMSNorm, head_dim 64 != 128 / 4 heads), -hf layout:
+    interleaf's ChatModel and transformers' InternVL on the same weights."""
+    import transformers
+
+    from interleaf.model import init_model
+
+    path = init_model("tiny-qwen3", tmp_path_factory.mktemp("ckpt") / "qwen3", layout="hf", seed=0)
+    hf = transformers.InternVLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    return ChatModel.from_pretrained(path), hf
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen3"])
+def test_left_padded_batch_matches_transformers_and_single_rows(preset, request, noise_image):
+    chat, hf_model = (
+        request.getfixturevalue("qwen3_pair")
+        if preset == "tiny-qwen3"
+        else (request.getfixturevalue("chat"), request.getfixturevalue("hf_model"))
+    )
     # text-only rows of different lengths plus a row with an image
     prompts = [chat.prepare(q)[1] for q in ("hello", "describe the red car on the left of the street")]
     _, img_ids, px, _ = chat.prepare("what colour?", images=noise_image(1, 200, 200), max_num=1)
@@ -94,6 +113,11 @@ def test_left_padded_batch_matches_transformers_and_single_rows(chat, hf_model, 
         )
     for i in range(len(rows)):
         assert batch.tokens[i] == _hf_new_tokens(ref[i], ids.shape[1], chat.stop_token_ids, chat.pad_token_id)
+    # ChatModel.batch_chat's left-padded prefill (and the CPU default, rows) answers as chat does
+    qs, ims = ["hello", "what colour?", "describe the red car"], [None, noise_image(1, 200, 200), None]
+    alone = [chat.chat(q, images=im, max_num=1, max_new_tokens=8) for q, im in zip(qs, ims)]
+    for prefill in ("padded", "rows"):
+        assert chat.batch_chat(qs, ims, max_num=1, prefill=prefill, max_new_tokens=8) == alone
 
 
 def test_streaming_yields_the_same_tokens(chat):

@@ -180,6 +180,35 @@ def test_s1_in_bf16_master_with_attention_experts_keeps_the_llm_exact(setup):
     assert not {k for k in changed if k.startswith("language_model.") and "_ve." not in k}
 
 
+def test_s1_on_a_qwen3_llm_with_attention_experts_keeps_its_text_logits(setup):
+    """A Mono-InternVL made by ``from-llm --attention-experts`` from InternVL3.5's LLM family (tiny-qwen3,
+    whose q/k norms the experts share): S1.1 trains the experts and leaves the text path bit-identical."""
+    from interleaf.model.mono_checkpoint import main
+
+    root = setup["root"] / "qwen3"
+    llm = init_model("tiny-qwen3", root / "llm", seed=11)
+    assert main(["from-llm", str(llm), str(root / "mono-s0"), "--attention-experts", "--seed", "12"]) == 0
+    start, _ = load_mono_checkpoint(root / "mono-s0")
+    trained, _ = load_mono_checkpoint(
+        _train("evip-s1.1", root / "mono-s0", setup["meta"], root / "run", steps=2)
+    )
+    base, tok = load_checkpoint(llm)
+    prompts = ["The weather today is", "Describe a red circle in one sentence, please."]
+    batch = tok(prompts, padding=True, padding_side="left", return_tensors="pt")
+    with torch.no_grad():
+        for ids, mask in [(torch.tensor([tok(t)["input_ids"]]), None) for t in prompts] + [
+            (batch["input_ids"], batch["attention_mask"])
+        ]:
+            want = base(input_ids=ids, attention_mask=mask).logits
+            assert torch.equal(trained(input_ids=ids, attention_mask=mask).logits, want)
+    before, after = start.state_dict(), trained.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(".self_attn.q_norm." in k for k in before)
+    assert not {k for k in changed if k.startswith("language_model.") and "_ve." not in k}  # norms too
+    assert any(".self_attn.q_proj_ve." in k for k in changed)  # the attention experts learned
+    assert any(".feed_forward_ve." in k for k in changed)
+
+
 def test_evip_stages_need_a_mono_model(setup):
     plain, _ = load_checkpoint(setup["llm"])  # InternVL: a ViT, no visual experts
     for stage in EVIP_PRESETS:

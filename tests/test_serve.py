@@ -175,6 +175,40 @@ def test_an_image_request_joins_a_batch_a_text_request_started(chat, server, cli
     assert text_reply == [chat.chat("Talk.", max_new_tokens=200)]
 
 
+def test_a_qwen3_checkpoint_answers_as_chat_does_inside_a_shared_batch(tmp_path_factory, noise_image):
+    """InternVL3.5's LLM family (tiny-qwen3: per-head q/k norms, head_dim 64 != 128 / 4 heads): an image
+    request joins the KV cache of a running text batch and both answer as ``chat`` does alone."""
+    from interleaf.model import init_model
+
+    chat = interleaf.load(init_model("tiny-qwen3", tmp_path_factory.mktemp("ckpt") / "qwen3", seed=0))
+    image = noise_image(40)
+    content = [
+        {"type": "image_url", "image_url": {"url": data_url(image)}},
+        {"type": "text", "text": "What?"},
+    ]
+    with make_server(chat, ServerOptions(model_name="q3", max_tokens=8), port=0).start() as srv:
+        client = openai.OpenAI(base_url=srv.url, api_key="unused", max_retries=0, timeout=120)
+
+        def ask(content, max_tokens: int) -> str:
+            out = client.chat.completions.create(model="q3", messages=[{"role": "user", "content": content}],
+                                                 temperature=0, max_tokens=max_tokens)  # fmt: skip
+            return out.choices[0].message.content
+
+        ask(content, 2)  # once an image request was seen, batches leave room for one to join
+        before = metrics(srv)
+        text: list[str] = []
+        first = threading.Thread(target=lambda: text.append(ask("Talk.", 300)))
+        first.start()
+        while metrics(srv)["batches"] == before["batches"]:
+            time.sleep(0.005)
+        joined = ask(content, 5)
+        first.join()
+        after = metrics(srv)
+    assert (after["batches"] - before["batches"], after["batch_rows"] - before["batch_rows"]) == (1, 2)
+    assert joined == chat.chat("What?", images=image, max_new_tokens=5)
+    assert text == [chat.chat("Talk.", max_new_tokens=300)]
+
+
 def test_stop_strings_and_per_request_lengths(chat, client):
     messages = [{"role": "user", "content": "Tell me everything."}]
     full = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=30)

@@ -124,6 +124,46 @@ def test_varlen_two_padded_rows_equal_mask(tiny, samples):
     assert float(lb / wb) == pytest.approx(float(la / wa), rel=1e-6)
 
 
+@pytest.mark.parametrize("mono", [False, True])
+def test_qwen3_packed_rows_compute_what_each_sample_computes_alone(mono):
+    """InternVL3.5's LLM family (tiny-qwen3: per-head q/k RMSNorm, head_dim 64 != 128 / 4 heads), and a
+    Mono-InternVL on it with visual attention experts: the block mask and variable-length attention give
+    each packed sample its own logits."""
+    from interleaf.model.mono_checkpoint import build_mono_model
+    from interleaf.model.mono_internvl import MonoInternVLConfig
+    from interleaf.model.presets import build_model, preset_config
+
+    cfg = preset_config("tiny-qwen3", vocab_size=512)
+    cfg.img_context_token_id = 500
+    if mono:
+        model = build_mono_model(MonoInternVLConfig.from_internvl(cfg, True), seed=1, copy_experts=False)
+    else:
+        model = build_model(cfg, seed=1)
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    samples = [
+        make_sample(gen, model, 9, 1, 4),
+        make_sample(gen, model, 5, 0, 2),
+        make_sample(gen, model, 12, 1, 7),
+    ]
+    rows = [samples[:2], samples[2:]]
+    masked, lean = collate(rows, pad_id=0), collate(rows, pad_id=0, block_mask=False)
+    with torch.no_grad():
+        a = model(input_ids=masked["input_ids"], pixel_values=masked["pixel_values"],
+                  attention_mask=masked["attention_mask"], position_ids=masked["position_ids"]).logits  # fmt: skip
+        b = model(input_ids=lean["input_ids"], pixel_values=lean["pixel_values"], position_ids=lean["position_ids"],
+                  cu_seqlens=lean["cu_seqlens"], max_seqlen=lean["max_seqlen"]).logits  # fmt: skip
+        for r, row in enumerate(rows):
+            start = 0
+            for s in row:
+                alone = model(input_ids=s.input_ids[None], pixel_values=s.pixel_values).logits[0]
+                for packed in (a, b):
+                    torch.testing.assert_close(
+                        packed[r, start : start + s.num_tokens], alone, atol=1e-5, rtol=1e-5
+                    )
+                start += s.num_tokens
+
+
 @pytest.mark.parametrize("reduction", ["token", "sample", "square"])
 def test_packed_loss_is_weighted_sum_of_separate_losses(tiny, samples, reduction):
     model, _ = tiny

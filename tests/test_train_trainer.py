@@ -167,6 +167,35 @@ def test_lora_training_saves_merged_checkpoint(tiny_dir, meta, tmp_path):
     torch.testing.assert_close(live, merged, atol=1e-5, rtol=1e-5)
 
 
+def test_qwen3_preset_trains_packed_and_its_lora_checkpoint_reloads(meta, tmp_path):
+    """InternVL3.5's LLM family from model_preset tiny-qwen3 (per-head q/k RMSNorm, head_dim 64 != 128 / 4
+    heads), packed (variable-length attention): it learns, its q/k norms train, the checkpoint reloads as
+    the live model; a LoRA run's merged checkpoint computes what its live adapters did."""
+    from interleaf.model.checkpoint import load_checkpoint
+
+    def run(out, **kw):
+        cfg = build_config({"meta_path": str(meta), "output_dir": str(tmp_path / out), "max_steps": 4,
+                            "lr": 2e-3, "warmup_steps": 1, "packing": True, "max_packed_tokens": 700,
+                            "max_seq_length": 700, "max_dynamic_patch": 1, **kw})  # fmt: skip
+        trainer = Trainer(cfg, log=None).setup()
+        start = {n: p.detach().clone() for n, p in trainer.raw_model.named_parameters()}
+        result = trainer.train()
+        return trainer.raw_model.eval(), start, result
+
+    ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    for lora in (0, 4):
+        init = {"model_path": str(tmp_path / "lora0" / "init")} if lora else {"model_preset": "tiny-qwen3"}
+        model, start, result = run(f"lora{lora}", use_llm_lora=lora, **init)
+        losses = [loss for _, loss in result["losses"]]
+        assert len(losses) == 4 and losses[-1] < losses[0]
+        norms = [n for n in start if n.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight"))]
+        assert len(norms) == 2 * model.config.llm.num_hidden_layers
+        assert all(torch.equal(start[n], dict(model.named_parameters())[n]) == bool(lora) for n in norms)
+        with torch.no_grad():
+            saved, _ = load_checkpoint(result["checkpoint"])
+            torch.testing.assert_close(saved(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
 def test_stage1_preset_trains_only_the_projector(tiny_dir, meta, tmp_path):
     trainer = Trainer(_cfg(tiny_dir, meta, tmp_path, stage="stage1", max_steps=2), log=None).setup()
     assert trainer.cfg.freeze_vit and trainer.cfg.freeze_llm and not trainer.cfg.freeze_mlp
@@ -702,7 +731,7 @@ def test_a_corrupt_train_state_is_refused_naming_the_file(tiny_dir, meta, tmp_pa
         train(_cfg(tiny_dir, meta, tmp_path, max_steps=3, save_steps=1), log=None)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-internlm2", "tiny-phi3"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-internlm2", "tiny-phi3", "tiny-qwen3"])
 def test_lora_on_fused_projections_is_upstreams(preset):
     """InternLM2 (wqkv) and Phi-3 (qkv_proj, gate_up_proj) hold fused matrices upstream, whose LoRA is
     one A and a split B: the same trainable parameters here, and the same merged fused matrix."""
@@ -714,6 +743,9 @@ def test_lora_on_fused_projections_is_upstreams(preset):
     apply_llm_lora(model, r)
     model.eval()  # no LoRA dropout
     groups = FUSED_GROUPS.get(model.config.llm.family, ())
+    # upstream fuses only InternLM2 (wqkv) and Phi-3 (qkv_proj, gate_up_proj); Qwen2/3 keep them apart
+    qkv, gate_up = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
+    assert groups == {"internlm2": (qkv,), "phi3": (qkv, gate_up)}.get(model.config.llm.family, ())
     layer = model.language_model.model.layers[0]
     attn, mlp = layer.self_attn, layer.mlp
     shared_qkv = attn.q_proj.lora_A is attn.k_proj.lora_A is attn.v_proj.lora_A
@@ -733,7 +765,7 @@ def test_lora_on_fused_projections_is_upstreams(preset):
     per_layer = sum(p.numel() for n, p in layer.named_parameters() if "lora_" in n)
     assert per_layer == expect
     if not shared_qkv:
-        return  # Qwen2: separate matrices upstream too
+        return  # Qwen2 / Qwen3: separate matrices upstream too
     # merging gives the fused matrix W + s * [B_q; B_k; B_v] @ A
     g = torch.Generator().manual_seed(0)
     for m in (attn.q_proj, attn.k_proj, attn.v_proj):
