@@ -475,6 +475,16 @@ def test_device_cuda_without_a_gpu_is_one_line(data, tmp_path, capsys, monkeypat
     assert capsys.readouterr().err.strip() == "error: --device cuda: no GPU is available"
 
 
+def test_cli_device_defaults_to_auto(data, tmp_path, monkeypatch):
+    # as LCLTrainConfig and README: without --device, pretrain takes the GPU where there is one
+    import interleaf.train.lcl as lcl_train
+
+    seen = []
+    monkeypatch.setattr(lcl_train, "pretrain", lambda cfg: seen.append(cfg.device) or {"model": "m"})
+    assert main(["lcl", "pretrain", str(data / "pairs.jsonl"), "-o", str(tmp_path / "x")]) == 0
+    assert seen == ["auto"]
+
+
 def mmc4_row() -> dict:
     return {
         "text_list": ["The first sentence.", "A red thing.", "A blue thing.", "The end."],

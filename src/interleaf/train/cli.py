@@ -78,7 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (the GPU where there is one) | cuda | cpu")
     p.add_argument(
         "--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, fp32 weights"
     )
