@@ -186,6 +186,10 @@ def test_cli_init_model_and_info(tmp_path, capsys):
     model, _ = load_checkpoint(out)
     total = sum(p.numel() for p in model.parameters())
     assert f"{total:,d}" in text
+    assert "4 heads / 2 kv of 32, rope dynamic" in text
+    assert main(["init-model", "--preset", "tiny-qwen3", str(tmp_path / "q3")]) == 0
+    assert main(["info", str(tmp_path / "q3")]) == 0
+    assert "qwen3 (128w x 2L, 4 heads / 2 kv of 64, q/k norm, rope default" in capsys.readouterr().out
 
 
 def test_cli_errors_are_one_line(tmp_path, tiny_ckpt, capsys):

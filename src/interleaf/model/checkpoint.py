@@ -830,7 +830,8 @@ def describe(path: str | Path) -> str:
         f"architecture: {name} = {vit} + "
         f"pixel shuffle {cfg.ps_version} + MLP projector + {llm.family} "
         f"({llm.hidden_size}w x {llm.num_hidden_layers}L, {llm.num_attention_heads} heads / "
-        f"{llm.num_key_value_heads} kv, rope {rope}, vocab {llm.vocab_size}"
+        f"{llm.num_key_value_heads} kv of {llm.head_dim}{', q/k norm' if llm.qk_norm else ''}, "
+        f"rope {rope}, vocab {llm.vocab_size}"
         f"{', tied embeddings' if llm.tie_word_embeddings else ''})",
         f"weights:      {len(files)} file(s), {size_gb:.3f} GB, {dtype}",
         f"template:     {cfg.template}",
