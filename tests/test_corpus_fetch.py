@@ -553,6 +553,20 @@ def test_stored_bytes_follow_the_offline_sources(server, tmp_path):
     assert f.fetch(url).real_width == 300
 
 
+def test_offline_sources_never_reach_the_network(server, tmp_path):
+    """With offline sources (``fetch-images --from-sample``) a URL they lack is not downloaded: it
+    fails as not_in_sources, and bytes an earlier online run stored for it are not reused."""
+    served, missing = f"{server}/ok.png", f"{server}/moved"
+    online = F.ImageFetcher(tmp_path / "img", allow_private=True)
+    assert online.fetch(missing).ok  # stored from the network
+    before = dict(COUNTS)
+    offline = F.ImageFetcher(tmp_path / "img", allow_private=True, sources={served: PNG})
+    got = offline.fetch_many([served, missing])
+    assert got[served].ok and got[served].real_width == 300
+    assert not got[missing].ok and got[missing].reason == "not_in_sources" and got[missing].attempts == 1
+    assert COUNTS == before  # no request reached the server
+
+
 def test_a_local_root_that_is_no_folder_is_refused(tmp_path, capsys):
     # '--local-root nonexist' succeeded, every local image refused without a word (a typo)
     from interleaf.cli import main

@@ -206,7 +206,9 @@ class ImageFetcher:
     local_roots: list[str] = field(default_factory=list)
     backoff_s: float = 0.2
     max_redirects: int = 5
-    sources: dict[str, bytes] | None = None  # offline {url: bytes} (e.g. a WARC's image records)
+    # offline {url: bytes} (e.g. a WARC's image records); when given, the network is not used: other
+    # http(s) URLs fail as ``not_in_sources`` (local files are still read)
+    sources: dict[str, bytes] | None = None
 
     def __post_init__(self) -> None:
         self.store_dir = Path(self.store_dir)
@@ -288,7 +290,7 @@ class ImageFetcher:
         they may have changed); downloaded bytes are reused when they were downloaded (the record
         written with them says so, for these very bytes) from addresses this fetcher may reach.
         Bytes stored without a record (older versions) are reused only with ``allow_private``."""
-        if self.sources is not None and url in self.sources:
+        if self.sources is not None:  # offline: nothing downloaded earlier counts
             return None
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("http", "https") or not stored.exists():
@@ -336,6 +338,8 @@ class ImageFetcher:
             return self._read_local(path), None, {"via": "local"}
         if parsed.scheme not in ("http", "https"):
             raise FetchError("unsupported_scheme", parsed.scheme)
+        if self.sources is not None:
+            raise FetchError("not_in_sources", "offline: the network is not used")
         private = None  # the first private address on the way (allow_private only)
         for _ in range(self.max_redirects + 1):
             status, headers, body, bad = self._http_get(url)
