@@ -13,6 +13,7 @@ from interleaf.generation.engine import (
     optimize_for_cpu,
     restore_cpu_linears,
     sample_next,
+    warp_logits,
 )
 
 
@@ -120,6 +121,57 @@ def test_left_padded_batch_matches_transformers_and_single_rows(preset, request,
         assert chat.batch_chat(qs, ims, max_num=1, prefill=prefill, max_new_tokens=8) == alone
 
 
+def _stopping_checkpoint(src, dst, question: str):
+    """A copy of checkpoint ``src`` whose greedy reply to ``question`` ends with the template's end token:
+    its lm_head row is a token's row that the reply takes a few tokens in, scaled up (random weights
+    never stop on their own). Returns ``(path, ChatModel)``."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    chat = ChatModel.from_pretrained(src)
+    ids = torch.tensor([chat.prepare(question)[1]])
+    free = chat.generator.generate(ids, max_new_tokens=24, ignore_eos=True).tokens[0]
+    token = free[next(i for i in range(3, len(free)) if free[i] not in free[:i])]
+    end = chat.tokenizer.convert_tokens_to_ids(chat.template.stop_str)
+    shutil.copytree(src, dst)
+    weights = load_file(f"{dst}/model.safetensors")
+    head = next(k for k in weights if k.endswith("lm_head.weight"))
+    weights[head][end] = weights[head][token] * 1.01
+    save_file(weights, f"{dst}/model.safetensors", metadata={"format": "pt"})
+    return dst, ChatModel.from_pretrained(dst)
+
+
+def test_greedy_stops_on_the_templates_end_token_as_transformers(tiny_ckpt_hf, tmp_path):
+    """Greedy against transformers where the reply does end on the template's end token, eos given as a
+    list or one id, max_new_tokens from 1 to past the stop; the end token is not part of the reply."""
+    import transformers
+
+    path, chat = _stopping_checkpoint(tiny_ckpt_hf, tmp_path / "stops", "hello")
+    hf = transformers.InternVLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.tensor([chat.prepare("hello")[1]])
+    end = chat.stop_token_ids[0]
+    assert chat.template.stop_str == chat.tokenizer.convert_ids_to_tokens(end)
+    with torch.no_grad():
+        free = hf.generate(
+            input_ids=ids, max_new_tokens=30, do_sample=False, eos_token_id=end, pad_token_id=0
+        )
+    k = free.shape[1] - ids.shape[1]  # the end token is the k-th new token
+    assert free[0, -1] == end and 3 < k < 30
+    for stops, eos in [(chat.stop_token_ids, list(chat.stop_token_ids)), ((end,), end)]:
+        for n in (1, 2, k - 1, k, k + 1, 30):
+            ours = chat.generator.generate(ids, max_new_tokens=n, stop_token_ids=stops)
+            with torch.no_grad():
+                ref = hf.generate(
+                    input_ids=ids, max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=0
+                )
+            assert ours.tokens[0] == _hf_new_tokens(ref[0], ids.shape[1], stops, 0), (stops, n)
+            assert ours.finish_reasons == ["stop" if n >= k else "length"], n
+    reply = chat.chat("hello", max_new_tokens=30)
+    assert reply == chat.decode_reply(free[0, ids.shape[1] : -1].tolist()) and reply
+    assert "".join(chat.stream_chat("hello", max_new_tokens=30)) == reply
+
+
 def test_streaming_yields_the_same_tokens(chat):
     _, ids, _, _ = chat.prepare("count to ten")
     input_ids = torch.tensor([ids, ids])
@@ -200,6 +252,78 @@ def test_logits_warpers_match_transformers():
         assert (freq - probs_ref).abs().max() < 0.12
 
 
+def test_warped_logits_are_transformers_processors_exactly():
+    """The distribution a sampling step draws from is, bit for bit, what transformers' warpers make of the
+    same logits (fp32 and bf16 logits, ties, top_k past the vocabulary, top_p near 0 and near 1)."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    for dtype, scale in [(torch.float32, 3.0), (torch.bfloat16, 10.0), (torch.float32, 30.0)]:
+        logits = (torch.randn(4, 300, generator=g) * scale).to(dtype)
+        logits[0, :10] = logits[0, 0]  # ties
+        for temperature in (1.0, 0.7, 1.3, 1e-3):
+            for top_k in (0, 1, 5, 50, 5000):
+                for top_p in (1.0, 0.9, 0.5, 1e-6):
+                    ref = LogitsProcessorList()
+                    if temperature != 1.0:
+                        ref.append(TemperatureLogitsWarper(temperature))
+                    if top_k:
+                        ref.append(TopKLogitsWarper(top_k))
+                    if top_p < 1:
+                        ref.append(TopPLogitsWarper(top_p))
+                    cfg = GenerationConfig(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
+                    want = ref(None, logits.float())  # generate hands the processors fp32 logits
+                    assert torch.equal(warp_logits(logits, cfg), want), (dtype, temperature, top_k, top_p)
+
+
+def test_seeded_sampling_matches_transformers_generate(chat, hf_model):
+    """Seeded sampling draws the very tokens transformers' generate draws after torch.manual_seed (CPU):
+    defaults included (generate samples from the top 50 when do_sample=True alone; the engine sampled
+    from the whole vocabulary), min_new_tokens, several eos ids and a left-padded batch."""
+    rows = [chat.prepare(q)[1] for q in ("tell me a story about the sea", "hi")]
+    stops = chat.stop_token_ids
+    cases = [
+        ([rows[0]], {}),
+        ([rows[0]], dict(temperature=0.7, top_k=5)),
+        ([rows[0]], dict(temperature=1.3, top_p=0.8, top_k=0, min_new_tokens=4)),
+        (rows, dict(temperature=0.9, top_k=20, top_p=0.9)),
+    ]
+    for prompts, kw in cases:
+        ids, mask = _left_pad(prompts, chat.pad_token_id)
+        for seed in (0, 1):
+            ours = chat.generator.generate(
+                ids, mask, max_new_tokens=12, do_sample=True, seed=seed, stop_token_ids=stops,
+                pad_token_id=chat.pad_token_id, **kw,
+            )  # fmt: skip
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                ref = hf_model.generate(
+                    input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=True,
+                    eos_token_id=list(stops), pad_token_id=chat.pad_token_id, **kw,
+                )  # fmt: skip
+            want = [_hf_new_tokens(r, ids.shape[1], stops, chat.pad_token_id) for r in ref]
+            assert ours.tokens == want, (kw, seed)
+
+
+def test_a_vanishing_temperature_samples_its_limit():
+    """logits / temperature overflowing (a positive temperature as small as 1e-40) failed the step on an
+    inf/nan probability; it samples its limit, the most likely token, as greedy does."""
+    logits = torch.tensor([[2.0, 5.0, 1.0, 4.9], [-3.0, -1.0, -2.0, -1.5], [0.5, 0.1, 0.2, 0.3]])
+    for temperature in (1e-40, 1e-45, 5e-324):
+        cfg = GenerationConfig(do_sample=True, temperature=temperature)
+        gen = torch.Generator().manual_seed(0)
+        assert sample_next(logits, cfg, gen).tolist() == [1, 1, 0]
+        assert sample_next(logits.bfloat16(), cfg, gen).tolist() == [1, 1, 0]
+    # where the division does not overflow, nothing changes: transformers' warper, bit for bit
+    cfg = GenerationConfig(do_sample=True, temperature=1e-30, top_k=0)
+    assert torch.equal(warp_logits(logits, cfg), logits / 1e-30)
+
+
 def test_generation_config_validation(chat):
     with pytest.raises(InputError, match="top_p"):
         GenerationConfig(top_p=0)
@@ -208,6 +332,27 @@ def test_generation_config_validation(chat):
     with pytest.raises(InputError, match="temperature"):
         chat.chat("hi", temperature=-1)
     assert chat.generator.generate(torch.tensor([[1, 2]]), max_new_tokens=0).tokens == [[]]
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        (dict(top_k=2.5), "top_k must be an int"),
+        (dict(seed="x"), "seed must be an int"),
+        (dict(max_new_tokens=2.5), "max_new_tokens must be an int"),
+        (dict(min_new_tokens=-1), "min_new_tokens must be >= 0"),
+        (dict(temperature=float("nan")), "temperature must be a number"),
+        (dict(top_p=None), "top_p must be a number"),
+    ],
+)
+def test_generation_options_of_a_wrong_type_are_input_errors_naming_them(chat, kwargs, needle):
+    """They failed deep in torch (topk, manual_seed, the cache's shape; a NaN temperature at the first
+    draw) with a TypeError or RuntimeError naming none of them."""
+    with pytest.raises(InputError, match=needle):
+        chat.chat("hi", do_sample=True, max_new_tokens=kwargs.pop("max_new_tokens", 2), **kwargs)
+    import numpy as np
+
+    assert GenerationConfig(top_k=np.int64(5), seed=np.int64(1), temperature=1).top_k == 5
 
 
 def test_cpu_packed_linears_keep_results(tiny_ckpt):

@@ -254,8 +254,23 @@ def test_a_seeded_request_samples_as_chat_does(chat, client):
         out = client.chat.completions.create(
             model="tiny", messages=messages, max_tokens=8, seed=seed, extra_body=sampling
         )
-        want = chat.chat("Pick a word.", do_sample=True, seed=seed, max_new_tokens=8, **sampling)
+        # a request without top_k samples without it (OpenAI, vLLM); chat's default is generate's top-k 50
+        want = chat.chat(
+            "Pick a word.", do_sample=True, seed=seed, max_new_tokens=8, **{"top_k": 0, **sampling}
+        )
         assert out.choices[0].message.content == want, seed
+
+
+def test_a_vanishing_temperature_answers_greedily(client):
+    """A temperature in (0, 2] so small that the logits divided by it overflow got a 500 (an inf/nan
+    probability); it samples its limit, which is the greedy reply."""
+    messages = [{"role": "user", "content": "Pick a word."}]
+    greedy = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0)
+    for temperature, seed in [(1e-40, None), (1e-300, 5)]:
+        out = client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=6, temperature=temperature, seed=seed
+        )
+        assert out.choices[0].message.content == greedy.choices[0].message.content
 
 
 def test_models_health_metrics_and_errors(server, client):
@@ -282,6 +297,37 @@ def test_models_health_metrics_and_errors(server, client):
     for kwargs, words in bad:
         with pytest.raises(openai.BadRequestError, match=words):
             client.chat.completions.create(model="tiny", **kwargs)
+
+
+def test_a_reply_ending_on_the_end_token_finishes_with_stop(tiny_ckpt, tmp_path):
+    """finish_reason 'stop' when the model emits the template's end token (random weights never do: a
+    checkpoint made to), the token counted in usage as generated but not in the text, streamed or not;
+    'length' when max_tokens ends the reply first, even on the step the end token would come."""
+    from test_generation_engine import _stopping_checkpoint
+
+    _, chat = _stopping_checkpoint(tiny_ckpt, tmp_path / "stops", "hello")
+    ids = __import__("torch").tensor([chat.prepare("hello")[1]])
+    out = chat.generator.generate(ids, max_new_tokens=40, stop_token_ids=chat.stop_token_ids)
+    assert out.finish_reasons == ["stop"]
+    k = len(out.tokens[0]) + 1  # new tokens, the end token included
+    messages = [{"role": "user", "content": "hello"}]
+    with make_server(chat, ServerOptions(model_name="m", max_tokens=40), port=0).start() as srv:
+        client = openai.OpenAI(base_url=srv.url, api_key="unused", max_retries=0)
+        for max_tokens, reason, n in [(40, "stop", k), (k, "stop", k), (k - 1, "length", k - 1)]:
+            full = client.chat.completions.create(
+                model="m", messages=messages, temperature=0, max_tokens=max_tokens
+            )
+            chunks = list(client.chat.completions.create(
+                model="m", messages=messages, temperature=0, max_tokens=max_tokens, stream=True,
+                stream_options={"include_usage": True},
+            ))  # fmt: skip
+            assert full.choices[0].message.content == chat.chat("hello", max_new_tokens=max_tokens)
+            assert (full.choices[0].finish_reason, full.usage.completion_tokens) == (reason, n)
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+                full.choices[0].message.content
+            )
+            assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reason
+            assert chunks[-1].usage.completion_tokens == n
 
 
 def test_local_media_root_and_api_key(chat, tmp_path, noise_image):

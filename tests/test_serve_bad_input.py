@@ -97,6 +97,29 @@ def test_unreadable_bodies_get_a_one_line_400_naming_the_field(server):
         assert "lone surrogate" in reply["error"]["message"]
 
 
+def test_sampling_extensions_the_server_does_not_apply_are_refused(server):
+    """vLLM's sampling extensions (top_k is taken) were silently ignored, so a reply came back from
+    another distribution than asked for; set to anything but their neutral value they are a 400
+    naming the field, and at their neutral values the request is answered."""
+    for field, value in [
+        ("repetition_penalty", 1.2), ("min_p", 0.05), ("min_tokens", 3), ("best_of", 2),
+        ("use_beam_search", True), ("ignore_eos", True), ("stop_token_ids", [5]), ("bad_words", ["x"]),
+        ("include_stop_str_in_output", True), ("skip_special_tokens", False), ("echo", True),
+        ("guided_choice", ["a", "b"]), ("add_generation_prompt", False), ("presence_penalty", 0.5),
+    ]:  # fmt: skip
+        status, reply = post(server, user("hi", **{field: value}))
+        assert status == 400 and reply["error"]["param"] == field, (field, reply)
+        assert f"{field} is not supported" in reply["error"]["message"]
+    neutral = dict(repetition_penalty=1.0, min_p=0, min_tokens=0, best_of=1, use_beam_search=False,
+                   ignore_eos=False, stop_token_ids=[], include_stop_str_in_output=False,
+                   skip_special_tokens=True, add_generation_prompt=True, user="u", metadata={"k": "v"})  # fmt: skip
+    status, reply = post(server, user("hi", **neutral))
+    assert status == 200 and reply["choices"][0]["finish_reason"] in ("stop", "length"), reply
+    # integer bounds are written as integers (the bound was "2.14748e+09")
+    status, reply = post(server, user("hi", max_tokens=0))
+    assert status == 400 and "[1, 2147483648], got 0" in reply["error"]["message"]
+
+
 def test_http_level_abuse_is_answered_in_json(server):
     assert post(server, b"{}", headers={"Content-Length": "-1"})[0] == 400  # was 413 "over 64 MiB"
     status, reply = post(server, b"{}", headers={"Content-Length": "1_0"})  # int() reads 10

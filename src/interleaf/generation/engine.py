@@ -22,10 +22,12 @@ bf16 matrix-vector products several times faster than the default kernel.
 from __future__ import annotations
 
 import copy
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from numbers import Integral, Real
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +45,12 @@ class GenerationConfig:
     """How to generate.
 
     ``do_sample=False`` (or ``temperature == 0``) is greedy. Sampling applies temperature, then top-k
-    (0 = off), then top-p (1.0 = off), like transformers' logits warpers. ``seed`` makes sampling
-    reproducible. Stop tokens are suppressed for the first ``min_new_tokens`` steps; ``ignore_eos``
-    disables stopping altogether (benchmarks on random weights).
+    (0 = off), then top-p (1.0 = off), like transformers' logits warpers; the defaults are those of
+    transformers' ``generate`` (top-k 50), so ``do_sample=True`` alone samples as it does. With
+    ``seed`` sampling is reproducible: on the CPU the very tokens ``generate`` draws after
+    ``torch.manual_seed(seed)``. Stop tokens are suppressed for the first ``min_new_tokens`` steps
+    (transformers' ``min_new_tokens``); ``ignore_eos`` disables stopping altogether (benchmarks on
+    random weights).
     """
 
     max_new_tokens: int = 256
@@ -53,13 +58,26 @@ class GenerationConfig:
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0
+    top_k: int = 50
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
+        # wrong types failed deep in torch (topk, manual_seed, the cache's shape), NaN at the first draw
+        for name in ("max_new_tokens", "min_new_tokens", "top_k", "pad_token_id", "seed"):
+            value = getattr(self, name)
+            if name == "seed" and value is None:
+                continue
+            if not isinstance(value, Integral) or isinstance(value, bool):
+                raise InputError(f"{name} must be an int, got {value!r:.40}")
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if not isinstance(value, Real) or isinstance(value, bool) or math.isnan(value):
+                raise InputError(f"{name} must be a number, got {value!r:.40}")
+        if self.min_new_tokens < 0:
+            raise InputError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
         if self.max_new_tokens < 0:
             raise InputError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -84,7 +102,25 @@ def sample_next(
     """Pick the next token of each row. logits [B, V] -> ids [B] (long)."""
     if cfg.greedy:
         return logits.argmax(dim=-1)
-    logits = logits.float() / cfg.temperature
+    probs = warp_logits(logits, cfg).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def warp_logits(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
+    """The fp32 logits [B, V] a sampling step draws from (softmax): temperature, top-k and top-p applied
+    as transformers' ``TemperatureLogitsWarper``, ``TopKLogitsWarper`` and ``TopPLogitsWarper`` do
+    (the same tensors, filtered tokens at -inf).
+
+    A temperature so small that ``logits / temperature`` overflows (transformers' sampling fails there
+    on an inf/nan probability) gives its limit instead: all the mass on the row's most likely token.
+    """
+    raw = logits.float()
+    logits = raw / cfg.temperature
+    if cfg.temperature < 1:  # (from finite logits, only a division by less than 1 overflows)
+        top = raw.argmax(dim=-1, keepdim=True)
+        over = ~logits.gather(-1, top).isfinite()  # [B, 1] (-inf too: every logit negative)
+        limit = torch.full_like(logits, float("-inf")).scatter_(-1, top, 0.0)
+        logits = torch.where(over, limit, logits)
     if cfg.top_k > 0:
         k = min(cfg.top_k, logits.shape[-1])
         kth = torch.topk(logits, k, dim=-1).values[:, -1:]
@@ -95,8 +131,7 @@ def sample_next(
         drop = cum <= 1 - cfg.top_p
         drop[:, -1] = False  # always keep the most likely token
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits
 
 
 @dataclass
@@ -546,7 +581,8 @@ class Generator:
     ) -> RowBatch:
         """A :class:`RowBatch`: ``rows`` requests at once, joining and leaving between steps; the first
         decode step writes slot ``start`` (at least the longest prompt to admit first), the last
-        ``slots - 1``. Sampling follows ``config``; stopping is the caller's."""
+        ``slots - 1``. Sampling follows ``config``; stopping is the caller's (``config``'s stop tokens,
+        ``min_new_tokens`` and ``ignore_eos`` are not applied)."""
         return RowBatch(self, rows, start, slots, _merge(config, kwargs))
 
     def _run_rows(self, rows, pixel_values, cfg: GenerationConfig, record):

@@ -25,8 +25,11 @@ Messages become InternVL prompts with the checkpoint's chat template:
 Sampling follows the OpenAI API: ``temperature`` (default 1; 0 is greedy), ``top_p``, ``top_k`` (as
 vLLM; -1 or 0 is off), ``seed``, ``max_completion_tokens``/``max_tokens`` (default ``--max-tokens``,
 and never past the model's context), ``stop`` strings (cut, not included). ``n`` > 1, log-probs, tools,
-penalties and JSON response formats are refused with a 400 naming the field; unknown fields are
-ignored.
+penalties, logit biases and JSON response formats are refused with a 400 naming the field, and so are
+vLLM's other sampling extensions (``repetition_penalty``, ``min_p``, ``min_tokens``, ``ignore_eos``,
+``stop_token_ids``, beam search, guided decoding, ...) when set to anything but their neutral value;
+other unknown fields (``user``, ``metadata``, ...) are ignored. A temperature so small that the
+logits divided by it overflow samples as its limit, greedy.
 """
 
 from __future__ import annotations
@@ -57,6 +60,29 @@ UNSUPPORTED = {  # field -> the value that means "not asked for"
     "presence_penalty": (None, 0, 0.0),
     "frequency_penalty": (None, 0, 0.0),
     "logit_bias": (None, {}),
+    # vLLM's extensions to the protocol (top_k is taken) that change what is generated: a client that
+    # sets one expects it applied, and a silently ignored one would change the reply unannounced
+    "repetition_penalty": (None, 1, 1.0),
+    "min_p": (None, 0, 0.0),
+    "min_tokens": (None, 0),
+    "best_of": (None, 1),
+    "use_beam_search": (None, False),
+    "ignore_eos": (None, False),
+    "stop_token_ids": (None, []),
+    "bad_words": (None, []),
+    "allowed_token_ids": (None, []),
+    "include_stop_str_in_output": (None, False),
+    "skip_special_tokens": (None, True),
+    "prompt_logprobs": (None,),  # (0 asks for the prompt tokens' own log-probs)
+    "echo": (None, False),
+    "add_generation_prompt": (None, True),
+    "continue_final_message": (None, False),
+    "truncate_prompt_tokens": (None,),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "structured_outputs": (None,),
 }
 
 
@@ -117,7 +143,8 @@ def _check_number(
     if not is_number(value) or (integer and value != int(value)) or not lo <= value <= hi:
         kind = "an integer" if integer else "a number"
         name = name or key
-        raise APIError(400, f"{name} must be {kind} in [{lo:g}, {hi:g}], got {value!r:.40}", name)
+        span = f"[{int(lo)}, {int(hi)}]" if integer else f"[{lo:g}, {hi:g}]"  # (not 2.14748e+09)
+        raise APIError(400, f"{name} must be {kind} in {span}, got {value!r:.40}", name)
     return int(value) if integer else float(value)
 
 
