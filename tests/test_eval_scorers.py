@@ -131,6 +131,52 @@ def test_mmniah_bad_result_names():
     )
 
 
+def test_mmniah_official_overall_rounds_python_floats_as_upstream():
+    # calculate_scores.save: round(v, 6) over np.mean(...).tolist(), i.e. Python floats. Bin 1K of
+    # the six tasks: 0.566667 and five 0s, mean 0.566667 / 6 = 0.0944445 -> round() -> 0.094445
+    # (round() of the np.float64 gave 0.094444).
+    def ts(task, first):
+        grid = [[0.0] * 5 for _ in range(11)]
+        return mmniah.TaskScore("m", task, "val", [first] + [0.0] * 10, grid, [[0] * 5] * 11, 1, 0)
+
+    tasks = [ts(t, 0.566667 if t == "retrieval-text" else 0.0) for t in mmniah.TASKS]
+    overall = mmniah.official_scores_json(tasks)["overall"]
+    assert overall == [0.094445] + [0.0] * 10
+    assert all(type(v) is float for v in overall)
+
+
+def test_mmniah_records_the_official_scorer_stops_on_are_per_record_errors():
+    base = {"question_id": 0, "answer": 1, "response": "B", "context_length": 1500, "placed_depth": 0.5}
+    recs = [
+        {**base, "question_id": "none", "response": None},  # upstream: None.strip -> AttributeError
+        {**base, "question_id": "sup", "response": "²"},  # isdigit() but int() -> ValueError
+        {**base, "question_id": "deep", "placed_depth": 1.2},  # int(1.2 / 0.2) = 6 -> IndexError
+        {**base, "question_id": "neg", "placed_depth": [-0.5, -0.5]},  # column -2: another depth's
+        base,  # 1K bin, depth 0.4-0.6: correct (B = option 1)
+        {**base, "response": "C", "placed_depth": -0.1},  # int(-0.5) = 0: depth bin 0 as upstream, wrong
+        {**base, "placed_depth": [1.0, 1.0]},  # mean 1.0 -> 0.99: depth bin 4, correct
+    ]
+    ts = mmniah.score_records(recs, "retrieval-image")
+    assert [(s["id"], s["error"].split(":")[0]) for s in ts.skipped] == [
+        ("none", "field 'response' must be a string, got NoneType"),
+        ("sup", "InputError"),
+        ("deep", "InputError"),
+        ("neg", "InputError"),
+    ]
+    assert "digit string" in ts.skipped[1]["error"] and "outside [0, 1]" in ts.skipped[2]["error"]
+    assert ts.n_samples == 3 and ts.counts[0] == [1, 0, 1, 0, 1] and ts.grid[0] == [0.0, 0.0, 1.0, 0.0, 1.0]
+    assert ts.scores[0] == 0.4 and not ts.warnings  # (0 + 0 + 1 + 0 + 1) / 5
+    assert mmniah.is_parsed(1, "²") is False  # never raises: the runner asks it about every response
+    # counting, empty ground truth: upstream returns 0 when the response is no list and divides by
+    # zero (stops) when it is one
+    cnt = [
+        {**base, "question_id": q, "answer": [], "response": r} for q, r in (("a", "no list"), ("b", "[1]"))
+    ]
+    ts = mmniah.score_records(cnt, "counting-text")
+    assert ts.n_samples == 1 and ts.scores == [0.0] * 11
+    assert [s["id"] for s in ts.skipped] == ["b"] and "empty list" in ts.skipped[0]["error"]
+
+
 # ------------------------------------------------------------------------------------------ TVR
 
 

@@ -167,12 +167,18 @@ def vqa_match(response: str, answer: Any) -> int:
 
 
 def _mc_choice(response: str) -> int | None:
-    """The option index the official multiple-choice parser reads, None where it finds none."""
+    """The option index the official multiple-choice parser reads, None where it finds none.
+
+    Raises InputError for a digit string ``int()`` cannot read (``'²'`` passes ``isdigit``): the
+    official scorer stops on it with a ValueError, so the record has no official score.
+    """
     if response.isdigit():
         try:
             return int(response)
-        except ValueError:  # unicode digits such as '²' pass isdigit but not int()
-            return None
+        except ValueError:
+            raise InputError(
+                f"response {response!r} is a digit string int() cannot read (the official scorer stops on it)"
+            ) from None
     response = response.lower().replace("the answer is", "").replace("*", "")
     if "." in response:
         response = response.split(".")[0].replace(",", "").strip()
@@ -206,8 +212,10 @@ def _counting_list(response: str) -> list | tuple | None:
 
 def _counting_correct(answer: list, response: str) -> float:
     parsed = _counting_list(response)
-    if parsed is None or not answer:
+    if parsed is None:
         return 0.0
+    if not answer:  # upstream: match / len(answer) -> ZeroDivisionError, only once a list is parsed
+        raise InputError("answer is an empty list (the official scorer divides by zero on it)")
     match = sum(1 for pred, gt in zip(parsed, answer) if pred == gt)
     return match / len(answer)
 
@@ -238,7 +246,10 @@ def is_parsed(answer: Any, response: str) -> bool | None:
     if isinstance(answer, bool):
         answer = int(answer)
     if isinstance(answer, int):
-        return _mc_choice(response) is not None
+        try:
+            return _mc_choice(response) is not None
+        except InputError:
+            return False
     if isinstance(answer, list):
         return _counting_list(response) is not None
     return None
@@ -263,11 +274,19 @@ def depth_value(placed_depth: float | list[float]) -> float:
 
 
 def depth_bin(placed_depth: float | list[float]) -> int:
-    """Needle depth bin 0..4: mean depth, 1.0 -> 0.99, ``int(depth / 0.2)`` (clamped to the grid)."""
+    """Needle depth bin 0..4: mean depth, 1.0 -> 0.99, ``int(depth / 0.2)``.
+
+    A bin outside 0..4 raises InputError: upstream indexes its 5-column grid with it, so a mean depth
+    above 1 stops it (IndexError) and one of -0.2 or below lands in another depth's column (a negative
+    index; -0.5 is counted at depth 0.6) or stops it. Depths in (-0.2, 0) truncate to bin 0 as upstream.
+    """
     y = depth_value(placed_depth)
     if y == 1.0:
         y = 0.99
-    return min(max(int(y / DEPTH_INTERVAL), 0), N_DEPTH - 1)
+    b = int(y / DEPTH_INTERVAL)
+    if not 0 <= b < N_DEPTH:
+        raise InputError(f"placed_depth {placed_depth!r}: needle depth outside [0, 1] (no depth bin)")
+    return b
 
 
 @dataclass
@@ -371,6 +390,8 @@ def result_problem(entry: Any, task: str) -> str | None:
     for key, check in RESULT_TYPES.items():
         if problem := _type_problem(key, entry[key], check):
             return problem
+    if problem := _type_problem("response", entry["response"], _STR):  # upstream: response.strip
+        return problem
     return answer_problem(task, entry["answer"])
 
 
@@ -399,9 +420,6 @@ def score_records(records: Iterable[dict], task: str, model: str = "model", spli
         problem = result_problem(entry, task)
         if problem is None:
             response = entry["response"]
-            if not isinstance(response, str):
-                warnings.append(f"record {i}: response is {type(response).__name__}, scored as ''")
-                response = ""
             try:
                 answer = task_answer(task, entry["answer"])
                 x, y = length_bin(entry["context_length"]), depth_bin(entry["placed_depth"])
@@ -538,7 +556,10 @@ def official_scores_json(task_scores: list[TaskScore]) -> dict:
 
     res: dict[str, Any] = {f"{ts.task}-{ts.split}": ts.scores for ts in task_scores}
     if len(task_scores) == len(TASKS):
-        res["overall"] = [round(v, 6) for v in np.array([ts.scores for ts in task_scores]).mean(axis=0)]
+        # .tolist() first, as upstream's save(): round() of a np.float64 rounds half-way cases
+        # differently from round() of a float (0.566667 / 6 -> 0.094444 instead of 0.094445)
+        per_bin = np.array([ts.scores for ts in task_scores]).mean(axis=0).tolist()
+        res["overall"] = [round(v, 6) for v in per_bin]
     res["context_ranges"] = CONTEXT_RANGES
     return res
 
