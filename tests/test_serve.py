@@ -427,3 +427,77 @@ def test_joiners_are_checked_against_the_batch_as_earlier_joiners_left_it(chat):
     assert [j.events.get_nowait()[0] for j in (first, filler)] == ["done", "done"]
     assert longer.events.get_nowait()[:2] == ("done", chat.chat(question, max_new_tokens=2))
     assert scheduler.metrics["batches"] == 1 and scheduler.metrics["batch_rows"] == 3
+
+
+def test_think_splitter_parts_join_to_the_whole_replys_split_at_every_cut():
+    from interleaf.serve.protocol import ThinkSplitter, split_reasoning
+
+    assert split_reasoning("<think>\nplan\n</think>\n\nB") == ("\nplan\n", "\n\nB")  # kept as generated
+    assert split_reasoning("B") == (None, "B")
+    assert split_reasoning("pre<think>r</think>post") == ("r", "prepost")
+    assert split_reasoning("<think>cut short") == ("cut short", "")
+    assert split_reasoning("<thi") == (None, "<thi")
+    assert split_reasoning("<think></think>x</think>y<think>z") == ("", "x</think>y<think>z")  # one block
+    for text in ("<think>\nplan\n</think>\n\nB", "a<b<think>r</think", "<<think>>x</think</think>y"):
+        whole = split_reasoning(text)
+        for i in range(len(text) + 1):
+            for j in range(i, len(text) + 1):
+                s = ThinkSplitter()
+                parts = s.push(text[:i]) + s.push(text[i:j]) + s.push(text[j:]) + s.finish()
+                joined = ["".join(t for f, t in parts if f == k) for k in ("reasoning_content", "content")]
+                assert ((joined[0] if s.started else None), joined[1]) == whole, (text, i, j)
+
+
+def _thinking_checkpoint(path):
+    """A tiny checkpoint whose greedy reply to "Why?" begins ``<think>`` yes ``</think>`` no: random
+    weights, with the rows of the embedding and of the output layer of its own first four greedy tokens
+    swapped with those of the four wanted ones (the computation is the same, the token names differ).
+    ``<think>``/``</think>`` are added tokens, as in Qwen3's tokenizer."""
+    import torch
+
+    from interleaf.generation.chat import ChatModel
+    from interleaf.model import build_model, save_checkpoint
+    from interleaf.model.presets import preset_config_for
+    from interleaf.model.tokenizer import build_offline_tokenizer
+
+    tok = build_offline_tokenizer()
+    tok.add_tokens(["<think>", "</think>"])
+    want = [tok.convert_tokens_to_ids(t) for t in ("<think>", "yes", "</think>", "no")]
+    for seed in range(50):  # a seed whose first four greedy tokens can be renamed one to one
+        model = build_model(preset_config_for("tiny", tok), seed=seed)
+        chat = ChatModel(model, tok)
+        prompt = chat.prepare("Why?")[1]
+        got = chat.generator.generate(torch.tensor([prompt]), max_new_tokens=4, ignore_eos=True).tokens[0]
+        if len(set(got)) == 4 and not set(got) & set(want) and not set(got + want) & set(prompt):
+            break
+    else:
+        raise AssertionError("no seed found")
+    lm = model.language_model
+    with torch.no_grad():
+        for table in (lm.model.embed_tokens.weight, lm.lm_head.weight):
+            for a, b in zip(got, want):
+                table[[a, b]] = table[[b, a]]
+    return save_checkpoint(model, tok, path)
+
+
+def test_reasoning_parser_puts_the_think_block_in_reasoning_content(tmp_path):
+    chat = interleaf.load(_thinking_checkpoint(tmp_path / "thinking"))
+    assert chat.chat("Why?", max_new_tokens=4) == "<think>yes</think>no"
+    messages = [{"role": "user", "content": "Why?"}]
+    options = ServerOptions(model_name="m", max_tokens=4, reasoning_parser="qwen3")
+    with make_server(chat, options, port=0).start() as srv:
+        client = openai.OpenAI(base_url=srv.url, api_key="unused", max_retries=0)
+        full = client.chat.completions.create(model="m", messages=messages, temperature=0).choices[0]
+        assert (full.message.reasoning_content, full.message.content) == ("yes", "no")
+        chunks = list(client.chat.completions.create(model="m", messages=messages, temperature=0, stream=True))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "yes"
+        assert "".join(d.content or "" for d in deltas) == "no"
+        # a reply cut inside its reasoning has no content
+        cut = client.chat.completions.create(model="m", messages=messages, temperature=0, max_tokens=2)
+        assert (cut.choices[0].message.reasoning_content, cut.choices[0].message.content) == ("yes", "")
+    # without the parser the tags stay in the content
+    with make_server(chat, ServerOptions(model_name="m", max_tokens=4), port=0).start() as srv:
+        client = openai.OpenAI(base_url=srv.url, api_key="unused", max_retries=0)
+        plain = client.chat.completions.create(model="m", messages=messages, temperature=0).choices[0].message
+        assert plain.content == "<think>yes</think>no" and getattr(plain, "reasoning_content", None) is None

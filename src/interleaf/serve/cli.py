@@ -39,6 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--allowed-local-media-path", metavar="DIR", default=None,
                    help="let requests name image files under DIR (refused otherwise)")  # fmt: skip
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument(
+        "--reasoning-parser", default=None, choices=("qwen3",),
+        help="qwen3: a reply's <think>...</think> (InternVL3.5's thinking mode) goes to the message's "
+        "reasoning_content (the field vLLM's reasoning parsers fill)",
+    )  # fmt: skip
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument(
         "--dtype", default=None, choices=("float32", "bfloat16", "float16"), help="default: as stored"
@@ -80,6 +85,7 @@ def _serve(args: argparse.Namespace) -> int:
         batch_wait=args.batch_wait_ms / 1000,
         allowed_local_media_path=media,
         api_key=args.api_key,
+        reasoning_parser=args.reasoning_parser,
     )
     try:
         server = make_server(chat, options, args.host, args.port)

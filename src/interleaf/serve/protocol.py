@@ -22,6 +22,10 @@ Messages become InternVL prompts with the checkpoint's chat template:
   uniformly, one tile each, their ``FrameK: <image>`` lines in front of the text, as ``interleaf chat
   --video`` does.
 
+With ``--reasoning-parser qwen3`` a reply's ``<think>...</think>`` block (InternVL3.5's thinking
+mode) is its message's ``reasoning_content`` (:class:`ThinkSplitter`; the field vLLM's reasoning
+parsers fill).
+
 Sampling follows the OpenAI API: ``temperature`` (default 1; 0 is greedy), ``top_p``, ``top_k`` (as
 vLLM; -1 or 0 is off), ``seed``, ``max_completion_tokens``/``max_tokens`` (default ``--max-tokens``,
 and never past the model's context), ``stop`` strings (cut, not included). ``n`` > 1, log-probs, tools,
@@ -112,6 +116,68 @@ class ServerOptions:
     api_key: str | None = None
     fetch_timeout: float = FETCH_TIMEOUT  # for a whole image download (a server may trickle it)
     read_timeout: float = 60.0  # a client silent this long is dropped (an idle keep-alive, a short body)
+    reasoning_parser: str | None = None  # "qwen3": <think>...</think> goes to reasoning_content
+
+
+THINK_START, THINK_END = "<think>", "</think>"
+
+
+class ThinkSplitter:
+    """Qwen3-style reasoning (InternVL3.5's thinking mode; ``--reasoning-parser qwen3``): the text
+    between the reply's first ``<think>`` and the next ``</think>`` is its ``reasoning_content``, the
+    rest (before and after) its ``content``, both kept as generated. Fed the reply piece by piece
+    (streaming), :meth:`push` gives ``(field, text)`` parts as soon as no tag can still be forming, a
+    tag split across pieces being held back until it is whole or ruled out; the parts of a stream
+    join to what :func:`split_reasoning` gives for the whole reply. A reply cut short inside its
+    reasoning has no content."""
+
+    def __init__(self) -> None:
+        self.inside = False  # between <think> and </think>
+        self.done = False  # past </think>: one reasoning block per reply
+        self.started = False  # a <think> was seen
+        self.held = ""
+
+    @property
+    def field(self) -> str:
+        return "reasoning_content" if self.inside else "content"
+
+    def push(self, text: str) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        buf, self.held = self.held + text, ""
+        while buf:
+            tag = THINK_END if self.inside else None if self.done else THINK_START
+            if tag is None:
+                out.append((self.field, buf))
+                break
+            i = buf.find(tag)
+            if i >= 0:
+                if i:
+                    out.append((self.field, buf[:i]))
+                buf = buf[i + len(tag) :]
+                self.started = True
+                self.done, self.inside = self.inside, not self.inside
+                continue
+            # hold back the longest end of buf that may be the start of the tag
+            keep = next((n for n in range(min(len(tag) - 1, len(buf)), 0, -1) if tag.startswith(buf[-n:])), 0)
+            if len(buf) > keep:
+                out.append((self.field, buf[: len(buf) - keep]))
+            self.held = buf[len(buf) - keep :]
+            break
+        return out
+
+    def finish(self) -> list[tuple[str, str]]:
+        held, self.held = self.held, ""
+        return [(self.field, held)] if held else []
+
+
+def split_reasoning(text: str) -> tuple[str | None, str]:
+    """``(reasoning_content, content)`` of a whole reply (see :class:`ThinkSplitter`); reasoning is
+    None when the reply has no ``<think>``."""
+    splitter = ThinkSplitter()
+    parts = splitter.push(text) + splitter.finish()
+    reasoning = "".join(t for f, t in parts if f == "reasoning_content")
+    content = "".join(t for f, t in parts if f == "content")
+    return (reasoning if splitter.started else None), content
 
 
 @dataclass

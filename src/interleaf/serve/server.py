@@ -52,7 +52,14 @@ from interleaf.errors import InputError
 from interleaf.generation.chat import ChatModel, TextStreamer
 from interleaf.generation.engine import RowBatch
 from interleaf.processing.video import frames_to_pixels, read_video_frames
-from interleaf.serve.protocol import APIError, ChatRequest, ServerOptions, parse_request
+from interleaf.serve.protocol import (
+    APIError,
+    ChatRequest,
+    ServerOptions,
+    ThinkSplitter,
+    parse_request,
+    split_reasoning,
+)
 
 MAX_BODY_BYTES = 64 << 20  # a request with several base64 images fits easily
 SHUTDOWN_GRACE = 2.0  # seconds the handlers get to send their last answers when the server stops
@@ -579,10 +586,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(_as_api_error(rest[0]))
             return
         text, reason, n = rest
+        message = {"role": "assistant", "content": text}
+        if self.server.options.reasoning_parser:
+            message["reasoning_content"], message["content"] = split_reasoning(text)
         self._json(200, {
             **reply, "object": "chat.completion",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": reason}],
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": reason}],
             "usage": _usage(job, n),
         })  # fmt: skip
 
@@ -603,17 +612,25 @@ class _Handler(BaseHTTPRequestHandler):
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
             return {**reply, "object": "chat.completion.chunk", "choices": [choice]}
 
+        splitter = ThinkSplitter() if self.server.options.reasoning_parser else None
+
+        def text(piece: str) -> None:
+            for field, part in splitter.push(piece) if splitter else [("content", piece)]:
+                event(chunk({field: part}))
+
         try:
             event(chunk({"role": "assistant", "content": ""}))
             while True:
                 kind, *rest = job.events.get()
                 if kind == "text":
-                    event(chunk({"content": rest[0]}))
+                    text(rest[0])
                     continue
                 if kind == "error":
                     event(_as_api_error(rest[0]).body())
                 else:
                     _, reason, n = rest
+                    for field, part in splitter.finish() if splitter else []:
+                        event(chunk({field: part}))
                     event(chunk({}, reason))
                     if req.include_usage:
                         event(
