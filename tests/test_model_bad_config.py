@@ -316,3 +316,30 @@ def test_qk_norms_under_a_config_that_is_not_qwen3_say_so(tmp_path, layout):
         load_checkpoint(path)
     assert "q_norm/k_norm are a Qwen3 LLM's" in str(info.value) and "the config says llama" in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_a_top_level_original_max_position_embeddings_wins_for_yarn_and_llama3_as_in_transformers():
+    """transformers 5 (``standardize_rope_params``, run again when the RoPE tables are computed) gives
+    a top-level ``original_max_position_embeddings`` (Phi-3's spelling) priority over the one in the
+    rope dict for yarn and llama3, and takes it when the dict has none: the same frequencies here."""
+    from transformers import Qwen3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from interleaf.model.llm import RotaryEmbedding
+
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 32768}  # fmt: skip
+    for rope in (dict(YARN), {"rope_type": "yarn", "factor": 4.0}, llama3):
+        raw = {}
+
+        def mutate(c, rope=rope, raw=raw):
+            _qwen3(c)
+            c["llm_config"].update(rope_scaling=dict(rope), original_max_position_embeddings=4096)
+            raw.update(c["llm_config"])
+
+        ours = RotaryEmbedding(_parse(mutate).llm)
+        hf = Qwen3Config(**{k: v for k, v in raw.items() if k != "architectures"})
+        inv_freq, attention = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf)
+        assert hf.rope_parameters["original_max_position_embeddings"] == 4096
+        torch.testing.assert_close(ours.inv_freq, inv_freq, rtol=1e-6, atol=0)
+        assert ours.attention_factor == pytest.approx(attention, rel=1e-12)

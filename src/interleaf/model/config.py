@@ -526,6 +526,10 @@ def _parse_rope(raw: dict[str, Any], source: str, w: str) -> tuple[dict[str, Any
         )
     if rope["rope_type"] == "default":
         return None, theta, key
+    # as transformers (standardize_rope_params): a top-level original_max_position_embeddings wins
+    top = raw.get("original_max_position_embeddings")
+    if rope["rope_type"] in ("llama3", "yarn") and type(top) is int and top > 0:
+        rope["original_max_position_embeddings"] = top
     needs = {
         "linear": ("factor",),
         "dynamic": ("factor",),
