@@ -501,3 +501,24 @@ def test_reasoning_parser_puts_the_think_block_in_reasoning_content(tmp_path):
         client = openai.OpenAI(base_url=srv.url, api_key="unused", max_retries=0)
         plain = client.chat.completions.create(model="m", messages=messages, temperature=0).choices[0].message
         assert plain.content == "<think>yes</think>no" and getattr(plain, "reasoning_content", None) is None
+
+
+def test_a_yarn_model_serves_the_scaled_context(tmp_path):
+    """With yarn the context is the original one times the factor (as vLLM derives max_model_len), not
+    max_position_embeddings: a prompt past the latter is answered, one past the former refused."""
+    from interleaf.model import init_model
+
+    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}
+    path = init_model("tiny-qwen3", tmp_path / "yarn", overrides={
+        "llm.rope_scaling": rope, "llm.max_position_embeddings": 160})  # fmt: skip
+    chat = interleaf.load(path)
+    with make_server(chat, ServerOptions(model_name="m", max_tokens=4), port=0).start() as srv:
+        client = openai.OpenAI(base_url=srv.url, api_key="unused", max_retries=0)
+        assert srv.context_length() == 512
+        long = " ".join(["word"] * 300)
+        assert 160 < len(chat.prepare(long)[1]) < 500
+        reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": long}],
+                                               temperature=0)  # fmt: skip
+        assert reply.choices[0].message.content == chat.chat(long, max_new_tokens=4)
+        with pytest.raises(openai.BadRequestError, match="past the model.s context of 512"):
+            client.chat.completions.create(model="m", messages=[{"role": "user", "content": long + long}])

@@ -375,7 +375,11 @@ class ChatServer(ThreadingHTTPServer):
         return f"http://{host}:{port}/v1"
 
     def context_length(self) -> int:
-        return int(self.chat.config.llm.max_position_embeddings)
+        llm = self.chat.config.llm
+        if llm.rope_type == "yarn":  # as vLLM derives it: the scaled original context
+            rope = llm.rope_scaling
+            return int(rope["original_max_position_embeddings"] * rope["factor"])
+        return int(llm.max_position_embeddings)
 
     def max_tiles(self) -> int:
         """The most image tiles whose tokens fit the model's context."""
