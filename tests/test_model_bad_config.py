@@ -343,3 +343,21 @@ def test_a_top_level_original_max_position_embeddings_wins_for_yarn_and_llama3_a
         assert hf.rope_parameters["original_max_position_embeddings"] == 4096
         torch.testing.assert_close(ours.inv_freq, inv_freq, rtol=1e-6, atol=0)
         assert ours.attention_factor == pytest.approx(attention, rel=1e-12)
+
+
+def test_rope_scaling_overrides_are_checked_as_config_files_are(tmp_path):
+    """A model override's rope_scaling failed as a bare KeyError when the model was built or saved
+    (a yarn dict without factor, a llama3 one without its keys, a dict spelt with ``type`` only)."""
+    from interleaf.model import init_model
+
+    for rope, message in [
+        ({"rope_type": "yarn"}, "rope_scaling of type 'yarn' needs the key 'factor'"),
+        ({"rope_type": "llama3", "factor": 8.0}, "needs the key 'low_freq_factor'"),
+        ("yarn", "rope_scaling must be an object"),
+        ({"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}, "set rope_theta as llm.rope_theta"),
+    ]:
+        with pytest.raises(ConfigError, match=r"model override 'llm.rope_scaling': .*" + message):
+            init_model("tiny-qwen3", tmp_path / "x", overrides={"llm.rope_scaling": rope})
+    path = init_model("tiny-qwen3", tmp_path / "ok", overrides={"llm.rope_scaling": {"type": "linear", "factor": 2.0}})
+    model, _ = load_checkpoint(path)
+    assert model.config.llm.rope_type == "linear" and model.config.llm.rope_scaling["factor"] == 2.0

@@ -492,6 +492,15 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def parse_rope_scaling(rope: Any, source: str) -> dict[str, Any] | None:
+    """A ``rope_scaling`` set in code (a model override), checked and normalised as one read from a
+    config file (``rope_type`` filled in, the keys its type needs present): a ConfigError naming
+    ``source`` rather than a KeyError when the model is built or saved."""
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        raise ConfigError(f"{source}: set rope_theta as llm.rope_theta, not inside rope_scaling")
+    return _parse_rope({"rope_scaling": rope}, source, "")[0]
+
+
 def _parse_rope(raw: dict[str, Any], source: str, w: str) -> tuple[dict[str, Any] | None, Any, str]:
     """``(rope scaling dict or None, rope_theta or None, the key it was read from)`` from
     ``rope_parameters`` (transformers 5, theta inside) or ``rope_scaling`` + ``rope_theta`` (4.x and

@@ -237,6 +237,10 @@ def apply_overrides(cfg: InternVLConfig, overrides: dict[str, Any] | None) -> In
                 f"model override {key!r}: must be {type(current).__name__} like the preset's {current!r}, "
                 f"got {type(value).__name__}"
             )
+        if key == "llm.rope_scaling":
+            from interleaf.model.config import parse_rope_scaling
+
+            value = parse_rope_scaling(value, f"model override {key!r}")
         setattr(target, last, value)
     return cfg
 
