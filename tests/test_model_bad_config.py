@@ -290,9 +290,17 @@ def test_unimplemented_rope_scalings_are_refused_naming_the_supported_ones(tmp_p
         _parse(lambda c: (_qwen3(c), c["llm_config"].update(rope_scaling=dict(other))))
     with pytest.raises(ConfigError, match=r"llm_config\.rope_parameters: " + supported):
         _parse(lambda c: (_qwen3(c), c["llm_config"].update(rope_parameters={**other, "rope_theta": 1e6})))
-    with pytest.raises(ConfigError, match="llm.rope_scaling: rope scaling type 'proportional' is not implemented"):
+    with pytest.raises(ConfigError, match=r"model override 'llm.rope_scaling': rope_scaling: " + supported):
         init_model("tiny-qwen3", tmp_path / "y", overrides={"llm.rope_scaling": dict(other)})
     assert not (tmp_path / "y" / "config.json").exists()
+    # an LLMConfig built in code reaches the model unchecked: building refuses it
+    from interleaf.model.llm import RotaryEmbedding
+    from interleaf.model.presets import preset_config
+
+    llm = preset_config("tiny-qwen3").llm
+    llm.rope_scaling = dict(other)
+    with pytest.raises(ConfigError, match="llm.rope_scaling: rope scaling type 'proportional' is not implemented"):
+        RotaryEmbedding(llm)
     with pytest.raises(ConfigError, match=r"llm_config\.rope_scaling\.truncate must be true or false"):
         _parse(lambda c: (_qwen3(c), c["llm_config"].update(rope_scaling={**YARN, "truncate": "no"})))
 
