@@ -285,7 +285,9 @@ def test_unimplemented_rope_scalings_are_refused_naming_the_supported_ones(tmp_p
         llm = _parse(lambda c, k=key, v=value: (_qwen3(c), c["llm_config"].update({k: v}))).llm
         assert llm.rope_type == "yarn" and llm.rope_scaling["factor"] == 4.0
     other = {"rope_type": "proportional", "factor": 2.0}
-    supported = r"unsupported rope scaling type 'proportional' \(supported: linear, dynamic, longrope, llama3, yarn\)"
+    supported = (
+        r"unsupported rope scaling type 'proportional' \(supported: linear, dynamic, longrope, llama3, yarn\)"
+    )
     with pytest.raises(ConfigError, match=r"llm_config\.rope_scaling: " + supported):
         _parse(lambda c: (_qwen3(c), c["llm_config"].update(rope_scaling=dict(other))))
     with pytest.raises(ConfigError, match=r"llm_config\.rope_parameters: " + supported):
@@ -299,7 +301,9 @@ def test_unimplemented_rope_scalings_are_refused_naming_the_supported_ones(tmp_p
 
     llm = preset_config("tiny-qwen3").llm
     llm.rope_scaling = dict(other)
-    with pytest.raises(ConfigError, match="llm.rope_scaling: rope scaling type 'proportional' is not implemented"):
+    with pytest.raises(
+        ConfigError, match="llm.rope_scaling: rope scaling type 'proportional' is not implemented"
+    ):
         RotaryEmbedding(llm)
     with pytest.raises(ConfigError, match=r"llm_config\.rope_scaling\.truncate must be true or false"):
         _parse(lambda c: (_qwen3(c), c["llm_config"].update(rope_scaling={**YARN, "truncate": "no"})))
@@ -366,6 +370,8 @@ def test_rope_scaling_overrides_are_checked_as_config_files_are(tmp_path):
     ]:
         with pytest.raises(ConfigError, match=r"model override 'llm.rope_scaling': .*" + message):
             init_model("tiny-qwen3", tmp_path / "x", overrides={"llm.rope_scaling": rope})
-    path = init_model("tiny-qwen3", tmp_path / "ok", overrides={"llm.rope_scaling": {"type": "linear", "factor": 2.0}})
+    path = init_model(
+        "tiny-qwen3", tmp_path / "ok", overrides={"llm.rope_scaling": {"type": "linear", "factor": 2.0}}
+    )
     model, _ = load_checkpoint(path)
     assert model.config.llm.rope_type == "linear" and model.config.llm.rope_scaling["factor"] == 2.0

@@ -267,7 +267,9 @@ def test_phi3_longrope_matches_transformers_phi3(tokenizer, tmp_path):
     assert ours.language_model.model.rotary_emb.attention_factor > 1.0
 
 
-@pytest.mark.parametrize("rope", [None, {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32}])
+@pytest.mark.parametrize(
+    "rope", [None, {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32}]
+)
 def test_qwen3_original_layout_matches_transformers_qwen3(tokenizer, tmp_path, rope):
     """InternVL3.5's original layout: ``llm_config`` as written is a valid ``Qwen3Config`` and
     ``Qwen3ForCausalLM`` on the ``language_model.`` tensors gives our text logits (random q/k norms),

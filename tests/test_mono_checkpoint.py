@@ -392,7 +392,9 @@ def test_init_from_bare_llm_checkpoint_grows_vocab_for_image_tokens(tmp_path, to
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-phi3", "tiny-llama", "tiny-qwen3"])  # Qwen2/Phi-3/Llama/Qwen3
+@pytest.mark.parametrize(
+    "preset", ["tiny", "tiny-phi3", "tiny-llama", "tiny-qwen3"]
+)  # Qwen2/Phi-3/Llama/Qwen3
 def test_init_from_bare_llm_of_every_family(tmp_path, preset):
     ivl_dir = init_model(preset, tmp_path / "ivl", seed=4)
     ivl, tok = load_checkpoint(ivl_dir)
@@ -507,4 +509,6 @@ def test_init_model_command_offers_every_preset():
     from interleaf.model.mono_checkpoint import MONO_PRESETS
     from interleaf.model.presets import PRESETS
 
-    assert set(PRESET_NAMES) == set(PRESETS) | set(MONO_PRESETS) and len(PRESET_NAMES) == len(set(PRESET_NAMES))
+    assert set(PRESET_NAMES) == set(PRESETS) | set(MONO_PRESETS) and len(PRESET_NAMES) == len(
+        set(PRESET_NAMES)
+    )

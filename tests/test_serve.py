@@ -489,7 +489,9 @@ def test_reasoning_parser_puts_the_think_block_in_reasoning_content(tmp_path):
         client = openai.OpenAI(base_url=srv.url, api_key="unused", max_retries=0)
         full = client.chat.completions.create(model="m", messages=messages, temperature=0).choices[0]
         assert (full.message.reasoning_content, full.message.content) == ("yes", "no")
-        chunks = list(client.chat.completions.create(model="m", messages=messages, temperature=0, stream=True))
+        chunks = list(
+            client.chat.completions.create(model="m", messages=messages, temperature=0, stream=True)
+        )
         deltas = [c.choices[0].delta for c in chunks if c.choices]
         assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "yes"
         assert "".join(d.content or "" for d in deltas) == "no"

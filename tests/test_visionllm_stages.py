@@ -115,7 +115,12 @@ def test_lora_on_internlm2_wraps_the_fused_projections_as_upstream(tmp_path):
     before, after = _weights(init), _weights(out)
     assert before.keys() == after.keys()
     layer = "language_model.model.layers.0."
-    for name in ("attention.wqkv", "attention.wo", "feed_forward.w3", "feed_forward.w2"):  # q k v, o, up, down
+    for name in (
+        "attention.wqkv",
+        "attention.wo",
+        "feed_forward.w3",
+        "feed_forward.w2",
+    ):  # q k v, o, up, down
         delta = after[layer + name + ".weight"] - before[layer + name + ".weight"]
         assert 0 < torch.linalg.matrix_rank(delta, rtol=1e-4) <= 2, name
     for name in ("feed_forward.w1.weight", "attention_norm.weight"):  # the gate, and the rest: frozen

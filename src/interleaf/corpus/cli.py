@@ -61,7 +61,11 @@ def register(subparsers) -> None:
         help="directory whose files may be read (replaces the config's fetch.local_roots)",
     )
     f.add_argument("--config", help="pipeline YAML (its 'fetch' section is used)")
-    f.add_argument("--from-sample", action="store_true", help="take images from the embedded sample only: offline, other URLs fail as not_in_sources")
+    f.add_argument(
+        "--from-sample",
+        action="store_true",
+        help="take images from the embedded sample only: offline, other URLs fail as not_in_sources",
+    )
     f.add_argument("--no-progress", action="store_true")
     f.set_defaults(func=_fetch)
 
