@@ -83,6 +83,10 @@ def _disk_family(cfg: LLMConfig, layout: str) -> str:
 
 
 # ----------------------------------------------------------------------------- LLM conversion
+# families whose tensors are stored under interleaf's own names (no fused projections, no renames)
+_PLAIN_FAMILIES = ("qwen2", "qwen3", "llama")
+
+
 def llm_state_to_disk(sd: dict[str, torch.Tensor], cfg: LLMConfig, family: str) -> dict[str, torch.Tensor]:
     """A decoder LLM's state dict in interleaf names -> the tensors as ``family`` stores them.
 
@@ -91,7 +95,7 @@ def llm_state_to_disk(sd: dict[str, torch.Tensor], cfg: LLMConfig, family: str) 
     (``tok_embeddings``, grouped fused ``attention.wqkv``, ``wo``, ``w1/w2/w3``, ``output``) or
     ``phi3`` (fused ``qkv_proj`` and ``gate_up_proj``). Tensors are not copied unless fused.
     """
-    if family in ("qwen2", "qwen3", "llama"):
+    if family in _PLAIN_FAMILIES:
         return dict(sd)
     out: dict[str, torch.Tensor] = {}
     fused: dict[str, dict[str, torch.Tensor]] = {}
@@ -158,7 +162,7 @@ def llm_state_from_disk(
     as ``where(name)`` (e.g. its file and full name; default ``tensor <name>``).
     """
     label = where or (lambda name: f"tensor {name}")
-    if family in ("qwen2", "qwen3", "llama"):
+    if family in _PLAIN_FAMILIES:
         return dict(sd)
     out: dict[str, torch.Tensor] = {}
     q_rows = cfg.num_attention_heads * cfg.head_dim

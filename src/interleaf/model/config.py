@@ -922,7 +922,8 @@ def _llm_to_original(c: LLMConfig) -> dict[str, Any]:
     out["rope_scaling"] = _rope_to_original(c)
     out["architectures"] = [FAMILY_TO_ARCH[c.family]]
     out["model_type"] = c.family
-    if c.head_dim != c.hidden_size // c.num_attention_heads:
+    # Qwen3's own default head_dim (128) is not hidden_size / heads: always written
+    if c.head_dim != c.hidden_size // c.num_attention_heads or c.family == "qwen3":
         out["head_dim"] = c.head_dim
     if c.family == "internlm2":
         out["bias"] = c.qkv_bias
@@ -930,7 +931,6 @@ def _llm_to_original(c: LLMConfig) -> dict[str, Any]:
         out["attention_bias"] = c.qkv_bias
         out["mlp_bias"] = c.mlp_bias
     elif c.family == "qwen3":
-        out["head_dim"] = c.head_dim  # its own default (128) is not hidden_size / heads
         out["attention_bias"] = _one_attention_bias(c, "llm_config")
     elif c.family == "phi3":
         out["original_max_position_embeddings"] = c.original_max_position_embeddings

@@ -134,8 +134,12 @@ class ThinkSplitter:
     def __init__(self) -> None:
         self.inside = False  # between <think> and </think>
         self.done = False  # past </think>: one reasoning block per reply
-        self.started = False  # a <think> was seen
         self.held = ""
+
+    @property
+    def started(self) -> bool:
+        """A ``<think>`` was seen."""
+        return self.inside or self.done
 
     @property
     def field(self) -> str:
@@ -154,7 +158,6 @@ class ThinkSplitter:
                 if i:
                     out.append((self.field, buf[:i]))
                 buf = buf[i + len(tag) :]
-                self.started = True
                 self.done, self.inside = self.inside, not self.inside
                 continue
             # hold back the longest end of buf that may be the start of the tag
