@@ -375,3 +375,19 @@ def test_rope_scaling_overrides_are_checked_as_config_files_are(tmp_path):
     )
     model, _ = load_checkpoint(path)
     assert model.config.llm.rope_type == "linear" and model.config.llm.rope_scaling["factor"] == 2.0
+
+
+@pytest.mark.parametrize("preset, layout, name", [
+    ("tiny-llama", "internvl_chat", "llm_config: Llama"), ("tiny-llama", "hf", "text_config: Llama"),
+    ("tiny-qwen3", "internvl_chat", "llm_config: Qwen3"), ("tiny-qwen3", "hf", "text_config: Qwen3"),
+])  # fmt: skip
+def test_one_attention_bias_cannot_say_different_q_and_o_biases(tmp_path, preset, layout, name):
+    """Llama's and Qwen3's attention_bias covers q/k/v and o: such a model is refused when saved (the
+    original layout used to write the q/k/v bias alone, and the checkpoint then missed o_proj.bias)."""
+    from interleaf.model import init_model, save_checkpoint
+
+    path = init_model(preset, tmp_path / "m", seed=1)
+    model, tok = load_checkpoint(path)
+    model.config.llm.qkv_bias, model.config.llm.o_bias = True, False
+    with pytest.raises(ConfigError, match=name + " needs the same bias on q/k/v and o"):
+        save_checkpoint(model, tok, tmp_path / "out", layout=layout)

@@ -928,7 +928,7 @@ def _llm_to_original(c: LLMConfig) -> dict[str, Any]:
     if c.family == "internlm2":
         out["bias"] = c.qkv_bias
     elif c.family == "llama":
-        out["attention_bias"] = c.qkv_bias
+        out["attention_bias"] = _one_attention_bias(c, "llm_config")
         out["mlp_bias"] = c.mlp_bias
     elif c.family == "qwen3":
         out["attention_bias"] = _one_attention_bias(c, "llm_config")
