@@ -26,7 +26,13 @@ import torch
 from PIL import Image
 
 from interleaf.errors import InputError
-from interleaf.generation.engine import GenerationConfig, GenerationOutput, Generator, optimize_for_cpu
+from interleaf.generation.engine import (
+    GenerationConfig,
+    GenerationOutput,
+    Generator,
+    left_pad,
+    optimize_for_cpu,
+)
 from interleaf.processing.image import background_threads, preprocess_images
 from interleaf.processing.prompt import add_placeholders, expand_image_placeholders
 from interleaf.processing.templates import ChatTemplate, get_template
@@ -104,10 +110,13 @@ class ChatModel:
         self.tokenizer = tokenizer
         self.config = model.config
         self.template: ChatTemplate = get_template(self.config.template, self.config.system_message)
-        self.device = next(model.parameters()).device
-        if cpu_optimize and self.device.type == "cpu":
-            optimize_for_cpu(model)
-        self.generator = Generator(model)
+        self.device = model.device
+        if not isinstance(model, torch.nn.Module):  # an ONNX export (OnnxModel) brings its own generator
+            self.generator = model.generator
+        else:
+            if cpu_optimize and self.device.type == "cpu":
+                optimize_for_cpu(model)
+            self.generator = Generator(model)
         # a fast tokenizer called from two threads at once can fail with "Already borrowed"
         # (transformers resets its truncation/padding state on every call); prepare_batch may run
         # in a worker thread while replies are decoded
@@ -124,12 +133,19 @@ class ChatModel:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str = "cpu", dtype: Any = None) -> ChatModel:
-        """Load a checkpoint directory (InternVL-Chat or ``-hf`` layout).
+        """Load a checkpoint directory (InternVL-Chat or ``-hf`` layout), or an ONNX export of one
+        (``interleaf export-onnx``; run by ONNX Runtime on the CPU, in its fp32).
 
         ``dtype``: None keeps the stored dtype; ``"bfloat16"`` on CPU uses oneDNN bf16 kernels.
         """
+        from interleaf.generation.onnx import OnnxModel, is_onnx_export
         from interleaf.model import load_checkpoint
 
+        if is_onnx_export(path):
+            if str(device) != "cpu" or dtype not in (None, "float32", torch.float32):
+                raise InputError(f"{path}: an ONNX export runs on the CPU in float32 (no device or dtype)")
+            onnx_model = OnnxModel(path)
+            return cls(onnx_model, onnx_model.tokenizer)
         model, tokenizer = load_checkpoint(path, device=device, dtype=dtype)
         return cls(model, tokenizer)
 
@@ -377,13 +393,7 @@ class ChatModel:
             return self.generator.stream_rows(
                 [ids for ids, _ in prepared], [px for _, px in prepared], config, _timing=_timing
             )
-        rows = [ids for ids, _ in prepared]
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, width - len(r) :] = torch.tensor(r)
-            mask[i, width - len(r) :] = 1
+        input_ids, mask = left_pad([ids for ids, _ in prepared], self.pad_token_id)
         pixels = [px for _, px in prepared if px is not None]
         pixel_values = torch.cat(pixels) if pixels else None
         return self.generator.stream(input_ids, mask, pixel_values, config, _timing=_timing)

@@ -1,4 +1,5 @@
-"""``interleaf chat``: answer one prompt about images or a video, streaming the reply to stdout.
+"""``interleaf chat``: answer one prompt about images or a video, streaming the reply to stdout;
+``interleaf export-onnx``: write a checkpoint as ONNX graphs that ``interleaf chat`` runs too.
 
 Kept cheap to import: torch and the model are imported inside the handler.
 """
@@ -15,7 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="answer a prompt about images or a video with a checkpoint",
         description="Load a checkpoint (either layout) and stream its reply to PROMPT to stdout.",
     )
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="checkpoint directory")
+    p.add_argument(
+        "model_dir", metavar="MODEL_DIR", help="checkpoint directory, or an ONNX export of one (export-onnx)"
+    )
     p.add_argument("prompt", metavar="PROMPT", help="the question (<image> placeholders optional)")
     p.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeatable)")
     p.add_argument("--video", metavar="PATH", help="a video file (uniformly sampled frames)")
@@ -36,6 +39,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--dtype", default=None, choices=("float32", "bfloat16", "float16"), help="default: as stored"
     )
     p.set_defaults(func=_chat)
+
+    e = subparsers.add_parser(
+        "export-onnx",
+        help="export a checkpoint as ONNX graphs (vision encoder, embeddings, decoder with KV cache)",
+        description="Export an InternVL or Mono-InternVL checkpoint (either layout) to ONNX, fp32: "
+        "vision_encoder.onnx, embed_tokens.onnx and decoder_model.onnx (past keys/values in, present "
+        "out), with the config and tokenizer. 'interleaf chat OUT' runs the export with ONNX Runtime.",
+    )
+    e.add_argument("model_dir", metavar="MODEL_DIR", help="checkpoint directory")
+    e.add_argument("out", metavar="OUT", help="output directory")
+    e.add_argument(
+        "--no-check", action="store_true",
+        help="skip running each graph once in ONNX Runtime against the PyTorch model",
+    )  # fmt: skip
+    e.set_defaults(func=_export_onnx)
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -67,4 +85,20 @@ def _chat(args: argparse.Namespace) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    return 0
+
+
+def _export_onnx(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from interleaf.generation.onnx import export_onnx
+
+    manifest = export_onnx(args.model_dir, args.out, check=not args.no_check)
+    out = Path(args.out)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.name.endswith((".onnx", ".onnx.data")))
+    print(
+        f"{out}: {manifest['model']} as ONNX ({', '.join(manifest['graphs'].values())}), {size / 2**20:.1f} MiB"
+    )
+    for graph, diff in manifest.get("check", {}).items():
+        print(f"  max |onnxruntime - torch| {graph}: {diff:.2e}")
     return 0

@@ -307,6 +307,73 @@ def _inference_steps(steps: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
         steps.close()
 
 
+def left_pad(rows: Sequence[Sequence[int] | torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths as one left-padded batch: ``(input_ids [B, S], attention_mask [B, S])``."""
+    rows = [torch.as_tensor(r, dtype=torch.long).reshape(-1) for r in rows]
+    width = max(r.numel() for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, width - r.numel() :] = r
+        mask[i, width - r.numel() :] = 1
+    return input_ids, mask
+
+
+def decode_steps(
+    logits: torch.Tensor,
+    step: Callable[[torch.Tensor, int], torch.Tensor],
+    cfg: GenerationConfig,
+    record: GenerationOutput | None,
+    t0: float,
+) -> Iterator[torch.Tensor]:
+    """The decode loop of every engine: pick each step's tokens from ``logits`` [B, V], yield them (CPU
+    LongTensor [B], finished rows ``pad_token_id``) and get the next logits from ``step(next_ids [B],
+    i)``, until every row stopped or ``max_new_tokens``; fills ``record`` (tokens, finish reasons,
+    timings from ``t0``) when given."""
+    device = logits.device
+    generator = None
+    if not cfg.greedy and cfg.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    b = logits.shape[0]
+    stop_ids = torch.tensor(() if cfg.ignore_eos else cfg.stop_token_ids, dtype=torch.long, device=device)
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    done_host = [False] * b
+    tokens: list[list[int]] = [[] for _ in range(b)]
+    ttft = 0.0
+    t_decode = None
+    for i in range(cfg.max_new_tokens):
+        if i < cfg.min_new_tokens and stop_ids.numel():
+            logits = logits.index_fill(-1, stop_ids, float("-inf"))
+        nxt = sample_next(logits, cfg, generator)
+        if stop_ids.numel():
+            nxt = nxt.masked_fill(finished, cfg.pad_token_id)
+            hit = torch.isin(nxt, stop_ids) & ~finished
+            finished |= hit
+        nxt_cpu = nxt.cpu()  # the one host sync per step
+        host = nxt_cpu.tolist()
+        if i == 0:
+            ttft = time.perf_counter() - t0
+            t_decode = time.perf_counter()
+        for r in range(b):
+            if done_host[r]:
+                continue
+            if not cfg.ignore_eos and host[r] in cfg.stop_token_ids:
+                done_host[r] = True
+            else:
+                tokens[r].append(host[r])
+        yield nxt_cpu
+        if all(done_host) or i == cfg.max_new_tokens - 1:
+            break
+        logits = step(nxt, i)
+    if record is not None:
+        record.tokens = tokens
+        record.finish_reasons = ["stop" if d else "length" for d in done_host]
+        record.ttft = ttft
+        n_steps = max(len(t) for t in tokens) if tokens else 0
+        record.num_decode_steps = max(0, n_steps - 1)
+        record.decode_time = (time.perf_counter() - t_decode) if t_decode is not None else 0.0
+
+
 class Generator:
     """Generation on an ``InternVLChatModel`` (or any model with the same forward and ``make_cache``).
 
@@ -377,7 +444,7 @@ class Generator:
             config: a :class:`GenerationConfig`; keyword arguments override its fields.
             callback: called with each step's tokens [B] (finished rows get ``pad_token_id``).
         """
-        config = _merge(config, kwargs)
+        config = merge_config(config, kwargs)
         out = GenerationOutput(tokens=[[] for _ in range(input_ids.shape[0])], finish_reasons=[])
         steps = self.stream(input_ids, attention_mask, pixel_values, config, _timing=out)
         for step_tokens in steps:
@@ -398,7 +465,7 @@ class Generator:
 
         Finished rows yield ``pad_token_id``; the iteration ends when every row has stopped.
         """
-        config = _merge(config, kwargs)
+        config = merge_config(config, kwargs)
         return _inference_steps(self._run(input_ids, attention_mask, pixel_values, config, _timing))
 
     # -------------------------------------------------------------- the loop
@@ -471,7 +538,7 @@ class Generator:
 
         else:
             step = self._eager_step(cache, step_mask, n_valid, s)
-        yield from self._decode(logits, step, cfg, record, t0)
+        yield from decode_steps(logits, step, cfg, record, t0)
 
     def _eager_step(
         self, cache: KVCache, mask: torch.Tensor | None, positions: torch.Tensor, first_slot: int
@@ -490,51 +557,6 @@ class Generator:
             ).logits[:, -1]
 
         return step
-
-    def _decode(self, logits, step, cfg: GenerationConfig, record, t0):
-        """Pick tokens from ``logits`` [B, V]; ``step(next_ids [B], i)`` -> the next step's logits."""
-        device = self.device
-        generator = None
-        if not cfg.greedy and cfg.seed is not None:
-            generator = torch.Generator(device=device).manual_seed(cfg.seed)
-        b = logits.shape[0]
-        stop_ids = torch.tensor(() if cfg.ignore_eos else cfg.stop_token_ids, dtype=torch.long, device=device)
-        finished = torch.zeros(b, dtype=torch.bool, device=device)
-        done_host = [False] * b
-        tokens: list[list[int]] = [[] for _ in range(b)]
-        ttft = 0.0
-        t_decode = None
-        for i in range(cfg.max_new_tokens):
-            if i < cfg.min_new_tokens and stop_ids.numel():
-                logits = logits.index_fill(-1, stop_ids, float("-inf"))
-            nxt = sample_next(logits, cfg, generator)
-            if stop_ids.numel():
-                nxt = nxt.masked_fill(finished, cfg.pad_token_id)
-                hit = torch.isin(nxt, stop_ids) & ~finished
-                finished |= hit
-            nxt_cpu = nxt.cpu()  # the one host sync per step
-            host = nxt_cpu.tolist()
-            if i == 0:
-                ttft = time.perf_counter() - t0
-                t_decode = time.perf_counter()
-            for r in range(b):
-                if done_host[r]:
-                    continue
-                if not cfg.ignore_eos and host[r] in cfg.stop_token_ids:
-                    done_host[r] = True
-                else:
-                    tokens[r].append(host[r])
-            yield nxt_cpu
-            if all(done_host) or i == cfg.max_new_tokens - 1:
-                break
-            logits = step(nxt, i)
-        if record is not None:
-            record.tokens = tokens
-            record.finish_reasons = ["stop" if d else "length" for d in done_host]
-            record.ttft = ttft
-            n_steps = max(len(t) for t in tokens) if tokens else 0
-            record.num_decode_steps = max(0, n_steps - 1)
-            record.decode_time = (time.perf_counter() - t_decode) if t_decode is not None else 0.0
 
     # -------------------------------------------------------------- ragged batches
     def generate_rows(
@@ -557,7 +579,7 @@ class Generator:
             pixel_values: per row [N_tiles_r, 3, H, W] or None (default: no images).
             config: a :class:`GenerationConfig`; keyword arguments override its fields.
         """
-        config = _merge(config, kwargs)
+        config = merge_config(config, kwargs)
         out = GenerationOutput(tokens=[[] for _ in rows], finish_reasons=[])
         for _ in self.stream_rows(rows, pixel_values, config, _timing=out):
             pass
@@ -573,7 +595,7 @@ class Generator:
     ) -> Iterator[torch.Tensor]:
         """Like :meth:`generate_rows`, but yield each step's tokens (CPU LongTensor [B]) as produced
         (finished rows yield ``pad_token_id``), as :meth:`stream` does for a padded batch."""
-        config = _merge(config, kwargs)
+        config = merge_config(config, kwargs)
         return _inference_steps(self._run_rows(rows, pixel_values, config, _timing))
 
     def row_batch(
@@ -583,7 +605,7 @@ class Generator:
         decode step writes slot ``start`` (at least the longest prompt to admit first), the last
         ``slots - 1``. Sampling follows ``config``; stopping is the caller's (``config``'s stop tokens,
         ``min_new_tokens`` and ``ignore_eos`` are not applied)."""
-        return RowBatch(self, rows, start, slots, _merge(config, kwargs))
+        return RowBatch(self, rows, start, slots, merge_config(config, kwargs))
 
     def _run_rows(self, rows, pixel_values, cfg: GenerationConfig, record):
         model, device = self.model, self.device
@@ -639,7 +661,7 @@ class Generator:
         positions = torch.tensor(lens, device=device)[:, None]  # [B, 1]
 
         step = self._eager_step(cache, step_mask, positions, width)
-        yield from self._decode(logits, step, cfg, record, t0)
+        yield from decode_steps(logits, step, cfg, record, t0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -828,7 +850,9 @@ def _row_view(cache, row: int):
     return view
 
 
-def _merge(config: GenerationConfig | None, kwargs: dict) -> GenerationConfig:
+def merge_config(config: GenerationConfig | None, kwargs: dict) -> GenerationConfig:
+    """``config`` (default: a fresh :class:`GenerationConfig`) with the fields in ``kwargs`` replaced;
+    unknown options are an error naming them."""
     unknown = set(kwargs) - GENERATION_KEYS
     if unknown:
         raise InputError(f"unknown generation option(s): {', '.join(sorted(unknown))}")

@@ -427,6 +427,26 @@ def load_config(path: str | Path) -> InternVLConfig:
     return InternVLConfig.from_file(path / "config.json")
 
 
+def load_model_tokenizer(path: str | Path, cfg: InternVLConfig) -> Any:
+    """The tokenizer of the checkpoint directory ``path`` whose config is ``cfg``; sets the config's image
+    token ids (``<IMG_CONTEXT>``, ``<img>``, ``</img>``) from its vocabulary."""
+    from interleaf.model.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, load_tokenizer
+
+    path = Path(path)
+    tokenizer = load_tokenizer(path, cfg.template)
+    if len(tokenizer) > cfg.llm.vocab_size:  # not fatal: only prompts using the extra ids fail
+        log.warning(
+            "%s: the tokenizer has %d tokens, the model's vocab_size is %d; prompts with ids past it are refused",
+            path.name, len(tokenizer), cfg.llm.vocab_size,
+        )  # fmt: skip
+    vocab = tokenizer.get_vocab()
+    if cfg.layout == "internvl_chat" or cfg.img_context_token_id is None:
+        cfg.img_context_token_id = vocab.get(IMG_CONTEXT)
+    cfg.img_start_token_id = vocab.get(IMG_START)
+    cfg.img_end_token_id = vocab.get(IMG_END)
+    return tokenizer
+
+
 def load_checkpoint(
     path: str | Path,
     device: str | torch.device | None = "cpu",
@@ -442,8 +462,6 @@ def load_checkpoint(
     ``merge_lora_on_save: false``) is merged into them (:func:`merge_adapter`); ``adapter=False``
     loads the base weights alone.
     """
-    from interleaf.model.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, load_tokenizer
-
     path = Path(path)
     device = parse_device(device)  # before the (slow) weights are read
     cfg = load_config(path)
@@ -458,17 +476,7 @@ def load_checkpoint(
 
                 return load_checkpoint(path, device, dtype, model_cls=MonoInternVLChatModel, adapter=False)
             return load_mono_checkpoint(path, device=device, dtype=dtype)
-    tokenizer = load_tokenizer(path, cfg.template)
-    if len(tokenizer) > cfg.llm.vocab_size:  # not fatal: only prompts using the extra ids fail
-        log.warning(
-            "%s: the tokenizer has %d tokens, the model's vocab_size is %d; prompts with ids past it are refused",
-            path.name, len(tokenizer), cfg.llm.vocab_size,
-        )  # fmt: skip
-    vocab = tokenizer.get_vocab()
-    if cfg.layout == "internvl_chat" or cfg.img_context_token_id is None:
-        cfg.img_context_token_id = vocab.get(IMG_CONTEXT)
-    cfg.img_start_token_id = vocab.get(IMG_START)
-    cfg.img_end_token_id = vocab.get(IMG_END)
+    tokenizer = load_model_tokenizer(path, cfg)
 
     disk, origin = read_weights(path)
     sd = from_disk(disk, cfg, cfg.layout, lambda name: tensor_label(path, origin, name))
@@ -800,16 +808,19 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
     return counts
 
 
-def describe(path: str | Path) -> str:
-    """Human-readable summary of a checkpoint directory (config only; weights are not loaded)."""
+def describe(path: str | Path, weights: str | None = None) -> str:
+    """Human-readable summary of a checkpoint directory (config only; weights are not loaded).
+    ``weights``: the weights line for a folder that stores them otherwise (an ONNX export)."""
     path = Path(path)
     cfg = load_config(path)
-    files = weight_files(path)  # a checkpoint without weights is an error here too
-    size_gb = sum(f.stat().st_size for f in files) / 1e9
-    try:
-        dtype = json.loads((path / "config.json").read_text()).get("torch_dtype", "?")
-    except (OSError, json.JSONDecodeError):
-        dtype = "?"
+    if weights is None:
+        files = weight_files(path)  # a checkpoint without weights is an error here too
+        size_gb = sum(f.stat().st_size for f in files) / 1e9
+        try:
+            dtype = json.loads((path / "config.json").read_text()).get("torch_dtype", "?")
+        except (OSError, json.JSONDecodeError):
+            dtype = "?"
+        weights = f"{len(files)} file(s), {size_gb:.3f} GB, {dtype}"
     v, llm = cfg.vision, cfg.llm
     model_cls, name, vit = (
         InternVLChatModel,
@@ -837,7 +848,7 @@ def describe(path: str | Path) -> str:
         f"{llm.num_key_value_heads} kv of {llm.head_dim}{', q/k norm' if llm.qk_norm else ''}, "
         f"rope {rope}, vocab {llm.vocab_size}"
         f"{', tied embeddings' if llm.tie_word_embeddings else ''})",
-        f"weights:      {len(files)} file(s), {size_gb:.3f} GB, {dtype}",
+        f"weights:      {weights}",
         f"template:     {cfg.template}",
         f"image:        {cfg.image_size}px tiles, {cfg.num_image_token} tokens per tile, "
         f"max {cfg.max_dynamic_patch} tiles{' + thumbnail' if cfg.use_thumbnail else ''}",

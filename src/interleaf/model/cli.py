@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_init_model)
 
     p = subparsers.add_parser("info", help="show a checkpoint's architecture and parameter counts")
-    p.add_argument("model_dir", help="checkpoint directory (either layout)")
+    p.add_argument("model_dir", help="checkpoint directory (either layout), or an ONNX export of one")
     p.set_defaults(func=_info)
 
 
@@ -41,7 +41,9 @@ def _init_model(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
+    from interleaf.generation.onnx import export_summary, is_onnx_export
     from interleaf.model.checkpoint import describe
 
-    print(describe(args.model_dir))
+    weights = export_summary(args.model_dir) if is_onnx_export(args.model_dir) else None
+    print(describe(args.model_dir, weights))
     return 0

@@ -311,6 +311,18 @@ def varlen_attention(
     return segment_loop_attention(q, k, v, cu_seqlens)
 
 
+def causal_mask(kv_len: int, cache_position: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
+    """Bool attention mask [B or 1, 1, S, kv_len] (True = attend) of queries at key slots ``cache_position``
+    [S]: causal over the slots, and with ``pad_mask`` (bool [B, kv_len], False = padding) padding keys
+    hidden - except a query's own slot, so that a padded query still sees one key (no NaN)."""
+    slots = torch.arange(kv_len, device=cache_position.device)
+    causal = slots[None, :] <= cache_position[:, None]  # [S, S_kv]
+    if pad_mask is None:
+        return causal[None, None]
+    own = slots[None, :] == cache_position[:, None]
+    return (causal & pad_mask[:, None, None, :]) | own
+
+
 # ----------------------------------------------------------------------------- layers
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE; writes to / reads from a static :class:`KVCache`."""
@@ -540,13 +552,7 @@ class DecoderLM(nn.Module):
             elif pad_mask is None and plain_decode:
                 pass
             else:
-                slots = torch.arange(kv_len, device=device)
-                causal = slots[None, :] <= cache_position[:, None]  # [S, S_kv]
-                attn_mask = causal[None, None]
-                if pad_mask is not None:
-                    # a padded query would see no key at all (NaN); let it see itself
-                    own = slots[None, :] == cache_position[:, None]
-                    attn_mask = (causal & pad_mask[:, None, None, :]) | own
+                attn_mask = causal_mask(kv_len, cache_position, pad_mask)
 
         return self._run_layers(
             x, position_ids, attn_mask, is_causal, kv_cache, cache_position, kv_len, visual_mask,

@@ -151,9 +151,8 @@ class ModalityRoute:
 
     def split(self, flat: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """[B * S, D] -> (text rows [num_text, D] or None, image rows [num_visual, D])."""
-        if self.segments is None:
-            text = flat.index_select(0, self.text_idx) if self.num_text else None
-            return text, flat.index_select(0, self.visual_idx)
+        if self.segments is None:  # no branch on the counts, so an exported graph takes this form
+            return flat.index_select(0, self.text_idx), flat.index_select(0, self.visual_idx)
         sizes, text_at, visual_at, _ = self._plan
         parts = flat.split(sizes) if len(sizes) > 1 else (flat,)  # views, one op
         return _join([parts[i] for i in text_at]), _join([parts[i] for i in visual_at])
@@ -162,9 +161,7 @@ class ModalityRoute:
         """Inverse of :meth:`split` for the experts' outputs: -> [B * S, D_out]."""
         if self.segments is None:
             out = visual.new_empty(self.num_text + self.num_visual, visual.shape[-1])
-            if text is not None:
-                out.index_copy_(0, self.text_idx, text)
-            return out.index_copy_(0, self.visual_idx, visual)
+            return out.index_copy_(0, self.text_idx, text).index_copy_(0, self.visual_idx, visual)
         sizes, text_at, visual_at, order = self._plan
         if len(sizes) == 1:  # image tokens only
             return visual
@@ -200,18 +197,31 @@ def _join(rows: list[torch.Tensor]) -> torch.Tensor | None:
 _NO_ROUTE = object()
 
 
-def modality_route(visual_mask: torch.Tensor, max_runs: int | None = None) -> ModalityRoute | None:
+def modality_route(
+    visual_mask: torch.Tensor, max_runs: int | None = None, in_graph: bool = False
+) -> ModalityRoute | None:
     """The :class:`ModalityRoute` of a bool mask [B, S]; None without image tokens. Segments when
     the image tokens form at most ``max_runs`` (default :data:`MAX_SEGMENT_RUNS`) runs, else indices.
 
     One host sync per forward (the run boundaries), then cached on the mask tensor itself: the same
     mask object reaches every layer, so the other layers reuse the route. (So do not edit a mask in
     place between forwards; :class:`MonoInternVLChatModel` always passes a fresh one.)
+
+    ``in_graph``: the index form computed by tensor ops alone (no host sync, never None), for a graph
+    exported with the mask as an input (ONNX); its experts also see empty row sets.
     """
     cached = getattr(visual_mask, "_interleaf_route", _NO_ROUTE)
     if cached is not _NO_ROUTE:
         return cached
     flat = visual_mask.reshape(-1)
+    if in_graph:
+        visual_idx, text_idx = flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1)
+        num_visual = visual_idx.shape[0]
+        route = ModalityRoute(
+            flat.shape[0] - num_visual, num_visual, text_idx=text_idx, visual_idx=visual_idx
+        )
+        visual_mask._interleaf_route = route
+        return route
     host = flat.to("cpu", torch.int8)  # the one host sync (the mask is tiny)
     n = host.numel()
     # with a text sentinel at both ends, the changes of the mask are [start0, end0, start1, end1, ...]

@@ -73,9 +73,12 @@ def _serve(args: argparse.Namespace) -> int:
         raise InputError(f"--allowed-local-media-path: {media} is not a directory")
 
     from interleaf.generation.chat import ChatModel
+    from interleaf.generation.onnx import is_onnx_export
     from interleaf.serve.protocol import ServerOptions
     from interleaf.serve.server import make_server
 
+    if is_onnx_export(args.model_dir):  # the server batches requests on the PyTorch engine's shared cache
+        raise InputError(f"{args.model_dir}: an ONNX export; serve the checkpoint it was exported from")
     chat = ChatModel.from_pretrained(args.model_dir, device=args.device, dtype=args.dtype)
     options = ServerOptions(
         model_name=args.served_model_name or Path(args.model_dir).resolve().name,
