@@ -249,3 +249,39 @@ def test_eval_run_on_an_export_answers_as_the_checkpoint(
             [json.loads(line)["response"] for line in (out / "predictions.jsonl").read_text().splitlines()]
         )
     assert answers[0] == answers[1]
+
+
+@pytest.mark.parametrize(("quantize", "accuracy_level"), [("int4", 0), ("int8", 4)])
+def test_quantized_decoder_computes_with_its_dequantized_weights(
+    quantize: str, accuracy_level: int, tiny_ckpt: Path, tiny_onnx: Path, tmp_path: Path
+) -> None:
+    """ONNX Runtime's MatMulNBits on the quantized decoder equals the PyTorch model on the weights
+    dequantize_nbits reads back (exactly with fp32 compute, level 0; within int8 rounding at level 4)."""
+    from interleaf.generation.onnx import dequantized_weights
+    from interleaf.model import load_checkpoint
+
+    out = tmp_path / quantize
+    manifest = export_onnx(tiny_ckpt, out, quantize=quantize, accuracy_level=accuracy_level)
+    bits = {"int4": 4, "int8": 8}[quantize]
+    assert manifest["quantization"] == {
+        "graphs": ["decoder"], "op": "MatMulNBits", "bits": bits, "block_size": 32, "symmetric": True,
+        "accuracy_level": accuracy_level,
+    }  # fmt: skip
+    check = manifest["check"]
+    assert check["vision"] < 1e-5 and check["embed"] == 0
+    assert check["decoder_logits"] < (1e-5 if accuracy_level == 0 else 0.05)
+
+    model, _ = load_checkpoint(tiny_ckpt)
+    lm = model.language_model
+    weights = dequantized_weights(out / "decoder_model.onnx", lm)
+    linears = {n for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(weights) == linears  # every linear layer, lm_head included
+    for name, w in weights.items():
+        original = lm.get_submodule(name).weight.detach()
+        step = original.abs().amax() / (2 ** (bits - 1) - 1)
+        assert 0 < (w - original).abs().max() <= step
+    fp32 = sum(f.stat().st_size for f in tiny_onnx.glob("decoder_model.onnx*"))
+    packed = sum(f.stat().st_size for f in out.glob("decoder_model.onnx*"))
+    assert packed < fp32 * (0.45 if bits == 4 else 0.6)
+    reply = ChatModel.from_pretrained(out).chat("hello", max_new_tokens=8)
+    assert isinstance(reply, str)

@@ -53,6 +53,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--no-check", action="store_true",
         help="skip running each graph once in ONNX Runtime against the PyTorch model",
     )  # fmt: skip
+    e.add_argument(
+        "--quantize", choices=("int4", "int8"), default=None,
+        help="the decoder's linear layers as weight-only int4/int8 (ONNX Runtime's MatMulNBits, symmetric, "
+        "blocks of 32); default: fp32",
+    )  # fmt: skip
+    e.add_argument(
+        "--accuracy-level", type=int, choices=range(5), default=4, metavar="0-4",
+        help="ONNX Runtime's compute type for quantized layers: 4 int8 (default, fast on CPU), 0 fp32",
+    )  # fmt: skip
     e.set_defaults(func=_export_onnx)
 
 
@@ -93,12 +102,16 @@ def _export_onnx(args: argparse.Namespace) -> int:
 
     from interleaf.generation.onnx import export_onnx
 
-    manifest = export_onnx(args.model_dir, args.out, check=not args.no_check)
+    manifest = export_onnx(
+        args.model_dir, args.out, check=not args.no_check, quantize=args.quantize,
+        accuracy_level=args.accuracy_level,
+    )  # fmt: skip
     out = Path(args.out)
     size = sum(f.stat().st_size for f in out.iterdir() if f.name.endswith((".onnx", ".onnx.data")))
-    print(
-        f"{out}: {manifest['model']} as ONNX ({', '.join(manifest['graphs'].values())}), {size / 2**20:.1f} MiB"
-    )
+    quant = manifest.get("quantization")
+    how = f", decoder int{quant['bits']} weight-only" if quant else ""
+    graphs = ", ".join(manifest["graphs"].values())
+    print(f"{out}: {manifest['model']} as ONNX ({graphs}{how}), {size / 2**20:.1f} MiB")
     for graph, diff in manifest.get("check", {}).items():
         print(f"  max |onnxruntime - torch| {graph}: {diff:.2e}")
     return 0

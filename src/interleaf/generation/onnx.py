@@ -25,6 +25,7 @@ tiling, sampling and stop rules as the PyTorch engine (:func:`~interleaf.generat
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import json
 import logging
@@ -51,6 +52,8 @@ MANIFEST = "interleaf_onnx.json"
 FORMAT = "interleaf-onnx"
 VERSION = 1
 GRAPHS = {"vision": "vision_encoder.onnx", "embed": "embed_tokens.onnx", "decoder": "decoder_model.onnx"}
+QUANTIZATIONS = {"int4": 4, "int8": 8}  # weight-only, the decoder's linear layers
+QUANT_BLOCK = 32  # input channels per scale
 
 
 def is_onnx_export(path: str | Path) -> bool:
@@ -65,7 +68,9 @@ def export_summary(path: str | Path) -> str:
     files = [f for f in path.iterdir() if f.name.endswith((".onnx", ".onnx.data"))]
     size_gb = sum(f.stat().st_size for f in files) / 1e9
     graphs = ", ".join(manifest["graphs"].values())
-    return f"ONNX export ({graphs}), {size_gb:.3f} GB, {manifest.get('dtype', '?')}"
+    quant = manifest.get("quantization")
+    how = f", decoder int{quant['bits']} weight-only" if quant else ""
+    return f"ONNX export ({graphs}{how}), {size_gb:.3f} GB, {manifest.get('dtype', '?')}"
 
 
 def _require(*modules: str) -> None:
@@ -149,18 +154,24 @@ class _Decoder(nn.Module):
 # export
 
 
+QUIET_LOGGERS = ("torch.onnx", "onnx_ir", "onnxscript", "onnxruntime.quantization")
+
+
 @contextlib.contextmanager
 def _quiet_exporter():
-    """The exporter reports progress on stdout and warns about optional operator sets (torchvision)."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """The exporter and the quantizer report progress on stdout and at INFO (every node, every pass), and
+    warn about optional operator sets (torchvision): only errors get through."""
+    loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(None):
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _export(module: nn.Module, args: tuple, names: list[str], outputs: list[str], shapes: dict, path: Path):
@@ -178,11 +189,28 @@ def _past_names(num_layers: int, prefix: str) -> list[str]:
     return [f"{prefix}.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
 
 
-def export_onnx(model_dir: str | Path, out_dir: str | Path, check: bool = True) -> dict[str, Any]:
+def export_onnx(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    check: bool = True,
+    quantize: str | None = None,
+    accuracy_level: int = 4,
+) -> dict[str, Any]:
     """Export the checkpoint ``model_dir`` (either layout, InternVL or Mono-InternVL) to ``out_dir`` as
     described in the module docstring; returns the manifest. ``check`` runs each graph once with ONNX
-    Runtime against the PyTorch model and records the largest differences in the manifest."""
-    _require("onnx", "onnxscript")
+    Runtime against the PyTorch model and records the largest differences in the manifest.
+
+    ``quantize`` (``"int4"`` or ``"int8"``): the decoder's linear layers (lm_head included) as ONNX
+    Runtime's ``MatMulNBits``, weights rounded to the nearest level of a symmetric scale per block of
+    32 input channels; activations stay fp32. ``accuracy_level``: ONNX Runtime's compute type for them
+    (4: int8 products, the fast one on CPU; 0: fp32 on the dequantized weights, exact but slower). The
+    check then compares the decoder with the PyTorch model on the dequantized weights.
+    """
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise InputError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise InputError(f"accuracy_level must be 0..4 (ONNX Runtime's), got {accuracy_level!r}")
+    _require("onnx", "onnxscript", *(["onnxruntime"] if quantize else []))
     from torch.export import Dim
 
     from interleaf.model.checkpoint import load_checkpoint
@@ -218,11 +246,14 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, check: bool = True) 
         "inputs_embeds": per_token,
         "attention_mask": {0: batch, 1: total},
         "position_ids": per_token,
-        "rest": (per_token,) * mono + ({0: batch, 2: past_len},) * (2 * n),  # (visual_mask,) + past
+        "rest": ((per_token,) if mono else ())
+        + ({0: batch, 2: past_len},) * (2 * n),  # (visual_mask,) + past
     }
     _export(_Decoder(model, mono), example, names + _past_names(n, "past_key_values"),
             ["logits", *_past_names(n, "present")], shapes, out / GRAPHS["decoder"])  # fmt: skip
 
+    if quantize:
+        _quantize_graph(out / GRAPHS["decoder"], QUANTIZATIONS[quantize], accuracy_level)
     (out / "config.json").write_text(json.dumps(cfg.to_original_dict(), indent=2, ensure_ascii=False) + "\n")
     tokenizer.save_pretrained(str(out))
     manifest: dict[str, Any] = {
@@ -238,10 +269,93 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, check: bool = True) 
         "source": str(model_dir),
         "torch": torch.__version__,
     }
+    if quantize:
+        manifest["quantization"] = {
+            "graphs": ["decoder"],
+            "op": "MatMulNBits",
+            "bits": QUANTIZATIONS[quantize],
+            "block_size": QUANT_BLOCK,
+            "symmetric": True,
+            "accuracy_level": accuracy_level,
+        }
     if check:
         manifest["check"] = _check(model, mono, out, manifest)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _quantize_graph(path: Path, bits: int, accuracy_level: int) -> None:
+    """Rewrite the graph at ``path`` with its MatMul weights as ``MatMulNBits`` (weight-only, symmetric,
+    round to nearest, one scale per ``QUANT_BLOCK`` input channels)."""
+    import onnx
+    from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+    config = nbits.DefaultWeightOnlyQuantConfig(
+        block_size=QUANT_BLOCK, is_symmetric=True, accuracy_level=accuracy_level, bits=bits
+    )
+    with _quiet_exporter():
+        quantizer = nbits.MatMulNBitsQuantizer(onnx.load(str(path)), algo_config=config)
+        quantizer.process()
+        for stale in (path, path.with_name(path.name + ".data")):
+            stale.unlink(missing_ok=True)
+        onnx.save_model(
+            quantizer.model.model, str(path), save_as_external_data=True,
+            all_tensors_to_one_file=True, location=path.name + ".data",
+        )  # fmt: skip
+
+
+def dequantize_nbits(
+    packed: np.ndarray, scales: np.ndarray, k: int, n: int, bits: int, block: int
+) -> np.ndarray:
+    """The weight [N, K] of a symmetric ``MatMulNBits`` (no zero points: the level ``2^(bits-1)`` is 0):
+    ``packed`` uint8 [N, blocks, block * bits / 8] (4 bits: low nibble first), ``scales`` [N * blocks]."""
+    blocks = -(-k // block)
+    packed = packed.reshape(n, blocks, block * bits // 8)
+    if bits == 4:
+        levels = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, blocks, block)
+    else:
+        levels = packed.reshape(n, blocks, block)
+    weight = (levels.astype(np.float32) - 2 ** (bits - 1)) * scales.reshape(n, blocks, 1)
+    return weight.reshape(n, blocks * block)[:, :k]
+
+
+def dequantized_weights(path: Path, lm: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights a quantized graph computes with, by the name of the ``lm`` linear layer each replaces
+    (the one of that shape it is closest to: within a quantization step of it)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    inits = {t.name: t for t in graph.initializer}
+    linears = {name: m.weight.detach() for name, m in lm.named_modules() if isinstance(m, nn.Linear)}
+    out: dict[str, torch.Tensor] = {}
+    for node in graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if len(node.input) > 3 and node.input[3]:
+            raise CheckpointError(f"{path}: {node.name} has zero points (not a symmetric quantization)")
+        scales = numpy_helper.to_array(inits[node.input[2]])
+        weight = torch.from_numpy(
+            dequantize_nbits(
+                numpy_helper.to_array(inits[node.input[1]]),
+                scales,
+                attrs["K"],
+                attrs["N"],
+                attrs["bits"],
+                attrs["block_size"],
+            )  # fmt: skip
+        )
+        errors = {
+            name: float((w.float() - weight).abs().max())
+            for name, w in linears.items()
+            if w.shape == weight.shape and name not in out
+        }
+        best = min(errors, key=errors.get, default=None)
+        if best is None or errors[best] > float(scales.max()):
+            raise CheckpointError(f"{path}: {node.name} matches no linear layer of the model")
+        out[best] = weight
+    return out
 
 
 def _decoder_example(model, mono: bool, batch: int, seq: int, past: int, gen: torch.Generator) -> tuple:
@@ -268,10 +382,16 @@ def _check(model, mono: bool, out: Path, manifest: dict) -> dict[str, float]:
     pixels = torch.randn(3, 3, size, size, generator=gen)
     ids = torch.randint(0, model.config.llm.vocab_size, (1, 5), generator=gen)
     example = _decoder_example(model, mono, batch=3, seq=4, past=5, gen=gen)
+    reference = model
+    if "quantization" in manifest:  # the decoder computes with the dequantized weights
+        reference = copy.deepcopy(model)
+        modules = dict(reference.language_model.named_modules())
+        for name, weight in dequantized_weights(out / GRAPHS["decoder"], model.language_model).items():
+            modules[name].weight = nn.Parameter(weight)  # its own tensor, even where lm_head was tied
     with torch.no_grad():
         want_vision = model.extract_feature(pixels)
         want_embed = model.language_model.model.embed_tokens(ids)
-        want_decoder = _Decoder(model, mono)(*example)
+        want_decoder = _Decoder(reference, mono)(*example)
     got_vision = onnx_model.image_features(pixels.numpy())
     got_embed = onnx_model.run("embed", {"input_ids": ids.numpy()})[0]
     nvis = 1 if mono else 0
