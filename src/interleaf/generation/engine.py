@@ -374,7 +374,60 @@ def decode_steps(
         record.decode_time = (time.perf_counter() - t_decode) if t_decode is not None else 0.0
 
 
-class Generator:
+class StepGenerator:
+    """What every engine offers on top of its loop: :meth:`generate` collects what :meth:`stream` yields.
+    A subclass implements ``_run(input_ids, attention_mask, pixel_values, config, record)``, an iterator
+    of each step's tokens that fills ``record`` (a :class:`GenerationOutput`) when given."""
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        config: GenerationConfig | None = None,
+        callback: Callable[[torch.Tensor], None] | None = None,
+        **kwargs,
+    ) -> GenerationOutput:
+        """Generate for a (left-padded) batch and return the new tokens of each row.
+
+        Args:
+            input_ids: [B, S] prompt ids (left padding).
+            attention_mask: [B, S] 1 = token, 0 = padding (default: all ones).
+            pixel_values: [N_tiles, 3, H, W] for the ``<IMG_CONTEXT>`` positions, or None.
+            config: a :class:`GenerationConfig`; keyword arguments override its fields.
+            callback: called with each step's tokens [B] (finished rows get ``pad_token_id``).
+        """
+        config = merge_config(config, kwargs)
+        out = GenerationOutput(tokens=[[] for _ in range(input_ids.shape[0])], finish_reasons=[])
+        steps = self.stream(input_ids, attention_mask, pixel_values, config, _timing=out)
+        for step_tokens in steps:
+            if callback is not None:
+                callback(step_tokens)
+        return out
+
+    def stream(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        config: GenerationConfig | None = None,
+        _timing: GenerationOutput | None = None,
+        **kwargs,
+    ) -> Iterator[torch.Tensor]:
+        """Like :meth:`generate`, but yield each step's tokens (CPU LongTensor [B]) as produced.
+
+        Finished rows yield ``pad_token_id``; the iteration ends when every row has stopped.
+        """
+        config = merge_config(config, kwargs)
+        return _inference_steps(self._run(input_ids, attention_mask, pixel_values, config, _timing))
+
+    def _run(
+        self, input_ids, attention_mask, pixel_values, cfg: GenerationConfig, record
+    ) -> Iterator[torch.Tensor]:
+        raise NotImplementedError
+
+
+class Generator(StepGenerator):
     """Generation on an ``InternVLChatModel`` (or any model with the same forward and ``make_cache``).
 
     Args:
@@ -424,49 +477,6 @@ class Generator:
                 self._caches[key] = cache
         cache.reset()
         return cache, shared
-
-    # -------------------------------------------------------------- public API
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        config: GenerationConfig | None = None,
-        callback: Callable[[torch.Tensor], None] | None = None,
-        **kwargs,
-    ) -> GenerationOutput:
-        """Generate for a (left-padded) batch and return the new tokens of each row.
-
-        Args:
-            input_ids: [B, S] prompt ids (left padding).
-            attention_mask: [B, S] 1 = token, 0 = padding (default: all ones).
-            pixel_values: [N_tiles, 3, H, W] for the ``<IMG_CONTEXT>`` positions, or None.
-            config: a :class:`GenerationConfig`; keyword arguments override its fields.
-            callback: called with each step's tokens [B] (finished rows get ``pad_token_id``).
-        """
-        config = merge_config(config, kwargs)
-        out = GenerationOutput(tokens=[[] for _ in range(input_ids.shape[0])], finish_reasons=[])
-        steps = self.stream(input_ids, attention_mask, pixel_values, config, _timing=out)
-        for step_tokens in steps:
-            if callback is not None:
-                callback(step_tokens)
-        return out
-
-    def stream(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        config: GenerationConfig | None = None,
-        _timing: GenerationOutput | None = None,
-        **kwargs,
-    ) -> Iterator[torch.Tensor]:
-        """Like :meth:`generate`, but yield each step's tokens (CPU LongTensor [B]) as produced.
-
-        Finished rows yield ``pad_token_id``; the iteration ends when every row has stopped.
-        """
-        config = merge_config(config, kwargs)
-        return _inference_steps(self._run(input_ids, attention_mask, pixel_values, config, _timing))
 
     # -------------------------------------------------------------- the loop
     def _run(self, input_ids, attention_mask, pixel_values, cfg: GenerationConfig, record):

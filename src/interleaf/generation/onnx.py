@@ -43,6 +43,7 @@ from interleaf.errors import CheckpointError, InputError
 from interleaf.generation.engine import (
     GenerationConfig,
     GenerationOutput,
+    StepGenerator,
     decode_steps,
     left_pad,
     merge_config,
@@ -531,7 +532,7 @@ class OnnxModel:
         return logits, present
 
 
-class OnnxGenerator:
+class OnnxGenerator(StepGenerator):
     """:class:`~interleaf.generation.engine.Generator`'s ``generate`` / ``stream`` / ``stream_rows`` on an
     :class:`OnnxModel`: one prefill over the left-padded batch, then one decoder call per step, tokens
     picked by the engine's own :func:`~interleaf.generation.engine.decode_steps`."""
@@ -539,37 +540,6 @@ class OnnxGenerator:
     def __init__(self, model: OnnxModel) -> None:
         self.model = model
         self.device = model.device
-
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        config: GenerationConfig | None = None,
-        callback=None,
-        **kwargs,
-    ) -> GenerationOutput:
-        out = GenerationOutput(tokens=[[] for _ in range(input_ids.shape[0])], finish_reasons=[])
-        for step_tokens in self.stream(
-            input_ids, attention_mask, pixel_values, config, _timing=out, **kwargs
-        ):
-            if callback is not None:
-                callback(step_tokens)
-        return out
-
-    def stream(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        config: GenerationConfig | None = None,
-        _timing: GenerationOutput | None = None,
-        **kwargs,
-    ) -> Iterator[torch.Tensor]:
-        config = merge_config(config, kwargs)
-        if input_ids.dim() != 2:
-            raise InputError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-        return self._run(input_ids, attention_mask, pixel_values, config, _timing)
 
     def stream_rows(
         self,
@@ -589,6 +559,8 @@ class OnnxGenerator:
 
     def _run(self, input_ids, attention_mask, pixel_values, cfg: GenerationConfig, record):
         model = self.model
+        if input_ids.dim() != 2:
+            raise InputError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         b = input_ids.shape[0]
         if cfg.max_new_tokens == 0:
             if record is not None:
