@@ -437,6 +437,27 @@ def test_packed_linear_follows_weight_changes():
     assert lin.weight.grad is not None
 
 
+def test_large_fp32_linears_are_prepacked_small_ones_left_alone():
+    """fp32 layers from PACK_MIN_NUMEL elements run on a oneDNN-prepacked copy (same results to float
+    rounding, weight changes followed); smaller fp32 layers keep the plain kernel (no wrapper)."""
+    from interleaf.generation.engine import PACK_MIN_NUMEL
+
+    model = torch.nn.Sequential(torch.nn.Linear(1024, PACK_MIN_NUMEL // 1024), torch.nn.Linear(512, 16))
+    x = torch.randn(3, 1024)
+    with torch.inference_mode():
+        ref = model(x)
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("oneDNN prepacking unavailable")
+    assert optimize_for_cpu(model) == 1
+    assert "forward" in vars(model[0]) and "forward" not in vars(model[1])
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), ref, atol=1e-4, rtol=1e-4)
+        model[0].weight.mul_(-1)  # changed in place after packing: must be seen
+        torch.testing.assert_close(model[0](x), torch.nn.functional.linear(x, model[0].weight, model[0].bias))
+    restore_cpu_linears(model)
+    assert "forward" not in vars(model[0])
+
+
 def test_interleaved_streams_do_not_share_a_static_cache(chat):
     static = Generator(chat.model, static_cache=True)
     a_ids = torch.tensor([chat.prepare("first question")[1]])
