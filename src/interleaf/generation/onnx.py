@@ -345,7 +345,7 @@ def dequantized_weights(path: Path, lm: nn.Module) -> dict[str, torch.Tensor]:
                 attrs["N"],
                 attrs["bits"],
                 attrs["block_size"],
-            )  # fmt: skip
+            )
         )
         errors = {
             name: float((w.float() - weight).abs().max())
@@ -417,6 +417,7 @@ def _check(model, mono: bool, out: Path, manifest: dict) -> dict[str, float]:
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The checked ``interleaf_onnx.json`` of the export folder ``path``."""
     path = Path(path)
     file = path / MANIFEST
     try:
@@ -434,6 +435,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     for key in ("model", "graphs", "num_hidden_layers", "num_key_value_heads", "head_dim", "hidden_size"):
         if key not in manifest:
             raise CheckpointError(f"{file}: no field {key!r}")
+    if not isinstance(manifest["graphs"], dict):
+        raise CheckpointError(f"{file}: field 'graphs' must map graph names to files")
     return manifest
 
 
