@@ -30,7 +30,6 @@ from interleaf.generation.engine import (
     GenerationConfig,
     GenerationOutput,
     Generator,
-    left_pad,
     optimize_for_cpu,
 )
 from interleaf.processing.image import background_threads, preprocess_images
@@ -389,14 +388,8 @@ class ChatModel:
         if prefill not in ("rows", "padded"):
             raise InputError(f"prefill must be 'auto', 'rows' or 'padded', got {prefill!r}")
         config = self._config(generation)
-        if prefill == "rows":
-            return self.generator.stream_rows(
-                [ids for ids, _ in prepared], [px for _, px in prepared], config, _timing=_timing
-            )
-        input_ids, mask = left_pad([ids for ids, _ in prepared], self.pad_token_id)
-        pixels = [px for _, px in prepared if px is not None]
-        pixel_values = torch.cat(pixels) if pixels else None
-        return self.generator.stream(input_ids, mask, pixel_values, config, _timing=_timing)
+        stream = self.generator.stream_rows if prefill == "rows" else self.generator.stream_padded
+        return stream([ids for ids, _ in prepared], [px for _, px in prepared], config, _timing=_timing)
 
     def batch_chat(
         self,

@@ -428,6 +428,35 @@ class StepGenerator:
         config = merge_config(config, kwargs)
         return _inference_steps(self._run(input_ids, attention_mask, pixel_values, config, _timing))
 
+    def stream_padded(
+        self,
+        rows: Sequence[Sequence[int] | torch.Tensor],
+        pixel_values: Sequence[torch.Tensor | None] | None = None,
+        config: GenerationConfig | None = None,
+        _timing: GenerationOutput | None = None,
+        **kwargs,
+    ) -> Iterator[torch.Tensor]:
+        """:meth:`stream` for prompts of different lengths (ids, no padding), left-padded into one batch;
+        ``pixel_values[r]``: row r's tiles [N_r, 3, H, W] or None."""
+        config = merge_config(config, kwargs)
+        input_ids, mask = left_pad(rows, config.pad_token_id)
+        tiles = [px for px in (pixel_values or []) if px is not None]
+        return self.stream(input_ids, mask, torch.cat(tiles) if tiles else None, config, _timing=_timing)
+
+    def stream_rows(
+        self,
+        rows: Sequence[Sequence[int] | torch.Tensor],
+        pixel_values: Sequence[torch.Tensor | None] | None = None,
+        config: GenerationConfig | None = None,
+        _timing: GenerationOutput | None = None,
+        **kwargs,
+    ) -> Iterator[torch.Tensor]:
+        """Prompts of different lengths, each step's tokens as produced; an engine without a row-wise
+        prefill (:class:`Generator` has one) pads them (:meth:`stream_padded`)."""
+        if any(len(r) == 0 for r in rows):
+            raise InputError("generate_rows: an empty prompt")
+        return self.stream_padded(rows, pixel_values, config, _timing=_timing, **kwargs)
+
     def _run(
         self, input_ids, attention_mask, pixel_values, cfg: GenerationConfig, record
     ) -> Iterator[torch.Tensor]:

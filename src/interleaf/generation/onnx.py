@@ -31,7 +31,7 @@ import json
 import logging
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +42,8 @@ from torch import nn
 from interleaf.errors import CheckpointError, InputError
 from interleaf.generation.engine import (
     GenerationConfig,
-    GenerationOutput,
     StepGenerator,
     decode_steps,
-    left_pad,
-    merge_config,
 )
 
 MANIFEST = "interleaf_onnx.json"
@@ -479,7 +476,8 @@ class OnnxModel:
                 first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 raise CheckpointError(f"{file}: ONNX Runtime cannot load it ({first})") from None
         self.num_layers = int(self.manifest["num_hidden_layers"])
-        self.kv_shape = (int(self.manifest["num_key_value_heads"]), int(self.manifest["head_dim"]))
+        self.num_kv_heads = int(self.manifest["num_key_value_heads"])
+        self.head_dim = int(self.manifest["head_dim"])
         self.generator = OnnxGenerator(self)
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -494,23 +492,20 @@ class OnnxModel:
         embeds = self.run("embed", {"input_ids": input_ids.astype(np.int64)})[0]
         if pixel_values is None:
             return embeds
-        ctx = self.config.image_token_id
+        from interleaf.model.internvl import check_image_tokens
+
+        ctx, per_tile = self.config.image_token_id, self.config.num_image_token
         positions = np.flatnonzero(input_ids.reshape(-1) == ctx)
         n_tiles = pixel_values.shape[0]
-        if positions.size != n_tiles * self.config.num_image_token:
-            raise InputError(
-                f"input_ids: {positions.size} <IMG_CONTEXT> tokens (image token id {ctx}) but "
-                f"{n_tiles * self.config.num_image_token} image embeddings ({n_tiles} tiles x "
-                f"{self.config.num_image_token})"
-            )
+        check_image_tokens(positions.size, n_tiles * per_tile, n_tiles, ctx, per_tile)
         flat = embeds.reshape(-1, embeds.shape[-1])
         flat[positions] = self.image_features(pixel_values).reshape(-1, embeds.shape[-1])
         return embeds
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
-        return [np.zeros((batch, *self.kv_shape[:1], 0, self.kv_shape[1]), np.float32)] * (
-            2 * self.num_layers
-        )
+        """Keys/values of no tokens yet, [B, n_kv, 0, d] for every layer (the prefill's past)."""
+        empty = np.zeros((batch, self.num_kv_heads, 0, self.head_dim), np.float32)
+        return [empty] * (2 * self.num_layers)
 
     def decoder_step(
         self,
@@ -537,28 +532,13 @@ class OnnxModel:
 
 class OnnxGenerator(StepGenerator):
     """:class:`~interleaf.generation.engine.Generator`'s ``generate`` / ``stream`` / ``stream_rows`` on an
-    :class:`OnnxModel`: one prefill over the left-padded batch, then one decoder call per step, tokens
-    picked by the engine's own :func:`~interleaf.generation.engine.decode_steps`."""
+    :class:`OnnxModel`: one prefill over the left-padded batch (``stream_rows`` pads the rows, as
+    :meth:`StepGenerator.stream_padded`), then one decoder call per step, tokens picked by the engine's
+    own :func:`~interleaf.generation.engine.decode_steps`."""
 
     def __init__(self, model: OnnxModel) -> None:
         self.model = model
         self.device = model.device
-
-    def stream_rows(
-        self,
-        rows: Sequence[Sequence[int] | torch.Tensor],
-        pixel_values: Sequence[torch.Tensor | None] | None = None,
-        config: GenerationConfig | None = None,
-        _timing: GenerationOutput | None = None,
-        **kwargs,
-    ) -> Iterator[torch.Tensor]:
-        """Prompts of different lengths, left-padded into one batch."""
-        config = merge_config(config, kwargs)
-        if any(len(r) == 0 for r in rows):
-            raise InputError("generate_rows: an empty prompt")
-        ids, mask = left_pad(rows, config.pad_token_id)
-        tiles = [px for px in (pixel_values or []) if px is not None]
-        return self.stream(ids, mask, torch.cat(tiles) if tiles else None, config, _timing=_timing)
 
     def _run(self, input_ids, attention_mask, pixel_values, cfg: GenerationConfig, record):
         model = self.model

@@ -19,6 +19,16 @@ from interleaf.model.intern_vit import InternVisionModel, pixel_shuffle
 from interleaf.model.llm import DecoderLayer, DecoderLM, ModelOutput
 
 
+def check_image_tokens(n_tokens: int, n_feats: int, n_tiles: int | str, ctx: int, per_tile: int) -> None:
+    """The one-line error when a prompt's ``<IMG_CONTEXT>`` tokens (id ``ctx``) are not as many as the
+    image embeddings that fill them (``n_tiles`` tiles x ``per_tile``)."""
+    if n_tokens != n_feats:
+        raise InputError(
+            f"input_ids: {n_tokens} <IMG_CONTEXT> tokens (image token id {ctx}) but {n_feats} image "
+            f"embeddings ({n_tiles} tiles x {per_tile})"
+        )
+
+
 class InternVLChatModel(nn.Module):
     def __init__(self, config: InternVLConfig, layer_cls: type[DecoderLayer] = DecoderLayer) -> None:
         super().__init__()
@@ -90,11 +100,7 @@ class InternVLChatModel(nn.Module):
             grid = (pixel_values.shape[-2] // patch) * (pixel_values.shape[-1] // patch)
             n_tiles = pixel_values.shape[0]
             n_feats = n_tiles * int(grid * self.config.downsample_ratio**2)
-        if n_tokens != n_feats:
-            raise InputError(
-                f"input_ids: {n_tokens} <IMG_CONTEXT> tokens (image token id {ctx}) but {n_feats} image "
-                f"embeddings ({n_tiles} tiles x {self.num_image_token})"
-            )
+        check_image_tokens(n_tokens, n_feats, n_tiles, ctx, self.num_image_token)
         if image_embeds is None:
             image_embeds = self.extract_feature(pixel_values)
         feats = image_embeds.reshape(-1, embeds.shape[-1]).to(embeds.dtype)

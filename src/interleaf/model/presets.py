@@ -2,9 +2,9 @@
 
 ``tiny*`` presets (about 2M parameters, 448 px tiles, 256 tokens per tile) are for tests and demos;
 the real-shape presets reproduce the published InternVL2 / InternVL2.5 / InternVL3.5 small models
-(InternViT-300M + Qwen2 / InternLM2 / Phi-3 / Qwen2.5 / Qwen3) with random weights and the offline tokenizer (embedding rows
-keep the real vocabulary size). Phi-3's real longrope factor lists are not embedded: the 4B preset uses
-a smooth stand-in with the same shape and scaling type.
+(InternViT-300M + Qwen2 / InternLM2 / Phi-3 / Qwen2.5 / Qwen3) with random weights and the offline
+tokenizer (embedding rows keep the real vocabulary size). Phi-3's real longrope factor lists are not
+embedded: the 4B preset uses a smooth stand-in with the same shape and scaling type.
 """
 
 from __future__ import annotations
